@@ -1,0 +1,213 @@
+"""Execution plans and the budget arithmetic of AdaLLaVA; no model code.
+
+An ``ExecutionPlan`` says, per batch row, which decoder layers, attention heads and MLP neuron
+groups run. Budgets turn into whole schedulable units exactly as ADALLAVA.md defines:
+``units = max(0, floor(T * b) - P)`` with T the units of the whole decoder and P those of the
+always-on prefix, computed in Python floats so that bin edges are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VARIANTS = ("L", "H")
+
+
+@dataclass(frozen=True)
+class UnitSpace:
+    """The schedulable units of one decoder under one variant.
+
+    ``total`` is T (units in the whole decoder), ``prefix`` is P (units in the always-on prefix
+    layers); variant L counts layers, variant H counts rank-sized head-and-group units.
+    """
+
+    variant: str
+    num_layers: int
+    num_prefix_layers: int
+    num_heads: int
+    rank: int
+
+    @property
+    def units_per_layer(self) -> int:
+        return 1 if self.variant == "L" else self.num_heads // self.rank
+
+    @property
+    def total(self) -> int:
+        return self.num_layers * self.units_per_layer
+
+    @property
+    def prefix(self) -> int:
+        return self.num_prefix_layers * self.units_per_layer
+
+    def units(self, budget: float) -> int:
+        """Units scheduled after the prefix for one budget: ``max(0, floor(T*b) - P)``."""
+        return max(0, math.floor(self.total * budget) - self.prefix)
+
+    def quantised(self, budget: float) -> float:
+        """The latency encoder's input ``q = units / (T - P + 1)``."""
+        return self.units(budget) / (self.total - self.prefix + 1)
+
+
+def resolve_budgets(latency_budget, batch_size: int) -> list[float]:
+    """One Python float per batch row from a float, a list, or a 0-D/1-D tensor.
+
+    Raises ``ValueError`` naming ``latency_budget`` for values outside (0, 1], NaN, or a row count
+    other than ``batch_size``.
+    """
+    if isinstance(latency_budget, bool):
+        raise TypeError(f"latency_budget must be a float in (0, 1] or one per batch row, got {latency_budget!r}")
+    if isinstance(latency_budget, torch.Tensor):
+        if latency_budget.dim() > 1:
+            raise ValueError(f"latency_budget must be a float or a 1-D tensor, got shape {tuple(latency_budget.shape)}")
+        values = latency_budget.detach().cpu().reshape(-1).tolist()
+        if latency_budget.dtype != torch.float64:
+            # a float32 0.7 is 0.69999998...; its shortest decimal is what the caller wrote
+            values = [float(repr(np.float32(v))) for v in values]
+        if latency_budget.dim() == 0:
+            values = values * batch_size
+    elif isinstance(latency_budget, (int, float)):
+        values = [float(latency_budget)] * batch_size
+    elif isinstance(latency_budget, (list, tuple)):
+        values = [float(v) for v in latency_budget]
+    else:
+        raise TypeError(
+            f"latency_budget must be a float in (0, 1], a list or a 1-D tensor of them, got {type(latency_budget).__name__}"
+        )
+    if len(values) != batch_size:
+        raise ValueError(f"latency_budget has {len(values)} values but the batch has {batch_size} rows; give one float or one per row")
+    for v in values:
+        if not (0.0 < v <= 1.0):  # also rejects NaN
+            raise ValueError(f"latency_budget must lie in (0, 1], got {v}")
+    return values
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The sizes of a Llama-family decoder that the FLOP model needs."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Neurons per MLP group: G = num_heads groups, the first ones one larger on a remainder."""
+        base, extra = divmod(self.intermediate_size, self.num_heads)
+        return [base + (1 if g < extra else 0) for g in range(self.num_heads)]
+
+    def layer_flops(self, heads: torch.Tensor, groups: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """FLOPs of one layer over a prefill of ``seq_len`` tokens.
+
+        ``heads`` [..., H] and ``groups`` [..., G] are masks; a key/value head runs when any of its
+        query heads runs. Counts q/k/v/o and gate/up/down products and the two attention products
+        over all ``seq_len**2`` query-key pairs, as FLOP counters (and our ops' formulas) do.
+        """
+        heads = heads.double()
+        kv = heads.unflatten(-1, (self.num_kv_heads, -1)).amax(-1)
+        neurons = groups.double() @ torch.tensor(self.group_sizes, dtype=torch.float64, device=groups.device)
+        proj = 2 * seq_len * self.hidden_size * self.head_dim
+        pairs = seq_len * seq_len
+        attention = heads.sum(-1) * (2 * proj + 4 * self.head_dim * pairs) + kv.sum(-1) * 2 * proj
+        return attention + neurons * 3 * 2 * seq_len * self.hidden_size
+
+
+def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != dims:
+        what = f"{type(mask).__name__}" if not isinstance(mask, torch.Tensor) else f"{mask.dtype} of {mask.dim()} dims"
+        raise ValueError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {what}")
+    return mask
+
+
+class ExecutionPlan:
+    """Which decoder units run, per batch row.
+
+    ``layers`` bool [B, L]; ``heads`` bool [B, L, H]; ``groups`` bool [B, L, G] with G = H MLP
+    neuron groups. A skipped layer must have no head and no group on (else ``ValueError``).
+    ``shape`` and ``seq_len`` (set by ``ak.plan``) let ``cost()`` weigh units by their FLOPs.
+    """
+
+    def __init__(self, layers: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor, *,
+                 shape: DecoderShape | None = None, seq_len: int | None = None):
+        self.layers = _check_mask("layers", layers, 2)
+        self.heads = _check_mask("heads", heads, 3)
+        self.groups = _check_mask("groups", groups, 3)
+        B, L = layers.shape
+        if heads.shape[:2] != (B, L) or groups.shape[:2] != (B, L):
+            raise ValueError(
+                f"ExecutionPlan shapes disagree: layers {tuple(layers.shape)}, heads {tuple(heads.shape)}, "
+                f"groups {tuple(groups.shape)}; heads and groups must be [B, L, ...] with layers [B, L]"
+            )
+        if heads.shape[2] != groups.shape[2]:
+            raise ValueError(f"ExecutionPlan needs as many groups as heads, got {heads.shape[2]} heads and {groups.shape[2]} groups")
+        if not (layers.device == heads.device == groups.device):
+            raise ValueError("ExecutionPlan.layers, .heads and .groups must be on one device")
+        orphan = ~layers & (heads.any(-1) | groups.any(-1))
+        if orphan.any():
+            row, layer = orphan.nonzero()[0].tolist()
+            raise ValueError(f"ExecutionPlan: layer {layer} of row {row} is skipped but has heads or groups on")
+        self.shape = shape
+        self.seq_len = seq_len
+
+    @classmethod
+    def full(cls, batch_size: int, num_layers: int, num_heads: int, device=None) -> "ExecutionPlan":
+        """A plan with every unit on."""
+        return cls(torch.ones(batch_size, num_layers, dtype=torch.bool, device=device),
+                   torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device),
+                   torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads.shape[2]
+
+    def to(self, device) -> "ExecutionPlan":
+        return ExecutionPlan(self.layers.to(device), self.heads.to(device), self.groups.to(device),
+                             shape=self.shape, seq_len=self.seq_len)
+
+    def rows(self, index) -> "ExecutionPlan":
+        """The plan of some batch rows (an index or a slice)."""
+        return ExecutionPlan(self.layers[index], self.heads[index], self.groups[index], shape=self.shape, seq_len=self.seq_len)
+
+    def cost(self) -> torch.Tensor:
+        """float64 [B]: the share of the full decoder's FLOPs this plan spends.
+
+        With a known ``shape`` and ``seq_len`` (plans made by ``ak.plan``) units are weighed by
+        their analytic FLOPs (projections and attention at that prompt length); otherwise every
+        head and every group of a layer weighs the same and attention and MLP halves count equally.
+        """
+        heads, groups = self.heads.cpu(), self.groups.cpu()
+        if self.shape is None or self.seq_len is None:
+            per_layer = 0.5 * heads.double().mean(-1) + 0.5 * groups.double().mean(-1)
+            return per_layer.mean(-1)
+        spent = self.shape.layer_flops(heads, groups, self.seq_len).sum(-1)
+        full = self.shape.layer_flops(torch.ones_like(heads[0, 0]), torch.ones_like(groups[0, 0]), self.seq_len)
+        return spent / (full * self.num_layers)
+
+    def summary(self, row: int = 0) -> str:
+        """One line: which layers run, and heads/groups on per executed layer."""
+        on = self.layers[row].nonzero().flatten().tolist()
+        h = self.heads[row].sum(-1).tolist()
+        g = self.groups[row].sum(-1).tolist()
+        return f"layers {on} | heads/layer {[h[i] for i in on]} | groups/layer {[g[i] for i in on]}"
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, ExecutionPlan) and torch.equal(self.layers, other.layers)
+                and torch.equal(self.heads, other.heads) and torch.equal(self.groups, other.groups))
+
+    def __repr__(self) -> str:
+        B, L, H = self.heads.shape
+        return f"ExecutionPlan(batch={B}, layers={L}, heads={H}, executed layers per row={self.layers.sum(-1).tolist()})"
