@@ -211,3 +211,78 @@ class ExecutionPlan:
     def __repr__(self) -> str:
         B, L, H = self.heads.shape
         return f"ExecutionPlan(batch={B}, layers={L}, heads={H}, executed layers per row={self.layers.sum(-1).tolist()})"
+
+
+def active_index(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of each row, ascending, padded with -1: bool [R, N] -> int64 [R, n_max]."""
+    counts = mask.sum(-1)
+    width = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]
+    keep = torch.arange(width, device=mask.device) < counts[:, None]
+    return torch.where(keep, order, torch.full_like(order, -1))
+
+
+@dataclass
+class LayerIndices:
+    """One decoder layer's share of a plan, as the index buffers the kernels read.
+
+    ``rows``: batch rows that execute the layer (None: all rows). For those R rows, ``q_rows`` and
+    ``kv_rows`` [R, n] are the weight rows of the active query / key-value heads, ``q_to_kv``
+    [R, nq] maps each active query head to its slot among the active kv heads, and ``mlp_rows``
+    [R, n] are the active neurons; each is None when every unit is on (the dense path), and -1
+    pads a row with fewer active units.
+    """
+
+    rows: torch.Tensor | None
+    num_rows: int
+    q_rows: torch.Tensor | None
+    kv_rows: torch.Tensor | None
+    q_to_kv: torch.Tensor
+    mlp_rows: torch.Tensor | None
+    num_q_heads: int
+    num_kv_heads: int
+    num_neurons: int
+
+
+@dataclass
+class Schedule:
+    """An ``ExecutionPlan`` compiled once per request: per layer its ``LayerIndices`` or None if no row runs it."""
+
+    plan: ExecutionPlan
+    layers: list
+
+
+def _expand_rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Unit indices [R, n] -> their weight rows [R, n*size]; -1 stays -1."""
+    rows = units[..., None] * size + torch.arange(size, device=units.device)
+    return torch.where(units[..., None] >= 0, rows, -1).flatten(1)
+
+
+def layer_indices(plan: ExecutionPlan, layer: int, shape: DecoderShape) -> LayerIndices | None:
+    """The index buffers of one layer of ``plan``."""
+    on = plan.layers[:, layer]
+    if not on.any():
+        return None
+    rows = None if on.all() else on.nonzero().flatten()
+    heads = plan.heads[:, layer] if rows is None else plan.heads[rows, layer]
+    groups = plan.groups[:, layer] if rows is None else plan.groups[rows, layer]
+    R, H, d = heads.shape[0], shape.num_heads, shape.head_dim
+    per_kv = H // shape.num_kv_heads
+    kv_on = heads.view(R, shape.num_kv_heads, per_kv).any(-1)
+    q_units, kv_units = active_index(heads), active_index(kv_on)
+    slot = kv_on.long().cumsum(-1) - 1
+    q_to_kv = torch.where(q_units >= 0, slot.gather(1, (q_units // per_kv).clamp_min(0)), -1)
+    dense_attention, dense_mlp = bool(heads.all()), bool(groups.all())
+    sizes = torch.tensor(shape.group_sizes, device=groups.device)
+    neurons = active_index(groups.repeat_interleave(sizes, dim=1))
+    return LayerIndices(
+        rows=rows, num_rows=R,
+        q_rows=None if dense_attention else _expand_rows(q_units, d),
+        kv_rows=None if dense_attention else _expand_rows(kv_units, d),
+        q_to_kv=q_to_kv, mlp_rows=None if dense_mlp else neurons,
+        num_q_heads=q_units.shape[1], num_kv_heads=kv_units.shape[1], num_neurons=neurons.shape[1])
+
+
+def compile_plan(plan: ExecutionPlan, shape: DecoderShape) -> Schedule:
+    """Index buffers of every layer of ``plan``, built once per request."""
+    return Schedule(plan, [layer_indices(plan, l, shape) for l in range(plan.num_layers)])

@@ -1,0 +1,112 @@
+"""adaptive_kernels: AdaLLaVA execution plans run for real on Hugging Face LLaVA models.
+
+    import adaptive_kernels as ak
+    ak.patch(model, variant="H")
+    model.generate(**inputs, latency_budget=0.6)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import BACKENDS, default_backend, get_backend
+from .models import Request, Settings, text_model_shape
+from .models.llava import check_llava, is_patched, swap_in, swap_out
+from .plan import VARIANTS, ExecutionPlan, UnitSpace, resolve_budgets
+from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
+
+__all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embedding", "plan"]
+__version__ = "0.1.0"
+
+
+def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
+    shape = text_model_shape(model)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or shape.num_heads % rank:
+        raise ValueError(f"rank must be a positive integer dividing the {shape.num_heads} attention heads, got {rank!r}")
+    prefix = shape.num_layers // 2 if num_prefix_layers is None else num_prefix_layers
+    if not isinstance(prefix, int) or not 0 <= prefix < shape.num_layers:
+        raise ValueError(f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
+    if backend is None:
+        backend = default_backend(model.device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return shape, variant, rank, prefix, backend
+
+
+def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | None = None,
+          backend: str | None = None, scheduler=None):
+    """Make ``model`` (a LlavaForConditionalGeneration) run AdaLLaVA plans; returns it.
+
+    Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups
+    in units of ``rank``; the first ``num_prefix_layers`` (default half) always run. ``backend``
+    picks the ops ("torch", "triton"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
+    safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation.
+    """
+    check_llava(model)
+    shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)
+    lm = model.model.language_model
+    wanted = (variant, rank, prefix, backend_name)
+    if is_patched(model) and lm._ak_options == wanted and scheduler is None:
+        return model
+    if is_patched(model):
+        unpatch(model)
+    units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)
+    settings = Settings(variant, units, shape, get_backend(backend_name))
+    module = seeded_scheduler(units, shape.hidden_size).to(device=model.device, dtype=lm.embed_tokens.weight.dtype)
+    if scheduler is not None:
+        load_scheduler_weights(module, scheduler)
+    lm.add_module("latency_scheduler", module)
+    lm._ak_settings, lm._ak_options, lm._ak_request = settings, wanted, None
+    swap_in(model)
+    return model
+
+
+def unpatch(model):
+    """Restore the stock behaviour of a patched model exactly (a stock model is returned as is)."""
+    check_llava(model)
+    if is_patched(model):
+        lm = model.model.language_model
+        swap_out(model)
+        del lm.latency_scheduler
+        del lm._ak_settings, lm._ak_options, lm._ak_request
+    return model
+
+
+def _patched_decoder(model):
+    check_llava(model)
+    if not is_patched(model):
+        raise ValueError("model is not patched; call adaptive_kernels.patch(model) first")
+    return model.model.language_model
+
+
+def save_scheduler(model, path) -> None:
+    """Save the latency encoder and scheduler weights of a patched model (safetensors)."""
+    save_scheduler_weights(_patched_decoder(model).latency_scheduler, path)
+
+
+def latency_embedding(model, budget) -> torch.Tensor:
+    """The latency token's input embedding for ``budget`` (a float in (0, 1]): [hidden]."""
+    (value,) = resolve_budgets(budget, 1)
+    with torch.no_grad():
+        return _patched_decoder(model).latency_scheduler.latency_embedding([value])[0]
+
+
+def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
+    """The ExecutionPlan the scheduler picks for ``inputs`` at ``latency_budget``, without generating.
+
+    Only the prefix layers and the scheduler run. ``inputs`` are the model's (input_ids,
+    attention_mask, pixel_values, ...).
+    """
+    lm = _patched_decoder(model)
+    if latency_budget is None:
+        raise ValueError("latency_budget is required: a float in (0, 1] or one per batch row")
+    request = Request(latency_budget=latency_budget, plan_only=True)
+    lm._ak_request = request
+    try:
+        with torch.no_grad():
+            model.model(**inputs, use_cache=False)
+    finally:
+        lm._ak_request = None
+    return request.plan

@@ -1,0 +1,212 @@
+"""The adaptive Llama-family decoder: runs an execution plan layer by layer.
+
+A skipped layer is not called; an executed layer runs on the batch rows that execute it, with
+attention over their active heads and the MLP over their active neuron groups, through the ops
+of the chosen backend. The KV cache (``AdaptiveCache``) keeps executed layers and heads only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from ..backends import Backend
+from ..cache import AdaptiveCache
+from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, layer_indices, resolve_budgets
+
+# transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class Request:
+    """What one call of the patched model asks of the decoder, and the plan it ran (``plan``)."""
+
+    latency_budget: object = None
+    execution_plan: ExecutionPlan | None = None
+    plan_only: bool = False
+    plan: ExecutionPlan | None = None
+
+
+@dataclass
+class Settings:
+    """A patched decoder's fixed settings."""
+
+    variant: str
+    units: UnitSpace
+    shape: DecoderShape
+    backend: Backend
+
+
+def decoder_shape(config) -> DecoderShape:
+    """The sizes of a Llama-family text config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return DecoderShape(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, num_heads=heads,
+                        num_kv_heads=config.num_key_value_heads or heads, head_dim=head_dim,
+                        intermediate_size=config.intermediate_size)
+
+
+def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
+    """``ValueError`` unless ``plan`` is an ExecutionPlan for this batch and decoder on ``device``."""
+    if not isinstance(plan, ExecutionPlan):
+        raise TypeError(f"execution_plan must be an adaptive_kernels.ExecutionPlan, got {type(plan).__name__}")
+    expected = (batch_size, shape.num_layers, shape.num_heads)
+    if tuple(plan.heads.shape) != expected:
+        raise ValueError(f"execution_plan has shape (batch, layers, heads) = {tuple(plan.heads.shape)}, "
+                         f"this model and batch need {expected}")
+    if plan.layers.device != device:
+        raise ValueError(f"execution_plan is on {plan.layers.device}, the model's inputs on {device}; move it with plan.to(device)")
+    return plan
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, as Llama applies it: ``x*cos + rotate_half(x)*sin``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _project(backend: Backend, x, linear, rows):
+    return linear(x) if rows is None else backend.rows_linear(x, linear.weight, rows, linear.bias)
+
+
+def _project_back(backend: Backend, a, linear, cols):
+    if cols is None:
+        return linear(a)
+    y = backend.cols_linear(a, linear.weight, cols)
+    return y if linear.bias is None else y + linear.bias
+
+
+def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: AdaptiveCache | None, layer: int,
+                  shape: DecoderShape, backend: Backend) -> torch.Tensor:
+    """The attention block over the active heads: x [R, T, D] -> its update [R, T, D]."""
+    R, T, _ = x.shape
+    d = shape.head_dim
+    if idx.num_q_heads == 0:
+        out = x.new_zeros(x.shape)
+        return out if attn.o_proj.bias is None else out + attn.o_proj.bias
+    q = _project(backend, x, attn.q_proj, idx.q_rows).view(R, T, idx.num_q_heads, d)
+    k = _project(backend, x, attn.k_proj, idx.kv_rows).view(R, T, idx.num_kv_heads, d)
+    v = _project(backend, x, attn.v_proj, idx.kv_rows).view(R, T, idx.num_kv_heads, d)
+    q = _rotate(q, cos[:, :, None], sin[:, :, None])
+    k = _rotate(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
+    v = v.transpose(1, 2)
+    if cache is not None:
+        k, v = cache.append(layer, k, v)
+    o = backend.attention(q, k, v, idx.q_to_kv, kv_valid, attn.scaling)
+    return _project_back(backend, o.reshape(R, T, -1), attn.o_proj, idx.q_rows)
+
+
+def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
+    """The MLP block over the active neurons: x [R, T, D] -> its update [R, T, D]."""
+    if idx.mlp_rows is None:
+        return mlp(x)
+    if idx.num_neurons == 0:
+        out = x.new_zeros(x.shape)
+        return out if mlp.down_proj.bias is None else out + mlp.down_proj.bias
+    if isinstance(mlp.act_fn, torch.nn.SiLU) and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
+        hidden = backend.swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, idx.mlp_rows)
+    else:
+        hidden = mlp.act_fn(_project(backend, x, mlp.gate_proj, idx.mlp_rows)) * _project(backend, x, mlp.up_proj, idx.mlp_rows)
+    return _project_back(backend, hidden, mlp.down_proj, idx.mlp_rows)
+
+
+def run_layer(layer, x, idx: LayerIndices, cos, sin, kv_valid, cache, layer_idx: int, settings: Settings):
+    """One decoder layer on the rows that execute it: x [R, T, D] -> [R, T, D]."""
+    x = x + run_attention(layer.self_attn, layer.input_layernorm(x), idx, cos, sin, kv_valid, cache, layer_idx,
+                          settings.shape, settings.backend)
+    return x + run_mlp(layer.mlp, layer.post_attention_layernorm(x), idx, settings.backend)
+
+
+def plan_from_scheduler(scheduler, settings: Settings, latency_state, budgets, seq_len: int) -> ExecutionPlan:
+    """The full plan (prefix on, scheduled units as selected) from the latency token's hidden state."""
+    layers, heads, groups = scheduler.select(latency_state, budgets)
+    B, P, H = len(budgets), settings.units.num_prefix_layers, settings.shape.num_heads
+    on = torch.ones(B, P, dtype=torch.bool, device=latency_state.device)
+    return ExecutionPlan(torch.cat([on, layers], 1), torch.cat([on[..., None].expand(-1, -1, H), heads], 1),
+                         torch.cat([on[..., None].expand(-1, -1, H), groups], 1), shape=settings.shape, seq_len=seq_len)
+
+
+class AdaptiveDecoderMixin:
+    """Mixed into a patched model's language model class; replaces its ``forward``."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
+                **kwargs):
+        cache = kwargs.pop("cache", None)
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        settings: Settings = self._ak_settings
+        request: Request = self._ak_request or Request()
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        decoding = isinstance(cache, AdaptiveCache) and cache.length > 0
+        if cache is not None and not decoding and cache.get_seq_length() > 0:
+            raise ValueError("cache: a patched model continues only the AdaptiveCache it returned, got a filled "
+                             f"{type(cache).__name__}")
+        past = cache.length if decoding else 0
+        latency_index = cache.latency_index if decoding else None
+
+        if position_ids is None:
+            positions = torch.arange(past, past + S, device=x.device).expand(B, S)
+        else:
+            positions = position_ids.expand(B, S) + (1 if latency_index is not None else 0)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
+        mask = torch.ones(B, past + S, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        if latency_index is not None and mask.shape[1] == past + S - 1:
+            # generate knows nothing of the latency token: put its column back
+            one = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+            mask = torch.cat([mask[:, :latency_index], one, mask[:, latency_index:]], dim=1)
+        if mask.shape != (B, past + S):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, past + S)} (cached plus new tokens)")
+
+        budgets, schedule = None, None
+        if decoding:
+            schedule = cache.schedule
+        elif request.execution_plan is not None and request.latency_budget is not None:
+            raise ValueError("give latency_budget or execution_plan, not both")
+        elif request.execution_plan is not None:
+            schedule = compile_plan(check_plan(request.execution_plan, B, settings.shape, x.device), settings.shape)
+        elif request.latency_budget is not None:
+            budgets = resolve_budgets(request.latency_budget, B)
+            token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
+            x = torch.cat([x, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=x.device)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            latency_index = S
+        else:
+            schedule = compile_plan(ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads, x.device),
+                                    settings.shape)
+
+        if not decoding and use_cache and not request.plan_only:
+            cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
+        elif not decoding:
+            cache = None
+        cos, sin = self.rotary_emb(x, positions)
+        prefix = layer_indices(ExecutionPlan.full(B, 1, settings.shape.num_heads, x.device), 0, settings.shape)
+        for l, layer in enumerate(self.layers):
+            if schedule is None and l == settings.units.num_prefix_layers:
+                plan = plan_from_scheduler(self.latency_scheduler, settings, x[:, -1], budgets, x.shape[1])
+                if request.plan_only:
+                    request.plan = plan
+                    return BaseModelOutputWithPast(last_hidden_state=x)
+                schedule = compile_plan(plan, settings.shape)
+                if cache is not None:
+                    cache.schedule = schedule
+            idx = prefix if schedule is None else schedule.layers[l]
+            if idx is None:
+                continue
+            rows = idx.rows
+            part = (lambda t: t) if rows is None else (lambda t: t[rows])
+            out = run_layer(layer, part(x), idx, part(cos), part(sin), part(mask), cache, l, settings)
+            x = out if rows is None else x.index_copy(0, rows, out)
+
+        request.plan = schedule.plan
+        if cache is not None:
+            cache.length = past + x.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: cache})

@@ -1,0 +1,90 @@
+"""Patching a Hugging Face ``LlavaForConditionalGeneration`` instance.
+
+Patching swaps the instance's class (and its language model's) for a generated subclass, so a
+printed model shows ``Adaptive...`` where it was patched, another instance stays stock, and
+``unpatch`` restores the stock classes exactly. The top-level ``forward`` gains the keywords
+``latency_budget`` and ``execution_plan`` (visible in its signature, as ``generate`` requires)
+and hands them to the adaptive decoder for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from .llama import AdaptiveDecoderMixin, Request
+from ..cache import AdaptiveCache
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _extended_signature(stock_forward) -> inspect.Signature:
+    """The stock signature plus keyword-only ``latency_budget`` and ``execution_plan`` (before ``**kwargs``)."""
+    params = list(inspect.signature(stock_forward).parameters.values())
+    var_kw = [p for p in params if p.kind == p.VAR_KEYWORD]
+    plain = [p for p in params if p.kind != p.VAR_KEYWORD]
+    ours = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("latency_budget", "execution_plan")]
+    return inspect.Signature(plain + ours + var_kw)
+
+
+def _pad_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels for the prompt plus the latency token, which predicts nothing: append -100."""
+    return torch.cat([labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
+def _adaptive_llava_class(stock: type) -> type:
+    """``Adaptive<stock>``: ``stock`` whose forward takes ``latency_budget`` and ``execution_plan``."""
+    if stock in _SUBCLASSES:
+        return _SUBCLASSES[stock]
+
+    def forward(self, *args, latency_budget=None, execution_plan=None, **kwargs):
+        lm = self.model.language_model
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = not (isinstance(cache, AdaptiveCache) and cache.length > 0)
+        if latency_budget is not None and prefill and kwargs.get("labels") is not None:
+            kwargs["labels"] = _pad_labels(kwargs["labels"])
+        lm._ak_request = Request(latency_budget=latency_budget, execution_plan=execution_plan)
+        try:
+            return stock.forward(self, *args, **kwargs)
+        finally:
+            lm._ak_request = None
+
+    forward.__signature__ = _extended_signature(stock.forward)
+    forward.__doc__ = (f"{stock.__name__}.forward, plus ``latency_budget`` (a float in (0, 1] or one per row) "
+                       "and ``execution_plan`` (an ExecutionPlan); see adaptive_kernels.")
+    cls = type(f"Adaptive{stock.__name__}", (stock,), {"forward": forward, "_ak_stock_class": stock})
+    _SUBCLASSES[stock] = cls
+    return cls
+
+
+def _adaptive_decoder_class(stock: type) -> type:
+    if stock not in _SUBCLASSES:
+        _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (AdaptiveDecoderMixin, stock), {"_ak_stock_class": stock})
+    return _SUBCLASSES[stock]
+
+
+def is_patched(model) -> bool:
+    return hasattr(type(model), "_ak_stock_class")
+
+
+def check_llava(model) -> None:
+    """``TypeError`` unless ``model`` is a LlavaForConditionalGeneration (patched or not)."""
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise TypeError(f"adaptive_kernels patches transformers.LlavaForConditionalGeneration with a Llama-family "
+                        f"language model; got {type(model).__name__}")
+
+
+def swap_in(model) -> None:
+    """Give the model and its language model their adaptive classes."""
+    lm = model.model.language_model
+    lm.__class__ = _adaptive_decoder_class(type(lm))
+    model.__class__ = _adaptive_llava_class(type(model))
+
+
+def swap_out(model) -> None:
+    """Restore the stock classes."""
+    lm = model.model.language_model
+    lm.__class__ = lm._ak_stock_class
+    model.__class__ = model._ak_stock_class

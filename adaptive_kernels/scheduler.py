@@ -1,0 +1,170 @@
+"""The AdaLLaVA scheduler: latency encoder, scheduler head, and plan sampling.
+
+The latency encoder turns a budget into the latency token's input embedding. After the prefix
+layers the scheduler head reads that token's hidden state and scores every schedulable unit;
+sampling keeps exactly the budget's number of units: Gumbel top-n with straight-through
+gradients in training, deterministic top-n at inference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .plan import UnitSpace
+
+NUM_FREQUENCIES = 128
+GUMBEL_TEMPERATURE = 5.0
+
+
+class LatencyEncoder(nn.Module):
+    """``q -> [sin(2 pi q f), cos(2 pi q f)] -> LayerNorm -> Linear -> GELU -> Linear``: [B] -> [B, hidden]."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * NUM_FREQUENCIES)
+        self.fc1 = nn.Linear(2 * NUM_FREQUENCIES, hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(NUM_FREQUENCIES, dtype=torch.float64, device=q.device)
+        freqs = 1.0 / 10000 ** (i / NUM_FREQUENCIES)
+        angles = (2 * math.pi * q.double())[:, None] * freqs
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.fc1.weight.dtype)
+        return self.fc2(self.act(self.fc1(self.norm(features))))
+
+
+def _ranks(logits: torch.Tensor) -> torch.Tensor:
+    """Position of each entry when sorted by descending logit, ties broken by index; same shape."""
+    order = torch.argsort(logits.float(), dim=-1, descending=True, stable=True)
+    return torch.argsort(order, dim=-1, stable=True)
+
+
+def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMBEL_TEMPERATURE) -> torch.Tensor:
+    """One Gumbel-softmax draw among ``available`` entries, as a straight-through one-hot.
+
+    logits [..., N] float; available bool [..., N] with at least one True per row -> [..., N]
+    whose value is a hard one-hot and whose gradient is that of the soft sample.
+    """
+    u = torch.rand_like(logits, dtype=torch.float32).clamp(1e-20, 1.0)
+    noisy = (logits.float() - torch.log(-torch.log(u))) / tau
+    soft = torch.softmax(noisy.masked_fill(~available, float("-inf")), dim=-1)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    return (hard - soft.detach() + soft).to(logits.dtype)
+
+
+class AdaptiveScheduler(nn.Module):
+    """Latency encoder plus ``Linear(hidden, K)`` scoring the units after the prefix.
+
+    Variant L: K = L - P layer logits. Variant H: per scheduled layer one layer logit, H head
+    logits and G = H group logits, K = (L - P) * (1 + 2H).
+    """
+
+    def __init__(self, units: UnitSpace, hidden_size: int):
+        super().__init__()
+        self.units = units
+        self.num_scheduled = units.num_layers - units.num_prefix_layers
+        per_layer = 1 if units.variant == "L" else 1 + 2 * units.num_heads
+        self.latency_encoder = LatencyEncoder(hidden_size)
+        self.head = nn.Linear(hidden_size, self.num_scheduled * per_layer)
+
+    def latency_embedding(self, budgets: list[float]) -> torch.Tensor:
+        """The latency token's input embedding per budget: [B, hidden]."""
+        q = torch.tensor([self.units.quantised(b) for b in budgets], device=self.head.weight.device)
+        return self.latency_encoder(q)
+
+    def select(self, latency_state: torch.Tensor, budgets: list[float], sample: bool = False):
+        """Units after the prefix from the latency token's hidden state [B, hidden].
+
+        Returns (layers [B, K], heads [B, K, H], groups [B, K, H]) for the K scheduled layers:
+        bool masks of the top-n units (``sample=False``), or float straight-through masks of a
+        Gumbel top-n draw (``sample=True``). Either way each row has exactly its budget's units.
+        """
+        logits = self.head(latency_state)
+        counts = torch.tensor([self.units.units(b) for b in budgets], device=logits.device)
+        K, H, r = self.num_scheduled, self.units.num_heads, self.units.rank
+        if self.units.variant == "L":
+            layers = _gumbel_top_n(logits, counts) if sample else _ranks(logits) < counts[:, None]
+            heads = layers[..., None].expand(-1, -1, H)
+            return layers, heads, heads
+        logits = logits.view(-1, K, 1 + 2 * H)
+        layer_logits, head_logits, group_logits = logits[..., 0], logits[..., 1:1 + H], logits[..., 1 + H:]
+        if sample:
+            return _gumbel_top_n_units(layer_logits, head_logits, group_logits, counts, r)
+        # Deterministic rounds always pick the best layer that still has room, so layers fill in
+        # logit order, H/r units each; inside a layer the best r*u heads and groups are on.
+        capacity = H // r
+        per_rank = (counts[:, None] - capacity * torch.arange(K, device=logits.device)).clamp(0, capacity)
+        units_in_layer = per_rank.gather(1, _ranks(layer_logits))
+        on = units_in_layer[..., None] * r
+        return units_in_layer > 0, _ranks(head_logits) < on, _ranks(group_logits) < on
+
+
+def _gumbel_top_n(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sum of n straight-through Gumbel picks without replacement per row: [B, N] float."""
+    picked = torch.zeros_like(logits)
+    for step in range(int(counts.max()) if counts.numel() else 0):
+        active = (step < counts)[:, None]
+        one_hot = gumbel_pick(logits, picked.detach() == 0)
+        picked = picked + one_hot * active
+    return picked
+
+
+def _gumbel_top_n_units(layer_logits, head_logits, group_logits, counts, rank):
+    """Variant H: each round picks a layer with room, then ``rank`` new heads and groups in it."""
+    B, K, H = head_logits.shape
+    layers = torch.zeros_like(layer_logits)
+    heads = torch.zeros_like(head_logits)
+    groups = torch.zeros_like(group_logits)
+    for step in range(int(counts.max()) if counts.numel() else 0):
+        active = (step < counts)[:, None]
+        room = heads.detach().sum(-1) < H
+        layer = gumbel_pick(layer_logits, room) * active
+        chosen = layer.detach().argmax(-1)
+        for masks, logits in ((heads, head_logits), (groups, group_logits)):
+            row_logits = logits[torch.arange(B), chosen]
+            taken = masks.detach()[torch.arange(B), chosen] > 0
+            for _ in range(rank):
+                one_hot = gumbel_pick(row_logits, ~taken)
+                masks += layer[..., None] * one_hot[:, None, :]
+                taken = taken | (one_hot.detach() > 0)
+        layers = torch.maximum(layers, layer)
+    return layers, heads, groups
+
+
+def save_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
+    """Write the latency encoder and scheduler head as safetensors, with the unit space as metadata."""
+    u = scheduler.units
+    meta = {"variant": u.variant, "num_layers": str(u.num_layers), "num_prefix_layers": str(u.num_prefix_layers),
+            "num_heads": str(u.num_heads), "rank": str(u.rank),
+            "hidden_size": str(scheduler.head.in_features)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in scheduler.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
+    """Load weights saved by ``save_scheduler_weights``; a file for another unit space is a ``ValueError``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    u = scheduler.units
+    expected = {"variant": u.variant, "num_layers": str(u.num_layers), "num_prefix_layers": str(u.num_prefix_layers),
+                "num_heads": str(u.num_heads), "rank": str(u.rank), "hidden_size": str(scheduler.head.in_features)}
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in wrong.items())
+        raise ValueError(f"scheduler={path!s} was saved for another setting ({detail})")
+    state = load_file(str(path), device=str(scheduler.head.weight.device))
+    scheduler.load_state_dict({k: v.to(scheduler.head.weight.dtype) for k, v in state.items()})
+
+
+def seeded_scheduler(units: UnitSpace, hidden_size: int, seed: int = 0) -> AdaptiveScheduler:
+    """A scheduler with a deterministic initialisation that leaves the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AdaptiveScheduler(units, hidden_size)
