@@ -1,0 +1,48 @@
+"""A built-in tiny random LLaVA (CLIP tower, projector, Llama decoder) and example inputs; no download."""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 511
+
+
+def tiny_llava_config(num_layers: int = 8, num_heads: int = 8, num_kv_heads: int = 4, hidden_size: int = 64,
+                      intermediate_size: int = 172, vocab_size: int = 512) -> LlavaConfig:
+    """A LLaVA-1.5-shaped config at toy sizes: 16 image tokens from a 28x28 image in 7x7 patches."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=28, patch_size=7, projection_dim=32)
+    text = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, vocab_size=vocab_size,
+                       max_position_embeddings=512, pad_token_id=0)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, image_seq_length=16,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def tiny_llava(seed: int = 0, **sizes) -> LlavaForConditionalGeneration:
+    """A randomly initialised tiny LLaVA in eval mode, the same for the same seed and sizes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(tiny_llava_config(**sizes)).eval()
+
+
+def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int = 0, pad: list[int] | None = None) -> dict:
+    """Random prompts: two text tokens, the image tokens, then the rest of the text.
+
+    ``pad`` gives the number of left-padding positions per row (default none).
+    """
+    config = model.config
+    image_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, config.image_token_id, (batch_size, text_tokens), generator=g)
+    ids = torch.cat([text[:, :2], torch.full((batch_size, image_tokens), config.image_token_id), text[:, 2:]], dim=1)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pad or []):
+        if n:
+            ids[row] = torch.cat([torch.zeros(n, dtype=ids.dtype), ids[row, :-n]])
+            mask[row, :n] = 0
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch_size, 3, size, size, generator=g)
+    device, dtype = model.device, model.dtype
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "pixel_values": pixels.to(device, dtype)}
