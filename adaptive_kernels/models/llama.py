@@ -113,11 +113,15 @@ def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
     return _project_back(backend, hidden, mlp.down_proj, idx.mlp_rows)
 
 
-def run_layer(layer, x, idx: LayerIndices, cos, sin, kv_valid, cache, layer_idx: int, settings: Settings):
-    """One decoder layer on the rows that execute it: x [R, T, D] -> [R, T, D]."""
-    x = x + run_attention(layer.self_attn, layer.input_layernorm(x), idx, cos, sin, kv_valid, cache, layer_idx,
-                          settings.shape, settings.backend)
-    return x + run_mlp(layer.mlp, layer.post_attention_layernorm(x), idx, settings.backend)
+class AdaptiveDecoderLayerMixin:
+    """Mixed into each decoder layer of a patched model; its ``forward`` runs one layer's plan."""
+
+    def forward(self, x, idx: LayerIndices, cos, sin, kv_valid, cache, settings: Settings):
+        """x [R, T, D] for the R rows that execute this layer -> [R, T, D]."""
+        attn = run_attention(self.self_attn, self.input_layernorm(x), idx, cos, sin, kv_valid, cache,
+                             self.self_attn.layer_idx, settings.shape, settings.backend)
+        x = x + attn
+        return x + run_mlp(self.mlp, self.post_attention_layernorm(x), idx, settings.backend)
 
 
 def plan_from_scheduler(scheduler, settings: Settings, latency_state, budgets, seq_len: int) -> ExecutionPlan:
@@ -203,7 +207,7 @@ class AdaptiveDecoderMixin:
                 continue
             rows = idx.rows
             part = (lambda t: t) if rows is None else (lambda t: t[rows])
-            out = run_layer(layer, part(x), idx, part(cos), part(sin), part(mask), cache, l, settings)
+            out = layer(part(x), idx, part(cos), part(sin), part(mask), cache, settings)
             x = out if rows is None else x.index_copy(0, rows, out)
 
         request.plan = schedule.plan

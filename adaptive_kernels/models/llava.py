@@ -14,7 +14,7 @@ import inspect
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from .llama import AdaptiveDecoderMixin, Request
+from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request
 from ..cache import AdaptiveCache
 
 _SUBCLASSES: dict[type, type] = {}
@@ -59,9 +59,10 @@ def _adaptive_llava_class(stock: type) -> type:
     return cls
 
 
-def _adaptive_decoder_class(stock: type) -> type:
+def _mixed_class(mixin: type, stock: type) -> type:
+    """``Adaptive<stock>``: ``stock`` with ``mixin``'s forward."""
     if stock not in _SUBCLASSES:
-        _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (AdaptiveDecoderMixin, stock), {"_ak_stock_class": stock})
+        _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (mixin, stock), {"_ak_stock_class": stock})
     return _SUBCLASSES[stock]
 
 
@@ -77,14 +78,18 @@ def check_llava(model) -> None:
 
 
 def swap_in(model) -> None:
-    """Give the model and its language model their adaptive classes."""
+    """Give the model, its language model and its decoder layers their adaptive classes."""
     lm = model.model.language_model
-    lm.__class__ = _adaptive_decoder_class(type(lm))
+    for layer in lm.layers:
+        layer.__class__ = _mixed_class(AdaptiveDecoderLayerMixin, type(layer))
+    lm.__class__ = _mixed_class(AdaptiveDecoderMixin, type(lm))
     model.__class__ = _adaptive_llava_class(type(model))
 
 
 def swap_out(model) -> None:
     """Restore the stock classes."""
     lm = model.model.language_model
+    for layer in lm.layers:
+        layer.__class__ = layer._ak_stock_class
     lm.__class__ = lm._ak_stock_class
     model.__class__ = model._ak_stock_class

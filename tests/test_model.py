@@ -1,0 +1,248 @@
+"""A patched tiny LLaVA against stock transformers: masked computation and weights sliced to the plan."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from fractions import Fraction
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import adaptive_kernels as ak
+from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.cache import AdaptiveCache
+from adaptive_kernels.tiny import example_inputs, tiny_llava
+from oracles import capture_prompt_embeddings, masked_stock, sliced_stock, stock_decode_logits
+
+L, H, KV = 8, 8, 4
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def stock():
+    return tiny_llava(seed=1)
+
+
+def patched(stock, variant="L", **kw):
+    return ak.patch(copy.deepcopy(stock), variant, rank=kw.pop("rank", 2), **kw)
+
+
+def random_plan(batch: int, seed: int) -> ExecutionPlan:
+    """Random masks, with one layer of no heads, one of no groups and one executed with nothing on."""
+    g = torch.Generator().manual_seed(seed)
+    layers = torch.rand(batch, L, generator=g) < 0.75
+    layers[:, 1:4] = True
+    heads = (torch.rand(batch, L, H, generator=g) < 0.5) & layers[..., None]
+    groups = (torch.rand(batch, L, H, generator=g) < 0.5) & layers[..., None]
+    heads[:, 1], groups[:, 2] = False, False
+    heads[:, 3], groups[:, 3] = False, False
+    return ExecutionPlan(layers, heads, groups)
+
+
+def row_inputs(inputs: dict, row: int) -> dict:
+    return {k: v[row:row + 1] for k, v in inputs.items()}
+
+
+def greedy(model, inputs, n=5, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
+
+
+def test_forced_plan_matches_masked_and_sliced_stock(stock):
+    inputs = example_inputs(stock, batch_size=3, seed=11, pad=[0, 3, 0])
+    plan = random_plan(3, seed=5)
+    model = patched(stock, "H")
+    with torch.no_grad():
+        ours = model(**inputs, execution_plan=plan).logits
+        masked = masked_stock(stock, plan)(**inputs).logits
+    torch.testing.assert_close(ours, masked, **TOL)
+    tokens = greedy(model, inputs, execution_plan=plan)
+    for row in range(3):
+        oracle = sliced_stock(stock, plan, row)
+        with torch.no_grad():
+            torch.testing.assert_close(ours[row:row + 1], oracle(**row_inputs(inputs, row)).logits, **TOL)
+        assert torch.equal(tokens[row:row + 1], greedy(oracle, row_inputs(inputs, row)))
+
+
+def test_full_plan_gives_stock_result(stock):
+    inputs = example_inputs(stock, batch_size=2, seed=3, pad=[2, 0])
+    model = patched(stock, "H")
+    full = ExecutionPlan.full(2, L, H)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=full).logits, stock(**inputs).logits, **TOL)
+        torch.testing.assert_close(model(**inputs).logits, stock(**inputs).logits, **TOL)
+    assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
+
+
+@pytest.mark.parametrize("variant,budget", [("L", 0.6), ("H", 0.6), ("H", 0.85), ("L", 1.0)])
+def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget):
+    inputs = example_inputs(stock, batch_size=1, seed=7)
+    model = patched(stock, variant)
+    plan = ak.plan(model, latency_budget=budget, **inputs)
+    with torch.no_grad():
+        prefill = model(**inputs, latency_budget=budget).logits
+        out = model.generate(**inputs, latency_budget=budget, max_new_tokens=4, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    prompt_len = inputs["input_ids"].shape[1]
+    new_tokens = out.sequences[:, prompt_len:]
+    assert out.sequences.shape[1] == prompt_len + 4 and torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
+
+    oracle = sliced_stock(stock, plan, 0)
+    embeds = torch.cat([capture_prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None]], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+    positions = torch.arange(prompt_len + 1)[None]
+    steps = stock_decode_logits(oracle, embeds, mask, positions, new_tokens)
+    assert prefill.shape[1] == prompt_len + 1
+    torch.testing.assert_close(prefill, steps[0], **TOL)
+    torch.testing.assert_close(out.logits[0], steps[0][:, -1], **TOL)
+    for ours, theirs in zip(out.logits[1:], steps[1:]):
+        torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def _units(variant: str, budget: float) -> int:
+    """ADALLAVA.md's unit count, in exact rational arithmetic."""
+    P = L // 2
+    if variant == "L":
+        return max(0, math.floor(L * Fraction(str(budget))) - P)
+    per_layer = H // 2
+    return max(0, math.floor(L * per_layer * Fraction(str(budget))) - P * per_layer)
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_plans_spend_exactly_the_budget_and_keep_the_prefix(stock, variant):
+    model = patched(stock, variant)
+    budgets = [0.3, 0.5, 0.55, 0.6, 0.7, 0.85, 0.95, 1.0]
+    inputs = example_inputs(stock, batch_size=len(budgets), seed=2)
+    plan = ak.plan(model, latency_budget=budgets, **inputs)
+    assert plan == ak.plan(model, latency_budget=torch.tensor(budgets), **inputs)
+    assert plan.layers[:, :L // 2].all() and plan.heads[:, :L // 2].all() and plan.groups[:, :L // 2].all()
+    for row, b in enumerate(budgets):
+        if variant == "L":
+            assert int(plan.layers[row, L // 2:].sum()) == _units("L", b)
+            assert torch.equal(plan.heads[row], plan.layers[row, :, None].expand(-1, H))
+        else:
+            assert int(plan.heads[row, L // 2:].sum()) == 2 * _units("H", b)
+            assert int(plan.groups[row, L // 2:].sum()) == 2 * _units("H", b)
+            assert torch.equal(plan.heads[row].sum(-1), plan.groups[row].sum(-1))
+    for row, b in enumerate(budgets):
+        alone = ak.plan(model, latency_budget=b, **row_inputs(inputs, row))
+        assert alone == plan.rows(slice(row, row + 1))
+
+
+def test_batch_rows_get_what_they_get_alone(stock):
+    budgets = [0.5, 1.0, 0.7]
+    inputs = example_inputs(stock, batch_size=3, seed=4, pad=[0, 2, 4])
+    model = patched(stock, "H")
+    with torch.no_grad():
+        batch_logits = model(**inputs, latency_budget=budgets).logits
+    batch_tokens = greedy(model, inputs, latency_budget=budgets)
+    for row, b in enumerate(budgets):
+        real = inputs["attention_mask"][row].bool()
+        alone = {k: v[row:row + 1, real] if k != "pixel_values" else v[row:row + 1] for k, v in inputs.items()}
+        with torch.no_grad():
+            logits = model(**alone, latency_budget=b).logits
+        keep = torch.cat([real, torch.tensor([True])])
+        torch.testing.assert_close(batch_logits[row:row + 1, keep], logits, **TOL)
+        tokens = greedy(model, alone, latency_budget=b)
+        assert torch.equal(batch_tokens[row, -5:], tokens[0, -5:])
+
+
+def test_skipped_layers_are_never_called(stock):
+    model = patched(stock, "L")
+    inputs = example_inputs(stock, batch_size=1, seed=8)
+    plan = ak.plan(model, latency_budget=0.6, **inputs)
+    calls = [0] * L
+    for l, layer in enumerate(model.model.language_model.layers):
+        for module in layer.modules():
+            module.register_forward_hook(lambda *a, l=l: calls.__setitem__(l, calls[l] + 1))
+    greedy(model, inputs, n=4, latency_budget=0.6)
+    for l in range(L):
+        assert (calls[l] > 0) == bool(plan.layers[0, l]), (l, calls)
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_cache_holds_only_executed_layers_and_heads(stock, variant):
+    model = patched(stock, variant)
+    inputs = example_inputs(stock, batch_size=2, seed=9)
+    with torch.no_grad():
+        out = model.generate(**inputs, latency_budget=[0.6, 0.8], max_new_tokens=3, do_sample=False,
+                             return_dict_in_generate=True)
+    cache = out.past_key_values if hasattr(out, "past_key_values") and out.past_key_values is not None else out.cache
+    assert isinstance(cache, AdaptiveCache)
+    plan = cache.plan
+    for l in range(L):
+        kv_heads = plan.heads[:, l].view(2, KV, H // KV).any(-1).sum(-1)
+        rows = plan.layers[:, l]
+        stored = cache.keys[l]
+        if not rows.any():
+            assert stored is None
+            continue
+        assert stored.shape[0] == int(rows.sum()) and stored.shape[1] == int(kv_heads[rows].max())
+        assert stored.shape[2] == inputs["input_ids"].shape[1] + 1 + 2
+
+
+def _decoder_layer_flops(model, **kwargs) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**kwargs)
+    per_module = counter.get_flop_counts()
+    return sum(sum(ops.values()) for name, ops in per_module.items() if re.search(r"language_model\.layers\.\d+$", name))
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_measured_flops_follow_plan_cost(stock, variant):
+    model = patched(stock, variant)
+    inputs = example_inputs(stock, batch_size=1, seed=10)
+    full = _decoder_layer_flops(model, **inputs, latency_budget=1.0)
+    assert full > 0
+    for budget in (0.5, 0.6, 0.85):
+        cost = float(ak.plan(model, latency_budget=budget, **inputs).cost()[0])
+        measured = _decoder_layer_flops(model, **inputs, latency_budget=budget) / full
+        assert measured == pytest.approx(cost, rel=0.03), (budget, measured, cost)
+
+
+def test_unpatch_restores_stock_exactly_and_patch_is_per_instance(stock):
+    inputs = example_inputs(stock, batch_size=2, seed=12, pad=[1, 0])
+    model = copy.deepcopy(stock)
+    other = copy.deepcopy(stock)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        ak.patch(model, "H", rank=2)
+        assert ak.patch(model, "H", rank=2) is model
+        assert "AdaptiveLlamaDecoderLayer" in repr(model) and "Adaptive" not in repr(other)
+        assert torch.equal(other(**inputs).logits, before)
+        model(**inputs, latency_budget=0.5)
+        ak.unpatch(model)
+        assert type(model) is type(stock) and "Adaptive" not in repr(model)
+        assert not any("latency" in k for k in model.state_dict())
+        assert torch.equal(model(**inputs).logits, before)
+    assert torch.equal(greedy(model, inputs), greedy(stock, inputs))
+
+
+def test_scheduler_weights_survive_save_and_load(stock, tmp_path):
+    inputs = example_inputs(stock, batch_size=2, seed=13)
+    model = patched(stock, "H")
+    with torch.no_grad():
+        for p in model.model.language_model.latency_scheduler.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "scheduler.safetensors"
+    ak.save_scheduler(model, path)
+    plans = ak.plan(model, latency_budget=[0.6, 0.75], **inputs)
+    fresh = patched(stock, "H")
+    assert ak.plan(fresh, latency_budget=[0.6, 0.75], **inputs) != plans
+    loaded = patched(stock, "H", scheduler=path)
+    assert ak.plan(loaded, latency_budget=[0.6, 0.75], **inputs) == plans
+    torch.testing.assert_close(ak.latency_embedding(loaded, 0.6), ak.latency_embedding(model, 0.6))
+    with pytest.raises(ValueError, match="scheduler"):
+        patched(stock, "L", scheduler=path)
+
+
+def test_fresh_schedulers_are_seeded(stock):
+    inputs = example_inputs(stock, batch_size=1, seed=14)
+    torch.manual_seed(123)
+    a = ak.plan(patched(stock, "H"), latency_budget=0.7, **inputs)
+    torch.manual_seed(456)
+    b = ak.plan(patched(stock, "H"), latency_budget=0.7, **inputs)
+    assert a == b
