@@ -1,0 +1,91 @@
+"""Every bad input gets a clear error naming the argument and what is accepted."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+import adaptive_kernels as ak
+from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.models import text_model_shape
+from adaptive_kernels.models.llama import check_plan
+from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ak.patch(tiny_llava(seed=2), "H", rank=2)
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    return example_inputs(model, batch_size=2, seed=1)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.01, -0.5, float("nan"), [0.5], [0.5, 0.6, 0.7], torch.tensor([0.5, 2.0])])
+def test_bad_budgets(model, inputs, budget):
+    with pytest.raises(ValueError, match=r"latency_budget.*(\(0, 1\]|rows)"):
+        model(**inputs, latency_budget=budget)
+    with pytest.raises(ValueError, match="latency_budget"):
+        model.generate(**inputs, latency_budget=budget, max_new_tokens=2)
+    with pytest.raises(ValueError, match="latency_budget"):
+        ak.plan(model, latency_budget=budget, **inputs)
+
+
+def test_bad_plans(model, inputs):
+    with pytest.raises(ValueError, match="execution_plan"):
+        model(**inputs, execution_plan=ExecutionPlan.full(2, 7, 8))
+    with pytest.raises(ValueError, match="execution_plan"):
+        model(**inputs, execution_plan=ExecutionPlan.full(3, 8, 8))
+    with pytest.raises(ValueError, match="execution_plan.*device"):
+        check_plan(ExecutionPlan.full(2, 8, 8), 2, text_model_shape(model), torch.device("cuda"))
+    with pytest.raises(TypeError, match="execution_plan"):
+        model(**inputs, execution_plan=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, execution_plan=ExecutionPlan.full(2, 8, 8), latency_budget=0.5)
+
+
+def test_unsupported_models():
+    causal_lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, vocab_size=64))
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        ak.patch(causal_lm)
+    config = tiny_llava_config()
+    mistral = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=4, vocab_size=512)
+    llava_mistral = LlavaForConditionalGeneration(LlavaConfig(vision_config=config.vision_config, text_config=mistral,
+                                                              image_token_id=511))
+    with pytest.raises(TypeError, match="llama"):
+        ak.patch(llava_mistral)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"rank": 3}, "rank"), ({"rank": 0}, "rank"),
+                                         ({"num_prefix_layers": 8}, "num_prefix_layers"),
+                                         ({"num_prefix_layers": -1}, "num_prefix_layers"),
+                                         ({"backend": "jax"}, "backend")])
+def test_bad_patch_options(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ak.patch(tiny_llava(), **kwargs)
+
+
+def test_api_on_an_unpatched_model():
+    stock = tiny_llava()
+    for call in (lambda: ak.save_scheduler(stock, "x.safetensors"), lambda: ak.latency_embedding(stock, 0.5),
+                 lambda: ak.plan(stock, latency_budget=0.5, **example_inputs(stock))):
+        with pytest.raises(ValueError, match="not patched"):
+            call()
+
+
+def test_plan_needs_a_budget(model, inputs):
+    with pytest.raises(ValueError, match="latency_budget is required"):
+        ak.plan(model, **inputs)
+
+
+def test_patch_with_other_options_repatches(model):
+    m = copy.deepcopy(model)
+    ak.patch(m, "L", rank=2, num_prefix_layers=2)
+    plan = ak.plan(m, latency_budget=0.5, **example_inputs(m))
+    assert plan.layers[0, :2].all() and int(plan.layers[0].sum()) == 4

@@ -1,0 +1,99 @@
+"""The latency encoder and plan sampling against direct implementations of ADALLAVA.md."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_kernels.plan import UnitSpace
+from adaptive_kernels.scheduler import seeded_scheduler
+
+
+def test_latency_encoder_follows_the_formula():
+    units = UnitSpace("L", 32, 16, 32, 8)
+    sched = seeded_scheduler(units, hidden_size=24).double()
+    budget = 0.85
+    q = (math.floor(32 * 0.85) - 16) / (32 - 16 + 1)
+    f = 1.0 / 10000 ** (np.arange(128) / 128)
+    feats = torch.tensor(np.concatenate([np.sin(2 * np.pi * q * f), np.cos(2 * np.pi * q * f)]))[None]
+    enc = sched.latency_encoder
+    expected = enc.fc2(torch.nn.functional.gelu(enc.fc1(torch.nn.functional.layer_norm(feats, (256,), enc.norm.weight, enc.norm.bias))))
+    torch.testing.assert_close(sched.latency_embedding([budget]), expected)
+
+
+def _rounds_reference(layer_logits, head_logits, group_logits, n, r):
+    """ADALLAVA.md's inference for H, round by round: best layer with room, then its best r new heads and groups."""
+    K, H = head_logits.shape
+    heads = torch.zeros(K, H, dtype=torch.bool)
+    groups = torch.zeros(K, H, dtype=torch.bool)
+    for _ in range(n):
+        room = heads.sum(-1) < H
+        layer = int(torch.where(room, layer_logits, -torch.inf).argmax())
+        for mask, logits in ((heads, head_logits), (groups, group_logits)):
+            free = torch.where(mask[layer], -torch.inf, logits[layer])
+            mask[layer, free.topk(r).indices] = True
+    return heads.any(-1), heads, groups
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.6, 0.7, 0.85, 1.0])
+def test_inference_top_n_for_h_equals_round_by_round_selection(budget):
+    units = UnitSpace("H", 8, 3, 8, 2)
+    sched = seeded_scheduler(units, hidden_size=16)
+    state = torch.randn(4, 16)
+    layers, heads, groups = sched.select(state, [budget] * 4)
+    logits = sched.head(state).view(4, 5, 17)
+    n = units.units(budget)
+    for row in range(4):
+        ref = _rounds_reference(logits[row, :, 0], logits[row, :, 1:9], logits[row, :, 9:], n, 2)
+        assert torch.equal(layers[row], ref[0]) and torch.equal(heads[row], ref[1]) and torch.equal(groups[row], ref[2])
+
+
+def test_inference_top_n_for_l_keeps_the_best_layers():
+    units = UnitSpace("L", 10, 4, 4, 2)
+    sched = seeded_scheduler(units, hidden_size=16)
+    state = torch.randn(3, 16)
+    layers, heads, _ = sched.select(state, [0.7, 0.9, 0.4])
+    logits = sched.head(state)
+    for row, n in enumerate([3, 5, 0]):
+        expected = torch.zeros(6, dtype=torch.bool)
+        expected[logits[row].topk(n).indices] = True
+        assert torch.equal(layers[row], expected)
+        assert torch.equal(heads[row], expected[:, None].expand(-1, 4))
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_gumbel_sampling_meets_the_budget_exactly_and_passes_gradients(variant):
+    units = UnitSpace(variant, 8, 2, 8, 2)
+    sched = seeded_scheduler(units, hidden_size=16)
+    state = torch.randn(5, 16)
+    budgets = [0.3, 0.5, 0.75, 0.9, 1.0]
+    torch.manual_seed(0)
+    layers, heads, groups = sched.select(state, budgets, sample=True)
+    for row, b in enumerate(budgets):
+        n = units.units(b)
+        for mask in (layers, heads, groups):
+            assert set(mask[row].detach().unique().tolist()) <= {0.0, 1.0}
+        if variant == "L":
+            assert int(layers[row].sum()) == n
+        else:
+            assert int(heads[row].sum()) == 2 * n and int(groups[row].sum()) == 2 * n
+            assert torch.equal(layers[row] > 0, heads[row].sum(-1) > 0)
+    weights = torch.randn_like(heads)
+    ((heads * weights).sum() + (layers * torch.randn_like(layers)).sum()).backward()
+    grad = sched.head.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_gumbel_samples_differ_between_draws_but_not_under_one_seed():
+    units = UnitSpace("L", 12, 2, 4, 2)
+    sched = seeded_scheduler(units, hidden_size=8)
+    state = torch.zeros(1, 8)
+    torch.manual_seed(1)
+    a = sched.select(state, [0.6], sample=True)[0]
+    torch.manual_seed(1)
+    b = sched.select(state, [0.6], sample=True)[0]
+    draws = {tuple(sched.select(state, [0.6], sample=True)[0][0].tolist()) for _ in range(20)}
+    assert torch.equal(a, b) and len(draws) > 1
