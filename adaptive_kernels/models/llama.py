@@ -14,6 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..backends import Backend
 from ..cache import AdaptiveCache
+from ..ops.attention import head_sparse_attention_reference
 from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, layer_indices, resolve_budgets
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
@@ -123,14 +124,44 @@ class AdaptiveDecoderLayerMixin:
         x = x + attn
         return x + run_mlp(self.mlp, self.post_attention_layernorm(x), idx, settings.backend)
 
+    def forward_masked(self, x, layer_on, heads_on, neurons_on, cos, sin, kv_valid, shape: DecoderShape):
+        """The training-time masked computation, differentiable in the masks; x [B, T, D] -> [B, T, D].
 
-def plan_from_scheduler(scheduler, settings: Settings, latency_state, budgets, seq_len: int) -> ExecutionPlan:
-    """The full plan (prefix on, scheduled units as selected) from the latency token's hidden state."""
-    layers, heads, groups = scheduler.select(latency_state, budgets)
-    B, P, H = len(budgets), settings.units.num_prefix_layers, settings.shape.num_heads
-    on = torch.ones(B, P, dtype=torch.bool, device=latency_state.device)
-    return ExecutionPlan(torch.cat([on, layers], 1), torch.cat([on[..., None].expand(-1, -1, H), heads], 1),
-                         torch.cat([on[..., None].expand(-1, -1, H), groups], 1), shape=settings.shape, seq_len=seq_len)
+        ``layer_on`` [B], ``heads_on`` [B, H] and ``neurons_on`` [B, M] are float masks: each head's
+        attention output and each neuron's ``act(gate)*up`` are multiplied by theirs, and the
+        layer's updates by ``layer_on``. Every weight is read: this path trains, it does not save.
+        """
+        attn, mlp = self.self_attn, self.mlp
+        B, T, _ = x.shape
+        a = self.input_layernorm(x)
+        q = _rotate(attn.q_proj(a).view(B, T, shape.num_heads, -1), cos[:, :, None], sin[:, :, None])
+        k = _rotate(attn.k_proj(a).view(B, T, shape.num_kv_heads, -1), cos[:, :, None], sin[:, :, None])
+        v = attn.v_proj(a).view(B, T, shape.num_kv_heads, -1)
+        q_to_kv = (torch.arange(shape.num_heads, device=x.device) // (shape.num_heads // shape.num_kv_heads)).expand(B, -1)
+        o = head_sparse_attention_reference(q, k.transpose(1, 2), v.transpose(1, 2), q_to_kv, kv_valid, attn.scaling)
+        o = o * heads_on[:, None, :, None].to(o.dtype)
+        x = x + layer_on[:, None, None].to(x.dtype) * attn.o_proj(o.reshape(B, T, -1))
+        m = self.post_attention_layernorm(x)
+        h = mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m) * neurons_on[:, None, :].to(x.dtype)
+        return x + layer_on[:, None, None].to(x.dtype) * mlp.down_proj(h)
+
+
+def plan_from_masks(layers, heads, groups, settings: Settings, seq_len: int) -> ExecutionPlan:
+    """The full plan (prefix on, then the scheduled layers' masks, nonzero = on)."""
+    B, P, H = layers.shape[0], settings.units.num_prefix_layers, settings.shape.num_heads
+    on = torch.ones(B, P, dtype=torch.bool, device=layers.device)
+    return ExecutionPlan(torch.cat([on, layers != 0], 1), torch.cat([on[..., None].expand(-1, -1, H), heads != 0], 1),
+                         torch.cat([on[..., None].expand(-1, -1, H), groups != 0], 1), shape=settings.shape, seq_len=seq_len)
+
+
+def run_sampled_layers(layers, x, masks, cos, sin, kv_valid, shape: DecoderShape) -> torch.Tensor:
+    """The scheduled layers in training: the masked computation under a Gumbel-sampled plan."""
+    layer_on, heads_on, groups_on = masks
+    sizes = torch.tensor(shape.group_sizes, device=x.device)
+    for k, layer in enumerate(layers):
+        neurons_on = groups_on[:, k].repeat_interleave(sizes, dim=-1)
+        x = layer.forward_masked(x, layer_on[:, k], heads_on[:, k], neurons_on, cos, sin, kv_valid, shape)
+    return x
 
 
 class AdaptiveDecoderMixin:
@@ -187,7 +218,7 @@ class AdaptiveDecoderMixin:
             schedule = compile_plan(ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads, x.device),
                                     settings.shape)
 
-        if not decoding and use_cache and not request.plan_only:
+        if not decoding and use_cache and not request.plan_only and not (self.training and budgets is not None):
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
         elif not decoding:
             cache = None
@@ -195,7 +226,13 @@ class AdaptiveDecoderMixin:
         prefix = layer_indices(ExecutionPlan.full(B, 1, settings.shape.num_heads, x.device), 0, settings.shape)
         for l, layer in enumerate(self.layers):
             if schedule is None and l == settings.units.num_prefix_layers:
-                plan = plan_from_scheduler(self.latency_scheduler, settings, x[:, -1], budgets, x.shape[1])
+                sampled = self.training and not request.plan_only
+                masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
+                plan = plan_from_masks(*masks, settings, x.shape[1])
+                if sampled:
+                    request.plan = plan
+                    x = run_sampled_layers(self.layers[l:], x, masks, cos, sin, mask, settings.shape)
+                    break
                 if request.plan_only:
                     request.plan = plan
                     return BaseModelOutputWithPast(last_hidden_state=x)
@@ -210,7 +247,8 @@ class AdaptiveDecoderMixin:
             out = layer(part(x), idx, part(cos), part(sin), part(mask), cache, settings)
             x = out if rows is None else x.index_copy(0, rows, out)
 
-        request.plan = schedule.plan
+        if schedule is not None:
+            request.plan = schedule.plan
         if cache is not None:
             cache.length = past + x.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: cache})

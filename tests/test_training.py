@@ -1,0 +1,46 @@
+"""Training: a Gumbel-sampled plan, the masked computation, and gradients reaching the scheduler."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import adaptive_kernels as ak
+from adaptive_kernels.tiny import example_inputs, tiny_llava
+from oracles import capture_prompt_embeddings, masked_stock
+
+
+def test_training_forward_samples_a_plan_and_trains_the_scheduler():
+    stock = tiny_llava(seed=3)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2).train()
+    inputs = example_inputs(stock, batch_size=2, seed=5)
+    scheduler = model.model.language_model.latency_scheduler
+    drawn = []
+    select = scheduler.select
+    scheduler.select = lambda *a, **k: drawn.append(select(*a, **k)) or drawn[-1]
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == stock.config.image_token_id, -100)
+
+    torch.manual_seed(0)
+    out = model(**inputs, labels=labels, latency_budget=[0.6, 0.8])
+    out.loss.backward()
+
+    layers, heads, groups = drawn[-1]
+    assert heads.requires_grad and int(heads[0].sum()) == 2 * 3 and int(heads[1].sum()) == 2 * 9
+    S = labels.shape[1]
+    manual = F.cross_entropy(out.logits[:, :S - 1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+    for p in (scheduler.head.weight, scheduler.latency_encoder.fc1.weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+    prefix = torch.ones(2, 4, dtype=torch.bool)
+    plan = ak.ExecutionPlan(torch.cat([prefix, layers.detach() > 0], 1),
+                            torch.cat([prefix[..., None].expand(-1, -1, 8), heads.detach() > 0], 1),
+                            torch.cat([prefix[..., None].expand(-1, -1, 8), groups.detach() > 0], 1))
+    oracle = masked_stock(stock, plan)
+    token = ak.latency_embedding(model, 0.6), ak.latency_embedding(model, 0.8)
+    embeds = torch.cat([capture_prompt_embeddings(stock, inputs), torch.stack(token)[:, None]], 1)
+    with torch.no_grad():
+        expected = oracle(inputs_embeds=embeds, attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
+    torch.testing.assert_close(out.logits.detach(), expected, rtol=1e-4, atol=1e-5)
