@@ -223,7 +223,8 @@ class AdaptiveDecoderMixin:
         elif not decoding:
             cache = None
         cos, sin = self.rotary_emb(x, positions)
-        prefix = layer_indices(ExecutionPlan.full(B, 1, settings.shape.num_heads, x.device), 0, settings.shape)
+        if schedule is None:  # the prefix runs dense on every row until the scheduler has planned
+            prefix = layer_indices(ExecutionPlan.full(B, 1, settings.shape.num_heads, x.device), 0, settings.shape)
         for l, layer in enumerate(self.layers):
             if schedule is None and l == settings.units.num_prefix_layers:
                 sampled = self.training and not request.plan_only
