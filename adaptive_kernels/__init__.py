@@ -36,24 +36,27 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
 
 
 def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | None = None,
-          backend: str | None = None, scheduler=None):
+          backend: str | None = None, scheduler=None, cuda_graphs: bool = True):
     """Make ``model`` (a LlavaForConditionalGeneration) run AdaLLaVA plans; returns it.
 
     Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups
     in units of ``rank``; the first ``num_prefix_layers`` (default half) always run. ``backend``
     picks the ops ("torch", "triton"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
     safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation.
+    ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph (False: eager).
     """
     check_llava(model)
     shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)
     lm = model.model.language_model
-    wanted = (variant, rank, prefix, backend_name)
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    wanted = (variant, rank, prefix, backend_name, cuda_graphs)
     if is_patched(model) and lm._ak_options == wanted and scheduler is None:
         return model
     if is_patched(model):
         unpatch(model)
     units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)
-    settings = Settings(variant, units, shape, get_backend(backend_name))
+    settings = Settings(variant, units, shape, get_backend(backend_name), cuda_graphs)
     module = seeded_scheduler(units, shape.hidden_size).to(device=model.device, dtype=lm.embed_tokens.weight.dtype)
     if scheduler is not None:
         load_scheduler_weights(module, scheduler)

@@ -2,7 +2,9 @@
 
 One request's plan is fixed at prefill and kept here, so decode steps reuse it. Layer ``l``
 holds keys and values for the batch rows that execute it, compact over their active key/value
-heads: [rows of l, active kv heads (padded to the row maximum), tokens, head_dim].
+heads: [rows of l, active kv heads (padded to the row maximum), capacity, head_dim]. Buffers are
+allocated with room to grow (``CAPACITY_STEP`` positions at a time), so a decode step writes in
+place, and a CUDA graph of it (``graphs.py``) keeps reading the same memory.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+CAPACITY_STEP = 128
+
 
 class AdaptiveCache(Cache):
     """A transformers ``Cache`` that ``generate`` carries between steps.
 
-    ``get_seq_length()`` counts every cached position, the latency token's included;
-    ``latency_index`` is that token's column (None when the request has none).
+    ``length`` (``get_seq_length()``) counts every filled position, the latency token's
+    included; ``latency_index`` is that token's column (None when the request has none).
     """
 
     is_compileable = False
@@ -27,6 +31,10 @@ class AdaptiveCache(Cache):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
+        self.capacity = 0
+        self.write_position: torch.Tensor | None = None  # set while a CUDA graph is captured
+        self.decode_graph = None  # graphs.DecodeGraph of this request's decode step
+        self.warm = False  # a one-token step has run eagerly (kernels compiled)
 
     @property
     def plan(self):
@@ -38,17 +46,45 @@ class AdaptiveCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def append(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add one step's compact keys/values [R, nkv, T, d] to a layer; returns all of them."""
-        if self.keys[layer_idx] is not None:
-            keys = torch.cat([self.keys[layer_idx], keys], dim=2)
-            values = torch.cat([self.values[layer_idx], values], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = keys, values
-        return keys, values
+    def reserve(self, positions: int) -> None:
+        """Make room for ``positions`` filled positions, moving every layer to larger buffers if needed."""
+        if positions <= self.capacity:
+            return
+        self.capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+        for store in (self.keys, self.values):
+            for l, old in enumerate(store):
+                if old is not None:
+                    store[l] = old.new_zeros(*old.shape[:2], self.capacity, old.shape[3])
+                    store[l][:, :, :self.length] = old[:, :, :self.length]
+        self.decode_graph = None  # captured against the old buffers
 
-    def stored_heads(self) -> list[int]:
-        """Per layer, the key/value heads held (rows times heads; 0 for a skipped layer)."""
-        return [0 if k is None else k.shape[0] * k.shape[1] for k in self.keys]
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's compact keys/values [R, nkv, T, d] after the filled positions.
+
+        Returns the layer's keys and values to attend to: the filled positions, or for a
+        one-token step the whole capacity (the caller masks what is not filled), so that every
+        decode step has the same shapes.
+        """
+        T = keys.shape[2]
+        if self.keys[layer] is None:
+            self.keys[layer] = keys.new_zeros(*keys.shape[:2], self.capacity, keys.shape[3])
+            self.values[layer] = values.new_zeros(*values.shape[:2], self.capacity, values.shape[3])
+        k, v = self.keys[layer], self.values[layer]
+        if self.write_position is not None:
+            k.index_copy_(2, self.write_position, keys)
+            v.index_copy_(2, self.write_position, values)
+        else:
+            k[:, :, self.length:self.length + T] = keys
+            v[:, :, self.length:self.length + T] = values
+        if T == 1 and self.length > 0:
+            return k, v
+        return k[:, :, :self.length + T], v[:, :, :self.length + T]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The filled keys and values of one layer, or None for a layer no row executes."""
+        if self.keys[layer] is None:
+            return None
+        return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported by adaptive_kernels; use greedy or sampling")

@@ -170,18 +170,19 @@ def test_cache_holds_only_executed_layers_and_heads(stock, variant):
     with torch.no_grad():
         out = model.generate(**inputs, latency_budget=[0.6, 0.8], max_new_tokens=3, do_sample=False,
                              return_dict_in_generate=True)
-    cache = out.past_key_values if hasattr(out, "past_key_values") and out.past_key_values is not None else out.cache
+    cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
     assert isinstance(cache, AdaptiveCache)
     plan = cache.plan
     for l in range(L):
         kv_heads = plan.heads[:, l].view(2, KV, H // KV).any(-1).sum(-1)
         rows = plan.layers[:, l]
-        stored = cache.keys[l]
+        stored = cache.layer(l)
         if not rows.any():
             assert stored is None
             continue
-        assert stored.shape[0] == int(rows.sum()) and stored.shape[1] == int(kv_heads[rows].max())
-        assert stored.shape[2] == inputs["input_ids"].shape[1] + 1 + 2
+        keys, values = stored
+        assert keys.shape[0] == int(rows.sum()) and keys.shape[1] == int(kv_heads[rows].max())
+        assert keys.shape[2] == inputs["input_ids"].shape[1] + 1 + 2 and keys.shape == values.shape
 
 
 def _decoder_layer_flops(model, **kwargs) -> float:

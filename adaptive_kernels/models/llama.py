@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..backends import Backend
 from ..cache import AdaptiveCache
+from ..graphs import DecodeGraph
 from ..ops.attention import head_sparse_attention_reference
 from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, layer_indices, resolve_budgets
 
@@ -39,6 +41,7 @@ class Settings:
     units: UnitSpace
     shape: DecoderShape
     backend: Backend
+    cuda_graphs: bool = True
 
 
 def decoder_shape(config) -> DecoderShape:
@@ -222,34 +225,64 @@ class AdaptiveDecoderMixin:
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
         elif not decoding:
             cache = None
+        if cache is not None:
+            cache.reserve(past + x.shape[1])
         cos, sin = self.rotary_emb(x, positions)
-        if schedule is None:  # the prefix runs dense on every row until the scheduler has planned
-            prefix = layer_indices(ExecutionPlan.full(B, 1, settings.shape.num_heads, x.device), 0, settings.shape)
-        for l, layer in enumerate(self.layers):
-            if schedule is None and l == settings.units.num_prefix_layers:
-                sampled = self.training and not request.plan_only
-                masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
-                plan = plan_from_masks(*masks, settings, x.shape[1])
-                if sampled:
-                    request.plan = plan
-                    x = run_sampled_layers(self.layers[l:], x, masks, cos, sin, mask, settings.shape)
-                    break
-                if request.plan_only:
-                    request.plan = plan
-                    return BaseModelOutputWithPast(last_hidden_state=x)
-                schedule = compile_plan(plan, settings.shape)
-                if cache is not None:
-                    cache.schedule = schedule
-            idx = prefix if schedule is None else schedule.layers[l]
+
+        first = 0
+        if schedule is None:  # a budget: the prefix runs dense on every row, then the scheduler plans
+            P = settings.units.num_prefix_layers
+            dense = layer_indices(ExecutionPlan.full(B, 1, settings.shape.num_heads, x.device), 0, settings.shape)
+            x = self.run_layers(x, range(P), [dense] * P, cos, sin, mask, cache)
+            sampled = self.training and not request.plan_only
+            masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
+            request.plan = plan_from_masks(*masks, settings, x.shape[1])
+            if request.plan_only:
+                return BaseModelOutputWithPast(last_hidden_state=x)
+            if sampled:
+                x = run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape)
+                return BaseModelOutputWithPast(last_hidden_state=self.norm(x))
+            schedule = compile_plan(request.plan, settings.shape)
+            if cache is not None:
+                cache.schedule = schedule
+            first = P
+        request.plan = schedule.plan
+        layers = range(first, len(self.layers))
+        if decoding and S == 1:
+            # one-token steps attend over the cache's whole capacity, unfilled positions masked
+            kv_valid = F.pad(mask, (0, cache.capacity - mask.shape[1]))
+            x = self.decode_step(x, schedule, cos, sin, kv_valid, cache)
+        else:
+            x = self.norm(self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache))
+        if cache is not None:
+            cache.length = past + x.shape[1]
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache})
+
+    def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache):
+        """Layers ``layer_ids`` with their ``LayerIndices`` (None: no row runs it), each on its rows."""
+        for l, idx in zip(layer_ids, indices):
             if idx is None:
                 continue
             rows = idx.rows
             part = (lambda t: t) if rows is None else (lambda t: t[rows])
-            out = layer(part(x), idx, part(cos), part(sin), part(mask), cache, settings)
+            out = self.layers[l](part(x), idx, part(cos), part(sin), part(kv_valid), cache, self._ak_settings)
             x = out if rows is None else x.index_copy(0, rows, out)
+        return x
 
-        if schedule is not None:
-            request.plan = schedule.plan
-        if cache is not None:
-            cache.length = past + x.shape[1]
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_FIELD: cache})
+    def decode_step(self, x, schedule, cos, sin, kv_valid, cache):
+        """One decode token through every executed layer and the final norm: [B, 1, D] -> [B, 1, D].
+
+        On CUDA with graphs on, the first step runs eagerly (compiling kernels), the second is
+        captured as a CUDA graph and every later step of the request replays it.
+        """
+        def step(x, cos, sin, kv_valid):
+            return self.norm(self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid, cache))
+
+        use_graph = self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
+        if not use_graph or not cache.warm:
+            cache.warm = True
+            return step(x, cos, sin, kv_valid)
+        if cache.decode_graph is None:
+            cache.decode_graph = DecodeGraph(step, (x, cos, sin, kv_valid), cache)
+        return cache.decode_graph.replay((x, cos, sin, kv_valid), cache.length)
+

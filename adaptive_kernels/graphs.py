@@ -1,0 +1,33 @@
+"""CUDA-graph decode: one decode step of a request's plan, captured once and replayed per token.
+
+At batch 1 an eager decode step is bound by kernel launches, not by the weights it reads; a
+replayed graph launches them all at once. The plan, and so every shape and weight the step
+touches, is fixed for the request, and the KV cache writes in place at a device-side position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DecodeGraph:
+    """A captured ``step(*inputs) -> output`` whose cache writes go to ``cache.write_position``."""
+
+    def __init__(self, step, inputs: tuple, cache):
+        self.inputs = tuple(t.clone() for t in inputs)
+        self.position = torch.tensor([cache.length], device=inputs[0].device)
+        self.graph = torch.cuda.CUDAGraph()
+        cache.write_position = self.position
+        try:
+            with torch.cuda.graph(self.graph):
+                self.output = step(*self.inputs)
+        finally:
+            cache.write_position = None
+
+    def replay(self, inputs: tuple, position: int) -> torch.Tensor:
+        """Run the step on new inputs (same shapes) writing the cache at ``position``."""
+        for static, new in zip(self.inputs, inputs):
+            static.copy_(new)
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.output.clone()

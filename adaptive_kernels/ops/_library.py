@@ -1,0 +1,81 @@
+"""Shared plumbing of the Triton ops: a guarded Triton import, launch checks and autotune buckets.
+
+Importing this module needs neither a GPU nor Triton: without Triton the kernels are stubs that
+raise a clear error when called, and the PyTorch references keep working. Triton reads
+``TRITON_INTERPRET`` when a kernel is decorated, so set it before importing ``adaptive_kernels``
+to run the kernels on CPU tensors (slowly) in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references still work; the Triton ops raise at call time
+    triton = tl = None
+
+HAS_TRITON = triton is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NAMESPACE = "adaptive_kernels"
+
+
+def jit(fn):
+    """``triton.jit``, or a stub that raises at call time when Triton is missing."""
+    if HAS_TRITON:
+        return triton.jit(fn)
+    return _Missing(fn.__name__)
+
+
+def autotune(configs, key):
+    """``triton.autotune`` on CUDA; ``configs`` is a list of (kwargs, num_warps, num_stages)."""
+    def wrap(kernel):
+        if not HAS_TRITON or INTERPRET:
+            return kernel
+        return triton.autotune([triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in configs], key=key)(kernel)
+    return wrap
+
+
+class _Missing:
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise RuntimeError(f"the Triton kernel {self.name} needs the triton package, which is not installed; "
+                           "use backend='torch' (the PyTorch references)")
+
+
+def check_launch(op: str, *tensors: torch.Tensor) -> None:
+    """Clear errors for what Triton cannot run: no Triton, CPU tensors outside the interpreter, mixed devices."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op}: the triton package is not installed; use backend='torch' (the PyTorch references)")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = tensors[0].device
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: Triton kernels need CUDA tensors, got {device}; set TRITON_INTERPRET=1 before "
+                         "importing adaptive_kernels to run them on the CPU, or use backend='torch'")
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above ``n`` (at least 1): a coarse autotune key, so sizes that differ
+    a little reuse one tuning."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Multiprocessors of a CUDA device (a fixed 4 in the interpreter)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: full fp32 products for fp32 inputs, like the references."""
+    return "ieee" if dtype == torch.float32 else "tf32"
