@@ -85,6 +85,12 @@ def resolve_budgets(latency_budget, batch_size: int) -> list[float]:
     return values
 
 
+def group_sizes(intermediate_size: int, num_groups: int) -> list[int]:
+    """Neurons per MLP group; on a remainder the first groups hold one neuron more."""
+    base, extra = divmod(intermediate_size, num_groups)
+    return [base + (1 if g < extra else 0) for g in range(num_groups)]
+
+
 @dataclass(frozen=True)
 class DecoderShape:
     """The sizes of a Llama-family decoder that the FLOP model needs."""
@@ -98,9 +104,8 @@ class DecoderShape:
 
     @property
     def group_sizes(self) -> list[int]:
-        """Neurons per MLP group: G = num_heads groups, the first ones one larger on a remainder."""
-        base, extra = divmod(self.intermediate_size, self.num_heads)
-        return [base + (1 if g < extra else 0) for g in range(self.num_heads)]
+        """Neurons per MLP group: G = num_heads groups."""
+        return group_sizes(self.intermediate_size, self.num_heads)
 
     def layer_flops(self, heads: torch.Tensor, groups: torch.Tensor, seq_len: int) -> torch.Tensor:
         """FLOPs of one layer over a prefill of ``seq_len`` tokens.

@@ -1,0 +1,100 @@
+"""A stock transformers LLaVA cut to one row of an execution plan.
+
+Skipped layers are removed; q/k/v/o and gate/up/down keep only the active heads and neurons. It
+runs with stock attention and cuBLAS: the ideal that skipping can reach (a dense model of the
+plan's size) in benchmarks, and an oracle independent of our executor in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .plan import group_sizes
+
+
+def neuron_mask(groups: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """Group mask [..., G] -> neuron mask [..., M]."""
+    sizes = torch.tensor(group_sizes(intermediate_size, groups.shape[-1]), device=groups.device)
+    return groups.repeat_interleave(sizes, dim=-1)
+
+
+class _ZeroAttention(nn.Module):
+    """A layer's attention with no head left: adds nothing, caches zero heads."""
+
+    def __init__(self, layer_idx: int, head_dim: int):
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            B, T, _ = hidden_states.shape
+            empty = hidden_states.new_zeros(B, 0, T, self.head_dim)
+            cache.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class _ZeroMLP(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def _cut(linear: nn.Linear, rows=None, cols=None, col_scale=None) -> nn.Linear:
+    w = linear.weight.detach()
+    b = None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        w, b = w[rows], (None if b is None else b[rows])
+    if cols is not None:
+        w = w[:, cols] * (1 if col_scale is None else col_scale.to(w.dtype))
+    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    out.weight.data.copy_(w)
+    if b is not None:
+        out.bias.data.copy_(b)
+    return out
+
+
+def sliced_stock(stock, plan, row: int = 0):
+    """A stock model computing row ``row`` of ``plan`` with weights cut to it.
+
+    With grouped-query attention, a kept key/value head keeps all its query heads and the o_proj
+    columns of the inactive ones are zeroed (stock attention needs whole groups).
+    """
+    model = copy.deepcopy(stock)
+    lm = model.model.language_model
+    cfg = lm.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // H
+    kept = []
+    for l, layer in enumerate(lm.layers):
+        if not plan.layers[row, l]:
+            continue
+        new_idx = len(kept)
+        heads, groups = plan.heads[row, l].cpu(), plan.groups[row, l].cpu()
+        attn = layer.self_attn
+        if heads.any():
+            kv_on = heads.view(Hkv, H // Hkv).any(-1)
+            q_keep = kv_on.repeat_interleave(H // Hkv)
+            q_rows = q_keep.repeat_interleave(d).nonzero().flatten()
+            kv_rows = kv_on.repeat_interleave(d).nonzero().flatten()
+            scale = heads[q_keep].repeat_interleave(d)
+            attn.q_proj, attn.k_proj, attn.v_proj = _cut(attn.q_proj, rows=q_rows), _cut(attn.k_proj, rows=kv_rows), _cut(attn.v_proj, rows=kv_rows)
+            attn.o_proj = _cut(attn.o_proj, cols=q_rows, col_scale=scale)
+            attn.layer_idx = new_idx
+        else:
+            layer.self_attn = _ZeroAttention(new_idx, d)
+        if groups.any():
+            neurons = neuron_mask(groups, cfg.intermediate_size).nonzero().flatten()
+            mlp = layer.mlp
+            mlp.gate_proj, mlp.up_proj = _cut(mlp.gate_proj, rows=neurons), _cut(mlp.up_proj, rows=neurons)
+            mlp.down_proj = _cut(mlp.down_proj, cols=neurons)
+        else:
+            layer.mlp = _ZeroMLP()
+        kept.append((l, layer))
+    lm.layers = nn.ModuleList([layer for _, layer in kept])
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[l] for l, _ in kept]
+    cfg.num_hidden_layers = len(kept)
+    return model
