@@ -42,22 +42,6 @@ def masked_stock(stock, plan):
     return model
 
 
-def capture_prompt_embeddings(stock, inputs) -> torch.Tensor:
-    """The decoder input a stock LLaVA builds for ``inputs`` (image features merged): [B, S, D]."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"]
-
-    handle = stock.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            stock(**inputs)
-    finally:
-        handle.remove()
-    return seen["embeds"]
-
-
 def stock_decode_logits(model, embeds, attention_mask, position_ids, new_tokens) -> list[torch.Tensor]:
     """Logits of a stock LLaVA's language model fed ``embeds`` then ``new_tokens`` one at a time.
 

@@ -15,7 +15,8 @@ import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.cache import AdaptiveCache
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import capture_prompt_embeddings, masked_stock, sliced_stock, stock_decode_logits
+from adaptive_kernels.models.llava import prompt_embeddings
+from oracles import masked_stock, sliced_stock, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -91,7 +92,7 @@ def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget):
     assert out.sequences.shape[1] == prompt_len + 4 and torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
 
     oracle = sliced_stock(stock, plan, 0)
-    embeds = torch.cat([capture_prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None]], 1)
+    embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None]], 1)
     mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
     positions = torch.arange(prompt_len + 1)[None]
     steps = stock_decode_logits(oracle, embeds, mask, positions, new_tokens)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import capture_prompt_embeddings, masked_stock
+from adaptive_kernels.models.llava import prompt_embeddings
+from oracles import masked_stock
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
@@ -40,7 +41,7 @@ def test_training_forward_samples_a_plan_and_trains_the_scheduler():
                             torch.cat([prefix[..., None].expand(-1, -1, 8), groups.detach() > 0], 1))
     oracle = masked_stock(stock, plan)
     token = ak.latency_embedding(model, 0.6), ak.latency_embedding(model, 0.8)
-    embeds = torch.cat([capture_prompt_embeddings(stock, inputs), torch.stack(token)[:, None]], 1)
+    embeds = torch.cat([prompt_embeddings(stock, inputs), torch.stack(token)[:, None]], 1)
     with torch.no_grad():
         expected = oracle(inputs_embeds=embeds, attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
     torch.testing.assert_close(out.logits.detach(), expected, rtol=1e-4, atol=1e-5)

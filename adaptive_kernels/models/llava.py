@@ -93,3 +93,19 @@ def swap_out(model) -> None:
         layer.__class__ = layer._ak_stock_class
     lm.__class__ = lm._ak_stock_class
     model.__class__ = model._ak_stock_class
+
+
+def prompt_embeddings(model, inputs: dict) -> torch.Tensor:
+    """The decoder input that ``model`` (stock or patched) builds for ``inputs``, image features merged: [B, S, D]."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["embeds"]

@@ -1,0 +1,207 @@
+"""End-to-end latency versus budget: vision tower, prefill and per-token decode of a patched LLaVA.
+
+For variants L and H, budgets 1.0 down to 0.5 and each backend, it times the patched model next
+to stock transformers (eager), the ideal (a stock model already cut to the plan) and the masked
+computation (every weight read, skipped units multiplied by 0), writes CSV and JSON rows under
+``benchmarks/results/`` and draws latency versus budget with the ideal line (latency at 1.0 times
+the plan's cost). On a CUDA device it uses a LLaVA-1.5-7B-shaped random model in bf16; on the
+CPU the built-in tiny one.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from . import patch, plan, unpatch
+from .models.llama import Request, run_sampled_layers
+from .models.llava import prompt_embeddings
+from .sliced import sliced_stock
+from .tiny import example_inputs, tiny_llava
+
+BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def llava_7b_config() -> LlavaConfig:
+    """LLaVA-1.5-7B's shapes: CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B decoder."""
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, pad_token_id=0)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, image_seq_length=576,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def build_model(device: str, dtype: torch.dtype):
+    """The sweep's model: 7B-shaped on CUDA (initialised on the device), tiny on the CPU."""
+    if device == "cuda":
+        with torch.device("cuda"), torch.random.fork_rng(devices=[0]):
+            torch.manual_seed(0)
+            model = LlavaForConditionalGeneration(llava_7b_config()).to(dtype).eval()
+        return model, "llava-1.5-7b-shaped"
+    return tiny_llava().to(dtype), "tiny"
+
+
+@dataclass
+class Row:
+    model: str
+    system: str  # adaptive | stock | ideal | masked
+    variant: str
+    backend: str
+    budget: float
+    cost: float
+    vision_ms: float
+    prefill_ms: float
+    decode_ms_per_token: float
+    device: str
+    torch: str
+    transformers: str
+    date: str
+
+
+def _timer(device: str):
+    def median_ms(fn, repeats: int) -> float:
+        fn()  # warm-up: compilation, allocator, autotuning
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    return median_ms
+
+
+def _masked_prefill(model, embeds, mask, budget):
+    """Prefill as the masked computation: the same plan, every weight read, skipped units times 0."""
+    lm = model.model.language_model
+    request = Request(latency_budget=budget, plan_only=True)
+    lm._ak_request = request
+    try:
+        hidden = model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    finally:
+        lm._ak_request = None
+    p = request.plan
+    P = lm._ak_settings.units.num_prefix_layers
+    masks = (p.layers[:, P:].to(hidden.dtype), p.heads[:, P:].to(hidden.dtype), p.groups[:, P:].to(hidden.dtype))
+    kv_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    cos, sin = lm.rotary_emb(hidden, positions)
+    hidden = run_sampled_layers(lm.layers[P:], hidden, masks, cos, sin, kv_valid, lm._ak_settings.shape)
+    return model.lm_head(lm.norm(hidden))
+
+
+def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
+          repeats: int = 5, rank: int | None = None, out_dir: str | Path = "benchmarks/results", progress: bool = True):
+    """Run the sweep; returns the rows, after writing them (CSV, JSON) and the plot (PNG) to ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    backends = backends or (("triton", "torch") if device == "cuda" else ("torch",))
+    model, name = build_model(device, dtype)
+    rank = rank or (8 if device == "cuda" else 2)
+    inputs = example_inputs(model, batch_size=1, text_tokens=64 if device == "cuda" else 12)
+    median_ms = _timer(device)
+    stamp = dict(model=name, device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                 torch=torch.__version__, transformers=__import__("transformers").__version__,
+                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+    with torch.no_grad():
+        vision_ms = median_ms(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), repeats)
+        embeds = prompt_embeddings(model, inputs)
+        mask = inputs["attention_mask"]
+
+        def timings(m, **kw):
+            prefill = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
+            gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
+            one = median_ms(lambda: m.generate(**gen, max_new_tokens=1, min_new_tokens=1), repeats)
+            many = median_ms(lambda: m.generate(**gen, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1), repeats)
+            return prefill, (many - one) / new_tokens
+
+        rows = [Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
+                    prefill_ms=(t := timings(model))[0], decode_ms_per_token=t[1], **stamp)]
+        jobs = [(v, be, b) for v in variants for be in backends for b in budgets]
+        for variant, backend, budget in tqdm(jobs, desc="sweep", disable=not progress):
+            patch(model, variant, rank=rank, backend=backend)
+            p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
+            cost = float(p.cost()[0])
+            prefill, decode = timings(model, latency_budget=budget)
+            rows.append(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
+                            vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, **stamp))
+            if backend == backends[0]:
+                masked = median_ms(lambda: _masked_prefill(model, embeds, mask, budget), repeats)
+                rows.append(Row(system="masked", variant=variant, backend="torch", budget=budget, cost=cost,
+                                vision_ms=vision_ms, prefill_ms=masked, decode_ms_per_token=float("nan"), **stamp))
+                ideal_plan = p.to(model.device)
+                unpatch(model)
+                ideal = sliced_stock(model, ideal_plan, 0)
+                ideal_embeds = torch.cat([embeds, torch.zeros_like(embeds[:, :1])], 1)
+                ideal_mask = torch.cat([mask, mask[:, :1]], 1)
+                prefill = median_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask), repeats)
+                rows.append(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
+                                vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=float("nan"), **stamp))
+                del ideal
+            unpatch(model)
+    write_rows(rows, out_dir, f"sweep-{name}")
+    return rows
+
+
+def write_rows(rows: list[Row], out_dir, stem: str) -> Path:
+    """CSV and JSON of the rows and the latency-versus-budget PNG; returns the PNG's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [asdict(r) for r in rows]
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    return plot_rows(rows, out / f"{stem}.png")
+
+
+def plot_rows(rows: list[Row], path: Path) -> Path:
+    """Prefill and decode latency versus budget per variant and backend, with the ideal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    adaptive = [r for r in rows if r.system == "adaptive"]
+    for ax, field, title in ((axes[0], "prefill_ms", "prefill"), (axes[1], "decode_ms_per_token", "decode / token")):
+        for key in sorted({(r.variant, r.backend) for r in adaptive}):
+            series = sorted((r for r in adaptive if (r.variant, r.backend) == key), key=lambda r: r.budget)
+            full = next((getattr(r, field) for r in series if r.budget == 1.0), None)
+            line, = ax.plot([r.budget for r in series], [getattr(r, field) for r in series], "o-", label=f"{key[0]} {key[1]}")
+            if full is not None:
+                ax.plot([r.budget for r in series], [full * r.cost for r in series], "--", color=line.get_color(),
+                        label=f"{key[0]} {key[1]} ideal (full x cost)")
+        stock = [getattr(r, field) for r in rows if r.system == "stock"]
+        if stock:
+            ax.axhline(stock[0], color="gray", linestyle=":", label="stock transformers")
+        ax.set_xlabel("latency budget")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{title}: {rows[0].model} on {rows[0].device}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
