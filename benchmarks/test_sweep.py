@@ -1,0 +1,21 @@
+"""End-to-end latency versus budget (``adaptive_kernels.sweep``), as a pytest-benchmark entry.
+
+On a CUDA machine it sweeps a LLaVA-1.5-7B-shaped model in bf16; elsewhere the tiny built-in
+one. Rows, and the plot, land in benchmarks/results/.
+"""
+
+from pathlib import Path
+
+import torch
+
+from adaptive_kernels.sweep import BUDGETS, sweep
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def test_latency_versus_budget(benchmark):
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(budgets=BUDGETS, new_tokens=16 if on_gpu else 4, repeats=5 if on_gpu else 2, out_dir=RESULTS,
+                  progress=False)
+    rows = benchmark.pedantic(sweep, kwargs=kwargs, rounds=1, iterations=1)
+    benchmark.extra_info["rows"] = [r.__dict__ for r in rows]
