@@ -26,3 +26,183 @@ def head_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.T
     probs = probs.nan_to_num(0.0).to(values.dtype)
     out = torch.matmul(probs, values).transpose(1, 2)
     return out.masked_fill((q_to_kv < 0)[:, None, :, None], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: one flash-style kernel (online softmax in fp32, exp2) for prefill and decode. A program
+# owns a tile of queries of one compact q head and walks its kv slot's keys up to the causal
+# bound. Decode with few (row, head) programs splits the keys over programs and a second small
+# kernel merges the partial softmax states.
+# ---------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+from ._library import INTERPRET, autotune, bucket, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
+
+_NEG = -1.0e30  # a finite "minus infinity": masked scores stay NaN-free
+
+
+@jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, map_ptr, valid_ptr, out_ptr, pm_ptr, pl_ptr, po_ptr,
+                 T, Tk, nq, keys_per_split, scale_log2,
+                 sqr, sqt, sqh, sqd, skr, skh, skt, skd, svr, svh, svt, svd, smr, smh, sar, sat,
+                 sor, sot, soh, sod, T_BUCKET, TK_BUCKET,
+                 HEAD_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    rs = tl.program_id(2)
+    r = (rs // NUM_SPLITS).to(tl.int64)
+    s = rs % NUM_SPLITS
+    c = tl.load(map_ptr + r * smr + h * smh)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dm = offs_d < HEAD_D
+    mm = offs_m < T
+    q = tl.load(q_ptr + r * sqr + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=mm[:, None] & dm[None, :], other=0.0)
+    lo = s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, Tk - T + tl.minimum((pid_m + 1) * BLOCK_M, T))
+    hi = tl.where(c >= 0, hi, lo)  # padded q head: no keys, output 0
+    c = tl.maximum(c, 0)
+    k_base = k_ptr + r * skr + c * skh
+    v_base = v_ptr + r * svr + c * svh
+    q_pos = Tk - T + offs_m  # the key position of each query
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nm = offs_n < hi
+        kt = tl.load(k_base + offs_n[None, :] * skt + offs_d[:, None] * skd, mask=nm[None, :] & dm[:, None], other=0.0)
+        sc = tl.dot(q, kt, input_precision=PREC) * scale_log2
+        ok = tl.load(valid_ptr + r * sar + offs_n * sat, mask=nm, other=0) != 0
+        vis = (ok & nm)[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        sc = tl.where(vis, sc, _NEG)
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(vis, tl.exp2(sc - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :] * svd, mask=nm[:, None] & dm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+        m_i = m_new
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no visible key: l = 0 and acc = 0
+        out = out_ptr + r * sor + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mm[:, None] & dm[None, :])
+    else:  # partial state of this split, [R, S, nq, T] (+ [HEAD_D]), fp32
+        base = ((r * NUM_SPLITS + s) * nq + h) * T + offs_m
+        tl.store(pm_ptr + base, m_i, mask=mm)
+        tl.store(pl_ptr + base, l_i, mask=mm)
+        tl.store(po_ptr + base[:, None] * HEAD_D + offs_d[None, :], acc, mask=mm[:, None] & dm[None, :])
+
+
+@jit
+def _combine_kernel(pm_ptr, pl_ptr, po_ptr, out_ptr, T, nq, sor, sot, soh, sod,
+                    HEAD_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    t = pid % T
+    h = (pid // T) % nq
+    r = (pid // (T * nq)).to(tl.int64)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    dm = offs_d < HEAD_D
+    base = ((r * NUM_SPLITS + offs_s) * nq + h) * T + t
+    m = tl.load(pm_ptr + base)
+    l = tl.load(pl_ptr + base)
+    w = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(w * l, 0)
+    o = tl.load(po_ptr + base[:, None] * HEAD_D + offs_d[None, :], mask=dm[None, :], other=0.0)
+    o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + r * sor + h * soh + t * sot + offs_d * sod, o.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+_ATTN_KEY = ["T_BUCKET", "TK_BUCKET", "HEAD_D"]
+_ATTN = {
+    "few": autotune([({"BLOCK_M": 16, "BLOCK_N": bn}, w, s) for bn, w, s in
+                     [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3)]], _ATTN_KEY)(_attn_kernel),
+    "many": autotune([({"BLOCK_M": bm, "BLOCK_N": bn}, w, s) for bm, bn, w, s in
+                      [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)]],
+                     _ATTN_KEY)(_attn_kernel),
+}
+_INTERPRET_ATTN = {"few": {"BLOCK_M": 16, "BLOCK_N": 16}, "many": {"BLOCK_M": 16, "BLOCK_N": 16}}
+
+
+def _num_splits(programs: int, Tk: int, sms: int) -> int:
+    """Key splits for decode: enough programs for two per multiprocessor, at least 128 keys each."""
+    splits = 1
+    while splits < 16 and programs * splits < 2 * sms and Tk >= 256 * splits:
+        splits *= 2
+    return splits
+
+
+def _attention_launch(q, k, v, q_to_kv, kv_valid, scale, splits=None):
+    check_launch("head_sparse_attention", q, k, v, q_to_kv, kv_valid)
+    R, T, nq, d = q.shape
+    Tk = k.shape[2]
+    out = q.new_empty((R, T, nq, d))
+    if out.numel() == 0:
+        return out
+    if q_to_kv.dtype != torch.int64:
+        q_to_kv = q_to_kv.long()
+    valid = kv_valid.view(torch.uint8) if kv_valid.dtype == torch.bool else (kv_valid != 0).view(torch.uint8)
+    regime = "few" if T <= 16 else "many"
+    if splits is None:
+        splits = _num_splits(R * nq, Tk, num_sms(q.device.index or 0)) if regime == "few" else 1
+    keys_per_split = 64 * -(-Tk // (64 * splits))
+    block_d = max(16, 1 << (d - 1).bit_length())
+    if splits > 1:
+        pm = torch.empty((R, splits, nq, T), device=q.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
+        po = torch.empty((R, splits, nq, T, d), device=q.device, dtype=torch.float32)
+    else:
+        pm = pl = po = out
+
+    def grid(meta):
+        return (-(-T // meta["BLOCK_M"]), nq, R * splits)
+
+    args = (q, k, v, q_to_kv, valid, out, pm, pl, po, T, Tk, nq, keys_per_split, scale * math.log2(math.e),
+            *q.stride(), *k.stride(), *v.stride(), *q_to_kv.stride(), *valid.stride(), *out.stride(),
+            bucket(T), bucket(Tk))
+    consts = dict(HEAD_D=d, NUM_SPLITS=splits, PREC=dot_precision(q.dtype), BLOCK_D=block_d)
+    if INTERPRET:
+        fixed = _INTERPRET_ATTN[regime]
+        _attn_kernel[grid(fixed)](*args, **consts, **fixed)
+    else:
+        _ATTN[regime][grid](*args, **consts)
+    if splits > 1:
+        _combine_kernel[(R * nq * T,)](pm, pl, po, out, T, nq, *out.stride(), HEAD_D=d, NUM_SPLITS=splits,
+                                       BLOCK_D=block_d)
+    return out
+
+
+@torch.library.custom_op("adaptive_kernels::head_sparse_attention", mutates_args=())
+def _head_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_to_kv: torch.Tensor,
+                              kv_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    return _attention_launch(q, k, v, q_to_kv, kv_valid, scale)
+
+
+@_head_sparse_attention_op.register_fake
+def _(q, k, v, q_to_kv, kv_valid, scale):
+    return q.new_empty(q.shape)
+
+
+@register_flop_formula(torch.ops.adaptive_kernels.head_sparse_attention)
+def _attention_flops(q_shape, k_shape, *args, **kwargs) -> int:
+    R, T, nq, d = q_shape
+    return 4 * R * T * k_shape[2] * nq * d
+
+
+def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_to_kv: torch.Tensor,
+                          kv_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """``o[r, t, i] = softmax_j(scale * q[r, t, i] . k[r, c, j]) @ v[r, c, j]`` with ``c = q_to_kv[r, i]``.
+
+    q [R, T, nq, d]; k, v [R, nkv, Tk, d] (any strides); q_to_kv int64 [R, nq]; kv_valid bool
+    [R, Tk] -> o [R, T, nq, d], with the masking of ``head_sparse_attention_reference`` (causal,
+    queries the last T of the Tk keys; no visible key or q_to_kv = -1 gives 0). Triton; reads only
+    the kv slots that active q heads use. The custom op
+    ``torch.ops.adaptive_kernels.head_sparse_attention``; FLOPs counted: 4*R*T*Tk*nq*d.
+    """
+    return torch.ops.adaptive_kernels.head_sparse_attention(q, k, v, q_to_kv, kv_valid, scale)

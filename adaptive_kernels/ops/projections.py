@@ -34,3 +34,277 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
     valid = cols >= 0
     w = weight.t()[cols.clamp_min(0)]
     return torch.matmul(a.masked_fill(~valid.unsqueeze(1), 0), w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+# Both kernels read the weight in place through its strides (no per-call copy); the index list
+# is loaded per tile, so any list works and padded (-1) entries cost no weight bytes. Prefill
+# tiles use tl.dot (tensor cores); one token uses a plain GEMV (elementwise products summed).
+
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+from ._library import INTERPRET, autotune, bucket, check_launch, dot_precision, jit, tl  # noqa: E402
+
+
+@jit
+def _rows_kernel(x_ptr, w_ptr, w2_ptr, rows_ptr, b_ptr, out_ptr, T, D, n,
+                 sxr, sxt, sxd, swn, swd, sw2n, sw2d, srr, srn, sb, sor, sot, son,
+                 T_BUCKET, N_BUCKET,
+                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y[r, t, j] = x[r, t] . W[rows[r, j]]; GATED: silu(x . W[rows]) * (x . W2[rows])
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = tl.load(rows_ptr + r * srr + offs_n * srn, mask=offs_n < n, other=-1)
+    valid = idx >= 0
+    idx = tl.where(valid, idx, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    w_rows = w_ptr + idx * swn
+    w2_rows = w2_ptr + idx * sw2n
+    x_rows = x_ptr + r * sxr + offs_m * sxt
+    if BLOCK_M == 1:  # one token: GEMV, products summed once at the end
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            km = kk < D
+            xv = tl.load(x_rows + kk * sxd, mask=km, other=0.0).to(tl.float32)[None, :]
+            wv = tl.load(w_rows[:, None] + kk[None, :] * swd, mask=valid[:, None] & km[None, :], other=0.0)
+            acc += wv.to(tl.float32) * xv
+            if GATED:
+                wv2 = tl.load(w2_rows[:, None] + kk[None, :] * sw2d, mask=valid[:, None] & km[None, :], other=0.0)
+                acc2 += wv2.to(tl.float32) * xv
+        y = tl.sum(acc, axis=1)[None, :]
+        y2 = tl.sum(acc2, axis=1)[None, :]
+    else:
+        y = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        y2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        mm = offs_m < T
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            km = kk < D
+            xv = tl.load(x_rows[:, None] + kk[None, :] * sxd, mask=mm[:, None] & km[None, :], other=0.0)
+            wv = tl.load(w_rows[None, :] + kk[:, None] * swd, mask=km[:, None] & valid[None, :], other=0.0)
+            y = tl.dot(xv, wv, y, input_precision=PREC)
+            if GATED:
+                wv2 = tl.load(w2_rows[None, :] + kk[:, None] * sw2d, mask=km[:, None] & valid[None, :], other=0.0)
+                y2 = tl.dot(xv, wv2, y2, input_precision=PREC)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + idx * sb, mask=valid, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        y = y / (1.0 + tl.exp(-y)) * y2
+    y = tl.where(valid[None, :], y, 0.0)
+    out = out_ptr + r * sor + offs_m[:, None] * sot + offs_n[None, :] * son
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & (offs_n[None, :] < n))
+
+
+@jit
+def _cols_kernel(a_ptr, w_ptr, cols_ptr, out_ptr, T, D, n,
+                 sar, sat, saj, swd, swn, scr, scj, sor, sot, sod,
+                 T_BUCKET, N_BUCKET,
+                 W_COL_MAJOR: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+    # y[r, t, d] = sum_j a[r, t, j] * W[d, cols[r, j]] over cols >= 0
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    r = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = offs_d < D
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    a_rows = a_ptr + r * sar + offs_m * sat
+    c_row = cols_ptr + r * scr
+    if BLOCK_M == 1:  # one token: GEMV
+        if W_COL_MAJOR:
+            acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_D, BLOCK_J], tl.float32)
+        for j0 in range(0, n, BLOCK_J):
+            jj = j0 + offs_j
+            c = tl.load(c_row + jj * scj, mask=jj < n, other=-1)
+            cv = c >= 0
+            c = tl.where(cv, c, 0)
+            av = tl.load(a_rows + jj * saj, mask=cv, other=0.0).to(tl.float32)
+            if W_COL_MAJOR:  # W[d, c] at c * swn + d: each gathered column is contiguous
+                wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
+                acc += wv.to(tl.float32) * av[:, None]
+            else:  # row-major: keep j as the fast axis so runs of columns coalesce
+                wv = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :], other=0.0)
+                acc += wv.to(tl.float32) * av[None, :]
+        if W_COL_MAJOR:
+            y = tl.sum(acc, axis=0)[None, :]
+        else:
+            y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        mm = offs_m < T
+        for j0 in range(0, n, BLOCK_J):
+            jj = j0 + offs_j
+            c = tl.load(c_row + jj * scj, mask=jj < n, other=-1)
+            cv = c >= 0
+            c = tl.where(cv, c, 0)
+            av = tl.load(a_rows[:, None] + jj[None, :] * saj, mask=mm[:, None] & cv[None, :], other=0.0)
+            if W_COL_MAJOR:
+                wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
+            else:
+                wv = tl.trans(tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn,
+                                      mask=dm[:, None] & cv[None, :], other=0.0))
+            y = tl.dot(av, wv, y, input_precision=PREC)
+    out = out_ptr + r * sor + offs_m[:, None] * sot + offs_d[None, :] * sod
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & dm[None, :])
+
+
+# Autotune configs per regime, (kwargs, num_warps, num_stages); keyed on coarse buckets.
+_GEMV_ROWS = [({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk}, w, 1)
+              for bn, bk, w in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8)]]
+_FEW_ROWS = [({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, w, s)
+             for bn, bk, w, s in [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3)]]
+_MANY_ROWS = [({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s)
+              for bm, bn, bk, w, s in [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                       (128, 128, 64, 4, 4), (64, 256, 64, 8, 4)]]
+_GEMV_COLS = [({"BLOCK_M": 1, "BLOCK_D": bd, "BLOCK_J": bj}, w, 1)
+              for bd, bj, w in [(4, 512, 4), (8, 256, 4), (16, 256, 4), (16, 128, 4), (32, 128, 4), (64, 64, 4), (16, 512, 8)]]
+_FEW_COLS = [({"BLOCK_M": 16, "BLOCK_D": bd, "BLOCK_J": bj}, w, s)
+             for bd, bj, w, s in [(16, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3)]]
+_MANY_COLS = [({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_J": bj}, w, s)
+              for bm, bd, bj, w, s in [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                       (128, 128, 64, 4, 4), (64, 256, 64, 8, 4)]]
+_KEY = ["T_BUCKET", "N_BUCKET", "D"]
+_ROWS = {regime: autotune(configs, _KEY)(_rows_kernel)
+         for regime, configs in (("gemv", _GEMV_ROWS), ("few", _FEW_ROWS), ("many", _MANY_ROWS))}
+_COLS = {regime: autotune(configs, _KEY)(_cols_kernel)
+         for regime, configs in (("gemv", _GEMV_COLS), ("few", _FEW_COLS), ("many", _MANY_COLS))}
+# Under the interpreter: small fixed tiles (odd test shapes still span several tiles)
+_INTERPRET_ROWS = {"gemv": {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32},
+                   "few": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32},
+                   "many": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}}
+_INTERPRET_COLS = {"gemv": {"BLOCK_M": 1, "BLOCK_D": 16, "BLOCK_J": 8},
+                   "few": {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_J": 16},
+                   "many": {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_J": 16}}
+
+
+def _regime(T: int) -> str:
+    return "gemv" if T == 1 else "few" if T <= 16 else "many"
+
+
+def _launch(kernels, fixed, regime, grid, *args, **constexprs):
+    if INTERPRET:
+        kernels[regime][grid(fixed[regime])](*args, **constexprs, **fixed[regime])
+    else:
+        kernels[regime][grid](*args, **constexprs)
+
+
+def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
+    """Shared launcher of gather_rows_linear and gathered_swiglu (weight2: the up projection)."""
+    tensors = [x, weight, rows] + [t for t in (bias, weight2) if t is not None]
+    check_launch(op, *tensors)
+    R, T, D = x.shape
+    n = rows.shape[1]
+    out = torch.empty((R, T, n), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    if rows.dtype != torch.int64:
+        rows = rows.long()
+    w2 = weight if weight2 is None else weight2
+    b = weight if bias is None else bias
+    regime = _regime(T)
+
+    def grid(meta):
+        return (triton_cdiv(T, meta["BLOCK_M"]), triton_cdiv(n, meta["BLOCK_N"]), R)
+
+    _launch(_ROWS, _INTERPRET_ROWS, regime, grid,
+            x, weight, w2, rows, b, out, T, D, n, *x.stride(), *weight.stride(), *w2.stride(), *rows.stride(),
+            b.stride(0) if bias is not None else 0, *out.stride(), bucket(T), bucket(n),
+            HAS_BIAS=bias is not None, GATED=weight2 is not None, PREC=dot_precision(x.dtype))
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("adaptive_kernels::gather_rows_linear", mutates_args=())
+def _gather_rows_linear_op(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _rows_launch("gather_rows_linear", x, weight, rows, bias)
+
+
+@_gather_rows_linear_op.register_fake
+def _(x, weight, rows, bias=None):
+    return x.new_empty((x.shape[0], x.shape[1], rows.shape[1]))
+
+
+@torch.library.custom_op("adaptive_kernels::gather_cols_linear", mutates_args=())
+def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    check_launch("gather_cols_linear", a, weight, cols)
+    R, T, n = a.shape
+    D = weight.shape[0]
+    if n == 0 or R * T == 0:
+        return a.new_zeros((R, T, D))
+    out = a.new_empty((R, T, D))
+    if cols.dtype != torch.int64:
+        cols = cols.long()
+    regime = _regime(T)
+
+    def grid(meta):
+        return (triton_cdiv(T, meta["BLOCK_M"]), triton_cdiv(D, meta["BLOCK_D"]), R)
+
+    _launch(_COLS, _INTERPRET_COLS, regime, grid,
+            a, weight, cols, out, T, D, n, *a.stride(), *weight.stride(), *cols.stride(), *out.stride(),
+            bucket(T), bucket(n), W_COL_MAJOR=weight.stride(0) == 1 and weight.stride(1) != 1,
+            PREC=dot_precision(a.dtype))
+    return out
+
+
+@_gather_cols_linear_op.register_fake
+def _(a, weight, cols):
+    return a.new_empty((a.shape[0], a.shape[1], weight.shape[0]))
+
+
+@register_flop_formula(torch.ops.adaptive_kernels.gather_rows_linear)
+def _rows_flops(x_shape, weight_shape, rows_shape, *args, **kwargs) -> int:
+    R, T, D = x_shape
+    return 2 * R * T * rows_shape[1] * D
+
+
+@register_flop_formula(torch.ops.adaptive_kernels.gather_cols_linear)
+def _cols_flops(a_shape, weight_shape, cols_shape, *args, **kwargs) -> int:
+    R, T, n = a_shape
+    return 2 * R * T * n * weight_shape[0]
+
+
+def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[r, t, j] = x[r, t] . weight[rows[r, j]] (+ bias[rows[r, j]])``, 0 where ``rows[r, j] < 0``.
+
+    x [R, T, D] (any strides); weight [N, D]; rows int64 [R, n]; bias [N] or None -> y [R, T, n].
+    Triton; reads only the listed weight rows, in place. The custom op
+    ``torch.ops.adaptive_kernels.gather_rows_linear``; FLOPs counted: 2*R*T*n*D.
+    """
+    return torch.ops.adaptive_kernels.gather_rows_linear(x, weight, rows, bias)
+
+
+def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``y[r, t] = sum_j a[r, t, j] * weight[:, cols[r, j]]`` over ``cols[r, j] >= 0``.
+
+    a [R, T, n] (any strides); weight [D, N]; cols int64 [R, n] -> y [R, T, D].
+    Triton; reads only the listed weight columns, in place, through the weight's strides. Fastest
+    when the columns are contiguous in memory: see ``cols_major``. The custom op
+    ``torch.ops.adaptive_kernels.gather_cols_linear``; FLOPs counted: 2*R*T*n*D.
+    """
+    return torch.ops.adaptive_kernels.gather_cols_linear(a, weight, cols)
+
+
+def cols_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the same shape and values, stored column by column (strides ``(1, D)``).
+
+    weight [D, N] -> [D, N]. A one-time re-layout for the o and down projections, done at patch
+    time (e.g. ``linear.weight.data = cols_major(linear.weight.data)``; ``F.linear`` accepts it):
+    ``gather_cols_linear`` then reads each active column as one contiguous run.
+    """
+    return weight.t().contiguous().t()

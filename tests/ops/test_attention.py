@@ -1,0 +1,85 @@
+"""head_sparse_attention (Triton) against its PyTorch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adaptive_kernels.ops.attention import (_attention_launch, head_sparse_attention,
+                                            head_sparse_attention_reference)
+
+from ._util import DEVICE, DTYPE_PARAMS, check, generator, randn
+
+d = 24  # not a power of two
+
+
+def _inputs(gen, dtype, R, T, Tk, nq, nkv, q_to_kv, pad=None):
+    """q as a view of a [R, T, nq*d] projection, k as a transposed view, left padding ``pad[r]``."""
+    q = randn(R, T, nq * d, gen=gen, dtype=dtype).view(R, T, nq, d)
+    k = randn(R, Tk, nkv, d, gen=gen, dtype=dtype).transpose(1, 2)
+    v = randn(R, nkv, Tk, d, gen=gen, dtype=dtype)
+    valid = torch.ones(R, Tk, dtype=torch.bool)
+    for r, p in enumerate(pad or []):
+        valid[r, :p] = False
+    return q, k, v, torch.tensor(q_to_kv, dtype=torch.int64, device=DEVICE), valid.to(DEVICE)
+
+
+def _check(dtype, q, k, v, q_to_kv, valid, splits=None):
+    scale = d ** -0.5
+    o = head_sparse_attention(q, k, v, q_to_kv, valid, scale) if splits is None else \
+        _attention_launch(q, k, v, q_to_kv, valid, scale, splits)
+    ref = head_sparse_attention_reference(q.float(), k.float(), v.float(), q_to_kv, valid, scale)
+    check(o, ref, dtype)
+    return o
+
+
+# (R, T, Tk, nkv, q_to_kv per row, left padding per row)
+CASES = {
+    # prefill: T = Tk, causal; GQA (two q heads per kv slot), a padded q head (-1), left padding
+    # long enough that row 1's first queries see no key at all
+    "prefill-gqa-pad": (2, 37, 37, 2, [[0, 0, 1, -1], [1, 1, 0, 0]], [0, 9]),
+    "prefill-mha": (1, 21, 21, 3, [[0, 1, 2]], None),
+    # decode against a longer cache
+    "decode-1": (3, 1, 70, 3, [[0, 1, 2, 2], [2, 0, -1, -1], [-1, -1, -1, -1]], [0, 5, 69]),
+    "decode-3": (2, 3, 70, 2, [[1, 0, 0], [0, 0, 1]], [4, 0]),
+    # chunk of new queries against a cache (T < Tk, many queries)
+    "extend": (2, 19, 45, 2, [[0, 1], [1, -1]], [3, 0]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_head_sparse_attention(dtype, case):
+    R, T, Tk, nkv, q_to_kv, pad = CASES[case]
+    gen = generator(dtype, case)
+    inputs = _inputs(gen, dtype, R, T, Tk, nkv=nkv, nq=len(q_to_kv[0]), q_to_kv=q_to_kv, pad=pad)
+    o = _check(dtype, *inputs)
+    if case == "prefill-gqa-pad":  # the early queries of row 1 see no key; padded head 3 of row 0
+        assert bool((o[1, :9] == 0).all()) and bool((o[0, :, 3] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("T,splits", [(1, 4), (3, 2)])
+def test_decode_split_keys(dtype, T, splits):
+    """Decode with the keys split over programs and merged by the second kernel."""
+    gen = generator(dtype, T, splits)
+    inputs = _inputs(gen, dtype, 2, T, 300, nq=3, nkv=2, q_to_kv=[[0, 1, 1], [1, -1, -1]], pad=[0, 290])
+    _check(dtype, *inputs, splits=splits)
+
+
+def test_empty():
+    gen = generator(1)
+    q, k, v, _, valid = _inputs(gen, torch.float32, 2, 3, 5, nq=1, nkv=1, q_to_kv=[[0], [0]])
+    o = head_sparse_attention(q[:, :, :0], k, v, torch.empty((2, 0), dtype=torch.int64, device=DEVICE), valid, 0.5)
+    assert o.shape == (2, 3, 0, d)
+
+
+def test_opcheck_and_flops():
+    gen = generator(2)
+    R, T, Tk, nq = 2, 3, 5, 2
+    args = _inputs(gen, torch.float32, R, T, Tk, nq=nq, nkv=1, q_to_kv=[[0, 0], [0, -1]]) + (0.5,)
+    torch.library.opcheck(torch.ops.adaptive_kernels.head_sparse_attention.default, args)
+    with FlopCounterMode(display=False) as counter:
+        head_sparse_attention(*args)
+    assert counter.get_total_flops() == 4 * R * T * Tk * nq * d

@@ -1,0 +1,98 @@
+"""gather_rows_linear and gather_cols_linear (Triton) against their PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adaptive_kernels.ops.projections import (cols_major, gather_cols_linear, gather_cols_linear_reference,
+                                              gather_rows_linear, gather_rows_linear_reference)
+
+from ._util import DEVICE, DTYPE_PARAMS, check, generator, index_lists, randn
+
+D, N = 67, 53  # odd sizes: no block size divides them
+
+# (counts per batch row, index kind): different active sets per row, padded with -1
+CASES = {
+    "mixed-runs": ([13, 7, 0], "runs"),      # three rows: 13 units, 7, and none (all -1)
+    "mixed-scattered": ([13, 9, 1], "scattered"),
+    "one": ([1], "scattered"),
+    "all": ([N, N], "all"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("T", [1, 3, 37])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gather_rows_linear(dtype, T, case, bias):
+    gen = generator(dtype, T, case, bias)
+    counts, kind = CASES[case]
+    R = len(counts)
+    rows = index_lists(counts, N, gen, kind)
+    # x as a strided view, as the model passes projections of wider tensors
+    x = randn(R, T, D + 5, gen=gen, dtype=dtype)[..., 2:D + 2]
+    w = randn(N, D, gen=gen, dtype=dtype, scale=D ** -0.5)
+    b = randn(N, gen=gen, dtype=dtype) if bias else None
+    y = gather_rows_linear(x, w, rows, b)
+    ref = gather_rows_linear_reference(x.float(), w.float(), rows, None if b is None else b.float())
+    check(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("T", [1, 3, 37])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["row-major", "cols-major"])
+def test_gather_cols_linear(dtype, T, case, layout):
+    gen = generator(dtype, T, case, layout)
+    counts, kind = CASES[case]
+    R, n = len(counts), max(counts)
+    cols = index_lists(counts, N, gen, kind)
+    a = randn(R, n, T, gen=gen, dtype=dtype).transpose(1, 2)  # non-contiguous
+    a[cols[:, None, :].expand(-1, T, -1) < 0] = float("nan")  # padded entries must not leak
+    w = randn(D, N, gen=gen, dtype=dtype, scale=n ** -0.5)
+    if layout == "cols-major":
+        w = cols_major(w)
+        assert w.stride() == (1, D)
+    y = gather_cols_linear(a, w, cols)
+    check(y, gather_cols_linear_reference(a.float(), w.float(), cols), dtype)
+
+
+def test_empty_index_lists():
+    gen = generator(1)
+    x = randn(2, 3, D, gen=gen)
+    w = randn(N, D, gen=gen)
+    none = torch.empty((2, 0), dtype=torch.int64, device=DEVICE)
+    assert gather_rows_linear(x, w, none).shape == (2, 3, 0)
+    y = gather_cols_linear(randn(2, 3, 0, gen=gen), randn(D, N, gen=gen), none)
+    assert y.shape == (2, 3, D) and bool((y == 0).all())
+
+
+def test_weight_through_strides():
+    """A weight that is a strided view (every other row of a bigger one) is read in place."""
+    gen = generator(2)
+    big = randn(2 * N, D, gen=gen)
+    w = big[::2]
+    rows = index_lists([9, 4], N, gen, "scattered")
+    x = randn(2, 3, D, gen=gen)
+    check(gather_rows_linear(x, w, rows), gather_rows_linear_reference(x, w, rows), torch.float32)
+
+
+def test_opcheck():
+    gen = generator(3)
+    rows = index_lists([5, 3], 11, gen, "runs")
+    x, w, b = randn(2, 3, 9, gen=gen), randn(11, 9, gen=gen), randn(11, gen=gen)
+    torch.library.opcheck(torch.ops.adaptive_kernels.gather_rows_linear.default, (x, w, rows, b))
+    torch.library.opcheck(torch.ops.adaptive_kernels.gather_rows_linear.default, (x, w, rows, None))
+    torch.library.opcheck(torch.ops.adaptive_kernels.gather_cols_linear.default, (randn(2, 3, 5, gen=gen), randn(9, 11, gen=gen), rows))
+
+
+def test_flop_count():
+    gen = generator(4)
+    R, T, n = 2, 3, 7
+    rows = index_lists([n, 4], N, gen, "runs")
+    with FlopCounterMode(display=False) as counter:
+        gather_rows_linear(randn(R, T, D, gen=gen), randn(N, D, gen=gen), rows)
+        gather_cols_linear(randn(R, T, n, gen=gen), randn(D, N, gen=gen), rows)
+    assert counter.get_total_flops() == 2 * (2 * R * T * n * D)
