@@ -9,7 +9,7 @@ always-on prefix, computed in Python floats so that bin edges are exact.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -288,6 +288,28 @@ def layer_indices(plan: ExecutionPlan, layer: int, shape: DecoderShape) -> Layer
         num_q_heads=q_units.shape[1], num_kv_heads=kv_units.shape[1], num_neurons=neurons.shape[1])
 
 
-def compile_plan(plan: ExecutionPlan, shape: DecoderShape) -> Schedule:
-    """Index buffers of every layer of ``plan``, built once per request."""
-    return Schedule(plan, [layer_indices(plan, l, shape) for l in range(plan.num_layers)])
+def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
+    """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request.
+
+    They are computed on the CPU and reach the device in one copy, so building them
+    synchronises with the device once rather than per layer.
+    """
+    device = torch.device(device) if device is not None else plan.layers.device
+    on_cpu = plan.to("cpu")
+    layers = [layer_indices(on_cpu, l, shape) for l in range(plan.num_layers)]
+    if device.type != "cpu":
+        layers = _move(layers, device)
+    return Schedule(plan, layers)
+
+
+_INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "q_to_kv", "mlp_rows")
+
+
+def _move(layers: list, device) -> list:
+    """The same LayerIndices with every index tensor on ``device``, moved in a single copy."""
+    tensors = [getattr(idx, f) for idx in layers if idx is not None for f in _INDEX_FIELDS]
+    present = [t for t in tensors if t is not None]
+    flat = torch.cat([t.reshape(-1) for t in present]).pin_memory().to(device, non_blocking=True) if present else None
+    pieces = iter(torch.split(flat, [t.numel() for t in present]) if present else ())
+    moved = iter([None if t is None else next(pieces).view(t.shape) for t in tensors])
+    return [None if idx is None else replace(idx, **{f: next(moved) for f in _INDEX_FIELDS}) for idx in layers]

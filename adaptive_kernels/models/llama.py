@@ -17,7 +17,7 @@ from ..backends import Backend
 from ..cache import AdaptiveCache
 from ..graphs import DecodeGraph
 from ..ops.attention import head_sparse_attention_reference
-from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, layer_indices, resolve_budgets
+from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, resolve_budgets
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -218,8 +218,8 @@ class AdaptiveDecoderMixin:
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             latency_index = S
         else:
-            schedule = compile_plan(ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads, x.device),
-                                    settings.shape)
+            full = ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads)
+            schedule = compile_plan(full.to(x.device), settings.shape)
 
         if not decoding and use_cache and not request.plan_only and not (self.training and budgets is not None):
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
@@ -232,7 +232,7 @@ class AdaptiveDecoderMixin:
         first = 0
         if schedule is None:  # a budget: the prefix runs dense on every row, then the scheduler plans
             P = settings.units.num_prefix_layers
-            dense = layer_indices(ExecutionPlan.full(B, 1, settings.shape.num_heads, x.device), 0, settings.shape)
+            dense = compile_plan(ExecutionPlan.full(B, 1, settings.shape.num_heads), settings.shape, x.device).layers[0]
             x = self.run_layers(x, range(P), [dense] * P, cos, sin, mask, cache)
             sampled = self.training and not request.plan_only
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
