@@ -108,6 +108,15 @@ def _masked_prefill(model, embeds, mask, budget):
     return model.lm_head(lm.norm(hidden))
 
 
+def _compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats) -> float:
+    """Stock transformers decode with a static cache, auto-compiled by ``generate`` (CUDA): ms per token."""
+    gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, cache_implementation="static",
+               max_cache_len=embeds.shape[1] + new_tokens + 8)
+    many = median_ms(lambda: model.generate(**gen, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1), repeats)
+    one = median_ms(lambda: model.generate(**gen, max_new_tokens=1, min_new_tokens=1), repeats)
+    return (many - one) / new_tokens
+
+
 def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
           repeats: int = 5, rank: int | None = None, out_dir: str | Path = "benchmarks/results", progress: bool = True):
     """Run the sweep; returns the rows, after writing them (CSV, JSON) and the plot (PNG) to ``out_dir``."""
@@ -138,6 +147,11 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
 
         rows = [Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
                     prefill_ms=(t := timings(model))[0], decode_ms_per_token=t[1], **stamp)]
+        if device == "cuda":
+            rows.append(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
+                            vision_ms=vision_ms, prefill_ms=float("nan"),
+                            decode_ms_per_token=_compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats),
+                            **stamp))
         jobs = [(v, be, b) for v in variants for be in backends for b in budgets]
         for variant, backend, budget in tqdm(jobs, desc="sweep", disable=not progress):
             patch(model, variant, rank=rank, backend=backend)
