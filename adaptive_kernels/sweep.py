@@ -24,7 +24,8 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from . import patch, plan, unpatch
-from .models.llama import Request, run_sampled_layers
+from .models.llama import Request, plan_from_masks, run_sampled_layers
+from .plan import compile_plan
 from .models.llava import prompt_embeddings
 from .sliced import sliced_stock
 from .tiny import example_inputs, tiny_llava
@@ -62,11 +63,12 @@ class Row:
     cost: float
     vision_ms: float
     prefill_ms: float
-    decode_ms_per_token: float
     device: str
     torch: str
     transformers: str
     date: str
+    decode_ms_per_token: float = float("nan")
+    schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
 
 
 def _timer(device: str):
@@ -106,6 +108,15 @@ def _masked_prefill(model, embeds, mask, budget):
     cos, sin = lm.rotary_emb(hidden, positions)
     hidden = run_sampled_layers(lm.layers[P:], hidden, masks, cos, sin, kv_valid, lm._ak_settings.shape)
     return model.lm_head(lm.norm(hidden))
+
+
+def _schedule(model, budget: float, seq_len: int):
+    """The per-request scheduling work after the prefix: latency token, head, top-n, index buffers."""
+    lm = model.model.language_model
+    settings, scheduler = lm._ak_settings, lm.latency_scheduler
+    token = scheduler.latency_embedding([budget])
+    masks = scheduler.select(token, [budget])  # the token's embedding stands in for its hidden state
+    return compile_plan(plan_from_masks(*masks, settings, seq_len), settings.shape)
 
 
 def _compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats) -> float:
@@ -158,12 +169,14 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             cost = float(p.cost()[0])
             prefill, decode = timings(model, latency_budget=budget)
+            schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             rows.append(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
-                            vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, **stamp))
+                            vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, schedule_ms=schedule,
+                            **stamp))
             if backend == backends[0]:
                 masked = median_ms(lambda: _masked_prefill(model, embeds, mask, budget), repeats)
                 rows.append(Row(system="masked", variant=variant, backend="torch", budget=budget, cost=cost,
-                                vision_ms=vision_ms, prefill_ms=masked, decode_ms_per_token=float("nan"), **stamp))
+                                vision_ms=vision_ms, prefill_ms=masked, **stamp))
                 ideal_plan = p.to(model.device)
                 unpatch(model)
                 ideal = sliced_stock(model, ideal_plan, 0)
@@ -171,7 +184,7 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
                 ideal_mask = torch.cat([mask, mask[:, :1]], 1)
                 prefill = median_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask), repeats)
                 rows.append(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
-                                vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=float("nan"), **stamp))
+                                vision_ms=vision_ms, prefill_ms=prefill, **stamp))
                 del ideal
             unpatch(model)
     write_rows(rows, out_dir, f"sweep-{name}")
