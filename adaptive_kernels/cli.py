@@ -1,0 +1,308 @@
+"""The main job: plans, costs and measured generate latency of a patched LLaVA over budgets.
+
+    adaptive-kernels                      # built-in tiny random LLaVA, no download
+    adaptive-kernels --model PATH --device cuda --budgets 1.0 0.6
+
+For each (variant, budget) it prints the plan, its FLOP cost and the median wall time of a greedy
+``generate``, then writes ``results.csv`` and ``latency_vs_budget.png`` (measured next to the
+ideal: latency at budget 1.0 times the plan's cost) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+DEFAULT_BUDGETS = (1.0, 0.85, 0.6, 0.5)
+TINY_RANK = 2  # divides the tiny model's 8 heads: 4 units per layer
+MODEL_RANK = 8  # the paper's rank, meant for 32-head (7B) models
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+CSV_NAME, PNG_NAME = "results.csv", "latency_vs_budget.png"
+
+
+class PatchError(Exception):
+    """``adaptive_kernels.patch`` refused the model or the options given on the command line."""
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"budget must lie in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``adaptive-kernels``."""
+    from .backends import BACKENDS
+    from .plan import VARIANTS
+
+    p = argparse.ArgumentParser(
+        prog="adaptive-kernels",
+        description="Run AdaLLaVA execution plans on a LLaVA model over latency budgets: print each plan, "
+                    "its FLOP cost and the measured generate latency; write a CSV and a latency-vs-budget plot.")
+    p.add_argument("--model", type=Path, metavar="PATH",
+                   help="local Hugging Face LLaVA checkpoint folder (default: the built-in tiny random LLaVA)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="V",
+                   help=f"AdaLLaVA variants, from {{{', '.join(VARIANTS)}}} (default: all)")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=list(DEFAULT_BUDGETS), metavar="B",
+                   help="latency budgets in (0, 1] (default: %(default)s)")
+    p.add_argument("--rank", type=_positive_int,
+                   help=f"heads and MLP groups per H unit; must divide the heads (default: {TINY_RANK} for the "
+                        f"built-in 8-head model, {MODEL_RANK} with --model, which is meant for 32-head models)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, metavar="N", help="default: %(default)s")
+    p.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
+                   help="timed generate calls per point after one warm-up; the median is reported (default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, help="ops backend (default: triton on cuda, torch on cpu)")
+    p.add_argument("--scheduler", type=Path, metavar="PATH",
+                   help="scheduler weights (safetensors from adaptive_kernels.save_scheduler) for the one variant given "
+                        "with --variants (default: the seeded, untrained scheduler)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads (default: 1 for the built-in tiny model on cpu, where more threads only "
+                        "add contention; torch's default otherwise)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the built-in model's weights and of the random example inputs (default: %(default)s)")
+    p.add_argument("--prompt", default="What is shown in this image?",
+                   help="question, used only when --model has a processor (default: %(default)r)")
+    p.add_argument("--image", type=Path, metavar="PATH",
+                   help="image, used only when --model has a processor (default: seeded random pixels)")
+    p.add_argument("--out", type=Path, default=Path("adaptive_kernels_out"), metavar="DIR",
+                   help="output folder for the CSV and the plot (default: ./%(default)s)")
+    return p
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.variants, args.budgets = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.budgets))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda requested but torch sees no CUDA device")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.model is not None and not (args.model / "config.json").is_file():
+        parser.error(f"argument --model: {args.model} is not a Hugging Face checkpoint folder (no config.json)")
+    if args.scheduler is not None and len(set(args.variants)) > 1:
+        parser.error("argument --scheduler: a scheduler file holds one variant's weights; pass a single --variants")
+    for name in ("scheduler", "image"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            parser.error(f"argument --{name}: no such file: {path}")
+    if args.backend == "triton" and args.device == "cpu":
+        print("note: --backend triton on the cpu needs TRITON_INTERPRET=1 in the environment (slow)", file=sys.stderr)
+
+
+def _has_processor(path: Path) -> bool:
+    return any((path / name).is_file() for name in PROCESSOR_FILES)
+
+
+def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, seed: int) -> dict:
+    """Inputs from the checkpoint's own processor: one image and one question."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    if image_path is not None:
+        from PIL import Image
+
+        image = Image.open(image_path).convert("RGB")
+    else:
+        size = model.config.vision_config.image_size
+        image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    else:
+        text = f"USER: {getattr(processor, 'image_token', '<image>')}\n{prompt} ASSISTANT:"
+    batch = processor(images=image, text=text, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def load(args) -> tuple:
+    """``(model, inputs, name, default_rank)`` for the parsed arguments."""
+    from .tiny import example_inputs, tiny_llava
+
+    dtype = DTYPES[args.dtype]
+    if args.model is None:
+        model, name, rank = tiny_llava(seed=args.seed), f"tiny_llava(seed={args.seed})", TINY_RANK
+    else:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
+        name, rank = str(args.model), MODEL_RANK
+    model = model.to(device=args.device, dtype=dtype)
+    if args.model is not None and _has_processor(args.model):
+        inputs = _processor_inputs(args.model, model, args.prompt, args.image, args.seed)
+    else:
+        inputs = example_inputs(model, batch_size=1, seed=args.seed)
+    return model, inputs, name, rank
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repeats: int, device: str):
+    """``(median milliseconds, new token ids)`` of greedy generate: one warm-up, then ``repeats`` timed runs."""
+    times, out = [], None
+    for i in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, latency_budget=budget, max_new_tokens=max_new_tokens, do_sample=False)
+        _sync(device)
+        if i:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def run(model, inputs: dict, args, rank: int, name: str = "") -> list[dict]:
+    """Patch, plan and time every (variant, budget); print each and return the CSV rows."""
+    import transformers
+
+    import adaptive_kernels as ak
+
+    common = {"model": name, "device": args.device, "device_name": _device_name(args.device), "dtype": args.dtype,
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    rows = []
+    for variant in args.variants:
+        try:
+            ak.patch(model, variant=variant, rank=rank, backend=args.backend,
+                     scheduler=None if args.scheduler is None else str(args.scheduler))
+        except (TypeError, ValueError) as error:
+            raise PatchError(f"cannot patch the model for variant {variant}: {error}") from error
+        units = model.model.language_model._ak_settings.units
+        backend = model.model.language_model._ak_settings.backend.name
+        full_ms = None
+        for budget in args.budgets:
+            plan = ak.plan(model, latency_budget=budget, **inputs)
+            cost = float(plan.cost()[0])
+            ms, tokens = time_generate(model, inputs, budget, args.max_new_tokens, args.repeats, args.device)
+            if budget == 1.0:
+                full_ms = ms
+            layers = plan.layers[0].nonzero().flatten().tolist()
+            print(f"variant {variant}  budget {budget:.2f}  units {units.units(budget)}  cost {cost:.4f}  "
+                  f"latency {ms:.2f} ms")
+            print(f"  {plan.summary()}")
+            print(f"  tokens {tokens}")
+            rows.append({"variant": variant, "budget": budget, "units": units.units(budget),
+                         "executed_layers": " ".join(map(str, layers)), "cost": cost, "latency_ms": ms,
+                         "ideal_ms": None, "tokens": " ".join(map(str, tokens)), "rank": rank,
+                         "backend": backend, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
+                         **common})
+        for row in rows:
+            if row["variant"] == variant and full_ms is not None:
+                row["ideal_ms"] = full_ms * row["cost"]
+    ak.unpatch(model)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+
+
+def write_plot(rows: list[dict], path: Path, title: str) -> bool:
+    """Latency versus budget per variant, with the ideal line; False (and a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'adaptive_kernels[plot]'); skipping the plot")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["budget"])
+        budgets = [r["budget"] for r in mine]
+        (line,) = ax.plot(budgets, [r["latency_ms"] for r in mine], "o-", label=f"{variant} measured")
+        if all(r["ideal_ms"] is not None for r in mine):
+            ax.plot(budgets, [r["ideal_ms"] for r in mine], "--", color=line.get_color(),
+                    label=f"{variant} ideal (latency at 1.0 x cost)")
+    ax.set_xlabel("latency budget")
+    ax.set_ylabel("generate latency (ms, median)")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    """Entry point of ``adaptive-kernels`` and ``python -m adaptive_kernels``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.model is None and args.device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _main(parser, args)
+    finally:
+        torch.set_num_threads(threads)  # leave a calling process as it was
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    model, inputs, name, default_rank = load(args)
+    rank = default_rank if args.rank is None else args.rank
+    heads = model.config.text_config.num_attention_heads
+    if heads % rank:
+        parser.error(f"argument --rank: {rank} does not divide the model's {heads} attention heads")
+    print(f"model {name} | device {args.device} ({_device_name(args.device)}) | dtype {args.dtype} | rank {rank} | "
+          f"cpu threads {torch.get_num_threads()} | prompt {inputs['input_ids'].shape[1]} tokens | "
+          f"{args.max_new_tokens} new tokens | median of {args.repeats}")
+    try:
+        rows = run(model, inputs, args, rank, name)
+    except PatchError as error:
+        parser.error(str(error))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / CSV_NAME)
+    print(f"wrote {args.out / CSV_NAME}")
+    if not any(math.isclose(b, 1.0) for b in args.budgets):
+        print("note: budget 1.0 is not among --budgets, so the plot has no ideal line")
+    title = f"{name} | {rows[0]['device_name']} | {args.dtype} | {rows[0]['backend']} | {args.max_new_tokens} new tokens"
+    if write_plot(rows, args.out / PNG_NAME, title):
+        print(f"wrote {args.out / PNG_NAME}")
+    return 0
