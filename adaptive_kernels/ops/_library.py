@@ -31,12 +31,24 @@ def jit(fn):
     return _Missing(fn.__name__)
 
 
+# ADAPTIVE_KERNELS_AUTOTUNE=0: every launch takes its regime's first config, at most 2 stages deep
+# (quick test runs)
+AUTOTUNE = os.environ.get("ADAPTIVE_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
 def autotune(configs, key):
-    """``triton.autotune`` on CUDA; ``configs`` is a list of (kwargs, num_warps, num_stages)."""
+    """``triton.autotune`` on CUDA; ``configs`` is a list of (kwargs, num_warps, num_stages), the
+    first being the default. Under the interpreter or with autotuning off: the kernel itself."""
     def wrap(kernel):
         if not HAS_TRITON or INTERPRET:
             return kernel
-        return triton.autotune([triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in configs], key=key)(kernel)
+        chosen = configs if AUTOTUNE else [(kw, w, min(s, 2)) for kw, w, s in configs[:1]]  # fits fp32 too
+        return triton.autotune([triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in chosen], key=key,
+                               do_bench=_bench)(kernel)
     return wrap
 
 

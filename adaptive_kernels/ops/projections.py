@@ -107,7 +107,7 @@ def _rows_kernel(x_ptr, w_ptr, w2_ptr, rows_ptr, b_ptr, out_ptr, T, D, n,
 def _cols_kernel(a_ptr, w_ptr, cols_ptr, out_ptr, T, D, n,
                  sar, sat, saj, swd, swn, scr, scj, sor, sot, sod,
                  T_BUCKET, N_BUCKET,
-                 W_COL_MAJOR: tl.constexpr, PREC: tl.constexpr,
+                 W_COL_MAJOR: tl.constexpr, ALIGN: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
     # y[r, t, d] = sum_j a[r, t, j] * W[d, cols[r, j]] over cols >= 0
     pid_m = tl.program_id(0)
@@ -133,8 +133,15 @@ def _cols_kernel(a_ptr, w_ptr, cols_ptr, out_ptr, T, D, n,
             if W_COL_MAJOR:  # W[d, c] at c * swn + d: each gathered column is contiguous
                 wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
                 acc += wv.to(tl.float32) * av[:, None]
-            else:  # row-major: keep j as the fast axis so runs of columns coalesce
-                wv = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :], other=0.0)
+            else:  # row-major: j is the fast axis, so runs of columns coalesce
+                # a block that is one aligned run of columns is read with wide loads
+                first = tl.sum(tl.where(offs_j == 0, c, 0))
+                run = (tl.sum((c == first + offs_j).to(tl.int32)) == BLOCK_J) & (j0 + BLOCK_J <= n)
+                if run & (first % ALIGN == 0):
+                    base = tl.multiple_of(first, ALIGN)
+                    wv = tl.load(w_ptr + offs_d[:, None] * swd + (base + offs_j)[None, :], mask=dm[:, None], other=0.0)
+                else:
+                    wv = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :], other=0.0)
                 acc += wv.to(tl.float32) * av[None, :]
         if W_COL_MAJOR:
             y = tl.sum(acc, axis=0)[None, :]
@@ -152,8 +159,15 @@ def _cols_kernel(a_ptr, w_ptr, cols_ptr, out_ptr, T, D, n,
             if W_COL_MAJOR:
                 wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
             else:
-                wv = tl.trans(tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn,
-                                      mask=dm[:, None] & cv[None, :], other=0.0))
+                first = tl.sum(tl.where(offs_j == 0, c, 0))
+                run = (tl.sum((c == first + offs_j).to(tl.int32)) == BLOCK_J) & (j0 + BLOCK_J <= n)
+                if run & (first % ALIGN == 0):
+                    base = tl.multiple_of(first, ALIGN)
+                    wt = tl.load(w_ptr + offs_d[:, None] * swd + (base + offs_j)[None, :], mask=dm[:, None], other=0.0)
+                else:
+                    wt = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :],
+                                 other=0.0)
+                wv = tl.trans(wt)
             y = tl.dot(av, wv, y, input_precision=PREC)
     out = out_ptr + r * sor + offs_m[:, None] * sot + offs_d[None, :] * sod
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & dm[None, :])
@@ -174,10 +188,13 @@ _FEW_COLS = [({"BLOCK_M": 16, "BLOCK_D": bd, "BLOCK_J": bj}, w, s)
 _MANY_COLS = [({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_J": bj}, w, s)
               for bm, bd, bj, w, s in [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                                        (128, 128, 64, 4, 4), (64, 256, 64, 8, 4)]]
-_KEY = ["T_BUCKET", "N_BUCKET", "D"]
+_GEMV_ROWS += _FEW_ROWS[1:3]  # one token may also take the tensor-core path: autotune chooses
+_GEMV_COLS += _FEW_COLS[1:3]
+_KEY = ["T_BUCKET", "N_BUCKET", "D", "GATED", "HAS_BIAS"]
+_COLS_KEY = ["T_BUCKET", "N_BUCKET", "D", "W_COL_MAJOR"]
 _ROWS = {regime: autotune(configs, _KEY)(_rows_kernel)
          for regime, configs in (("gemv", _GEMV_ROWS), ("few", _FEW_ROWS), ("many", _MANY_ROWS))}
-_COLS = {regime: autotune(configs, _KEY)(_cols_kernel)
+_COLS = {regime: autotune(configs, _COLS_KEY)(_cols_kernel)
          for regime, configs in (("gemv", _GEMV_COLS), ("few", _FEW_COLS), ("many", _MANY_COLS))}
 # Under the interpreter: small fixed tiles (odd test shapes still span several tiles)
 _INTERPRET_ROWS = {"gemv": {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32},
@@ -257,6 +274,7 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
     _launch(_COLS, _INTERPRET_COLS, regime, grid,
             a, weight, cols, out, T, D, n, *a.stride(), *weight.stride(), *cols.stride(), *out.stride(),
             bucket(T), bucket(n), W_COL_MAJOR=weight.stride(0) == 1 and weight.stride(1) != 1,
+            ALIGN=16 // weight.element_size() if weight.stride(1) == 1 else 1,
             PREC=dot_precision(a.dtype))
     return out
 

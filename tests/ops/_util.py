@@ -29,13 +29,15 @@ def index_lists(counts, N, gen, kind="runs", unit=5, width=None):
     """int64 [len(counts), width]: row r holds counts[r] distinct indices into range(N), -1 after.
 
     kind "runs": whole units of ``unit`` consecutive indices in random order of units (the last
-    unit may be cut); "scattered": a random sample in random order; "all": range(N) in order.
+    unit may be cut); "shifted": 3, 4, ..., N-1, 0, 1, 2; "scattered": a random sample in random order; "all": range(N) in order.
     """
     width = max(counts) if width is None else width
     out = torch.full((len(counts), width), -1, dtype=torch.int64)
     for r, c in enumerate(counts):
         if kind == "all":
             idx = torch.arange(N)[:c]
+        elif kind == "shifted":  # one long run starting off any alignment, wrapping around
+            idx = torch.arange(N).roll(-3)[:c]
         elif kind == "runs":
             units = torch.randperm(-(-N // unit), generator=gen)
             idx = torch.cat([torch.arange(u * unit, min(N, u * unit + unit)) for u in units.tolist()])[:c]

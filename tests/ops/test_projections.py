@@ -17,6 +17,7 @@ D, N = 67, 53  # odd sizes: no block size divides them
 CASES = {
     "mixed-runs": ([13, 7, 0], "runs"),      # three rows: 13 units, 7, and none (all -1)
     "mixed-scattered": ([13, 9, 1], "scattered"),
+    "shifted": ([40, 17], "shifted"),
     "one": ([1], "scattered"),
     "all": ([N, N], "all"),
 }

@@ -14,6 +14,7 @@ D, M = 67, 59
 CASES = {
     "mixed-runs": ([14, 6, 0], "runs"),
     "mixed-scattered": ([11, 13, 2], "scattered"),
+    "shifted": ([40, 17], "shifted"),
     "one": ([1], "runs"),
     "all": ([M], "all"),
 }

@@ -1,0 +1,81 @@
+"""On a CUDA machine, everything about the Triton ops in one call: the op tests on CUDA (bf16
+included), then the op benchmarks (benchmarks/test_ops.py), then a short table, printed last.
+
+    PYTHONPATH=. python3 benchmarks/gpu_kernels.py [--skip-tests] [-k PYTEST_EXPR]
+
+The results land in benchmarks/results/ops-<device>-<time>.{json,csv} (and in $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run(cmd: list[str], **env) -> int:
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+    print(f"-> exit {rc} after {time.time() - start:.0f} s", flush=True)
+    return rc
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    info, rows = data["info"], data["rows"]
+    lines = [f"{info['device']}  {info['date']}  torch {info['torch']}  triton {info['triton']}",
+             f"{'op':<22}{'T':>4}{'share':>6}{'backend':>9}{'dense':>9}{'ideal':>9}{'copy':>9}"
+             f"{'/ideal':>8}{'/dense':>8}{'bw%':>6}   (us)"]
+    for r in rows:
+        lines.append(f"{r['op']:<22}{r['tokens']:>4}{r['share']:>6.2f}{r['backend_us']:>9.1f}{r['dense_us']:>9.1f}"
+                     f"{r['ideal_us']:>9.1f}{fmt(r['copy_us'], '9.1f'):>9}{r['vs_ideal']:>8.2f}{r['vs_dense']:>8.2f}"
+                     f"{fmt(r.get('bw_share') and 100 * r['bw_share'], '6.0f'):>6}")
+    if rows and rows[0].get("copy_bw_GBps"):
+        lines.append(f"copy bandwidth (read + write): {rows[0]['copy_bw_GBps']:.0f} GB/s")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("-k", default=None, help="pytest -k expression for the benchmarks")
+    args = parser.parse_args()
+    import torch
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to do here (the CPU runs tests/ops through the Triton interpreter)")
+        return 1
+    rc = 0
+    if not args.skip_tests:  # fixed tile configs: the tests check the kernels' code, quickly
+        rc |= run([sys.executable, "-m", "pytest", "tests/ops", "-q", "-x", "-p", "no:cacheprovider"],
+                  ADAPTIVE_KERNELS_AUTOTUNE="0")
+    before = set(RESULTS.glob("ops-*.json"))
+    bench = [sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "-q", "-p",
+             "no:cacheprovider", "--benchmark-columns=median"]
+    rc |= run(bench + (["-k", args.k] if args.k else []))
+    new = sorted(set(RESULTS.glob("ops-*.json")) - before)
+    if not new:
+        print("no benchmark results were written")
+        return rc or 1
+    out = os.environ.get("OUT")
+    if out:
+        for f in (new[-1], new[-1].with_suffix(".csv")):
+            shutil.copy(f, out)
+    print("\n" + table(new[-1]))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Latency of the Triton ops and of one decoder layer composed from them, LLaVA-1.5-7B shapes, bf16.
+
+Per op, tokens (1 and 640) and active share (1.0, 0.85, 0.6, 0.5; active heads and MLP groups
+are whole units chosen at random), in one run: ``backend`` (the Triton ops), ``dense`` (full
+weights, F.linear / SDPA), ``ideal`` (F.linear / SDPA on weights cut to the active set before
+timing), ``copy`` (``weight[rows]`` then F.linear per call, as AdaLLaVA's reference code does).
+Each time is the median of ``triton.testing.do_bench`` (warmed up, L2 flushed before each call)
+over a CUDA-graph replay of the variant. At one token, ``bw_share`` is the active bytes (weights,
+and keys/values for attention) over the backend's time, as a share of the measured
+device-to-device copy bandwidth (bytes read + written). The layer skips RMSNorm and RoPE.
+``[cols-major]`` rows run o/down on weights re-laid out once by ``cols_major``.
+
+Needs CUDA (skips elsewhere); ``AK_BENCH_DRY=1`` runs tiny shapes on the CPU to check this code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptive_kernels.ops.attention import head_sparse_attention
+from adaptive_kernels.ops.projections import cols_major, gather_cols_linear, gather_rows_linear
+from adaptive_kernels.ops.swiglu import gathered_swiglu
+
+CUDA = torch.cuda.is_available()
+DRY = os.environ.get("AK_BENCH_DRY") == "1" and not CUDA  # benchmarks/conftest.py then set TRITON_INTERPRET
+pytestmark = pytest.mark.skipif(not (CUDA or DRY), reason="the op benchmarks time GPU kernels and need CUDA "
+                                "(AK_BENCH_DRY=1 checks this code on the CPU at tiny shapes)")
+
+if DRY:  # tiny shapes, fp32 (the interpreter's bf16 is wrong)
+    HIDDEN, HEADS, HEAD_DIM, MLP, TOKENS, DTYPE = 64, 4, 16, 88, (1, 7), torch.float32
+else:
+    HIDDEN, HEADS, HEAD_DIM, MLP, TOKENS, DTYPE = 4096, 32, 128, 11008, (1, 640), torch.bfloat16
+GROUPS = HEADS
+SHARES = (1.0, 0.85, 0.6, 0.5)
+CACHE = TOKENS[-1]  # keys in the cache at decode (the prompt), and the prefill length
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def timed_us(fn) -> float:
+    """Median microseconds of ``fn`` replayed from a CUDA graph (plain calls if capture fails)."""
+    if DRY:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    import triton.testing
+    fn()  # compile and autotune outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        us = triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median") * 1e3
+        del graph
+    except RuntimeError:
+        torch.cuda.synchronize()
+        us = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+    return us
+
+
+class Model:
+    """One decoder layer's weights (random, std 0.02) and a compact KV cache of every head."""
+
+    def __init__(self):
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+
+        def w(*shape):
+            return (torch.randn(*shape, generator=g, device=DEVICE) * 0.02).to(DTYPE)
+
+        D, M = HIDDEN, MLP
+        self.q, self.k, self.v, self.o = w(D, D), w(D, D), w(D, D), w(D, D)
+        self.gate, self.up, self.down = w(M, D), w(M, D), w(D, M)
+        self.o_cm, self.down_cm = cols_major(self.o), cols_major(self.down)
+        self.cache_k = w(1, HEADS, CACHE, HEAD_DIM) * 50
+        self.cache_v = w(1, HEADS, CACHE, HEAD_DIM) * 50
+        self.gen = g
+
+
+_MODEL: Model | None = None
+
+
+def model() -> Model:
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = Model()
+    return _MODEL
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (1 GiB copied)."""
+    if DRY:
+        return 1e9
+    import triton.testing
+    src = torch.randn(2 ** 28, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+_BW: list[float] = []
+
+
+def bandwidth() -> float:
+    if not _BW:
+        _BW.append(copy_bandwidth())
+    return _BW[0]
+
+
+class Plan:
+    """Active heads and MLP groups for a share: whole units, at random, in order."""
+
+    def __init__(self, share: float, m: Model):
+        gen = torch.Generator().manual_seed(int(share * 1000))
+        nh, ng = round(HEADS * share), round(GROUPS * share)
+        self.heads = torch.randperm(HEADS, generator=gen)[:nh].sort().values
+        groups = torch.randperm(GROUPS, generator=gen)[:ng].sort().values
+        gsize = MLP // GROUPS
+        self.q_rows = torch.cat([torch.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in self.heads.tolist()])
+        self.mlp_rows = torch.cat([torch.arange(u * gsize, (u + 1) * gsize) for u in groups.tolist()])
+        self.q_rows, self.mlp_rows = self.q_rows.to(DEVICE), self.mlp_rows.to(DEVICE)
+        self.heads = self.heads.to(DEVICE)
+        self.nq = nh
+        # index lists as the kernels take them: [R=1, n]
+        self.q_idx, self.mlp_idx = self.q_rows[None], self.mlp_rows[None]
+        self.q_to_kv = torch.arange(nh, device=DEVICE)[None]
+        # the ideal: weights cut before timing
+        self.q, self.k, self.v = m.q[self.q_rows], m.k[self.q_rows], m.v[self.q_rows]
+        self.o = m.o[:, self.q_rows].contiguous()
+        self.gate, self.up = m.gate[self.mlp_rows], m.up[self.mlp_rows]
+        self.down = m.down[:, self.mlp_rows].contiguous()
+        self.cache_k = m.cache_k[:, self.heads].contiguous()
+        self.cache_v = m.cache_v[:, self.heads].contiguous()
+
+
+def sdpa(q, k, v, causal):
+    """q [1, T, h, d] -> [1, T, h, d] through SDPA (k, v [1, h, Tk, d])."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=causal).transpose(1, 2)
+
+
+def op_variants(op: str, T: int, p: Plan, m: Model):
+    """(backend, dense, ideal, copy, active bytes) callables of one op; copy is None where moot."""
+    x = (torch.randn(1, T, HIDDEN, generator=m.gen, device=DEVICE)).to(DTYPE)
+    n_q, n_mlp = p.q_rows.numel(), p.mlp_rows.numel()
+    es = torch.tensor([], dtype=DTYPE).element_size()
+    if op == "q_proj":
+        return (lambda: gather_rows_linear(x, m.q, p.q_idx), lambda: F.linear(x, m.q), lambda: F.linear(x, p.q),
+                lambda: F.linear(x, m.q[p.q_rows]), n_q * HIDDEN * es)
+    if op == "attention":
+        Tk = CACHE
+        qa = torch.randn(1, T, HEADS * HEAD_DIM, generator=m.gen, device=DEVICE).to(DTYPE).view(1, T, HEADS, HEAD_DIM)
+        q = qa[:, :, p.heads]
+        if T == 1:
+            K, V, Kf, Vf = p.cache_k, p.cache_v, m.cache_k, m.cache_v
+        else:
+            K, V, Kf, Vf = p.cache_k[:, :, :T], p.cache_v[:, :, :T], m.cache_k[:, :, :T], m.cache_v[:, :, :T]
+        valid = torch.ones(1, Tk, dtype=torch.bool, device=DEVICE)
+        scale = HEAD_DIM ** -0.5
+        return (lambda: head_sparse_attention(q, K, V, p.q_to_kv, valid, scale), lambda: sdpa(qa, Kf, Vf, T > 1),
+                lambda: sdpa(q, K, V, T > 1), None, 2 * p.nq * Tk * HEAD_DIM * es)
+    if op in ("o_proj", "o_proj[cols-major]"):
+        a = torch.randn(1, T, n_q, generator=m.gen, device=DEVICE).to(DTYPE)
+        af = torch.randn(1, T, HIDDEN, generator=m.gen, device=DEVICE).to(DTYPE)
+        W = m.o_cm if "cols-major" in op else m.o
+        return (lambda: gather_cols_linear(a, W, p.q_idx), lambda: F.linear(af, m.o), lambda: F.linear(a, p.o),
+                lambda: F.linear(a, m.o[:, p.q_rows]), n_q * HIDDEN * es)
+    if op == "swiglu":
+        return (lambda: gathered_swiglu(x, m.gate, m.up, p.mlp_idx),
+                lambda: F.silu(F.linear(x, m.gate)) * F.linear(x, m.up),
+                lambda: F.silu(F.linear(x, p.gate)) * F.linear(x, p.up),
+                lambda: F.silu(F.linear(x, m.gate[p.mlp_rows])) * F.linear(x, m.up[p.mlp_rows]),
+                2 * n_mlp * HIDDEN * es)
+    if op in ("down_proj", "down_proj[cols-major]"):
+        a = torch.randn(1, T, n_mlp, generator=m.gen, device=DEVICE).to(DTYPE)
+        af = torch.randn(1, T, MLP, generator=m.gen, device=DEVICE).to(DTYPE)
+        W = m.down_cm if "cols-major" in op else m.down
+        return (lambda: gather_cols_linear(a, W, p.mlp_idx), lambda: F.linear(af, m.down), lambda: F.linear(a, p.down),
+                lambda: F.linear(a, m.down[:, p.mlp_rows]), n_mlp * HIDDEN * es)
+    if op in ("layer", "layer[cols-major]"):
+        return layer_variants(T, p, m, cols_major_weights="cols-major" in op)
+    raise ValueError(op)
+
+
+def layer_variants(T: int, p: Plan, m: Model, cols_major_weights: bool):
+    """One decoder layer (no RMSNorm, no RoPE): q, k, v, attention (decode: against the cache),
+    o, SwiGLU, down, with the residual adds."""
+    x = torch.randn(1, T, HIDDEN, generator=m.gen, device=DEVICE).to(DTYPE)
+    valid = torch.ones(1, CACHE, dtype=torch.bool, device=DEVICE)
+    scale = HEAD_DIM ** -0.5
+    d, nq = HEAD_DIM, p.nq
+    Wo, Wd = (m.o_cm, m.down_cm) if cols_major_weights else (m.o, m.down)
+    es = torch.tensor([], dtype=DTYPE).element_size()
+
+    def kv(k, v, ck, cv):  # decode: the new token is the cache's last position
+        if T == 1:
+            ck[:, :, -1:].copy_(k.transpose(1, 2))
+            cv[:, :, -1:].copy_(v.transpose(1, 2))
+            return ck, cv
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def backend():
+        q = gather_rows_linear(x, m.q, p.q_idx).view(1, T, nq, d)
+        k = gather_rows_linear(x, m.k, p.q_idx).view(1, T, nq, d)
+        v = gather_rows_linear(x, m.v, p.q_idx).view(1, T, nq, d)
+        K, V = kv(k, v, p.cache_k, p.cache_v)
+        o = head_sparse_attention(q, K, V, p.q_to_kv, valid, scale)
+        h = x + gather_cols_linear(o.view(1, T, nq * d), Wo, p.q_idx)
+        return h + gather_cols_linear(gathered_swiglu(h, m.gate, m.up, p.mlp_idx), Wd, p.mlp_idx)
+
+    def torch_layer(q_w, k_w, v_w, o_w, g_w, u_w, d_w, ck, cv, heads):
+        q = F.linear(x, q_w).view(1, T, heads, d)
+        k = F.linear(x, k_w).view(1, T, heads, d)
+        v = F.linear(x, v_w).view(1, T, heads, d)
+        K, V = kv(k, v, ck, cv)
+        h = x + F.linear(sdpa(q, K, V, T > 1).reshape(1, T, heads * d), o_w)
+        return h + F.linear(F.silu(F.linear(h, g_w)) * F.linear(h, u_w), d_w)
+
+    def dense():
+        return torch_layer(m.q, m.k, m.v, m.o, m.gate, m.up, m.down, m.cache_k, m.cache_v, HEADS)
+
+    def ideal():
+        return torch_layer(p.q, p.k, p.v, p.o, p.gate, p.up, p.down, p.cache_k, p.cache_v, nq)
+
+    def copy():
+        r, c = p.q_rows, p.mlp_rows
+        return torch_layer(m.q[r], m.k[r], m.v[r], m.o[:, r], m.gate[c], m.up[c], m.down[:, c], p.cache_k, p.cache_v, nq)
+
+    n_q, n_mlp = p.q_rows.numel(), p.mlp_rows.numel()
+    active = (4 * n_q + 3 * n_mlp) * HIDDEN * es + (2 * nq * CACHE * d * es if T == 1 else 0)
+    return backend, dense, ideal, copy, active
+
+
+OPS = ["q_proj", "attention", "o_proj", "o_proj[cols-major]", "swiglu", "down_proj", "down_proj[cols-major]",
+       "layer", "layer[cols-major]"]
+
+
+def measure(op: str, T: int, share: float) -> dict:
+    m = model()
+    p = Plan(share, m)
+    backend, dense, ideal, copy, active_bytes = op_variants(op, T, p, m)
+    out, ref = backend(), ideal()
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    row = dict(op=op, tokens=T, share=share, heads=p.nq, neurons=p.mlp_rows.numel(), rel_err_vs_ideal=err,
+               backend_us=timed_us(backend), dense_us=timed_us(dense), ideal_us=timed_us(ideal),
+               copy_us=timed_us(copy) if copy is not None else None, active_bytes=active_bytes)
+    row["vs_ideal"] = row["backend_us"] / row["ideal_us"]
+    row["vs_dense"] = row["backend_us"] / row["dense_us"]
+    if T == 1:
+        row["copy_bw_GBps"] = bandwidth() / 1e9
+        row["bw_share"] = active_bytes / (row["backend_us"] * 1e-6) / bandwidth()
+        row["ideal_bw_share"] = active_bytes / (row["ideal_us"] * 1e-6) / bandwidth()
+    assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-4), f"{op}: backend differs from the ideal by {err:.2e}"
+    return row
+
+
+@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("op", OPS)
+def test_op(benchmark, op_rows, op, T, share):
+    row = benchmark.pedantic(measure, args=(op, T, share), rounds=1, iterations=1)
+    benchmark.extra_info.update(row)
+    op_rows.append(row)
