@@ -47,6 +47,9 @@ class Rows(list):
 
     def append(self, row: dict) -> None:
         super().append(row)
+        self.write()
+
+    def write(self) -> None:
         RESULTS.mkdir(exist_ok=True)
         self.stem.with_suffix(".json").write_text(json.dumps(dict(info=self.info, rows=list(self)), indent=1))
         fields = list(self.info) + list(dict.fromkeys(k for r in self for k in r))
@@ -57,10 +60,23 @@ class Rows(list):
                 writer.writerow({**self.info, **r})
 
 
+def autotune_choices() -> dict:
+    """The tile configs the autotuner chose in this run, per kernel, regime and key."""
+    from adaptive_kernels.ops import attention, projections
+    chosen = {}
+    for name, kernels in (("rows", projections._ROWS), ("cols", projections._COLS), ("attention", attention._ATTN)):
+        for regime, kernel in kernels.items():
+            for key, config in getattr(kernel, "cache", {}).items():
+                chosen[f"{name}/{regime}/{key}"] = str(config)
+    return chosen
+
+
 @pytest.fixture(scope="session")
 def op_rows():
     """The op benchmarks' rows, written under benchmarks/results/ as they come."""
     rows = Rows()
     yield rows
     if rows:
+        rows.info["autotune"] = autotune_choices()
+        rows.write()
         print(f"\nop benchmark rows written to {rows.stem}.json and .csv")

@@ -59,7 +59,7 @@ def main() -> int:
         return 1
     rc = 0
     if not args.skip_tests:  # fixed tile configs: the tests check the kernels' code, quickly
-        rc |= run([sys.executable, "-m", "pytest", "tests/ops", "-q", "-x", "-p", "no:cacheprovider"],
+        rc |= run([sys.executable, "-m", "pytest", "tests/ops", "-q", "-p", "no:cacheprovider"],
                   ADAPTIVE_KERNELS_AUTOTUNE="0")
     before = set(RESULTS.glob("ops-*.json"))
     bench = [sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "-q", "-p",

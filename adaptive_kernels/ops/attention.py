@@ -41,7 +41,7 @@ from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
 from ._library import INTERPRET, autotune, bucket, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
 
-_NEG = -1.0e30  # a finite "minus infinity": masked scores stay NaN-free
+
 
 
 @jit
@@ -70,7 +70,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, map_ptr, valid_ptr, out_ptr, pm_ptr, pl_pt
     k_base = k_ptr + r * skr + c * skh
     v_base = v_ptr + r * svr + c * svh
     q_pos = Tk - T + offs_m  # the key position of each query
-    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: masked scores stay NaN-free
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
@@ -80,7 +80,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, map_ptr, valid_ptr, out_ptr, pm_ptr, pl_pt
         sc = tl.dot(q, kt, input_precision=PREC) * scale_log2
         ok = tl.load(valid_ptr + r * sar + offs_n * sat, mask=nm, other=0) != 0
         vis = (ok & nm)[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        sc = tl.where(vis, sc, _NEG)
+        sc = tl.where(vis, sc, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.where(vis, tl.exp2(sc - m_new[:, None]), 0.0)

@@ -45,7 +45,7 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import INTERPRET, autotune, bucket, check_launch, dot_precision, jit, tl  # noqa: E402
+from ._library import INTERPRET, autotune, bucket, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
 
 
 @jit
@@ -104,73 +104,99 @@ def _rows_kernel(x_ptr, w_ptr, w2_ptr, rows_ptr, b_ptr, out_ptr, T, D, n,
 
 
 @jit
-def _cols_kernel(a_ptr, w_ptr, cols_ptr, out_ptr, T, D, n,
+def _cols_block(acc, a_rows, w_ptr, c_row, j0, j_end, offs_j, offs_d, dm, mm, saj, swd, swn, scj,
+                W_COL_MAJOR: tl.constexpr, ALIGN: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_J: tl.constexpr, FULL: tl.constexpr):
+    """acc += a[:, j0:j0+BLOCK_J] @ W[:, cols[j0:j0+BLOCK_J]]^T; FULL: no column past j_end."""
+    jj = j0 + offs_j
+    jm = jj < j_end
+    if FULL:  # no mask along j: the a tile loads wide
+        c = tl.load(c_row + jj * scj)
+    else:
+        c = tl.load(c_row + jj * scj, mask=jm, other=-1)
+    cv = c >= 0
+    c = tl.where(cv, c, 0)
+    if W_COL_MAJOR:  # W[d, c] at c * swn + d: each gathered column is one contiguous run
+        wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
+    else:  # row-major: j is the fast axis; a block that is one aligned run of columns loads wide
+        first = tl.sum(tl.where(offs_j == 0, c, 0))
+        run = (tl.sum((c == first + offs_j).to(tl.int32)) == BLOCK_J) & (tl.min(cv.to(tl.int32)) == 1)
+        if run & (first % ALIGN == 0):
+            base = tl.multiple_of(first, ALIGN)
+            wt = tl.load(w_ptr + offs_d[:, None] * swd + (base + offs_j)[None, :], mask=dm[:, None], other=0.0)
+        else:
+            wt = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :], other=0.0)
+        wv = tl.trans(wt)
+    if BLOCK_M == 1:  # one token: [BLOCK_J, BLOCK_D] products, summed once at the end
+        if FULL:
+            av = tl.load(a_rows + jj * saj)
+        else:
+            av = tl.load(a_rows + jj * saj, mask=jm, other=0.0)
+        av = tl.where(cv, av.to(tl.float32), 0.0)  # padded columns count 0, whatever a holds there
+        acc += wv.to(tl.float32) * av[:, None]
+    else:
+        if FULL:
+            av = tl.load(a_rows[:, None] + jj[None, :] * saj, mask=mm[:, None], other=0.0)
+        else:
+            av = tl.load(a_rows[:, None] + jj[None, :] * saj, mask=mm[:, None] & jm[None, :], other=0.0)
+        av = tl.where(cv[None, :], av, 0.0).to(wv.dtype)
+        acc = tl.dot(av, wv, acc, input_precision=PREC)
+    return acc
+
+
+@jit
+def _cols_kernel(a_ptr, w_ptr, cols_ptr, out_ptr, ws_ptr, T, D, n,
                  sar, sat, saj, swd, swn, scr, scj, sor, sot, sod,
                  T_BUCKET, N_BUCKET,
-                 W_COL_MAJOR: tl.constexpr, ALIGN: tl.constexpr, PREC: tl.constexpr,
+                 W_COL_MAJOR: tl.constexpr, ALIGN: tl.constexpr, SPLIT_J: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
-    # y[r, t, d] = sum_j a[r, t, j] * W[d, cols[r, j]] over cols >= 0
+    # y[r, t, d] = sum_j a[r, t, j] * W[d, cols[r, j]] over cols >= 0; SPLIT_J > 1: program s of a
+    # row sums one share of j and writes fp32 partials ws[s, r, t, d] (summed by _sum_splits_kernel)
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    r = tl.program_id(2).to(tl.int64)
+    rs = tl.program_id(2)
+    r = (rs // SPLIT_J).to(tl.int64)
+    s = rs % SPLIT_J
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = offs_d < D
     offs_j = tl.arange(0, BLOCK_J)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = offs_m < T
     a_rows = a_ptr + r * sar + offs_m * sat
     c_row = cols_ptr + r * scr
-    if BLOCK_M == 1:  # one token: GEMV
-        if W_COL_MAJOR:
-            acc = tl.zeros([BLOCK_J, BLOCK_D], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_D, BLOCK_J], tl.float32)
-        for j0 in range(0, n, BLOCK_J):
-            jj = j0 + offs_j
-            c = tl.load(c_row + jj * scj, mask=jj < n, other=-1)
-            cv = c >= 0
-            c = tl.where(cv, c, 0)
-            av = tl.load(a_rows + jj * saj, mask=cv, other=0.0).to(tl.float32)
-            if W_COL_MAJOR:  # W[d, c] at c * swn + d: each gathered column is contiguous
-                wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
-                acc += wv.to(tl.float32) * av[:, None]
-            else:  # row-major: j is the fast axis, so runs of columns coalesce
-                # a block that is one aligned run of columns is read with wide loads
-                first = tl.sum(tl.where(offs_j == 0, c, 0))
-                run = (tl.sum((c == first + offs_j).to(tl.int32)) == BLOCK_J) & (j0 + BLOCK_J <= n)
-                if run & (first % ALIGN == 0):
-                    base = tl.multiple_of(first, ALIGN)
-                    wv = tl.load(w_ptr + offs_d[:, None] * swd + (base + offs_j)[None, :], mask=dm[:, None], other=0.0)
-                else:
-                    wv = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :], other=0.0)
-                acc += wv.to(tl.float32) * av[None, :]
-        if W_COL_MAJOR:
-            y = tl.sum(acc, axis=0)[None, :]
-        else:
-            y = tl.sum(acc, axis=1)[None, :]
+    chunk = tl.cdiv(tl.cdiv(n, SPLIT_J), BLOCK_J) * BLOCK_J
+    j_lo = s * chunk
+    j_hi = tl.minimum(j_lo + chunk, n)
+    j_full = j_lo + tl.maximum(j_hi - j_lo, 0) // BLOCK_J * BLOCK_J
+    acc = tl.zeros([BLOCK_J if BLOCK_M == 1 else BLOCK_M, BLOCK_D], tl.float32)
+    for j0 in range(j_lo, j_full, BLOCK_J):
+        acc = _cols_block(acc, a_rows, w_ptr, c_row, j0, j_hi, offs_j, offs_d, dm, mm, saj, swd, swn, scj,
+                          W_COL_MAJOR, ALIGN, PREC, BLOCK_M, BLOCK_J, True)
+    if j_full < j_hi:
+        acc = _cols_block(acc, a_rows, w_ptr, c_row, j_full, j_hi, offs_j, offs_d, dm, mm, saj, swd, swn, scj,
+                          W_COL_MAJOR, ALIGN, PREC, BLOCK_M, BLOCK_J, False)
+    if BLOCK_M == 1:
+        y = tl.sum(acc, axis=0)[None, :]
     else:
-        y = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        mm = offs_m < T
-        for j0 in range(0, n, BLOCK_J):
-            jj = j0 + offs_j
-            c = tl.load(c_row + jj * scj, mask=jj < n, other=-1)
-            cv = c >= 0
-            c = tl.where(cv, c, 0)
-            av = tl.load(a_rows[:, None] + jj[None, :] * saj, mask=mm[:, None] & cv[None, :], other=0.0)
-            if W_COL_MAJOR:
-                wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
-            else:
-                first = tl.sum(tl.where(offs_j == 0, c, 0))
-                run = (tl.sum((c == first + offs_j).to(tl.int32)) == BLOCK_J) & (j0 + BLOCK_J <= n)
-                if run & (first % ALIGN == 0):
-                    base = tl.multiple_of(first, ALIGN)
-                    wt = tl.load(w_ptr + offs_d[:, None] * swd + (base + offs_j)[None, :], mask=dm[:, None], other=0.0)
-                else:
-                    wt = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :],
-                                 other=0.0)
-                wv = tl.trans(wt)
-            y = tl.dot(av, wv, y, input_precision=PREC)
-    out = out_ptr + r * sor + offs_m[:, None] * sot + offs_d[None, :] * sod
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < T) & dm[None, :])
+        y = acc
+    if SPLIT_J == 1:
+        out = out_ptr + r * sor + offs_m[:, None] * sot + offs_d[None, :] * sod
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mm[:, None] & dm[None, :])
+    else:
+        R = tl.num_programs(2) // SPLIT_J
+        ws = ws_ptr + ((s * R + r) * T + offs_m[:, None]) * D + offs_d[None, :]
+        tl.store(ws, y, mask=mm[:, None] & dm[None, :])
+
+
+@jit
+def _sum_splits_kernel(ws_ptr, out_ptr, size, SPLIT_J: tl.constexpr, BLOCK: tl.constexpr):
+    # out.flat[i] = sum_s ws[s].flat[i] (out contiguous)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < size
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLIT_J):
+        acc += tl.load(ws_ptr + s * size + offs, mask=m, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # Autotune configs per regime, (kwargs, num_warps, num_stages); keyed on coarse buckets.
@@ -180,9 +206,10 @@ _FEW_ROWS = [({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, w, s)
              for bn, bk, w, s in [(16, 256, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3)]]
 _MANY_ROWS = [({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, w, s)
               for bm, bn, bk, w, s in [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                       (128, 128, 64, 4, 4), (64, 256, 64, 8, 4)]]
+                                       (128, 128, 64, 4, 4), (64, 256, 64, 8, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]]
 _GEMV_COLS = [({"BLOCK_M": 1, "BLOCK_D": bd, "BLOCK_J": bj}, w, 1)
-              for bd, bj, w in [(4, 512, 4), (8, 256, 4), (16, 256, 4), (16, 128, 4), (32, 128, 4), (64, 64, 4), (16, 512, 8)]]
+              for bd, bj, w in [(4, 512, 4), (8, 256, 4), (16, 256, 4), (32, 128, 4), (64, 64, 4), (64, 128, 4),
+                                (128, 32, 4), (128, 64, 8)]]
 _FEW_COLS = [({"BLOCK_M": 16, "BLOCK_D": bd, "BLOCK_J": bj}, w, s)
              for bd, bj, w, s in [(16, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3)]]
 _MANY_COLS = [({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_J": bj}, w, s)
@@ -191,7 +218,7 @@ _MANY_COLS = [({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_J": bj}, w, s)
 _GEMV_ROWS += _FEW_ROWS[1:3]  # one token may also take the tensor-core path: autotune chooses
 _GEMV_COLS += _FEW_COLS[1:3]
 _KEY = ["T_BUCKET", "N_BUCKET", "D", "GATED", "HAS_BIAS"]
-_COLS_KEY = ["T_BUCKET", "N_BUCKET", "D", "W_COL_MAJOR"]
+_COLS_KEY = ["T_BUCKET", "N_BUCKET", "D", "W_COL_MAJOR", "SPLIT_J"]
 _ROWS = {regime: autotune(configs, _KEY)(_rows_kernel)
          for regime, configs in (("gemv", _GEMV_ROWS), ("few", _FEW_ROWS), ("many", _MANY_ROWS))}
 _COLS = {regime: autotune(configs, _COLS_KEY)(_cols_kernel)
@@ -256,6 +283,12 @@ def _(x, weight, rows, bias=None):
     return x.new_empty((x.shape[0], x.shape[1], rows.shape[1]))
 
 
+def _split_columns(R: int, D: int, n: int, device: torch.device) -> int:
+    """Programs per batch row over the columns: two programs per multiprocessor with 64-wide
+    output tiles, at least 256 columns each, at most 8."""
+    return max(1, min(8, -(-2 * num_sms(device.index or 0) * 64 // (R * D)), -(-n // 256)))
+
+
 @torch.library.custom_op("adaptive_kernels::gather_cols_linear", mutates_args=())
 def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     check_launch("gather_cols_linear", a, weight, cols)
@@ -271,11 +304,22 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
     def grid(meta):
         return (triton_cdiv(T, meta["BLOCK_M"]), triton_cdiv(D, meta["BLOCK_D"]), R)
 
+    col_major = weight.stride(0) == 1 and weight.stride(1) != 1
+    # one token on a column-major weight: split the columns over programs so that wide column
+    # tiles still give every multiprocessor work
+    split = _split_columns(R, D, n, a.device) if regime == "gemv" and col_major else 1
+    ws = torch.empty((split, R, T, D), device=a.device, dtype=torch.float32) if split > 1 else out
+
+    def grid(meta):
+        return (triton_cdiv(T, meta["BLOCK_M"]), triton_cdiv(D, meta["BLOCK_D"]), R * split)
+
     _launch(_COLS, _INTERPRET_COLS, regime, grid,
-            a, weight, cols, out, T, D, n, *a.stride(), *weight.stride(), *cols.stride(), *out.stride(),
-            bucket(T), bucket(n), W_COL_MAJOR=weight.stride(0) == 1 and weight.stride(1) != 1,
-            ALIGN=16 // weight.element_size() if weight.stride(1) == 1 else 1,
+            a, weight, cols, out, ws, T, D, n, *a.stride(), *weight.stride(), *cols.stride(), *out.stride(),
+            bucket(T), bucket(n), W_COL_MAJOR=col_major,
+            ALIGN=16 // weight.element_size() if weight.stride(1) == 1 else 1, SPLIT_J=split,
             PREC=dot_precision(a.dtype))
+    if split > 1:
+        _sum_splits_kernel[(triton_cdiv(out.numel(), 1024),)](ws, out, out.numel(), SPLIT_J=split, BLOCK=1024)
     return out
 
 

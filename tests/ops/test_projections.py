@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptive_kernels.ops import projections
 from adaptive_kernels.ops.projections import (cols_major, gather_cols_linear, gather_cols_linear_reference,
                                               gather_rows_linear, gather_rows_linear_reference)
 
@@ -58,6 +59,18 @@ def test_gather_cols_linear(dtype, T, case, layout):
         assert w.stride() == (1, D)
     y = gather_cols_linear(a, w, cols)
     check(y, gather_cols_linear_reference(a.float(), w.float(), cols), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("split", [2, 3])
+def test_gather_cols_linear_split(monkeypatch, dtype, split):
+    """One token on a column-major weight: columns split over programs, fp32 partials summed."""
+    monkeypatch.setattr(projections, "_split_columns", lambda *args: split)
+    gen = generator(dtype, split)
+    cols = index_lists([N, 40, 0], N, gen, "runs")
+    a = randn(3, 1, N, gen=gen, dtype=dtype)
+    w = cols_major(randn(D, N, gen=gen, dtype=dtype, scale=N ** -0.5))
+    check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a.float(), w.float(), cols), dtype)
 
 
 def test_empty_index_lists():
