@@ -116,9 +116,10 @@ def _cols_block(acc, a_rows, w_ptr, c_row, j0, j_end, offs_j, offs_d, dm, mm, sa
         c = tl.load(c_row + jj * scj, mask=jm, other=-1)
     cv = c >= 0
     c = tl.where(cv, c, 0)
-    if W_COL_MAJOR:  # W[d, c] at c * swn + d: each gathered column is one contiguous run
+    if W_COL_MAJOR or BLOCK_M > 1:  # column-major: each gathered column is one contiguous run
+        # (tensor-core tiles of a row-major weight take this plain gather too: correct, not fast)
         wv = tl.load(w_ptr + c[:, None] * swn + offs_d[None, :] * swd, mask=cv[:, None] & dm[None, :], other=0.0)
-    else:  # row-major: j is the fast axis; a block that is one aligned run of columns loads wide
+    else:  # row-major GEMV: j is the fast axis; a block that is one aligned run of columns loads wide
         first = tl.sum(tl.where(offs_j == 0, c, 0))
         run = (tl.sum((c == first + offs_j).to(tl.int32)) == BLOCK_J) & (tl.min(cv.to(tl.int32)) == 1)
         if run & (first % ALIGN == 0):
