@@ -260,7 +260,7 @@ def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
     regime = _regime(T)
 
     def grid(meta):
-        return (triton_cdiv(T, meta["BLOCK_M"]), triton_cdiv(n, meta["BLOCK_N"]), R)
+        return (_cdiv(T, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"]), R)
 
     _launch(_ROWS, _INTERPRET_ROWS, regime, grid,
             x, weight, w2, rows, b, out, T, D, n, *x.stride(), *weight.stride(), *w2.stride(), *rows.stride(),
@@ -269,7 +269,7 @@ def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -303,7 +303,7 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
     regime = _regime(T)
 
     def grid(meta):
-        return (triton_cdiv(T, meta["BLOCK_M"]), triton_cdiv(D, meta["BLOCK_D"]), R)
+        return (_cdiv(T, meta["BLOCK_M"]), _cdiv(D, meta["BLOCK_D"]), R)
 
     col_major = weight.stride(0) == 1 and weight.stride(1) != 1
     # one token on a column-major weight: split the columns over programs so that wide column
@@ -312,7 +312,7 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
     ws = torch.empty((split, R, T, D), device=a.device, dtype=torch.float32) if split > 1 else out
 
     def grid(meta):
-        return (triton_cdiv(T, meta["BLOCK_M"]), triton_cdiv(D, meta["BLOCK_D"]), R * split)
+        return (_cdiv(T, meta["BLOCK_M"]), _cdiv(D, meta["BLOCK_D"]), R * split)
 
     _launch(_COLS, _INTERPRET_COLS, regime, grid,
             a, weight, cols, out, ws, T, D, n, *a.stride(), *weight.stride(), *cols.stride(), *out.stride(),
@@ -320,7 +320,7 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
             ALIGN=16 // weight.element_size() if weight.stride(1) == 1 else 1, SPLIT_J=split,
             PREC=dot_precision(a.dtype))
     if split > 1:
-        _sum_splits_kernel[(triton_cdiv(out.numel(), 1024),)](ws, out, out.numel(), SPLIT_J=split, BLOCK=1024)
+        _sum_splits_kernel[(_cdiv(out.numel(), 1024),)](ws, out, out.numel(), SPLIT_J=split, BLOCK=1024)
     return out
 
 
