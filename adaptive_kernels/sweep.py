@@ -158,11 +158,6 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
 
         rows = [Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
                     prefill_ms=(t := timings(model))[0], decode_ms_per_token=t[1], **stamp)]
-        if device == "cuda":
-            rows.append(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
-                            vision_ms=vision_ms, prefill_ms=float("nan"),
-                            decode_ms_per_token=_compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats),
-                            **stamp))
         jobs = [(v, be, b) for v in variants for be in backends for b in budgets]
         for variant, backend, budget in tqdm(jobs, desc="sweep", disable=not progress):
             patch(model, variant, rank=rank, backend=backend)
@@ -187,7 +182,13 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
                                 vision_ms=vision_ms, prefill_ms=prefill, **stamp))
                 del ideal
             unpatch(model)
-    write_rows(rows, out_dir, f"sweep-{name}")
+        write_rows(rows, out_dir, f"sweep-{name}")
+        if device == "cuda":  # last: compiling takes a while, and the rows above are already written
+            rows.append(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
+                            vision_ms=vision_ms, prefill_ms=float("nan"),
+                            decode_ms_per_token=_compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats),
+                            **stamp))
+            write_rows(rows, out_dir, f"sweep-{name}")
     return rows
 
 

@@ -84,3 +84,15 @@ def test_plan_on_the_wrong_device_is_refused():
     inputs = example_inputs(model, batch_size=1)
     with pytest.raises(ValueError, match="execution_plan.*device"):
         model(**inputs, execution_plan=ExecutionPlan.full(1, 8, 8))
+
+
+def test_triton_backend_lays_out_reduction_weights_once_and_unpatch_restores_them():
+    stock = tiny_llava(seed=28, num_layers=2)
+    model = copy.deepcopy(stock)
+    ak.patch(model, "H", rank=2, backend="triton")
+    o = model.model.language_model.layers[1].self_attn.o_proj.weight
+    assert o.stride() == (1, o.shape[0])
+    torch.testing.assert_close(o, stock.model.language_model.layers[1].self_attn.o_proj.weight, rtol=0, atol=0)
+    ak.unpatch(model)
+    for (name, a), (_, b) in zip(model.named_parameters(), stock.named_parameters()):
+        assert a.is_contiguous() and torch.equal(a, b), name

@@ -17,6 +17,7 @@ from ..backends import Backend
 from ..cache import AdaptiveCache
 from ..graphs import DecodeGraph
 from ..ops.attention import head_sparse_attention_reference
+from ..ops.projections import cols_major
 from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, resolve_budgets
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
@@ -147,6 +148,19 @@ class AdaptiveDecoderLayerMixin:
         m = self.post_attention_layernorm(x)
         h = mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m) * neurons_on[:, None, :].to(x.dtype)
         return x + layer_on[:, None, None].to(x.dtype) * mlp.down_proj(h)
+
+
+def lay_out_reduction_weights(decoder, column_major: bool) -> None:
+    """Store o_proj and down_proj weights column by column (once, at patch time) or back row by row.
+
+    The kernels gather whole columns of these weights (the reduction side); column-major storage
+    makes each column one contiguous run. Values and shapes are unchanged, and ``F.linear``
+    accepts either layout.
+    """
+    for layer in decoder.layers:
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            w = linear.weight.data
+            linear.weight.data = cols_major(w) if column_major else w.contiguous()
 
 
 def plan_from_masks(layers, heads, groups, settings: Settings, seq_len: int) -> ExecutionPlan:
