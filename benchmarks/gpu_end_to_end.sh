@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a CUDA machine, from the repository root: the CUDA cases of the op and backend tests, then the
+# end-to-end sweep (benchmarks/test_sweep.py); copies the results to $OUT and prints a table last.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/adaptive-kernels-gpu}
+mkdir -p "$out"
+python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-200}" python3 -m pytest tests/ops tests/test_backends.py -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -15
+timeout "${SWEEP_SECONDS:-330}" python3 -m pytest benchmarks/test_sweep.py --benchmark-only -q -p no:cacheprovider 2>&1 | tee "$out/sweep.log" | tail -8
+cp benchmarks/results/sweep-* "$out/" 2>/dev/null
+python3 - <<'PY'
+import csv, glob
+for path in sorted(glob.glob("benchmarks/results/sweep-*.csv")):
+    print(path)
+    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill':>8} {'decode/tok':>10} {'sched':>6}")
+    for r in csv.DictReader(open(path)):
+        print(f"{r['system']:22} {r['variant']:3} {r['backend']:12} {float(r['budget']):6.2f} {float(r['cost']):5.2f} "
+              f"{float(r['prefill_ms']):8.2f} {float(r['decode_ms_per_token']):10.2f} {float(r['schedule_ms']):6.2f}")
+PY
