@@ -46,9 +46,10 @@ def _cut(linear: nn.Linear, rows=None, cols=None, col_scale=None) -> nn.Linear:
     w = linear.weight.detach()
     b = None if linear.bias is None else linear.bias.detach()
     if rows is not None:
+        rows = rows.to(w.device)
         w, b = w[rows], (None if b is None else b[rows])
     if cols is not None:
-        w = w[:, cols] * (1 if col_scale is None else col_scale.to(w.dtype))
+        w = w[:, cols.to(w.device)] * (1 if col_scale is None else col_scale.to(w.device, w.dtype))
     out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     out.weight.data.copy_(w)
     if b is not None:
