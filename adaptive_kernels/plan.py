@@ -220,11 +220,12 @@ class ExecutionPlan:
 
 def active_index(mask: torch.Tensor) -> torch.Tensor:
     """Indices of the True entries of each row, ascending, padded with -1: bool [R, N] -> int64 [R, n_max]."""
-    counts = mask.sum(-1)
-    width = int(counts.max()) if mask.numel() else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :width]
-    keep = torch.arange(width, device=mask.device) < counts[:, None]
-    return torch.where(keep, order, torch.full_like(order, -1))
+    R, N = mask.shape
+    width = int(mask.sum(-1).max()) if mask.numel() else 0
+    slot = torch.where(mask, mask.long().cumsum(-1) - 1, width)  # False entries go to a spare column
+    out = torch.full((R, width + 1), -1, dtype=torch.long, device=mask.device)
+    out.scatter_(1, slot, torch.arange(N, device=mask.device).expand(R, N))
+    return out[:, :width]
 
 
 @dataclass
@@ -263,40 +264,49 @@ def _expand_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(units[..., None] >= 0, rows, -1).flatten(1)
 
 
-def layer_indices(plan: ExecutionPlan, layer: int, shape: DecoderShape) -> LayerIndices | None:
-    """The index buffers of one layer of ``plan``."""
-    on = plan.layers[:, layer]
-    if not on.any():
-        return None
-    rows = None if on.all() else on.nonzero().flatten()
-    heads = plan.heads[:, layer] if rows is None else plan.heads[rows, layer]
-    groups = plan.groups[:, layer] if rows is None else plan.groups[rows, layer]
-    R, H, d = heads.shape[0], shape.num_heads, shape.head_dim
-    per_kv = H // shape.num_kv_heads
-    kv_on = heads.view(R, shape.num_kv_heads, per_kv).any(-1)
-    q_units, kv_units = active_index(heads), active_index(kv_on)
-    slot = kv_on.long().cumsum(-1) - 1
-    q_to_kv = torch.where(q_units >= 0, slot.gather(1, (q_units // per_kv).clamp_min(0)), -1)
-    dense_attention, dense_mlp = bool(heads.all()), bool(groups.all())
-    sizes = torch.tensor(shape.group_sizes, device=groups.device)
-    neurons = active_index(groups.repeat_interleave(sizes, dim=1))
-    return LayerIndices(
-        rows=rows, num_rows=R,
-        q_rows=None if dense_attention else _expand_rows(q_units, d),
-        kv_rows=None if dense_attention else _expand_rows(kv_units, d),
-        q_to_kv=q_to_kv, mlp_rows=None if dense_mlp else neurons,
-        num_q_heads=q_units.shape[1], num_kv_heads=kv_units.shape[1], num_neurons=neurons.shape[1])
-
-
 def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
     """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request.
 
-    They are computed on the CPU and reach the device in one copy, so building them
-    synchronises with the device once rather than per layer.
+    All layers are indexed together on the CPU, and the buffers reach the device in one copy:
+    one synchronisation per request, not several per layer.
     """
     device = torch.device(device) if device is not None else plan.layers.device
-    on_cpu = plan.to("cpu")
-    layers = [layer_indices(on_cpu, l, shape) for l in range(plan.num_layers)]
+    on, heads, groups = plan.layers.cpu(), plan.heads.cpu(), plan.groups.cpu()
+    B, L, H = heads.shape
+    d, per_kv = shape.head_dim, H // shape.num_kv_heads
+    kv_on = heads.view(B, L, shape.num_kv_heads, per_kv).any(-1)
+    sizes = torch.tensor(shape.group_sizes)
+    q_units = active_index(heads.flatten(0, 1)).view(B, L, -1)
+    kv_units = active_index(kv_on.flatten(0, 1)).view(B, L, -1)
+    q_rows = _expand_rows(q_units.flatten(0, 1), d).view(B, L, -1)
+    kv_rows = _expand_rows(kv_units.flatten(0, 1), d).view(B, L, -1)
+    slot = kv_on.long().cumsum(-1) - 1
+    q_to_kv = torch.where(q_units >= 0, slot.gather(-1, (q_units // per_kv).clamp_min(0)), -1)
+    partial_mlp = (~groups.all(-1)).any(0).expand(B, L)  # layers where some row has a group off
+    if shape.intermediate_size % H == 0:  # equal groups: a group's neurons are one aligned run
+        neurons = _expand_rows(active_index(groups[partial_mlp]), shape.intermediate_size // H)
+    else:
+        neurons = active_index(groups[partial_mlp].repeat_interleave(sizes, dim=-1))
+    neuron_rows = torch.full((B, L, neurons.shape[1]), -1, dtype=torch.long)
+    neuron_rows[partial_mlp] = neurons
+    counts = torch.stack([heads.sum(-1), kv_on.sum(-1), groups.long() @ sizes], dim=-1).transpose(0, 1).tolist()
+    dense = torch.stack([heads.all(-1), groups.all(-1)], dim=-1).transpose(0, 1).tolist()
+    layers = []
+    for l, (rows_on, layer_counts, layer_dense) in enumerate(zip(on.t().tolist(), counts, dense)):
+        rows = [r for r, executes in enumerate(rows_on) if executes]
+        if not rows:
+            layers.append(None)
+            continue
+        sel = slice(None) if len(rows) == B else torch.tensor(rows)
+        nq, nkv, nn = (max(layer_counts[r][i] for r in rows) for i in range(3))
+        dense_attention = all(layer_dense[r][0] for r in rows)
+        dense_mlp = all(layer_dense[r][1] for r in rows)
+        layers.append(LayerIndices(
+            rows=None if len(rows) == B else sel, num_rows=len(rows),
+            q_rows=None if dense_attention else q_rows[sel, l, :nq * d],
+            kv_rows=None if dense_attention else kv_rows[sel, l, :nkv * d],
+            q_to_kv=q_to_kv[sel, l, :nq], mlp_rows=None if dense_mlp else neuron_rows[sel, l, :nn],
+            num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn))
     if device.type != "cpu":
         layers = _move(layers, device)
     return Schedule(plan, layers)
@@ -309,7 +319,7 @@ def _move(layers: list, device) -> list:
     """The same LayerIndices with every index tensor on ``device``, moved in a single copy."""
     tensors = [getattr(idx, f) for idx in layers if idx is not None for f in _INDEX_FIELDS]
     present = [t for t in tensors if t is not None]
-    flat = torch.cat([t.reshape(-1) for t in present]).pin_memory().to(device, non_blocking=True) if present else None
+    flat = torch.cat([t.reshape(-1) for t in present]).to(device) if present else None
     pieces = iter(torch.split(flat, [t.numel() for t in present]) if present else ())
     moved = iter([None if t is None else next(pieces).view(t.shape) for t in tensors])
     return [None if idx is None else replace(idx, **{f: next(moved) for f in _INDEX_FIELDS}) for idx in layers]

@@ -15,7 +15,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def test_latency_versus_budget(benchmark):
     on_gpu = torch.cuda.is_available()
-    kwargs = dict(budgets=BUDGETS, new_tokens=16 if on_gpu else 4, repeats=3 if on_gpu else 2, out_dir=RESULTS,
+    kwargs = dict(budgets=BUDGETS, new_tokens=48 if on_gpu else 4, repeats=3 if on_gpu else 2, out_dir=RESULTS,
                   progress=False)
     rows = benchmark.pedantic(sweep, kwargs=kwargs, rounds=1, iterations=1)
     benchmark.extra_info["rows"] = [r.__dict__ for r in rows]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adaptive_kernels.plan import DecoderShape, ExecutionPlan, UnitSpace, active_index, layer_indices, resolve_budgets
+from adaptive_kernels.plan import DecoderShape, ExecutionPlan, UnitSpace, active_index, compile_plan, resolve_budgets
 
 
 def test_unit_counts_follow_adallava_formulas():
@@ -109,10 +109,28 @@ def test_layer_indices_map_query_heads_to_compact_kv_slots():
     heads = torch.tensor([[[0, 0, 1, 1, 0, 1]], [[1, 0, 0, 0, 0, 0]]], dtype=torch.bool)
     groups = torch.tensor([[[1, 0, 0, 0, 0, 1]], [[0, 0, 0, 0, 0, 0]]], dtype=torch.bool)
     shape = DecoderShape(1, 48, 6, 3, 8, 100)
-    idx = layer_indices(ExecutionPlan(layers, heads, groups), 0, shape)
+    idx = compile_plan(ExecutionPlan(layers, heads, groups), shape).layers[0]
     # row 0: q heads 2, 3, 5 -> kv heads 1, 1, 2 -> compact slots 0, 0, 1; row 1: q head 0 -> kv 0 -> slot 0
     assert idx.q_to_kv.tolist() == [[0, 0, 1], [0, -1, -1]]
     assert idx.kv_rows[0].tolist() == list(range(8, 24)) and idx.kv_rows[1].tolist() == list(range(8)) + [-1] * 8
     assert idx.q_rows[0].tolist() == list(range(16, 32)) + list(range(40, 48))
     assert idx.mlp_rows[0].tolist() == list(range(17)) + list(range(84, 100))
     assert idx.num_neurons == 33 and (idx.mlp_rows[1] == -1).all()
+
+
+@pytest.mark.parametrize("intermediate", [96, 100])
+def test_mlp_rows_list_the_neurons_of_active_groups(intermediate):
+    g = torch.Generator().manual_seed(3)
+    layers = torch.ones(3, 2, dtype=torch.bool)
+    heads = torch.rand(3, 2, 6, generator=g) < 0.5
+    groups = torch.rand(3, 2, 6, generator=g) < 0.5
+    groups[1, 0] = True
+    shape = DecoderShape(2, 48, 6, 3, 8, intermediate)
+    schedule = compile_plan(ExecutionPlan(layers, heads, groups), shape)
+    base, extra = divmod(intermediate, 6)
+    starts = [g * base + min(g, extra) for g in range(7)]
+    for l in range(2):
+        rows = schedule.layers[l].mlp_rows
+        for r in range(3):
+            expected = [n for gr in range(6) if groups[r, l, gr] for n in range(starts[gr], starts[gr + 1])]
+            assert rows[r].tolist() == expected + [-1] * (rows.shape[1] - len(expected))
