@@ -68,6 +68,7 @@ class Row:
     transformers: str
     date: str
     decode_ms_per_token: float = float("nan")
+    prefill_kernel_ms: float = float("nan")  # sum of GPU kernel times of one prefill (torch.profiler)
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
 
 
@@ -119,6 +120,16 @@ def _schedule(model, budget: float, seq_len: int):
     return compile_plan(plan_from_masks(*masks, settings, seq_len), settings.shape)
 
 
+def kernel_ms(fn) -> float:
+    """Sum of the CUDA kernel times of one call of ``fn``, from torch.profiler: ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+
+
 def _compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats) -> float:
     """Stock transformers decode with a static cache, auto-compiled by ``generate`` (CUDA): ms per token."""
     gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, cache_implementation="static",
@@ -148,9 +159,12 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
         vision_ms = median_ms(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), repeats)
         embeds = prompt_embeddings(model, inputs)
         mask = inputs["attention_mask"]
+        kernels = {"prefill": float("nan")}  # kernel time of the last timed prefill (CUDA only)
 
         def timings(m, **kw):
             prefill = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
+            if device == "cuda":
+                kernels["prefill"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
             gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
             one = median_ms(lambda: m.generate(**gen, max_new_tokens=1, min_new_tokens=1), repeats)
             many = median_ms(lambda: m.generate(**gen, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1), repeats)
@@ -167,7 +181,7 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             rows.append(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
                             vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, schedule_ms=schedule,
-                            **stamp))
+                            prefill_kernel_ms=kernels["prefill"], **stamp))
             if backend == backends[0]:
                 masked = median_ms(lambda: _masked_prefill(model, embeds, mask, budget), repeats)
                 rows.append(Row(system="masked", variant=variant, backend="torch", budget=budget, cost=cost,
@@ -178,8 +192,10 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
                 ideal_embeds = torch.cat([embeds, torch.zeros_like(embeds[:, :1])], 1)
                 ideal_mask = torch.cat([mask, mask[:, :1]], 1)
                 prefill = median_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask), repeats)
+                ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask))
+                                 if device == "cuda" else float("nan"))
                 rows.append(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
-                                vision_ms=vision_ms, prefill_ms=prefill, **stamp))
+                                vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
                 del ideal
             unpatch(model)
         write_rows(rows, out_dir, f"sweep-{name}")
