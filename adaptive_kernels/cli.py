@@ -268,8 +268,48 @@ def write_plot(rows: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def sweep_main(argv) -> int:
+    """``adaptive-kernels sweep``: the end-to-end latency-versus-budget sweep (``adaptive_kernels.sweep``)."""
+    from .backends import BACKENDS
+    from .plan import VARIANTS
+    from .sweep import BUDGETS, budget_adherence, sweep
+
+    p = argparse.ArgumentParser(prog="adaptive-kernels sweep",
+                                description="Vision, prefill and per-token decode latency over budgets, next to stock "
+                                            "transformers, the ideal and the masked computation; a 7B-shaped model "
+                                            "on CUDA, the tiny one on the CPU. Writes CSV, JSON and a PNG.")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="V")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS[:2], metavar="B",
+                   help="default: triton and torch on cuda, torch on cpu")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=list(BUDGETS), metavar="B")
+    p.add_argument("--new-tokens", type=_positive_int, default=16, metavar="N", help="decoded tokens per timing")
+    p.add_argument("--repeats", type=_positive_int, default=3, metavar="N")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("argument --device: cuda requested but torch sees no CUDA device")
+    rows = sweep(args.device, args.variants, args.backends, args.budgets, args.new_tokens, args.repeats,
+                 out_dir=args.out)
+    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13}")
+    for r in rows:
+        print(f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6.2f} {r.cost:5.2f} {r.prefill_ms:10.2f} "
+              f"{r.decode_ms_per_token:13.2f}")
+    for a in budget_adherence(rows):
+        print(f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
+              f"{a['largest_excess']:+.3f} at budget {a['at_budget']}")
+    print(f"wrote rows and plot to {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
-    """Entry point of ``adaptive-kernels`` and ``python -m adaptive_kernels``; returns the exit code."""
+    """Entry point of ``adaptive-kernels`` and ``python -m adaptive_kernels``; returns the exit code.
+
+    ``adaptive-kernels sweep ...`` runs the end-to-end sweep instead of the main job.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

@@ -208,6 +208,26 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     return rows
 
 
+def budget_adherence(rows: list[Row]) -> list[dict]:
+    """Per variant, backend and phase: latency at each budget over latency at 1.0, minus the plan's cost.
+
+    A positive excess means the budget bought less speed than its share of FLOPs promised; the
+    row reports the largest excess and the budget where it occurs.
+    """
+    result = []
+    adaptive = [r for r in rows if r.system == "adaptive"]
+    for variant, backend in sorted({(r.variant, r.backend) for r in adaptive}):
+        series = [r for r in adaptive if (r.variant, r.backend) == (variant, backend)]
+        full = next((r for r in series if r.budget == 1.0), None)
+        if full is None:
+            continue
+        for phase in ("prefill_ms", "decode_ms_per_token"):
+            excess, budget = max((getattr(r, phase) / getattr(full, phase) - r.cost, r.budget) for r in series)
+            result.append({"variant": variant, "backend": backend, "phase": phase.removesuffix("_ms").removesuffix("_ms_per_token"),
+                           "largest_excess": excess, "at_budget": budget})
+    return result
+
+
 def write_rows(rows: list[Row], out_dir, stem: str) -> Path:
     """CSV and JSON of the rows and the latency-versus-budget PNG; returns the PNG's path."""
     out = Path(out_dir)
@@ -218,6 +238,7 @@ def write_rows(rows: list[Row], out_dir, stem: str) -> Path:
         writer.writeheader()
         writer.writerows(records)
     (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    (out / f"{stem}-adherence.json").write_text(json.dumps(budget_adherence(rows), indent=1))
     return plot_rows(rows, out / f"{stem}.png")
 
 

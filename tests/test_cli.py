@@ -210,3 +210,21 @@ def test_python_m_help():
     for option in ("--model", "--device", "--dtype", "--variants", "--budgets", "--rank", "--max-new-tokens",
                    "--repeats", "--backend", "--scheduler", "--out"):
         assert option in done.stdout
+
+
+def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
+    import json
+
+    assert main(["sweep", "--device", "cpu", "--variants", "L", "--budgets", "1.0", "0.5", "--new-tokens", "1",
+                 "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sweep-tiny.csv")))
+    adaptive = {float(r["budget"]): r for r in rows if r["system"] == "adaptive"}
+    assert set(adaptive) == {1.0, 0.5} and {r["system"] for r in rows} >= {"stock", "ideal", "masked"}
+    assert float(adaptive[0.5]["cost"]) == 0.5  # 4 prefix + 0 scheduled of 8 layers
+    adherence = json.loads((tmp_path / "sweep-tiny-adherence.json").read_text())
+    for a in adherence:
+        phase = "prefill_ms" if a["phase"] == "prefill" else "decode_ms_per_token"
+        expected = float(adaptive[0.5][phase]) / float(adaptive[1.0][phase]) - 0.5
+        assert a["largest_excess"] == pytest.approx(max(expected, 0.0))
+    assert (tmp_path / "sweep-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "adherence L torch prefill" in capsys.readouterr().out
