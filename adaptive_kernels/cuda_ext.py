@@ -1,0 +1,303 @@
+"""The CUDA C++ extension (csrc/): decode-regime gathered projections and plan compaction on the device.
+
+Importing this module needs no GPU and no compiler: it defines the operators
+``adaptive_kernels::cuda_gather_rows_linear``, ``::cuda_gather_cols_linear`` and
+``::cuda_compact_plan`` (schemas, fake implementations for ``torch.compile``, FLOP formulas) in
+Python. Their CUDA implementations live in csrc/ and are compiled with ninja on first use
+(``load()``, called by every public function here and by ``cuda_backend()``) through
+``torch.utils.cpp_extension.load``; the build is cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) in a folder named after a hash of the sources, so later runs reuse
+it and an edited source gets a fresh build. Without a CUDA toolchain ``load()`` raises a
+``RuntimeError`` that says what is missing; the rest of the package does not need it.
+
+The kernels read the weights in place (no copy, only the listed rows or columns), accumulate in
+fp32, and never synchronise with the host, so they can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .plan import DecoderShape, ExecutionPlan, active_index, group_sizes
+
+__all__ = ["DECODE_MAX_TOKENS", "CompactPlan", "compact_plan", "compact_plan_reference", "cuda_backend",
+           "gather_cols_linear", "gather_rows_linear", "load", "toolchain_problem"]
+
+DECODE_MAX_TOKENS = 16
+"""Tokens per batch row up to which the cuda backend runs the GEMV kernels (above: the Triton ops)."""
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("bindings.cpp", "gather_rows.cu", "gather_cols.cu", "compact_plan.cu")
+HEADERS = ("adaptive_kernels.h", "gemv_common.cuh")
+
+# ---------------------------------------------------------------------------------------------
+# Operators: defined here, implemented for CUDA by csrc/bindings.cpp
+# ---------------------------------------------------------------------------------------------
+
+_lib = torch.library.Library("adaptive_kernels", "FRAGMENT")
+_lib.define("cuda_gather_rows_linear(Tensor x, Tensor weight, Tensor rows, Tensor? bias=None) -> Tensor")
+_lib.define("cuda_gather_cols_linear(Tensor a, Tensor weight, Tensor cols) -> Tensor")
+_lib.define("cuda_compact_plan(Tensor heads, Tensor groups, int head_dim, int num_kv_heads, int intermediate_size)"
+            " -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake("adaptive_kernels::cuda_gather_rows_linear", lib=_lib)
+def _(x, weight, rows, bias=None):
+    return x.new_empty((x.shape[0], x.shape[1], rows.shape[1]))
+
+
+@torch.library.register_fake("adaptive_kernels::cuda_gather_cols_linear", lib=_lib)
+def _(a, weight, cols):
+    return a.new_empty((a.shape[0], a.shape[1], weight.shape[0]))
+
+
+@torch.library.register_fake("adaptive_kernels::cuda_compact_plan", lib=_lib)
+def _(heads, groups, head_dim, num_kv_heads, intermediate_size):
+    B, L, H = heads.shape
+    index = dict(dtype=torch.int64)
+    return (heads.new_empty((B, L, H * head_dim), **index), heads.new_empty((B, L, num_kv_heads * head_dim), **index),
+            heads.new_empty((B, L, H), **index), heads.new_empty((B, L, intermediate_size), **index),
+            heads.new_empty((B, L, 3), **index))
+
+
+def _not_on_cpu(name):
+    def refuse(*args, **kwargs):
+        raise ValueError(f"adaptive_kernels::{name} runs on CUDA tensors only, got CPU tensors; "
+                         "use the PyTorch references (backend='torch') on the CPU")
+    return refuse
+
+
+for _name in ("cuda_gather_rows_linear", "cuda_gather_cols_linear", "cuda_compact_plan"):
+    _lib.impl(_name, _not_on_cpu(_name), "CPU")
+
+
+@register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_rows_linear)
+def _rows_flops(x_shape, weight_shape, rows_shape, *args, **kwargs) -> int:
+    R, T, D = x_shape
+    return 2 * R * T * rows_shape[1] * D
+
+
+@register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_cols_linear)
+def _cols_flops(a_shape, weight_shape, cols_shape, *args, **kwargs) -> int:
+    R, T, n = a_shape
+    return 2 * R * T * n * weight_shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and loading csrc/
+# ---------------------------------------------------------------------------------------------
+
+_load_lock = threading.Lock()
+_loaded = False
+
+
+def toolchain_problem() -> str | None:
+    """Why csrc/ cannot be built here (a sentence), or None when torch, nvcc, ninja and the sources are present."""
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit was found (nvcc is not on PATH and CUDA_HOME is not set)"
+    nvcc = Path(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    if not nvcc.exists():
+        return f"CUDA_HOME is {cpp_extension.CUDA_HOME}, but it has no bin/nvcc"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    missing = [name for name in SOURCES + HEADERS if not (CSRC / name).is_file()]
+    if missing:
+        return f"the sources {missing} are missing from {CSRC} (csrc/ comes with the source checkout)"
+    return None
+
+
+def _extension_name() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    return f"adaptive_kernels_cuda_{digest.hexdigest()[:12]}"
+
+
+def load(verbose: bool = False) -> None:
+    """Build csrc/ (first call in a fresh cache: about a minute) and register its CUDA kernels; idempotent.
+
+    Raises ``RuntimeError`` naming what is missing when there is no CUDA toolchain, or with the
+    compiler's output when the build fails.
+    """
+    global _loaded
+    if _loaded:
+        return
+    with _load_lock:
+        if _loaded:
+            return
+        problem = toolchain_problem()
+        if problem is not None:
+            raise RuntimeError(f"backend='cuda' compiles the CUDA sources in {CSRC} on first use, but {problem}. "
+                               "Use backend='triton' (the default on CUDA) or backend='torch'.")
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=_extension_name(), sources=[str(CSRC / name) for name in SOURCES],
+                           extra_include_paths=[str(CSRC)], extra_cflags=["-O3"],
+                           extra_cuda_cflags=["-O3", "-lineinfo"], is_python_module=False, verbose=verbose)
+        _loaded = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathered projections (decode regime)
+# ---------------------------------------------------------------------------------------------
+
+def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y[r, t, j] = x[r, t] . weight[rows[r, j]] (+ bias[rows[r, j]])``, 0 where ``rows[r, j] < 0``.
+
+    x [R, T, D] with T <= 16 (any strides); weight [N, D]; rows int64 [R, n] (entries in [-1, N));
+    bias [N] or None -> y [R, T, n], x's dtype (float32, float16 or bfloat16; fp32 accumulation).
+    CUDA split-K GEMV that reads only the listed weight rows, in place, with 16-byte loads when the
+    weight's rows are 16-byte aligned (else element by element). The custom op
+    ``torch.ops.adaptive_kernels.cuda_gather_rows_linear``; FLOPs counted: 2*R*T*n*D.
+    """
+    load()
+    return torch.ops.adaptive_kernels.cuda_gather_rows_linear(x, weight, rows, bias)
+
+
+def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``y[r, t] = sum_j a[r, t, j] * weight[:, cols[r, j]]`` over ``cols[r, j] >= 0``.
+
+    a [R, T, n] with T <= 16 (any strides); weight [D, N]; cols int64 [R, n] (entries in [-1, N))
+    -> y [R, T, D], a's dtype (float32, float16 or bfloat16; fp32 accumulation). CUDA split-K GEMV
+    that reads only the listed weight columns, in place: a run of consecutive, 16-byte aligned
+    columns (whole heads or neuron groups in ascending order) is read with 16-byte loads from a
+    row-major weight; other entries and layouts element by element. ``a`` at a padded entry is
+    never read. The custom op ``torch.ops.adaptive_kernels.cuda_gather_cols_linear``; FLOPs
+    counted: 2*R*T*n*D.
+    """
+    load()
+    return torch.ops.adaptive_kernels.cuda_gather_cols_linear(a, weight, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan compaction
+# ---------------------------------------------------------------------------------------------
+
+class CompactPlan(NamedTuple):
+    """A plan's index buffers for every (batch row, layer), at fixed widths (the full counts), -1 padded.
+
+    ``q_rows`` [B, L, H*d]: weight rows of the active query heads, ascending; ``kv_rows``
+    [B, L, Hkv*d]: of the active key/value heads (one is active when any of its query heads is);
+    ``q_to_kv`` [B, L, H]: each active query head's slot among the active kv heads; ``mlp_rows``
+    [B, L, M]: the active neurons. ``q_count``, ``kv_count``, ``mlp_count`` [B, L]: the valid
+    entries of ``q_rows``, ``kv_rows`` and ``mlp_rows``. All int64. Row ``[b, l]`` of a buffer,
+    cut to its count, is what ``plan.compile_plan`` lists for that batch row and layer.
+    """
+
+    q_rows: torch.Tensor
+    kv_rows: torch.Tensor
+    q_to_kv: torch.Tensor
+    mlp_rows: torch.Tensor
+    q_count: torch.Tensor
+    kv_count: torch.Tensor
+    mlp_count: torch.Tensor
+
+
+def _check_plan(plan: ExecutionPlan, shape: DecoderShape) -> None:
+    if not isinstance(plan, ExecutionPlan):
+        raise TypeError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
+    if plan.num_heads != shape.num_heads:
+        raise ValueError(f"plan has {plan.num_heads} heads per layer but shape.num_heads is {shape.num_heads}")
+    if shape.num_kv_heads < 1 or shape.num_heads % shape.num_kv_heads:
+        raise ValueError(f"shape.num_kv_heads must divide the {shape.num_heads} heads, got {shape.num_kv_heads}")
+
+
+def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
+    """``buffer[b, l] = the weight rows of the units on in mask[b, l], ascending, then -1 up to the full count``,
+    for every (batch row, layer) of ``plan`` in one launch on its CUDA device.
+
+    plan.heads [B, L, H], plan.groups [B, L, G] (G MLP groups of M // G neurons, the first M % G
+    one more; M = shape.intermediate_size) -> ``CompactPlan``: q_rows [B, L, H*d], kv_rows
+    [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M], counts [B, L] each. Reads nothing back
+    to the host, so it may run inside CUDA-graph capture. Same result as
+    ``compact_plan_reference``. The custom op ``torch.ops.adaptive_kernels.cuda_compact_plan``
+    (its last output, counts [B, L, 3], is split here into the three count fields).
+    """
+    _check_plan(plan, shape)
+    if plan.heads.device.type != "cuda":
+        raise ValueError(f"compact_plan builds the buffers on the plan's CUDA device; this plan is on "
+                         f"{plan.heads.device}: move it with plan.to('cuda') or use compact_plan_reference")
+    load()
+    q_rows, kv_rows, q_to_kv, mlp_rows, counts = torch.ops.adaptive_kernels.cuda_compact_plan(
+        plan.heads, plan.groups, shape.head_dim, shape.num_kv_heads, shape.intermediate_size)
+    return CompactPlan(q_rows, kv_rows, q_to_kv, mlp_rows, counts[..., 0], counts[..., 1], counts[..., 2])
+
+
+def _pad_to(index: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(index, (0, width - index.shape[-1]), value=-1)
+
+
+def _unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Unit indices [P, u] -> their weight rows [P, u*size], -1 for -1."""
+    rows = units[..., None] * size + torch.arange(size, device=units.device)
+    return torch.where(units[..., None] >= 0, rows, -1).flatten(1)
+
+
+def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
+    """``buffer[b, l] = active_index(mask[b, l])`` as weight rows, padded with -1 to the full count:
+    the PyTorch reference of ``compact_plan`` (any device).
+
+    plan.heads [B, L, H], plan.groups [B, L, G] -> ``CompactPlan`` with q_rows [B, L, H*d], kv_rows
+    [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M] and the counts [B, L].
+    """
+    _check_plan(plan, shape)
+    B, L, H = plan.heads.shape
+    G = plan.groups.shape[2]
+    d, Hkv, M = shape.head_dim, shape.num_kv_heads, shape.intermediate_size
+    heads, groups = plan.heads.reshape(B * L, H), plan.groups.reshape(B * L, G)
+    per_kv = H // Hkv
+    kv_on = heads.view(B * L, Hkv, per_kv).any(-1)
+    q_units, kv_units = _pad_to(active_index(heads), H), _pad_to(active_index(kv_on), Hkv)
+    slot = kv_on.long().cumsum(-1) - 1
+    q_to_kv = torch.where(q_units >= 0, slot.gather(1, (q_units // per_kv).clamp_min(0)), -1)
+    sizes = torch.tensor(group_sizes(M, G), device=groups.device)
+    neurons = _pad_to(active_index(groups.repeat_interleave(sizes, dim=1)), M)
+    q_rows, kv_rows = _unit_rows(q_units, d), _unit_rows(kv_units, d)
+
+    def per_pair(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(B, L, *t.shape[1:])
+
+    count = lambda t: per_pair((t >= 0).sum(-1))  # noqa: E731
+    return CompactPlan(per_pair(q_rows), per_pair(kv_rows), per_pair(q_to_kv), per_pair(neurons),
+                       count(q_rows), count(kv_rows), count(neurons))
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+def cuda_backend():
+    """The ``"cuda"`` ``backends.Backend``: the CUDA GEMV kernels for 1 to 16 tokens per row, Triton otherwise.
+
+    ``rows_linear`` / ``cols_linear`` call ``gather_rows_linear`` / ``gather_cols_linear`` of this
+    module when the token count (x.shape[1]) is at most ``DECODE_MAX_TOKENS`` and the Triton ops
+    of ``ops.projections`` above; ``swiglu`` and ``attention`` are the Triton ops. Builds csrc/ on
+    the first call (``load``), so a missing toolchain is reported here, before any request.
+    """
+    from .backends import Backend
+    from .ops import attention, projections, swiglu
+
+    load()
+
+    def rows_linear(x, weight, rows, bias=None):
+        if x.shape[1] <= DECODE_MAX_TOKENS:
+            return gather_rows_linear(x, weight, rows, bias)
+        return projections.gather_rows_linear(x, weight, rows, bias)
+
+    def cols_linear(a, weight, cols):
+        if a.shape[1] <= DECODE_MAX_TOKENS:
+            return gather_cols_linear(a, weight, cols)
+        return projections.gather_cols_linear(a, weight, cols)
+
+    return Backend("cuda", rows_linear, cols_linear, swiglu.gathered_swiglu, attention.head_sparse_attention)
