@@ -1,0 +1,440 @@
+"""The CUDA extension (adaptive_kernels.cuda_ext, csrc/) against its PyTorch references.
+
+On the CPU: the compaction reference against a plain loop and against ``plan.compile_plan``, the
+fake implementations and FLOP formulas, the errors, and the cuda backend's choice between the
+CUDA and Triton ops. On a GPU (``gpu`` marked, skipped elsewhere): plan compaction against its
+reference on random masks, the GEMV ops against ``gather_*_linear_reference`` for T in 1, 3, 16,
+odd sizes, -1 padded lists and fp32/fp16/bf16, every element compared; CUDA-graph capture and no
+host synchronisation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adaptive_kernels import cuda_ext
+from adaptive_kernels.ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
+from adaptive_kernels.plan import DecoderShape, ExecutionPlan, compile_plan, group_sizes
+
+CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
+
+
+def on_gpu(test):
+    """Marks ``test`` gpu and skips it without CUDA."""
+    for mark in gpu:
+        test = mark(test)
+    return test
+DTYPES = [pytest.param(dt, id=str(dt).removeprefix("torch.")) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
+
+
+def generator(*key) -> torch.Generator:
+    """A CPU generator seeded from the test's parameters."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan compaction
+# ---------------------------------------------------------------------------------------------
+
+# (B, L, H, Hkv, head_dim, M): GQA with M % G != 0; LLaVA-7B's sizes; MQA with fewer neurons than
+# groups (empty groups); more heads than a warp has lanes
+PLAN_SHAPES = [(3, 5, 12, 4, 7, 101), (2, 3, 32, 32, 128, 11008), (1, 4, 7, 1, 5, 6), (2, 3, 100, 20, 3, 997)]
+
+
+def shape_of(H, Hkv, d, M, L) -> DecoderShape:
+    return DecoderShape(num_layers=L, hidden_size=H * d, num_heads=H, num_kv_heads=Hkv, head_dim=d,
+                        intermediate_size=M)
+
+
+def random_plan(B, L, H, gen, device="cpu") -> ExecutionPlan:
+    """Masks of mixed densities per (row, layer), with one all-off and one all-on pair."""
+    density = torch.rand(B, L, 1, generator=gen)
+    heads = torch.rand(B, L, H, generator=gen) < density
+    groups = torch.rand(B, L, H, generator=gen) < density.flip(1)
+    heads[0, 0], groups[0, 0] = False, False
+    heads[-1, -1], groups[-1, -1] = True, True
+    return ExecutionPlan(torch.ones(B, L, dtype=torch.bool), heads, groups).to(device)
+
+
+def naive_buffers(heads: list[bool], groups: list[bool], shape: DecoderShape):
+    """One (row, layer)'s buffers, written out from the definitions."""
+    H, Hkv, d, M = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
+    per_kv = H // Hkv
+    q_heads = [h for h in range(H) if heads[h]]
+    kv_heads = [k for k in range(Hkv) if any(heads[k * per_kv:(k + 1) * per_kv])]
+    sizes = group_sizes(M, len(groups))
+    starts = [sum(sizes[:g]) for g in range(len(groups))]
+    q_rows = [h * d + i for h in q_heads for i in range(d)]
+    kv_rows = [k * d + i for k in kv_heads for i in range(d)]
+    q_to_kv = [kv_heads.index(h // per_kv) for h in q_heads]
+    neurons = [starts[g] + i for g in range(len(groups)) if groups[g] for i in range(sizes[g])]
+
+    def pad(v, width):
+        return v + [-1] * (width - len(v))
+
+    return (pad(q_rows, H * d), pad(kv_rows, Hkv * d), pad(q_to_kv, H), pad(neurons, M),
+            len(q_rows), len(kv_rows), len(neurons))
+
+
+@pytest.mark.parametrize("B,L,H,Hkv,d,M", PLAN_SHAPES)
+def test_compact_plan_reference_is_the_definition(B, L, H, Hkv, d, M):
+    shape = shape_of(H, Hkv, d, M, L)
+    plan = random_plan(B, L, H, generator(B, L, H, Hkv, d, M))
+    ref = cuda_ext.compact_plan_reference(plan, shape)
+    assert ref.q_rows.shape == (B, L, H * d) and ref.kv_rows.shape == (B, L, Hkv * d)
+    assert ref.q_to_kv.shape == (B, L, H) and ref.mlp_rows.shape == (B, L, M) and ref.q_count.shape == (B, L)
+    for b in range(B):
+        for l in range(L):
+            want = naive_buffers(plan.heads[b, l].tolist(), plan.groups[b, l].tolist(), shape)
+            got = tuple(t[b, l].tolist() for t in ref)
+            assert got == want, (b, l)
+
+
+@pytest.mark.parametrize("B,L,H,Hkv,d,M", PLAN_SHAPES[:3])
+def test_compact_plan_reference_agrees_with_compile_plan(B, L, H, Hkv, d, M):
+    """Cut to its counts, each (row, layer) lists what plan.compile_plan lists for it."""
+    shape = shape_of(H, Hkv, d, M, L)
+    plan = random_plan(B, L, H, generator("li", B, L, H))
+    ref = cuda_ext.compact_plan_reference(plan, shape)
+    for l, idx in enumerate(compile_plan(plan, shape).layers):
+        for i in range(idx.num_rows):
+            b = i if idx.rows is None else int(idx.rows[i])
+            nq, nkv, nm = int(ref.q_count[b, l]), int(ref.kv_count[b, l]), int(ref.mlp_count[b, l])
+            dense_q = torch.arange(H * d).tolist()
+            q_rows = dense_q if idx.q_rows is None else idx.q_rows[i].tolist()
+            assert ref.q_rows[b, l, :nq].tolist() == [v for v in q_rows if v >= 0]
+            kv_rows = torch.arange(Hkv * d).tolist() if idx.kv_rows is None else idx.kv_rows[i].tolist()
+            assert ref.kv_rows[b, l, :nkv].tolist() == [v for v in kv_rows if v >= 0]
+            assert ref.q_to_kv[b, l, :nq // d].tolist() == [v for v in idx.q_to_kv[i].tolist() if v >= 0]
+            mlp = torch.arange(M).tolist() if idx.mlp_rows is None else idx.mlp_rows[i].tolist()
+            assert ref.mlp_rows[b, l, :nm].tolist() == [v for v in mlp if v >= 0]
+
+
+@on_gpu
+@pytest.mark.parametrize("B,L,H,Hkv,d,M", PLAN_SHAPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compact_plan_on_the_device(B, L, H, Hkv, d, M, seed):
+    shape = shape_of(H, Hkv, d, M, L)
+    plan = random_plan(B, L, H, generator("dev", seed, B, L, H), device="cuda")
+    got, want = cuda_ext.compact_plan(plan, shape), cuda_ext.compact_plan_reference(plan, shape)
+    for name, a, b in zip(cuda_ext.CompactPlan._fields, got, want):
+        assert a.dtype == torch.int64 and a.device.type == "cuda", name
+        assert torch.equal(a, b), name
+
+
+@on_gpu
+def test_compact_plan_is_captured_in_a_cuda_graph_without_host_sync():
+    B, L, H, Hkv, d, M = 2, 4, 12, 4, 7, 101
+    shape = shape_of(H, Hkv, d, M, L)
+    first = random_plan(B, L, H, generator("graph", 1), device="cuda")
+    second = random_plan(B, L, H, generator("graph", 2), device="cuda")
+    heads, groups = first.heads.clone(), first.groups.clone()
+    static = ExecutionPlan(torch.ones(B, L, dtype=torch.bool, device="cuda"), heads, groups)
+    cuda_ext.compact_plan(static, shape)  # build and warm up outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda_ext.compact_plan(static, shape)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_ext.compact_plan(static, shape)
+    heads.copy_(second.heads)
+    groups.copy_(second.groups)
+    graph.replay()
+    for a, b in zip(out, cuda_ext.compact_plan_reference(second, shape)):
+        assert torch.equal(a, b)
+
+
+def test_compact_plan_refuses_a_cpu_plan_and_a_mismatched_shape():
+    plan = random_plan(1, 2, 4, generator("err"))
+    with pytest.raises(ValueError, match="CUDA device"):
+        cuda_ext.compact_plan(plan, shape_of(4, 2, 3, 10, 2))
+    with pytest.raises(ValueError, match="num_heads"):
+        cuda_ext.compact_plan_reference(plan, shape_of(6, 2, 3, 10, 2))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        cuda_ext.compact_plan_reference(plan, shape_of(4, 3, 3, 10, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathered projections
+# ---------------------------------------------------------------------------------------------
+
+def index_lists(counts, N, gen, kind, unit=8, width=None) -> torch.Tensor:
+    """int64 [len(counts), width]: row r holds counts[r] distinct indices into range(N), then -1.
+
+    "runs": whole units of ``unit`` consecutive indices (aligned to ``unit``), units in random
+    order; "sorted": such units in ascending order (as plans list them); "scattered": a random
+    sample in random order; "holes": ascending, with -1 entries in between.
+    """
+    width = max(counts) if width is None else width
+    out = torch.full((len(counts), width), -1, dtype=torch.int64)
+    for r, c in enumerate(counts):
+        if kind in ("runs", "sorted"):
+            units = torch.randperm(-(-N // unit), generator=gen)
+            if kind == "sorted":  # enough units for c indices (the last unit may be short), ascending
+                sizes = torch.clamp(N - units * unit, max=unit)
+                units = units[:int((sizes.cumsum(0) < c).sum()) + 1].sort().values
+            idx = torch.cat([torch.arange(u * unit, min(N, u * unit + unit)) for u in units.tolist()])[:c]
+            out[r, :c] = idx
+        elif kind == "scattered":
+            out[r, :c] = torch.randperm(N, generator=gen)[:c]
+        else:
+            idx = torch.randperm(N, generator=gen)[:c].sort().values
+            slots = torch.randperm(width, generator=gen)[:c].sort().values
+            out[r, slots] = idx
+    return out
+
+
+def randn(*shape, gen, dtype, scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(device="cuda", dtype=dtype)
+
+
+def check(actual, expected, dtype):
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+# (D, N, counts per batch row, index kind): D = 67 (odd: element-wise loads) or 296 (8*37: 16-byte
+# loads in every dtype); an empty list row and a full one
+ROWS_CASES = {
+    "odd-runs": (67, 53, [13, 7, 0], "runs"),
+    "odd-scattered": (67, 53, [53, 9, 1], "scattered"),
+    "wide-runs": (296, 301, [301, 77, 0], "runs"),
+    "wide-sorted": (296, 301, [150, 41], "sorted"),
+    "wide-holes": (296, 301, [60, 33], "holes"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "offset-view"])
+@on_gpu
+def test_gather_rows_linear(dtype, T, case, bias, x_layout):
+    gen = generator("rows", dtype, T, case, bias, x_layout)
+    D, N, counts, kind = ROWS_CASES[case]
+    R = len(counts)
+    rows = index_lists(counts, N, gen, kind, width=max(counts) + (kind == "holes") * 9).cuda()
+    if x_layout == "contiguous":
+        x = randn(R, T, D, gen=gen, dtype=dtype)
+    else:  # a view one element in: every row of x misaligned for 16-byte loads
+        x = randn(R, T, D + 3, gen=gen, dtype=dtype)[..., 1:D + 1]
+    w = randn(N, D, gen=gen, dtype=dtype, scale=D ** -0.5)
+    b = randn(N, gen=gen, dtype=dtype) if bias else None
+    y = cuda_ext.gather_rows_linear(x, w, rows, b)
+    ref = gather_rows_linear_reference(x.double(), w.double(), rows, None if b is None else b.double())
+    check(y, ref, dtype)
+    assert bool((y[rows[:, None, :].expand(-1, T, -1) < 0] == 0).all())
+
+
+# (D, N, counts, kind): N = 328 (8*41) gives 16-byte aligned rows, so sorted runs load wide
+COLS_CASES = {
+    "odd-runs": (67, 53, [13, 7, 0], "runs"),
+    "odd-scattered": (67, 53, [53, 9, 1], "scattered"),
+    "wide-sorted": (296, 328, [328, 120, 0], "sorted"),
+    "wide-runs": (61, 328, [96, 40], "runs"),
+    "wide-holes": (61, 328, [70, 12], "holes"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("case", list(COLS_CASES))
+@pytest.mark.parametrize("layout", ["row-major", "cols-major", "a-transposed"])
+@on_gpu
+def test_gather_cols_linear(dtype, T, case, layout):
+    gen = generator("cols", dtype, T, case, layout)
+    D, N, counts, kind = COLS_CASES[case]
+    R = len(counts)
+    cols = index_lists(counts, N, gen, kind, width=max(counts) + (kind == "holes") * 9).cuda()
+    n = cols.shape[1]
+    if layout == "a-transposed":
+        a = randn(R, n, T, gen=gen, dtype=dtype).transpose(1, 2)
+    else:
+        a = randn(R, T, n, gen=gen, dtype=dtype)
+    a[cols[:, None, :].expand(-1, T, -1) < 0] = float("nan")  # padded entries must not be read
+    w = randn(D, N, gen=gen, dtype=dtype, scale=max(1, n) ** -0.5)
+    if layout == "cols-major":
+        w = w.t().contiguous().t()
+    y = cuda_ext.gather_cols_linear(a, w, cols)
+    check(y, gather_cols_linear_reference(a.double(), w.double(), cols), dtype)
+
+
+@on_gpu
+def test_strided_weights_int32_lists_and_empty_lists():
+    gen = generator("misc")
+    big = randn(2 * 301, 296, gen=gen, dtype=torch.bfloat16)
+    w = big[1::2]  # every other row, one row in: rows stay 16-byte aligned
+    rows = index_lists([40, 17], 301, gen, "runs")
+    x = randn(2, 3, 296, gen=gen, dtype=torch.bfloat16)
+    ref = gather_rows_linear_reference(x.double(), w.double(), rows.cuda())
+    check(cuda_ext.gather_rows_linear(x, w, rows.int().cuda()), ref, torch.bfloat16)
+    w_cols = randn(67, 2 * 53, gen=gen, dtype=torch.float16)[:, ::2]  # column stride 2
+    cols = index_lists([20, 5], 53, gen, "scattered").cuda()
+    a = randn(2, 3, 20, gen=gen, dtype=torch.float16)
+    check(cuda_ext.gather_cols_linear(a, w_cols, cols), gather_cols_linear_reference(a.double(), w_cols.double(), cols),
+          torch.float16)
+    none = torch.empty(2, 0, dtype=torch.int64, device="cuda")
+    assert cuda_ext.gather_rows_linear(x, w, none).shape == (2, 3, 0)
+    y = cuda_ext.gather_cols_linear(a[..., :0], w_cols, none)
+    assert y.shape == (2, 3, 67) and bool((y == 0).all())
+
+
+@on_gpu
+def test_gemv_ops_are_captured_in_a_cuda_graph_without_host_sync():
+    gen = generator("graph-gemv")
+    x = randn(2, 1, 296, gen=gen, dtype=torch.float16)
+    w = randn(301, 296, gen=gen, dtype=torch.float16, scale=0.05)
+    rows = index_lists([77, 150], 301, gen, "sorted").cuda()
+    w_o = randn(296, 301, gen=gen, dtype=torch.float16, scale=0.05)
+    cuda_ext.gather_cols_linear(cuda_ext.gather_rows_linear(x, w, rows), w_o, rows)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda_ext.gather_cols_linear(cuda_ext.gather_rows_linear(x, w, rows), w_o, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_ext.gather_cols_linear(cuda_ext.gather_rows_linear(x, w, rows), w_o, rows)
+    x.copy_(randn(2, 1, 296, gen=gen, dtype=torch.float16))
+    graph.replay()
+    eager = cuda_ext.gather_cols_linear(cuda_ext.gather_rows_linear(x, w, rows), w_o, rows)
+    torch.testing.assert_close(y, eager, rtol=0, atol=0)
+
+
+@on_gpu
+def test_opcheck():
+    gen = generator("opcheck")
+    rows = index_lists([5, 3], 11, gen, "runs").cuda()
+    x, w, b = randn(2, 3, 9, gen=gen, dtype=torch.float32), randn(11, 9, gen=gen, dtype=torch.float32), \
+        randn(11, gen=gen, dtype=torch.float32)
+    ops = torch.ops.adaptive_kernels
+    torch.library.opcheck(ops.cuda_gather_rows_linear.default, (x, w, rows, b))
+    torch.library.opcheck(ops.cuda_gather_rows_linear.default, (x, w, rows, None))
+    torch.library.opcheck(ops.cuda_gather_cols_linear.default, (randn(2, 3, 5, gen=gen, dtype=torch.float32),
+                                                                randn(9, 11, gen=gen, dtype=torch.float32), rows))
+    heads = torch.rand(2, 3, 8, generator=gen).cuda() < 0.5
+    torch.library.opcheck(ops.cuda_compact_plan.default, (heads, ~heads, 4, 2, 30))
+
+
+@on_gpu
+def test_bad_arguments_get_clear_errors_on_the_gpu():
+    gen = generator("bad")
+    x, w = randn(1, 17, 8, gen=gen, dtype=torch.float32), randn(5, 8, gen=gen, dtype=torch.float32)
+    rows = torch.zeros(1, 2, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="1 to 16 tokens"):
+        cuda_ext.gather_rows_linear(x, w, rows)
+    with pytest.raises(TypeError, match="weight must have x's dtype"):
+        cuda_ext.gather_rows_linear(x[:, :1], w.half(), rows)
+    with pytest.raises(RuntimeError, match="weight must be \\[N, D\\]"):
+        cuda_ext.gather_rows_linear(x[:, :1], w[:, :7], rows)
+    with pytest.raises(TypeError, match="must be int64"):
+        cuda_ext.gather_rows_linear(x[:, :1], w, rows.float())
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        cuda_ext.gather_cols_linear(x[:, :1, :2], w.cpu(), rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend, fakes, FLOPs, errors (CPU)
+# ---------------------------------------------------------------------------------------------
+
+@on_gpu
+def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
+    backend = cuda_ext.cuda_backend()
+    gen = generator("backend")
+    w, w_o = randn(301, 296, gen=gen, dtype=torch.bfloat16, scale=0.05), randn(296, 301, gen=gen, dtype=torch.bfloat16)
+    rows = index_lists([150, 77], 301, gen, "sorted").cuda()
+    for T in (1, 16, 17, 40):
+        x = randn(2, T, 296, gen=gen, dtype=torch.bfloat16)
+        h = backend.rows_linear(x, w, rows)
+        check(h, gather_rows_linear_reference(x.double(), w.double(), rows), torch.bfloat16)
+        check(backend.cols_linear(h, w_o, rows), gather_cols_linear_reference(h.double(), w_o.double(), rows),
+              torch.bfloat16)
+
+
+def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeypatch):
+    from adaptive_kernels.ops import attention, projections, swiglu
+    calls = []
+    monkeypatch.setattr(cuda_ext, "load", lambda *a, **k: None)
+    monkeypatch.setattr(cuda_ext, "gather_rows_linear", lambda *a: calls.append("cuda rows"))
+    monkeypatch.setattr(cuda_ext, "gather_cols_linear", lambda *a: calls.append("cuda cols"))
+    monkeypatch.setattr(projections, "gather_rows_linear", lambda *a: calls.append("triton rows"), raising=False)
+    monkeypatch.setattr(projections, "gather_cols_linear", lambda *a: calls.append("triton cols"), raising=False)
+    backend = cuda_ext.cuda_backend()
+    assert backend.name == "cuda"
+    w, idx = torch.empty(4, 8), torch.zeros(1, 2, dtype=torch.int64)
+    for T in (1, 16, 17):
+        backend.rows_linear(torch.empty(1, T, 8), w, idx, None)
+        backend.cols_linear(torch.empty(1, T, 2), w, idx)
+    assert calls == ["cuda rows", "cuda cols"] * 2 + ["triton rows", "triton cols"]
+    assert backend.swiglu is getattr(swiglu, "gathered_swiglu", None)
+    assert backend.attention is getattr(attention, "head_sparse_attention", None)
+
+
+def test_fake_implementations_give_shapes_and_dtypes():
+    x = torch.empty(2, 3, 67, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(53, 67, device="meta", dtype=torch.bfloat16)
+    rows = torch.empty(2, 9, device="meta", dtype=torch.int64)
+    ops = torch.ops.adaptive_kernels
+    y = ops.cuda_gather_rows_linear(x, w, rows)
+    assert y.shape == (2, 3, 9) and y.dtype == torch.bfloat16
+    y = ops.cuda_gather_cols_linear(torch.empty(2, 3, 9, device="meta", dtype=torch.float16), w.half(), rows)
+    assert y.shape == (2, 3, 53) and y.dtype == torch.float16
+    heads = torch.empty(2, 5, 12, device="meta", dtype=torch.bool)
+    outs = ops.cuda_compact_plan(heads, heads, 7, 4, 101)
+    assert [tuple(t.shape) for t in outs] == [(2, 5, 84), (2, 5, 28), (2, 5, 12), (2, 5, 101), (2, 5, 3)]
+    assert all(t.dtype == torch.int64 for t in outs)
+
+
+def test_flop_formulas_count_the_active_products():
+    R, T, D, N, n = 2, 3, 67, 53, 9
+    rows = torch.empty(R, n, device="meta", dtype=torch.int64)
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.adaptive_kernels.cuda_gather_rows_linear(torch.empty(R, T, D, device="meta"),
+                                                           torch.empty(N, D, device="meta"), rows)
+        torch.ops.adaptive_kernels.cuda_gather_cols_linear(torch.empty(R, T, n, device="meta"),
+                                                           torch.empty(D, N, device="meta"), rows)
+    assert counter.get_total_flops() == 2 * (2 * R * T * n * D)
+
+
+def test_cpu_tensors_are_refused_by_name():
+    with pytest.raises(ValueError, match="cuda_gather_rows_linear runs on CUDA tensors only"):
+        torch.ops.adaptive_kernels.cuda_gather_rows_linear(torch.randn(1, 1, 4), torch.randn(3, 4),
+                                                           torch.zeros(1, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="cuda_gather_cols_linear runs on CUDA tensors only"):
+        torch.ops.adaptive_kernels.cuda_gather_cols_linear(torch.randn(1, 1, 2), torch.randn(3, 4),
+                                                           torch.zeros(1, 2, dtype=torch.int64))
+
+
+def test_load_without_a_toolchain_says_what_is_missing():
+    problem = cuda_ext.toolchain_problem()
+    if problem is None:
+        pytest.skip("this machine has a CUDA toolchain")
+    with pytest.raises(RuntimeError, match="backend='cuda' compiles the CUDA sources .* backend='triton'"):
+        cuda_ext.load()
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        cuda_ext.cuda_backend()
+
+
+def test_the_package_imports_without_nvcc_on_path():
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if not os.path.exists(os.path.join(p, "nvcc")))
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")} | {"PATH": path}
+    code = ("import adaptive_kernels, adaptive_kernels.cuda_ext as ce; "
+            "assert not ce._loaded; import shutil; assert shutil.which('nvcc') is None; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
