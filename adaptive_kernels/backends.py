@@ -51,5 +51,6 @@ def get_backend(name: str) -> Backend:
     if name == "triton":
         return _triton_backend()
     if name == "cuda":
-        raise ValueError("backend='cuda' needs the csrc extension, which this build does not have yet; use 'torch' or 'triton'")
+        raise ValueError("backend='cuda' is not enabled yet: its csrc extension (adaptive_kernels.cuda_ext) has not "
+                         "passed its GPU tests; use 'torch' or 'triton'")
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")

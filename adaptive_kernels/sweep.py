@@ -249,9 +249,12 @@ def plot_rows(rows: list[Row], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("prefill_ms", "prefill, wall"), ("decode_ms_per_token", "decode / token, wall")]
+    if any(r.prefill_kernel_ms == r.prefill_kernel_ms for r in rows):  # not all NaN: kernel times were taken
+        panels.insert(1, ("prefill_kernel_ms", "prefill, GPU kernel time"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     adaptive = [r for r in rows if r.system == "adaptive"]
-    for ax, field, title in ((axes[0], "prefill_ms", "prefill"), (axes[1], "decode_ms_per_token", "decode / token")):
+    for ax, (field, title) in zip(axes, panels):
         for key in sorted({(r.variant, r.backend) for r in adaptive}):
             series = sorted((r for r in adaptive if (r.variant, r.backend) == key), key=lambda r: r.budget)
             full = next((getattr(r, field) for r in series if r.budget == 1.0), None)
@@ -259,12 +262,19 @@ def plot_rows(rows: list[Row], path: Path) -> Path:
             if full is not None:
                 ax.plot([r.budget for r in series], [full * r.cost for r in series], "--", color=line.get_color(),
                         label=f"{key[0]} {key[1]} ideal (full x cost)")
-        stock = [getattr(r, field) for r in rows if r.system == "stock"]
-        if stock:
-            ax.axhline(stock[0], color="gray", linestyle=":", label="stock transformers")
+        for system, style in (("stock", ":"), ("stock-static-compiled", "-.")):
+            values = [getattr(r, field) for r in rows if r.system == system and getattr(r, field) == getattr(r, field)]
+            if values:
+                ax.axhline(values[0], color="gray", linestyle=style, label=f"{system} transformers")
+        ideal = sorted((r for r in rows if r.system == "ideal" and getattr(r, field) == getattr(r, field)),
+                       key=lambda r: r.budget)
+        for variant in sorted({r.variant for r in ideal}):
+            points = [r for r in ideal if r.variant == variant]
+            ax.plot([r.budget for r in points], [getattr(r, field) for r in points], "x:", color="black",
+                    label=f"{variant}: stock model cut to the plan")
         ax.set_xlabel("latency budget")
         ax.set_ylabel("ms")
-        ax.set_title(f"{title}: {rows[0].model} on {rows[0].device}")
+        ax.set_title(f"{title}\n{rows[0].model} on {rows[0].device}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
