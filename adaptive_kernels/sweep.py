@@ -10,7 +10,6 @@ CPU the built-in tiny one.
 
 from __future__ import annotations
 
-import copy
 import csv
 import datetime
 import json

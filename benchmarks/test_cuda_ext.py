@@ -25,21 +25,18 @@ benchmarks/results/cuda_ext-<device>-<time>.{json,csv}. Skipped without CUDA.
 
 from __future__ import annotations
 
-import csv
-import datetime
-import json
 import os
-import statistics
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from measure import ResultRows, copy_bandwidth, timed_us
+
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="the CUDA-extension benchmarks time GPU kernels and need CUDA")
 
-RESULTS = Path(__file__).parent / "results"
 DTYPE = torch.bfloat16
 UNITS = 32
 SHARES = (1.0, 0.85, 0.6, 0.5)
@@ -52,99 +49,6 @@ PROJECTIONS = {
     "down": ("cols", 4096, 11008, 344),
 }
 IMPLS = ("cuda", "cuda_padded", "triton", "dense", "ideal")
-
-
-def run_info() -> dict:
-    """Device, versions and date, stored with every row."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    props = torch.cuda.get_device_properties(0)
-    return dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                cuda=torch.version.cuda, triton=triton_version,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-
-
-class Results(list):
-    """Rows of one run, rewritten to results/cuda_ext-<device>-<time>.{json,csv} after each append."""
-
-    def __init__(self):
-        super().__init__()
-        self.info = run_info()
-        slug = self.info["device"].replace("NVIDIA ", "").replace(" ", "-")
-        self.stem = RESULTS / f"cuda_ext-{slug}-{self.info['date'].replace(':', '').replace('-', '')}"
-
-    def append(self, row: dict) -> None:
-        super().append(row)
-        RESULTS.mkdir(exist_ok=True)
-        self.stem.with_suffix(".json").write_text(json.dumps(dict(info=self.info, rows=list(self)), indent=1))
-        fields = list(self.info) + list(dict.fromkeys(k for r in self for k in r))
-        with self.stem.with_suffix(".csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for r in self:
-                writer.writerow({**self.info, **r})
-
-
-_SCRATCH: list[torch.Tensor] = []
-
-
-def timed_us(fn, reps: int = 50) -> float:
-    """Median microseconds of ``fn`` (replayed from a CUDA graph when it can be captured), CUDA events,
-    each call after a 256 MiB read that evicts L2."""
-    if not _SCRATCH:
-        _SCRATCH.append(torch.randn(2 ** 26, device="cuda"))
-    scratch = _SCRATCH[0]
-    fn()  # build, compile and autotune outside the capture
-    torch.cuda.synchronize()
-    call, graph = fn, None
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        call = graph.replay
-    except RuntimeError:
-        torch.cuda.synchronize()
-    for _ in range(3):
-        scratch.sum()
-        call()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        scratch.sum()
-        start.record()
-        call()
-        end.record()
-    torch.cuda.synchronize()
-    median_ms = statistics.median(start.elapsed_time(end) for start, end in events)
-    del graph
-    return median_ms * 1e3
-
-
-_COPY_BW: list[float] = []
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes (read + written) per second, 1 GiB copied, median of 20."""
-    if not _COPY_BW:
-        src = torch.empty(2 ** 28, device="cuda")
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
-        for start, end in events:
-            start.record()
-            dst.copy_(src)
-            end.record()
-        torch.cuda.synchronize()
-        ms = statistics.median(start.elapsed_time(end) for start, end in events)
-        _COPY_BW.append(2 * src.numel() * src.element_size() / (ms * 1e-3))
-    return _COPY_BW[0]
 
 
 def triton_ops():
@@ -230,7 +134,7 @@ def measure(projection: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def results():
-    rows = Results()
+    rows = ResultRows("cuda_ext")
     yield rows
     if rows:
         print(f"\nCUDA-extension benchmark rows written to {rows.stem}.json and .csv")
@@ -246,7 +150,7 @@ def test_cuda_ext_decode_projection(benchmark, results, projection):
 
 def main() -> Path:
     """Every projection without pytest (for a machine without pytest-benchmark); returns the JSON path."""
-    rows = Results()
+    rows = ResultRows("cuda_ext")
     for projection in PROJECTIONS:
         for row in measure(projection):
             rows.append(row)

@@ -15,9 +15,6 @@ Needs CUDA (skips elsewhere); ``AK_BENCH_DRY=1`` runs tiny shapes on the CPU to 
 
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,9 +22,9 @@ import torch.nn.functional as F
 from adaptive_kernels.ops.attention import head_sparse_attention
 from adaptive_kernels.ops.projections import cols_major, gather_cols_linear, gather_rows_linear
 from adaptive_kernels.ops.swiglu import gathered_swiglu
+from measure import DRY, copy_bandwidth, timed_us
 
 CUDA = torch.cuda.is_available()
-DRY = os.environ.get("AK_BENCH_DRY") == "1" and not CUDA  # benchmarks/conftest.py then set TRITON_INTERPRET
 pytestmark = pytest.mark.skipif(not (CUDA or DRY), reason="the op benchmarks time GPU kernels and need CUDA "
                                 "(AK_BENCH_DRY=1 checks this code on the CPU at tiny shapes)")
 
@@ -39,51 +36,6 @@ GROUPS = HEADS
 SHARES = (1.0, 0.85, 0.6, 0.5)
 CACHE = TOKENS[-1]  # keys in the cache at decode (the prompt), and the prefill length
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-_SCRATCH: list[torch.Tensor] = []
-
-
-def timed_us(fn, reps: int = 30) -> float:
-    """Median microseconds of ``fn`` replayed from a CUDA graph (plain calls if capture fails),
-    timed with CUDA events; before each call a 256 MiB read evicts L2 with clean lines, so that
-    weights come from memory as in a real forward pass (no dirty write-back competing)."""
-    if DRY:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-    if not _SCRATCH:
-        _SCRATCH.append(torch.randn(2 ** 26, device=DEVICE))
-    scratch = _SCRATCH[0]
-    fn()  # compile and autotune outside the capture
-    torch.cuda.synchronize()
-    call, graph = fn, None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        call = graph.replay
-    except RuntimeError:
-        torch.cuda.synchronize()
-    for _ in range(3):
-        scratch.sum()
-        call()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        scratch.sum()
-        start.record()
-        call()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) for start, end in events)
-    del graph
-    return times[reps // 2] * 1e3
 
 
 class Model:
@@ -112,17 +64,6 @@ def model() -> Model:
     if _MODEL is None:
         _MODEL = Model()
     return _MODEL
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (1 GiB copied)."""
-    if DRY:
-        return 1e9
-    import triton.testing
-    src = torch.randn(2 ** 28, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 _BW: list[float] = []

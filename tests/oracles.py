@@ -15,7 +15,7 @@ import inspect
 import torch
 from transformers import LlamaModel
 
-from adaptive_kernels.sliced import neuron_mask, sliced_stock  # noqa: F401  (re-exported for the tests)
+from adaptive_kernels.sliced import neuron_mask
 
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 

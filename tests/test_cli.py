@@ -16,6 +16,7 @@ import torch
 
 import adaptive_kernels as ak
 from adaptive_kernels.cli import CSV_NAME, PNG_NAME, main
+from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 
 BUDGETS = (1.0, 0.85, 0.6, 0.5)
@@ -42,22 +43,6 @@ def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "out"
     rows, printed = run_main(["--out", str(out), *FAST])
     return out, rows, printed
-
-
-def prompt_embeddings(stock, inputs: dict) -> torch.Tensor:
-    """The decoder input a stock LLaVA builds for ``inputs`` (image features merged in): [B, S, D]."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"]
-
-    hook = stock.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            stock(**inputs)
-    finally:
-        hook.remove()
-    return seen["embeds"]
 
 
 def stock_greedy_with_latency_token(inputs: dict, variant: str, budget: float, n: int) -> list[int]:

@@ -16,7 +16,8 @@ from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.cache import AdaptiveCache
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llava import prompt_embeddings
-from oracles import masked_stock, sliced_stock, stock_decode_logits
+from adaptive_kernels.sliced import sliced_stock
+from oracles import masked_stock, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)

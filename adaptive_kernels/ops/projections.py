@@ -301,10 +301,6 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
     if cols.dtype != torch.int64:
         cols = cols.long()
     regime = _regime(T)
-
-    def grid(meta):
-        return (_cdiv(T, meta["BLOCK_M"]), _cdiv(D, meta["BLOCK_D"]), R)
-
     col_major = weight.stride(0) == 1 and weight.stride(1) != 1
     # one token on a column-major weight: split the columns over programs so that wide column
     # tiles still give every multiprocessor work

@@ -1,0 +1,127 @@
+"""What the op benchmarks share: run stamps, result files, graph-replayed timing, copy bandwidth."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+# AK_BENCH_DRY=1 on a machine without CUDA: tiny shapes through Triton's interpreter, plain timers,
+# to check the benchmark code itself
+DRY = os.environ.get("AK_BENCH_DRY") == "1" and not torch.cuda.is_available()
+
+
+def run_info() -> dict:
+    """Device name, library versions and the date, stored with every row."""
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = dict(device="cpu (dry run)", torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
+                transformers=transformers.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sms=props.multi_processor_count)
+    return info
+
+
+class ResultRows(list):
+    """Rows of one run, rewritten to results/<prefix>-<device>-<time>.{json,csv} after each append,
+    so an interrupted run keeps what it measured."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.info = run_info()
+        slug = "dry" if DRY else self.info["device"].replace("NVIDIA ", "").replace(" ", "-")
+        self.stem = RESULTS / f"{prefix}-{slug}-{self.info['date'].replace(':', '').replace('-', '')}"
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.write()
+
+    def write(self) -> None:
+        RESULTS.mkdir(exist_ok=True)
+        self.stem.with_suffix(".json").write_text(json.dumps(dict(info=self.info, rows=list(self)), indent=1))
+        fields = list(self.info) + list(dict.fromkeys(k for r in self for k in r))
+        with self.stem.with_suffix(".csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in self:
+                writer.writerow({**self.info, **r})
+
+
+_SCRATCH: list[torch.Tensor] = []
+
+
+def timed_us(fn, reps: int = 30) -> float:
+    """Median microseconds of ``fn`` replayed from a CUDA graph (plain calls if capture fails),
+    timed with CUDA events; before each call a 256 MiB read evicts L2 with clean lines, so that
+    weights come from memory as in a real forward pass (no dirty write-back competing)."""
+    if DRY:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    if not _SCRATCH:
+        _SCRATCH.append(torch.randn(2 ** 26, device="cuda"))
+    scratch = _SCRATCH[0]
+    fn()  # build, compile and autotune outside the capture
+    torch.cuda.synchronize()
+    call, graph = fn, None
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        call = graph.replay
+    except RuntimeError:
+        torch.cuda.synchronize()
+    for _ in range(3):
+        scratch.sum()
+        call()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        scratch.sum()
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    median_ms = statistics.median(start.elapsed_time(end) for start, end in events)
+    del graph
+    return median_ms * 1e3
+
+
+_COPY_BW: list[float] = []
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes (read + written) per second, 1 GiB copied, median of 20."""
+    if DRY:
+        return 1e9
+    if not _COPY_BW:
+        src = torch.empty(2 ** 28, device="cuda")
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
+        for start, end in events:
+            start.record()
+            dst.copy_(src)
+            end.record()
+        torch.cuda.synchronize()
+        ms = statistics.median(start.elapsed_time(end) for start, end in events)
+        _COPY_BW.append(2 * src.numel() * src.element_size() / (ms * 1e-3))
+    return _COPY_BW[0]
