@@ -1,8 +1,8 @@
 """Patching a Hugging Face ``LlavaForConditionalGeneration`` instance.
 
-Patching swaps the instance's class (and its language model's) for a generated subclass, so a
-printed model shows ``Adaptive...`` where it was patched, another instance stays stock, and
-``unpatch`` restores the stock classes exactly. The top-level ``forward`` gains the keywords
+Patching swaps the classes of the instance, its language model and its decoder layers for generated
+subclasses, so a printed model shows ``Adaptive...`` where it was patched, another instance stays
+stock, and ``unpatch`` restores the stock classes exactly. The top-level ``forward`` gains the keywords
 ``latency_budget`` and ``execution_plan`` (visible in its signature, as ``generate`` requires)
 and hands them to the adaptive decoder for the duration of the call.
 """
