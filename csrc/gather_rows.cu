@@ -140,10 +140,8 @@ struct LaunchRows {
 }  // namespace
 
 const char* launch_gather_rows(const GatherRowsArgs& args, void* stream) {
-  if (args.T > kMaxDecodeTokens) return "the GEMV kernels take at most 16 tokens per row";
-  if (args.R > 65535) return "at most 65535 batch rows";
+  if (const char* problem = gemv::shape_problem(args.T, args.R, args.n)) return problem;
   if (args.R == 0 || args.T == 0 || args.n == 0) return nullptr;
-  if (gemv::ceil_div(args.n, 4) > 0x7fffffff) return "too many output rows";
   return gemv::dispatch(args.dtype, args.T, LaunchRows{args, static_cast<cudaStream_t>(stream)});
 }
 

@@ -131,6 +131,15 @@ const char* dispatch(DType dtype, int64_t tokens, F&& f) {
   return "unsupported dtype (float32, float16 and bfloat16 are supported)";
 }
 
+// Why a GEMV over R batch rows of T tokens with `outputs` output rows per batch row cannot launch
+// (nullptr: it can).
+inline const char* shape_problem(int64_t T, int64_t R, int64_t outputs) {
+  if (T > kMaxDecodeTokens) return "the GEMV kernels take at most 16 tokens per row";
+  if (R > 65535) return "at most 65535 batch rows";
+  if (ceil_div(outputs, 4) > 0x7fffffff) return "too many output rows";
+  return nullptr;
+}
+
 inline const char* launch_status() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
