@@ -35,12 +35,12 @@ class PatchError(Exception):
 
 
 def _budget(text: str) -> float:
+    from .plan import resolve_budgets
+
     try:
-        value = float(text)
+        (value,) = resolve_budgets(float(text), 1)  # the package's own check: (0, 1], no NaN
     except ValueError:
         raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"budget must lie in (0, 1], got {text}")
     return value
 
 
