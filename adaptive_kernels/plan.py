@@ -8,6 +8,7 @@ always-on prefix, computed in Python floats so that bin edges are exact.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -180,8 +181,11 @@ class ExecutionPlan:
         return self.heads.shape[2]
 
     def to(self, device) -> "ExecutionPlan":
-        return ExecutionPlan(self.layers.to(device), self.heads.to(device), self.groups.to(device),
-                             shape=self.shape, seq_len=self.seq_len)
+        """The same plan on ``device`` (checked when made, so not checked again: no device sync)."""
+        moved = object.__new__(ExecutionPlan)
+        moved.layers, moved.heads, moved.groups = self.layers.to(device), self.heads.to(device), self.groups.to(device)
+        moved.shape, moved.seq_len = self.shape, self.seq_len
+        return moved
 
     def rows(self, index) -> "ExecutionPlan":
         """The plan of some batch rows (an index or a slice)."""
@@ -261,52 +265,87 @@ class Schedule:
 def _expand_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     """Unit indices [R, n] -> their weight rows [R, n*size]; -1 stays -1."""
     rows = units[..., None] * size + torch.arange(size, device=units.device)
-    return torch.where(units[..., None] >= 0, rows, -1).flatten(1)
+    return rows.clamp_min_(-1).flatten(1)  # a -1 unit gives -size..-1: all -1
+
+
+def attention_index_lists(heads: torch.Tensor, shape: DecoderShape):
+    """Index lists of R rows' active query heads: bool [R, H] -> (q_rows [R, nq*d], kv_rows [R, nkv*d],
+    q_to_kv [R, nq]), -1 padded.
+
+    A key/value head is active when any of its query heads is; ``q_to_kv`` gives each active
+    query head's slot among its row's active kv heads.
+    """
+    R, H = heads.shape
+    per_kv = H // shape.num_kv_heads
+    kv_on = heads.view(R, shape.num_kv_heads, per_kv).any(-1)
+    q_units, kv_units = active_index(heads), active_index(kv_on)
+    slot = kv_on.long().cumsum(-1) - 1
+    q_to_kv = torch.where(q_units >= 0, slot.gather(1, (q_units // per_kv).clamp_min(0)), -1)
+    return _expand_rows(q_units, shape.head_dim), _expand_rows(kv_units, shape.head_dim), q_to_kv
+
+
+def neuron_index_list(groups: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
+    """The neurons of R rows' active MLP groups, ascending: bool [R, G] -> int64 [R, n], -1 padded."""
+    M, G = shape.intermediate_size, groups.shape[1]
+    if M % G == 0:  # equal groups: a group's neurons are one aligned run
+        return _expand_rows(active_index(groups), M // G)
+    sizes = torch.tensor(group_sizes(M, G), device=groups.device)
+    return active_index(groups.repeat_interleave(sizes, dim=-1))
 
 
 def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
-    """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request.
+    """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request;
+    the Schedule's plan is ``plan`` on ``device``.
 
-    All layers are indexed together on the CPU, and the buffers reach the device in one copy:
-    one synchronisation per request, not several per layer.
+    The masks reach the host in one copy; index lists are built, all at once, only for the layers
+    that some row runs partially (dense layers share one head map); every buffer reaches the
+    device in one copy. One synchronisation per request, and host work that grows with the
+    partial layers only.
     """
     device = torch.device(device) if device is not None else plan.layers.device
-    on, heads, groups = plan.layers.cpu(), plan.heads.cpu(), plan.groups.cpu()
-    B, L, H = heads.shape
-    d, per_kv = shape.head_dim, H // shape.num_kv_heads
-    kv_on = heads.view(B, L, shape.num_kv_heads, per_kv).any(-1)
-    sizes = torch.tensor(shape.group_sizes)
-    q_units = active_index(heads.flatten(0, 1)).view(B, L, -1)
-    kv_units = active_index(kv_on.flatten(0, 1)).view(B, L, -1)
-    q_rows = _expand_rows(q_units.flatten(0, 1), d).view(B, L, -1)
-    kv_rows = _expand_rows(kv_units.flatten(0, 1), d).view(B, L, -1)
-    slot = kv_on.long().cumsum(-1) - 1
-    q_to_kv = torch.where(q_units >= 0, slot.gather(-1, (q_units // per_kv).clamp_min(0)), -1)
-    partial_mlp = (~groups.all(-1)).any(0).expand(B, L)  # layers where some row has a group off
-    if shape.intermediate_size % H == 0:  # equal groups: a group's neurons are one aligned run
-        neurons = _expand_rows(active_index(groups[partial_mlp]), shape.intermediate_size // H)
-    else:
-        neurons = active_index(groups[partial_mlp].repeat_interleave(sizes, dim=-1))
-    neuron_rows = torch.full((B, L, neurons.shape[1]), -1, dtype=torch.long)
-    neuron_rows[partial_mlp] = neurons
-    counts = torch.stack([heads.sum(-1), kv_on.sum(-1), groups.long() @ sizes], dim=-1).transpose(0, 1).tolist()
-    dense = torch.stack([heads.all(-1), groups.all(-1)], dim=-1).transpose(0, 1).tolist()
+    B, L, H = plan.heads.shape
+    masks = torch.cat([plan.layers[..., None], plan.heads, plan.groups], dim=-1).cpu()
+    plan = plan if plan.layers.device == device else plan.to(device)
+    on, heads, groups = masks[..., 0], masks[..., 1:H + 1], masks[..., H + 1:]
+    kv_on = heads.view(B, L, shape.num_kv_heads, -1).any(-1)
+    # per (layer, row): [runs, q heads, kv heads, neurons, all heads on, all groups on]
+    facts = torch.stack([on.long(), heads.sum(-1), kv_on.sum(-1), groups.long() @ torch.tensor(shape.group_sizes),
+                         heads.all(-1).long(), groups.all(-1).long()], dim=-1).transpose(0, 1).tolist()
+    rows_of = [[r for r in range(B) if facts[l][r][0]] for l in range(L)]
+    partial_attention = [l for l in range(L) if not all(facts[l][r][4] for r in rows_of[l])]
+    partial_mlp = [l for l in range(L) if not all(facts[l][r][5] for r in rows_of[l])]
+
+    def pairs(layer_ids):  # (row, layer) index tensors of these layers' running rows, layer by layer
+        return tuple(torch.tensor(t) for t in zip(*[(r, l) for l in layer_ids for r in rows_of[l]]))
+
+    if partial_attention:
+        q_all, kv_all, map_all = attention_index_lists(heads[pairs(partial_attention)], shape)
+    if partial_mlp:
+        neurons_all = neuron_index_list(groups[pairs(partial_mlp)], shape)
+    attention_start = dict(zip(partial_attention, itertools.accumulate((len(rows_of[l]) for l in partial_attention), initial=0)))
+    mlp_start = dict(zip(partial_mlp, itertools.accumulate((len(rows_of[l]) for l in partial_mlp), initial=0)))
+    dense_maps = {}  # row count -> the head map of a dense layer, shared by all of them
     layers = []
-    for l, (rows_on, layer_counts, layer_dense) in enumerate(zip(on.t().tolist(), counts, dense)):
-        rows = [r for r, executes in enumerate(rows_on) if executes]
+    for l, rows in enumerate(rows_of):
         if not rows:
             layers.append(None)
             continue
-        sel = slice(None) if len(rows) == B else torch.tensor(rows)
-        nq, nkv, nn = (max(layer_counts[r][i] for r in rows) for i in range(3))
-        dense_attention = all(layer_dense[r][0] for r in rows)
-        dense_mlp = all(layer_dense[r][1] for r in rows)
-        layers.append(LayerIndices(
-            rows=None if len(rows) == B else sel, num_rows=len(rows),
-            q_rows=None if dense_attention else q_rows[sel, l, :nq * d],
-            kv_rows=None if dense_attention else kv_rows[sel, l, :nkv * d],
-            q_to_kv=q_to_kv[sel, l, :nq], mlp_rows=None if dense_mlp else neuron_rows[sel, l, :nn],
-            num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn))
+        R = len(rows)
+        nq, nkv, nn = (max(facts[l][r][i] for r in rows) for i in (1, 2, 3))
+        if l in attention_start:
+            a = attention_start[l]
+            q_rows, kv_rows = q_all[a:a + R, :nq * shape.head_dim], kv_all[a:a + R, :nkv * shape.head_dim]
+            q_to_kv = map_all[a:a + R, :nq]
+        else:
+            q_rows = kv_rows = None
+            if R not in dense_maps:
+                dense_maps[R] = (torch.arange(H) // (H // shape.num_kv_heads)).expand(R, H)
+            q_to_kv = dense_maps[R]
+        m = mlp_start.get(l)
+        layers.append(LayerIndices(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=q_rows,
+                                   kv_rows=kv_rows, q_to_kv=q_to_kv,
+                                   mlp_rows=None if m is None else neurons_all[m:m + R, :nn],
+                                   num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn))
     if device.type != "cpu":
         layers = _move(layers, device)
     return Schedule(plan, layers)
@@ -316,10 +355,14 @@ _INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "q_to_kv", "mlp_rows")
 
 
 def _move(layers: list, device) -> list:
-    """The same LayerIndices with every index tensor on ``device``, moved in a single copy."""
-    tensors = [getattr(idx, f) for idx in layers if idx is not None for f in _INDEX_FIELDS]
-    present = [t for t in tensors if t is not None]
-    flat = torch.cat([t.reshape(-1) for t in present]).to(device) if present else None
-    pieces = iter(torch.split(flat, [t.numel() for t in present]) if present else ())
-    moved = iter([None if t is None else next(pieces).view(t.shape) for t in tensors])
-    return [None if idx is None else replace(idx, **{f: next(moved) for f in _INDEX_FIELDS}) for idx in layers]
+    """The same LayerIndices with every index tensor on ``device``, moved in a single copy (a tensor
+    shared by several layers stays shared)."""
+    unique = {id(t): t for idx in layers if idx is not None for f in _INDEX_FIELDS
+              if (t := getattr(idx, f)) is not None}
+    if not unique:
+        return layers
+    flat = torch.cat([t.reshape(-1) for t in unique.values()]).to(device)
+    pieces = torch.split(flat, [t.numel() for t in unique.values()])
+    moved = {key: piece.view(t.shape) for (key, t), piece in zip(unique.items(), pieces)}
+    return [None if idx is None else replace(idx, **{f: moved.get(id(getattr(idx, f))) for f in _INDEX_FIELDS})
+            for idx in layers]

@@ -71,20 +71,38 @@ class AdaptiveScheduler(nn.Module):
         per_layer = 1 if units.variant == "L" else 1 + 2 * units.num_heads
         self.latency_encoder = LatencyEncoder(hidden_size)
         self.head = nn.Linear(hidden_size, self.num_scheduled * per_layer)
+        self._memo_weights, self._memo = None, {}  # latency_embedding's: quantised budget -> [hidden]
 
     def latency_embedding(self, budgets: list[float]) -> torch.Tensor:
-        """The latency token's input embedding per budget: [B, hidden]."""
-        q = torch.tensor([self.units.quantised(b) for b in budgets], device=self.head.weight.device)
-        return self.latency_encoder(q)
+        """The latency token's input embedding per budget: [B, hidden].
+
+        Without autograd each quantised budget's embedding is computed once and kept until the
+        encoder's weights change (in place or replaced), so a request costs no encoder launches.
+        """
+        q = [self.units.quantised(b) for b in budgets]
+        device = self.head.weight.device
+        if torch.is_grad_enabled():
+            return self.latency_encoder(torch.tensor(q, device=device))
+        weights = tuple((t.data_ptr(), t._version, t.dtype) for t in self.latency_encoder.parameters())
+        if weights != self._memo_weights:
+            self._memo_weights, self._memo = weights, {}
+        missing = sorted(set(q) - self._memo.keys())
+        if missing:
+            self._memo.update(zip(missing, self.latency_encoder(torch.tensor(missing, device=device))))
+        return torch.stack([self._memo[v] for v in q])
 
     def select(self, latency_state: torch.Tensor, budgets: list[float], sample: bool = False):
         """Units after the prefix from the latency token's hidden state [B, hidden].
 
         Returns (layers [B, K], heads [B, K, H], groups [B, K, H]) for the K scheduled layers:
-        bool masks of the top-n units (``sample=False``), or float straight-through masks of a
-        Gumbel top-n draw (``sample=True``). Either way each row has exactly its budget's units.
+        bool masks of the top-n units on the CPU (``sample=False``: the logits cross to the host
+        once, where the plan's index buffers are built anyway), or float straight-through masks of
+        a Gumbel top-n draw on the state's device (``sample=True``). Either way each row has
+        exactly its budget's units.
         """
         logits = self.head(latency_state)
+        if not sample:
+            logits = logits.detach().float().cpu()
         counts = torch.tensor([self.units.units(b) for b in budgets], device=logits.device)
         K, H, r = self.num_scheduled, self.units.num_heads, self.units.rank
         if self.units.variant == "L":

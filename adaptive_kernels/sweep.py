@@ -116,7 +116,7 @@ def _schedule(model, budget: float, seq_len: int):
     settings, scheduler = lm._ak_settings, lm.latency_scheduler
     token = scheduler.latency_embedding([budget])
     masks = scheduler.select(token, [budget])  # the token's embedding stands in for its hidden state
-    return compile_plan(plan_from_masks(*masks, settings, seq_len), settings.shape)
+    return compile_plan(plan_from_masks(*masks, settings, seq_len), settings.shape, model.device)
 
 
 def kernel_ms(fn) -> float:

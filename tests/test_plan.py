@@ -132,3 +132,63 @@ def test_mlp_rows_list_the_neurons_of_active_groups(intermediate):
         for r in range(3):
             expected = [n for gr in range(6) if groups[r, l, gr] for n in range(starts[gr], starts[gr + 1])]
             assert rows[r].tolist() == expected + [-1] * (rows.shape[1] - len(expected))
+
+
+def _mixed_plan(seed: int, B: int, L: int, H: int) -> ExecutionPlan:
+    """Per (row, layer) one of: skipped, dense, partial heads and groups, or nothing on but the layer."""
+    g = torch.Generator().manual_seed(seed)
+    kind = torch.randint(0, 4, (B, L), generator=g)
+    heads = torch.where((kind == 1)[..., None], True, torch.rand(B, L, H, generator=g) < 0.5)
+    groups = torch.where((kind == 1)[..., None], True, torch.rand(B, L, H, generator=g) < 0.5)
+    off = (kind == 0) | (kind == 3)
+    heads, groups = heads & ~off[..., None], groups & ~off[..., None]
+    return ExecutionPlan(kind != 0, heads, groups)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compile_plan_lists_each_layer_rows_and_units_by_definition(seed):
+    """Every layer of a mixed batch: the rows that run it, and per row its heads, kv slots and neurons
+    written out from the masks; dense layers get no lists (None)."""
+    B, L, H, Hkv, d, M = 3, 6, 6, 2, 4, 27
+    plan = _mixed_plan(seed, B, L, H)
+    shape = DecoderShape(L, H * d, H, Hkv, d, M)
+    sizes = [5, 5, 5, 4, 4, 4]
+    starts = [sum(sizes[:g]) for g in range(H)]
+    schedule = compile_plan(plan, shape)
+    for l, idx in enumerate(schedule.layers):
+        rows = [r for r in range(B) if plan.layers[r, l]]
+        if not rows:
+            assert idx is None
+            continue
+        assert (idx.rows is None) == (len(rows) == B) and idx.num_rows == len(rows)
+        if idx.rows is not None:
+            assert idx.rows.tolist() == rows
+        heads, groups = plan.heads[rows, l], plan.groups[rows, l]
+        assert (idx.q_rows is None) == bool(heads.all()) and (idx.mlp_rows is None) == bool(groups.all())
+        for i, r in enumerate(rows):
+            q = [h for h in range(H) if plan.heads[r, l, h]]
+            kv = sorted({h // (H // Hkv) for h in q})
+            neurons = [starts[g] + j for g in range(H) if plan.groups[r, l, g] for j in range(sizes[g])]
+
+            def listed(t):
+                return [v for v in t[i].tolist() if v >= 0]
+            assert listed(idx.q_to_kv) == [kv.index(h // (H // Hkv)) for h in q]
+            if idx.q_rows is not None:
+                assert listed(idx.q_rows) == [h * d + j for h in q for j in range(d)]
+                assert listed(idx.kv_rows) == [k * d + j for k in kv for j in range(d)]
+            if idx.mlp_rows is not None:
+                assert listed(idx.mlp_rows) == neurons
+        assert idx.num_q_heads == max(int(plan.heads[r, l].sum()) for r in rows)
+        assert idx.num_neurons == max(sum(sizes[g] for g in range(H) if plan.groups[r, l, g]) for r in rows)
+
+
+def test_compile_plan_moves_every_buffer_to_the_device_in_its_shape():
+    plan = _mixed_plan(7, 3, 8, 6)
+    shape = DecoderShape(8, 24, 6, 2, 4, 27)
+    on_cpu, on_meta = compile_plan(plan, shape).layers, compile_plan(plan, shape, device="meta").layers
+    for a, b in zip(on_cpu, on_meta):
+        assert (a is None) == (b is None)
+        for field in ("rows", "q_rows", "kv_rows", "q_to_kv", "mlp_rows") if a is not None else ():
+            ta, tb = getattr(a, field), getattr(b, field)
+            assert (ta is None) == (tb is None), field
+            assert ta is None or (tb.device.type == "meta" and tb.shape == ta.shape and tb.dtype == ta.dtype), field

@@ -97,3 +97,25 @@ def test_gumbel_samples_differ_between_draws_but_not_under_one_seed():
     b = sched.select(state, [0.6], sample=True)[0]
     draws = {tuple(sched.select(state, [0.6], sample=True)[0][0].tolist()) for _ in range(20)}
     assert torch.equal(a, b) and len(draws) > 1
+
+
+def test_latency_embedding_memo_follows_weight_changes():
+    """Without autograd embeddings are remembered per quantised budget; a changed weight (in place,
+    replaced, or a new dtype) gives the new encoder's output, never a stale one."""
+    sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
+
+    def fresh(budgets):
+        q = torch.tensor([sched.units.quantised(b) for b in budgets])
+        return sched.latency_encoder(q)
+
+    with torch.no_grad():
+        budgets = [0.9, 0.6, 0.9]
+        torch.testing.assert_close(sched.latency_embedding(budgets), fresh(budgets), rtol=0, atol=0)
+        sched.latency_encoder.fc2.bias.add_(torch.randn(16))
+        torch.testing.assert_close(sched.latency_embedding(budgets), fresh(budgets), rtol=0, atol=0)
+        sched.latency_encoder.fc1.weight = torch.nn.Parameter(torch.randn(16, 256))
+        torch.testing.assert_close(sched.latency_embedding([0.6]), fresh([0.6]), rtol=0, atol=0)
+        sched.double()
+        assert sched.latency_embedding([0.6]).dtype == torch.float64
+    embedding = sched.latency_embedding([0.6])
+    assert embedding.requires_grad  # with autograd: computed, differentiable

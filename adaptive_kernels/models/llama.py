@@ -251,12 +251,13 @@ class AdaptiveDecoderMixin:
             sampled = self.training and not request.plan_only
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
-            if request.plan_only:
-                return BaseModelOutputWithPast(last_hidden_state=x)
             if sampled:
                 x = run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape)
                 return BaseModelOutputWithPast(last_hidden_state=self.norm(x))
-            schedule = compile_plan(request.plan, settings.shape)
+            schedule = compile_plan(request.plan, settings.shape, x.device)  # host masks: the plan moves too
+            if request.plan_only:
+                request.plan = schedule.plan
+                return BaseModelOutputWithPast(last_hidden_state=x)
             if cache is not None:
                 cache.schedule = schedule
             first = P
