@@ -33,6 +33,9 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
         backend = default_backend(model.device)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "cuda" and model.device.type != "cuda":
+        raise ValueError(f"backend='cuda' runs CUDA kernels, but the model is on {model.device}; "
+                         "move it with model.to('cuda') first, or use backend='torch'")
     return shape, variant, rank, prefix, backend
 
 
@@ -42,7 +45,7 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
 
     Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups
     in units of ``rank``; the first ``num_prefix_layers`` (default half) always run. ``backend``
-    picks the ops ("torch", "triton"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
+    picks the ops ("torch", "triton", "cuda"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
     safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation.
     ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph (False: eager).
     """

@@ -2,7 +2,8 @@
 
 The model code calls only the four functions of a ``Backend``; ``"torch"`` runs the plain
 PyTorch references (anywhere; the speed baseline), ``"triton"`` the Triton kernels (default on
-CUDA). A backend changes speed, never results.
+CUDA), ``"cuda"`` the csrc extension's decode GEMV where it applies and Triton elsewhere (CUDA
+only; built on first use). A backend changes speed, never results.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def get_backend(name: str) -> Backend:
     if name == "triton":
         return _triton_backend()
     if name == "cuda":
-        raise ValueError("backend='cuda' is not enabled yet: its csrc extension (adaptive_kernels.cuda_ext) has not "
-                         "passed its GPU tests; use 'torch' or 'triton'")
+        from .cuda_ext import cuda_backend
+
+        return cuda_backend()
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")

@@ -280,7 +280,7 @@ def sweep_main(argv) -> int:
                                             "on CUDA, the tiny one on the CPU. Writes CSV, JSON and a PNG.")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="V")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS[:2], metavar="B",
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="B",
                    help="default: triton and torch on cuda, torch on cpu")
     p.add_argument("--budgets", nargs="+", type=_budget, default=list(BUDGETS), metavar="B")
     p.add_argument("--new-tokens", type=_positive_int, default=16, metavar="N", help="decoded tokens per timing")

@@ -24,13 +24,15 @@ from typing import NamedTuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .plan import DecoderShape, ExecutionPlan, active_index, group_sizes
+from .plan import DecoderShape, ExecutionPlan, attention_index_lists, neuron_index_list
 
 __all__ = ["DECODE_MAX_TOKENS", "CompactPlan", "compact_plan", "compact_plan_reference", "cuda_backend",
            "gather_cols_linear", "gather_rows_linear", "load", "toolchain_problem"]
 
 DECODE_MAX_TOKENS = 16
 """Tokens per batch row up to which the cuda backend runs the GEMV kernels (above: the Triton ops)."""
+MAX_UNITS = 1024
+"""Most heads (and groups) per layer that ``compact_plan`` takes (csrc's kMaxUnits)."""
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "gather_rows.cu", "gather_cols.cu", "compact_plan.cu")
@@ -151,6 +153,47 @@ def load(verbose: bool = False) -> None:
 # Gathered projections (decode regime)
 # ---------------------------------------------------------------------------------------------
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_gemv(op: str, act_name: str, act, weight, index_name: str, index, bias=None) -> None:
+    """Clear errors, naming the argument, for what the GEMV kernels cannot take; checked here, before
+    the extension is called (its own checks only guard direct ``torch.ops`` calls).
+
+    ``act_name`` "x": rows-side (weight [N, D] with D = x's last size); "a": cols-side (cols [R, n]
+    with n = a's last size)."""
+    tensors = {act_name: act, "weight": weight, index_name: index} | ({} if bias is None else {"bias": bias})
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if act.dim() != 3 or weight.dim() != 2 or index.dim() != 2:
+        raise ValueError(f"{op}: {act_name} must be 3-D, weight and {index_name} 2-D; got {act_name} "
+                         f"{tuple(act.shape)}, weight {tuple(weight.shape)}, {index_name} {tuple(index.shape)}")
+    if act.shape[1] > DECODE_MAX_TOKENS:
+        raise ValueError(f"{op}: the GEMV kernels take at most {DECODE_MAX_TOKENS} tokens per row ({act_name}.shape[1]), "
+                         f"got {act.shape[1]}; the Triton ops (adaptive_kernels.ops.projections) take any number")
+    if act.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {act_name} must be float32, float16 or bfloat16, got {act.dtype}")
+    for name in ("weight", "bias"):
+        if name in tensors and tensors[name].dtype != act.dtype:
+            raise TypeError(f"{op}: {name} must have {act_name}'s dtype {act.dtype}, got {tensors[name].dtype}")
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: {index_name} must be int64 (or int32), got {index.dtype}")
+    if index.shape[0] != act.shape[0]:
+        raise ValueError(f"{op}: {index_name} must hold one list per row of {act_name} ({act.shape[0]}), "
+                         f"got {tuple(index.shape)}")
+    if act_name == "x" and weight.shape[1] != act.shape[2]:
+        raise ValueError(f"{op}: weight must be [N, D] with D = {act.shape[2]} (x's last size), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be [N] with N = {weight.shape[0]} (weight's rows), got {tuple(bias.shape)}")
+    if act_name == "a" and index.shape[1] != act.shape[2]:
+        raise ValueError(f"{op}: cols must be [R, n] with n = {act.shape[2]} (a's last size), got {tuple(index.shape)}")
+    devices = {t.device for t in tensors.values()}
+    if any(d.type != "cuda" for d in devices) or len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise ValueError(f"{op}: all tensors must be on one CUDA device, got {where}")
+
+
 def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y[r, t, j] = x[r, t] . weight[rows[r, j]] (+ bias[rows[r, j]])``, 0 where ``rows[r, j] < 0``.
@@ -161,6 +204,7 @@ def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     weight's rows are 16-byte aligned (else element by element). The custom op
     ``torch.ops.adaptive_kernels.cuda_gather_rows_linear``; FLOPs counted: 2*R*T*n*D.
     """
+    _check_gemv("gather_rows_linear", "x", x, weight, "rows", rows, bias)
     load()
     return torch.ops.adaptive_kernels.cuda_gather_rows_linear(x, weight, rows, bias)
 
@@ -176,6 +220,7 @@ def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
     never read. The custom op ``torch.ops.adaptive_kernels.cuda_gather_cols_linear``; FLOPs
     counted: 2*R*T*n*D.
     """
+    _check_gemv("gather_cols_linear", "a", a, weight, "cols", cols)
     load()
     return torch.ops.adaptive_kernels.cuda_gather_cols_linear(a, weight, cols)
 
@@ -211,6 +256,8 @@ def _check_plan(plan: ExecutionPlan, shape: DecoderShape) -> None:
         raise ValueError(f"plan has {plan.num_heads} heads per layer but shape.num_heads is {shape.num_heads}")
     if shape.num_kv_heads < 1 or shape.num_heads % shape.num_kv_heads:
         raise ValueError(f"shape.num_kv_heads must divide the {shape.num_heads} heads, got {shape.num_kv_heads}")
+    if plan.num_heads > MAX_UNITS:
+        raise ValueError(f"compact_plan takes at most {MAX_UNITS} heads and groups per layer, got {plan.num_heads}")
 
 
 def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
@@ -238,39 +285,21 @@ def _pad_to(index: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(index, (0, width - index.shape[-1]), value=-1)
 
 
-def _unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
-    """Unit indices [P, u] -> their weight rows [P, u*size], -1 for -1."""
-    rows = units[..., None] * size + torch.arange(size, device=units.device)
-    return torch.where(units[..., None] >= 0, rows, -1).flatten(1)
-
-
 def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
-    """``buffer[b, l] = active_index(mask[b, l])`` as weight rows, padded with -1 to the full count:
-    the PyTorch reference of ``compact_plan`` (any device).
+    """``buffer[b, l]`` = the index lists ``plan.compile_plan`` builds for that pair, padded with -1 to
+    the full count: the PyTorch reference of ``compact_plan`` (any device).
 
     plan.heads [B, L, H], plan.groups [B, L, G] -> ``CompactPlan`` with q_rows [B, L, H*d], kv_rows
     [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M] and the counts [B, L].
     """
     _check_plan(plan, shape)
     B, L, H = plan.heads.shape
-    G = plan.groups.shape[2]
-    d, Hkv, M = shape.head_dim, shape.num_kv_heads, shape.intermediate_size
-    heads, groups = plan.heads.reshape(B * L, H), plan.groups.reshape(B * L, G)
-    per_kv = H // Hkv
-    kv_on = heads.view(B * L, Hkv, per_kv).any(-1)
-    q_units, kv_units = _pad_to(active_index(heads), H), _pad_to(active_index(kv_on), Hkv)
-    slot = kv_on.long().cumsum(-1) - 1
-    q_to_kv = torch.where(q_units >= 0, slot.gather(1, (q_units // per_kv).clamp_min(0)), -1)
-    sizes = torch.tensor(group_sizes(M, G), device=groups.device)
-    neurons = _pad_to(active_index(groups.repeat_interleave(sizes, dim=1)), M)
-    q_rows, kv_rows = _unit_rows(q_units, d), _unit_rows(kv_units, d)
-
-    def per_pair(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(B, L, *t.shape[1:])
-
-    count = lambda t: per_pair((t >= 0).sum(-1))  # noqa: E731
-    return CompactPlan(per_pair(q_rows), per_pair(kv_rows), per_pair(q_to_kv), per_pair(neurons),
-                       count(q_rows), count(kv_rows), count(neurons))
+    q_rows, kv_rows, q_to_kv = attention_index_lists(plan.heads.reshape(B * L, H), shape)
+    neurons = neuron_index_list(plan.groups.reshape(B * L, -1), shape)
+    widths = (H * shape.head_dim, shape.num_kv_heads * shape.head_dim, H, shape.intermediate_size)
+    q_rows, kv_rows, q_to_kv, neurons = (_pad_to(t, w).view(B, L, w) for t, w in
+                                         zip((q_rows, kv_rows, q_to_kv, neurons), widths))
+    return CompactPlan(q_rows, kv_rows, q_to_kv, neurons, *((t >= 0).sum(-1) for t in (q_rows, kv_rows, neurons)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,12 +307,14 @@ def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactP
 # ---------------------------------------------------------------------------------------------
 
 def cuda_backend():
-    """The ``"cuda"`` ``backends.Backend``: the CUDA GEMV kernels for 1 to 16 tokens per row, Triton otherwise.
+    """The ``"cuda"`` ``backends.Backend``: the CUDA GEMV kernels in the decode regime, Triton elsewhere.
 
-    ``rows_linear`` / ``cols_linear`` call ``gather_rows_linear`` / ``gather_cols_linear`` of this
-    module when the token count (x.shape[1]) is at most ``DECODE_MAX_TOKENS`` and the Triton ops
-    of ``ops.projections`` above; ``swiglu`` and ``attention`` are the Triton ops. Builds csrc/ on
-    the first call (``load``), so a missing toolchain is reported here, before any request.
+    ``rows_linear`` calls ``gather_rows_linear`` of this module for 1 to ``DECODE_MAX_TOKENS``
+    tokens per row; ``cols_linear`` calls ``gather_cols_linear`` for that many tokens on a
+    row-major weight (the layout its 16-byte loads read). Everything else, including the
+    column-major o/down weights a patched model keeps, ``swiglu`` and ``attention``, runs the
+    Triton ops. Builds csrc/ on the first call (``load``), so a missing toolchain is reported
+    here, before any request.
     """
     from .backends import Backend
     from .ops import attention, projections, swiglu
@@ -296,7 +327,7 @@ def cuda_backend():
         return projections.gather_rows_linear(x, weight, rows, bias)
 
     def cols_linear(a, weight, cols):
-        if a.shape[1] <= DECODE_MAX_TOKENS:
+        if a.shape[1] <= DECODE_MAX_TOKENS and weight.stride(1) == 1:
             return gather_cols_linear(a, weight, cols)
         return projections.gather_cols_linear(a, weight, cols)
 

@@ -46,7 +46,11 @@ def environment() -> str:
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1] \
         if nvcc else "not on PATH"
     from torch.utils import cpp_extension
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    cxx_version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0] \
+        if cxx else "not on PATH"
     lines = [f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})",
+             f"host compiler: {cxx} ({cxx_version}); torch's _GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}",
              f"nvcc: {nvcc} ({version}); CUDA_HOME {cpp_extension.CUDA_HOME}; "
              f"ninja {'yes' if cpp_extension.is_ninja_available() else 'no'}"]
@@ -75,11 +79,12 @@ def table(path: Path) -> str:
     info, rows = data["info"], data["rows"]
     lines = [f"{info['device']} ({info['sms']} SMs)  {info['date']}  torch {info['torch']}  CUDA {info['cuda']}  "
              f"triton {info['triton']}",
-             f"{'proj':<8}{'T':>3}{'share':>6}{'cuda':>9}{'padded':>9}{'triton':>9}{'dense':>9}{'ideal':>9}"
-             f"{'floor':>7}{'GB/s':>7}{'bw%':>5}{'/ideal':>8}{'/triton':>8}  (us)"]
+             f"{'proj':<8}{'T':>3}{'share':>6}{'cuda':>9}{'padded':>9}{'triton':>9}{'tr-cmaj':>9}{'dense':>9}{'ideal':>9}"
+             f"{'floor':>7}{'GB/s':>7}{'bw%':>5}{'/ideal':>8}{'/triton':>8}  (us; tr-cmaj: Triton, column-major o/down)"]
     for r in rows:
         lines.append(f"{r['projection']:<8}{r['tokens']:>3}{r['share']:>6.2f}{r['cuda_us']:>9.1f}"
-                     f"{r['cuda_padded_us']:>9.1f}{fmt(r['triton_us'], '9.1f'):>9}{r['dense_us']:>9.1f}"
+                     f"{r['cuda_padded_us']:>9.1f}{fmt(r['triton_us'], '9.1f'):>9}"
+                     f"{fmt(r.get('triton_cols_major_us'), '9.1f'):>9}{r['dense_us']:>9.1f}"
                      f"{r['ideal_us']:>9.1f}{r['floor_us']:>7.1f}{r['cuda_GBps']:>7.0f}{100 * r['cuda_bw_share']:>5.0f}"
                      f"{r['cuda_vs_ideal']:>8.2f}{fmt(r['cuda_vs_triton'], '8.2f'):>8}")
     if rows:

@@ -10,7 +10,9 @@ plans list them), in one run:
 - ``cuda_padded``: the same op on the fixed-width list ``compact_plan`` gives (-1 up to the full
   count, as a graph-captured request would pass it);
 - ``triton``: ``adaptive_kernels.ops.projections.gather_rows_linear`` / ``gather_cols_linear``
-  (left out if they cannot be imported);
+  (left out if they cannot be imported) on the same weight; for the column side also
+  ``triton_cols_major``: the Triton op on the column-major copy a patched model keeps (the layout
+  each backend reads o/down in decides which one the ``cuda`` backend uses there);
 - ``dense``: ``F.linear`` on the full weight; ``ideal``: ``F.linear`` on a weight cut to the
   active units before timing.
 
@@ -48,7 +50,7 @@ PROJECTIONS = {
     "gate/up": ("rows", 11008, 4096, 344),
     "down": ("cols", 4096, 11008, 344),
 }
-IMPLS = ("cuda", "cuda_padded", "triton", "dense", "ideal")
+IMPLS = ("cuda", "cuda_padded", "triton", "triton_cols_major", "dense", "ideal")
 
 
 def triton_ops():
@@ -99,7 +101,9 @@ def variants(projection: str, share: float, T: int, gen: torch.Generator) -> tup
                    cuda_padded=lambda: cuda_ext.gather_cols_linear(a_padded, W, padded),
                    dense=lambda: F.linear(a_full, W), ideal=lambda: F.linear(a, cut))
         if triton is not None:
+            W_cols_major = W.t().contiguous().t()
             fns["triton"] = lambda: triton[1](a, W, lists)
+            fns["triton_cols_major"] = lambda: triton[1](a, W_cols_major, lists)
         active = out_f * n * es
     return fns, active, out_f * in_f * es
 
@@ -127,6 +131,7 @@ def measure(projection: str) -> list[dict]:
             row["cuda_vs_ideal"] = us["cuda"] / us["ideal"]
             row["cuda_vs_dense"] = us["cuda"] / us["dense"]
             row["cuda_vs_triton"] = us["cuda"] / us["triton"] if "triton" in us else None
+            row["cuda_vs_triton_cols_major"] = us["cuda"] / us["triton_cols_major"] if "triton_cols_major" in us else None
             rows.append(row)
             del fns
     return rows

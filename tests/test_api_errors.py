@@ -65,7 +65,7 @@ def test_unsupported_models():
 @pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"rank": 3}, "rank"), ({"rank": 0}, "rank"),
                                          ({"num_prefix_layers": 8}, "num_prefix_layers"),
                                          ({"num_prefix_layers": -1}, "num_prefix_layers"),
-                                         ({"backend": "jax"}, "backend")])
+                                         ({"backend": "jax"}, "backend"), ({"backend": "cuda"}, "backend='cuda'")])
 def test_bad_patch_options(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ak.patch(tiny_llava(), **kwargs)

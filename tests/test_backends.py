@@ -20,7 +20,7 @@ interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="Triton runs CPU tensors only in its interpreter (set when CUDA is absent)")
 CASES = [pytest.param("cpu", "triton", torch.float32, id="cpu-triton-fp32", marks=interpreter)]
 CASES += [pytest.param("cuda", backend, dtype, id=f"cuda-{backend}-{str(dtype)[6:]}", marks=gpu)
-          for backend in ("torch", "triton") for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+          for backend in ("torch", "triton", "cuda") for dtype in (torch.float32, torch.float16, torch.bfloat16)]
 TOLERANCE = {torch.float32: dict(rtol=2e-3, atol=2e-3), torch.float16: dict(rtol=3e-2, atol=3e-2),
              torch.bfloat16: dict(rtol=8e-2, atol=8e-2)}
 
@@ -66,7 +66,7 @@ def test_backend_generates_what_the_torch_backend_generates(device, backend, dty
 
 
 @gpu
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_cuda_graph_decode_equals_eager_decode(backend):
     stock = tiny_llava(seed=26).cuda()
     inputs = example_inputs(stock, batch_size=2, seed=27)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import zlib
 
 import pytest
@@ -331,21 +332,56 @@ def test_opcheck():
     torch.library.opcheck(ops.cuda_compact_plan.default, (heads, ~heads, 4, 2, 30))
 
 
+BAD_GEMV_CALLS = {  # what is wrong -> (call, error type, message pattern); CPU tensors: refused before any launch
+    "too many tokens": (lambda x, w, rows: cuda_ext.gather_rows_linear(x, w, rows), ValueError,
+                        "at most 16 tokens per row \\(x.shape\\[1\\]\\), got 17"),
+    "weight dtype": (lambda x, w, rows: cuda_ext.gather_rows_linear(x[:, :1], w.half(), rows), TypeError,
+                     "weight must have x's dtype"),
+    "weight width": (lambda x, w, rows: cuda_ext.gather_rows_linear(x[:, :1], w[:, :7], rows), ValueError,
+                     "weight must be \\[N, D\\] with D = 8"),
+    "bias size": (lambda x, w, rows: cuda_ext.gather_rows_linear(x[:, :1], w, rows, w[0]), ValueError,
+                  "bias must be \\[N\\] with N = 5"),
+    "float rows": (lambda x, w, rows: cuda_ext.gather_rows_linear(x[:, :1], w, rows.float()), TypeError,
+                   "rows must be int64"),
+    "int8 activations": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2].to(torch.int8), w.t(), rows),
+                         TypeError, "a must be float32, float16 or bfloat16"),
+    "cols width": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :3], w.t(), rows), ValueError,
+                   "cols must be \\[R, n\\] with n = 3"),
+    "lists per row": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2], w.t(), rows.expand(2, -1)),
+                      ValueError, "one list per row of a \\(1\\)"),
+    "cpu tensors": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2], w.t(), rows), ValueError,
+                    "all tensors must be on one CUDA device, got a on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GEMV_CALLS))
+def test_bad_gemv_arguments_get_errors_naming_them(case):
+    call, error, pattern = BAD_GEMV_CALLS[case]
+    x, w, rows = torch.randn(1, 17, 8), torch.randn(5, 8), torch.zeros(1, 2, dtype=torch.int64)
+    with pytest.raises(error, match=pattern):
+        call(x, w, rows)
+
+
 @on_gpu
-def test_bad_arguments_get_clear_errors_on_the_gpu():
-    gen = generator("bad")
-    x, w = randn(1, 17, 8, gen=gen, dtype=torch.float32), randn(5, 8, gen=gen, dtype=torch.float32)
-    rows = torch.zeros(1, 2, dtype=torch.int64, device="cuda")
-    with pytest.raises(RuntimeError, match="1 to 16 tokens"):
-        cuda_ext.gather_rows_linear(x, w, rows)
-    with pytest.raises(TypeError, match="weight must have x's dtype"):
-        cuda_ext.gather_rows_linear(x[:, :1], w.half(), rows)
-    with pytest.raises(RuntimeError, match="weight must be \\[N, D\\]"):
-        cuda_ext.gather_rows_linear(x[:, :1], w[:, :7], rows)
-    with pytest.raises(TypeError, match="must be int64"):
-        cuda_ext.gather_rows_linear(x[:, :1], w, rows.float())
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
-        cuda_ext.gather_cols_linear(x[:, :1, :2], w.cpu(), rows)
+def test_the_extension_raises_for_a_bad_direct_call_without_crashing():
+    """Called through torch.ops, past the Python checks, the extension's own checks raise a Python
+    error (run in a child process, so a crash fails this test instead of ending the session)."""
+    code = textwrap.dedent("""
+        import torch
+        from adaptive_kernels import cuda_ext
+        cuda_ext.load()
+        x = torch.randn(1, 17, 8, device="cuda")
+        w = torch.randn(5, 8, device="cuda")
+        rows = torch.zeros(1, 2, dtype=torch.int64, device="cuda")
+        try:
+            torch.ops.adaptive_kernels.cuda_gather_rows_linear(x, w, rows)
+        except RuntimeError as error:
+            print("raised:", error)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert "raised: cuda_gather_rows_linear: the GEMV kernels take 1 to 16 tokens" in done.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +403,8 @@ def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
 
 
 def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeypatch):
+    """Rows side: CUDA GEMV for 1 to 16 tokens. Cols side: CUDA GEMV for 1 to 16 tokens on a row-major
+    weight only (a patched model's column-major o/down weights go to Triton). Triton otherwise."""
     from adaptive_kernels.ops import attention, projections, swiglu
     calls = []
     monkeypatch.setattr(cuda_ext, "load", lambda *a, **k: None)
@@ -380,7 +418,8 @@ def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeyp
     for T in (1, 16, 17):
         backend.rows_linear(torch.empty(1, T, 8), w, idx, None)
         backend.cols_linear(torch.empty(1, T, 2), w, idx)
-    assert calls == ["cuda rows", "cuda cols"] * 2 + ["triton rows", "triton cols"]
+        backend.cols_linear(torch.empty(1, T, 2), projections.cols_major(w), idx)
+    assert calls == ["cuda rows", "cuda cols", "triton cols"] * 2 + ["triton rows", "triton cols", "triton cols"]
     assert backend.swiglu is getattr(swiglu, "gathered_swiglu", None)
     assert backend.attention is getattr(attention, "head_sparse_attention", None)
 
