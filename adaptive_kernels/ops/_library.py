@@ -74,6 +74,18 @@ def check_launch(op: str, *tensors: torch.Tensor) -> None:
                          "importing adaptive_kernels to run them on the CPU, or use backend='torch'")
 
 
+def call_directly(*tensors: torch.Tensor | None) -> bool:
+    """Whether a public op may launch its kernel without going through its custom op.
+
+    The custom op is what ``torch.compile``, dispatch modes (``FlopCounterMode``, fake tensors) and
+    autograd see; in plain eager inference none of them is there, and the dispatcher's round trip
+    through Python (about 17 us a call on a 2-core CPU, seven calls per layer) is pure host time.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def bucket(n: int) -> int:
     """The power of two at or above ``n`` (at least 1): a coarse autotune key, so sizes that differ
     a little reuse one tuning."""

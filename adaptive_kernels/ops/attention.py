@@ -39,7 +39,7 @@ import math  # noqa: E402
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import INTERPRET, autotune, bucket, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
+from ._library import INTERPRET, autotune, bucket, call_directly, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
 
 
 
@@ -205,4 +205,6 @@ def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t
     the kv slots that active q heads use. The custom op
     ``torch.ops.adaptive_kernels.head_sparse_attention``; FLOPs counted: 4*R*T*Tk*nq*d.
     """
+    if call_directly(q, k, v):
+        return _attention_launch(q, k, v, q_to_kv, kv_valid, scale)
     return torch.ops.adaptive_kernels.head_sparse_attention(q, k, v, q_to_kv, kv_valid, scale)

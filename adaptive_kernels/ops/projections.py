@@ -45,7 +45,7 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import INTERPRET, autotune, bucket, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
+from ._library import INTERPRET, autotune, bucket, call_directly, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
 
 
 @jit
@@ -290,8 +290,8 @@ def _split_columns(R: int, D: int, n: int, device: torch.device) -> int:
     return max(1, min(8, -(-2 * num_sms(device.index or 0) * 64 // (R * D)), -(-n // 256)))
 
 
-@torch.library.custom_op("adaptive_kernels::gather_cols_linear", mutates_args=())
-def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def _cols_launch(a, weight, cols):
+    """The launcher of gather_cols_linear."""
     check_launch("gather_cols_linear", a, weight, cols)
     R, T, n = a.shape
     D = weight.shape[0]
@@ -320,6 +320,11 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
     return out
 
 
+@torch.library.custom_op("adaptive_kernels::gather_cols_linear", mutates_args=())
+def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return _cols_launch(a, weight, cols)
+
+
 @_gather_cols_linear_op.register_fake
 def _(a, weight, cols):
     return a.new_empty((a.shape[0], a.shape[1], weight.shape[0]))
@@ -345,6 +350,8 @@ def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     Triton; reads only the listed weight rows, in place. The custom op
     ``torch.ops.adaptive_kernels.gather_rows_linear``; FLOPs counted: 2*R*T*n*D.
     """
+    if call_directly(x, weight, bias):
+        return _rows_launch("gather_rows_linear", x, weight, rows, bias)
     return torch.ops.adaptive_kernels.gather_rows_linear(x, weight, rows, bias)
 
 
@@ -356,6 +363,8 @@ def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
     when the columns are contiguous in memory: see ``cols_major``. The custom op
     ``torch.ops.adaptive_kernels.gather_cols_linear``; FLOPs counted: 2*R*T*n*D.
     """
+    if call_directly(a, weight):
+        return _cols_launch(a, weight, cols)
     return torch.ops.adaptive_kernels.gather_cols_linear(a, weight, cols)
 
 

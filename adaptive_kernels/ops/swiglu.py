@@ -26,6 +26,7 @@ def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
+from ._library import call_directly  # noqa: E402
 from .projections import _rows_launch  # noqa: E402
 
 
@@ -53,4 +54,6 @@ def gathered_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, r
     another activation use ``gathered_swiglu_reference``). The custom op
     ``torch.ops.adaptive_kernels.gathered_swiglu``; FLOPs counted: 4*R*T*n*D (the two products).
     """
+    if call_directly(x, w_gate, w_up):
+        return _rows_launch("gathered_swiglu", x, w_gate, rows, None, w_up)
     return torch.ops.adaptive_kernels.gathered_swiglu(x, w_gate, w_up, rows)
