@@ -11,7 +11,7 @@ import torch
 
 from .backends import BACKENDS, default_backend, get_backend
 from .models import Request, Settings, text_model_shape
-from .models.llama import lay_out_reduction_weights
+from .models.llama import lay_out_reduction_weights, stack_qkv
 from .models.llava import check_llava, is_patched, swap_in, swap_out
 from .plan import VARIANTS, ExecutionPlan, UnitSpace, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
@@ -64,6 +64,7 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
     module = seeded_scheduler(units, shape.hidden_size).to(device=model.device, dtype=lm.embed_tokens.weight.dtype)
     if scheduler is not None:
         load_scheduler_weights(module, scheduler)
+    stack_qkv(lm, stacked=True)
     if backend_name != "torch":
         lay_out_reduction_weights(lm, column_major=True)
     lm.add_module("latency_scheduler", module)
@@ -78,6 +79,7 @@ def unpatch(model):
     if is_patched(model):
         lm = model.model.language_model
         lay_out_reduction_weights(lm, column_major=False)
+        stack_qkv(lm, stacked=False)
         swap_out(model)
         del lm.latency_scheduler
         del lm._ak_settings, lm._ak_options, lm._ak_request

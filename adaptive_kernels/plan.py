@@ -237,16 +237,18 @@ class LayerIndices:
     """One decoder layer's share of a plan, as the index buffers the kernels read.
 
     ``rows``: batch rows that execute the layer (None: all rows). For those R rows, ``q_rows`` and
-    ``kv_rows`` [R, n] are the weight rows of the active query / key-value heads, ``q_to_kv``
-    [R, nq] maps each active query head to its slot among the active kv heads, and ``mlp_rows``
-    [R, n] are the active neurons; each is None when every unit is on (the dense path), and -1
-    pads a row with fewer active units.
+    ``kv_rows`` [R, n] are the weight rows of the active query / key-value heads, ``qkv_rows``
+    [R, nq*d + 2*nkv*d] the same rows of q, k and v stacked in one weight (q's rows, then k's
+    after them, then v's), ``q_to_kv`` [R, nq] maps each active query head to its slot among the
+    active kv heads, and ``mlp_rows`` [R, n] are the active neurons; each is None when every unit
+    is on (the dense path), and -1 pads a row with fewer active units.
     """
 
     rows: torch.Tensor | None
     num_rows: int
     q_rows: torch.Tensor | None
     kv_rows: torch.Tensor | None
+    qkv_rows: torch.Tensor | None
     q_to_kv: torch.Tensor
     mlp_rows: torch.Tensor | None
     num_q_heads: int
@@ -266,6 +268,11 @@ def _expand_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     """Unit indices [R, n] -> their weight rows [R, n*size]; -1 stays -1."""
     rows = units[..., None] * size + torch.arange(size, device=units.device)
     return rows.clamp_min_(-1).flatten(1)  # a -1 unit gives -size..-1: all -1
+
+
+def _shifted(rows: torch.Tensor, offset: int) -> torch.Tensor:
+    """Weight rows moved ``offset`` rows down (into a stacked weight); -1 stays -1."""
+    return torch.where(rows >= 0, rows + offset, -1)
 
 
 def attention_index_lists(heads: torch.Tensor, shape: DecoderShape):
@@ -336,14 +343,16 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
             a = attention_start[l]
             q_rows, kv_rows = q_all[a:a + R, :nq * shape.head_dim], kv_all[a:a + R, :nkv * shape.head_dim]
             q_to_kv = map_all[a:a + R, :nq]
+            q_size, kv_size = H * shape.head_dim, shape.num_kv_heads * shape.head_dim
+            qkv_rows = torch.cat([q_rows, _shifted(kv_rows, q_size), _shifted(kv_rows, q_size + kv_size)], dim=1)
         else:
-            q_rows = kv_rows = None
+            q_rows = kv_rows = qkv_rows = None
             if R not in dense_maps:
                 dense_maps[R] = (torch.arange(H) // (H // shape.num_kv_heads)).expand(R, H)
             q_to_kv = dense_maps[R]
         m = mlp_start.get(l)
         layers.append(LayerIndices(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=q_rows,
-                                   kv_rows=kv_rows, q_to_kv=q_to_kv,
+                                   kv_rows=kv_rows, qkv_rows=qkv_rows, q_to_kv=q_to_kv,
                                    mlp_rows=None if m is None else neurons_all[m:m + R, :nn],
                                    num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn))
     if device.type != "cpu":
@@ -351,7 +360,7 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
     return Schedule(plan, layers)
 
 
-_INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "q_to_kv", "mlp_rows")
+_INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
 
 
 def _move(layers: list, device) -> list:

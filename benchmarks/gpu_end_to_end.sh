@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# On a CUDA machine, from the repository root: the CUDA cases of the op and backend tests, then the
+# On a CUDA machine, from the repository root: the CUDA cases of the op, backend and extension tests, then the
 # end-to-end sweep (benchmarks/test_sweep.py); copies the results to $OUT and prints a table last.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/adaptive-kernels-gpu}
 mkdir -p "$out"
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-200}" python3 -m pytest ${TESTS:-tests/ops tests/test_backends.py} -q -rf --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
+ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-240}" python3 -m pytest ${TESTS:-tests/ops tests/test_backends.py tests/test_cuda_ext.py} -q -rf --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
 timeout "${SWEEP_SECONDS:-330}" python3 -m pytest benchmarks/test_sweep.py --benchmark-only -q -p no:cacheprovider 2>&1 | tee "$out/sweep.log" | tail -8
 cp benchmarks/results/sweep-* "$out/" 2>/dev/null
 python3 - <<'PY'

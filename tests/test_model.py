@@ -15,6 +15,7 @@ import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.cache import AdaptiveCache
 from adaptive_kernels.tiny import example_inputs, tiny_llava
+from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.sliced import sliced_stock
 from oracles import masked_stock, stock_decode_logits
@@ -249,3 +250,32 @@ def test_fresh_schedulers_are_seeded(stock):
     torch.manual_seed(456)
     b = ak.plan(patched(stock, "H"), latency_budget=0.7, **inputs)
     assert a == b
+
+
+def test_patch_stacks_qkv_weights_and_unpatch_separates_them(stock):
+    model = patched(stock, "H")
+    for layer, original in zip(model.model.language_model.layers, stock.model.language_model.layers):
+        with torch.no_grad():
+            weight, _ = stacked_qkv(layer.self_attn)
+        a = original.self_attn
+        torch.testing.assert_close(weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), rtol=0, atol=0)
+        assert stacked_qkv(layer.self_attn) is None  # autograd on: the separate weights
+    ak.unpatch(model)
+    for layer in model.model.language_model.layers:
+        weights = [lin.weight for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
+        assert len({w.untyped_storage().data_ptr() for w in weights}) == 3
+        assert all(w.storage_offset() == 0 and w.is_contiguous() for w in weights)
+
+
+def test_qkv_weights_copied_apart_after_patch_still_give_the_masked_computation(stock):
+    """A weight replaced after patching (here k of layer 2) ends the stacking of its layer; that layer
+    projects q, k and v separately and the result stays the masked computation."""
+    inputs = example_inputs(stock, batch_size=2, seed=13, pad=[0, 1])
+    plan = random_plan(2, seed=14)
+    model = patched(stock, "H")
+    attn = model.model.language_model.layers[2].self_attn
+    attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())
+    with torch.no_grad():
+        assert stacked_qkv(attn) is None
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **TOL)

@@ -176,6 +176,8 @@ def test_compile_plan_lists_each_layer_rows_and_units_by_definition(seed):
             if idx.q_rows is not None:
                 assert listed(idx.q_rows) == [h * d + j for h in q for j in range(d)]
                 assert listed(idx.kv_rows) == [k * d + j for k in kv for j in range(d)]
+                stacked = [offset + k * d + j for offset in (H * d, H * d + Hkv * d) for k in kv for j in range(d)]
+                assert listed(idx.qkv_rows) == listed(idx.q_rows) + stacked
             if idx.mlp_rows is not None:
                 assert listed(idx.mlp_rows) == neurons
         assert idx.num_q_heads == max(int(plan.heads[r, l].sum()) for r in rows)

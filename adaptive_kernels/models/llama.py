@@ -84,6 +84,67 @@ def _project_back(backend: Backend, a, linear, cols):
     return y if linear.bias is None else y + linear.bias
 
 
+def _stacked(tensors) -> torch.Tensor | None:
+    """One [sum of rows, ...] view of ``tensors`` when they lie back to back in one storage, else None."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.storage_offset() != offset
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def stacked_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [Nq + 2*Nkv, D], bias or None): the q, k and v projections as one, when ``stack_qkv``
+    laid them out back to back and nothing has copied them apart since (else None). Inference
+    only: None when autograd would need the separate weights."""
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if torch.is_grad_enabled() and attn.q_proj.weight.requires_grad:
+        return None
+    weight = _stacked([lin.weight for lin in linears])
+    biases = [lin.bias for lin in linears]
+    if weight is None or (any(b is None for b in biases) and any(b is not None for b in biases)):
+        return None
+    if biases[0] is None:
+        return weight, None
+    bias = _stacked(biases)
+    return None if bias is None else (weight, bias)
+
+
+def stack_qkv(decoder, stacked: bool) -> None:
+    """Store each layer's q, k and v weights (and biases) back to back in one tensor (at patch time,
+    so one projection reads all three: ``stacked_qkv``), or in separate tensors again. Values and
+    shapes are unchanged."""
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        for name in ("weight", "bias"):
+            params = [getattr(lin, name) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            if any(p is None for p in params):
+                continue
+            if stacked:
+                whole = torch.cat([p.data for p in params])
+                for p, part in zip(params, whole.split([p.shape[0] for p in params])):
+                    p.data = part
+            else:
+                for p in params:
+                    p.data = p.data.clone()
+
+
+def _project_qkv(backend: Backend, attn, x, idx: LayerIndices, head_dim: int):
+    """q [R, T, nq*d], k and v [R, T, nkv*d]: one gathered product on the stacked weight when there is one."""
+    stacked = stacked_qkv(attn)
+    if stacked is None:
+        return (_project(backend, x, attn.q_proj, idx.q_rows), _project(backend, x, attn.k_proj, idx.kv_rows),
+                _project(backend, x, attn.v_proj, idx.kv_rows))
+    weight, bias = stacked
+    qkv = F.linear(x, weight, bias) if idx.qkv_rows is None else backend.rows_linear(x, weight, idx.qkv_rows, bias)
+    kv_size = idx.num_kv_heads * head_dim
+    return qkv.split([idx.num_q_heads * head_dim, kv_size, kv_size], dim=-1)
+
+
 def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: AdaptiveCache | None, layer: int,
                   shape: DecoderShape, backend: Backend) -> torch.Tensor:
     """The attention block over the active heads: x [R, T, D] -> its update [R, T, D]."""
@@ -92,9 +153,10 @@ def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: Adaptiv
     if idx.num_q_heads == 0:
         out = x.new_zeros(x.shape)
         return out if attn.o_proj.bias is None else out + attn.o_proj.bias
-    q = _project(backend, x, attn.q_proj, idx.q_rows).view(R, T, idx.num_q_heads, d)
-    k = _project(backend, x, attn.k_proj, idx.kv_rows).view(R, T, idx.num_kv_heads, d)
-    v = _project(backend, x, attn.v_proj, idx.kv_rows).view(R, T, idx.num_kv_heads, d)
+    q, k, v = _project_qkv(backend, attn, x, idx, d)
+    q = q.view(R, T, idx.num_q_heads, d)
+    k = k.view(R, T, idx.num_kv_heads, d)
+    v = v.view(R, T, idx.num_kv_heads, d)
     q = _rotate(q, cos[:, :, None], sin[:, :, None])
     k = _rotate(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
     v = v.transpose(1, 2)
