@@ -13,31 +13,35 @@ from typing import Callable
 
 import torch
 
-from .ops import attention, projections, swiglu
+from .ops import attention, norm, projections, rotary, swiglu
 
 BACKENDS = ("torch", "triton", "cuda")
 
 
 @dataclass(frozen=True)
 class Backend:
-    """``rows_linear(x, W, rows, bias)``, ``cols_linear(a, W, cols)``, ``swiglu(x, Wg, Wu, rows)``
-    and ``attention(q, k, v, q_to_kv, kv_valid, scale)``, with the semantics of ``ops``."""
+    """``rows_linear(x, W, rows, bias)``, ``cols_linear(a, W, cols)``, ``swiglu(x, Wg, Wu, rows)``,
+    ``attention(q, k, v, q_to_kv, kv_valid, scale)``, ``rms_norm(x, weight, eps, residual)`` and
+    ``rotary(x, cos, sin)``, with the semantics of ``ops``."""
 
     name: str
     rows_linear: Callable
     cols_linear: Callable
     swiglu: Callable
     attention: Callable
+    rms_norm: Callable
+    rotary: Callable
 
 
 def _torch_backend() -> Backend:
     return Backend("torch", projections.gather_rows_linear_reference, projections.gather_cols_linear_reference,
-                   swiglu.gathered_swiglu_reference, attention.head_sparse_attention_reference)
+                   swiglu.gathered_swiglu_reference, attention.head_sparse_attention_reference,
+                   norm.rms_norm_reference, rotary.rotary_reference)
 
 
 def _triton_backend() -> Backend:
     return Backend("triton", projections.gather_rows_linear, projections.gather_cols_linear,
-                   swiglu.gathered_swiglu, attention.head_sparse_attention)
+                   swiglu.gathered_swiglu, attention.head_sparse_attention, norm.rms_norm, rotary.rotary)
 
 
 def default_backend(device: torch.device) -> str:

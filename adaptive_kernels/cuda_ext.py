@@ -312,12 +312,12 @@ def cuda_backend():
     ``rows_linear`` calls ``gather_rows_linear`` of this module for 1 to ``DECODE_MAX_TOKENS``
     tokens per row; ``cols_linear`` calls ``gather_cols_linear`` for that many tokens on a
     row-major weight (the layout its 16-byte loads read). Everything else, including the
-    column-major o/down weights a patched model keeps, ``swiglu`` and ``attention``, runs the
-    Triton ops. Builds csrc/ on the first call (``load``), so a missing toolchain is reported
+    column-major o/down weights a patched model keeps, ``swiglu``, ``attention``, ``rms_norm``
+    and ``rotary``, runs the Triton ops. Builds csrc/ on the first call (``load``), so a missing toolchain is reported
     here, before any request.
     """
     from .backends import Backend
-    from .ops import attention, projections, swiglu
+    from .ops import attention, norm, projections, rotary, swiglu
 
     load()
 
@@ -331,4 +331,5 @@ def cuda_backend():
             return gather_cols_linear(a, weight, cols)
         return projections.gather_cols_linear(a, weight, cols)
 
-    return Backend("cuda", rows_linear, cols_linear, swiglu.gathered_swiglu, attention.head_sparse_attention)
+    return Backend("cuda", rows_linear, cols_linear, swiglu.gathered_swiglu, attention.head_sparse_attention,
+                   norm.rms_norm, rotary.rotary)

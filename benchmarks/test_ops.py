@@ -8,7 +8,9 @@ Each time is the median over 30 CUDA-graph replays of the variant, timed with CU
 warmed up, each after a 256 MiB read that evicts the weights from L2 (see ``timed_us``). At one token, ``bw_share`` is the active bytes (weights,
 and keys/values for attention) over the backend's time, as a share of the measured
 device-to-device copy bandwidth (bytes read + written). The layer skips RMSNorm and RoPE.
-``[cols-major]`` rows run o/down on weights re-laid out once by ``cols_major``.
+``[cols-major]`` rows run o/down on weights re-laid out once by ``cols_major``. ``add_rms_norm``
+(residual add and RMSNorm, one kernel) and ``rotary`` (all 64 q and k heads, one kernel) have no
+active share: their ``dense`` and ``ideal`` are the eager PyTorch formulas Llama runs.
 
 Needs CUDA (skips elsewhere); ``AK_BENCH_DRY=1`` runs tiny shapes on the CPU to check this code.
 """
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_kernels.ops.attention import head_sparse_attention
+from adaptive_kernels.ops.norm import rms_norm, rms_norm_reference
+from adaptive_kernels.ops.rotary import rotary, rotary_reference
 from adaptive_kernels.ops.projections import cols_major, gather_cols_linear, gather_rows_linear
 from adaptive_kernels.ops.swiglu import gathered_swiglu
 from measure import DRY, copy_bandwidth, timed_us
@@ -146,6 +150,17 @@ def op_variants(op: str, T: int, p: Plan, m: Model):
                 lambda: F.linear(a, m.down[:, p.mlp_rows]), n_mlp * HIDDEN * es)
     if op in ("layer", "layer[cols-major]"):
         return layer_variants(T, p, m, cols_major_weights="cols-major" in op)
+    if op == "add_rms_norm":
+        r = torch.randn(1, T, HIDDEN, generator=m.gen, device=DEVICE).to(DTYPE)
+        w = (1 + 0.1 * torch.randn(HIDDEN, generator=m.gen, device=DEVICE)).to(DTYPE)
+        eager = lambda: rms_norm_reference(x, w, 1e-5, r)[0]  # noqa: E731
+        return lambda: rms_norm(x, w, 1e-5, r)[0], eager, eager, None, 4 * T * HIDDEN * es  # x, r in; y, h out
+    if op == "rotary":
+        qk = torch.randn(1, T, 2 * HEADS, HEAD_DIM, generator=m.gen, device=DEVICE).to(DTYPE)
+        angles = torch.rand(1, T, HEAD_DIM // 2, generator=m.gen, device=DEVICE) * 6
+        cos, sin = (torch.cat([f(angles)] * 2, -1).to(DTYPE) for f in (torch.cos, torch.sin))
+        eager = lambda: rotary_reference(qk, cos, sin)  # noqa: E731
+        return lambda: rotary(qk, cos, sin), eager, eager, None, 2 * qk.numel() * es
     raise ValueError(op)
 
 
@@ -199,7 +214,7 @@ def layer_variants(T: int, p: Plan, m: Model, cols_major_weights: bool):
 
 
 OPS = ["q_proj", "attention", "o_proj", "o_proj[cols-major]", "swiglu", "down_proj", "down_proj[cols-major]",
-       "layer", "layer[cols-major]"]
+       "layer", "layer[cols-major]", "add_rms_norm", "rotary"]
 
 
 def measure(op: str, T: int, share: float) -> dict:

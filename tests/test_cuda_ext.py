@@ -405,7 +405,7 @@ def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
 def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeypatch):
     """Rows side: CUDA GEMV for 1 to 16 tokens. Cols side: CUDA GEMV for 1 to 16 tokens on a row-major
     weight only (a patched model's column-major o/down weights go to Triton). Triton otherwise."""
-    from adaptive_kernels.ops import attention, projections, swiglu
+    from adaptive_kernels.ops import attention, norm, projections, rotary, swiglu
     calls = []
     monkeypatch.setattr(cuda_ext, "load", lambda *a, **k: None)
     monkeypatch.setattr(cuda_ext, "gather_rows_linear", lambda *a: calls.append("cuda rows"))
@@ -422,6 +422,7 @@ def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeyp
     assert calls == ["cuda rows", "cuda cols", "triton cols"] * 2 + ["triton rows", "triton cols", "triton cols"]
     assert backend.swiglu is getattr(swiglu, "gathered_swiglu", None)
     assert backend.attention is getattr(attention, "head_sparse_attention", None)
+    assert backend.rms_norm is norm.rms_norm and backend.rotary is rotary.rotary
 
 
 def test_fake_implementations_give_shapes_and_dtypes():

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..backends import Backend
 from ..cache import AdaptiveCache
 from ..graphs import DecodeGraph
 from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
+from ..ops.rotary import rotary_reference
 from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, resolve_budgets
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
@@ -65,12 +67,6 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
     if plan.layers.device != device:
         raise ValueError(f"execution_plan is on {plan.layers.device}, the model's inputs on {device}; move it with plan.to(device)")
     return plan
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, as Llama applies it: ``x*cos + rotate_half(x)*sin``."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _project(backend: Backend, x, linear, rows):
@@ -134,15 +130,26 @@ def stack_qkv(decoder, stacked: bool) -> None:
 
 
 def _project_qkv(backend: Backend, attn, x, idx: LayerIndices, head_dim: int):
-    """q [R, T, nq*d], k and v [R, T, nkv*d]: one gathered product on the stacked weight when there is one."""
+    """(q and k side by side [R, T, nq*d + nkv*d], v [R, T, nkv*d]): one gathered product on the
+    stacked weight when there is one, else three."""
     stacked = stacked_qkv(attn)
     if stacked is None:
-        return (_project(backend, x, attn.q_proj, idx.q_rows), _project(backend, x, attn.k_proj, idx.kv_rows),
-                _project(backend, x, attn.v_proj, idx.kv_rows))
+        q, k = _project(backend, x, attn.q_proj, idx.q_rows), _project(backend, x, attn.k_proj, idx.kv_rows)
+        return torch.cat([q, k], dim=-1), _project(backend, x, attn.v_proj, idx.kv_rows)
     weight, bias = stacked
     qkv = F.linear(x, weight, bias) if idx.qkv_rows is None else backend.rows_linear(x, weight, idx.qkv_rows, bias)
-    kv_size = idx.num_kv_heads * head_dim
-    return qkv.split([idx.num_q_heads * head_dim, kv_size, kv_size], dim=-1)
+    return qkv.split([(idx.num_q_heads + idx.num_kv_heads) * head_dim, idx.num_kv_heads * head_dim], dim=-1)
+
+
+def norm_of(backend: Backend, norm, x, residual=None):
+    """``norm(x)``, or with a residual ``(norm(x + residual), x + residual)``: one backend kernel for
+    Llama's RMSNorm, the module itself for any other norm."""
+    if isinstance(norm, LlamaRMSNorm):
+        return backend.rms_norm(x, norm.weight, norm.variance_epsilon, residual)
+    if residual is None:
+        return norm(x)
+    h = x + residual
+    return norm(h), h
 
 
 def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: AdaptiveCache | None, layer: int,
@@ -153,13 +160,10 @@ def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: Adaptiv
     if idx.num_q_heads == 0:
         out = x.new_zeros(x.shape)
         return out if attn.o_proj.bias is None else out + attn.o_proj.bias
-    q, k, v = _project_qkv(backend, attn, x, idx, d)
-    q = q.view(R, T, idx.num_q_heads, d)
-    k = k.view(R, T, idx.num_kv_heads, d)
-    v = v.view(R, T, idx.num_kv_heads, d)
-    q = _rotate(q, cos[:, :, None], sin[:, :, None])
-    k = _rotate(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
-    v = v.transpose(1, 2)
+    qk, v = _project_qkv(backend, attn, x, idx, d)
+    qk = backend.rotary(qk.view(R, T, idx.num_q_heads + idx.num_kv_heads, d), cos, sin)
+    q, k = qk[:, :, :idx.num_q_heads], qk[:, :, idx.num_q_heads:].transpose(1, 2)
+    v = v.view(R, T, idx.num_kv_heads, d).transpose(1, 2)
     if cache is not None:
         k, v = cache.append(layer, k, v)
     o = backend.attention(q, k, v, idx.q_to_kv, kv_valid, attn.scaling)
@@ -185,10 +189,11 @@ class AdaptiveDecoderLayerMixin:
 
     def forward(self, x, idx: LayerIndices, cos, sin, kv_valid, cache, settings: Settings):
         """x [R, T, D] for the R rows that execute this layer -> [R, T, D]."""
-        attn = run_attention(self.self_attn, self.input_layernorm(x), idx, cos, sin, kv_valid, cache,
-                             self.self_attn.layer_idx, settings.shape, settings.backend)
-        x = x + attn
-        return x + run_mlp(self.mlp, self.post_attention_layernorm(x), idx, settings.backend)
+        backend = settings.backend
+        attn = run_attention(self.self_attn, norm_of(backend, self.input_layernorm, x), idx, cos, sin, kv_valid,
+                             cache, self.self_attn.layer_idx, settings.shape, backend)
+        normed, x = norm_of(backend, self.post_attention_layernorm, attn, residual=x)
+        return x + run_mlp(self.mlp, normed, idx, backend)
 
     def forward_masked(self, x, layer_on, heads_on, neurons_on, cos, sin, kv_valid, shape: DecoderShape):
         """The training-time masked computation, differentiable in the masks; x [B, T, D] -> [B, T, D].
@@ -200,8 +205,8 @@ class AdaptiveDecoderLayerMixin:
         attn, mlp = self.self_attn, self.mlp
         B, T, _ = x.shape
         a = self.input_layernorm(x)
-        q = _rotate(attn.q_proj(a).view(B, T, shape.num_heads, -1), cos[:, :, None], sin[:, :, None])
-        k = _rotate(attn.k_proj(a).view(B, T, shape.num_kv_heads, -1), cos[:, :, None], sin[:, :, None])
+        q = rotary_reference(attn.q_proj(a).view(B, T, shape.num_heads, -1), cos, sin)
+        k = rotary_reference(attn.k_proj(a).view(B, T, shape.num_kv_heads, -1), cos, sin)
         v = attn.v_proj(a).view(B, T, shape.num_kv_heads, -1)
         q_to_kv = (torch.arange(shape.num_heads, device=x.device) // (shape.num_heads // shape.num_kv_heads)).expand(B, -1)
         o = head_sparse_attention_reference(q, k.transpose(1, 2), v.transpose(1, 2), q_to_kv, kv_valid, attn.scaling)
@@ -330,7 +335,8 @@ class AdaptiveDecoderMixin:
             kv_valid = F.pad(mask, (0, cache.capacity - mask.shape[1]))
             x = self.decode_step(x, schedule, cos, sin, kv_valid, cache)
         else:
-            x = self.norm(self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache))
+            x = self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache)
+            x = norm_of(settings.backend, self.norm, x)
         if cache is not None:
             cache.length = past + x.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache})
@@ -353,7 +359,8 @@ class AdaptiveDecoderMixin:
         captured as a CUDA graph and every later step of the request replays it.
         """
         def step(x, cos, sin, kv_valid):
-            return self.norm(self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid, cache))
+            x = self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid, cache)
+            return norm_of(self._ak_settings.backend, self.norm, x)
 
         use_graph = self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
         if not use_graph or not cache.warm:

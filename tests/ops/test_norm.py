@@ -1,0 +1,64 @@
+"""rms_norm (Triton, optionally fused with the residual add) against Llama's RMSNorm module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from adaptive_kernels.ops.norm import rms_norm, rms_norm_reference
+
+from ._util import DTYPE_PARAMS, generator, randn
+
+
+def stock_norm(weight: torch.Tensor, eps: float) -> LlamaRMSNorm:
+    norm = LlamaRMSNorm(weight.shape[0], eps=eps).to(device=weight.device, dtype=weight.dtype)
+    norm.weight.data.copy_(weight)
+    return norm
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("shape", [(1, 1, 37), (3, 5, 64), (2, 7, 300)], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm_is_llamas_rms_norm(dtype, shape, residual):
+    gen = generator(dtype, shape, residual)
+    D = shape[-1]
+    x = randn(*shape[:-1], D + 5, gen=gen, dtype=dtype)[..., 2:D + 2]  # rows not contiguous
+    r = randn(*shape, gen=gen, dtype=dtype) if residual else None
+    weight = randn(D, gen=gen, dtype=dtype, scale=0.5) + 1
+    eps = 1e-5
+    with torch.no_grad():
+        h = x if r is None else x + r
+        want = stock_norm(weight, eps)(h)
+        got = rms_norm(x, weight, eps, r)
+    if residual:
+        got, got_h = got
+        torch.testing.assert_close(got_h, h, rtol=0, atol=0)  # the add rounds as the model's add
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    ref = rms_norm_reference(x, weight, eps, r)
+    torch.testing.assert_close(got, ref if r is None else ref[0])
+
+
+def test_fp32_weight_on_half_rows_promotes_like_llama():
+    gen = generator("promote")
+    x, weight = randn(2, 3, 40, gen=gen, dtype=torch.float16), randn(40, gen=gen)
+    with torch.no_grad():
+        want = stock_norm(weight, 1e-6)(x)
+    got = rms_norm(x, weight, 1e-6)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_mismatched_residual_is_refused():
+    gen = generator("bad")
+    x = randn(2, 8, gen=gen)
+    with pytest.raises(ValueError, match="residual must match x"):
+        rms_norm(x, randn(8, gen=gen), 1e-6, randn(2, 8, gen=gen, dtype=torch.float16))
+
+
+def test_opcheck():
+    gen = generator("opcheck")
+    x, r, w = randn(2, 3, 24, gen=gen), randn(2, 3, 24, gen=gen), randn(24, gen=gen)
+    torch.library.opcheck(torch.ops.adaptive_kernels.rms_norm.default, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.adaptive_kernels.add_rms_norm.default, (x, r, w, 1e-6))
