@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -329,13 +329,16 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
         q_all, kv_all, map_all = attention_index_lists(heads[pairs(partial_attention)], shape)
     if partial_mlp:
         neurons_all = neuron_index_list(groups[pairs(partial_mlp)], shape)
-    attention_start = dict(zip(partial_attention, itertools.accumulate((len(rows_of[l]) for l in partial_attention), initial=0)))
-    mlp_start = dict(zip(partial_mlp, itertools.accumulate((len(rows_of[l]) for l in partial_mlp), initial=0)))
+
+    def starts(layer_ids):  # layer -> its first row in the lists built for these layers
+        return dict(zip(layer_ids, itertools.accumulate((len(rows_of[l]) for l in layer_ids), initial=0)))
+
+    attention_start, mlp_start = starts(partial_attention), starts(partial_mlp)
     dense_maps = {}  # row count -> the head map of a dense layer, shared by all of them
-    layers = []
+    specs = []  # per layer: the fields of its LayerIndices, or None when no row runs it
     for l, rows in enumerate(rows_of):
         if not rows:
-            layers.append(None)
+            specs.append(None)
             continue
         R = len(rows)
         nq, nkv, nn = (max(facts[l][r][i] for r in rows) for i in (1, 2, 3))
@@ -351,27 +354,23 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
                 dense_maps[R] = (torch.arange(H) // (H // shape.num_kv_heads)).expand(R, H)
             q_to_kv = dense_maps[R]
         m = mlp_start.get(l)
-        layers.append(LayerIndices(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=q_rows,
-                                   kv_rows=kv_rows, qkv_rows=qkv_rows, q_to_kv=q_to_kv,
-                                   mlp_rows=None if m is None else neurons_all[m:m + R, :nn],
-                                   num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn))
+        specs.append(dict(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=q_rows, kv_rows=kv_rows,
+                          qkv_rows=qkv_rows, q_to_kv=q_to_kv, mlp_rows=None if m is None else neurons_all[m:m + R, :nn],
+                          num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn))
     if device.type != "cpu":
-        layers = _move(layers, device)
-    return Schedule(plan, layers)
+        _move(specs, device)
+    return Schedule(plan, [None if spec is None else LayerIndices(**spec) for spec in specs])
 
 
-_INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
-
-
-def _move(layers: list, device) -> list:
-    """The same LayerIndices with every index tensor on ``device``, moved in a single copy (a tensor
-    shared by several layers stays shared)."""
-    unique = {id(t): t for idx in layers if idx is not None for f in _INDEX_FIELDS
-              if (t := getattr(idx, f)) is not None}
+def _move(specs: list, device) -> None:
+    """Put every index tensor of ``specs`` (LayerIndices fields per layer) on ``device``, in one copy;
+    a tensor shared by several layers stays shared."""
+    unique = {id(v): v for spec in specs if spec is not None for v in spec.values() if isinstance(v, torch.Tensor)}
     if not unique:
-        return layers
+        return
     flat = torch.cat([t.reshape(-1) for t in unique.values()]).to(device)
     pieces = torch.split(flat, [t.numel() for t in unique.values()])
     moved = {key: piece.view(t.shape) for (key, t), piece in zip(unique.items(), pieces)}
-    return [None if idx is None else replace(idx, **{f: moved.get(id(getattr(idx, f))) for f in _INDEX_FIELDS})
-            for idx in layers]
+    for spec in specs:
+        if spec is not None:
+            spec.update({k: moved[id(v)] for k, v in spec.items() if isinstance(v, torch.Tensor)})
