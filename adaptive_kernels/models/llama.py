@@ -85,8 +85,8 @@ def _stacked(tensors) -> torch.Tensor | None:
     first = tensors[0]
     offset = first.storage_offset()
     for t in tensors:
-        if (not t.is_contiguous() or t.dtype != first.dtype or t.storage_offset() != offset
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+                or t.storage_offset() != offset or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
             return None
         offset += t.numel()
     rows = sum(t.shape[0] for t in tensors)
