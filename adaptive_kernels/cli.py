@@ -291,10 +291,11 @@ def sweep_main(argv) -> int:
         p.error("argument --device: cuda requested but torch sees no CUDA device")
     rows = sweep(args.device, args.variants, args.backends, args.budgets, args.new_tokens, args.repeats,
                  out_dir=args.out)
-    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13}")
+    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13} "
+          f"{'setup ms':>9} {'sched ms':>9}")
     for r in rows:
         print(f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6.2f} {r.cost:5.2f} {r.prefill_ms:10.2f} "
-              f"{r.decode_ms_per_token:13.2f}")
+              f"{r.decode_ms_per_token:13.2f} {r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}")
     for a in budget_adherence(rows):
         print(f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
               f"{a['largest_excess']:+.3f} at budget {a['at_budget']}")

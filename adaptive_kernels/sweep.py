@@ -66,7 +66,8 @@ class Row:
     torch: str
     transformers: str
     date: str
-    decode_ms_per_token: float = float("nan")
+    decode_ms_per_token: float = float("nan")  # steady state: decode steps after the first two
+    decode_setup_ms: float = float("nan")  # per request, what the first two decode steps cost beyond that
     prefill_kernel_ms: float = float("nan")  # sum of GPU kernel times of one prefill (torch.profiler)
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
 
@@ -129,13 +130,24 @@ def kernel_ms(fn) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
 
 
-def _compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats) -> float:
-    """Stock transformers decode with a static cache, auto-compiled by ``generate`` (CUDA): ms per token."""
+def decode_timing(generate, new_tokens: int, median_ms, repeats: int) -> tuple[float, float]:
+    """(ms per token in the steady state, per-request setup ms) of ``generate(n)`` producing n tokens.
+
+    The first new token comes from prefill; the next two are the decode steps that may run eagerly
+    and capture a CUDA graph. Steady state: ``(t(n + 3) - t(3)) / n``; setup: what the two
+    decode steps after prefill cost beyond two steady ones, ``t(3) - t(1) - 2 * per_token``.
+    """
+    one, three = median_ms(lambda: generate(1), repeats), median_ms(lambda: generate(3), repeats)
+    per_token = (median_ms(lambda: generate(new_tokens + 3), repeats) - three) / new_tokens
+    return per_token, three - one - 2 * per_token
+
+
+def _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats) -> tuple[float, float]:
+    """Stock transformers decode with a static cache, auto-compiled by ``generate`` (CUDA): ``decode_timing``."""
     gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, cache_implementation="static",
                max_cache_len=embeds.shape[1] + new_tokens + 8)
-    many = median_ms(lambda: model.generate(**gen, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1), repeats)
-    one = median_ms(lambda: model.generate(**gen, max_new_tokens=1, min_new_tokens=1), repeats)
-    return (many - one) / new_tokens
+    return decode_timing(lambda n: model.generate(**gen, max_new_tokens=n, min_new_tokens=n), new_tokens,
+                         median_ms, repeats)
 
 
 def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
@@ -165,21 +177,22 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             if device == "cuda":
                 kernels["prefill"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
             gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
-            one = median_ms(lambda: m.generate(**gen, max_new_tokens=1, min_new_tokens=1), repeats)
-            many = median_ms(lambda: m.generate(**gen, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1), repeats)
-            return prefill, (many - one) / new_tokens
+            return prefill, *decode_timing(lambda n: m.generate(**gen, max_new_tokens=n, min_new_tokens=n),
+                                           new_tokens, median_ms, repeats)
 
+        t = timings(model)
         rows = [Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
-                    prefill_ms=(t := timings(model))[0], decode_ms_per_token=t[1], **stamp)]
+                    prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], **stamp)]
         jobs = [(v, be, b) for v in variants for be in backends for b in budgets]
         for variant, backend, budget in tqdm(jobs, desc="sweep", disable=not progress):
             patch(model, variant, rank=rank, backend=backend)
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             cost = float(p.cost()[0])
-            prefill, decode = timings(model, latency_budget=budget)
+            prefill, decode, setup = timings(model, latency_budget=budget)
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             rows.append(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
-                            vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, schedule_ms=schedule,
+                            vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
+                            schedule_ms=schedule,
                             prefill_kernel_ms=kernels["prefill"], **stamp))
             if backend == backends[0]:
                 masked = median_ms(lambda: _masked_prefill(model, embeds, mask, budget), repeats)
@@ -199,10 +212,10 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             unpatch(model)
         write_rows(rows, out_dir, f"sweep-{name}")
         if device == "cuda":  # last: compiling takes a while, and the rows above are already written
+            per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
             rows.append(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
-                            vision_ms=vision_ms, prefill_ms=float("nan"),
-                            decode_ms_per_token=_compiled_stock_decode_ms(model, embeds, mask, new_tokens, median_ms, repeats),
-                            **stamp))
+                            vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
+                            decode_setup_ms=setup, **stamp))
             write_rows(rows, out_dir, f"sweep-{name}")
     return rows
 
@@ -248,7 +261,7 @@ def plot_rows(rows: list[Row], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("prefill_ms", "prefill, wall"), ("decode_ms_per_token", "decode / token, wall")]
+    panels = [("prefill_ms", "prefill, wall"), ("decode_ms_per_token", "decode / token (steady state), wall")]
     if any(r.prefill_kernel_ms == r.prefill_kernel_ms for r in rows):  # not all NaN: kernel times were taken
         panels.insert(1, ("prefill_kernel_ms", "prefill, GPU kernel time"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))

@@ -13,9 +13,9 @@ python3 - <<'PY'
 import csv, glob
 for path in sorted(glob.glob("benchmarks/results/sweep-*.csv")):
     print(path)
-    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill':>8} {'kernels':>8} {'decode/tok':>10} {'sched':>6}")
+    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill':>8} {'kernels':>8} {'decode/tok':>10} {'setup':>7} {'sched':>6}")
     for r in csv.DictReader(open(path)):
         print(f"{r['system']:22} {r['variant']:3} {r['backend']:12} {float(r['budget']):6.2f} {float(r['cost']):5.2f} "
-              f"{float(r['prefill_ms']):8.2f} {float(r['prefill_kernel_ms']):8.2f} {float(r['decode_ms_per_token']):10.2f} "
+              f"{float(r['prefill_ms']):8.2f} {float(r['prefill_kernel_ms']):8.2f} {float(r['decode_ms_per_token']):10.2f} {float(r.get('decode_setup_ms') or 'nan'):7.2f} "
               f"{float(r['schedule_ms']):6.2f}")
 PY
