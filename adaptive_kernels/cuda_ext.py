@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .plan import DecoderShape, ExecutionPlan, attention_index_lists, neuron_index_list
+from .plan import DecoderShape, ExecutionPlan, attention_units, neuron_units, unit_rows
 
 __all__ = ["DECODE_MAX_TOKENS", "CompactPlan", "compact_plan", "compact_plan_reference", "cuda_backend",
            "gather_cols_linear", "gather_rows_linear", "load", "toolchain_problem"]
@@ -294,8 +294,9 @@ def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactP
     """
     _check_plan(plan, shape)
     B, L, H = plan.heads.shape
-    q_rows, kv_rows, q_to_kv = attention_index_lists(plan.heads.reshape(B * L, H), shape)
-    neurons = neuron_index_list(plan.groups.reshape(B * L, -1), shape)
+    q_units, kv_units, q_to_kv = attention_units(plan.heads.reshape(B * L, H), shape)
+    q_rows, kv_rows = unit_rows(q_units, shape.head_dim), unit_rows(kv_units, shape.head_dim)
+    neurons = unit_rows(*neuron_units(plan.groups.reshape(B * L, -1), shape))
     widths = (H * shape.head_dim, shape.num_kv_heads * shape.head_dim, H, shape.intermediate_size)
     q_rows, kv_rows, q_to_kv, neurons = (_pad_to(t, w).view(B, L, w) for t, w in
                                          zip((q_rows, kv_rows, q_to_kv, neurons), widths))

@@ -264,20 +264,20 @@ class Schedule:
     layers: list
 
 
-def _expand_rows(units: torch.Tensor, size: int) -> torch.Tensor:
-    """Unit indices [R, n] -> their weight rows [R, n*size]; -1 stays -1."""
+def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Unit indices [R, n] -> their weight rows [R, n*size] (unit u: rows u*size .. u*size + size - 1); -1 stays -1."""
     rows = units[..., None] * size + torch.arange(size, device=units.device)
     return rows.clamp_min_(-1).flatten(1)  # a -1 unit gives -size..-1: all -1
 
 
-def _shifted(rows: torch.Tensor, offset: int) -> torch.Tensor:
-    """Weight rows moved ``offset`` rows down (into a stacked weight); -1 stays -1."""
-    return torch.where(rows >= 0, rows + offset, -1)
+def _shifted(units: torch.Tensor, offset: int) -> torch.Tensor:
+    """Units moved ``offset`` units down (into a stacked weight); -1 stays -1."""
+    return torch.where(units >= 0, units + offset, -1)
 
 
-def attention_index_lists(heads: torch.Tensor, shape: DecoderShape):
-    """Index lists of R rows' active query heads: bool [R, H] -> (q_rows [R, nq*d], kv_rows [R, nkv*d],
-    q_to_kv [R, nq]), -1 padded.
+def attention_units(heads: torch.Tensor, shape: DecoderShape):
+    """R rows' active heads: bool [R, H] -> (q heads [R, nq], kv heads [R, nkv], q_to_kv [R, nq]),
+    ascending, -1 padded; a head's weight rows are ``unit_rows(heads, head_dim)``.
 
     A key/value head is active when any of its query heads is; ``q_to_kv`` gives each active
     query head's slot among its row's active kv heads.
@@ -288,26 +288,36 @@ def attention_index_lists(heads: torch.Tensor, shape: DecoderShape):
     q_units, kv_units = active_index(heads), active_index(kv_on)
     slot = kv_on.long().cumsum(-1) - 1
     q_to_kv = torch.where(q_units >= 0, slot.gather(1, (q_units // per_kv).clamp_min(0)), -1)
-    return _expand_rows(q_units, shape.head_dim), _expand_rows(kv_units, shape.head_dim), q_to_kv
+    return q_units, kv_units, q_to_kv
 
 
-def neuron_index_list(groups: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
-    """The neurons of R rows' active MLP groups, ascending: bool [R, G] -> int64 [R, n], -1 padded."""
+def neuron_units(groups: torch.Tensor, shape: DecoderShape) -> tuple[torch.Tensor, int]:
+    """R rows' active MLP neurons as (units [R, n], size): ``unit_rows(units, size)`` lists the neurons,
+    ascending, -1 padded. Equal groups are units of their size; unequal ones are listed neuron by
+    neuron (size 1)."""
     M, G = shape.intermediate_size, groups.shape[1]
-    if M % G == 0:  # equal groups: a group's neurons are one aligned run
-        return _expand_rows(active_index(groups), M // G)
+    if M % G == 0:
+        return active_index(groups), M // G
     sizes = torch.tensor(group_sizes(M, G), device=groups.device)
-    return active_index(groups.repeat_interleave(sizes, dim=-1))
+    return active_index(groups.repeat_interleave(sizes, dim=-1)), 1
+
+
+@dataclass(frozen=True, eq=False)
+class _Units:
+    """An index list kept as units until it reaches the device: stands for ``unit_rows(units, size)``."""
+
+    units: torch.Tensor
+    size: int
 
 
 def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
     """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request;
     the Schedule's plan is ``plan`` on ``device``.
 
-    The masks reach the host in one copy; index lists are built, all at once, only for the layers
-    that some row runs partially (dense layers share one head map); every buffer reaches the
-    device in one copy. One synchronisation per request, and host work that grows with the
-    partial layers only.
+    The masks reach the host in one copy. Index lists are built, all at once, only for the layers
+    that some row runs partially (dense layers share one head map), as head and neuron-group
+    units; they reach the device in one copy and are expanded to weight rows there. One
+    synchronisation per request, and host work that grows with the partial layers only.
     """
     device = torch.device(device) if device is not None else plan.layers.device
     B, L, H = plan.heads.shape
@@ -325,15 +335,17 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
     def pairs(layer_ids):  # (row, layer) index tensors of these layers' running rows, layer by layer
         return tuple(torch.tensor(t) for t in zip(*[(r, l) for l in layer_ids for r in rows_of[l]]))
 
-    if partial_attention:
-        q_all, kv_all, map_all = attention_index_lists(heads[pairs(partial_attention)], shape)
-    if partial_mlp:
-        neurons_all = neuron_index_list(groups[pairs(partial_mlp)], shape)
-
     def starts(layer_ids):  # layer -> its first row in the lists built for these layers
         return dict(zip(layer_ids, itertools.accumulate((len(rows_of[l]) for l in layer_ids), initial=0)))
 
+    if partial_attention:
+        q_all, kv_all, map_all = attention_units(heads[pairs(partial_attention)], shape)
+        # units of the stacked q, k, v weight: q's heads, then k's, then v's
+        qkv_all = torch.cat([q_all, _shifted(kv_all, H), _shifted(kv_all, H + shape.num_kv_heads)], dim=1)
+    if partial_mlp:
+        neurons_all, neuron_size = neuron_units(groups[pairs(partial_mlp)], shape)
     attention_start, mlp_start = starts(partial_attention), starts(partial_mlp)
+    d = shape.head_dim
     dense_maps = {}  # row count -> the head map of a dense layer, shared by all of them
     specs = []  # per layer: the fields of its LayerIndices, or None when no row runs it
     for l, rows in enumerate(rows_of):
@@ -342,35 +354,53 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
             continue
         R = len(rows)
         nq, nkv, nn = (max(facts[l][r][i] for r in rows) for i in (1, 2, 3))
+        spec = dict(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=None, kv_rows=None,
+                    qkv_rows=None, mlp_rows=None, num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn)
         if l in attention_start:
             a = attention_start[l]
-            q_rows, kv_rows = q_all[a:a + R, :nq * shape.head_dim], kv_all[a:a + R, :nkv * shape.head_dim]
-            q_to_kv = map_all[a:a + R, :nq]
-            q_size, kv_size = H * shape.head_dim, shape.num_kv_heads * shape.head_dim
-            qkv_rows = torch.cat([q_rows, _shifted(kv_rows, q_size), _shifted(kv_rows, q_size + kv_size)], dim=1)
+            columns = torch.cat([torch.arange(nq), q_all.shape[1] + torch.arange(nkv),
+                                 q_all.shape[1] + kv_all.shape[1] + torch.arange(nkv)])
+            spec.update(q_rows=_Units(q_all[a:a + R, :nq], d), kv_rows=_Units(kv_all[a:a + R, :nkv], d),
+                        qkv_rows=_Units(qkv_all[a:a + R].index_select(1, columns), d), q_to_kv=map_all[a:a + R, :nq])
         else:
-            q_rows = kv_rows = qkv_rows = None
             if R not in dense_maps:
                 dense_maps[R] = (torch.arange(H) // (H // shape.num_kv_heads)).expand(R, H)
-            q_to_kv = dense_maps[R]
-        m = mlp_start.get(l)
-        specs.append(dict(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=q_rows, kv_rows=kv_rows,
-                          qkv_rows=qkv_rows, q_to_kv=q_to_kv, mlp_rows=None if m is None else neurons_all[m:m + R, :nn],
-                          num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn))
-    if device.type != "cpu":
-        _move(specs, device)
+            spec["q_to_kv"] = dense_maps[R]
+        if l in mlp_start:
+            m = mlp_start[l]
+            spec["mlp_rows"] = _Units(neurons_all[m:m + R, :nn // neuron_size], neuron_size)
+        specs.append(spec)
+    _materialize(specs, device)
     return Schedule(plan, [None if spec is None else LayerIndices(**spec) for spec in specs])
 
 
-def _move(specs: list, device) -> None:
-    """Put every index tensor of ``specs`` (LayerIndices fields per layer) on ``device``, in one copy;
-    a tensor shared by several layers stays shared."""
-    unique = {id(v): v for spec in specs if spec is not None for v in spec.values() if isinstance(v, torch.Tensor)}
-    if not unique:
+_INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
+
+
+def _materialize(specs: list, device) -> None:
+    """Replace every index list in ``specs`` (LayerIndices fields per layer) by weight rows on ``device``.
+
+    All lists cross in one copy, as units; there, each unit size is expanded in one pass and cut
+    back into per-layer views. A tensor shared by several layers stays shared.
+    """
+    specs = [spec for spec in specs if spec is not None]
+    lists = {id(v): v if isinstance(v, _Units) else _Units(v, 1)
+             for spec in specs for f in _INDEX_FIELDS if (v := spec[f]) is not None}
+    if not lists:
         return
-    flat = torch.cat([t.reshape(-1) for t in unique.values()]).to(device)
-    pieces = torch.split(flat, [t.numel() for t in unique.values()])
-    moved = {key: piece.view(t.shape) for (key, t), piece in zip(unique.items(), pieces)}
+    order = sorted(lists.items(), key=lambda item: item[1].size)  # each unit size one stretch of the copy
+    flat = torch.cat([u.units.reshape(-1) for _, u in order]).to(device)
+    done, at = {}, 0
+    for size, group in itertools.groupby(order, key=lambda item: item[1].size):
+        group = list(group)
+        count = sum(u.units.numel() for _, u in group)
+        stretch = flat[at:at + count]
+        at += count
+        if size > 1:
+            stretch = unit_rows(stretch[:, None], size).reshape(-1)
+        for (key, u), piece in zip(group, torch.split(stretch, [u.units.numel() * size for _, u in group])):
+            done[key] = piece.view(*u.units.shape[:-1], u.units.shape[-1] * size)
     for spec in specs:
-        if spec is not None:
-            spec.update({k: moved[id(v)] for k, v in spec.items() if isinstance(v, torch.Tensor)})
+        for f in _INDEX_FIELDS:
+            if spec[f] is not None:
+                spec[f] = done[id(spec[f])]
