@@ -1,6 +1,6 @@
 """Backends: which implementation of the gathered ops the patched model calls.
 
-The model code calls only the four functions of a ``Backend``; ``"torch"`` runs the plain
+The model code calls only the functions of a ``Backend``; ``"torch"`` runs the plain
 PyTorch references (anywhere; the speed baseline), ``"triton"`` the Triton kernels (default on
 CUDA), ``"cuda"`` the csrc extension's decode GEMV where it applies and Triton elsewhere (CUDA
 only; built on first use). A backend changes speed, never results.
