@@ -75,7 +75,7 @@ def _rotary_launch(x, cos, sin):
     x, cos, sin = _unit_last_stride(x), _unit_last_stride(cos), _unit_last_stride(sin)
     half = d // 2
     block_half = max(16, 1 << (half - 1).bit_length())
-    block_h = max(1, min(1 << (NH - 1).bit_length(), 4096 // block_half))
+    block_h = max(1, min(1 << (NH - 1).bit_length(), 2048 // block_half))  # tiles of at most 2048 pairs
     grid = (R * T, -(-NH // block_h))
     _rotary_kernel[grid](x, cos, sin, out, T, NH, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
                          cos.stride(1), sin.stride(0), sin.stride(1), *out.stride()[:3],

@@ -12,7 +12,7 @@ from ._util import DTYPE_PARAMS, generator, randn
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("R,T,nh,d", [(1, 1, 3, 8), (2, 5, 7, 24), (3, 4, 70, 6)])
+@pytest.mark.parametrize("R,T,nh,d", [(1, 1, 3, 8), (2, 5, 7, 24), (3, 4, 70, 6), (1, 2, 131, 4)])  # 131: two head blocks
 def test_rotary_is_llamas_rotary(dtype, R, T, nh, d):
     gen = generator(dtype, R, T, nh, d)
     qk = randn(R, T, nh * d + 5, gen=gen, dtype=dtype)[..., 1:nh * d + 1].view(R, T, nh, d)  # strided, offset
