@@ -171,16 +171,17 @@ def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: Adaptiv
 
 
 def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
-    """The MLP block over the active neurons: x [R, T, D] -> its update [R, T, D]."""
-    if idx.mlp_rows is None:
-        return mlp(x)
+    """The MLP block over the active neurons (``idx.mlp_rows`` None: all): x [R, T, D] -> its update [R, T, D]."""
     if idx.num_neurons == 0:
         out = x.new_zeros(x.shape)
         return out if mlp.down_proj.bias is None else out + mlp.down_proj.bias
     if isinstance(mlp.act_fn, torch.nn.SiLU) and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
         hidden = backend.swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, idx.mlp_rows)
+    elif idx.mlp_rows is None:
+        return mlp(x)
     else:
-        hidden = mlp.act_fn(_project(backend, x, mlp.gate_proj, idx.mlp_rows)) * _project(backend, x, mlp.up_proj, idx.mlp_rows)
+        gate, up = _project(backend, x, mlp.gate_proj, idx.mlp_rows), _project(backend, x, mlp.up_proj, idx.mlp_rows)
+        hidden = mlp.act_fn(gate) * up
     return _project_back(backend, hidden, mlp.down_proj, idx.mlp_rows)
 
 

@@ -49,3 +49,18 @@ def test_opcheck_and_flops():
     with FlopCounterMode(display=False) as counter:
         gathered_swiglu(*args)
     assert counter.get_total_flops() == 4 * 2 * 3 * 5 * 9
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("T", [1, 16, 17])
+def test_every_neuron_without_a_list(dtype, T):
+    """rows=None: every neuron (the fused GEMV up to 16 tokens per row, cuBLAS products above)."""
+    gen = generator("all", dtype, T)
+    x = randn(2, T, D, gen=gen, dtype=dtype)
+    wg = randn(M, D, gen=gen, dtype=dtype, scale=2 * D ** -0.5)
+    wu = randn(M, D, gen=gen, dtype=dtype, scale=D ** -0.5)
+    every = torch.arange(M, device=DEVICE).expand(2, M)
+    want = gathered_swiglu_reference(x.float(), wg.float(), wu.float(), every)
+    check(gathered_swiglu(x, wg, wu, None), want, dtype)
+    check(gathered_swiglu_reference(x, wg, wu, None), want, dtype)
+    torch.library.opcheck(torch.ops.adaptive_kernels.gathered_swiglu.default, (x, wg, wu, None))
