@@ -140,14 +140,11 @@ struct LaunchCols {
     const bool w_packed = p.w_stride_n == 1 && p.w_stride_d % V == 0 && aligned16(p.weight);
     const bool a_packed = p.a_stride_j == 1 && (p.T == 1 || p.a_stride_t % V == 0) &&
                           (p.R == 1 || p.a_stride_r % V == 0) && aligned16(p.a);
-    const int64_t row_groups = p.R * ceil_div(p.D, RPW);
-    const int ksplit = pick_ksplit(row_groups, ceil_div(p.n, w_packed ? V : 1), current_num_sms());
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.D, static_cast<int64_t>(kBlockWarps / ksplit) * RPW)),
-                    static_cast<unsigned>(p.R));
+    const Split split = split_outputs<RPW>(p.R, p.D, ceil_div(p.n, w_packed ? V : 1));
     if (w_packed) {
-      gather_cols_kernel<T, V, MAX_T><<<grid, kBlockThreads, 0, stream>>>(p, ksplit, a_packed);
+      gather_cols_kernel<T, V, MAX_T><<<split.grid, kBlockThreads, 0, stream>>>(p, split.ksplit, a_packed);
     } else {
-      gather_cols_kernel<T, 1, MAX_T><<<grid, kBlockThreads, 0, stream>>>(p, ksplit, false);
+      gather_cols_kernel<T, 1, MAX_T><<<split.grid, kBlockThreads, 0, stream>>>(p, split.ksplit, false);
     }
     return launch_status();
   }

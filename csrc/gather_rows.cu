@@ -124,14 +124,11 @@ struct LaunchRows {
     const bool w_packed = p.w_stride_d == 1 && p.D % V == 0 && p.w_stride_n % V == 0 && aligned16(p.weight);
     const bool x_packed = p.x_stride_d == 1 && (p.T == 1 || p.x_stride_t % V == 0) &&
                           (p.R == 1 || p.x_stride_r % V == 0) && aligned16(p.x);
-    const int64_t row_groups = p.R * ceil_div(p.n, RPW);
-    const int ksplit = pick_ksplit(row_groups, ceil_div(p.D, w_packed ? V : 1), current_num_sms());
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.n, static_cast<int64_t>(kBlockWarps / ksplit) * RPW)),
-                    static_cast<unsigned>(p.R));
+    const Split split = split_outputs<RPW>(p.R, p.n, ceil_div(p.D, w_packed ? V : 1));
     if (w_packed) {
-      gather_rows_kernel<T, V, MAX_T><<<grid, kBlockThreads, 0, stream>>>(p, ksplit, x_packed);
+      gather_rows_kernel<T, V, MAX_T><<<split.grid, kBlockThreads, 0, stream>>>(p, split.ksplit, x_packed);
     } else {
-      gather_rows_kernel<T, 1, MAX_T><<<grid, kBlockThreads, 0, stream>>>(p, ksplit, false);
+      gather_rows_kernel<T, 1, MAX_T><<<split.grid, kBlockThreads, 0, stream>>>(p, split.ksplit, false);
     }
     return launch_status();
   }

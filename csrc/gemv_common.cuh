@@ -107,6 +107,21 @@ inline int current_num_sms() {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// The split of one GEMV launch: warps per group of RPW output rows (pick_ksplit) and the grid
+// (output-row groups, batch rows), for `outputs` output rows per batch row over `chunks` loaded
+// reduction chunks.
+struct Split {
+  int ksplit;
+  dim3 grid;
+};
+
+template <int RPW>
+inline Split split_outputs(int64_t R, int64_t outputs, int64_t chunks) {
+  const int ksplit = pick_ksplit(R * ceil_div(outputs, RPW), chunks, current_num_sms());
+  return {ksplit, dim3(static_cast<unsigned>(ceil_div(outputs, static_cast<int64_t>(kBlockWarps / ksplit) * RPW)),
+                       static_cast<unsigned>(R))};
+}
+
 // Calls f.template operator()<T, MAX_T>() with T the element type of `dtype` and MAX_T the
 // smallest of 1, 2, 4, 8, 16 at or above `tokens`; returns f's result or an error message.
 template <typename F>
