@@ -50,6 +50,21 @@ at::Tensor index_list(const at::Tensor& idx, const char* op, const char* name) {
   return idx.scalar_type() == at::kLong ? idx : idx.to(at::kLong);
 }
 
+// What both GEMV ops check alike: the token count, act's float dtype (returned) shared by the
+// weight, and one CUDA device for act, weight and the index list.
+DType check_gemv(const char* op, const at::Tensor& act, const char* act_name, const at::Tensor& weight,
+                 const at::Tensor& index, const char* index_name) {
+  TORCH_CHECK(act.size(1) <= kMaxDecodeTokens, op, ": the GEMV kernels take 1 to ", kMaxDecodeTokens,
+              " tokens, got T = ", act.size(1));
+  const DType dtype = element_type(act, op, act_name);
+  TORCH_CHECK_TYPE(weight.scalar_type() == act.scalar_type(), op, ": weight must have ", act_name, "'s dtype ",
+                   act.scalar_type(), ", got ", weight.scalar_type());
+  check_on(act, act, op, act_name);
+  check_on(weight, act, op, "weight");
+  check_on(index, act, op, index_name);
+  return dtype;
+}
+
 void check_status(const char* err, const char* op) { TORCH_CHECK(err == nullptr, op, ": CUDA launch failed: ", err); }
 
 at::Tensor cuda_gather_rows_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rows_in,
@@ -61,13 +76,7 @@ at::Tensor cuda_gather_rows_linear(const at::Tensor& x, const at::Tensor& weight
   const int64_t R = x.size(0), T = x.size(1), D = x.size(2), N = weight.size(0), n = rows_in.size(1);
   TORCH_CHECK(weight.size(1) == D, op, ": weight must be [N, D] with D = ", D, " (x's last size), got ", weight.sizes());
   TORCH_CHECK(rows_in.size(0) == R, op, ": rows must have one list per row of x (", R, "), got ", rows_in.sizes());
-  TORCH_CHECK(T <= kMaxDecodeTokens, op, ": the GEMV kernels take 1 to ", kMaxDecodeTokens, " tokens, got T = ", T);
-  const DType dtype = element_type(x, op, "x");
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
-                   ", got ", weight.scalar_type());
-  check_on(x, x, op, "x");
-  check_on(weight, x, op, "weight");
-  check_on(rows_in, x, op, "rows");
+  const DType dtype = check_gemv(op, x, "x", weight, rows_in, "rows");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [N] with N = ", N, ", got ", bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ", x.scalar_type(),
@@ -103,13 +112,7 @@ at::Tensor cuda_gather_cols_linear(const at::Tensor& act, const at::Tensor& weig
   const int64_t R = act.size(0), T = act.size(1), n = act.size(2), D = weight.size(0);
   TORCH_CHECK(cols_in.size(0) == R && cols_in.size(1) == n, op, ": cols must be [R, n] = [", R, ", ", n,
               "] (a's first and last sizes), got ", cols_in.sizes());
-  TORCH_CHECK(T <= kMaxDecodeTokens, op, ": the GEMV kernels take 1 to ", kMaxDecodeTokens, " tokens, got T = ", T);
-  const DType dtype = element_type(act, op, "a");
-  TORCH_CHECK_TYPE(weight.scalar_type() == act.scalar_type(), op, ": weight must have a's dtype ", act.scalar_type(),
-                   ", got ", weight.scalar_type());
-  check_on(act, act, op, "a");
-  check_on(weight, act, op, "weight");
-  check_on(cols_in, act, op, "cols");
+  const DType dtype = check_gemv(op, act, "a", weight, cols_in, "cols");
   const c10::DeviceGuard guard(act.device());
   if (n == 0) return at::zeros({R, T, D}, act.options());
   const at::Tensor cols = index_list(cols_in, op, "cols");
