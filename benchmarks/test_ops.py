@@ -130,24 +130,20 @@ def op_variants(op: str, T: int, p: Plan, m: Model):
         scale = HEAD_DIM ** -0.5
         return (lambda: head_sparse_attention(q, K, V, p.q_to_kv, valid, scale), lambda: sdpa(qa, Kf, Vf, T > 1),
                 lambda: sdpa(q, K, V, T > 1), None, 2 * p.nq * Tk * HEAD_DIM * es)
-    if op in ("o_proj", "o_proj[cols-major]"):
-        a = torch.randn(1, T, n_q, generator=m.gen, device=DEVICE).to(DTYPE)
-        af = torch.randn(1, T, HIDDEN, generator=m.gen, device=DEVICE).to(DTYPE)
-        W = m.o_cm if "cols-major" in op else m.o
-        return (lambda: gather_cols_linear(a, W, p.q_idx), lambda: F.linear(af, m.o), lambda: F.linear(a, p.o),
-                lambda: F.linear(a, m.o[:, p.q_rows]), n_q * HIDDEN * es)
+    if op.split("[")[0] in ("o_proj", "down_proj"):  # column gathers: o over heads, down over neurons
+        full, w, w_cm, cut, idx, cols = ((HIDDEN, m.o, m.o_cm, p.o, p.q_idx, p.q_rows) if op.startswith("o_proj")
+                                         else (MLP, m.down, m.down_cm, p.down, p.mlp_idx, p.mlp_rows))
+        a = torch.randn(1, T, cols.numel(), generator=m.gen, device=DEVICE).to(DTYPE)
+        af = torch.randn(1, T, full, generator=m.gen, device=DEVICE).to(DTYPE)
+        W = w_cm if "cols-major" in op else w
+        return (lambda: gather_cols_linear(a, W, idx), lambda: F.linear(af, w), lambda: F.linear(a, cut),
+                lambda: F.linear(a, w[:, cols]), cols.numel() * HIDDEN * es)
     if op == "swiglu":
         return (lambda: gathered_swiglu(x, m.gate, m.up, p.mlp_idx),
                 lambda: F.silu(F.linear(x, m.gate)) * F.linear(x, m.up),
                 lambda: F.silu(F.linear(x, p.gate)) * F.linear(x, p.up),
                 lambda: F.silu(F.linear(x, m.gate[p.mlp_rows])) * F.linear(x, m.up[p.mlp_rows]),
                 2 * n_mlp * HIDDEN * es)
-    if op in ("down_proj", "down_proj[cols-major]"):
-        a = torch.randn(1, T, n_mlp, generator=m.gen, device=DEVICE).to(DTYPE)
-        af = torch.randn(1, T, MLP, generator=m.gen, device=DEVICE).to(DTYPE)
-        W = m.down_cm if "cols-major" in op else m.down
-        return (lambda: gather_cols_linear(a, W, p.mlp_idx), lambda: F.linear(af, m.down), lambda: F.linear(a, p.down),
-                lambda: F.linear(a, m.down[:, p.mlp_rows]), n_mlp * HIDDEN * es)
     if op in ("layer", "layer[cols-major]"):
         return layer_variants(T, p, m, cols_major_weights="cols-major" in op)
     if op == "add_rms_norm":
