@@ -24,10 +24,14 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     shape = text_model_shape(model)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or shape.num_heads % rank:
-        raise ValueError(f"rank must be a positive integer dividing the {shape.num_heads} attention heads, got {rank!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if variant == "H" and shape.num_heads % rank:
+        raise ValueError(f"rank must divide the {shape.num_heads} attention heads (variant H), got {rank}")
+    if variant == "L":
+        rank = 1  # L schedules whole layers: rank plays no part
     prefix = shape.num_layers // 2 if num_prefix_layers is None else num_prefix_layers
-    if not isinstance(prefix, int) or not 0 <= prefix < shape.num_layers:
+    if not isinstance(prefix, int) or isinstance(prefix, bool) or not 0 <= prefix < shape.num_layers:
         raise ValueError(f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
     if backend is None:
         backend = default_backend(model.device)
@@ -44,7 +48,7 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
     """Make ``model`` (a LlavaForConditionalGeneration) run AdaLLaVA plans; returns it.
 
     Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups
-    in units of ``rank``; the first ``num_prefix_layers`` (default half) always run. ``backend``
+    in units of ``rank`` (which L ignores); the first ``num_prefix_layers`` (default half) always run. ``backend``
     picks the ops ("torch", "triton", "cuda"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
     safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation.
     ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph (False: eager).

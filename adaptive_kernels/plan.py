@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .errors import ArgumentTypeError
 
 VARIANTS = ("L", "H")
 
@@ -53,29 +56,37 @@ class UnitSpace:
         return self.units(budget) / (self.total - self.prefix + 1)
 
 
+def _budget_value(value) -> float:
+    """One budget as a Python float: a real number, not a bool; a numpy scalar by its shortest decimal."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"latency_budget must be a float in (0, 1] or one per batch row, got {value!r}")
+    return float(str(value)) if isinstance(value, np.floating) else float(value)
+
+
 def resolve_budgets(latency_budget, batch_size: int) -> list[float]:
     """One Python float per batch row from a float, a list, or a 0-D/1-D tensor.
 
     Raises ``ValueError`` naming ``latency_budget`` for values outside (0, 1], NaN, or a row count
-    other than ``batch_size``.
+    other than ``batch_size``, and ``ArgumentTypeError`` (a ``ValueError`` too) for what is not a
+    number (bools and strings included).
     """
-    if isinstance(latency_budget, bool):
-        raise TypeError(f"latency_budget must be a float in (0, 1] or one per batch row, got {latency_budget!r}")
     if isinstance(latency_budget, torch.Tensor):
         if latency_budget.dim() > 1:
             raise ValueError(f"latency_budget must be a float or a 1-D tensor, got shape {tuple(latency_budget.shape)}")
+        if latency_budget.dtype == torch.bool or latency_budget.is_complex():
+            raise ArgumentTypeError(f"latency_budget must be a real-valued tensor, got {latency_budget.dtype}")
         values = latency_budget.detach().cpu().reshape(-1).tolist()
         if latency_budget.dtype != torch.float64:
             # a float32 0.7 is 0.69999998...; its shortest decimal is what the caller wrote
             values = [float(str(np.float32(v))) for v in values]
         if latency_budget.dim() == 0:
             values = values * batch_size
-    elif isinstance(latency_budget, (int, float)):
-        values = [float(latency_budget)] * batch_size
     elif isinstance(latency_budget, (list, tuple)):
-        values = [float(v) for v in latency_budget]
+        values = [_budget_value(v) for v in latency_budget]
+    elif isinstance(latency_budget, numbers.Real):
+        values = [_budget_value(latency_budget)] * batch_size
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"latency_budget must be a float in (0, 1], a list or a 1-D tensor of them, got {type(latency_budget).__name__}"
         )
     if len(values) != batch_size:
@@ -131,6 +142,14 @@ def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
     return mask
 
 
+def check_skipped_layers(layers: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor, name: str) -> None:
+    """``ValueError`` (naming ``name``) when a skipped layer has a head or a group on."""
+    orphan = ~layers & (heads.any(-1) | groups.any(-1))
+    if orphan.any():
+        row, layer = orphan.nonzero()[0].tolist()
+        raise ValueError(f"{name}: layer {layer} of row {row} is skipped but has heads or groups on")
+
+
 class ExecutionPlan:
     """Which decoder units run, per batch row.
 
@@ -154,10 +173,7 @@ class ExecutionPlan:
             raise ValueError(f"ExecutionPlan needs as many groups as heads, got {heads.shape[2]} heads and {groups.shape[2]} groups")
         if not (layers.device == heads.device == groups.device):
             raise ValueError("ExecutionPlan.layers, .heads and .groups must be on one device")
-        orphan = ~layers & (heads.any(-1) | groups.any(-1))
-        if orphan.any():
-            row, layer = orphan.nonzero()[0].tolist()
-            raise ValueError(f"ExecutionPlan: layer {layer} of row {row} is skipped but has heads or groups on")
+        check_skipped_layers(layers, heads, groups, "ExecutionPlan")
         self.shape = shape
         self.seq_len = seq_len
 
@@ -324,6 +340,7 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
     masks = torch.cat([plan.layers[..., None], plan.heads, plan.groups], dim=-1).cpu()
     plan = plan if plan.layers.device == device else plan.to(device)
     on, heads, groups = masks[..., 0], masks[..., 1:H + 1], masks[..., H + 1:]
+    check_skipped_layers(on, heads, groups, "execution_plan")  # again: a plan's masks may be edited in place
     kv_on = heads.view(B, L, shape.num_kv_heads, -1).any(-1)
     # per (layer, row): [runs, q heads, kv heads, neurons, all heads on, all groups on]
     facts = torch.stack([on.long(), heads.sum(-1), kv_on.sum(-1), groups.long() @ torch.tensor(shape.group_sizes),

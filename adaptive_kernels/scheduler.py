@@ -154,14 +154,21 @@ def _gumbel_top_n_units(layer_logits, head_logits, group_logits, counts, rank):
     return layers, heads, groups
 
 
+def _setting(scheduler: AdaptiveScheduler) -> dict[str, str]:
+    """What a scheduler's weights fit, as safetensors metadata: the unit space (rank for variant H
+    only, where it matters) and the hidden size."""
+    u = scheduler.units
+    setting = {"variant": u.variant, "num_layers": str(u.num_layers), "num_prefix_layers": str(u.num_prefix_layers),
+               "num_heads": str(u.num_heads), "hidden_size": str(scheduler.head.in_features)}
+    if u.variant == "H":
+        setting["rank"] = str(u.rank)
+    return setting
+
+
 def save_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     """Write the latency encoder and scheduler head as safetensors, with the unit space as metadata."""
-    u = scheduler.units
-    meta = {"variant": u.variant, "num_layers": str(u.num_layers), "num_prefix_layers": str(u.num_prefix_layers),
-            "num_heads": str(u.num_heads), "rank": str(u.rank),
-            "hidden_size": str(scheduler.head.in_features)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in scheduler.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata=_setting(scheduler))
 
 
 def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
@@ -170,9 +177,7 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    u = scheduler.units
-    expected = {"variant": u.variant, "num_layers": str(u.num_layers), "num_prefix_layers": str(u.num_prefix_layers),
-                "num_heads": str(u.num_heads), "rank": str(u.rank), "hidden_size": str(scheduler.head.in_features)}
+    expected = _setting(scheduler)
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in wrong.items())

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForCon
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.models.llama import check_plan
 from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
@@ -42,7 +43,7 @@ def test_bad_plans(model, inputs):
         model(**inputs, execution_plan=ExecutionPlan.full(3, 8, 8))
     with pytest.raises(ValueError, match="execution_plan.*device"):
         check_plan(ExecutionPlan.full(2, 8, 8), 2, text_model_shape(model), torch.device("cuda"))
-    with pytest.raises(TypeError, match="execution_plan"):
+    with pytest.raises(ArgumentTypeError, match="execution_plan"):
         model(**inputs, execution_plan=torch.ones(2, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="not both"):
         model(**inputs, execution_plan=ExecutionPlan.full(2, 8, 8), latency_budget=0.5)
@@ -51,20 +52,22 @@ def test_bad_plans(model, inputs):
 def test_unsupported_models():
     causal_lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                              num_attention_heads=2, vocab_size=64))
-    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+    with pytest.raises(ArgumentTypeError, match="LlavaForConditionalGeneration"):
         ak.patch(causal_lm)
     config = tiny_llava_config()
     mistral = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                             num_key_value_heads=4, vocab_size=512)
     llava_mistral = LlavaForConditionalGeneration(LlavaConfig(vision_config=config.vision_config, text_config=mistral,
                                                               image_token_id=511))
-    with pytest.raises(TypeError, match="llama"):
+    with pytest.raises(ArgumentTypeError, match="llama"):
         ak.patch(llava_mistral)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"rank": 3}, "rank"), ({"rank": 0}, "rank"),
+@pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"variant": "H", "rank": 3}, "rank"),
+                                         ({"rank": 0}, "rank"), ({"rank": True}, "rank"),
                                          ({"num_prefix_layers": 8}, "num_prefix_layers"),
                                          ({"num_prefix_layers": -1}, "num_prefix_layers"),
+                                         ({"num_prefix_layers": True}, "num_prefix_layers"),
                                          ({"backend": "jax"}, "backend"), ({"backend": "cuda"}, "backend='cuda'")])
 def test_bad_patch_options(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -89,3 +92,22 @@ def test_patch_with_other_options_repatches(model):
     ak.patch(m, "L", rank=2, num_prefix_layers=2)
     plan = ak.plan(m, latency_budget=0.5, **example_inputs(m))
     assert plan.layers[0, :2].all() and int(plan.layers[0].sum()) == 4
+
+
+def test_variant_l_takes_any_rank():
+    """rank sizes H's units; L schedules whole layers, so a rank that does not divide the heads is no error."""
+    stock = tiny_llava(seed=2)
+    inputs = example_inputs(stock, seed=3)
+    plans = [ak.plan(ak.patch(copy.deepcopy(stock), "L", rank=rank), latency_budget=0.6, **inputs) for rank in (3, 8)]
+    assert plans[0] == plans[1]
+
+
+def test_a_budget_without_the_cache_is_refused_in_generate(model, inputs):
+    """Without a cache every generate step would be a new prompt with a new latency token and plan."""
+    with pytest.raises(ValueError, match="use_cache"):
+        model.generate(**inputs, latency_budget=0.6, max_new_tokens=2, use_cache=False)
+
+
+def test_attention_weights_are_refused(model, inputs):
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(**inputs, output_attentions=True)

@@ -80,6 +80,38 @@ def test_full_plan_gives_stock_result(stock):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
+def test_hidden_states_are_the_masked_computation_layer_by_layer(stock):
+    """output_hidden_states: the decoder's input, each layer's output (a skipped one's unchanged), the last normed."""
+    inputs = example_inputs(stock, batch_size=3, seed=17, pad=[0, 2, 0])
+    plan = random_plan(3, seed=19)
+    model = patched(stock, "H")
+    with torch.no_grad():
+        ours = model(**inputs, execution_plan=plan, output_hidden_states=True).hidden_states
+        masked = masked_stock(stock, plan)(**inputs, output_hidden_states=True).hidden_states
+        # an index selection (transformers 5.2x), on the merged embeddings: the vision tower does not take one
+        chosen = model(inputs_embeds=prompt_embeddings(stock, inputs), attention_mask=inputs["attention_mask"],
+                       execution_plan=plan, output_hidden_states=[1, -1]).hidden_states
+    assert len(ours) == len(masked) == L + 1
+    for got, want in zip(ours, masked):
+        torch.testing.assert_close(got, want, **TOL)
+    assert chosen[0] is None and chosen[2:-1] == (None,) * (L - 2)
+    torch.testing.assert_close(chosen[1], ours[1], **TOL)
+    torch.testing.assert_close(chosen[-1], ours[-1], **TOL)
+
+
+def test_returned_sequences_run_their_prompts_budget_or_plan(stock):
+    """num_return_sequences repeats each prompt row; per-row budgets and plan rows are repeated with it."""
+    inputs = example_inputs(stock, batch_size=2, seed=23, pad=[0, 2])
+    model = patched(stock, "H")
+    plan = ak.plan(model, latency_budget=[0.6, 0.9], **inputs)
+    sample = dict(do_sample=True, top_k=1, max_new_tokens=3)  # sampling (so copies are allowed), deterministic
+    with torch.no_grad():
+        for given in ({"latency_budget": [0.6, 0.9]}, {"latency_budget": torch.tensor(0.7)}, {"execution_plan": plan}):
+            alone = model.generate(**inputs, **given, **sample)
+            copies = model.generate(**inputs, **given, num_return_sequences=2, **sample)
+            assert torch.equal(copies[0::2], alone) and torch.equal(copies[1::2], alone), given
+
+
 @pytest.mark.parametrize("variant,budget", [("L", 0.6), ("H", 0.6), ("H", 0.85), ("L", 1.0)])
 def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget):
     inputs = example_inputs(stock, batch_size=1, seed=7)
@@ -241,6 +273,9 @@ def test_scheduler_weights_survive_save_and_load(stock, tmp_path):
     torch.testing.assert_close(ak.latency_embedding(loaded, 0.6), ak.latency_embedding(model, 0.6))
     with pytest.raises(ValueError, match="scheduler"):
         patched(stock, "L", scheduler=path)
+    l_path = tmp_path / "l.safetensors"
+    ak.save_scheduler(patched(stock, "L", rank=4), l_path)
+    patched(stock, "L", rank=2, scheduler=l_path)  # L ignores rank, so its files fit any
 
 
 def test_fresh_schedulers_are_seeded(stock):

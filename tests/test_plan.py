@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.plan import DecoderShape, ExecutionPlan, UnitSpace, active_index, compile_plan, resolve_budgets
 
 
@@ -38,9 +40,19 @@ def test_resolve_budgets_rejects_bad_values(bad):
         resolve_budgets(bad, 2)
 
 
-@pytest.mark.parametrize("bad", ["0.5", True, None, {0.5}])
+def test_numpy_scalars_count_as_the_decimal_written():
+    space = UnitSpace("L", 10, 5, 4, 2)
+    (b,) = resolve_budgets(np.float32(0.7), 1)
+    assert b == 0.7 and space.units(b) == 2
+    assert resolve_budgets([np.float64(0.25), np.float32(0.5)], 2) == [0.25, 0.5]
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, None, {0.5}, [True], ["0.5"], [0.5, None], torch.tensor([True]),
+                                 np.array([0.5])])
 def test_resolve_budgets_rejects_bad_types(bad):
-    with pytest.raises(TypeError, match="latency_budget"):
+    with pytest.raises(ArgumentTypeError, match="latency_budget"):
+        resolve_budgets(bad, 1)
+    with pytest.raises(ValueError):  # the package's bad-input errors are all ValueErrors
         resolve_budgets(bad, 1)
 
 
@@ -69,6 +81,17 @@ def test_plan_rejects_inconsistent_masks():
 
 SHAPE = DecoderShape(num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3, head_dim=8, intermediate_size=100)
 
+
+
+def test_a_plan_edited_in_place_is_checked_again_when_compiled():
+    layers, heads, groups = _masks()
+    row, layer = layers.nonzero()[0].tolist()
+    heads[row, layer, 0] = True
+    plan = ExecutionPlan(layers, heads, groups)
+    plan.layers[row, layer] = False  # its heads stay on
+    shape = DecoderShape(num_layers=4, hidden_size=12, num_heads=6, num_kv_heads=3, head_dim=2, intermediate_size=18)
+    with pytest.raises(ValueError, match=f"execution_plan: layer {layer} of row {row} is skipped"):
+        compile_plan(plan, shape)
 
 def _brute_force_flops(heads, groups, S):
     """Per-layer FLOPs by direct count: each q head's q/o product and attention, each kv head's k/v, each neuron's three products."""

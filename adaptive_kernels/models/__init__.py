@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ArgumentTypeError
 from .llama import AdaptiveDecoderMixin, Request, Settings, decoder_shape
 
 # language model types whose decoder layers the Llama executor runs unchanged
@@ -9,10 +10,10 @@ SUPPORTED_TEXT_MODELS = {"llama": decoder_shape}
 
 
 def text_model_shape(model):
-    """The DecoderShape of a LLaVA model's language model; ``TypeError`` for unsupported ones."""
+    """The DecoderShape of a LLaVA model's language model; ``ArgumentTypeError`` for unsupported ones."""
     config = model.config.text_config
     if config.model_type not in SUPPORTED_TEXT_MODELS:
-        raise TypeError(f"adaptive_kernels supports LLaVA models whose language model is one of "
+        raise ArgumentTypeError(f"adaptive_kernels supports LLaVA models whose language model is one of "
                         f"{sorted(SUPPORTED_TEXT_MODELS)}; got {config.model_type!r}")
     return SUPPORTED_TEXT_MODELS[config.model_type](config)
 

@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..backends import Backend
 from ..cache import AdaptiveCache
+from ..errors import ArgumentTypeError
 from ..graphs import DecodeGraph
 from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
@@ -59,7 +60,7 @@ def decoder_shape(config) -> DecoderShape:
 def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
     """``ValueError`` unless ``plan`` is an ExecutionPlan for this batch and decoder on ``device``."""
     if not isinstance(plan, ExecutionPlan):
-        raise TypeError(f"execution_plan must be an adaptive_kernels.ExecutionPlan, got {type(plan).__name__}")
+        raise ArgumentTypeError(f"execution_plan must be an adaptive_kernels.ExecutionPlan, got {type(plan).__name__}")
     expected = (batch_size, shape.num_layers, shape.num_heads)
     if tuple(plan.heads.shape) != expected:
         raise ValueError(f"execution_plan has shape (batch, layers, heads) = {tuple(plan.heads.shape)}, "
@@ -239,14 +240,37 @@ def plan_from_masks(layers, heads, groups, settings: Settings, seq_len: int) -> 
                          torch.cat([on[..., None].expand(-1, -1, H), groups != 0], 1), shape=settings.shape, seq_len=seq_len)
 
 
-def run_sampled_layers(layers, x, masks, cos, sin, kv_valid, shape: DecoderShape) -> torch.Tensor:
-    """The scheduled layers in training: the masked computation under a Gumbel-sampled plan."""
+def run_sampled_layers(layers, x, masks, cos, sin, kv_valid, shape: DecoderShape, hidden: list | None = None):
+    """The scheduled layers in training: the masked computation under a Gumbel-sampled plan.
+    ``hidden``: a list that receives x after each layer."""
     layer_on, heads_on, groups_on = masks
     sizes = torch.tensor(shape.group_sizes, device=x.device)
     for k, layer in enumerate(layers):
         neurons_on = groups_on[:, k].repeat_interleave(sizes, dim=-1)
         x = layer.forward_masked(x, layer_on[:, k], heads_on[:, k], neurons_on, cos, sin, kv_valid, shape)
+        if hidden is not None:
+            hidden.append(x)
     return x
+
+
+def hidden_states_requested(kwargs: dict, config):
+    """``output_hidden_states`` of this call (else the config's): False, True, or the indices it selects.
+    ``ValueError`` for ``output_attentions``: the attention kernels form no attention weights."""
+    if kwargs.get("output_attentions", config.output_attentions):
+        raise ValueError("output_attentions: a patched model's attention kernels do not form attention weights; "
+                         "call adaptive_kernels.unpatch(model) to get them")
+    return kwargs.get("output_hidden_states", config.output_hidden_states) or False
+
+
+def hidden_states_output(collected: list, last: torch.Tensor, selection) -> tuple:
+    """transformers' ``hidden_states``: the decoder's input, then each layer's output, the last one
+    replaced by ``last`` (after the final norm); with an index selection (an int or a list, as
+    transformers 5.2x takes), the others are None."""
+    states = collected[:-1] + [last]
+    if selection is True:
+        return tuple(states)
+    chosen = {i % len(states) for i in ([selection] if isinstance(selection, int) else selection)}
+    return tuple(h if i in chosen else None for i, h in enumerate(states))
 
 
 class AdaptiveDecoderMixin:
@@ -259,6 +283,7 @@ class AdaptiveDecoderMixin:
             cache = kwargs.pop("past_key_values", None)
         settings: Settings = self._ak_settings
         request: Request = self._ak_request or Request()
+        wanted_hidden = hidden_states_requested(kwargs, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -310,18 +335,20 @@ class AdaptiveDecoderMixin:
         if cache is not None:
             cache.reserve(past + x.shape[1])
         cos, sin = self.rotary_emb(x, positions)
+        hidden = [x] if wanted_hidden is not False else None
 
         first = 0
         if schedule is None:  # a budget: the prefix runs dense on every row, then the scheduler plans
             P = settings.units.num_prefix_layers
             dense = compile_plan(ExecutionPlan.full(B, 1, settings.shape.num_heads), settings.shape, x.device).layers[0]
-            x = self.run_layers(x, range(P), [dense] * P, cos, sin, mask, cache)
+            x = self.run_layers(x, range(P), [dense] * P, cos, sin, mask, cache, hidden)
             sampled = self.training and not request.plan_only
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
             if sampled:
-                x = run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape)
-                return BaseModelOutputWithPast(last_hidden_state=self.norm(x))
+                x = self.norm(run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape, hidden))
+                return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden and hidden_states_output(
+                    hidden, x, wanted_hidden))
             schedule = compile_plan(request.plan, settings.shape, x.device)  # host masks: the plan moves too
             if request.plan_only:
                 request.plan = schedule.plan
@@ -334,36 +361,41 @@ class AdaptiveDecoderMixin:
         if decoding and S == 1:
             # one-token steps attend over the cache's whole capacity, unfilled positions masked
             kv_valid = F.pad(mask, (0, cache.capacity - mask.shape[1]))
-            x = self.decode_step(x, schedule, cos, sin, kv_valid, cache)
+            x = self.decode_step(x, schedule, cos, sin, kv_valid, cache, hidden)
         else:
-            x = self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache)
+            x = self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache, hidden)
             x = norm_of(settings.backend, self.norm, x)
         if cache is not None:
             cache.length = past + x.shape[1]
-        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache})
+        return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
+                                       hidden_states=hidden and hidden_states_output(hidden, x, wanted_hidden))
 
-    def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache):
-        """Layers ``layer_ids`` with their ``LayerIndices`` (None: no row runs it), each on its rows."""
+    def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache, hidden=None):
+        """Layers ``layer_ids`` with their ``LayerIndices`` (None: no row runs it), each on its rows;
+        ``hidden``: a list that receives x after each layer, skipped ones included."""
         for l, idx in zip(layer_ids, indices):
-            if idx is None:
-                continue
-            rows = idx.rows
-            part = (lambda t: t) if rows is None else (lambda t: t[rows])
-            out = self.layers[l](part(x), idx, part(cos), part(sin), part(kv_valid), cache, self._ak_settings)
-            x = out if rows is None else x.index_copy(0, rows, out)
+            if idx is not None:
+                rows = idx.rows
+                part = (lambda t: t) if rows is None else (lambda t: t[rows])
+                out = self.layers[l](part(x), idx, part(cos), part(sin), part(kv_valid), cache, self._ak_settings)
+                x = out if rows is None else x.index_copy(0, rows, out)
+            if hidden is not None:
+                hidden.append(x)
         return x
 
-    def decode_step(self, x, schedule, cos, sin, kv_valid, cache):
+    def decode_step(self, x, schedule, cos, sin, kv_valid, cache, hidden=None):
         """One decode token through every executed layer and the final norm: [B, 1, D] -> [B, 1, D].
 
         On CUDA with graphs on, the first step runs eagerly (compiling kernels), the second is
-        captured as a CUDA graph and every later step of the request replays it.
+        captured as a CUDA graph and every later step of the request replays it. A step that
+        collects ``hidden`` states runs eagerly.
         """
         def step(x, cos, sin, kv_valid):
-            x = self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid, cache)
+            x = self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid, cache, hidden)
             return norm_of(self._ak_settings.backend, self.norm, x)
 
-        use_graph = self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
+        use_graph = (self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
+                     and hidden is None)
         if not use_graph or not cache.warm:
             cache.warm = True
             return step(x, cos, sin, kv_valid)

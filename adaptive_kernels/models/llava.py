@@ -16,6 +16,8 @@ from transformers import LlavaForConditionalGeneration
 
 from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request
 from ..cache import AdaptiveCache
+from ..errors import ArgumentTypeError
+from ..plan import ExecutionPlan, resolve_budgets
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -35,7 +37,7 @@ def _pad_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _adaptive_llava_class(stock: type) -> type:
-    """``Adaptive<stock>``: ``stock`` whose forward takes ``latency_budget`` and ``execution_plan``."""
+    """``Adaptive<stock>``: ``stock`` whose forward and generate take ``latency_budget`` and ``execution_plan``."""
     if stock in _SUBCLASSES:
         return _SUBCLASSES[stock]
 
@@ -51,10 +53,30 @@ def _adaptive_llava_class(stock: type) -> type:
         finally:
             lm._ak_request = None
 
+    def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
+        config = kwargs.get("generation_config") or self.generation_config
+        if latency_budget is not None and not kwargs.get("use_cache", config.use_cache):
+            raise ValueError("latency_budget needs generate's use_cache=True: the plan and the latency token are "
+                             "made once, at prefill, and live in the cache; without it every step would be a new prompt")
+        copies = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        if copies > 1:  # generate repeats each prompt row; repeat what belongs to the row with it
+            if isinstance(latency_budget, (list, tuple)):
+                latency_budget = [b for b in latency_budget for _ in range(copies)]
+            elif isinstance(latency_budget, torch.Tensor) and latency_budget.dim() == 0:
+                (latency_budget,) = resolve_budgets(latency_budget, 1)  # generate repeats tensors along dim 0
+            if isinstance(execution_plan, ExecutionPlan):
+                rows = torch.arange(execution_plan.batch_size, device=execution_plan.layers.device)
+                execution_plan = execution_plan.rows(rows.repeat_interleave(copies))
+        ours = {"latency_budget": latency_budget, "execution_plan": execution_plan}
+        return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
+
     forward.__signature__ = _extended_signature(stock.forward)
     forward.__doc__ = (f"{stock.__name__}.forward, plus ``latency_budget`` (a float in (0, 1] or one per row) "
                        "and ``execution_plan`` (an ExecutionPlan); see adaptive_kernels.")
-    cls = type(f"Adaptive{stock.__name__}", (stock,), {"forward": forward, "_ak_stock_class": stock})
+    generate.__doc__ = (f"{stock.__name__}.generate, with ``latency_budget`` or ``execution_plan`` per prompt (with "
+                        "``num_return_sequences``, each returned sequence runs its prompt's); needs the cache.")
+    cls = type(f"Adaptive{stock.__name__}", (stock,),
+               {"forward": forward, "generate": generate, "_ak_stock_class": stock})
     _SUBCLASSES[stock] = cls
     return cls
 
@@ -71,9 +93,9 @@ def is_patched(model) -> bool:
 
 
 def check_llava(model) -> None:
-    """``TypeError`` unless ``model`` is a LlavaForConditionalGeneration (patched or not)."""
+    """``ArgumentTypeError`` unless ``model`` is a LlavaForConditionalGeneration (patched or not)."""
     if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(f"adaptive_kernels patches transformers.LlavaForConditionalGeneration with a Llama-family "
+        raise ArgumentTypeError(f"adaptive_kernels patches transformers.LlavaForConditionalGeneration with a Llama-family "
                         f"language model; got {type(model).__name__}")
 
 
