@@ -87,4 +87,20 @@ class AdaptiveCache(Cache):
         return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported by adaptive_kernels; use greedy or sampling")
+        """Beam search: row ``r`` continues from row ``beam_idx[r]``, a beam of the same prompt and so of
+        the same plan. Each layer's buffers are rewritten in place (a decode graph reads them)."""
+        plan = self.plan
+        if not (torch.equal(plan.heads[beam_idx], plan.heads) and torch.equal(plan.groups[beam_idx], plan.groups)
+                and torch.equal(plan.layers[beam_idx], plan.layers)):
+            raise ValueError("reorder_cache: beam_idx moves rows between different plans; beams of one prompt share its plan")
+        for l, idx in enumerate(self.schedule.layers):
+            if self.keys[l] is None:
+                continue
+            if idx.rows is None:
+                source = beam_idx
+            else:  # the layer holds only its rows: map batch rows to their slots
+                slot = torch.full((plan.batch_size,), -1, dtype=torch.long, device=beam_idx.device)
+                slot[idx.rows] = torch.arange(idx.num_rows, device=beam_idx.device)
+                source = slot[beam_idx[idx.rows]]
+            for store in (self.keys, self.values):
+                store[l].copy_(store[l].index_select(0, source))

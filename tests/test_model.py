@@ -112,6 +112,23 @@ def test_returned_sequences_run_their_prompts_budget_or_plan(stock):
             assert torch.equal(copies[0::2], alone) and torch.equal(copies[1::2], alone), given
 
 
+def test_beam_search_matches_sliced_stock_row_by_row(stock):
+    """Beams of a prompt share its plan; the cache is reordered per layer over the rows that run it."""
+    inputs = example_inputs(stock, batch_size=3, seed=29, pad=[0, 3, 0])
+    plan = random_plan(3, seed=31)
+    plan.layers[1, 5] = plan.heads[1, 5] = plan.groups[1, 5] = False  # a layer that only some rows run
+    plan.layers[0, 5] = plan.heads[0, 5, 0] = True
+    model = patched(stock, "H")
+    beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                 output_scores=True)
+    with torch.no_grad():
+        ours = model.generate(**inputs, execution_plan=plan, **beams)
+        for row in range(3):
+            alone = sliced_stock(stock, plan, row).generate(**row_inputs(inputs, row), **beams)
+            assert torch.equal(ours.sequences[2 * row:2 * row + 2], alone.sequences), row
+            torch.testing.assert_close(ours.sequences_scores[2 * row:2 * row + 2], alone.sequences_scores, **TOL)
+
+
 @pytest.mark.parametrize("variant,budget", [("L", 0.6), ("H", 0.6), ("H", 0.85), ("L", 1.0)])
 def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget):
     inputs = example_inputs(stock, batch_size=1, seed=7)

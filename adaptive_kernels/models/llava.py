@@ -58,8 +58,9 @@ def _adaptive_llava_class(stock: type) -> type:
         if latency_budget is not None and not kwargs.get("use_cache", config.use_cache):
             raise ValueError("latency_budget needs generate's use_cache=True: the plan and the latency token are "
                              "made once, at prefill, and live in the cache; without it every step would be a new prompt")
-        copies = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
-        if copies > 1:  # generate repeats each prompt row; repeat what belongs to the row with it
+        copies = max(kwargs.get("num_beams", config.num_beams) or 1,
+                     kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+        if copies > 1:  # generate repeats each prompt row (beams, sequences); repeat what belongs to the row with it
             if isinstance(latency_budget, (list, tuple)):
                 latency_budget = [b for b in latency_budget for _ in range(copies)]
             elif isinstance(latency_budget, torch.Tensor) and latency_budget.dim() == 0:
@@ -73,8 +74,8 @@ def _adaptive_llava_class(stock: type) -> type:
     forward.__signature__ = _extended_signature(stock.forward)
     forward.__doc__ = (f"{stock.__name__}.forward, plus ``latency_budget`` (a float in (0, 1] or one per row) "
                        "and ``execution_plan`` (an ExecutionPlan); see adaptive_kernels.")
-    generate.__doc__ = (f"{stock.__name__}.generate, with ``latency_budget`` or ``execution_plan`` per prompt (with "
-                        "``num_return_sequences``, each returned sequence runs its prompt's); needs the cache.")
+    generate.__doc__ = (f"{stock.__name__}.generate, with ``latency_budget`` or ``execution_plan`` per prompt (each "
+                        "beam and returned sequence runs its prompt's); needs the cache.")
     cls = type(f"Adaptive{stock.__name__}", (stock,),
                {"forward": forward, "generate": generate, "_ak_stock_class": stock})
     _SUBCLASSES[stock] = cls
