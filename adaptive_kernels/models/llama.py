@@ -262,10 +262,12 @@ def hidden_states_requested(kwargs: dict, config):
     return kwargs.get("output_hidden_states", config.output_hidden_states) or False
 
 
-def hidden_states_output(collected: list, last: torch.Tensor, selection) -> tuple:
-    """transformers' ``hidden_states``: the decoder's input, then each layer's output, the last one
-    replaced by ``last`` (after the final norm); with an index selection (an int or a list, as
-    transformers 5.2x takes), the others are None."""
+def hidden_states_output(collected: list | None, last: torch.Tensor, selection) -> tuple | None:
+    """transformers' ``hidden_states`` from what was ``collected`` (None: nothing was asked for): the
+    decoder's input, then each layer's output, the last one replaced by ``last`` (after the final
+    norm); with an index selection (an int or a list, as transformers 5.2x takes), the others are None."""
+    if collected is None:
+        return None
     states = collected[:-1] + [last]
     if selection is True:
         return tuple(states)
@@ -347,8 +349,8 @@ class AdaptiveDecoderMixin:
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
             if sampled:
                 x = self.norm(run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape, hidden))
-                return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden and hidden_states_output(
-                    hidden, x, wanted_hidden))
+                return BaseModelOutputWithPast(last_hidden_state=x,
+                                               hidden_states=hidden_states_output(hidden, x, wanted_hidden))
             schedule = compile_plan(request.plan, settings.shape, x.device)  # host masks: the plan moves too
             if request.plan_only:
                 request.plan = schedule.plan
@@ -368,7 +370,7 @@ class AdaptiveDecoderMixin:
         if cache is not None:
             cache.length = past + x.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
-                                       hidden_states=hidden and hidden_states_output(hidden, x, wanted_hidden))
+                                       hidden_states=hidden_states_output(hidden, x, wanted_hidden))
 
     def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache, hidden=None):
         """Layers ``layer_ids`` with their ``LayerIndices`` (None: no row runs it), each on its rows;
