@@ -67,11 +67,13 @@ def test_backend_generates_what_the_torch_backend_generates(device, backend, dty
 
 @gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-def test_cuda_graph_decode_equals_eager_decode(backend):
+@pytest.mark.parametrize("mode", [{}, {"num_beams": 3}, {"output_hidden_states": True}], ids=["greedy", "beams", "hidden"])
+def test_cuda_graph_decode_equals_eager_decode(backend, mode):
+    """Beam search reorders the cache a graph reads in place; a step collecting hidden states runs eagerly."""
     stock = tiny_llava(seed=26).cuda()
     inputs = example_inputs(stock, batch_size=2, seed=27)
     kw = dict(latency_budget=[0.6, 0.85], max_new_tokens=6, do_sample=False, output_logits=True,
-              return_dict_in_generate=True)
+              return_dict_in_generate=True, **mode)
     graphed = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=True)
     eager = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=False)
     with torch.no_grad():
