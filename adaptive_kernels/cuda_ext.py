@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .ops._library import differentiate_by_reference
+from .ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
 from .plan import DecoderShape, ExecutionPlan, attention_units, neuron_units, unit_rows
 
 __all__ = ["DECODE_MAX_TOKENS", "CompactPlan", "compact_plan", "compact_plan_reference", "cuda_backend",
@@ -77,6 +79,10 @@ def _not_on_cpu(name):
 
 for _name in ("cuda_gather_rows_linear", "cuda_gather_cols_linear", "cuda_compact_plan"):
     _lib.impl(_name, _not_on_cpu(_name), "CPU")
+
+
+differentiate_by_reference("adaptive_kernels::cuda_gather_rows_linear", gather_rows_linear_reference)
+differentiate_by_reference("adaptive_kernels::cuda_gather_cols_linear", gather_cols_linear_reference)
 
 
 @register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_rows_linear)

@@ -48,6 +48,41 @@ def test_backend_gives_the_masked_computation(device, backend, dtype):
     torch.testing.assert_close(ours[valid], reference[valid], **TOLERANCE[dtype])
 
 
+def _grads(model, inputs, seed, **kw):
+    """(loss, {parameter name: gradient}) of one training step with labels = the prompt (padding ignored)."""
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    torch.manual_seed(seed)  # the Gumbel draws of a budget
+    loss = model.train()(**inputs, labels=labels, **kw).loss
+    loss.backward()
+    return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("device,backend,dtype", CASES)
+def test_backend_trains_as_the_masked_computation(device, backend, dtype):
+    """Gradients through the kernels (their backward is their reference's) equal the masked stock model's,
+    under a given plan (every layer through the ops) and, against the torch backend, under a budget (prefix)."""
+    if dtype != torch.float32:
+        pytest.skip("gradients are compared in fp32")
+    stock = tiny_llava(seed=30, num_layers=4).to(device)
+    inputs = example_inputs(stock, batch_size=2, text_tokens=5, seed=31, pad=[0, 2])
+    plan = _plan(2, 4, 8, seed=32, device=device)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend)
+    loss, grads = _grads(model, inputs, seed=0, execution_plan=plan)
+    want_loss, want = _grads(masked_stock(stock, plan), inputs, seed=0)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
+    assert set(grads) <= set(want)
+    for name in want:  # a weight no row reads gets no gradient here, and zeros through the masks
+        got = grads.get(name, torch.zeros_like(want[name]))
+        torch.testing.assert_close(got, want[name], rtol=1e-3, atol=1e-5, msg=name)
+    reference = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    loss, grads = _grads(copy.deepcopy(model), inputs, seed=1, latency_budget=[0.6, 0.85])
+    want_loss, want = _grads(reference, inputs, seed=1, latency_budget=[0.6, 0.85])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-5)
+    assert "model.language_model.latency_scheduler.head.weight" in want and set(grads) == set(want)
+    for name in want:
+        torch.testing.assert_close(grads[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("device,backend,dtype", CASES)
 def test_backend_generates_what_the_torch_backend_generates(device, backend, dtype):
     if dtype != torch.float32:

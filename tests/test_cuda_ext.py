@@ -330,6 +330,8 @@ def test_opcheck():
                                                                 randn(9, 11, gen=gen, dtype=torch.float32), rows))
     heads = torch.rand(2, 3, 8, generator=gen).cuda() < 0.5
     torch.library.opcheck(ops.cuda_compact_plan.default, (heads, ~heads, 4, 2, 30))
+    trained = x.detach().requires_grad_(), w.detach().requires_grad_(), rows, b.detach().requires_grad_()
+    torch.library.opcheck(ops.cuda_gather_rows_linear.default, trained)  # with the backward (the reference's)
 
 
 BAD_GEMV_CALLS = {  # what is wrong -> (call, error type, message pattern); CPU tensors: refused before any launch
@@ -438,6 +440,18 @@ def test_fake_implementations_give_shapes_and_dtypes():
     outs = ops.cuda_compact_plan(heads, heads, 7, 4, 101)
     assert [tuple(t.shape) for t in outs] == [(2, 5, 84), (2, 5, 28), (2, 5, 12), (2, 5, 101), (2, 5, 3)]
     assert all(t.dtype == torch.int64 for t in outs)
+
+
+def test_gemv_ops_are_differentiable():
+    """Their backward is the reference's (values checked on the GPU by opcheck and the training test)."""
+    x = torch.empty(2, 3, 67, device="meta", requires_grad=True)
+    w = torch.empty(53, 67, device="meta", requires_grad=True)
+    rows = torch.empty(2, 9, device="meta", dtype=torch.int64)
+    ops = torch.ops.adaptive_kernels
+    ops.cuda_gather_rows_linear(x, w, rows).sum().backward()
+    a = torch.empty(2, 3, 9, device="meta", requires_grad=True)
+    ops.cuda_gather_cols_linear(a, w, rows).sum().backward()
+    assert x.grad.shape == x.shape and a.grad.shape == a.shape and w.grad.shape == w.shape
 
 
 def test_flop_formulas_count_the_active_products():

@@ -86,6 +86,35 @@ def call_directly(*tensors: torch.Tensor | None) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
+def differentiate_by_reference(op, reference) -> None:
+    """Give the custom op ``op`` (or its name) the gradient of ``reference``, its PyTorch reference with the same
+    arguments, recomputed in the backward pass. The kernels are forward only; training reaches them
+    in the always-on prefix under a budget, and in every layer under a given plan."""
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_at = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_at))
+        ctx.others = [None if isinstance(v, torch.Tensor) else v for v in inputs]
+
+    def backward(ctx, *grads):
+        inputs = list(ctx.others)
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+            inputs[i] = t
+        wanted = [i for i in ctx.tensor_at if ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            for i in wanted:
+                inputs[i] = inputs[i].detach().requires_grad_()
+            out = reference(*inputs)
+            pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grads) if g is not None]
+            found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                        allow_unused=True)
+        result = [None] * len(inputs)
+        for i, g in zip(wanted, found):
+            result[i] = g
+        return tuple(result)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 def bucket(n: int) -> int:
     """The power of two at or above ``n`` (at least 1): a coarse autotune key, so sizes that differ
     a little reuse one tuning."""

@@ -39,7 +39,8 @@ import math  # noqa: E402
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import INTERPRET, autotune, bucket, call_directly, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
+from ._library import (INTERPRET, autotune, bucket, call_directly, check_launch, differentiate_by_reference,  # noqa: E402
+                       dot_precision, jit, num_sms, tl)
 
 
 
@@ -187,6 +188,9 @@ def _head_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_head_sparse_attention_op.register_fake
 def _(q, k, v, q_to_kv, kv_valid, scale):
     return q.new_empty(q.shape)
+
+
+differentiate_by_reference(_head_sparse_attention_op, head_sparse_attention_reference)
 
 
 @register_flop_formula(torch.ops.adaptive_kernels.head_sparse_attention)

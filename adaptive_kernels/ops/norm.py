@@ -30,7 +30,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # Triton: one program per row, the whole row in registers (D up to 16384).
 # ---------------------------------------------------------------------------------------------
 
-from ._library import call_directly, check_launch, jit, tl  # noqa: E402
+from ._library import call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
 
 MAX_D = 16384
 
@@ -97,6 +97,10 @@ def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 @_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype)), x.new_empty(x.shape)
+
+
+differentiate_by_reference(_rms_norm_op, rms_norm_reference)
+differentiate_by_reference(_add_rms_norm_op, lambda x, residual, weight, eps: rms_norm_reference(x, weight, eps, residual))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

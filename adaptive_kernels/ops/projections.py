@@ -45,7 +45,8 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import INTERPRET, autotune, bucket, call_directly, check_launch, dot_precision, jit, num_sms, tl  # noqa: E402
+from ._library import (INTERPRET, autotune, bucket, call_directly, check_launch, differentiate_by_reference,  # noqa: E402
+                       dot_precision, jit, num_sms, tl)
 
 
 @jit
@@ -328,6 +329,10 @@ def _gather_cols_linear_op(a: torch.Tensor, weight: torch.Tensor, cols: torch.Te
 @_gather_cols_linear_op.register_fake
 def _(a, weight, cols):
     return a.new_empty((a.shape[0], a.shape[1], weight.shape[0]))
+
+
+differentiate_by_reference(_gather_rows_linear_op, gather_rows_linear_reference)
+differentiate_by_reference(_gather_cols_linear_op, gather_cols_linear_reference)
 
 
 @register_flop_formula(torch.ops.adaptive_kernels.gather_rows_linear)

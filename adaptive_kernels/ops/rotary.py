@@ -25,7 +25,7 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # loaded once and both outputs written.
 # ---------------------------------------------------------------------------------------------
 
-from ._library import call_directly, check_launch, jit, tl  # noqa: E402
+from ._library import call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
 
 
 @jit
@@ -91,6 +91,9 @@ def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @_rotary_op.register_fake
 def _(x, cos, sin):
     return x.new_empty(x.shape)
+
+
+differentiate_by_reference(_rotary_op, rotary_reference)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import call_directly  # noqa: E402
+from ._library import call_directly, differentiate_by_reference  # noqa: E402
 from .projections import _rows_launch  # noqa: E402
 
 DECODE_TOKENS = 16
@@ -55,6 +55,9 @@ def _gathered_swiglu_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tenso
 @_gathered_swiglu_op.register_fake
 def _(x, w_gate, w_up, rows):
     return x.new_empty((x.shape[0], x.shape[1], w_gate.shape[0] if rows is None else rows.shape[1]))
+
+
+differentiate_by_reference(_gathered_swiglu_op, gathered_swiglu_reference)
 
 
 @register_flop_formula(torch.ops.adaptive_kernels.gathered_swiglu)
