@@ -111,8 +111,30 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         path = getattr(args, name)
         if path is not None and not path.is_file():
             parser.error(f"argument --{name}: no such file: {path}")
+    if args.image is not None:
+        _check_image(parser, args.image)
+    _check_out(parser, args.out)
     if args.backend == "triton" and args.device == "cpu":
         print("note: --backend triton on the cpu needs TRITON_INTERPRET=1 in the environment (slow)", file=sys.stderr)
+
+
+def _check_image(parser, path: Path) -> None:
+    """``parser.error`` unless Pillow can read the image at ``path``."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.verify()
+    except ImportError:
+        parser.error("argument --image: reading an image needs Pillow (pip install pillow)")
+    except (OSError, SyntaxError, ValueError) as error:
+        parser.error(f"argument --image: {path} is not an image Pillow can read ({error})")
+
+
+def _check_out(parser, out: Path) -> None:
+    """``parser.error`` when ``out`` exists and is not a folder (before anything is timed)."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --out: {out} exists and is not a folder")
 
 
 def _has_processor(path: Path) -> bool:
@@ -289,6 +311,7 @@ def sweep_main(argv) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: cuda requested but torch sees no CUDA device")
+    _check_out(p, args.out)
     rows = sweep(args.device, args.variants, args.backends, args.budgets, args.new_tokens, args.repeats,
                  out_dir=args.out)
     print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13} "

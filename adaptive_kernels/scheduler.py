@@ -9,6 +9,7 @@ gradients in training, deterministic top-n at inference.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -172,11 +173,17 @@ def save_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
 
 
 def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
-    """Load weights saved by ``save_scheduler_weights``; a file for another unit space is a ``ValueError``."""
-    from safetensors import safe_open
+    """Load weights saved by ``save_scheduler_weights``; a missing or unreadable file, or one for another
+    unit space, is a ``ValueError`` naming ``scheduler``."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not Path(path).is_file():
+        raise ValueError(f"scheduler: no file at {path!s} (give a file written by adaptive_kernels.save_scheduler)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"scheduler={path!s} is not a safetensors file written by save_scheduler ({error})") from error
     expected = _setting(scheduler)
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:

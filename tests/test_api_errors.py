@@ -111,3 +111,11 @@ def test_a_budget_without_the_cache_is_refused_in_generate(model, inputs):
 def test_attention_weights_are_refused(model, inputs):
     with pytest.raises(ValueError, match="output_attentions"):
         model(**inputs, output_attentions=True)
+
+
+def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors" * 4)
+    for path in (tmp_path / "missing.safetensors", junk):
+        with pytest.raises(ValueError, match="scheduler"):
+            ak.patch(tiny_llava(), "L", scheduler=path)

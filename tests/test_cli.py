@@ -188,6 +188,21 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(argv, named, tmp_path, c
     assert not (tmp_path / CSV_NAME).exists()
 
 
+def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"neither an image nor a safetensors file\n" * 8)
+    out = str(tmp_path / "out")
+    for argv, says in ((["--image", str(junk), "--out", out], "argument --image"),
+                       (["--scheduler", str(junk), "--variants", "L", "--out", out], "is not a safetensors file"),
+                       (["--out", str(junk)], "argument --out")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *FAST])
+        assert exit_info.value.code not in (0, None)
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / CSV_NAME).exists()
+
+
 def test_python_m_help():
     done = subprocess.run([sys.executable, "-m", "adaptive_kernels", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
