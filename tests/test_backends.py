@@ -10,14 +10,16 @@ import torch
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from oracles import masked_stock
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="Triton runs CPU tensors only in its interpreter (set when CUDA is absent)")
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or not HAS_TRITON,
+                                 reason="Triton runs CPU tensors only in its interpreter (set when CUDA is absent), "
+                                        "and only when installed")
 CASES = [pytest.param("cpu", "triton", torch.float32, id="cpu-triton-fp32", marks=interpreter)]
 CASES += [pytest.param("cuda", backend, dtype, id=f"cuda-{backend}-{str(dtype)[6:]}", marks=gpu)
           for backend in ("torch", "triton", "cuda") for dtype in (torch.float32, torch.float16, torch.bfloat16)]
