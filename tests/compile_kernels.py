@@ -13,8 +13,9 @@ first of each regime (as ``ADAPTIVE_KERNELS_AUTOTUNE=0`` runs).
 
 Prints one line per compiled specialisation and ends with ``compiled N, failed M, kernels K``;
 exit status 1 when anything failed to compile or a regime's first config needs more shared
-memory than the target has (a later config that does not fit is listed: autotuning skips it). Run it with another installed Triton (e.g. the GPU machine's version) on PYTHONPATH
-to check that version too.
+memory than the target has (a later config that does not fit is listed: autotuning skips it).
+Run it with another installed Triton (e.g. the GPU machine's version) on PYTHONPATH to check that
+version too.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ def text_model_shape(model):
     config = model.config.text_config
     if config.model_type not in SUPPORTED_TEXT_MODELS:
         raise ArgumentTypeError(f"adaptive_kernels supports LLaVA models whose language model is one of "
-                        f"{sorted(SUPPORTED_TEXT_MODELS)}; got {config.model_type!r}")
+                                f"{sorted(SUPPORTED_TEXT_MODELS)}; got {config.model_type!r}")
     return SUPPORTED_TEXT_MODELS[config.model_type](config)
 
 

@@ -96,8 +96,8 @@ def is_patched(model) -> bool:
 def check_llava(model) -> None:
     """``ArgumentTypeError`` unless ``model`` is a LlavaForConditionalGeneration (patched or not)."""
     if not isinstance(model, LlavaForConditionalGeneration):
-        raise ArgumentTypeError(f"adaptive_kernels patches transformers.LlavaForConditionalGeneration with a Llama-family "
-                        f"language model; got {type(model).__name__}")
+        raise ArgumentTypeError(f"adaptive_kernels patches transformers.LlavaForConditionalGeneration with a "
+                                f"Llama-family language model; got {type(model).__name__}")
 
 
 def swap_in(model) -> None:

@@ -16,7 +16,7 @@ from ._util import DEVICE, generator, index_lists, randn
 
 
 def _cases(gen):
-    """name -> (op, reference, float inputs (all get gradients), other arguments, in order)."""
+    """name -> (op, reference, float inputs (all get gradients), other arguments, argument order)."""
     x, w = randn(2, 3, 13, gen=gen), randn(11, 13, gen=gen)
     rows = index_lists([7, 4], 11, gen, kind="scattered")
     q, k, v = randn(2, 3, 4, 8, gen=gen), randn(2, 2, 5, 8, gen=gen), randn(2, 2, 5, 8, gen=gen)
@@ -25,28 +25,28 @@ def _cases(gen):
     angles = randn(2, 3, 4, gen=gen)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     return {
-        "rows": (gather_rows_linear, gather_rows_linear_reference, dict(x=x, weight=w), dict(rows=rows),
-                 ["x", "weight", "rows", "bias"], dict(bias=randn(11, gen=gen))),
+        "rows": (gather_rows_linear, gather_rows_linear_reference, dict(x=x, weight=w, bias=randn(11, gen=gen)),
+                 dict(rows=rows), ["x", "weight", "rows", "bias"]),
         "cols": (gather_cols_linear, gather_cols_linear_reference, dict(a=randn(2, 3, 7, gen=gen), weight=w.t()),
-                 dict(cols=index_lists([7, 5], 11, gen, kind="scattered")), ["a", "weight", "cols"], {}),
+                 dict(cols=index_lists([7, 5], 11, gen, kind="scattered")), ["a", "weight", "cols"]),
         "swiglu": (gathered_swiglu, gathered_swiglu_reference, dict(x=x, w_gate=w, w_up=randn(11, 13, gen=gen)),
-                   dict(rows=rows), ["x", "w_gate", "w_up", "rows"], {}),
+                   dict(rows=rows), ["x", "w_gate", "w_up", "rows"]),
         "attention": (head_sparse_attention, head_sparse_attention_reference, dict(q=q, k=k, v=v),
                       dict(q_to_kv=q_to_kv, kv_valid=kv_valid, scale=0.3),
-                      ["q", "k", "v", "q_to_kv", "kv_valid", "scale"], {}),
+                      ["q", "k", "v", "q_to_kv", "kv_valid", "scale"]),
         "rms_norm": (rms_norm, rms_norm_reference, dict(x=x, weight=randn(13, gen=gen)), dict(eps=1e-5),
-                     ["x", "weight", "eps", "residual"], {}),
-        "add_rms_norm": (rms_norm, rms_norm_reference, dict(x=x, weight=randn(13, gen=gen)), dict(eps=1e-5),
-                         ["x", "weight", "eps", "residual"], dict(residual=randn(2, 3, 13, gen=gen))),
-        "rotary": (rotary, rotary_reference, dict(x=q), dict(cos=cos, sin=sin), ["x", "cos", "sin"], {}),
+                     ["x", "weight", "eps", "residual"]),
+        "add_rms_norm": (rms_norm, rms_norm_reference,
+                         dict(x=x, weight=randn(13, gen=gen), residual=randn(2, 3, 13, gen=gen)), dict(eps=1e-5),
+                         ["x", "weight", "eps", "residual"]),
+        "rotary": (rotary, rotary_reference, dict(x=q), dict(cos=cos, sin=sin), ["x", "cos", "sin"]),
     }
 
 
 @pytest.mark.parametrize("name", ["rows", "cols", "swiglu", "attention", "rms_norm", "add_rms_norm", "rotary"])
 def test_gradient_is_the_references(name):
     gen = generator("grad", name)
-    op, reference, floats, others, order, extra_floats = _cases(gen)[name]
-    floats = {**floats, **extra_floats}
+    op, reference, floats, others, order = _cases(gen)[name]
 
     def run(fn):
         leaves = {n: t.detach().clone().requires_grad_() for n, t in floats.items()}
