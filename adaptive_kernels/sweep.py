@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import platform
 import statistics
 import time
@@ -152,13 +153,15 @@ def _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats) 
 
 def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
           repeats: int = 5, rank: int | None = None, out_dir: str | Path = "benchmarks/results", progress: bool = True):
-    """Run the sweep; returns the rows, after writing them (CSV, JSON) and the plot (PNG) to ``out_dir``."""
+    """Run the sweep; returns the rows. Each row is written to ``out_dir`` (CSV, JSON) as soon as it is
+    measured; the plot (PNG) is drawn at the end."""
     from tqdm.auto import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     backends = backends or (("triton", "torch") if device == "cuda" else ("torch",))
     model, name = build_model(device, dtype)
+    stem = f"sweep-{name}"
     rank = rank or (8 if device == "cuda" else 2)
     inputs = example_inputs(model, batch_size=1, text_tokens=64 if device == "cuda" else 12)
     median_ms = _timer(device)
@@ -180,24 +183,29 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             return prefill, *decode_timing(lambda n: m.generate(**gen, max_new_tokens=n, min_new_tokens=n),
                                            new_tokens, median_ms, repeats)
 
+        rows: list[Row] = []
+
+        def record(row: Row) -> None:  # written as measured, so that an interrupted run keeps its rows
+            rows.append(row)
+            write_records(rows, out_dir, stem)
+
         t = timings(model)
-        rows = [Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
-                    prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], **stamp)]
-        jobs = [(v, be, b) for v in variants for be in backends for b in budgets]
+        record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
+                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], **stamp))
+        jobs = [(v, be, b) for be in backends for v in variants for b in budgets]  # the first backend's rows first
         for variant, backend, budget in tqdm(jobs, desc="sweep", disable=not progress):
             patch(model, variant, rank=rank, backend=backend)
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             cost = float(p.cost()[0])
             prefill, decode, setup = timings(model, latency_budget=budget)
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
-            rows.append(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
-                            vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
-                            schedule_ms=schedule,
-                            prefill_kernel_ms=kernels["prefill"], **stamp))
+            record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
+                       vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
+                       schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"], **stamp))
             if backend == backends[0]:
                 masked = median_ms(lambda: _masked_prefill(model, embeds, mask, budget), repeats)
-                rows.append(Row(system="masked", variant=variant, backend="torch", budget=budget, cost=cost,
-                                vision_ms=vision_ms, prefill_ms=masked, **stamp))
+                record(Row(system="masked", variant=variant, backend="torch", budget=budget, cost=cost,
+                           vision_ms=vision_ms, prefill_ms=masked, **stamp))
                 ideal_plan = p.to(model.device)
                 unpatch(model)
                 ideal = sliced_stock(model, ideal_plan, 0)
@@ -206,22 +214,22 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
                 prefill = median_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask), repeats)
                 ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask))
                                  if device == "cuda" else float("nan"))
-                rows.append(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
-                                vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
+                record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
+                           vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
                 del ideal
             unpatch(model)
-        write_rows(rows, out_dir, f"sweep-{name}")
-        if device == "cuda":  # last: compiling takes a while, and the rows above are already written
+        if device == "cuda":  # last: compiling takes a while, and may leave state behind
             per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
-            rows.append(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
-                            vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
-                            decode_setup_ms=setup, **stamp))
-            write_rows(rows, out_dir, f"sweep-{name}")
+            record(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
+                       vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
+                       decode_setup_ms=setup, **stamp))
+    plot_rows(rows, Path(out_dir) / f"{stem}.png")
     return rows
 
 
 def budget_adherence(rows: list[Row]) -> list[dict]:
-    """Per variant, backend and phase: latency at each budget over latency at 1.0, minus the plan's cost.
+    """Per variant, backend and phase (prefill wall time, prefill GPU kernel time where measured, decode
+    per token): latency at each budget over latency at 1.0, minus the plan's cost.
 
     A positive excess means the budget bought less speed than its share of FLOPs promised; the
     row reports the largest excess and the budget where it occurs.
@@ -233,15 +241,17 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
         full = next((r for r in series if r.budget == 1.0), None)
         if full is None:
             continue
-        for phase in ("prefill_ms", "decode_ms_per_token"):
+        for phase in ("prefill_ms", "prefill_kernel_ms", "decode_ms_per_token"):
+            if math.isnan(getattr(full, phase)):  # not measured here (kernel times: CUDA only)
+                continue
             excess, budget = max((getattr(r, phase) / getattr(full, phase) - r.cost, r.budget) for r in series)
-            result.append({"variant": variant, "backend": backend, "phase": phase.removesuffix("_ms").removesuffix("_ms_per_token"),
+            result.append({"variant": variant, "backend": backend, "phase": phase.removesuffix("_ms_per_token").removesuffix("_ms"),
                            "largest_excess": excess, "at_budget": budget})
     return result
 
 
-def write_rows(rows: list[Row], out_dir, stem: str) -> Path:
-    """CSV and JSON of the rows and the latency-versus-budget PNG; returns the PNG's path."""
+def write_records(rows: list[Row], out_dir, stem: str) -> None:
+    """The rows as ``<stem>.csv`` and ``<stem>.json``, and their budget adherence as ``<stem>-adherence.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [asdict(r) for r in rows]
@@ -251,7 +261,6 @@ def write_rows(rows: list[Row], out_dir, stem: str) -> Path:
         writer.writerows(records)
     (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
     (out / f"{stem}-adherence.json").write_text(json.dumps(budget_adherence(rows), indent=1))
-    return plot_rows(rows, out / f"{stem}.png")
 
 
 def plot_rows(rows: list[Row], path: Path) -> Path:

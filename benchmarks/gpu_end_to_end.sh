@@ -6,11 +6,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/adaptive-kernels-gpu}
 mkdir -p "$out"
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-240}" python3 -m pytest ${TESTS:-tests/ops tests/test_backends.py tests/test_cuda_ext.py} -q -rf --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
+# the tests compile hundreds of Triton specialisations: spread them over 8 processes where pytest-xdist is there
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-240}" python3 -m pytest ${TESTS:-tests/test_cuda_ext.py tests/test_backends.py tests/ops} $workers -q -rf --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
 timeout "${SWEEP_SECONDS:-330}" python3 -m pytest benchmarks/test_sweep.py --benchmark-only -q -p no:cacheprovider 2>&1 | tee "$out/sweep.log" | tail -8
 cp benchmarks/results/sweep-* "$out/" 2>/dev/null
 python3 - <<'PY'
-import csv, glob
+import csv, glob, json
 for path in sorted(glob.glob("benchmarks/results/sweep-*.csv")):
     print(path)
     print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill':>8} {'kernels':>8} {'decode/tok':>10} {'setup':>7} {'sched':>6}")
@@ -18,4 +20,7 @@ for path in sorted(glob.glob("benchmarks/results/sweep-*.csv")):
         print(f"{r['system']:22} {r['variant']:3} {r['backend']:12} {float(r['budget']):6.2f} {float(r['cost']):5.2f} "
               f"{float(r['prefill_ms']):8.2f} {float(r['prefill_kernel_ms']):8.2f} {float(r['decode_ms_per_token']):10.2f} {float(r.get('decode_setup_ms') or 'nan'):7.2f} "
               f"{float(r['schedule_ms']):6.2f}")
+for path in sorted(glob.glob("benchmarks/results/sweep-*-adherence.json")):
+    for a in json.load(open(path)):
+        print(f"adherence {a['variant']} {a['backend']:7} {a['phase']:15} largest excess {a['largest_excess']:+.3f} at {a['at_budget']}")
 PY
