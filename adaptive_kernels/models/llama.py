@@ -153,6 +153,11 @@ def norm_of(backend: Backend, norm, x, residual=None):
     return norm(h), h
 
 
+def settled(x: torch.Tensor, update: torch.Tensor | None) -> torch.Tensor:
+    """The hidden states ``x + update`` (``update`` None: x), with the model's rounding."""
+    return x if update is None else x + update
+
+
 def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: AdaptiveCache | None, layer: int,
                   shape: DecoderShape, backend: Backend) -> torch.Tensor:
     """The attention block over the active heads: x [R, T, D] -> its update [R, T, D]."""
@@ -189,13 +194,19 @@ def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
 class AdaptiveDecoderLayerMixin:
     """Mixed into each decoder layer of a patched model; its ``forward`` runs one layer's plan."""
 
-    def forward(self, x, idx: LayerIndices, cos, sin, kv_valid, cache, settings: Settings):
-        """x [R, T, D] for the R rows that execute this layer -> [R, T, D]."""
+    def forward(self, x, idx: LayerIndices, cos, sin, kv_valid, cache, settings: Settings, update=None):
+        """The layer on the R rows that execute it: hidden states ``x (+ update)`` [R, T, D] -> ``(x', mlp)``,
+        whose sum ``x' + mlp`` is the layer's output. ``update``: the previous layer's MLP output, not
+        yet added (None: nothing pending); the input norm adds it in its kernel."""
         backend = settings.backend
-        attn = run_attention(self.self_attn, norm_of(backend, self.input_layernorm, x), idx, cos, sin, kv_valid,
-                             cache, self.self_attn.layer_idx, settings.shape, backend)
+        if update is None:
+            normed = norm_of(backend, self.input_layernorm, x)
+        else:
+            normed, x = norm_of(backend, self.input_layernorm, update, residual=x)
+        attn = run_attention(self.self_attn, normed, idx, cos, sin, kv_valid, cache, self.self_attn.layer_idx,
+                             settings.shape, backend)
         normed, x = norm_of(backend, self.post_attention_layernorm, attn, residual=x)
-        return x + run_mlp(self.mlp, normed, idx, backend)
+        return x, run_mlp(self.mlp, normed, idx, backend)
 
     def forward_masked(self, x, layer_on, heads_on, neurons_on, cos, sin, kv_valid, shape: DecoderShape):
         """The training-time masked computation, differentiable in the masks; x [B, T, D] -> [B, T, D].
@@ -343,7 +354,7 @@ class AdaptiveDecoderMixin:
         if schedule is None:  # a budget: the prefix runs dense on every row, then the scheduler plans
             P = settings.units.num_prefix_layers
             dense = compile_plan(ExecutionPlan.full(B, 1, settings.shape.num_heads), settings.shape, x.device).layers[0]
-            x = self.run_layers(x, range(P), [dense] * P, cos, sin, mask, cache, hidden)
+            x = settled(*self.run_layers(x, range(P), [dense] * P, cos, sin, mask, cache, hidden))
             sampled = self.training and not request.plan_only
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
@@ -365,8 +376,7 @@ class AdaptiveDecoderMixin:
             kv_valid = F.pad(mask, (0, cache.capacity - mask.shape[1]))
             x = self.decode_step(x, schedule, cos, sin, kv_valid, cache, hidden)
         else:
-            x = self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache, hidden)
-            x = norm_of(settings.backend, self.norm, x)
+            x = self.final_norm(*self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache, hidden))
         if cache is not None:
             cache.length = past + x.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
@@ -374,16 +384,28 @@ class AdaptiveDecoderMixin:
 
     def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache, hidden=None):
         """Layers ``layer_ids`` with their ``LayerIndices`` (None: no row runs it), each on its rows;
-        ``hidden``: a list that receives x after each layer, skipped ones included."""
+        ``hidden``: a list that receives the hidden states after each layer, skipped ones included.
+
+        Returns ``(x, update)``, the hidden states being ``x + update``: ``update`` (or None) is the
+        last layer's MLP output, left for the next norm to add in its kernel (one launch fewer a layer).
+        """
+        update = None
         for l, idx in zip(layer_ids, indices):
-            if idx is not None:
-                rows = idx.rows
-                part = (lambda t: t) if rows is None else (lambda t: t[rows])
-                out = self.layers[l](part(x), idx, part(cos), part(sin), part(kv_valid), cache, self._ak_settings)
-                x = out if rows is None else x.index_copy(0, rows, out)
+            if idx is not None and idx.rows is None:
+                x, update = self.layers[l](x, idx, cos, sin, kv_valid, cache, self._ak_settings, update)
+            elif idx is not None:  # some rows: they take the settled hidden states, and give theirs back
+                x, update, rows = settled(x, update), None, idx.rows
+                out, mlp = self.layers[l](x[rows], idx, cos[rows], sin[rows], kv_valid[rows], cache, self._ak_settings)
+                x = x.index_copy(0, rows, out + mlp)
             if hidden is not None:
+                x, update = settled(x, update), None
                 hidden.append(x)
-        return x
+        return x, update
+
+    def final_norm(self, x, update):
+        """The decoder's last norm of the hidden states ``x (+ update)``."""
+        backend = self._ak_settings.backend
+        return norm_of(backend, self.norm, x) if update is None else norm_of(backend, self.norm, update, residual=x)[0]
 
     def decode_step(self, x, schedule, cos, sin, kv_valid, cache, hidden=None):
         """One decode token through every executed layer and the final norm: [B, 1, D] -> [B, 1, D].
@@ -393,8 +415,8 @@ class AdaptiveDecoderMixin:
         collects ``hidden`` states runs eagerly.
         """
         def step(x, cos, sin, kv_valid):
-            x = self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid, cache, hidden)
-            return norm_of(self._ak_settings.backend, self.norm, x)
+            return self.final_norm(*self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid,
+                                                    cache, hidden))
 
         use_graph = (self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
                      and hidden is None)
