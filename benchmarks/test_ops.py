@@ -8,7 +8,8 @@ Each time is the median over 30 CUDA-graph replays of the variant, timed with CU
 warmed up, each after a 256 MiB read that evicts the weights from L2 (see ``timed_us``). At one token, ``bw_share`` is the active bytes (weights,
 and keys/values for attention) over the backend's time, as a share of the measured
 device-to-device copy bandwidth (bytes read + written). The layer skips RMSNorm and RoPE.
-``[cols-major]`` rows run o/down on weights re-laid out once by ``cols_major``. ``add_rms_norm``
+``[cols-major]`` rows run o/down on weights re-laid out once by ``cols_major``, their ``dense`` too
+(cuBLAS on that layout, as a patched model's dense layers run it). ``add_rms_norm``
 (residual add and RMSNorm, one kernel) and ``rotary`` (all 64 q and k heads, one kernel) have no
 active share: their ``dense`` and ``ideal`` are the eager PyTorch formulas Llama runs.
 
@@ -136,7 +137,7 @@ def op_variants(op: str, T: int, p: Plan, m: Model):
         a = torch.randn(1, T, cols.numel(), generator=m.gen, device=DEVICE).to(DTYPE)
         af = torch.randn(1, T, full, generator=m.gen, device=DEVICE).to(DTYPE)
         W = w_cm if "cols-major" in op else w
-        return (lambda: gather_cols_linear(a, W, idx), lambda: F.linear(af, w), lambda: F.linear(a, cut),
+        return (lambda: gather_cols_linear(a, W, idx), lambda: F.linear(af, W), lambda: F.linear(a, cut),
                 lambda: F.linear(a, w[:, cols]), cols.numel() * HIDDEN * es)
     if op == "swiglu":
         return (lambda: gathered_swiglu(x, m.gate, m.up, p.mlp_idx),
@@ -195,7 +196,7 @@ def layer_variants(T: int, p: Plan, m: Model, cols_major_weights: bool):
         return h + F.linear(F.silu(F.linear(h, g_w)) * F.linear(h, u_w), d_w)
 
     def dense():
-        return torch_layer(m.q, m.k, m.v, m.o, m.gate, m.up, m.down, m.cache_k, m.cache_v, HEADS)
+        return torch_layer(m.q, m.k, m.v, Wo, m.gate, m.up, Wd, m.cache_k, m.cache_v, HEADS)
 
     def ideal():
         return torch_layer(p.q, p.k, p.v, p.o, p.gate, p.up, p.down, p.cache_k, p.cache_v, nq)
