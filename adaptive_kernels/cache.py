@@ -18,11 +18,13 @@ CAPACITY_STEP = 128
 class AdaptiveCache(Cache):
     """A transformers ``Cache`` that ``generate`` carries between steps.
 
-    ``length`` (``get_seq_length()``) counts every filled position, the latency token's
-    included; ``latency_index`` is that token's column (None when the request has none).
+    ``length`` counts every filled position, the latency token's included; ``latency_index`` is
+    that token's column (None when the request has none). ``get_seq_length()`` counts the cached
+    positions of the caller's tokens (the latency token's not), as ``generate`` counts input ids.
     """
 
     is_compileable = False
+    is_croppable = True  # crop() takes back rejected draft tokens (assisted decoding)
 
     def __init__(self, num_layers: int, latency_index: int | None, schedule=None):
         super().__init__(layers=[])
@@ -43,8 +45,22 @@ class AdaptiveCache(Cache):
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: no linear-attention (recurrent) state; every layer is plain attention."""
+        return [False] * len(self.keys)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        has_latency_token = self.latency_index is not None and self.length > self.latency_index
+        return self.length - has_latency_token
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget cached positions: the last ``-tokens_to_remove`` of them (as ``generate`` calls it, with 0 or
+        less), or, given a positive number, all but that many of the caller's tokens (transformers' older
+        meaning). Buffers keep their memory; later steps overwrite the forgotten positions."""
+        if tokens_to_remove > 0:
+            tokens_to_remove = tokens_to_remove - self.get_seq_length()
+        self.length = max(self.length + min(tokens_to_remove, 0), 0)
 
     def reserve(self, positions: int) -> None:
         """Make room for ``positions`` filled positions, moving every layer to larger buffers if needed."""

@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
+                          MistralConfig)
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
@@ -106,6 +107,19 @@ def test_a_budget_without_the_cache_is_refused_in_generate(model, inputs):
     """Without a cache every generate step would be a new prompt with a new latency token and plan."""
     with pytest.raises(ValueError, match="use_cache"):
         model.generate(**inputs, latency_budget=0.6, max_new_tokens=2, use_cache=False)
+    with pytest.raises(ValueError, match="use_cache"):
+        model.generate(**inputs, latency_budget=0.6, generation_config=GenerationConfig(max_new_tokens=2, use_cache=False))
+    unset = GenerationConfig(max_new_tokens=2, do_sample=False)  # use_cache None: generate's default, the cache
+    assert unset.use_cache is None or unset.use_cache
+    with torch.no_grad():
+        assert model.generate(**inputs, latency_budget=0.6, generation_config=unset).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(prefill_chunk_size=4)])
+def test_a_budget_with_a_split_or_drafted_prefill_is_refused(model, inputs, option):
+    """The latency token follows the whole prompt: assisted decoding and chunked prefill feed it otherwise."""
+    with pytest.raises(ValueError, match=f"latency_budget.*{next(iter(option))}"):
+        model.generate(**{k: v[:1] for k, v in inputs.items()}, latency_budget=0.6, max_new_tokens=2, **option)
 
 
 def test_attention_weights_are_refused(model, inputs):

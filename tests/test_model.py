@@ -18,7 +18,7 @@ from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.sliced import sliced_stock
-from oracles import masked_stock, stock_decode_logits
+from oracles import CACHE_KWARG, masked_stock, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -152,6 +152,49 @@ def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget):
     torch.testing.assert_close(out.logits[0], steps[0][:, -1], **TOL)
     for ours, theirs in zip(out.logits[1:], steps[1:]):
         torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_generate_continues_from_a_returned_cache(stock):
+    """A second generate on prompt + answer + more tokens, given the first one's cache, takes only what the
+    cache lacks: stock's continuation without a budget; with one, the sliced stock model's continuation of
+    the prompt, the latency token and the rest (the latency token stays where the first prefill put it)."""
+    inputs = example_inputs(stock, seed=37)
+    more = torch.tensor([[5, 6, 7]])
+    model = patched(stock, "H")
+    run = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        for budget in (None, 0.6):
+            plan = ak.plan(model, latency_budget=budget, **inputs) if budget else None
+            first = model.generate(**inputs, latency_budget=budget, **run)
+            ids = torch.cat([first.sequences, more], 1)
+            cached = first.past_key_values if "past_key_values" in first else first.cache
+            again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cached}, **run)
+            if budget is None:
+                want = stock.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      pixel_values=inputs["pixel_values"], **run)
+            else:
+                prompt_len = inputs["input_ids"].shape[1]
+                embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None],
+                                    stock.model.language_model.embed_tokens(ids[:, prompt_len:])], 1)
+                want = sliced_stock(stock, plan, 0).generate(
+                    inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), **run)
+            assert torch.equal(again.sequences[:, ids.shape[1]:], want.sequences[:, -4:]), budget
+            for ours, theirs in zip(again.logits, want.logits, strict=True):
+                torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_assisted_decoding_gives_stock_logits(stock):
+    """Prompt lookup proposes draft tokens that the model verifies; rejected ones are cropped from the cache."""
+    inputs = example_inputs(stock, text_tokens=20, seed=41)
+    inputs["input_ids"][0, -8:] = inputs["input_ids"][0, -16:-8]  # repeated text: drafts get proposed
+    model = patched(stock, "H")
+    run = dict(n=12, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    want = greedy(stock, inputs, **run)
+    for given in ({}, {"execution_plan": ExecutionPlan.full(1, L, H)}):
+        ours = greedy(model, inputs, prompt_lookup_num_tokens=3, **given, **run)
+        assert torch.equal(ours.sequences, want.sequences)
+        for got, theirs in zip(ours.logits, want.logits, strict=True):
+            torch.testing.assert_close(got, theirs, **TOL)
 
 
 def _units(variant: str, budget: float) -> int:

@@ -36,6 +36,23 @@ def _pad_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
 
 
+def _check_budget_generation(option) -> None:
+    """``ValueError`` for generate options that cannot run a latency budget (``option(name)``: the call's
+    value). The latency token follows the whole prompt at prefill, and it and the plan live in the cache."""
+    if option("use_cache") is not None and not option("use_cache"):
+        raise ValueError("latency_budget needs generate's use_cache=True: the plan and the latency token are "
+                         "made once, at prefill, and live in the cache; without it every step would be a new prompt")
+    assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+                if option(name) not in (None, False)]
+    if assisted:
+        raise ValueError(f"latency_budget does not combine with assisted decoding ({assisted[0]}): its prefill feeds "
+                         "draft tokens after the prompt, where the latency token must come last. To run the plan a "
+                         "budget picks, pass execution_plan=adaptive_kernels.plan(model, latency_budget=..., **inputs)")
+    if option("prefill_chunk_size") is not None:
+        raise ValueError("latency_budget does not combine with prefill_chunk_size: the latency token follows the whole "
+                         "prompt, which a budget's prefill takes in one piece")
+
+
 def _adaptive_llava_class(stock: type) -> type:
     """``Adaptive<stock>``: ``stock`` whose forward and generate take ``latency_budget`` and ``execution_plan``."""
     if stock in _SUBCLASSES:
@@ -55,11 +72,13 @@ def _adaptive_llava_class(stock: type) -> type:
 
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
         config = kwargs.get("generation_config") or self.generation_config
-        if latency_budget is not None and not kwargs.get("use_cache", config.use_cache):
-            raise ValueError("latency_budget needs generate's use_cache=True: the plan and the latency token are "
-                             "made once, at prefill, and live in the cache; without it every step would be a new prompt")
-        copies = max(kwargs.get("num_beams", config.num_beams) or 1,
-                     kwargs.get("num_return_sequences", config.num_return_sequences) or 1)
+
+        def option(name):  # this call's generation option: its keyword, else the generation config's
+            return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+        if latency_budget is not None:
+            _check_budget_generation(option)
+        copies = max(option("num_beams") or 1, option("num_return_sequences") or 1)
         if copies > 1:  # generate repeats each prompt row (beams, sequences); repeat what belongs to the row with it
             if isinstance(latency_budget, (list, tuple)):
                 latency_budget = [b for b in latency_budget for _ in range(copies)]
