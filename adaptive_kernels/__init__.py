@@ -50,7 +50,8 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
     Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups
     in units of ``rank`` (which L ignores); the first ``num_prefix_layers`` (default half) always run. ``backend``
     picks the ops ("torch", "triton", "cuda"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
-    safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation.
+    safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation, or,
+    re-patching with the same variant, rank and prefix (another backend, say), keeps the one it has.
     ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph (False: eager).
     """
     check_llava(model)
@@ -59,13 +60,17 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     wanted = (variant, rank, prefix, backend_name, cuda_graphs)
-    if is_patched(model) and lm._ak_options == wanted and scheduler is None:
-        return model
-    if is_patched(model):
-        unpatch(model)
     units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)
+    kept = None  # a re-patch over the same units, with no file given, keeps the scheduler it has
+    if is_patched(model):
+        if lm._ak_options == wanted and scheduler is None:
+            return model
+        if lm._ak_settings.units == units and scheduler is None:
+            kept = lm.latency_scheduler
+        unpatch(model)
     settings = Settings(variant, units, shape, get_backend(backend_name), cuda_graphs)
-    module = seeded_scheduler(units, shape.hidden_size).to(device=model.device, dtype=lm.embed_tokens.weight.dtype)
+    module = kept if kept is not None else seeded_scheduler(units, shape.hidden_size)
+    module = module.to(device=model.device, dtype=lm.embed_tokens.weight.dtype)
     if scheduler is not None:
         load_scheduler_weights(module, scheduler)
     stack_qkv(lm, stacked=True)

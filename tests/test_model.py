@@ -338,6 +338,24 @@ def test_scheduler_weights_survive_save_and_load(stock, tmp_path):
     patched(stock, "L", rank=2, scheduler=l_path)  # L ignores rank, so its files fit any
 
 
+def test_repatching_keeps_the_scheduler_of_the_same_units(stock):
+    """patch again with other settings but the same variant, rank and prefix: the (trained) scheduler stays."""
+    inputs = example_inputs(stock, batch_size=2, seed=43)
+    model = patched(stock, "H")
+    with torch.no_grad():
+        for p in model.model.language_model.latency_scheduler.parameters():
+            p.add_(torch.randn_like(p))
+    budgets = [0.6, 0.75]
+    trained = ak.plan(model, latency_budget=budgets, **inputs)
+    embedding = ak.latency_embedding(model, 0.6)
+    assert ak.plan(patched(stock, "H"), latency_budget=budgets, **inputs) != trained
+    ak.patch(model, "H", rank=2, cuda_graphs=False)
+    assert ak.plan(model, latency_budget=budgets, **inputs) == trained
+    assert torch.equal(ak.latency_embedding(model, 0.6), embedding)
+    ak.patch(model, "H", rank=4)  # other units: a fresh, seeded scheduler
+    assert torch.equal(ak.latency_embedding(model, 0.6), ak.latency_embedding(patched(stock, "H", rank=4), 0.6))
+
+
 def test_fresh_schedulers_are_seeded(stock):
     inputs = example_inputs(stock, batch_size=1, seed=14)
     torch.manual_seed(123)
