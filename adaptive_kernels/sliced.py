@@ -1,8 +1,13 @@
-"""A stock transformers LLaVA cut to one row of an execution plan.
+"""Stock transformers LLaVA models of an execution plan, independent of our executor.
 
-Skipped layers are removed; q/k/v/o and gate/up/down keep only the active heads and neurons. It
-runs with stock attention and cuBLAS: the ideal that skipping can reach (a dense model of the
-plan's size) in benchmarks, and an oracle independent of our executor in tests.
+- ``sliced_stock``: one row of the plan with the weights cut to it. Skipped layers are removed;
+  q/k/v/o and gate/up/down keep only the active heads and neurons. It runs with stock attention
+  and cuBLAS: the ideal that skipping can reach (a dense model of the plan's size) in benchmarks,
+  and an oracle in tests.
+- ``masked_stock``: the masked computation of ADALLAVA.md, by hooks: a skipped head's attention
+  output times 0 before o_proj, a skipped neuron's ``act(gate)*up`` times 0 before down_proj, a
+  skipped layer's update times 0. Every weight is read: the no-skipping baseline in benchmarks,
+  and an oracle in tests.
 """
 
 from __future__ import annotations
@@ -98,4 +103,37 @@ def sliced_stock(stock, plan, row: int = 0):
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[l] for l, _ in kept]
     cfg.num_hidden_layers = len(kept)
+    return model
+
+
+
+def mask_hooks(model, plan) -> list:
+    """Forward hooks that make ``model`` (a stock LLaVA) compute ``plan`` (batch rows = plan rows, on
+    the model's device) as the masked computation; returns their handles (``.remove()`` undoes one)."""
+    lm = model.model.language_model
+    cfg = lm.config
+    d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // cfg.num_attention_heads
+    handles = []
+    for l, layer in enumerate(lm.layers):
+        head_mask = plan.heads[:, l].repeat_interleave(d, dim=-1)[:, None, :]
+        mlp_mask = neuron_mask(plan.groups[:, l], cfg.intermediate_size)[:, None, :]
+        layer_on = plan.layers[:, l][:, None, None]
+
+        def keep_or_skip(module, args, kwargs, output, on=layer_on):
+            before = args[0] if args else kwargs["hidden_states"]
+            after = output[0] if isinstance(output, tuple) else output
+            mixed = torch.where(on, after, before)
+            return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+        handles += [
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, k=head_mask: (args[0] * k.to(args[0].dtype),)),
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, args, k=mlp_mask: (args[0] * k.to(args[0].dtype),)),
+            layer.register_forward_hook(keep_or_skip, with_kwargs=True)]
+    return handles
+
+
+def masked_stock(stock, plan):
+    """A deep copy of ``stock`` that computes ``plan`` (batch rows = plan rows) as the masked computation."""
+    model = copy.deepcopy(stock)
+    mask_hooks(model, plan)
     return model

@@ -11,8 +11,8 @@ import torch
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.ops._library import HAS_TRITON
+from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import masked_stock
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

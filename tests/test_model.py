@@ -17,8 +17,8 @@ from adaptive_kernels.cache import AdaptiveCache
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import prompt_embeddings
-from adaptive_kernels.sliced import sliced_stock
-from oracles import CACHE_KWARG, masked_stock, stock_decode_logits
+from adaptive_kernels.sliced import masked_stock, sliced_stock
+from oracles import CACHE_KWARG, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llava import prompt_embeddings
-from oracles import masked_stock
+from adaptive_kernels.sliced import masked_stock
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
