@@ -2,7 +2,8 @@
 
 For variants L and H, budgets 1.0 down to 0.5 and each backend, it times the patched model next
 to stock transformers (eager), the ideal (a stock model already cut to the plan) and the masked
-computation (every weight read, skipped units multiplied by 0), writes CSV and JSON rows under
+computation (stock transformers with hooks: every weight read, skipped units multiplied by 0), each
+reference fed the prompt and the latency token. It writes CSV and JSON rows under
 ``benchmarks/results/`` and draws latency versus budget with the ideal line (latency at 1.0 times
 the plan's cost). On a CUDA device it uses a LLaVA-1.5-7B-shaped random model in bf16; on the
 CPU the built-in tiny one.
@@ -23,11 +24,11 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from . import patch, plan, unpatch
-from .models.llama import Request, plan_from_masks, run_sampled_layers
+from . import latency_embedding, patch, plan, unpatch
+from .models.llama import plan_from_masks
 from .plan import compile_plan
 from .models.llava import prompt_embeddings
-from .sliced import sliced_stock
+from .sliced import mask_hooks, sliced_stock
 from .tiny import example_inputs, tiny_llava
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
@@ -93,25 +94,6 @@ def _timer(device: str):
     return median_ms
 
 
-def _masked_prefill(model, embeds, mask, budget):
-    """Prefill as the masked computation: the same plan, every weight read, skipped units times 0."""
-    lm = model.model.language_model
-    request = Request(latency_budget=budget, plan_only=True)
-    lm._ak_request = request
-    try:
-        hidden = model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    finally:
-        lm._ak_request = None
-    p = request.plan
-    P = lm._ak_settings.units.num_prefix_layers
-    masks = (p.layers[:, P:].to(hidden.dtype), p.heads[:, P:].to(hidden.dtype), p.groups[:, P:].to(hidden.dtype))
-    kv_valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    cos, sin = lm.rotary_emb(hidden, positions)
-    hidden = run_sampled_layers(lm.layers[P:], hidden, masks, cos, sin, kv_valid, lm._ak_settings.shape)
-    return model.lm_head(lm.norm(hidden))
-
-
 def _schedule(model, budget: float, seq_len: int):
     """The per-request scheduling work after the prefix: latency token, head, top-n, index buffers."""
     lm = model.model.language_model
@@ -175,7 +157,8 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
         mask = inputs["attention_mask"]
         kernels = {"prefill": float("nan")}  # kernel time of the last timed prefill (CUDA only)
 
-        def timings(m, **kw):
+        def timings(m, embeds=embeds, mask=mask, **kw):
+            """(prefill ms, decode ms per token, decode setup ms) of ``m`` on ``embeds``; kernel time noted."""
             prefill = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
             if device == "cuda":
                 kernels["prefill"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
@@ -196,23 +179,30 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
         for variant, backend, budget in tqdm(jobs, desc="sweep", disable=not progress):
             patch(model, variant, rank=rank, backend=backend)
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
+            latency_token = latency_embedding(model, budget)[None, None].to(embeds.dtype)
             cost = float(p.cost()[0])
             prefill, decode, setup = timings(model, latency_budget=budget)
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
                        vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
                        schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"], **stamp))
-            if backend == backends[0]:
-                masked = median_ms(lambda: _masked_prefill(model, embeds, mask, budget), repeats)
-                record(Row(system="masked", variant=variant, backend="torch", budget=budget, cost=cost,
-                           vision_ms=vision_ms, prefill_ms=masked, **stamp))
-                ideal_plan = p.to(model.device)
+            if backend == backends[0]:  # the stock references of this plan, fed the prompt and a latency token
                 unpatch(model)
-                ideal = sliced_stock(model, ideal_plan, 0)
-                ideal_embeds = torch.cat([embeds, torch.zeros_like(embeds[:, :1])], 1)
-                ideal_mask = torch.cat([mask, mask[:, :1]], 1)
-                prefill = median_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask), repeats)
-                ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=ideal_embeds, attention_mask=ideal_mask))
+                plan_here = p.to(model.device)
+                token_embeds = torch.cat([embeds, latency_token], 1)
+                token_mask = torch.cat([mask, mask[:, :1]], 1)
+                handles = mask_hooks(model, plan_here)
+                try:
+                    t = timings(model, token_embeds, token_mask)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                record(Row(system="masked", variant=variant, backend="transformers", budget=budget, cost=cost,
+                           vision_ms=vision_ms, prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2],
+                           prefill_kernel_ms=kernels["prefill"], **stamp))
+                ideal = sliced_stock(model, plan_here, 0)
+                prefill = median_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask), repeats)
+                ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask))
                                  if device == "cuda" else float("nan"))
                 record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
                            vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
@@ -287,12 +277,14 @@ def plot_rows(rows: list[Row], path: Path) -> Path:
             values = [getattr(r, field) for r in rows if r.system == system and getattr(r, field) == getattr(r, field)]
             if values:
                 ax.axhline(values[0], color="gray", linestyle=style, label=f"{system} transformers")
-        ideal = sorted((r for r in rows if r.system == "ideal" and getattr(r, field) == getattr(r, field)),
-                       key=lambda r: r.budget)
-        for variant in sorted({r.variant for r in ideal}):
-            points = [r for r in ideal if r.variant == variant]
-            ax.plot([r.budget for r in points], [getattr(r, field) for r in points], "x:", color="black",
-                    label=f"{variant}: stock model cut to the plan")
+        for system, style, what in (("ideal", "x:", "stock model cut to the plan"),
+                                    ("masked", "+:", "masked computation (no skipping)")):
+            measured = sorted((r for r in rows if r.system == system and getattr(r, field) == getattr(r, field)),
+                              key=lambda r: r.budget)
+            for variant in sorted({r.variant for r in measured}):
+                points = [r for r in measured if r.variant == variant]
+                ax.plot([r.budget for r in points], [getattr(r, field) for r in points], style, color="black",
+                        label=f"{variant}: {what}")
         ax.set_xlabel("latency budget")
         ax.set_ylabel("ms")
         ax.set_title(f"{title}\n{rows[0].model} on {rows[0].device}", fontsize=9)

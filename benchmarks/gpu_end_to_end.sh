@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine, from the repository root: the CUDA cases of the op, backend and extension tests, then the
 # end-to-end sweep (benchmarks/test_sweep.py); copies the results to $OUT and prints a table last.
+# STAGE=tests or STAGE=sweep runs one of the two (each then fits a 10-minute call with room: raise TEST_SECONDS or
+# SWEEP_SECONDS); the sweep writes each row as it is measured, so a cut-off run keeps what it has.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/adaptive-kernels-gpu}
@@ -8,8 +10,13 @@ mkdir -p "$out"
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 # the tests compile hundreds of Triton specialisations: spread them over 8 processes where pytest-xdist is there
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-240}" python3 -m pytest ${TESTS:-tests/test_cuda_ext.py tests/test_backends.py tests/ops} $workers -q -rf --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
-timeout "${SWEEP_SECONDS:-330}" python3 -m pytest benchmarks/test_sweep.py --benchmark-only -q -p no:cacheprovider 2>&1 | tee "$out/sweep.log" | tail -8
+stage=${STAGE:-all}
+if [ "$stage" != sweep ]; then
+  ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-240}" python3 -m pytest ${TESTS:-tests/test_cuda_ext.py tests/test_backends.py tests/ops} $workers -q -rf --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
+fi
+if [ "$stage" != tests ]; then
+  timeout "${SWEEP_SECONDS:-330}" python3 -m pytest benchmarks/test_sweep.py --benchmark-only -q -p no:cacheprovider 2>&1 | tee "$out/sweep.log" | tail -8
+fi
 cp benchmarks/results/sweep-* "$out/" 2>/dev/null
 python3 - <<'PY'
 import csv, glob, json

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import csv
 import io
+import math
 import struct
 import subprocess
 import sys
@@ -221,6 +222,9 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     adaptive = {float(r["budget"]): r for r in rows if r["system"] == "adaptive"}
     assert set(adaptive) == {1.0, 0.5} and {r["system"] for r in rows} >= {"stock", "ideal", "masked"}
     assert float(adaptive[0.5]["cost"]) == 0.5  # 4 prefix + 0 scheduled of 8 layers
+    masked = [r for r in rows if r["system"] == "masked"]
+    assert len(masked) == 2  # prefill and decode measured (per token, a difference of medians: may be < 0 here)
+    assert all(float(r["prefill_ms"]) > 0 and math.isfinite(float(r["decode_ms_per_token"])) for r in masked)
     adherence = json.loads((tmp_path / "sweep-tiny-adherence.json").read_text())
     for a in adherence:
         phase = "prefill_ms" if a["phase"] == "prefill" else "decode_ms_per_token"
