@@ -3,7 +3,8 @@
 An ``ExecutionPlan`` says, per batch row, which decoder layers, attention heads and MLP neuron
 groups run. Budgets turn into whole schedulable units exactly as ADALLAVA.md defines:
 ``units = max(0, floor(T * b) - P)`` with T the units of the whole decoder and P those of the
-always-on prefix, computed in Python floats so that bin edges are exact.
+always-on prefix, b taken as the decimal it is written as, so that bin edges are exact (a float
+product is not: 200 * 0.57 gives 113.99999999999999).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -48,8 +50,9 @@ class UnitSpace:
         return self.num_prefix_layers * self.units_per_layer
 
     def units(self, budget: float) -> int:
-        """Units scheduled after the prefix for one budget: ``max(0, floor(T*b) - P)``."""
-        return max(0, math.floor(self.total * budget) - self.prefix)
+        """Units scheduled after the prefix for one budget: ``max(0, floor(T*b) - P)``, exactly, with b
+        the shortest decimal of the float (0.57 of 200 units is 114)."""
+        return max(0, math.floor(self.total * Fraction(repr(budget))) - self.prefix)
 
     def quantised(self, budget: float) -> float:
         """The latency encoder's input ``q = units / (T - P + 1)``."""

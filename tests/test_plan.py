@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,12 @@ def test_unit_counts_follow_adallava_formulas():
 def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
     space = UnitSpace("L", 10, 5, 4, 2)
     assert space.units(0.7) == 2  # floor(7.0) - 5, not floor(6.9999998) - 5
+    h13b = UnitSpace("H", 40, 20, 40, 8)  # 200 units, 100 in the prefix
+    assert (h13b.units(0.57), h13b.units(0.58)) == (14, 16)  # 200 * 0.57 is 113.99999999999999 in floats
+    for units in (UnitSpace("L", 32, 16, 32, 8), UnitSpace("H", 32, 16, 32, 8), h13b, UnitSpace("H", 7, 2, 12, 1)):
+        for hundredths in range(1, 101):
+            exact = Fraction(hundredths, 100) * units.total
+            assert units.units(hundredths / 100) == max(0, exact.numerator // exact.denominator - units.prefix)
     (b,) = resolve_budgets(torch.tensor([0.7], dtype=torch.float32), 1)
     assert space.units(b) == 2
     assert resolve_budgets(torch.tensor(0.3, dtype=torch.float64), 2) == [0.3, 0.3]
