@@ -207,7 +207,10 @@ class ExecutionPlan:
         return moved
 
     def rows(self, index) -> "ExecutionPlan":
-        """The plan of some batch rows (an index or a slice)."""
+        """The plan of some batch rows: ``index`` is an int (one row, kept as a batch of one), a slice, or
+        a list, tensor or bool mask of rows."""
+        if isinstance(index, int):
+            index = [index]
         return ExecutionPlan(self.layers[index], self.heads[index], self.groups[index], shape=self.shape, seq_len=self.seq_len)
 
     def cost(self) -> torch.Tensor:

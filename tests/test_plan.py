@@ -101,6 +101,18 @@ def test_a_plan_edited_in_place_is_checked_again_when_compiled():
     with pytest.raises(ValueError, match=f"execution_plan: layer {layer} of row {row} is skipped"):
         compile_plan(plan, shape)
 
+
+def test_rows_take_an_int_a_slice_a_list_or_a_mask():
+    layers, heads, groups = _masks(B=3)
+    plan = ExecutionPlan(layers, heads, groups)
+    for index, picked in ((1, [1]), (-1, [2]), (slice(1, 3), [1, 2]), ([2, 0], [2, 0]),
+                          (torch.tensor([True, False, True]), [0, 2])):
+        part = plan.rows(index)
+        assert part.batch_size == len(picked)
+        for got, whole in zip((part.layers, part.heads, part.groups), (layers, heads, groups)):
+            assert torch.equal(got, whole[picked])
+
+
 def _brute_force_flops(heads, groups, S):
     """Per-layer FLOPs by direct count: each q head's q/o product and attention, each kv head's k/v, each neuron's three products."""
     D, d = SHAPE.hidden_size, SHAPE.head_dim
