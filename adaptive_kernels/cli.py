@@ -26,7 +26,7 @@ DEFAULT_BUDGETS = (1.0, 0.85, 0.6, 0.5)
 TINY_RANK = 2  # divides the tiny model's 8 heads: 4 units per layer
 MODEL_RANK = 8  # the paper's rank, meant for 32-head (7B) models
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # an image processor: a tokenizer is not enough
 CSV_NAME, PNG_NAME = "results.csv", "latency_vs_budget.png"
 
 
@@ -138,6 +138,7 @@ def _check_out(parser, out: Path) -> None:
 
 
 def _has_processor(path: Path) -> bool:
+    """Whether the checkpoint folder has a processor that can turn an image and a question into inputs."""
     return any((path / name).is_file() for name in PROCESSOR_FILES)
 
 
@@ -262,13 +263,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def write_plot(rows: list[dict], path: Path, title: str) -> bool:
     """Latency versus budget per variant, with the ideal line; False (and a note) without matplotlib."""
-    try:
-        import matplotlib
+    from .sweep import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed (pip install 'adaptive_kernels[plot]'); skipping the plot")
+    plt = pyplot("the plot")
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant in dict.fromkeys(r["variant"] for r in rows):
@@ -322,7 +320,7 @@ def sweep_main(argv) -> int:
     for a in budget_adherence(rows):
         print(f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
               f"{a['largest_excess']:+.3f} at budget {a['at_budget']}")
-    print(f"wrote rows and plot to {args.out}")
+    print(f"rows, adherence and plot (if drawn) are in {args.out}")
     return 0
 
 

@@ -253,12 +253,26 @@ def write_records(rows: list[Row], out_dir, stem: str) -> None:
     (out / f"{stem}-adherence.json").write_text(json.dumps(budget_adherence(rows), indent=1))
 
 
-def plot_rows(rows: list[Row], path: Path) -> Path:
-    """Prefill and decode latency versus budget per variant and backend, with the ideal lines."""
-    import matplotlib
+def pyplot(skipped: str):
+    """``matplotlib.pyplot`` drawing to files (Agg), or None, with a note that ``skipped`` is skipped,
+    where matplotlib is not installed."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed (pip install 'adaptive_kernels[plot]'); skipping {skipped}")
+        return None
+    return plt
+
+
+def plot_rows(rows: list[Row], path: Path) -> Path | None:
+    """Prefill and decode latency versus budget per variant and backend, with the ideal lines, as a PNG
+    at ``path``; None without matplotlib."""
+    plt = pyplot("the sweep's plot (its rows are written)")
+    if plt is None:
+        return None
 
     panels = [("prefill_ms", "prefill, wall"), ("decode_ms_per_token", "decode / token (steady state), wall")]
     if any(r.prefill_kernel_ms == r.prefill_kernel_ms for r in rows):  # not all NaN: kernel times were taken

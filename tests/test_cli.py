@@ -105,9 +105,23 @@ def test_plot_is_a_png(default_run):
     assert f"wrote {out / PNG_NAME}" in printed
 
 
+def word_tokenizer():
+    """A word-level tokenizer over the tiny model's 512 ids, ``<image>`` the image token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(511)} | {"<image>": 511}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w1", pad_token="w0",
+                                   additional_special_tokens=["<image>"])
+
+
 def test_model_path_without_processor_matches_builtin(default_run, tmp_path):
+    """A checkpoint without an image processor (here: a tokenizer only) runs on the built-in random inputs."""
     _, builtin, _ = default_run
     tiny_llava().save_pretrained(tmp_path / "ckpt")
+    word_tokenizer().save_pretrained(tmp_path / "ckpt")
     rows, printed = run_main(["--model", str(tmp_path / "ckpt"), "--rank", "2", "--budgets", "1.0", "0.6",
                               "--out", str(tmp_path / "out"), *FAST])
     assert str(tmp_path / "ckpt") in printed
@@ -120,16 +134,10 @@ def test_model_path_without_processor_matches_builtin(default_run, tmp_path):
 
 def test_model_path_with_processor(tmp_path):
     image_module = pytest.importorskip("PIL.Image")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
-    vocab = {f"w{i}": i for i in range(511)} | {"<image>": 511}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w1", pad_token="w0",
-                                        additional_special_tokens=["<image>"])
     processor = LlavaProcessor(CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-                               tokenizer, patch_size=7, vision_feature_select_strategy="default",
+                               word_tokenizer(), patch_size=7, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, image_token="<image>")
     tiny_llava().save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
@@ -166,6 +174,9 @@ def test_without_matplotlib_the_plot_is_skipped(tmp_path, monkeypatch):
     rows, printed = run_main(["--variants", "L", "--budgets", "0.5", "--out", str(tmp_path), *FAST])
     assert len(rows) == 1 and "matplotlib is not installed" in printed
     assert not (tmp_path / PNG_NAME).exists()
+    assert main(["sweep", "--device", "cpu", "--variants", "L", "--budgets", "1.0", "--new-tokens", "1",
+                 "--repeats", "1", "--out", str(tmp_path / "sweep")]) == 0
+    assert (tmp_path / "sweep" / "sweep-tiny.csv").exists() and not (tmp_path / "sweep" / "sweep-tiny.png").exists()
 
 
 @pytest.mark.parametrize("argv, named", [
