@@ -72,7 +72,9 @@ class AdaptiveCache(Cache):
                 if old is not None:
                     store[l] = old.new_zeros(*old.shape[:2], self.capacity, old.shape[3])
                     store[l][:, :, :self.length] = old[:, :, :self.length]
-        self.decode_graph = None  # captured against the old buffers
+        # a graph was captured against the old buffers; the new capacity may need other kernel
+        # specialisations, which compile in an eager step (never inside a capture)
+        self.decode_graph, self.warm = None, False
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one step's compact keys/values [R, nkv, T, d] after the filled positions.

@@ -13,6 +13,7 @@ from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
+from oracles import CACHE_KWARG
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -102,21 +103,42 @@ def test_backend_generates_what_the_torch_backend_generates(device, backend, dty
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
+def _decode_run(model, inputs: dict, case: str):
+    """(sequences, logits per step) of greedy generate with budgets, in one of the graph tests' cases."""
+    run = dict(latency_budget=[0.6, 0.85], do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if case != "hidden":
+        more = {"greedy": {}, "beams": {"num_beams": 3}, "past_capacity": {"max_new_tokens": 8}}[case]
+        out = model.generate(**inputs, **{"max_new_tokens": 6, **run, **more})
+        return out.sequences, list(out.logits)
+    # generate (a graph is captured), continue it collecting hidden states (eager steps), continue again
+    # (the graph replays after them)
+    out = model.generate(**inputs, max_new_tokens=4, **run)
+    ids, logits = out.sequences, list(out.logits)
+    cache = out.past_key_values if "past_key_values" in out else out.cache
+    run.pop("latency_budget")  # the cache keeps the plan and the latency token
+    for extra in ({"output_hidden_states": True}, {}):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                             **{CACHE_KWARG: cache}, **run, **extra)
+        ids, logits = out.sequences, logits + list(out.logits)
+    return ids, logits
+
+
 @gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@pytest.mark.parametrize("mode", [{}, {"num_beams": 3}, {"output_hidden_states": True}], ids=["greedy", "beams", "hidden"])
-def test_cuda_graph_decode_equals_eager_decode(backend, mode):
-    """Beam search reorders the cache a graph reads in place; a step collecting hidden states runs eagerly."""
+@pytest.mark.parametrize("case", ["greedy", "beams", "hidden", "past_capacity"])
+def test_cuda_graph_decode_equals_eager_decode(backend, case):
+    """Graph replay gives the eager logits exactly: greedy; beam search (the cache a graph reads is
+    reordered in place); eager steps collecting hidden states between graphed ones; a cache that
+    outgrows its 128 positions mid-decode (126 after prefill: a new graph, after an eager step)."""
     stock = tiny_llava(seed=26).cuda()
-    inputs = example_inputs(stock, batch_size=2, seed=27)
-    kw = dict(latency_budget=[0.6, 0.85], max_new_tokens=6, do_sample=False, output_logits=True,
-              return_dict_in_generate=True, **mode)
+    inputs = example_inputs(stock, batch_size=2, seed=27, text_tokens=109 if case == "past_capacity" else 12)
     graphed = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=True)
     eager = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=False)
     with torch.no_grad():
-        a, b = graphed.generate(**inputs, **kw), eager.generate(**inputs, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    for x, y in zip(a.logits, b.logits):
+        (a, a_logits), (b, b_logits) = _decode_run(graphed, inputs, case), _decode_run(eager, inputs, case)
+    assert torch.equal(a, b)
+    assert len(a_logits) == len(b_logits)
+    for x, y in zip(a_logits, b_logits):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 

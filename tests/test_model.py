@@ -280,6 +280,17 @@ def test_cache_holds_only_executed_layers_and_heads(stock, variant):
         assert keys.shape[2] == inputs["input_ids"].shape[1] + 1 + 2 and keys.shape == values.shape
 
 
+def test_a_cache_that_grows_drops_its_graph_and_warms_up_again():
+    """New buffers (and kernel specialisations) for a larger capacity: one eager step before a new capture."""
+    cache = AdaptiveCache(2, None)
+    cache.reserve(100)
+    cache.warm, cache.decode_graph = True, object()
+    cache.reserve(128)  # still fits
+    assert cache.warm and cache.decode_graph is not None
+    cache.reserve(129)
+    assert not cache.warm and cache.decode_graph is None
+
+
 def _decoder_layer_flops(model, **kwargs) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**kwargs)
