@@ -7,6 +7,7 @@ of the chosen backend. The KV cache (``AdaptiveCache``) keeps executed layers an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -286,9 +287,23 @@ def hidden_states_output(collected: list | None, last: torch.Tensor, selection) 
     return tuple(h if i in chosen else None for i, h in enumerate(states))
 
 
+def on_the_model_device(forward):
+    """``forward`` run with the model's CUDA device current: Triton launches and CUDA-graph capture
+    use the current device, which need not be the model's (a model on cuda:1)."""
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        device = self.embed_tokens.weight.device
+        if device.type != "cuda":
+            return forward(self, *args, **kwargs)
+        with torch.cuda.device(device):
+            return forward(self, *args, **kwargs)
+    return run
+
+
 class AdaptiveDecoderMixin:
     """Mixed into a patched model's language model class; replaces its ``forward``."""
 
+    @on_the_model_device
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
                 **kwargs):
         cache = kwargs.pop("cache", None)
