@@ -45,3 +45,26 @@ def test_training_forward_samples_a_plan_and_trains_the_scheduler():
     with torch.no_grad():
         expected = oracle(inputs_embeds=embeds, attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
     torch.testing.assert_close(out.logits.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing layers in the backward pass (gradient checkpointing) changes memory, not results."""
+    stock = tiny_llava(seed=3)
+    inputs = example_inputs(stock, batch_size=2, seed=6)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == stock.config.image_token_id, -100)
+    plan = ak.plan(ak.patch(copy.deepcopy(stock), "H", rank=2), latency_budget=[0.6, 0.9], **inputs)
+    for given in ({"execution_plan": plan}, {"latency_budget": [0.6, 0.9]}):
+        results = []
+        for checkpointed in (False, True):
+            model = ak.patch(copy.deepcopy(stock), "H", rank=2).train()
+            if checkpointed:  # transformers 5.2x's name, else the older one
+                (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            torch.manual_seed(0)  # the same Gumbel draws
+            out = model(**inputs, labels=labels, **given)
+            out.loss.backward()
+            results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+        torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
+        assert grads.keys() == grads_checkpointed.keys() and len(grads) > 0
+        for name in grads:
+            torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -356,7 +356,10 @@ class AdaptiveDecoderMixin:
             full = ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads)
             schedule = compile_plan(full.to(x.device), settings.shape)
 
-        if not decoding and use_cache and not request.plan_only and not (self.training and budgets is not None):
+        # no cache for a plan-only call, nor in training that samples its plan or recomputes layers in the
+        # backward pass (gradient checkpointing: a recomputed layer would append its keys again)
+        uncached_training = self.training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
+        if not decoding and use_cache and not request.plan_only and not uncached_training:
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
         elif not decoding:
             cache = None
