@@ -11,7 +11,7 @@ import torch
 
 from .backends import BACKENDS, default_backend, get_backend
 from .models import Request, Settings, text_model_shape
-from .models.llama import lay_out_reduction_weights, stack_qkv
+from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
 from .models.llava import check_llava, is_patched, swap_in, swap_out
 from .plan import VARIANTS, ExecutionPlan, UnitSpace, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
@@ -57,6 +57,7 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
     check_llava(model)
     shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)
     lm = model.model.language_model
+    check_projections(lm)
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     wanted = (variant, rank, prefix, backend_name, cuda_graphs)

@@ -64,6 +64,28 @@ def test_unsupported_models():
         ak.patch(llava_mistral)
 
 
+class _Adapter(torch.nn.Module):  # stands for a LoRA-wrapped projection: the base layer plus a delta
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer, self.delta = base, torch.nn.Linear(base.in_features, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.delta(x)
+
+
+@pytest.mark.parametrize("wrap", ["adapter", "float8"])
+def test_projections_the_executor_cannot_read_are_refused(wrap):
+    """The executor reads projection weights itself: a wrapped or quantised one would be computed wrong."""
+    model = tiny_llava()
+    mlp = model.model.language_model.layers[1].mlp
+    if wrap == "adapter":
+        mlp.up_proj = _Adapter(mlp.up_proj)
+    else:
+        mlp.up_proj.to(torch.float8_e4m3fn)
+    with pytest.raises(ArgumentTypeError, match="layer 1's mlp.up_proj"):
+        ak.patch(model)
+
+
 @pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"variant": "H", "rank": 3}, "rank"),
                                          ({"rank": 0}, "rank"), ({"rank": True}, "rank"),
                                          ({"num_prefix_layers": 8}, "num_prefix_layers"),

@@ -58,6 +58,26 @@ def decoder_shape(config) -> DecoderShape:
                         intermediate_size=config.intermediate_size)
 
 
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_projections(decoder) -> None:
+    """``ArgumentTypeError`` unless every layer's projections are plain ``torch.nn.Linear`` modules with
+    float weights of 16 bits or more: the executor reads their weights itself, so a quantised or
+    adapter-wrapped projection would be computed wrong, not refused later."""
+    for l, layer in enumerate(decoder.layers):
+        for name in PROJECTIONS:
+            module = layer.get_submodule(name)
+            weight = getattr(module, "weight", None)
+            if type(module) is not torch.nn.Linear or getattr(weight, "dtype", None) not in WEIGHT_DTYPES:
+                raise ArgumentTypeError(
+                    f"model: layer {l}'s {name} is a {type(module).__name__} with {getattr(weight, 'dtype', 'no')} "
+                    f"weights; adaptive_kernels reads projection weights itself and takes plain torch.nn.Linear "
+                    f"layers with weights in {[str(d) for d in WEIGHT_DTYPES]} (no quantised or adapter-wrapped ones)")
+
+
 def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
     """``ValueError`` unless ``plan`` is an ExecutionPlan for this batch and decoder on ``device``."""
     if not isinstance(plan, ExecutionPlan):
