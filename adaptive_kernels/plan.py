@@ -337,9 +337,10 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
     the Schedule's plan is ``plan`` on ``device``.
 
     The masks reach the host in one copy. Index lists are built, all at once, only for the layers
-    that some row runs partially (dense layers share one head map), as head and neuron-group
-    units; they reach the device in one copy and are expanded to weight rows there. One
-    synchronisation per request, and host work that grows with the partial layers only.
+    that some row runs partially, as head and neuron-group units; they reach the device in one copy
+    and are expanded to weight rows there. Layers without lists that run the same rows share one
+    ``LayerIndices``. One synchronisation per request, and host work that grows with the partial
+    layers only.
     """
     device = torch.device(device) if device is not None else plan.layers.device
     B, L, H = plan.heads.shape
@@ -347,13 +348,14 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
     plan = plan if plan.layers.device == device else plan.to(device)
     on, heads, groups = masks[..., 0], masks[..., 1:H + 1], masks[..., H + 1:]
     check_skipped_layers(on, heads, groups, "execution_plan")  # again: a plan's masks may be edited in place
-    kv_on = heads.view(B, L, shape.num_kv_heads, -1).any(-1)
-    # per (layer, row): [runs, q heads, kv heads, neurons, all heads on, all groups on]
-    facts = torch.stack([on.long(), heads.sum(-1), kv_on.sum(-1), groups.long() @ torch.tensor(shape.group_sizes),
-                         heads.all(-1).long(), groups.all(-1).long()], dim=-1).transpose(0, 1).tolist()
-    rows_of = [[r for r in range(B) if facts[l][r][0]] for l in range(L)]
-    partial_attention = [l for l in range(L) if not all(facts[l][r][4] for r in rows_of[l])]
-    partial_mlp = [l for l in range(L) if not all(facts[l][r][5] for r in rows_of[l])]
+    # the per-layer facts in numpy: a few microseconds where each torch op on tiny tensors costs several
+    on_np, heads_np, groups_np = on.numpy(), heads.numpy(), groups.numpy()
+    counts = (heads_np.sum(-1), heads_np.reshape(B, L, shape.num_kv_heads, -1).any(-1).sum(-1),
+              groups_np @ np.array(shape.group_sizes))
+    most = [np.where(on_np, count, 0).max(0).tolist() for count in counts]  # [3][L]: q heads, kv heads, neurons
+    rows_of = [[r for r, runs in enumerate(column) if runs] for column in on_np.T.tolist()]
+    partial_attention = np.flatnonzero((on_np & ~heads_np.all(-1)).any(0)).tolist()
+    partial_mlp = np.flatnonzero((on_np & ~groups_np.all(-1)).any(0)).tolist()
 
     def pairs(layer_ids):  # (row, layer) index tensors of these layers' running rows, layer by layer
         return tuple(torch.tensor(t) for t in zip(*[(r, l) for l in layer_ids for r in rows_of[l]]))
@@ -369,14 +371,20 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
         neurons_all, neuron_size = neuron_units(groups[pairs(partial_mlp)], shape)
     attention_start, mlp_start = starts(partial_attention), starts(partial_mlp)
     d = shape.head_dim
-    dense_maps = {}  # row count -> the head map of a dense layer, shared by all of them
+    whole = {}  # (rows, counts) -> the spec of a layer without index lists, shared by all such layers
+    dense_maps = {}  # row count -> the head map of a layer with every head on, shared by all of them
     specs = []  # per layer: the fields of its LayerIndices, or None when no row runs it
     for l, rows in enumerate(rows_of):
         if not rows:
             specs.append(None)
             continue
         R = len(rows)
-        nq, nkv, nn = (max(facts[l][r][i] for r in rows) for i in (1, 2, 3))
+        nq, nkv, nn = most[0][l], most[1][l], most[2][l]
+        listed = l in attention_start or l in mlp_start
+        key = (tuple(rows), nq, nkv, nn)
+        if not listed and key in whole:
+            specs.append(whole[key])
+            continue
         spec = dict(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=None, kv_rows=None,
                     qkv_rows=None, mlp_rows=None, num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn)
         if l in attention_start:
@@ -392,21 +400,24 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
         if l in mlp_start:
             m = mlp_start[l]
             spec["mlp_rows"] = _Units(neurons_all[m:m + R, :nn // neuron_size], neuron_size)
+        if not listed:
+            whole[key] = spec
         specs.append(spec)
-    _materialize(specs, device)
-    return Schedule(plan, [None if spec is None else LayerIndices(**spec) for spec in specs])
+    unique = {id(spec): spec for spec in specs if spec is not None}
+    _materialize(list(unique.values()), device)
+    made = {key: LayerIndices(**spec) for key, spec in unique.items()}
+    return Schedule(plan, [None if spec is None else made[id(spec)] for spec in specs])
 
 
 _INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
 
 
 def _materialize(specs: list, device) -> None:
-    """Replace every index list in ``specs`` (LayerIndices fields per layer) by weight rows on ``device``.
+    """Replace every index list in ``specs`` (distinct LayerIndices fields) by weight rows on ``device``.
 
     All lists cross in one copy, as units; there, each unit size is expanded in one pass and cut
-    back into per-layer views. A tensor shared by several layers stays shared.
+    back into per-layer views.
     """
-    specs = [spec for spec in specs if spec is not None]
     lists = {id(v): v if isinstance(v, _Units) else _Units(v, 1)
              for spec in specs for f in _INDEX_FIELDS if (v := spec[f]) is not None}
     if not lists:
