@@ -9,6 +9,8 @@ place, and a CUDA graph of it (``graphs.py``) keeps reading the same memory.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers.cache_utils import Cache
 
@@ -18,9 +20,8 @@ CAPACITY_STEP = 128
 class AdaptiveCache(Cache):
     """A transformers ``Cache`` that ``generate`` carries between steps.
 
-    ``length`` counts every filled position, the latency token's included; ``latency_index`` is
-    that token's column (None when the request has none). ``get_seq_length()`` counts the cached
-    positions of the caller's tokens (the latency token's not), as ``generate`` counts input ids.
+    ``length`` (``get_seq_length()``) counts every filled position, the latency token's included;
+    ``latency_index`` is that token's column (None when the request has none).
     """
 
     is_compileable = False
@@ -37,6 +38,7 @@ class AdaptiveCache(Cache):
         self.write_position: torch.Tensor | None = None  # set while a CUDA graph is captured
         self.decode_graph = None  # graphs.DecodeGraph of this request's decode step
         self.warm = False  # a one-token step has run eagerly (kernels compiled)
+        self.counting_input_ids = False  # see input_id_view
 
     @property
     def plan(self):
@@ -51,13 +53,24 @@ class AdaptiveCache(Cache):
         return [False] * len(self.keys)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Filled positions; in an ``input_id_view``, those of the caller's tokens (the latency token's not)."""
         has_latency_token = self.latency_index is not None and self.length > self.latency_index
-        return self.length - has_latency_token
+        return self.length - (self.counting_input_ids and has_latency_token)
+
+    @contextmanager
+    def input_id_view(self):
+        """Within the block ``get_seq_length()`` counts cached input ids: ``generate``, continuing this
+        cache, slices the ids it is given by that count, and knows nothing of the latency token."""
+        self.counting_input_ids = True
+        try:
+            yield self
+        finally:
+            self.counting_input_ids = False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget cached positions: the last ``-tokens_to_remove`` of them (as ``generate`` calls it, with 0 or
-        less), or, given a positive number, all but that many of the caller's tokens (transformers' older
-        meaning). Buffers keep their memory; later steps overwrite the forgotten positions."""
+        less), or, given a positive number, all but that many (transformers' older meaning, counted as
+        ``get_seq_length`` counts). Buffers keep their memory; later steps overwrite what was forgotten."""
         if tokens_to_remove > 0:
             tokens_to_remove = tokens_to_remove - self.get_seq_length()
         self.length = max(self.length + min(tokens_to_remove, 0), 0)

@@ -168,12 +168,13 @@ def test_generate_continues_from_a_returned_cache(stock):
             first = model.generate(**inputs, latency_budget=budget, **run)
             ids = torch.cat([first.sequences, more], 1)
             cached = first.past_key_values if "past_key_values" in first else first.cache
+            prompt_len = inputs["input_ids"].shape[1]
+            assert cached.get_seq_length() == prompt_len + (budget is not None) + 3  # the last new token is not fed
             again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cached}, **run)
             if budget is None:
                 want = stock.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       pixel_values=inputs["pixel_values"], **run)
             else:
-                prompt_len = inputs["input_ids"].shape[1]
                 embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None],
                                     stock.model.language_model.embed_tokens(ids[:, prompt_len:])], 1)
                 want = sliced_stock(stock, plan, 0).generate(

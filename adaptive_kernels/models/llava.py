@@ -9,6 +9,7 @@ and hands them to the adaptive decoder for the duration of the call.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -88,7 +89,9 @@ def _adaptive_llava_class(stock: type) -> type:
                 rows = torch.arange(execution_plan.batch_size, device=execution_plan.layers.device)
                 execution_plan = execution_plan.rows(rows.repeat_interleave(copies))
         ours = {"latency_budget": latency_budget, "execution_plan": execution_plan}
-        return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        with cache.input_id_view() if isinstance(cache, AdaptiveCache) else contextlib.nullcontext():
+            return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
 
     forward.__signature__ = _extended_signature(stock.forward)
     forward.__doc__ = (f"{stock.__name__}.forward, plus ``latency_budget`` (a float in (0, 1] or one per row) "
