@@ -48,13 +48,15 @@ def _ranks(logits: torch.Tensor) -> torch.Tensor:
 def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMBEL_TEMPERATURE) -> torch.Tensor:
     """One Gumbel-softmax draw among ``available`` entries, as a straight-through one-hot.
 
-    logits [..., N] float; available bool [..., N] with at least one True per row -> [..., N]
-    whose value is a hard one-hot and whose gradient is that of the soft sample.
+    logits [..., N] float; available bool [..., N] -> [..., N] whose value is a hard one-hot and
+    whose gradient is that of the soft sample; a row with nothing available gives zeros (no NaN
+    from a softmax over nothing, in the value or the gradient).
     """
+    some = available.any(-1, keepdim=True)
     u = torch.rand_like(logits, dtype=torch.float32).clamp(1e-20, 1.0)
     noisy = (logits.float() - torch.log(-torch.log(u))) / tau
-    soft = torch.softmax(noisy.masked_fill(~available, float("-inf")), dim=-1)
-    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    soft = torch.softmax(noisy.masked_fill(~(available | ~some), float("-inf")), dim=-1) * some
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0) * some
     return (hard - soft.detach() + soft).to(logits.dtype)
 
 
