@@ -3,8 +3,10 @@
 An ``ExecutionPlan`` says, per batch row, which decoder layers, attention heads and MLP neuron
 groups run. Budgets turn into whole schedulable units exactly as ADALLAVA.md defines:
 ``units = max(0, floor(T * b) - P)`` with T the units of the whole decoder and P those of the
-always-on prefix, b taken as the decimal it is written as, so that bin edges are exact (a float
-product is not: 200 * 0.57 gives 113.99999999999999).
+always-on prefix. The product is floored with a margin far above float error and far below a unit,
+so that a budget on a bin edge lands on it whether written as a decimal or a fraction (in floats,
+200 * 0.57 gives 113.99999999999999, and 7 * (4/7) gives 4.0 where the decimal 0.5714285714285714
+times 7 is just below 4).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from .errors import ArgumentTypeError
 
 VARIANTS = ("L", "H")
+EDGE_MARGIN = 1e-9  # units: float error in T*b is about 1e-12 at T = 10^4; a unit is 1
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,9 @@ class UnitSpace:
         return self.num_prefix_layers * self.units_per_layer
 
     def units(self, budget: float) -> int:
-        """Units scheduled after the prefix for one budget: ``max(0, floor(T*b) - P)``, exactly, with b
-        the shortest decimal of the float (0.57 of 200 units is 114)."""
-        return max(0, math.floor(self.total * Fraction(repr(budget))) - self.prefix)
+        """Units scheduled after the prefix for one budget: ``max(0, floor(T*b) - P)``, a bin edge
+        counting as reached (0.57 of 200 units is 114; 4/7 of 7 is 4)."""
+        return max(0, math.floor(self.total * budget + EDGE_MARGIN) - self.prefix)
 
     def quantised(self, budget: float) -> float:
         """The latency encoder's input ``q = units / (T - P + 1)``."""

@@ -27,10 +27,14 @@ def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
     assert space.units(0.7) == 2  # floor(7.0) - 5, not floor(6.9999998) - 5
     h13b = UnitSpace("H", 40, 20, 40, 8)  # 200 units, 100 in the prefix
     assert (h13b.units(0.57), h13b.units(0.58)) == (14, 16)  # 200 * 0.57 is 113.99999999999999 in floats
-    for units in (UnitSpace("L", 32, 16, 32, 8), UnitSpace("H", 32, 16, 32, 8), h13b, UnitSpace("H", 7, 2, 12, 1)):
-        for hundredths in range(1, 101):
+    odd = UnitSpace("L", 7, 3, 4, 1)
+    assert odd.units(4 / 7) == 1 and odd.units(0.5714285714285714) == 1  # a fraction and its decimal
+    for units in (UnitSpace("L", 32, 16, 32, 8), UnitSpace("H", 32, 16, 32, 8), h13b, UnitSpace("H", 7, 2, 12, 1), odd):
+        for hundredths in range(1, 101):  # two-decimal budgets
             exact = Fraction(hundredths, 100) * units.total
             assert units.units(hundredths / 100) == max(0, exact.numerator // exact.denominator - units.prefix)
+        for k in range(1, units.total + 1):  # budgets of k units of T, as fractions
+            assert units.units(k / units.total) == max(0, k - units.prefix)
     (b,) = resolve_budgets(torch.tensor([0.7], dtype=torch.float32), 1)
     assert space.units(b) == 2
     assert resolve_budgets(torch.tensor(0.3, dtype=torch.float64), 2) == [0.3, 0.3]
