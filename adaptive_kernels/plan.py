@@ -83,7 +83,7 @@ def resolve_budgets(latency_budget, batch_size: int) -> list[float]:
         values = latency_budget.detach().cpu().reshape(-1).tolist()
         if latency_budget.dtype != torch.float64:
             # a float32 0.7 is 0.69999998...; its shortest decimal is what the caller wrote
-            values = [float(str(np.float32(v))) for v in values]
+            values = [_budget_value(np.float32(v)) for v in values]
         if latency_budget.dim() == 0:
             values = values * batch_size
     elif isinstance(latency_budget, (list, tuple)):

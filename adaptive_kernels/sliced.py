@@ -20,6 +20,11 @@ from torch import nn
 from .plan import group_sizes
 
 
+def _head_dim(config) -> int:
+    """A Llama text config's head size: its ``head_dim``, else hidden size over heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def neuron_mask(groups: torch.Tensor, intermediate_size: int) -> torch.Tensor:
     """Group mask [..., G] -> neuron mask [..., M]."""
     sizes = torch.tensor(group_sizes(intermediate_size, groups.shape[-1]), device=groups.device)
@@ -72,7 +77,7 @@ def sliced_stock(stock, plan, row: int = 0):
     lm = model.model.language_model
     cfg = lm.config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // H
+    d = _head_dim(cfg)
     kept = []
     for l, layer in enumerate(lm.layers):
         if not plan.layers[row, l]:
@@ -106,13 +111,12 @@ def sliced_stock(stock, plan, row: int = 0):
     return model
 
 
-
 def mask_hooks(model, plan) -> list:
     """Forward hooks that make ``model`` (a stock LLaVA) compute ``plan`` (batch rows = plan rows, on
     the model's device) as the masked computation; returns their handles (``.remove()`` undoes one)."""
     lm = model.model.language_model
     cfg = lm.config
-    d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // cfg.num_attention_heads
+    d = _head_dim(cfg)
     handles = []
     for l, layer in enumerate(lm.layers):
         head_mask = plan.heads[:, l].repeat_interleave(d, dim=-1)[:, None, :]

@@ -179,6 +179,14 @@ def settled(x: torch.Tensor, update: torch.Tensor | None) -> torch.Tensor:
     return x if update is None else x + update
 
 
+def norm_settled(backend: Backend, norm, x, update):
+    """``(norm(h), h)`` for the hidden states ``h = x (+ update)``; a pending ``update`` is added in the
+    norm's kernel."""
+    if update is None:
+        return norm_of(backend, norm, x), x
+    return norm_of(backend, norm, update, residual=x)
+
+
 def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: AdaptiveCache | None, layer: int,
                   shape: DecoderShape, backend: Backend) -> torch.Tensor:
     """The attention block over the active heads: x [R, T, D] -> its update [R, T, D]."""
@@ -220,10 +228,7 @@ class AdaptiveDecoderLayerMixin:
         whose sum ``x' + mlp`` is the layer's output. ``update``: the previous layer's MLP output, not
         yet added (None: nothing pending); the input norm adds it in its kernel."""
         backend = settings.backend
-        if update is None:
-            normed = norm_of(backend, self.input_layernorm, x)
-        else:
-            normed, x = norm_of(backend, self.input_layernorm, update, residual=x)
+        normed, x = norm_settled(backend, self.input_layernorm, x, update)
         attn = run_attention(self.self_attn, normed, idx, cos, sin, kv_valid, cache, self.self_attn.layer_idx,
                              settings.shape, backend)
         normed, x = norm_of(backend, self.post_attention_layernorm, attn, residual=x)
@@ -442,8 +447,7 @@ class AdaptiveDecoderMixin:
 
     def final_norm(self, x, update):
         """The decoder's last norm of the hidden states ``x (+ update)``."""
-        backend = self._ak_settings.backend
-        return norm_of(backend, self.norm, x) if update is None else norm_of(backend, self.norm, update, residual=x)[0]
+        return norm_settled(self._ak_settings.backend, self.norm, x, update)[0]
 
     def decode_step(self, x, schedule, cos, sin, kv_valid, cache, hidden=None):
         """One decode token through every executed layer and the final norm: [B, 1, D] -> [B, 1, D].
