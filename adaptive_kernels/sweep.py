@@ -11,8 +11,10 @@ CPU the built-in tiny one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
+import gc
 import json
 import math
 import platform
@@ -79,19 +81,36 @@ def _timer(device: str):
         fn()  # warm-up: compilation, allocator, autotuning
         times = []
         for _ in range(repeats):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
+            with _no_garbage_collection():
+                times.append(_once_ms(fn, device))
         return statistics.median(times)
     return median_ms
+
+
+def _once_ms(fn, device: str) -> float:
+    """Wall time of one call of ``fn``: ms (between CUDA events on CUDA)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """No garbage collection inside: collected before, re-enabled after (as timeit does); a collection
+    that lands inside one timed call adds its own time to that call only."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _schedule(model, budget: float, seq_len: int):
