@@ -11,6 +11,7 @@ times 7 is just below 4).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -147,11 +148,12 @@ def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
     return mask
 
 
-def check_skipped_layers(layers: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor, name: str) -> None:
-    """``ValueError`` (naming ``name``) when a skipped layer has a head or a group on."""
+def check_skipped_layers(layers, heads, groups, name: str) -> None:
+    """``ValueError`` (naming ``name``) when a skipped layer has a head or a group on; torch tensors or
+    numpy arrays."""
     orphan = ~layers & (heads.any(-1) | groups.any(-1))
     if orphan.any():
-        row, layer = orphan.nonzero()[0].tolist()
+        row, layer = torch.as_tensor(orphan).nonzero()[0].tolist()
         raise ValueError(f"{name}: layer {layer} of row {row} is skipped but has heads or groups on")
 
 
@@ -201,12 +203,18 @@ class ExecutionPlan:
     def num_heads(self) -> int:
         return self.heads.shape[2]
 
+    @classmethod
+    def _valid(cls, layers, heads, groups, shape=None, seq_len=None) -> "ExecutionPlan":
+        """A plan of masks known to be valid (checked before, or valid by construction): no checks, so
+        no device sync."""
+        plan = object.__new__(cls)
+        plan.layers, plan.heads, plan.groups, plan.shape, plan.seq_len = layers, heads, groups, shape, seq_len
+        return plan
+
     def to(self, device) -> "ExecutionPlan":
         """The same plan on ``device`` (checked when made, so not checked again: no device sync)."""
-        moved = object.__new__(ExecutionPlan)
-        moved.layers, moved.heads, moved.groups = self.layers.to(device), self.heads.to(device), self.groups.to(device)
-        moved.shape, moved.seq_len = self.shape, self.seq_len
-        return moved
+        return ExecutionPlan._valid(self.layers.to(device), self.heads.to(device), self.groups.to(device),
+                                    self.shape, self.seq_len)
 
     def rows(self, index) -> "ExecutionPlan":
         """The plan of some batch rows: ``index`` is an int (one row, kept as a batch of one), a slice, or
@@ -328,7 +336,8 @@ def neuron_units(groups: torch.Tensor, shape: DecoderShape) -> tuple[torch.Tenso
 
 @dataclass(frozen=True, eq=False)
 class _Units:
-    """An index list kept as units until it reaches the device: stands for ``unit_rows(units, size)``."""
+    """An index list built on the host, kept as units until it reaches the device: stands for
+    ``unit_rows(units, size)``."""
 
     units: torch.Tensor
     size: int
@@ -338,90 +347,113 @@ def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sched
     """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request;
     the Schedule's plan is ``plan`` on ``device``.
 
-    The masks reach the host in one copy. Index lists are built, all at once, only for the layers
-    that some row runs partially, as head and neuron-group units; they reach the device in one copy
-    and are expanded to weight rows there. Layers without lists that run the same rows share one
-    ``LayerIndices``. One synchronisation per request, and host work that grows with the partial
-    layers only.
+    The masks reach the host in one copy (and, from the host, the device in one). Index lists are
+    built, all at once, only for the layers that some row runs partially, as head and neuron-group
+    units; they reach the device in one copy and are expanded to weight rows there. Layers without
+    lists that run the same rows share one ``LayerIndices``. One synchronisation per request, and
+    host work that grows with the partial layers only.
     """
     device = torch.device(device) if device is not None else plan.layers.device
     B, L, H = plan.heads.shape
-    masks = torch.cat([plan.layers[..., None], plan.heads, plan.groups], dim=-1).cpu()
-    plan = plan if plan.layers.device == device else plan.to(device)
-    on, heads, groups = masks[..., 0], masks[..., 1:H + 1], masks[..., H + 1:]
+    flat = torch.cat([plan.layers.reshape(-1), plan.heads.reshape(-1), plan.groups.reshape(-1)]).cpu()
+    if plan.layers.device != device:
+        plan = ExecutionPlan._valid(*unflatten_masks(flat.to(device), B, L, H), plan.shape, plan.seq_len)
+    on, heads, groups = unflatten_masks(flat.numpy(), B, L, H)
     check_skipped_layers(on, heads, groups, "execution_plan")  # again: a plan's masks may be edited in place
-    # the per-layer facts in numpy: a few microseconds where each torch op on tiny tensors costs several
-    on_np, heads_np, groups_np = on.numpy(), heads.numpy(), groups.numpy()
-    counts = (heads_np.sum(-1), heads_np.reshape(B, L, shape.num_kv_heads, -1).any(-1).sum(-1),
-              groups_np @ np.array(shape.group_sizes))
-    most = [np.where(on_np, count, 0).max(0).tolist() for count in counts]  # [3][L]: q heads, kv heads, neurons
-    rows_of = [[r for r, runs in enumerate(column) if runs] for column in on_np.T.tolist()]
-    partial_attention = np.flatnonzero((on_np & ~heads_np.all(-1)).any(0)).tolist()
-    partial_mlp = np.flatnonzero((on_np & ~groups_np.all(-1)).any(0)).tolist()
+    return Schedule(plan, _layer_indices(on, heads, groups, shape, device))
 
-    def pairs(layer_ids):  # (row, layer) index tensors of these layers' running rows, layer by layer
-        return tuple(torch.tensor(t) for t in zip(*[(r, l) for l in layer_ids for r in rows_of[l]]))
+
+def unflatten_masks(flat, B: int, L: int, H: int) -> tuple:
+    """(layers [B, L], heads [B, L, H], groups [B, L, H]) as views of ``flat``, a plan's three masks
+    laid end to end (torch or numpy)."""
+    layers, heads, groups = flat[:B * L], flat[B * L:B * L * (1 + H)], flat[B * L * (1 + H):]
+    return layers.reshape(B, L), heads.reshape(B, L, H), groups.reshape(B, L, H)
+
+
+@functools.lru_cache(maxsize=64)
+def dense_layer(batch_size: int, shape: DecoderShape, device: torch.device) -> LayerIndices:
+    """The ``LayerIndices`` of a layer that every row of the batch runs with every unit on (cached and
+    shared: read-only)."""
+    H = shape.num_heads
+    q_to_kv = (torch.arange(H, device=device) // (H // shape.num_kv_heads)).expand(batch_size, H)
+    return LayerIndices(rows=None, num_rows=batch_size, q_rows=None, kv_rows=None, qkv_rows=None, q_to_kv=q_to_kv,
+                        mlp_rows=None, num_q_heads=H, num_kv_heads=shape.num_kv_heads,
+                        num_neurons=shape.intermediate_size)
+
+
+def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape: DecoderShape, device) -> list:
+    """Per layer its ``LayerIndices`` on ``device``, or None when no row runs it, from the host masks
+    (layers [B, L], heads and groups [B, L, H], numpy bool)."""
+    B, L, H = heads.shape
+    # the per-layer facts in numpy: a few microseconds where each torch op on tiny tensors costs several
+    rows_of = [[] for _ in range(L)]  # per layer the rows that run it, ascending
+    for l, r in zip(*(i.tolist() for i in on.T.nonzero())):
+        rows_of[l].append(r)
+    partial_attention = np.flatnonzero((on & ~heads.all(-1)).any(0)).tolist()
+    partial_mlp = np.flatnonzero((on & ~groups.all(-1)).any(0)).tolist()
+
+    def masks_of(masks, layer_ids):  # [rows, H]: these layers' running rows, layer by layer
+        return torch.from_numpy(np.concatenate([masks[rows_of[l], l] for l in layer_ids]))
 
     def starts(layer_ids):  # layer -> its first row in the lists built for these layers
         return dict(zip(layer_ids, itertools.accumulate((len(rows_of[l]) for l in layer_ids), initial=0)))
 
     if partial_attention:
-        q_all, kv_all, map_all = attention_units(heads[pairs(partial_attention)], shape)
+        q_all, kv_all, map_all = attention_units(masks_of(heads, partial_attention), shape)
         # units of the stacked q, k, v weight: q's heads, then k's, then v's
         qkv_all = torch.cat([q_all, _shifted(kv_all, H), _shifted(kv_all, H + shape.num_kv_heads)], dim=1)
+        q_heads = np.where(on, heads.sum(-1), 0).max(0).tolist()  # [L]: most heads of a running row
+        kv_heads = np.where(on, heads.reshape(B, L, shape.num_kv_heads, -1).any(-1).sum(-1), 0).max(0).tolist()
     if partial_mlp:
-        neurons_all, neuron_size = neuron_units(groups[pairs(partial_mlp)], shape)
+        neurons_all, neuron_size = neuron_units(masks_of(groups, partial_mlp), shape)
+        neurons = np.where(on, groups @ np.array(shape.group_sizes), 0).max(0).tolist()
     attention_start, mlp_start = starts(partial_attention), starts(partial_mlp)
-    d = shape.head_dim
-    whole = {}  # (rows, counts) -> the spec of a layer without index lists, shared by all such layers
-    dense_maps = {}  # row count -> the head map of a layer with every head on, shared by all of them
-    specs = []  # per layer: the fields of its LayerIndices, or None when no row runs it
+    d, dense = shape.head_dim, dense_layer(B, shape, device)
+    some_rows = {}  # rows -> the spec of a layer that only these rows run, every unit on (shared)
+    specs = []  # per layer: its LayerIndices, the fields of one still to build, or None when no row runs it
     for l, rows in enumerate(rows_of):
+        R = len(rows)
+        listed = l in attention_start or l in mlp_start
         if not rows:
             specs.append(None)
             continue
-        R = len(rows)
-        nq, nkv, nn = most[0][l], most[1][l], most[2][l]
-        listed = l in attention_start or l in mlp_start
-        key = (tuple(rows), nq, nkv, nn)
-        if not listed and key in whole:
-            specs.append(whole[key])
+        if not listed and R == B:
+            specs.append(dense)
             continue
-        spec = dict(rows=None if R == B else torch.tensor(rows), num_rows=R, q_rows=None, kv_rows=None,
-                    qkv_rows=None, mlp_rows=None, num_q_heads=nq, num_kv_heads=nkv, num_neurons=nn)
+        if not listed and tuple(rows) in some_rows:
+            specs.append(some_rows[tuple(rows)])
+            continue
+        spec = {**vars(dense_layer(R, shape, device)), "rows": None if R == B else _Units(torch.tensor(rows), 1)}
         if l in attention_start:
-            a = attention_start[l]
+            a, nq, nkv = attention_start[l], q_heads[l], kv_heads[l]
             columns = torch.cat([torch.arange(nq), q_all.shape[1] + torch.arange(nkv),
                                  q_all.shape[1] + kv_all.shape[1] + torch.arange(nkv)])
             spec.update(q_rows=_Units(q_all[a:a + R, :nq], d), kv_rows=_Units(kv_all[a:a + R, :nkv], d),
-                        qkv_rows=_Units(qkv_all[a:a + R].index_select(1, columns), d), q_to_kv=map_all[a:a + R, :nq])
-        else:
-            if R not in dense_maps:
-                dense_maps[R] = (torch.arange(H) // (H // shape.num_kv_heads)).expand(R, H)
-            spec["q_to_kv"] = dense_maps[R]
+                        qkv_rows=_Units(qkv_all[a:a + R].index_select(1, columns), d),
+                        q_to_kv=_Units(map_all[a:a + R, :nq], 1), num_q_heads=nq, num_kv_heads=nkv)
         if l in mlp_start:
-            m = mlp_start[l]
-            spec["mlp_rows"] = _Units(neurons_all[m:m + R, :nn // neuron_size], neuron_size)
+            m, nn = mlp_start[l], neurons[l]
+            spec.update(mlp_rows=_Units(neurons_all[m:m + R, :nn // neuron_size], neuron_size), num_neurons=nn)
         if not listed:
-            whole[key] = spec
+            some_rows[tuple(rows)] = spec
         specs.append(spec)
-    unique = {id(spec): spec for spec in specs if spec is not None}
+    unique = {id(spec): spec for spec in specs if isinstance(spec, dict)}
     _materialize(list(unique.values()), device)
     made = {key: LayerIndices(**spec) for key, spec in unique.items()}
-    return Schedule(plan, [None if spec is None else made[id(spec)] for spec in specs])
+    return [made.get(id(spec), spec) for spec in specs]
 
 
 _INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
 
 
 def _materialize(specs: list, device) -> None:
-    """Replace every index list in ``specs`` (distinct LayerIndices fields) by weight rows on ``device``.
+    """Replace every index list built on the host (``_Units``) in ``specs`` (distinct LayerIndices
+    fields) by weight rows on ``device``.
 
     All lists cross in one copy, as units; there, each unit size is expanded in one pass and cut
     back into per-layer views.
     """
-    lists = {id(v): v if isinstance(v, _Units) else _Units(v, 1)
-             for spec in specs for f in _INDEX_FIELDS if (v := spec[f]) is not None}
+    lists = {id(v): v for spec in specs for f in _INDEX_FIELDS if isinstance(v := spec[f], _Units)}
     if not lists:
         return
     order = sorted(lists.items(), key=lambda item: item[1].size)  # each unit size one stretch of the copy
@@ -438,5 +470,5 @@ def _materialize(specs: list, device) -> None:
             done[key] = piece.view(*u.units.shape[:-1], u.units.shape[-1] * size)
     for spec in specs:
         for f in _INDEX_FIELDS:
-            if spec[f] is not None:
+            if isinstance(spec[f], _Units):
                 spec[f] = done[id(spec[f])]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -39,10 +40,13 @@ class LatencyEncoder(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(features))))
 
 
-def _ranks(logits: torch.Tensor) -> torch.Tensor:
-    """Position of each entry when sorted by descending logit, ties broken by index; same shape."""
-    order = torch.argsort(logits.float(), dim=-1, descending=True, stable=True)
-    return torch.argsort(order, dim=-1, stable=True)
+def _ranks(logits: np.ndarray) -> np.ndarray:
+    """Position of each entry along the last axis when sorted by descending logit, ties broken by index
+    (NaN counts as +inf); same shape."""
+    order = np.argsort(-np.where(np.isnan(logits), np.inf, logits), axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(logits.shape[-1]), axis=-1)
+    return ranks
 
 
 def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMBEL_TEMPERATURE) -> torch.Tensor:
@@ -86,7 +90,9 @@ class AdaptiveScheduler(nn.Module):
         device = self.head.weight.device
         if torch.is_grad_enabled():
             return self.latency_encoder(torch.tensor(q, device=device))
-        weights = tuple((t.data_ptr(), t._version, t.dtype) for t in self.latency_encoder.parameters())
+        encoder = self.latency_encoder  # its modules' own parameter dicts: parameters() walks the module tree
+        weights = tuple((t.data_ptr(), t._version, t.dtype) for m in (encoder.norm, encoder.fc1, encoder.fc2)
+                        for t in m._parameters.values() if t is not None)
         if weights != self._memo_weights:
             self._memo_weights, self._memo = weights, {}
         missing = sorted(set(q) - self._memo.keys())
@@ -104,25 +110,40 @@ class AdaptiveScheduler(nn.Module):
         exactly its budget's units.
         """
         logits = self.head(latency_state)
+        counts = [self.units.units(b) for b in budgets]
         if not sample:
-            logits = logits.detach().float().cpu()
-        counts = torch.tensor([self.units.units(b) for b in budgets], device=logits.device)
+            return self._top_n(logits.detach().float().cpu().numpy(), np.array(counts))
+        counts = torch.tensor(counts, device=logits.device)
+        if self.units.variant == "L":
+            layers = _gumbel_top_n(logits, counts)
+            heads = layers[..., None].expand(-1, -1, self.units.num_heads)
+            return layers, heads, heads
+        layer_logits, head_logits, group_logits = self._per_layer(logits)
+        return _gumbel_top_n_units(layer_logits, head_logits, group_logits, counts, self.units.rank)
+
+    def _per_layer(self, logits):
+        """Variant H's logits [B, K * (1 + 2H)] as (layer [B, K], head [B, K, H], group [B, K, H]) logits."""
+        H = self.units.num_heads
+        logits = logits.reshape(-1, self.num_scheduled, 1 + 2 * H)
+        return logits[..., 0], logits[..., 1:1 + H], logits[..., 1 + H:]
+
+    def _top_n(self, logits: np.ndarray, counts: np.ndarray):
+        """Deterministic top-n on the host: float logits [B, K'] and units per row [B] -> bool CPU masks
+        (layers [B, K], heads [B, K, H], groups [B, K, H])."""
         K, H, r = self.num_scheduled, self.units.num_heads, self.units.rank
         if self.units.variant == "L":
-            layers = _gumbel_top_n(logits, counts) if sample else _ranks(logits) < counts[:, None]
+            layers = torch.from_numpy(_ranks(logits) < counts[:, None])
             heads = layers[..., None].expand(-1, -1, H)
             return layers, heads, heads
-        logits = logits.view(-1, K, 1 + 2 * H)
-        layer_logits, head_logits, group_logits = logits[..., 0], logits[..., 1:1 + H], logits[..., 1 + H:]
-        if sample:
-            return _gumbel_top_n_units(layer_logits, head_logits, group_logits, counts, r)
+        layer_logits, head_logits, group_logits = self._per_layer(logits)
         # Deterministic rounds always pick the best layer that still has room, so layers fill in
         # logit order, H/r units each; inside a layer the best r*u heads and groups are on.
         capacity = H // r
-        per_rank = (counts[:, None] - capacity * torch.arange(K, device=logits.device)).clamp(0, capacity)
-        units_in_layer = per_rank.gather(1, _ranks(layer_logits))
+        per_rank = np.clip(counts[:, None] - capacity * np.arange(K), 0, capacity)
+        units_in_layer = np.take_along_axis(per_rank, _ranks(layer_logits), axis=1)
         on = units_in_layer[..., None] * r
-        return units_in_layer > 0, _ranks(head_logits) < on, _ranks(group_logits) < on
+        masks = units_in_layer > 0, _ranks(head_logits) < on, _ranks(group_logits) < on
+        return tuple(torch.from_numpy(m) for m in masks)
 
 
 def _gumbel_top_n(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

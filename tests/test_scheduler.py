@@ -51,6 +51,43 @@ def test_inference_top_n_for_h_equals_round_by_round_selection(budget):
         assert torch.equal(layers[row], ref[0]) and torch.equal(heads[row], ref[1]) and torch.equal(groups[row], ref[2])
 
 
+def _best(values: list, count: int, taken=()) -> list:
+    """Indices of the ``count`` largest of ``values`` not in ``taken``, ties to the lower index."""
+    return sorted((i for i in range(len(values)) if i not in taken), key=lambda i: (-values[i], i))[:count]
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_inference_top_n_breaks_ties_by_the_lower_index(variant):
+    """Logits with many ties (small integers): each round takes the best layer with room (first of equals),
+    then its best r new heads and groups (first of equals), as a plain round-by-round loop does."""
+    units = UnitSpace(variant, 9, 3, 6, 2)
+    sched = seeded_scheduler(units, hidden_size=8)
+    K, H, r = 6, 6, units.rank
+    per_layer = 1 if variant == "L" else 1 + 2 * H
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randint(-2, 3, (7, K * per_layer), generator=g).float()
+    budgets = [0.35, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0]
+    with torch.no_grad():
+        sched.head.weight.zero_()
+        sched.head.bias.zero_()
+        for row, budget in enumerate(budgets):
+            sched.head.bias.copy_(logits[row])  # the head's logits of a zero state: its bias
+            layers, heads, groups = (m[0] for m in sched.select(torch.zeros(1, 8), [budget]))
+            values = logits[row].view(K, per_layer).tolist()
+            want_heads = [[False] * H for _ in range(K)]
+            want_groups = [[False] * H for _ in range(K)]
+            for _ in range(units.units(budget)):
+                room = [l for l in range(K) if sum(want_heads[l]) < H]
+                layer = room[_best([values[l][0] for l in room], 1)[0]]
+                for want, offset in ((want_heads, 1), (want_groups, 1 + H)):
+                    on = [h for h in range(H) if want[layer][h]]
+                    count = H if variant == "L" else r
+                    for h in _best(values[layer][offset:offset + H] if variant == "H" else [0] * H, count, on):
+                        want[layer][h] = True
+            assert layers.tolist() == [any(h) for h in want_heads], (row, budget)
+            assert heads.tolist() == want_heads and groups.tolist() == want_groups, (row, budget)
+
+
 def test_inference_top_n_for_l_keeps_the_best_layers():
     units = UnitSpace("L", 10, 4, 4, 2)
     sched = seeded_scheduler(units, hidden_size=16)
@@ -104,7 +141,7 @@ def test_gumbel_samples_differ_between_draws_but_not_under_one_seed():
 
 def test_latency_embedding_memo_follows_weight_changes():
     """Without autograd embeddings are remembered per quantised budget; a changed weight (in place,
-    replaced, or a new dtype) gives the new encoder's output, never a stale one."""
+    replaced, in a replaced module, or a new dtype) gives the new encoder's output, never a stale one."""
     sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
 
     def fresh(budgets):
@@ -117,6 +154,8 @@ def test_latency_embedding_memo_follows_weight_changes():
         sched.latency_encoder.fc2.bias.add_(torch.randn(16))
         torch.testing.assert_close(sched.latency_embedding(budgets), fresh(budgets), rtol=0, atol=0)
         sched.latency_encoder.fc1.weight = torch.nn.Parameter(torch.randn(16, 256))
+        torch.testing.assert_close(sched.latency_embedding([0.6]), fresh([0.6]), rtol=0, atol=0)
+        sched.latency_encoder.fc2 = torch.nn.Linear(16, 16)  # a whole module replaced
         torch.testing.assert_close(sched.latency_embedding([0.6]), fresh([0.6]), rtol=0, atol=0)
         sched.double()
         assert sched.latency_embedding([0.6]).dtype == torch.float64

@@ -22,7 +22,8 @@ from ..graphs import DecodeGraph
 from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
 from ..ops.rotary import rotary_reference
-from ..plan import DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, resolve_budgets
+from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, dense_layer,
+                    resolve_budgets, unflatten_masks)
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -270,11 +271,13 @@ def lay_out_reduction_weights(decoder, column_major: bool) -> None:
 
 
 def plan_from_masks(layers, heads, groups, settings: Settings, seq_len: int) -> ExecutionPlan:
-    """The full plan (prefix on, then the scheduled layers' masks, nonzero = on)."""
-    B, P, H = layers.shape[0], settings.units.num_prefix_layers, settings.shape.num_heads
-    on = torch.ones(B, P, dtype=torch.bool, device=layers.device)
-    return ExecutionPlan(torch.cat([on, layers != 0], 1), torch.cat([on[..., None].expand(-1, -1, H), heads != 0], 1),
-                         torch.cat([on[..., None].expand(-1, -1, H), groups != 0], 1), shape=settings.shape, seq_len=seq_len)
+    """The full plan (prefix on, then the scheduled layers' masks, nonzero = on) of the scheduler's
+    masks, valid by construction (a unit is on only in a layer that is on): not checked again."""
+    B, L, H, P = layers.shape[0], settings.shape.num_layers, settings.shape.num_heads, settings.units.num_prefix_layers
+    on, heads_on, groups_on = unflatten_masks(torch.ones(B * L * (1 + 2 * H), dtype=torch.bool, device=layers.device),
+                                              B, L, H)
+    on[:, P:], heads_on[:, P:], groups_on[:, P:] = layers, heads, groups  # bool, or float: nonzero is True
+    return ExecutionPlan._valid(on, heads_on, groups_on, settings.shape, seq_len)
 
 
 def run_sampled_layers(layers, x, masks, cos, sin, kv_valid, shape: DecoderShape, hidden: list | None = None):
@@ -396,8 +399,8 @@ class AdaptiveDecoderMixin:
         first = 0
         if schedule is None:  # a budget: the prefix runs dense on every row, then the scheduler plans
             P = settings.units.num_prefix_layers
-            dense = compile_plan(ExecutionPlan.full(B, 1, settings.shape.num_heads), settings.shape, x.device).layers[0]
-            x = settled(*self.run_layers(x, range(P), [dense] * P, cos, sin, mask, cache, hidden))
+            x = settled(*self.run_layers(x, range(P), [dense_layer(B, settings.shape, x.device)] * P, cos, sin, mask,
+                                         cache, hidden))
             sampled = self.training and not request.plan_only
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
