@@ -292,7 +292,7 @@ def sweep_main(argv) -> int:
     """``adaptive-kernels sweep``: the end-to-end latency-versus-budget sweep (``adaptive_kernels.sweep``)."""
     from .backends import BACKENDS
     from .plan import VARIANTS
-    from .sweep import BUDGETS, budget_adherence, sweep
+    from .sweep import BUDGETS, budget_adherence, sweep, target_ratios, targets_table
 
     p = argparse.ArgumentParser(prog="adaptive-kernels sweep",
                                 description="Vision, prefill and per-token decode latency over budgets, next to stock "
@@ -320,7 +320,8 @@ def sweep_main(argv) -> int:
     for a in budget_adherence(rows):
         print(f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
               f"{a['largest_excess']:+.3f} at budget {a['at_budget']}")
-    print(f"rows, adherence and plot (if drawn) are in {args.out}")
+    print(targets_table(target_ratios(rows)))
+    print(f"rows, adherence, target ratios and plot (if drawn) are in {args.out}")
     return 0
 
 

@@ -111,7 +111,7 @@ def group_sizes(intermediate_size: int, num_groups: int) -> list[int]:
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The sizes of a Llama-family decoder that the FLOP model needs."""
+    """The sizes of a Llama-family decoder that the FLOP and byte models need."""
 
     num_layers: int
     hidden_size: int
@@ -139,6 +139,22 @@ class DecoderShape:
         pairs = seq_len * seq_len
         attention = heads.sum(-1) * (2 * proj + 4 * self.head_dim * pairs) + kv.sum(-1) * 2 * proj
         return attention + neurons * 3 * 2 * seq_len * self.hidden_size
+
+    def decode_bytes(self, layers: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor, cached: int,
+                     element_size: int) -> torch.Tensor:
+        """Bytes one decode token must read per layer: float64 [..., L] from masks ``layers`` [..., L],
+        ``heads`` [..., L, H] and ``groups`` [..., L, G].
+
+        An executed layer reads its two norms' weights, the q and o weights of its active query
+        heads, the k and v weights and the ``cached`` keys and values of its active key/value heads
+        (those with an active query head), and the gate, up and down weights of its active neurons.
+        """
+        heads = heads.double()
+        kv = heads.unflatten(-1, (self.num_kv_heads, -1)).amax(-1).sum(-1)
+        neurons = groups.double() @ torch.tensor(self.group_sizes, dtype=torch.float64, device=groups.device)
+        D, d = self.hidden_size, self.head_dim
+        values = (2 * D * layers.double() + 2 * d * D * heads.sum(-1) + 2 * d * (D + cached) * kv + 3 * D * neurons)
+        return values * element_size
 
 
 def _check_mask(name: str, mask, dims: int) -> torch.Tensor:

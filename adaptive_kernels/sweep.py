@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import functools
 import gc
 import json
 import math
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from . import latency_embedding, patch, plan, unpatch
+from . import ExecutionPlan, latency_embedding, patch, plan, unpatch
+from .models import text_model_shape
 from .models.llama import plan_from_masks
 from .plan import compile_plan
 from .models.llava import prompt_embeddings
@@ -74,6 +76,7 @@ class Row:
     decode_setup_ms: float = float("nan")  # per request, what the first two decode steps cost beyond that
     prefill_kernel_ms: float = float("nan")  # sum of GPU kernel times of one prefill (torch.profiler)
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
+    decode_floor_ms: float = float("nan")  # the bytes a decode step must read, at the measured copy bandwidth
 
 
 def _timer(device: str):
@@ -130,6 +133,27 @@ def kernel_ms(fn) -> float:
         fn()
         torch.cuda.synchronize()
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: str) -> float:
+    """Copy bandwidth on ``device`` in bytes (read + written) per second: 1 GiB copied on CUDA (64 MiB on
+    the CPU), median of 20, measured once per device."""
+    src = torch.empty(2 ** (28 if device == "cuda" else 24), device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = statistics.median(_once_ms(lambda: dst.copy_(src), device) for _ in range(20))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def decode_floor_ms(model, plan, cached: int, bandwidth: float) -> float:
+    """The least time a decode step of row 0 of ``plan`` can take: ms to read, at ``bandwidth`` (bytes
+    per second), its decoder bytes (``DecoderShape.decode_bytes`` with ``cached`` positions) and the
+    final norm and lm_head weights."""
+    shape, weight = text_model_shape(model), model.lm_head.weight
+    masks = (plan.layers[0].cpu(), plan.heads[0].cpu(), plan.groups[0].cpu())
+    decoder = shape.decode_bytes(*masks, cached=cached, element_size=weight.element_size()).sum().item()
+    return (decoder + (weight.numel() + shape.hidden_size) * weight.element_size()) / bandwidth * 1e3
 
 
 def decode_timing(generate, new_tokens: int, median_ms, repeats: int) -> tuple[float, float]:
@@ -191,11 +215,16 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             rows.append(row)
             write_records(rows, out_dir, stem)
 
+        bandwidth = copy_bandwidth(device)
+        full = ExecutionPlan.full(1, model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads)
         t = timings(model)
         record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
-                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], **stamp))
-        jobs = [(v, be, b) for be in backends for v in variants for b in budgets]  # the first backend's rows first
-        for variant, backend, budget in tqdm(jobs, desc="sweep", disable=not progress):
+                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2],
+                   decode_floor_ms=decode_floor_ms(model, full, embeds.shape[1], bandwidth), **stamp))
+
+        def measure(variant: str, backend: str, budget: float) -> None:
+            """The adaptive row of one plan; with the first backend also the stock references of the plan,
+            fed the prompt and a latency token."""
             patch(model, variant, rank=rank, backend=backend)
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             latency_token = latency_embedding(model, budget)[None, None].to(embeds.dtype)
@@ -204,34 +233,44 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
                        vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
-                       schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"], **stamp))
-            if backend == backends[0]:  # the stock references of this plan, fed the prompt and a latency token
-                unpatch(model)
-                plan_here = p.to(model.device)
-                token_embeds = torch.cat([embeds, latency_token], 1)
-                token_mask = torch.cat([mask, mask[:, :1]], 1)
-                handles = mask_hooks(model, plan_here)
-                try:
-                    t = timings(model, token_embeds, token_mask)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                record(Row(system="masked", variant=variant, backend="transformers", budget=budget, cost=cost,
-                           vision_ms=vision_ms, prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2],
-                           prefill_kernel_ms=kernels["prefill"], **stamp))
-                ideal = sliced_stock(model, plan_here, 0)
-                prefill = median_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask), repeats)
-                ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask))
-                                 if device == "cuda" else float("nan"))
-                record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
-                           vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
-                del ideal
+                       schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"],
+                       decode_floor_ms=decode_floor_ms(model, p, embeds.shape[1] + 1, bandwidth), **stamp))
             unpatch(model)
-        if device == "cuda":  # last: compiling takes a while, and may leave state behind
-            per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
-            record(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
-                       vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
-                       decode_setup_ms=setup, **stamp))
+            if backend != backends[0]:
+                return
+            plan_here = p.to(model.device)
+            token_embeds = torch.cat([embeds, latency_token], 1)
+            token_mask = torch.cat([mask, mask[:, :1]], 1)
+            handles = mask_hooks(model, plan_here)
+            try:
+                t = timings(model, token_embeds, token_mask)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            record(Row(system="masked", variant=variant, backend="transformers", budget=budget, cost=cost,
+                       vision_ms=vision_ms, prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2],
+                       prefill_kernel_ms=kernels["prefill"], **stamp))
+            ideal = sliced_stock(model, plan_here, 0)
+            prefill = median_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask), repeats)
+            ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask))
+                             if device == "cuda" else float("nan"))
+            record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
+                       vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
+
+        bar = tqdm(total=len(backends) * len(variants) * len(budgets), desc="sweep", disable=not progress)
+        for backend in backends:  # the first backend's rows first
+            for variant in variants:
+                for budget in budgets:
+                    measure(variant, backend, budget)
+                    bar.update()
+            if device == "cuda" and backend == backends[0]:
+                # compiled stock next, before the other backends' rows: a run cut off by its time limit still
+                # compares; compiling takes a while
+                per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
+                record(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
+                           vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
+                           decode_setup_ms=setup, **stamp))
+        bar.close()
     plot_rows(rows, Path(out_dir) / f"{stem}.png")
     return rows
 
@@ -259,8 +298,47 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
     return result
 
 
+TARGETS = {"prefill_vs_ideal": ("prefill/ideal", 1.05), "prefill_kernel_vs_ideal": ("kernels/ideal", 1.05),
+           "decode_vs_floor": ("decode/floor", 1.3), "schedule_share_of_prefill": ("sched/prefill", 0.02),
+           "decode_vs_compiled_stock": ("decode/compiled", 1.0)}
+"""``target_ratios``' ratios: a short label each, and the upper bound the speed targets set."""
+
+
+def target_ratios(rows: list[Row]) -> list[dict]:
+    """Per adaptive row, the ratios ``TARGETS`` bounds: prefill (wall and GPU kernel time) over the ideal's
+    (a stock model cut to the same plan), decode per token over its floor, scheduling over prefill, and
+    at budget 1.0 decode per token over compiled stock's; NaN where a part was not measured."""
+    nan = float("nan")
+    ideal = {(r.variant, r.budget): r for r in rows if r.system == "ideal"}
+    compiled = next((r for r in rows if r.system == "stock-static-compiled"), None)
+    result = []
+    for r in rows:
+        if r.system != "adaptive":
+            continue
+        i = ideal.get((r.variant, r.budget))
+        result.append({
+            "variant": r.variant, "backend": r.backend, "budget": r.budget,
+            "prefill_vs_ideal": r.prefill_ms / i.prefill_ms if i else nan,
+            "prefill_kernel_vs_ideal": r.prefill_kernel_ms / i.prefill_kernel_ms if i else nan,
+            "decode_vs_floor": r.decode_ms_per_token / r.decode_floor_ms,
+            "schedule_share_of_prefill": r.schedule_ms / r.prefill_ms,
+            "decode_vs_compiled_stock": (r.decode_ms_per_token / compiled.decode_ms_per_token
+                                         if compiled is not None and r.budget == 1.0 else nan)})
+    return result
+
+
+def targets_table(ratios: list[dict]) -> str:
+    """``target_ratios`` as a table, one line per adaptive row; a ratio above its bound is marked ``!``."""
+    lines = ["ratio (bound)      " + "".join(f"{f'{label} ({bound})':>22}" for label, bound in TARGETS.values())]
+    for r in ratios:
+        cells = "".join(f"{r[name]:21.3f}{'!' if r[name] > bound else ' '}" for name, (_, bound) in TARGETS.items())
+        lines.append(f"{r['variant']} {r['backend']:7} {r['budget']:4.2f}    {cells}")
+    return "\n".join(lines)
+
+
 def write_records(rows: list[Row], out_dir, stem: str) -> None:
-    """The rows as ``<stem>.csv`` and ``<stem>.json``, and their budget adherence as ``<stem>-adherence.json``."""
+    """The rows as ``<stem>.csv`` and ``<stem>.json``, their budget adherence as ``<stem>-adherence.json`` and
+    their target ratios as ``<stem>-targets.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [asdict(r) for r in rows]
@@ -270,6 +348,7 @@ def write_records(rows: list[Row], out_dir, stem: str) -> None:
         writer.writerows(records)
     (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
     (out / f"{stem}-adherence.json").write_text(json.dumps(budget_adherence(rows), indent=1))
+    (out / f"{stem}-targets.json").write_text(json.dumps(target_ratios(rows), indent=1))
 
 
 def pyplot(skipped: str):

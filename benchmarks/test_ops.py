@@ -71,15 +71,6 @@ def model() -> Model:
     return _MODEL
 
 
-_BW: list[float] = []
-
-
-def bandwidth() -> float:
-    if not _BW:
-        _BW.append(copy_bandwidth())
-    return _BW[0]
-
-
 class Plan:
     """Active heads and MLP groups for a share: whole units, at random, in order."""
 
@@ -226,9 +217,9 @@ def measure(op: str, T: int, share: float) -> dict:
     row["vs_ideal"] = row["backend_us"] / row["ideal_us"]
     row["vs_dense"] = row["backend_us"] / row["dense_us"]
     if T == 1:
-        row["copy_bw_GBps"] = bandwidth() / 1e9
-        row["bw_share"] = active_bytes / (row["backend_us"] * 1e-6) / bandwidth()
-        row["ideal_bw_share"] = active_bytes / (row["ideal_us"] * 1e-6) / bandwidth()
+        row["copy_bw_GBps"] = copy_bandwidth() / 1e9
+        row["bw_share"] = active_bytes / (row["backend_us"] * 1e-6) / copy_bandwidth()
+        row["ideal_bw_share"] = active_bytes / (row["ideal_us"] * 1e-6) / copy_bandwidth()
     assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-4), f"{op}: backend differs from the ideal by {err:.2e}"
     return row
 

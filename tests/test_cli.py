@@ -241,5 +241,16 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
         phase = "prefill_ms" if a["phase"] == "prefill" else "decode_ms_per_token"
         expected = float(adaptive[0.5][phase]) / float(adaptive[1.0][phase]) - 0.5
         assert a["largest_excess"] == pytest.approx(max(expected, 0.0))
+    assert 0 < float(adaptive[0.5]["decode_floor_ms"]) < float(adaptive[1.0]["decode_floor_ms"])
+    ideal = {float(r["budget"]): r for r in rows if r["system"] == "ideal"}
+    targets = json.loads((tmp_path / "sweep-tiny-targets.json").read_text())
+    assert sorted(t["budget"] for t in targets) == [0.5, 1.0]
+    for t in targets:
+        row = adaptive[t["budget"]]
+        assert t["prefill_vs_ideal"] == pytest.approx(float(row["prefill_ms"]) / float(ideal[t["budget"]]["prefill_ms"]))
+        assert t["decode_vs_floor"] == pytest.approx(float(row["decode_ms_per_token"]) / float(row["decode_floor_ms"]))
+        assert t["schedule_share_of_prefill"] == pytest.approx(float(row["schedule_ms"]) / float(row["prefill_ms"]))
+        assert math.isnan(t["prefill_kernel_vs_ideal"]) and math.isnan(t["decode_vs_compiled_stock"])  # CUDA only
     assert (tmp_path / "sweep-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "adherence L torch prefill" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "adherence L torch prefill" in printed and "decode/floor (1.3)" in printed

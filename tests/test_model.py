@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.cache import AdaptiveCache
+from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import prompt_embeddings
@@ -309,6 +310,26 @@ def test_measured_flops_follow_plan_cost(stock, variant):
         cost = float(ak.plan(model, latency_budget=budget, **inputs).cost()[0])
         measured = _decoder_layer_flops(model, **inputs, latency_budget=budget) / full
         assert measured == pytest.approx(cost, rel=0.03), (budget, measured, cost)
+
+
+def test_decode_bytes_are_the_cut_weights_and_the_compact_cache(stock):
+    """DecoderShape.decode_bytes: the weights of a stock model cut to the plan (multi-head attention, where
+    the cut keeps no whole groups), plus the keys and values the compact cache holds after a prefill
+    (grouped-query attention)."""
+    plan = random_plan(1, seed=9)
+    masks = (plan.layers, plan.heads, plan.groups)
+    mha = tiny_llava(seed=3, num_kv_heads=H)
+    cut = sliced_stock(mha, plan, 0).model.language_model.layers
+    weights = sum(p.numel() for p in cut.parameters()) * 4
+    assert text_model_shape(mha).decode_bytes(*masks, cached=0, element_size=4).sum().item() == weights
+    inputs = example_inputs(stock, batch_size=1, seed=12)
+    with torch.no_grad():
+        out = patched(stock, "H")(**inputs, execution_plan=plan, use_cache=True)
+    cache = out.past_key_values if "past_key_values" in out else out.cache
+    held = sum(t.numel() for l in range(L) if cache.layer(l) is not None for t in cache.layer(l)) * 4
+    shape, T = text_model_shape(stock), inputs["input_ids"].shape[1]
+    kv = shape.decode_bytes(*masks, cached=T, element_size=4) - shape.decode_bytes(*masks, cached=0, element_size=4)
+    assert held > 0 and kv.sum().item() == held
 
 
 def test_unpatch_restores_stock_exactly_and_patch_is_per_instance(stock):
