@@ -1,46 +1,91 @@
 #!/usr/bin/env bash
-# On a CUDA machine, from the repository root: the CUDA cases of the op, backend and extension tests, then the
-# end-to-end sweep (benchmarks/test_sweep.py); copies the results to $OUT and prints a table last.
-# STAGE=tests or STAGE=sweep runs one of the two (each then fits a 10-minute call with room: raise TEST_SECONDS or
-# SWEEP_SECONDS); the sweep writes each row as it is measured, so a cut-off run keeps what it has.
-# Exits non-zero when a stage fails or runs out of time (and says which).
+# Every GPU check the project owes, in one device call of at most 10 minutes, from the repository root:
+#   tests  the CUDA cases of tests/ops, tests/test_backends.py and tests/test_cuda_ext.py (TEST_SECONDS, 200)
+#   ext    the CUDA extension's GEMV next to Triton: benchmarks/gpu_cuda_ext.py --skip-tests (EXT_SECONDS, 60)
+#   ops    the Triton op rows not measured on a GPU yet: benchmarks/gpu_kernels.py --skip-tests -k OPS_FILTER
+#          (OPS_SECONDS, 70)
+#   sweep  adaptive-kernels sweep of the 7B-shaped model: the time left before DEADLINE (seconds from the start,
+#          570), at least 60 s
+# STAGES="tests sweep" runs some of them, in the order given. Each stage runs under its time limit; the sweep and
+# the benchmarks write each row as it is measured, so a stage cut off keeps what it measured. Results land in
+# benchmarks/results/; the new ones, with the whole log, are packed into $OUT/results.tar.gz. Tables are printed
+# last (ops, extension, sweep adherence and target ratios, then each stage's verdict); exits non-zero when a stage
+# failed or ran out of time.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/adaptive-kernels-gpu}
 mkdir -p "$out"
-python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-# the tests compile hundreds of Triton specialisations: spread them over 8 processes where pytest-xdist is there
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-stage=${STAGE:-all}
+log=$out/gpu.log
+start=$(date +%s)
+stamp=$(mktemp)  # results newer than this are this run's
+deadline=${DEADLINE:-570}
+verdicts=()
 status=0
-verdict() {  # stage name, its exit status (timeout's 124 when it ran out of time)
-  case $2 in
-    0) ;;
-    124) echo "$1: TIMED OUT"; status=1 ;;
-    *) echo "$1: FAILED (exit $2)"; status=1 ;;
+
+run_stage() {  # name, seconds, command...: runs it under its time limit, output to the log, and notes the verdict
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name ($seconds s at most, from $(( $(date +%s) - start )) s)" | tee -a "$log"
+  local before
+  before=$(wc -l <"$log")
+  timeout "$seconds" "$@" >>"$log" 2>&1
+  local code=$?
+  tail -n +$(( before + 1 )) "$log" | tail -3
+  case $code in
+    0) verdicts+=("$name: ok in $(( $(date +%s) - start )) s") ;;
+    124) verdicts+=("$name: TIMED OUT after $seconds s"); status=1 ;;
+    *) verdicts+=("$name: FAILED (exit $code; see gpu.log)"); status=1 ;;
   esac
 }
-if [ "$stage" != sweep ]; then
-  ADAPTIVE_KERNELS_AUTOTUNE=0 timeout "${TEST_SECONDS:-240}" python3 -m pytest ${TESTS:-tests/test_cuda_ext.py tests/test_backends.py tests/ops} $workers -q -rf --tb=short -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -30
-  verdict tests $?
-fi
-if [ "$stage" = tests ]; then
-  exit $status
-fi
-timeout "${SWEEP_SECONDS:-330}" python3 -m pytest benchmarks/test_sweep.py --benchmark-only -q -p no:cacheprovider 2>&1 | tee "$out/sweep.log" | tail -8
-verdict sweep $?
-cp benchmarks/results/sweep-* "$out/" 2>/dev/null
-python3 - <<'PY'
-import csv, glob, json
-for path in sorted(glob.glob("benchmarks/results/sweep-*.csv")):
-    print(path)
-    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill':>8} {'kernels':>8} {'decode/tok':>10} {'setup':>7} {'sched':>6}")
-    for r in csv.DictReader(open(path)):
-        print(f"{r['system']:22} {r['variant']:3} {r['backend']:12} {float(r['budget']):6.2f} {float(r['cost']):5.2f} "
-              f"{float(r['prefill_ms']):8.2f} {float(r['prefill_kernel_ms']):8.2f} {float(r['decode_ms_per_token']):10.2f} {float(r.get('decode_setup_ms') or 'nan'):7.2f} "
-              f"{float(r['schedule_ms']):6.2f}")
-for path in sorted(glob.glob("benchmarks/results/sweep-*-adherence.json")):
-    for a in json.load(open(path)):
-        print(f"adherence {a['variant']} {a['backend']:7} {a['phase']:15} largest excess {a['largest_excess']:+.3f} at {a['at_budget']}")
+
+python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
+  'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$log"
+for stage in ${STAGES:-tests ext ops sweep}; do
+  case $stage in
+    tests)  # fixed tile configs: the tests check the kernels' code; spread over the cores where pytest-xdist is there
+      workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)")
+      ADAPTIVE_KERNELS_AUTOTUNE=0 run_stage tests "${TEST_SECONDS:-200}" python3 -m pytest tests/test_cuda_ext.py \
+        tests/test_backends.py tests/ops $workers -q -rf --tb=short -p no:cacheprovider ;;
+    ext)
+      run_stage ext "${EXT_SECONDS:-60}" python3 benchmarks/gpu_cuda_ext.py --skip-tests ;;
+    ops)
+      run_stage ops "${OPS_SECONDS:-70}" python3 benchmarks/gpu_kernels.py --skip-tests \
+        -k "${OPS_FILTER:-add_rms_norm or rotary or cols-major}" ;;
+    sweep)
+      left=$(( deadline - ($(date +%s) - start) ))
+      run_stage sweep $(( left > 60 ? left : 60 )) python3 -m adaptive_kernels sweep --new-tokens 16 --repeats 3 ;;
+    *) echo "unknown stage $stage (tests, ext, ops, sweep)"; exit 2 ;;
+  esac
+done
+
+python3 - "$stamp" <<'PY' 2>&1 | tee -a "$log"
+"""This run's tables (ops, extension, then the sweep's adherence and target ratios); the sweep's plot drawn
+again from its rows (a sweep cut off by its time limit drew none)."""
+import glob, json, os, sys
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from adaptive_kernels.sweep import Row, plot_rows, targets_table
+
+
+def new(pattern):
+    return sorted(Path(p) for p in glob.glob(f"benchmarks/results/{pattern}")
+                  if os.path.getmtime(p) > os.path.getmtime(sys.argv[1]))
+
+
+for pattern, script in (("ops-*.json", "gpu_kernels"), ("cuda_ext-*.json", "gpu_cuda_ext")):
+    if new(pattern):
+        print(__import__(script).table(new(pattern)[-1]), "\n")
+for path in new("sweep-*.json"):
+    if path.stem.endswith(("-adherence", "-targets")):
+        continue
+    plot_rows([Row(**r) for r in json.loads(path.read_text())], path.with_suffix(".png"))
+    for a in json.loads(path.with_name(f"{path.stem}-adherence.json").read_text()):
+        print(f"adherence {a['variant']} {a['backend']:7} {a['phase']:15} largest excess {a['largest_excess']:+.3f} "
+              f"at {a['at_budget']}")
+    print(targets_table(json.loads(path.with_name(f"{path.stem}-targets.json").read_text())))
 PY
+tar czf "$out/results.tar.gz" $(find benchmarks/results -newer "$stamp" -type f) -C "$out" gpu.log
+echo
+printf '%s\n' "${verdicts[@]}"
 exit $status
