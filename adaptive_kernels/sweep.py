@@ -216,7 +216,8 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             write_records(rows, out_dir, stem)
 
         bandwidth = copy_bandwidth(device)
-        full = ExecutionPlan.full(1, model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads)
+        shape = text_model_shape(model)
+        full = ExecutionPlan.full(1, shape.num_layers, shape.num_heads)
         t = timings(model)
         record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
                    prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2],
