@@ -1,0 +1,36 @@
+"""benchmarks/gpu_end_to_end.sh on the CPU: a stage that fails or runs out of time is reported and the next one
+runs, and the report (tables, redrawn plot, packed results) works, so a GPU session's one call is not lost to
+the script itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
+    work = tmp_path / "checkout"  # a copy: the stages write under benchmarks/results/
+    shutil.copytree(ROOT / "adaptive_kernels", work / "adaptive_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "benchmarks", work / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    (work / "benchmarks" / "results").mkdir()
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STAGES": "ext sweep", "DEADLINE": "1",  # the sweep, last: 30 s
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", "benchmarks/gpu_end_to_end.sh"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
+    report = done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 1, report  # the extension's stage needs CUDA
+    verdicts = done.stdout.strip().splitlines()[-2:]
+    assert verdicts[0] == "ext: FAILED (exit 1; see gpu.log)", report
+    assert verdicts[1] == "sweep: TIMED OUT after 30 s" or verdicts[1].startswith("sweep: ok"), report
+    assert "ratio (bound)" in done.stdout, report
+    with tarfile.open(out / "results.tar.gz") as packed:
+        names = set(packed.getnames())
+    assert {"gpu.log", "benchmarks/results/sweep-tiny.csv", "benchmarks/results/sweep-tiny-targets.json",
+            "benchmarks/results/sweep-tiny.png"} <= names, names
