@@ -115,9 +115,7 @@ class AdaptiveScheduler(nn.Module):
             return self._top_n(logits.detach().float().cpu().numpy(), np.array(counts))
         counts = torch.tensor(counts, device=logits.device)
         if self.units.variant == "L":
-            layers = _gumbel_top_n(logits, counts)
-            heads = layers[..., None].expand(-1, -1, self.units.num_heads)
-            return layers, heads, heads
+            return _whole_layers(_gumbel_top_n(logits, counts), self.units.num_heads)
         layer_logits, head_logits, group_logits = self._per_layer(logits)
         return _gumbel_top_n_units(layer_logits, head_logits, group_logits, counts, self.units.rank)
 
@@ -132,9 +130,7 @@ class AdaptiveScheduler(nn.Module):
         (layers [B, K], heads [B, K, H], groups [B, K, H])."""
         K, H, r = self.num_scheduled, self.units.num_heads, self.units.rank
         if self.units.variant == "L":
-            layers = torch.from_numpy(_ranks(logits) < counts[:, None])
-            heads = layers[..., None].expand(-1, -1, H)
-            return layers, heads, heads
+            return _whole_layers(torch.from_numpy(_ranks(logits) < counts[:, None]), H)
         layer_logits, head_logits, group_logits = self._per_layer(logits)
         # Deterministic rounds always pick the best layer that still has room, so layers fill in
         # logit order, H/r units each; inside a layer the best r*u heads and groups are on.
@@ -144,6 +140,13 @@ class AdaptiveScheduler(nn.Module):
         on = units_in_layer[..., None] * r
         masks = units_in_layer > 0, _ranks(head_logits) < on, _ranks(group_logits) < on
         return tuple(torch.from_numpy(m) for m in masks)
+
+
+def _whole_layers(layers: torch.Tensor, num_heads: int) -> tuple:
+    """Variant L's masks from its layer mask [B, K]: (layers, heads, groups), every head and group of a
+    chosen layer on."""
+    heads = layers[..., None].expand(-1, -1, num_heads)
+    return layers, heads, heads
 
 
 def _gumbel_top_n(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
