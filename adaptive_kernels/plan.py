@@ -125,6 +125,14 @@ class DecoderShape:
         """Neurons per MLP group: G = num_heads groups."""
         return group_sizes(self.intermediate_size, self.num_heads)
 
+    def active_counts(self, heads: torch.Tensor, groups: torch.Tensor) -> tuple:
+        """(query heads, key/value heads, neurons) on, float64 [...], from masks ``heads`` [..., H] and
+        ``groups`` [..., G]; a key/value head is on when any of its query heads is."""
+        heads = heads.double()
+        kv = heads.unflatten(-1, (self.num_kv_heads, -1)).amax(-1)
+        neurons = groups.double() @ torch.tensor(self.group_sizes, dtype=torch.float64, device=groups.device)
+        return heads.sum(-1), kv.sum(-1), neurons
+
     def layer_flops(self, heads: torch.Tensor, groups: torch.Tensor, seq_len: int) -> torch.Tensor:
         """FLOPs of one layer over a prefill of ``seq_len`` tokens.
 
@@ -132,12 +140,10 @@ class DecoderShape:
         query heads runs. Counts q/k/v/o and gate/up/down products and the two attention products
         over all ``seq_len**2`` query-key pairs, as FLOP counters (and our ops' formulas) do.
         """
-        heads = heads.double()
-        kv = heads.unflatten(-1, (self.num_kv_heads, -1)).amax(-1)
-        neurons = groups.double() @ torch.tensor(self.group_sizes, dtype=torch.float64, device=groups.device)
+        q, kv, neurons = self.active_counts(heads, groups)
         proj = 2 * seq_len * self.hidden_size * self.head_dim
         pairs = seq_len * seq_len
-        attention = heads.sum(-1) * (2 * proj + 4 * self.head_dim * pairs) + kv.sum(-1) * 2 * proj
+        attention = q * (2 * proj + 4 * self.head_dim * pairs) + kv * 2 * proj
         return attention + neurons * 3 * 2 * seq_len * self.hidden_size
 
     def decode_bytes(self, layers: torch.Tensor, heads: torch.Tensor, groups: torch.Tensor, cached: int,
@@ -149,12 +155,9 @@ class DecoderShape:
         heads, the k and v weights and the ``cached`` keys and values of its active key/value heads
         (those with an active query head), and the gate, up and down weights of its active neurons.
         """
-        heads = heads.double()
-        kv = heads.unflatten(-1, (self.num_kv_heads, -1)).amax(-1).sum(-1)
-        neurons = groups.double() @ torch.tensor(self.group_sizes, dtype=torch.float64, device=groups.device)
+        q, kv, neurons = self.active_counts(heads, groups)
         D, d = self.hidden_size, self.head_dim
-        values = (2 * D * layers.double() + 2 * d * D * heads.sum(-1) + 2 * d * (D + cached) * kv + 3 * D * neurons)
-        return values * element_size
+        return (2 * D * layers.double() + 2 * d * D * q + 2 * d * (D + cached) * kv + 3 * D * neurons) * element_size
 
 
 def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
