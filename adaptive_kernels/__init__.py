@@ -52,7 +52,9 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
     picks the ops ("torch", "triton", "cuda"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
     safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation, or,
     re-patching with the same variant, rank and prefix (another backend, say), keeps the one it has.
-    ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph (False: eager).
+    ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph, and let plain greedy
+    ``generate`` queue each step before it reads whether the last one finished (``generation.py``; the
+    same ids). False: eager steps and transformers' own loop.
     """
     check_llava(model)
     shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)

@@ -18,6 +18,7 @@ from transformers import LlavaForConditionalGeneration
 from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError
+from ..generation import greedy_running_ahead, runs_ahead
 from ..plan import ExecutionPlan, resolve_budgets
 
 _SUBCLASSES: dict[type, type] = {}
@@ -93,13 +94,25 @@ def _adaptive_llava_class(stock: type) -> type:
         with cache.input_id_view() if isinstance(cache, AdaptiveCache) else contextlib.nullcontext():
             return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
 
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        if self.model.language_model._ak_settings.cuda_graphs and runs_ahead(self, input_ids, generation_config,
+                                                                             synced_gpus, streamer, model_kwargs):
+            return greedy_running_ahead(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                        **model_kwargs)
+        return stock._sample(self, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                             generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer,
+                             **model_kwargs)
+
     forward.__signature__ = _extended_signature(stock.forward)
     forward.__doc__ = (f"{stock.__name__}.forward, plus ``latency_budget`` (a float in (0, 1] or one per row) "
                        "and ``execution_plan`` (an ExecutionPlan); see adaptive_kernels.")
     generate.__doc__ = (f"{stock.__name__}.generate, with ``latency_budget`` or ``execution_plan`` per prompt (each "
                         "beam and returned sequence runs its prompt's); needs the cache.")
+    _sample.__doc__ = (f"{stock.__name__}._sample (greedy and sampling), greedy decoding queued a step ahead where "
+                       "adaptive_kernels.generation.runs_ahead admits it and CUDA graphs are on.")
     cls = type(f"Adaptive{stock.__name__}", (stock,),
-               {"forward": forward, "generate": generate, "_ak_stock_class": stock})
+               {"forward": forward, "generate": generate, "_sample": _sample, "_ak_stock_class": stock})
     _SUBCLASSES[stock] = cls
     return cls
 

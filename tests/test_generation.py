@@ -1,0 +1,169 @@
+"""Greedy generation queued a step ahead (adaptive_kernels.generation) against transformers' own loop.
+
+On the CPU nothing runs asynchronously, so the package runs ahead on CUDA only; these tests let it run
+ahead on the CPU too, where its ids, its forward calls and its host reads can be checked.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.generation.streamers import BaseStreamer
+
+import adaptive_kernels as ak
+from adaptive_kernels import ExecutionPlan, generation
+from adaptive_kernels.tiny import example_inputs, tiny_llava
+
+NEW_TOKENS = 8
+HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
+              "aten.equal.default", "aten.item.default"}
+
+
+@pytest.fixture(scope="module")
+def stock():
+    return tiny_llava(seed=40, num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def inputs(stock):
+    return example_inputs(stock, batch_size=2, text_tokens=5, seed=41, pad=[2, 0])
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.tokens = []
+
+    def put(self, value):
+        self.tokens.append(value)
+
+    def end(self):
+        pass
+
+
+def generate_counting(model, inputs, ahead_on_cpu: bool, monkeypatch, **kw):
+    """(ids, forward calls) of ``model.generate(**inputs, **kw)``, running ahead on the CPU or not (on
+    CUDA it runs ahead unless ``kw`` or the model's CUDA-graph setting rule it out)."""
+    monkeypatch.setattr(generation, "RUN_AHEAD_DEVICES", ("cuda", "cpu") if ahead_on_cpu else ("cuda",))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, **kw)
+    finally:
+        handle.remove()
+    return (out if isinstance(out, torch.Tensor) else out.sequences), len(calls)
+
+
+def stopping_tokens(model, inputs, request: dict, monkeypatch) -> list[int]:
+    """End-of-sequence ids that stop row 0 at its 2nd new token and row 1 at its 3rd (or sooner)."""
+    ids, _ = generate_counting(model, inputs, False, monkeypatch, do_sample=False, **request)
+    prompt = inputs["input_ids"].shape[1]
+    return [int(ids[0, prompt + 1]), int(ids[1, prompt + 2])]
+
+
+REQUESTS = {"budget": lambda: {"latency_budget": [0.6, 0.9]},
+            "plan": lambda: {"execution_plan": ExecutionPlan.full(2, 4, 8)},
+            "none": lambda: {}}
+STOPS = {"length": lambda eos: {},
+         "eos": lambda eos: {"eos_token_id": eos, "pad_token_id": 0},
+         "eos_after_min": lambda eos: {"eos_token_id": eos, "pad_token_id": 0, "min_new_tokens": 3}}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+@pytest.mark.parametrize("request_kind", list(REQUESTS))
+def test_running_ahead_returns_the_ids_of_transformers_loop(stock, inputs, monkeypatch, request_kind, stop):
+    """Same ids as transformers' greedy loop; one forward more exactly when every row stopped before the
+    length limit (the step queued ahead, then dropped)."""
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    request = REQUESTS[request_kind]()
+    kw = {"do_sample": False, **request, **STOPS[stop](stopping_tokens(model, inputs, request, monkeypatch))}
+    theirs, their_calls = generate_counting(model, inputs, False, monkeypatch, **kw)
+    ours, our_calls = generate_counting(model, inputs, True, monkeypatch, **kw)
+    assert torch.equal(ours, theirs)
+    stopped_early = theirs.shape[1] < inputs["input_ids"].shape[1] + NEW_TOKENS
+    assert stopped_early == (stop == "eos")  # the cases cover both ends
+    assert our_calls == their_calls + stopped_early
+    if request_kind != "budget":  # a full plan is the stock model
+        plain = {k: v for k, v in kw.items() if k not in request}
+        assert torch.equal(ours, generate_counting(stock, inputs, False, monkeypatch, **plain)[0])
+
+
+@pytest.mark.parametrize("option", ["return_dict_in_generate", "do_sample", "streamer", "cuda_graphs_off"])
+def test_calls_that_would_see_the_queued_step_run_transformers_loop(stock, inputs, monkeypatch, option):
+    """Returned scores, sampling (its random draws), a streamer, or CUDA graphs turned off: no step is
+    queued ahead, so no forward more than transformers' loop makes."""
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, cuda_graphs=option != "cuda_graphs_off")
+    request = {"latency_budget": [0.6, 0.9]}
+    kw = {"do_sample": False, **request, "eos_token_id": stopping_tokens(model, inputs, request, monkeypatch),
+          "pad_token_id": 0}
+    kw.update({"return_dict_in_generate": {"return_dict_in_generate": True}, "do_sample": {"do_sample": True},
+               "streamer": {"streamer": Collect()}, "cuda_graphs_off": {}}[option])
+    theirs, their_calls = generate_counting(model, inputs, False, monkeypatch, **kw)
+    ours, our_calls = generate_counting(model, inputs, True, monkeypatch, **kw)
+    assert torch.equal(ours, theirs)
+    assert our_calls == their_calls
+
+
+class HostReads(TorchDispatchMode):
+    """Counts ops that bring a tensor's value to the host (on a GPU, a wait for the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += str(func) in HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_steps_read_nothing_back_but_the_late_flag(stock, inputs, monkeypatch):
+    """Each decode step of a budget's request, the patched forward included, reads one value on the host:
+    the finished flag of the step before. Any other read would make the host wait for the step it queued."""
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    monkeypatch.setattr(generation, "RUN_AHEAD_DEVICES", ("cuda", "cpu"))
+    flag_reads = collections.Counter()
+    push = generation.LateFinishFlag.push
+
+    def counted_push(self, unfinished):
+        flag_reads["steps"] += 1
+        return push(self, unfinished)
+
+    monkeypatch.setattr(generation.LateFinishFlag, "push", counted_push)
+
+    def reads(new_tokens: int) -> int:
+        with HostReads() as mode, torch.no_grad():
+            model.generate(**inputs, latency_budget=[0.6, 0.9], do_sample=False, max_new_tokens=new_tokens)
+        return mode.count
+
+    short, long = reads(3), reads(3 + NEW_TOKENS)
+    assert long - short == NEW_TOKENS  # one per extra step
+    assert flag_reads["steps"] == 3 + 3 + NEW_TOKENS  # ... and it is the flag's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stop", ["length", "eos"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_on_cuda_graphed_greedy_runs_ahead_with_the_ids_of_transformers_loop(stock, inputs, monkeypatch, backend,
+                                                                               stop):
+    """On CUDA a patched model runs ahead by default, with CUDA-graph decode; its ids equal those of
+    transformers' loop over eager steps (cuda_graphs=False)."""
+    fast = ak.patch(copy.deepcopy(stock).cuda(), "H", rank=2, backend=backend)
+    plain = ak.patch(copy.deepcopy(stock).cuda(), "H", rank=2, backend=backend, cuda_graphs=False)
+    on_cuda = {k: v.cuda() for k, v in inputs.items()}
+    request = {"latency_budget": [0.6, 0.9]}
+    kw = {"do_sample": False, **request, **STOPS[stop](stopping_tokens(plain, on_cuda, request, monkeypatch))}
+    theirs, their_calls = generate_counting(plain, on_cuda, False, monkeypatch, **kw)
+    ours, our_calls = generate_counting(fast, on_cuda, False, monkeypatch, **kw)
+    assert torch.equal(ours, theirs)
+    assert our_calls == their_calls + (stop == "eos")
+
+
+def test_late_finish_flag_reports_the_step_before():
+    flag = generation.LateFinishFlag(torch.device("cpu"))
+    steps = [torch.tensor([1, 1]), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([0, 0])]
+    assert [flag.push(unfinished) for unfinished in steps] == [False, False, False, True]
