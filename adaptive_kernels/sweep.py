@@ -75,6 +75,7 @@ class Row:
     decode_ms_per_token: float = float("nan")  # steady state: decode steps after the first two
     decode_setup_ms: float = float("nan")  # per request, what the first two decode steps cost beyond that
     prefill_kernel_ms: float = float("nan")  # sum of GPU kernel times of one prefill (torch.profiler)
+    decode_kernel_ms: float = float("nan")  # sum of GPU kernel times per decode token, steady state (adaptive rows)
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
     decode_floor_ms: float = float("nan")  # the bytes a decode step must read, at the measured copy bandwidth
 
@@ -198,16 +199,24 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
         vision_ms = median_ms(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), repeats)
         embeds = prompt_embeddings(model, inputs)
         mask = inputs["attention_mask"]
-        kernels = {"prefill": float("nan")}  # kernel time of the last timed prefill (CUDA only)
+        kernels = {"prefill": float("nan"), "decode": float("nan")}  # of the last timings call (CUDA only)
 
-        def timings(m, embeds=embeds, mask=mask, **kw):
-            """(prefill ms, decode ms per token, decode setup ms) of ``m`` on ``embeds``; kernel time noted."""
+        def timings(m, embeds=embeds, mask=mask, decode_kernels=False, **kw):
+            """(prefill ms, decode ms per token, decode setup ms) of ``m`` on ``embeds``; kernel times noted
+            (decode's, ``(k(n + 3) - k(3)) / n`` as in ``decode_timing``, when asked)."""
             prefill = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
             if device == "cuda":
                 kernels["prefill"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
             gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
-            return prefill, *decode_timing(lambda n: m.generate(**gen, max_new_tokens=n, min_new_tokens=n),
-                                           new_tokens, median_ms, repeats)
+
+            def generate(n: int):
+                return m.generate(**gen, max_new_tokens=n, min_new_tokens=n)
+
+            decode = decode_timing(generate, new_tokens, median_ms, repeats)  # warms up first
+            if device == "cuda" and decode_kernels:
+                kernels["decode"] = (kernel_ms(lambda: generate(new_tokens + 3))
+                                     - kernel_ms(lambda: generate(3))) / new_tokens
+            return prefill, *decode
 
         rows: list[Row] = []
 
@@ -230,11 +239,11 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             latency_token = latency_embedding(model, budget)[None, None].to(embeds.dtype)
             cost = float(p.cost()[0])
-            prefill, decode, setup = timings(model, latency_budget=budget)
+            prefill, decode, setup = timings(model, decode_kernels=True, latency_budget=budget)
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
                        vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
-                       schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"],
+                       schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"], decode_kernel_ms=kernels["decode"],
                        decode_floor_ms=decode_floor_ms(model, p, embeds.shape[1] + 1, bandwidth), **stamp))
             unpatch(model)
             if backend != backends[0]:
@@ -277,8 +286,8 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
 
 
 def budget_adherence(rows: list[Row]) -> list[dict]:
-    """Per variant, backend and phase (prefill wall time, prefill GPU kernel time where measured, decode
-    per token): latency at each budget over latency at 1.0, minus the plan's cost.
+    """Per variant, backend and phase (prefill wall time, decode per token, and their GPU kernel times
+    where measured): latency at each budget over latency at 1.0, minus the plan's cost.
 
     A positive excess means the budget bought less speed than its share of FLOPs promised; the
     row reports the largest excess and the budget where it occurs.
@@ -290,7 +299,7 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
         full = next((r for r in series if r.budget == 1.0), None)
         if full is None:
             continue
-        for phase in ("prefill_ms", "prefill_kernel_ms", "decode_ms_per_token"):
+        for phase in ("prefill_ms", "prefill_kernel_ms", "decode_ms_per_token", "decode_kernel_ms"):
             if math.isnan(getattr(full, phase)):  # not measured here (kernel times: CUDA only)
                 continue
             excess, budget = max((getattr(r, phase) / getattr(full, phase) - r.cost, r.budget) for r in series)

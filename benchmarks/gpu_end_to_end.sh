@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check the project owes, in one device call of at most 10 minutes, from the repository root. Stages, in
 # this order by default, each under its time limit in seconds (the variable named sets it):
-#   tests  the CUDA cases of tests/ops, tests/test_backends.py and tests/test_cuda_ext.py (TEST_SECONDS, 190)
+#   tests  the CUDA cases of tests/ops, tests/test_backends.py, tests/test_generation.py and tests/test_cuda_ext.py
+#          (TEST_SECONDS, 190)
 #   ext    the CUDA extension's GEMV next to Triton: benchmarks/gpu_cuda_ext.py --skip-tests (EXT_SECONDS, 60)
 #   sweep  adaptive-kernels sweep of the 7B-shaped model, triton rows and compiled stock first (SWEEP_SECONDS, 270)
 #   ops    the Triton op rows not measured on a GPU yet: benchmarks/gpu_kernels.py --skip-tests -k OPS_FILTER
@@ -57,7 +58,7 @@ for stage in "${stages[@]}"; do
     tests)  # fixed tile configs: the tests check the kernels' code; spread over the cores where pytest-xdist is there
       workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)")
       ADAPTIVE_KERNELS_AUTOTUNE=0 run_stage tests "$seconds" python3 -m pytest tests/test_cuda_ext.py \
-        tests/test_backends.py tests/ops $workers -q -rf --tb=short -p no:cacheprovider ;;
+        tests/test_backends.py tests/test_generation.py tests/ops $workers -q -rf --tb=short -p no:cacheprovider ;;
     ext) run_stage ext "$seconds" python3 benchmarks/gpu_cuda_ext.py --skip-tests ;;
     sweep) run_stage sweep "$seconds" python3 -m adaptive_kernels sweep --new-tokens 16 --repeats 3 ;;
     ops) run_stage ops "$seconds" python3 benchmarks/gpu_kernels.py --skip-tests \
@@ -66,8 +67,8 @@ for stage in "${stages[@]}"; do
 done
 
 python3 - "$stamp" <<'PY' 2>&1 | tee -a "$log"
-"""This run's tables (ops, extension, then the sweep's adherence and target ratios); the sweep's plot drawn
-again from its rows (a sweep cut off by its time limit drew none)."""
+"""This run's tables (ops, extension, then the sweep's decode times, adherence and target ratios); the sweep's
+plot drawn again from its rows (a sweep cut off by its time limit drew none)."""
 import glob, json, os, sys
 from pathlib import Path
 
@@ -86,7 +87,13 @@ for pattern, script in (("ops-*.json", "gpu_kernels"), ("cuda_ext-*.json", "gpu_
 for path in new("sweep-*.json"):
     if path.stem.endswith(("-adherence", "-targets")):
         continue
-    plot_rows([Row(**r) for r in json.loads(path.read_text())], path.with_suffix(".png"))
+    rows = [Row(**r) for r in json.loads(path.read_text())]
+    plot_rows(rows, path.with_suffix(".png"))
+    print("decode ms per token       wall   kernels   floor")
+    for r in rows:
+        if r.system == "adaptive":
+            print(f"{r.variant} {r.backend:7} {r.budget:4.2f}   {r.decode_ms_per_token:9.2f} {r.decode_kernel_ms:9.2f} "
+                  f"{r.decode_floor_ms:7.2f}")
     for a in json.loads(path.with_name(f"{path.stem}-adherence.json").read_text()):
         print(f"adherence {a['variant']} {a['backend']:7} {a['phase']:15} largest excess {a['largest_excess']:+.3f} "
               f"at {a['at_budget']}")

@@ -29,7 +29,7 @@ def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
     verdicts = done.stdout.strip().splitlines()[-2:]
     assert verdicts[0] == "ext: FAILED (exit 1; see gpu.log)", report
     assert verdicts[1] == "sweep: TIMED OUT after 30 s" or verdicts[1].startswith("sweep: ok"), report
-    assert "ratio (bound)" in done.stdout, report
+    assert "ratio (bound)" in done.stdout and "decode ms per token" in done.stdout, report
     with tarfile.open(out / "results.tar.gz") as packed:
         names = set(packed.getnames())
     assert {"gpu.log", "benchmarks/results/sweep-tiny.csv", "benchmarks/results/sweep-tiny-targets.json",
