@@ -86,7 +86,8 @@ def test_running_ahead_returns_the_ids_of_transformers_loop(stock, inputs, monke
     ours, our_calls = generate_counting(model, inputs, True, monkeypatch, **kw)
     assert torch.equal(ours, theirs)
     stopped_early = theirs.shape[1] < inputs["input_ids"].shape[1] + NEW_TOKENS
-    assert stopped_early == (stop == "eos")  # the cases cover both ends
+    if stop != "eos_after_min":  # the cases cover both ends (min_new_tokens changes which ids come)
+        assert stopped_early == (stop == "eos")
     assert our_calls == their_calls + stopped_early
     if request_kind != "budget":  # a full plan is the stock model
         plain = {k: v for k, v in kw.items() if k not in request}
