@@ -41,11 +41,13 @@ class LateFinishFlag:
         return bool(flag)
 
 
-def runs_ahead(model, input_ids: torch.Tensor, generation_config, synced_gpus: bool, streamer, model_kwargs: dict) -> bool:
+def runs_ahead(model, input_ids: torch.Tensor, generation_config, synced_gpus: bool, streamer,
+               model_kwargs: dict) -> bool:
     """Whether a ``_sample`` call can run ahead: greedy, on a device of ``RUN_AHEAD_DEVICES``, with a
     cache, and nothing that sees the queued step before it is dropped (returned scores or cache, a cache
     the caller keeps, a streamer, synchronised GPUs, an assistant, a compiled forward)."""
-    kept_cache = any(getattr(model_kwargs.get(name), "_is_user_defined", False) for name in ("cache", "past_key_values"))
+    kept_cache = any(getattr(model_kwargs.get(name), "_is_user_defined", False)
+                     for name in ("cache", "past_key_values"))
     return (input_ids.device.type in RUN_AHEAD_DEVICES and not generation_config.do_sample
             and not generation_config.return_dict_in_generate and model_kwargs.get("use_cache", True)
             and not kept_cache and streamer is None and not synced_gpus and not generation_config.is_assistant
