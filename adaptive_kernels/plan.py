@@ -431,11 +431,11 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
     some_rows = {}  # rows -> the spec of a layer that only these rows run, every unit on (shared)
     specs = []  # per layer: its LayerIndices, the fields of one still to build, or None when no row runs it
     for l, rows in enumerate(rows_of):
-        R = len(rows)
-        listed = l in attention_start or l in mlp_start
         if not rows:
             specs.append(None)
             continue
+        R = len(rows)
+        listed = l in attention_start or l in mlp_start
         if not listed and R == B:
             specs.append(dense)
             continue
