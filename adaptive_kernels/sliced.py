@@ -32,7 +32,9 @@ def neuron_mask(groups: torch.Tensor, intermediate_size: int) -> torch.Tensor:
 
 
 class _ZeroAttention(nn.Module):
-    """A layer's attention with no head left: adds nothing, caches zero heads."""
+    """A layer's attention with no head left: adds nothing, and caches one key/value head of zeros
+    that no query reads. Stock caches take the sequence length from a layer's keys (the first
+    layer's, for the decode mask and positions), and an empty head dimension reads as length 0."""
 
     def __init__(self, layer_idx: int, head_dim: int):
         super().__init__()
@@ -42,8 +44,8 @@ class _ZeroAttention(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None:
             B, T, _ = hidden_states.shape
-            empty = hidden_states.new_zeros(B, 0, T, self.head_dim)
-            cache.update(empty, empty, self.layer_idx)
+            zeros = hidden_states.new_zeros(B, 1, T, self.head_dim)
+            cache.update(zeros, zeros, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 

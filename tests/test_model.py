@@ -71,6 +71,25 @@ def test_forced_plan_matches_masked_and_sliced_stock(stock):
         assert torch.equal(tokens[row:row + 1], greedy(oracle, row_inputs(inputs, row)))
 
 
+def test_first_executed_layer_without_heads_decodes_as_masked_and_sliced_stock(stock):
+    """Rows whose first executed layer runs no head, one of them left padded: decode gives the masked
+    computation, and the sliced stock oracle agrees (stock caches read their length from that layer)."""
+    inputs = example_inputs(stock, batch_size=2, seed=43, pad=[3, 0])
+    plan = random_plan(2, seed=47)
+    plan.layers[:, 0] = plan.heads[:, 0] = plan.groups[:, 0] = False
+    plan.layers[:, 1], plan.heads[:, 1], plan.groups[:, 1] = True, False, torch.arange(H) % 2 == 0
+    model = patched(stock, "H")
+    run = dict(n=4, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    ours = greedy(model, inputs, execution_plan=plan, **run)
+    references = [greedy(masked_stock(stock, plan), inputs, **run)]
+    references += [greedy(sliced_stock(stock, plan, row), row_inputs(inputs, row), **run) for row in range(2)]
+    rows = [slice(0, 2), slice(0, 1), slice(1, 2)]
+    for want, row in zip(references, rows):
+        assert torch.equal(ours.sequences[row], want.sequences)
+        for got, theirs in zip(ours.logits, want.logits, strict=True):
+            torch.testing.assert_close(got[row], theirs, **TOL)
+
+
 def test_full_plan_gives_stock_result(stock):
     inputs = example_inputs(stock, batch_size=2, seed=3, pad=[2, 0])
     model = patched(stock, "H")
