@@ -67,7 +67,7 @@ def _rms_norm_launch(x, weight, eps, residual=None):
     if D > MAX_D:
         raise ValueError(f"rms_norm: rows of at most {MAX_D} elements, got {D}; use rms_norm_reference")
     out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
-    h = torch.empty_like(x) if residual is not None else out
+    h = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else out  # rows of unit stride
     if x.numel() == 0:
         return out, h
     xr, outr, hr = _rows(x), out.view(-1, D), h.view(-1, D)

@@ -17,14 +17,27 @@ def stock_norm(weight: torch.Tensor, eps: float) -> LlamaRMSNorm:
     return norm
 
 
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t``'s values with rows apart in a wider buffer ("rows apart"), stored column by column over
+    the last two dims ("transposed"), or contiguous."""
+    if layout == "rows apart":
+        wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, device=t.device, dtype=t.dtype)
+        wide[..., 2:t.shape[-1] + 2] = t
+        return wide[..., 2:t.shape[-1] + 2]
+    if layout == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("shape", [(1, 1, 37), (3, 5, 64), (2, 7, 300)], ids=str)
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_rms_norm_is_llamas_rms_norm(dtype, shape, residual):
-    gen = generator(dtype, shape, residual)
+@pytest.mark.parametrize("residual", [None, "contiguous", "rows apart", "transposed"])
+@pytest.mark.parametrize("layout", ["rows apart", "transposed"])
+def test_rms_norm_is_llamas_rms_norm(dtype, shape, residual, layout):
+    gen = generator(dtype, shape, residual, layout)
+    x = laid_out(randn(*shape, gen=gen, dtype=dtype), layout)
+    r = laid_out(randn(*shape, gen=gen, dtype=dtype), residual) if residual else None
     D = shape[-1]
-    x = randn(*shape[:-1], D + 5, gen=gen, dtype=dtype)[..., 2:D + 2]  # rows not contiguous
-    r = randn(*shape, gen=gen, dtype=dtype) if residual else None
     weight = randn(D, gen=gen, dtype=dtype, scale=0.5) + 1
     eps = 1e-5
     with torch.no_grad():
