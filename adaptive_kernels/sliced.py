@@ -31,14 +31,20 @@ def neuron_mask(groups: torch.Tensor, intermediate_size: int) -> torch.Tensor:
     return groups.repeat_interleave(sizes, dim=-1)
 
 
-class _ZeroAttention(nn.Module):
-    """A layer's attention with no head left: adds nothing, and caches one key/value head of zeros
-    that no query reads. Stock caches take the sequence length from a layer's keys (the first
-    layer's, for the decode mask and positions), and an empty head dimension reads as length 0."""
+def _bias_only(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What a projection with no input unit left gives for x [..., D]: its bias, or zeros."""
+    out = torch.zeros_like(x)
+    return out if bias is None else out + bias
 
-    def __init__(self, layer_idx: int, head_dim: int):
+
+class _ZeroAttention(nn.Module):
+    """A layer's attention with no head left: adds only o_proj's bias, and caches one key/value head
+    of zeros that no query reads. Stock caches take the sequence length from a layer's keys (the
+    first layer's, for the decode mask and positions), and an empty head dimension reads as length 0."""
+
+    def __init__(self, layer_idx: int, head_dim: int, o_bias: torch.Tensor | None):
         super().__init__()
-        self.layer_idx, self.head_dim = layer_idx, head_dim
+        self.layer_idx, self.head_dim, self.o_bias = layer_idx, head_dim, o_bias
 
     def forward(self, hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -46,12 +52,18 @@ class _ZeroAttention(nn.Module):
             B, T, _ = hidden_states.shape
             zeros = hidden_states.new_zeros(B, 1, T, self.head_dim)
             cache.update(zeros, zeros, self.layer_idx)
-        return torch.zeros_like(hidden_states), None
+        return _bias_only(hidden_states, self.o_bias), None
 
 
 class _ZeroMLP(nn.Module):
+    """A layer's MLP with no neuron left: adds only down_proj's bias."""
+
+    def __init__(self, down_bias: torch.Tensor | None):
+        super().__init__()
+        self.down_bias = down_bias
+
     def forward(self, x):
-        return torch.zeros_like(x)
+        return _bias_only(x, self.down_bias)
 
 
 def _cut(linear: nn.Linear, rows=None, cols=None, col_scale=None) -> nn.Linear:
@@ -97,14 +109,14 @@ def sliced_stock(stock, plan, row: int = 0):
             attn.o_proj = _cut(attn.o_proj, cols=q_rows, col_scale=scale)
             attn.layer_idx = new_idx
         else:
-            layer.self_attn = _ZeroAttention(new_idx, d)
+            layer.self_attn = _ZeroAttention(new_idx, d, attn.o_proj.bias)
         if groups.any():
             neurons = neuron_mask(groups, cfg.intermediate_size).nonzero().flatten()
             mlp = layer.mlp
             mlp.gate_proj, mlp.up_proj = _cut(mlp.gate_proj, rows=neurons), _cut(mlp.up_proj, rows=neurons)
             mlp.down_proj = _cut(mlp.down_proj, cols=neurons)
         else:
-            layer.mlp = _ZeroMLP()
+            layer.mlp = _ZeroMLP(layer.mlp.down_proj.bias)
         kept.append((l, layer))
     lm.layers = nn.ModuleList([layer for _, layer in kept])
     if getattr(cfg, "layer_types", None):

@@ -1,4 +1,4 @@
-"""Every backend, device and dtype gives the masked computation; CUDA-graph decode gives the eager result."""
+"""Every backend, device and dtype, and Llama shapes beside the tiny default, give the masked computation; CUDA-graph decode gives the eager result."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import os
 
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.ops._library import HAS_TRITON
-from adaptive_kernels.sliced import masked_stock
-from adaptive_kernels.tiny import example_inputs, tiny_llava
+from adaptive_kernels.sliced import masked_stock, sliced_stock
+from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
 from oracles import CACHE_KWARG
 
 CUDA = torch.cuda.is_available()
@@ -49,6 +50,45 @@ def test_backend_gives_the_masked_computation(device, backend, dtype):
                                                                      for k, v in inputs.items()}).logits
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(ours[valid], reference[valid], **TOLERANCE[dtype])
+
+
+OTHER_SHAPES = {  # valid Llama text configs beside tiny_llava's, at toy sizes
+    "biased, head size apart from hidden/heads": dict(num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12,
+                                                      attention_bias=True, mlp_bias=True),
+    "one kv head, biased mlp": dict(num_heads=6, num_kv_heads=1, hidden_size=48, head_dim=8, mlp_bias=True),
+    "three heads of 20, biased attention": dict(num_heads=3, num_kv_heads=3, hidden_size=36, head_dim=20,
+                                                attention_bias=True),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+@pytest.mark.parametrize("sizes", list(OTHER_SHAPES.values()), ids=list(OTHER_SHAPES))
+def test_other_llama_shapes_give_the_masked_and_sliced_computation(sizes, backend):
+    """Projection biases, a head size that is not hidden/heads, one kv head: the forward is the masked
+    computation, and each row decodes as the stock model with its weights cut to the plan."""
+    config = tiny_llava_config(num_layers=4, intermediate_size=45, num_heads=sizes["num_heads"],
+                               num_kv_heads=sizes["num_kv_heads"], hidden_size=sizes["hidden_size"])
+    for name in ("head_dim", "attention_bias", "mlp_bias"):
+        setattr(config.text_config, name, sizes.get(name, False))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(53)
+        stock = LlavaForConditionalGeneration(config).eval()
+        for name, bias in stock.model.language_model.named_parameters():
+            if name.endswith(".bias"):
+                torch.nn.init.normal_(bias.data, std=0.5)  # transformers initialises biases to 0
+    inputs = example_inputs(stock, batch_size=2, seed=59, pad=[0, 3])
+    plan = _plan(2, 4, sizes["num_heads"], seed=61, device="cpu")
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend=backend)
+    run = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **TOLERANCE[torch.float32])
+        ours = model.generate(**inputs, execution_plan=plan, **run)
+        for row in range(2):
+            want = sliced_stock(stock, plan, row).generate(**{k: v[row:row + 1] for k, v in inputs.items()}, **run)
+            assert torch.equal(ours.sequences[row:row + 1], want.sequences)
+            for got, theirs in zip(ours.logits, want.logits, strict=True):
+                torch.testing.assert_close(got[row:row + 1], theirs, **TOLERANCE[torch.float32])
 
 
 def _grads(model, inputs, seed, **kw):
