@@ -1,4 +1,5 @@
-"""Every backend, device and dtype, and Llama shapes beside the tiny default, give the masked computation; CUDA-graph decode gives the eager result."""
+"""Every backend, device and dtype, and Llama shapes beside the tiny default, give the masked computation;
+CUDA-graph decode gives the eager result."""
 
 from __future__ import annotations
 
