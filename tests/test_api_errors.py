@@ -144,6 +144,21 @@ def test_a_budget_with_a_split_or_drafted_prefill_is_refused(model, inputs, opti
         model.generate(**{k: v[:1] for k, v in inputs.items()}, latency_budget=0.6, max_new_tokens=2, **option)
 
 
+@pytest.mark.parametrize("budget", [None, 0.6])
+@pytest.mark.parametrize("implementation", ["static", "offloaded"])
+def test_other_cache_implementations_are_refused_by_name(model, inputs, implementation, budget):
+    """The model keeps its own cache; a generate that asks for another one is told so, not silently given ours."""
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}'"):
+        model.generate(**inputs, latency_budget=budget, max_new_tokens=2, cache_implementation=implementation)
+    config = GenerationConfig(max_new_tokens=2, cache_implementation=implementation)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(**inputs, latency_budget=budget, generation_config=config)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, latency_budget=budget, max_new_tokens=2,
+                                          cache_implementation="dynamic"),
+                           model.generate(**inputs, latency_budget=budget, max_new_tokens=2))
+
+
 def test_attention_weights_are_refused(model, inputs):
     with pytest.raises(ValueError, match="output_attentions"):
         model(**inputs, output_attentions=True)

@@ -78,6 +78,10 @@ def _adaptive_llava_class(stock: type) -> type:
         def option(name):  # this call's generation option: its keyword, else the generation config's
             return kwargs[name] if name in kwargs else getattr(config, name, None)
 
+        if option("cache_implementation") not in (None, "dynamic"):
+            raise ValueError(f"cache_implementation={option('cache_implementation')!r}: a patched model keeps keys and "
+                             "values in its own AdaptiveCache (executed layers and heads only, decode steps replayed "
+                             "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
         if latency_budget is not None:
             _check_budget_generation(option)
         copies = max(option("num_beams") or 1, option("num_return_sequences") or 1)
