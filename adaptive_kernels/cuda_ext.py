@@ -293,16 +293,20 @@ def _pad_to(index: torch.Tensor, width: int) -> torch.Tensor:
 
 def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     """``buffer[b, l]`` = the index lists ``plan.compile_plan`` builds for that pair, padded with -1 to
-    the full count: the PyTorch reference of ``compact_plan`` (any device).
+    the full count: the reference of ``compact_plan``, built on the host by the helpers ``compile_plan``
+    uses and returned on the plan's device (any device).
 
     plan.heads [B, L, H], plan.groups [B, L, G] -> ``CompactPlan`` with q_rows [B, L, H*d], kv_rows
     [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M] and the counts [B, L].
     """
     _check_plan(plan, shape)
     B, L, H = plan.heads.shape
-    q_units, kv_units, q_to_kv = attention_units(plan.heads.reshape(B * L, H), shape)
+    device = plan.heads.device
+    q_units, kv_units, q_to_kv = (torch.from_numpy(t).to(device) for t in
+                                  attention_units(plan.heads.reshape(B * L, H).cpu().numpy(), shape))
     q_rows, kv_rows = unit_rows(q_units, shape.head_dim), unit_rows(kv_units, shape.head_dim)
-    neurons = unit_rows(*neuron_units(plan.groups.reshape(B * L, -1), shape))
+    neuron_list, neuron_size = neuron_units(plan.groups.reshape(B * L, -1).cpu().numpy(), shape)
+    neurons = unit_rows(torch.from_numpy(neuron_list).to(device), neuron_size)
     widths = (H * shape.head_dim, shape.num_kv_heads * shape.head_dim, H, shape.intermediate_size)
     q_rows, kv_rows, q_to_kv, neurons = (_pad_to(t, w).view(B, L, w) for t, w in
                                          zip((q_rows, kv_rows, q_to_kv, neurons), widths))

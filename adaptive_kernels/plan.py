@@ -273,14 +273,13 @@ class ExecutionPlan:
         return f"ExecutionPlan(batch={B}, layers={L}, heads={H}, executed layers per row={self.layers.sum(-1).tolist()})"
 
 
-def active_index(mask: torch.Tensor) -> torch.Tensor:
+def active_index(mask: np.ndarray) -> np.ndarray:
     """Indices of the True entries of each row, ascending, padded with -1: bool [R, N] -> int64 [R, n_max]."""
-    R, N = mask.shape
-    width = int(mask.sum(-1).max()) if mask.numel() else 0
-    slot = torch.where(mask, mask.long().cumsum(-1) - 1, width)  # False entries go to a spare column
-    out = torch.full((R, width + 1), -1, dtype=torch.long, device=mask.device)
-    out.scatter_(1, slot, torch.arange(N, device=mask.device).expand(R, N))
-    return out[:, :width]
+    width = int(mask.sum(-1).max()) if mask.size else 0
+    out = np.full((mask.shape[0], width), -1, dtype=np.int64)
+    rows, columns = mask.nonzero()  # row by row, ascending
+    out[rows, mask.cumsum(-1)[rows, columns] - 1] = columns
+    return out
 
 
 @dataclass
@@ -321,36 +320,35 @@ def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     return rows.clamp_min_(-1).flatten(1)  # a -1 unit gives -size..-1: all -1
 
 
-def _shifted(units: torch.Tensor, offset: int) -> torch.Tensor:
+def _shifted(units: np.ndarray, offset: int) -> np.ndarray:
     """Units moved ``offset`` units down (into a stacked weight); -1 stays -1."""
-    return torch.where(units >= 0, units + offset, -1)
+    return np.where(units >= 0, units + offset, -1)
 
 
-def attention_units(heads: torch.Tensor, shape: DecoderShape):
+def attention_units(heads: np.ndarray, shape: DecoderShape) -> tuple:
     """R rows' active heads: bool [R, H] -> (q heads [R, nq], kv heads [R, nkv], q_to_kv [R, nq]),
-    ascending, -1 padded; a head's weight rows are ``unit_rows(heads, head_dim)``.
+    int64, ascending, -1 padded; a head's weight rows are ``unit_rows(heads, head_dim)``.
 
     A key/value head is active when any of its query heads is; ``q_to_kv`` gives each active
     query head's slot among its row's active kv heads.
     """
     R, H = heads.shape
     per_kv = H // shape.num_kv_heads
-    kv_on = heads.view(R, shape.num_kv_heads, per_kv).any(-1)
+    kv_on = heads.reshape(R, shape.num_kv_heads, per_kv).any(-1)
     q_units, kv_units = active_index(heads), active_index(kv_on)
-    slot = kv_on.long().cumsum(-1) - 1
-    q_to_kv = torch.where(q_units >= 0, slot.gather(1, (q_units // per_kv).clamp_min(0)), -1)
+    slot = kv_on.cumsum(-1) - 1
+    q_to_kv = np.where(q_units >= 0, np.take_along_axis(slot, np.maximum(q_units // per_kv, 0), 1), -1)
     return q_units, kv_units, q_to_kv
 
 
-def neuron_units(groups: torch.Tensor, shape: DecoderShape) -> tuple[torch.Tensor, int]:
-    """R rows' active MLP neurons as (units [R, n], size): ``unit_rows(units, size)`` lists the neurons,
-    ascending, -1 padded. Equal groups are units of their size; unequal ones are listed neuron by
-    neuron (size 1)."""
+def neuron_units(groups: np.ndarray, shape: DecoderShape) -> tuple[np.ndarray, int]:
+    """R rows' active MLP neurons as (units int64 [R, n], size) from bool [R, G]: ``unit_rows(units,
+    size)`` lists the neurons, ascending, -1 padded. Equal groups are units of their size; unequal
+    ones are listed neuron by neuron (size 1)."""
     M, G = shape.intermediate_size, groups.shape[1]
     if M % G == 0:
         return active_index(groups), M // G
-    sizes = torch.tensor(group_sizes(M, G), device=groups.device)
-    return active_index(groups.repeat_interleave(sizes, dim=-1)), 1
+    return active_index(np.repeat(groups, group_sizes(M, G), axis=-1)), 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -358,7 +356,7 @@ class _Units:
     """An index list built on the host, kept as units until it reaches the device: stands for
     ``unit_rows(units, size)``."""
 
-    units: torch.Tensor
+    units: np.ndarray
     size: int
 
 
@@ -412,15 +410,13 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
     partial_mlp = np.flatnonzero((on & ~groups.all(-1)).any(0)).tolist()
 
     def masks_of(masks, layer_ids):  # [rows, H]: these layers' running rows, layer by layer
-        return torch.from_numpy(np.concatenate([masks[rows_of[l], l] for l in layer_ids]))
+        return np.concatenate([masks[rows_of[l], l] for l in layer_ids])
 
     def starts(layer_ids):  # layer -> its first row in the lists built for these layers
         return dict(zip(layer_ids, itertools.accumulate((len(rows_of[l]) for l in layer_ids), initial=0)))
 
     if partial_attention:
         q_all, kv_all, map_all = attention_units(masks_of(heads, partial_attention), shape)
-        # units of the stacked q, k, v weight: q's heads, then k's, then v's
-        qkv_all = torch.cat([q_all, _shifted(kv_all, H), _shifted(kv_all, H + shape.num_kv_heads)], dim=1)
         q_heads = np.where(on, heads.sum(-1), 0).max(0).tolist()  # [L]: most heads of a running row
         kv_heads = np.where(on, heads.reshape(B, L, shape.num_kv_heads, -1).any(-1).sum(-1), 0).max(0).tolist()
     if partial_mlp:
@@ -442,13 +438,13 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
         if not listed and tuple(rows) in some_rows:
             specs.append(some_rows[tuple(rows)])
             continue
-        spec = {**vars(dense_layer(R, shape, device)), "rows": None if R == B else _Units(torch.tensor(rows), 1)}
+        spec = {**vars(dense_layer(R, shape, device)), "rows": None if R == B else _Units(np.array(rows), 1)}
         if l in attention_start:
             a, nq, nkv = attention_start[l], q_heads[l], kv_heads[l]
-            columns = torch.cat([torch.arange(nq), q_all.shape[1] + torch.arange(nkv),
-                                 q_all.shape[1] + kv_all.shape[1] + torch.arange(nkv)])
-            spec.update(q_rows=_Units(q_all[a:a + R, :nq], d), kv_rows=_Units(kv_all[a:a + R, :nkv], d),
-                        qkv_rows=_Units(qkv_all[a:a + R].index_select(1, columns), d),
+            q, kv = q_all[a:a + R, :nq], kv_all[a:a + R, :nkv]
+            # units of the stacked q, k, v weight: q's heads, then k's, then v's
+            qkv = np.concatenate([q, _shifted(kv, H), _shifted(kv, H + shape.num_kv_heads)], axis=1)
+            spec.update(q_rows=_Units(q, d), kv_rows=_Units(kv, d), qkv_rows=_Units(qkv, d),
                         q_to_kv=_Units(map_all[a:a + R, :nq], 1), num_q_heads=nq, num_kv_heads=nkv)
         if l in mlp_start:
             m, nn = mlp_start[l], neurons[l]
@@ -476,16 +472,16 @@ def _materialize(specs: list, device) -> None:
     if not lists:
         return
     order = sorted(lists.items(), key=lambda item: item[1].size)  # each unit size one stretch of the copy
-    flat = torch.cat([u.units.reshape(-1) for _, u in order]).to(device)
+    flat = torch.from_numpy(np.concatenate([u.units.reshape(-1) for _, u in order])).to(device)
     done, at = {}, 0
     for size, group in itertools.groupby(order, key=lambda item: item[1].size):
         group = list(group)
-        count = sum(u.units.numel() for _, u in group)
+        count = sum(u.units.size for _, u in group)
         stretch = flat[at:at + count]
         at += count
         if size > 1:
             stretch = unit_rows(stretch[:, None], size).reshape(-1)
-        for (key, u), piece in zip(group, torch.split(stretch, [u.units.numel() * size for _, u in group])):
+        for (key, u), piece in zip(group, torch.split(stretch, [u.units.size * size for _, u in group])):
             done[key] = piece.view(*u.units.shape[:-1], u.units.shape[-1] * size)
     for spec in specs:
         for f in _INDEX_FIELDS:

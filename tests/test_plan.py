@@ -145,7 +145,7 @@ def test_cost_weighs_units_by_flops():
 
 
 def test_active_index_lists_true_entries_padded():
-    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    mask = np.array([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=bool)
     assert active_index(mask).tolist() == [[1, 2, 4], [-1, -1, -1], [0, -1, -1]]
 
 
