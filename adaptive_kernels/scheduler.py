@@ -44,9 +44,7 @@ def _ranks(logits: np.ndarray) -> np.ndarray:
     """Position of each entry along the last axis when sorted by descending logit, ties broken by index
     (NaN counts as +inf); same shape."""
     order = np.argsort(-np.where(np.isnan(logits), np.inf, logits), axis=-1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(logits.shape[-1]), axis=-1)
-    return ranks
+    return order.argsort(axis=-1)  # the inverse permutation
 
 
 def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMBEL_TEMPERATURE) -> torch.Tensor:
