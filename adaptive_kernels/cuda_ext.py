@@ -21,7 +21,6 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -288,6 +287,10 @@ def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     return CompactPlan(q_rows, kv_rows, q_to_kv, mlp_rows, counts[..., 0], counts[..., 1], counts[..., 2])
 
 
+def _pad_to(index: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(index, (0, width - index.shape[-1]), value=-1)
+
+
 def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     """``buffer[b, l]`` = the index lists ``plan.compile_plan`` builds for that pair, padded with -1 to
     the full count: the reference of ``compact_plan``, built on the host by the helpers ``compile_plan``
@@ -298,13 +301,15 @@ def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactP
     """
     _check_plan(plan, shape)
     B, L, H = plan.heads.shape
-    q_units, kv_units, q_to_kv = attention_units(plan.heads.reshape(B * L, H).cpu().numpy(), shape)
-    lists = (unit_rows(q_units, shape.head_dim), unit_rows(kv_units, shape.head_dim), q_to_kv,
-             unit_rows(*neuron_units(plan.groups.reshape(B * L, -1).cpu().numpy(), shape)))
+    device = plan.heads.device
+    q_units, kv_units, q_to_kv = (torch.from_numpy(t).to(device) for t in
+                                  attention_units(plan.heads.reshape(B * L, H).cpu().numpy(), shape))
+    q_rows, kv_rows = unit_rows(q_units, shape.head_dim), unit_rows(kv_units, shape.head_dim)
+    neuron_list, neuron_size = neuron_units(plan.groups.reshape(B * L, -1).cpu().numpy(), shape)
+    neurons = unit_rows(torch.from_numpy(neuron_list).to(device), neuron_size)
     widths = (H * shape.head_dim, shape.num_kv_heads * shape.head_dim, H, shape.intermediate_size)
-    padded = (np.pad(t, ((0, 0), (0, w - t.shape[1])), constant_values=-1).reshape(B, L, w)
-              for t, w in zip(lists, widths))
-    q_rows, kv_rows, q_to_kv, neurons = (torch.from_numpy(t).to(plan.heads.device) for t in padded)
+    q_rows, kv_rows, q_to_kv, neurons = (_pad_to(t, w).view(B, L, w) for t, w in
+                                         zip((q_rows, kv_rows, q_to_kv, neurons), widths))
     return CompactPlan(q_rows, kv_rows, q_to_kv, neurons, *((t >= 0).sum(-1) for t in (q_rows, kv_rows, neurons)))
 
 

@@ -314,10 +314,10 @@ class Schedule:
     layers: list
 
 
-def unit_rows(units: np.ndarray, size: int) -> np.ndarray:
+def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     """Unit indices [R, n] -> their weight rows [R, n*size] (unit u: rows u*size .. u*size + size - 1); -1 stays -1."""
-    rows = np.where(units[..., None] >= 0, units[..., None] * size + np.arange(size), -1)
-    return rows.reshape(units.shape[0], units.shape[1] * size)
+    rows = units[..., None] * size + torch.arange(size, device=units.device)
+    return rows.clamp_min_(-1).flatten(1)  # a -1 unit gives -size..-1: all -1
 
 
 def _shifted(units: np.ndarray, offset: int) -> np.ndarray:
@@ -351,13 +351,22 @@ def neuron_units(groups: np.ndarray, shape: DecoderShape) -> tuple[np.ndarray, i
     return active_index(np.repeat(groups, group_sizes(M, G), axis=-1)), 1
 
 
+@dataclass(frozen=True, eq=False)
+class _Units:
+    """An index list built on the host, kept as units until it reaches the device: stands for
+    ``unit_rows(units, size)``."""
+
+    units: np.ndarray
+    size: int
+
+
 def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
     """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request;
     the Schedule's plan is ``plan`` on ``device``.
 
     The masks reach the host in one copy (and, from the host, the device in one). Index lists are
-    built on the host, all at once, only for the layers that some row runs partially, and reach the
-    device in one copy (a few hundred KiB at 7B shapes). Layers without
+    built, all at once, only for the layers that some row runs partially, as head and neuron-group
+    units; they reach the device in one copy and are expanded to weight rows there. Layers without
     lists that run the same rows share one ``LayerIndices``. One synchronisation per request, and
     host work that grows with the partial layers only.
     """
@@ -429,17 +438,17 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
         if not listed and tuple(rows) in some_rows:
             specs.append(some_rows[tuple(rows)])
             continue
-        spec = {**vars(dense_layer(R, shape, device)), "rows": None if R == B else np.array(rows)}
+        spec = {**vars(dense_layer(R, shape, device)), "rows": None if R == B else _Units(np.array(rows), 1)}
         if l in attention_start:
             a, nq, nkv = attention_start[l], q_heads[l], kv_heads[l]
             q, kv = q_all[a:a + R, :nq], kv_all[a:a + R, :nkv]
             # units of the stacked q, k, v weight: q's heads, then k's, then v's
             qkv = np.concatenate([q, _shifted(kv, H), _shifted(kv, H + shape.num_kv_heads)], axis=1)
-            spec.update(q_rows=unit_rows(q, d), kv_rows=unit_rows(kv, d), qkv_rows=unit_rows(qkv, d),
-                        q_to_kv=map_all[a:a + R, :nq], num_q_heads=nq, num_kv_heads=nkv)
+            spec.update(q_rows=_Units(q, d), kv_rows=_Units(kv, d), qkv_rows=_Units(qkv, d),
+                        q_to_kv=_Units(map_all[a:a + R, :nq], 1), num_q_heads=nq, num_kv_heads=nkv)
         if l in mlp_start:
             m, nn = mlp_start[l], neurons[l]
-            spec.update(mlp_rows=unit_rows(neurons_all[m:m + R, :nn // neuron_size], neuron_size), num_neurons=nn)
+            spec.update(mlp_rows=_Units(neurons_all[m:m + R, :nn // neuron_size], neuron_size), num_neurons=nn)
         if not listed:
             some_rows[tuple(rows)] = spec
         specs.append(spec)
@@ -453,15 +462,28 @@ _INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
 
 
 def _materialize(specs: list, device) -> None:
-    """Replace every index list built on the host (a numpy array) in ``specs`` (distinct LayerIndices
-    fields) by the same list on ``device``: all lists cross in one copy and are cut back into views."""
-    lists = {id(v): v for spec in specs for f in _INDEX_FIELDS if isinstance(v := spec[f], np.ndarray)}
+    """Replace every index list built on the host (``_Units``) in ``specs`` (distinct LayerIndices
+    fields) by weight rows on ``device``.
+
+    All lists cross in one copy, as units; there, each unit size is expanded in one pass and cut
+    back into per-layer views.
+    """
+    lists = {id(v): v for spec in specs for f in _INDEX_FIELDS if isinstance(v := spec[f], _Units)}
     if not lists:
         return
-    flat = torch.from_numpy(np.concatenate([v.reshape(-1) for v in lists.values()])).to(device)
-    pieces = flat.split([v.size for v in lists.values()])
-    done = {key: piece.view(v.shape) for (key, v), piece in zip(lists.items(), pieces)}
+    order = sorted(lists.items(), key=lambda item: item[1].size)  # each unit size one stretch of the copy
+    flat = torch.from_numpy(np.concatenate([u.units.reshape(-1) for _, u in order])).to(device)
+    done, at = {}, 0
+    for size, group in itertools.groupby(order, key=lambda item: item[1].size):
+        group = list(group)
+        count = sum(u.units.size for _, u in group)
+        stretch = flat[at:at + count]
+        at += count
+        if size > 1:
+            stretch = unit_rows(stretch[:, None], size).reshape(-1)
+        for (key, u), piece in zip(group, torch.split(stretch, [u.units.size * size for _, u in group])):
+            done[key] = piece.view(*u.units.shape[:-1], u.units.shape[-1] * size)
     for spec in specs:
         for f in _INDEX_FIELDS:
-            if isinstance(spec[f], np.ndarray):
+            if isinstance(spec[f], _Units):
                 spec[f] = done[id(spec[f])]
