@@ -25,7 +25,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .ops._library import differentiate_by_reference
-from .ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
+from .ops.projections import (gather_cols_flops, gather_cols_linear_reference, gather_rows_flops,
+                              gather_rows_linear_reference)
 from .plan import DecoderShape, ExecutionPlan, attention_units, neuron_units, unit_rows
 
 __all__ = ["DECODE_MAX_TOKENS", "CompactPlan", "compact_plan", "compact_plan_reference", "cuda_backend",
@@ -85,16 +86,8 @@ differentiate_by_reference("adaptive_kernels::cuda_gather_rows_linear", gather_r
 differentiate_by_reference("adaptive_kernels::cuda_gather_cols_linear", gather_cols_linear_reference)
 
 
-@register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_rows_linear)
-def _rows_flops(x_shape, weight_shape, rows_shape, *args, **kwargs) -> int:
-    R, T, D = x_shape
-    return 2 * R * T * rows_shape[1] * D
-
-
-@register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_cols_linear)
-def _cols_flops(a_shape, weight_shape, cols_shape, *args, **kwargs) -> int:
-    R, T, n = a_shape
-    return 2 * R * T * n * weight_shape[0]
+register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_rows_linear)(gather_rows_flops)
+register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_cols_linear)(gather_cols_flops)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -335,16 +335,20 @@ differentiate_by_reference(_gather_rows_linear_op, gather_rows_linear_reference)
 differentiate_by_reference(_gather_cols_linear_op, gather_cols_linear_reference)
 
 
-@register_flop_formula(torch.ops.adaptive_kernels.gather_rows_linear)
-def _rows_flops(x_shape, weight_shape, rows_shape, *args, **kwargs) -> int:
+def gather_rows_flops(x_shape, weight_shape, rows_shape, *args, **kwargs) -> int:
+    """FLOPs of a gathered-rows product (any backend's op), from its argument shapes."""
     R, T, D = x_shape
     return 2 * R * T * rows_shape[1] * D
 
 
-@register_flop_formula(torch.ops.adaptive_kernels.gather_cols_linear)
-def _cols_flops(a_shape, weight_shape, cols_shape, *args, **kwargs) -> int:
+def gather_cols_flops(a_shape, weight_shape, cols_shape, *args, **kwargs) -> int:
+    """FLOPs of a gathered-columns product (any backend's op), from its argument shapes."""
     R, T, n = a_shape
     return 2 * R * T * n * weight_shape[0]
+
+
+register_flop_formula(torch.ops.adaptive_kernels.gather_rows_linear)(gather_rows_flops)
+register_flop_formula(torch.ops.adaptive_kernels.gather_cols_linear)(gather_cols_flops)
 
 
 def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
