@@ -438,7 +438,8 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
         if not listed and tuple(rows) in some_rows:
             specs.append(some_rows[tuple(rows)])
             continue
-        spec = {**vars(dense_layer(R, shape, device)), "rows": None if R == B else _Units(np.array(rows), 1)}
+        listed_rows = None if R == B else _Units(np.array(rows, dtype=np.int64), 1)
+        spec = {**vars(dense_layer(R, shape, device)), "rows": listed_rows}
         if l in attention_start:
             a, nq, nkv = attention_start[l], q_heads[l], kv_heads[l]
             q, kv = q_all[a:a + R, :nq], kv_all[a:a + R, :nkv]
