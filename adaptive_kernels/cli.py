@@ -292,7 +292,7 @@ def sweep_main(argv) -> int:
     """``adaptive-kernels sweep``: the end-to-end latency-versus-budget sweep (``adaptive_kernels.sweep``)."""
     from .backends import BACKENDS
     from .plan import VARIANTS
-    from .sweep import BUDGETS, budget_adherence, sweep, target_ratios, targets_table
+    from .sweep import BUDGETS, SweepIncomplete, budget_adherence, sweep, target_ratios, targets_table
 
     p = argparse.ArgumentParser(prog="adaptive-kernels sweep",
                                 description="Vision, prefill and per-token decode latency over budgets, next to stock "
@@ -310,8 +310,12 @@ def sweep_main(argv) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: cuda requested but torch sees no CUDA device")
     _check_out(p, args.out)
-    rows = sweep(args.device, args.variants, args.backends, args.budgets, args.new_tokens, args.repeats,
-                 out_dir=args.out)
+    failures = []
+    try:
+        rows = sweep(args.device, args.variants, args.backends, args.budgets, args.new_tokens, args.repeats,
+                     out_dir=args.out)
+    except SweepIncomplete as incomplete:
+        rows, failures = incomplete.rows, incomplete.failures
     print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13} "
           f"{'setup ms':>9} {'sched ms':>9}")
     for r in rows:
@@ -322,7 +326,9 @@ def sweep_main(argv) -> int:
               f"{a['largest_excess']:+.3f} at budget {a['at_budget']}")
     print(targets_table(target_ratios(rows)))
     print(f"rows, adherence, target ratios and plot (if drawn) are in {args.out}")
-    return 0
+    for failure in failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ import math
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,10 +178,21 @@ def _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats) 
                          median_ms, repeats)
 
 
+class SweepIncomplete(RuntimeError):
+    """Some measurements of a sweep failed: ``failures`` names each (variant, backend, budget, error);
+    ``rows`` holds the others, written and plotted as in a complete run."""
+
+    def __init__(self, rows: list[Row], failures: list[str]):
+        self.rows, self.failures = rows, failures
+        super().__init__(f"{len(failures)} measurement(s) of the sweep failed (tracebacks above): " + "; ".join(failures))
+
+
 def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
           repeats: int = 5, rank: int | None = None, out_dir: str | Path = "benchmarks/results", progress: bool = True):
     """Run the sweep; returns the rows. Each row is written to ``out_dir`` (CSV, JSON) as soon as it is
-    measured; the plot (PNG) is drawn at the end."""
+    measured; the plot (PNG) is drawn at the end. A measurement that fails (one variant, backend and
+    budget, or compiled stock) prints its traceback and the sweep goes on: one broken path costs only
+    its own rows. Then ``SweepIncomplete`` is raised at the end, after the plot."""
     from tqdm.auto import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -267,21 +279,36 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
                        vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
 
+        def compiled_stock() -> None:
+            per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
+            record(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
+                       vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
+                       decode_setup_ms=setup, **stamp))
+
+        failures: list[str] = []
+
+        def attempt(name: str, job, *args) -> None:
+            try:
+                job(*args)
+            except Exception as error:
+                traceback.print_exc()
+                failures.append(f"{name}: {type(error).__name__}: {error}")
+                unpatch(model)  # stock again for the next job (a no-op where the failure left it stock)
+
         bar = tqdm(total=len(backends) * len(variants) * len(budgets), desc="sweep", disable=not progress)
         for backend in backends:  # the first backend's rows first
             for variant in variants:
                 for budget in budgets:
-                    measure(variant, backend, budget)
+                    attempt(f"{variant} {backend} {budget}", measure, variant, backend, budget)
                     bar.update()
             if device == "cuda" and backend == backends[0]:
                 # compiled stock next, before the other backends' rows: a run cut off by its time limit still
                 # compares; compiling takes a while
-                per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
-                record(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
-                           vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
-                           decode_setup_ms=setup, **stamp))
+                attempt("stock-static-compiled", compiled_stock)
         bar.close()
     plot_rows(rows, Path(out_dir) / f"{stem}.png")
+    if failures:
+        raise SweepIncomplete(rows, failures)
     return rows
 
 

@@ -254,3 +254,37 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     assert (tmp_path / "sweep-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "adherence L torch prefill" in printed and "decode/floor (1.3)" in printed
+
+
+
+def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, monkeypatch):
+    from adaptive_kernels import sweep as sweep_module
+
+    real_plan, built = sweep_module.plan, []
+
+    def plan_failing_below_one(model, latency_budget, **inputs):
+        if latency_budget < 1.0:
+            raise RuntimeError("planted failure")
+        return real_plan(model, latency_budget=latency_budget, **inputs)
+
+    def build_model(device, dtype):
+        built.append(tiny_llava().to(dtype))
+        return built[-1], "tiny"
+
+    monkeypatch.setattr(sweep_module, "plan", plan_failing_below_one)  # fails with the model patched
+    monkeypatch.setattr(sweep_module, "build_model", build_model)
+    assert main(["sweep", "--device", "cpu", "--variants", "L", "--budgets", "0.5", "1.0", "0.6", "--new-tokens", "1",
+                 "--repeats", "1", "--out", str(tmp_path)]) == 1
+    rows = list(csv.DictReader(open(tmp_path / "sweep-tiny.csv")))
+    measured = sorted((r["system"], float(r["budget"])) for r in rows)
+    assert measured == [("adaptive", 1.0), ("ideal", 1.0), ("masked", 1.0), ("stock", 1.0)]
+    assert float(next(r for r in rows if r["system"] == "adaptive")["cost"]) == 1.0
+    assert (tmp_path / "sweep-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FAILED L torch 0.5: RuntimeError: planted failure" in err, err
+    assert "FAILED L torch 0.6: RuntimeError: planted failure" in err, err
+    (model,) = built  # left stock by the last, failed, measurement
+    stock = tiny_llava()
+    assert type(model.model.language_model) is type(stock.model.language_model)
+    assert model.state_dict().keys() == stock.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stock.state_dict().values()))
