@@ -179,8 +179,9 @@ def _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats) 
 
 
 class SweepIncomplete(RuntimeError):
-    """Some measurements of a sweep failed: ``failures`` names each (variant, backend, budget, error);
-    ``rows`` holds the others, written and plotted as in a complete run."""
+    """Some measurements of a sweep failed: ``failures`` names each failed job (variant, backend and
+    budget, or compiled stock) with its error; ``rows`` holds the others, written and plotted as in a
+    complete run."""
 
     def __init__(self, rows: list[Row], failures: list[str]):
         self.rows, self.failures = rows, failures
