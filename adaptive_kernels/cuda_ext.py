@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -27,9 +26,9 @@ from torch.utils.flop_counter import register_flop_formula
 from .ops._library import differentiate_by_reference
 from .ops.projections import (gather_cols_flops, gather_cols_linear_reference, gather_rows_flops,
                               gather_rows_linear_reference)
-from .plan import DecoderShape, ExecutionPlan, attention_units, neuron_units, unit_rows
+from .plan import CompactPlan, DecoderShape, ExecutionPlan, check_compaction
 
-__all__ = ["DECODE_MAX_TOKENS", "CompactPlan", "compact_plan", "compact_plan_reference", "cuda_backend",
+__all__ = ["DECODE_MAX_TOKENS", "compact_plan", "cuda_backend",
            "gather_cols_linear", "gather_rows_linear", "load", "toolchain_problem"]
 
 DECODE_MAX_TOKENS = 16
@@ -228,33 +227,8 @@ def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
 # Plan compaction
 # ---------------------------------------------------------------------------------------------
 
-class CompactPlan(NamedTuple):
-    """A plan's index buffers for every (batch row, layer), at fixed widths (the full counts), -1 padded.
-
-    ``q_rows`` [B, L, H*d]: weight rows of the active query heads, ascending; ``kv_rows``
-    [B, L, Hkv*d]: of the active key/value heads (one is active when any of its query heads is);
-    ``q_to_kv`` [B, L, H]: each active query head's slot among the active kv heads; ``mlp_rows``
-    [B, L, M]: the active neurons. ``q_count``, ``kv_count``, ``mlp_count`` [B, L]: the valid
-    entries of ``q_rows``, ``kv_rows`` and ``mlp_rows``. All int64. Row ``[b, l]`` of a buffer,
-    cut to its count, is what ``plan.compile_plan`` lists for that batch row and layer.
-    """
-
-    q_rows: torch.Tensor
-    kv_rows: torch.Tensor
-    q_to_kv: torch.Tensor
-    mlp_rows: torch.Tensor
-    q_count: torch.Tensor
-    kv_count: torch.Tensor
-    mlp_count: torch.Tensor
-
-
 def _check_plan(plan: ExecutionPlan, shape: DecoderShape) -> None:
-    if not isinstance(plan, ExecutionPlan):
-        raise TypeError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
-    if plan.num_heads != shape.num_heads:
-        raise ValueError(f"plan has {plan.num_heads} heads per layer but shape.num_heads is {shape.num_heads}")
-    if shape.num_kv_heads < 1 or shape.num_heads % shape.num_kv_heads:
-        raise ValueError(f"shape.num_kv_heads must divide the {shape.num_heads} heads, got {shape.num_kv_heads}")
+    check_compaction(plan, shape)
     if plan.num_heads > MAX_UNITS:
         raise ValueError(f"compact_plan takes at most {MAX_UNITS} heads and groups per layer, got {plan.num_heads}")
 
@@ -266,44 +240,18 @@ def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     plan.heads [B, L, H], plan.groups [B, L, G] (G MLP groups of M // G neurons, the first M % G
     one more; M = shape.intermediate_size) -> ``CompactPlan``: q_rows [B, L, H*d], kv_rows
     [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M], counts [B, L] each. Reads nothing back
-    to the host, so it may run inside CUDA-graph capture. Same result as
-    ``compact_plan_reference``. The custom op ``torch.ops.adaptive_kernels.cuda_compact_plan``
+    to the host, so it may run inside CUDA-graph capture. Same result as ``plan.compact_plan``
+    (torch ops, several launches). The custom op ``torch.ops.adaptive_kernels.cuda_compact_plan``
     (its last output, counts [B, L, 3], is split here into the three count fields).
     """
     _check_plan(plan, shape)
     if plan.heads.device.type != "cuda":
         raise ValueError(f"compact_plan builds the buffers on the plan's CUDA device; this plan is on "
-                         f"{plan.heads.device}: move it with plan.to('cuda') or use compact_plan_reference")
+                         f"{plan.heads.device}: move it with plan.to('cuda') or use plan.compact_plan")
     load()
     q_rows, kv_rows, q_to_kv, mlp_rows, counts = torch.ops.adaptive_kernels.cuda_compact_plan(
         plan.heads, plan.groups, shape.head_dim, shape.num_kv_heads, shape.intermediate_size)
     return CompactPlan(q_rows, kv_rows, q_to_kv, mlp_rows, counts[..., 0], counts[..., 1], counts[..., 2])
-
-
-def _pad_to(index: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(index, (0, width - index.shape[-1]), value=-1)
-
-
-def compact_plan_reference(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
-    """``buffer[b, l]`` = the index lists ``plan.compile_plan`` builds for that pair, padded with -1 to
-    the full count: the reference of ``compact_plan``, built on the host by the helpers ``compile_plan``
-    uses and returned on the plan's device (any device).
-
-    plan.heads [B, L, H], plan.groups [B, L, G] -> ``CompactPlan`` with q_rows [B, L, H*d], kv_rows
-    [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M] and the counts [B, L].
-    """
-    _check_plan(plan, shape)
-    B, L, H = plan.heads.shape
-    device = plan.heads.device
-    q_units, kv_units, q_to_kv = (torch.from_numpy(t).to(device) for t in
-                                  attention_units(plan.heads.reshape(B * L, H).cpu().numpy(), shape))
-    q_rows, kv_rows = unit_rows(q_units, shape.head_dim), unit_rows(kv_units, shape.head_dim)
-    neuron_list, neuron_size = neuron_units(plan.groups.reshape(B * L, -1).cpu().numpy(), shape)
-    neurons = unit_rows(torch.from_numpy(neuron_list).to(device), neuron_size)
-    widths = (H * shape.head_dim, shape.num_kv_heads * shape.head_dim, H, shape.intermediate_size)
-    q_rows, kv_rows, q_to_kv, neurons = (_pad_to(t, w).view(B, L, w) for t, w in
-                                         zip((q_rows, kv_rows, q_to_kv, neurons), widths))
-    return CompactPlan(q_rows, kv_rows, q_to_kv, neurons, *((t >= 0).sum(-1) for t in (q_rows, kv_rows, neurons)))
 
 
 # ---------------------------------------------------------------------------------------------

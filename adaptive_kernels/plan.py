@@ -16,6 +16,7 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -205,10 +206,10 @@ class ExecutionPlan:
 
     @classmethod
     def full(cls, batch_size: int, num_layers: int, num_heads: int, device=None) -> "ExecutionPlan":
-        """A plan with every unit on."""
-        return cls(torch.ones(batch_size, num_layers, dtype=torch.bool, device=device),
-                   torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device),
-                   torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device))
+        """A plan with every unit on (valid by construction: not checked, so no device sync)."""
+        return cls._valid(torch.ones(batch_size, num_layers, dtype=torch.bool, device=device),
+                          torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device),
+                          torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device))
 
     @property
     def batch_size(self) -> int:
@@ -291,7 +292,9 @@ class LayerIndices:
     [R, nq*d + 2*nkv*d] the same rows of q, k and v stacked in one weight (q's rows, then k's
     after them, then v's), ``q_to_kv`` [R, nq] maps each active query head to its slot among the
     active kv heads, and ``mlp_rows`` [R, n] are the active neurons; each is None when every unit
-    is on (the dense path), and -1 pads a row with fewer active units.
+    is on (the dense path), and -1 pads a row with fewer active units. ``rows_on`` bool [R]: in a
+    fixed-width layer (``fixed_width_schedule``), which rows execute it (the others get no output
+    bias either); else None.
     """
 
     rows: torch.Tensor | None
@@ -304,6 +307,7 @@ class LayerIndices:
     num_q_heads: int
     num_kv_heads: int
     num_neurons: int
+    rows_on: torch.Tensor | None = None
 
 
 @dataclass
@@ -488,3 +492,103 @@ def _materialize(specs: list, device) -> None:
         for f in _INDEX_FIELDS:
             if isinstance(spec[f], _Units):
                 spec[f] = done[id(spec[f])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-width index buffers, built on the device: no host synchronisation, shapes independent of
+# the plan, so a whole request can be captured as one CUDA graph
+# ---------------------------------------------------------------------------------------------
+
+class CompactPlan(NamedTuple):
+    """A plan's index buffers for every (batch row, layer), at fixed widths (the full counts), -1 padded.
+
+    ``q_rows`` [B, L, H*d]: weight rows of the active query heads, ascending; ``kv_rows``
+    [B, L, Hkv*d]: of the active key/value heads (one is active when any of its query heads is);
+    ``q_to_kv`` [B, L, H]: each active query head's slot among the active kv heads; ``mlp_rows``
+    [B, L, M]: the active neurons. ``q_count``, ``kv_count``, ``mlp_count`` [B, L]: the valid
+    entries of ``q_rows``, ``kv_rows`` and ``mlp_rows``. All int64. Row ``[b, l]`` of a buffer,
+    cut to its count, is what ``compile_plan`` lists for that batch row and layer.
+    """
+
+    q_rows: torch.Tensor
+    kv_rows: torch.Tensor
+    q_to_kv: torch.Tensor
+    mlp_rows: torch.Tensor
+    q_count: torch.Tensor
+    kv_count: torch.Tensor
+    mlp_count: torch.Tensor
+
+
+def check_compaction(plan: ExecutionPlan, shape: DecoderShape) -> None:
+    """``ValueError`` unless ``plan`` has ``shape``'s heads and those divide into its key/value heads."""
+    if not isinstance(plan, ExecutionPlan):
+        raise ArgumentTypeError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
+    if plan.num_heads != shape.num_heads:
+        raise ValueError(f"plan has {plan.num_heads} heads per layer but shape.num_heads is {shape.num_heads}")
+    if shape.num_kv_heads < 1 or shape.num_heads % shape.num_kv_heads:
+        raise ValueError(f"shape.num_kv_heads must divide the {shape.num_heads} heads, got {shape.num_kv_heads}")
+
+
+def active_slots(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries along the last axis, ascending, then -1 up to the full length:
+    bool [..., N] -> int64 [..., N], on the mask's device without reading it back."""
+    N = mask.shape[-1]
+    slot = torch.where(mask, mask.cumsum(-1) - 1, N)  # an entry that is off goes to a spare slot N
+    out = torch.full((*mask.shape[:-1], N + 1), -1, dtype=torch.int64, device=mask.device)
+    out.scatter_(-1, slot, torch.arange(N, device=mask.device).expand(mask.shape))
+    return out[..., :N]
+
+
+def neuron_groups(shape: DecoderShape, num_groups: int, device) -> torch.Tensor:
+    """The MLP group of each neuron, int64 [M] (``group_sizes``: the first ``M % G`` groups hold one
+    more), made on ``device`` by arithmetic, not copied from the host."""
+    base, extra = divmod(shape.intermediate_size, num_groups)
+    n = torch.arange(shape.intermediate_size, device=device)
+    cut = extra * (base + 1)  # neurons in the larger groups
+    return torch.where(n < cut, n // (base + 1), extra + (n - cut) // max(base, 1))
+
+
+def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
+    """``buffer[b, l] = the weight rows of the units on in mask[b, l], ascending, then -1 up to the full count``,
+    for every (batch row, layer) of ``plan``, with torch ops on its device and nothing read back to the
+    host (``cuda_ext.compact_plan``: the same in one CUDA launch).
+
+    plan.heads [B, L, H], plan.groups [B, L, G] (G MLP groups of ``group_sizes(M, G)`` neurons) ->
+    ``CompactPlan``: q_rows [B, L, H*d], kv_rows [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows
+    [B, L, M], counts [B, L] each.
+    """
+    check_compaction(plan, shape)
+    B, L, H = plan.heads.shape
+    d, per_kv = shape.head_dim, H // shape.num_kv_heads
+    kv_on = plan.heads.unflatten(-1, (shape.num_kv_heads, per_kv)).any(-1)
+    q_units, kv_units = active_slots(plan.heads), active_slots(kv_on)
+    kv_slot = kv_on.cumsum(-1) - 1
+    q_to_kv = torch.where(q_units >= 0, kv_slot.gather(-1, q_units.clamp_min(0) // per_kv), -1)
+    neurons = active_slots(plan.groups[..., neuron_groups(shape, plan.groups.shape[-1], plan.groups.device)])
+
+    def rows(units, size):  # [B, L, n] units -> [B, L, n*size] weight rows
+        return unit_rows(units.reshape(B * L, -1), size).view(B, L, -1)
+
+    q_rows, kv_rows = rows(q_units, d), rows(kv_units, d)
+    return CompactPlan(q_rows, kv_rows, q_to_kv, neurons, *((t >= 0).sum(-1) for t in (q_rows, kv_rows, neurons)))
+
+
+def fixed_width_schedule(plan: ExecutionPlan, shape: DecoderShape, buffers: CompactPlan) -> Schedule:
+    """``plan`` as a Schedule in which every layer runs on every row at the full widths (H query heads,
+    Hkv key/value heads, M neurons), reading views of ``buffers`` (``compact_plan`` of ``plan``).
+
+    A padded (-1) entry reads no weight and gives 0, so a row that skips a layer, whose units are all
+    off there, leaves it unchanged. Nothing is read back to the host and no shape depends on the plan:
+    a request run on this schedule can be captured as a CUDA graph. The price: every layer is launched
+    and the KV cache keeps every layer and key/value head.
+    """
+    B, L, H = plan.heads.shape
+    Hkv, d = shape.num_kv_heads, shape.head_dim
+    kv = buffers.kv_rows
+    qkv = torch.cat([buffers.q_rows, torch.where(kv >= 0, kv + H * d, -1), torch.where(kv >= 0, kv + (H + Hkv) * d, -1)],
+                    dim=-1)  # rows of the stacked q, k, v weight
+    return Schedule(plan, [LayerIndices(rows=None, num_rows=B, q_rows=buffers.q_rows[:, l], kv_rows=kv[:, l],
+                                        qkv_rows=qkv[:, l], q_to_kv=buffers.q_to_kv[:, l],
+                                        mlp_rows=buffers.mlp_rows[:, l], num_q_heads=H, num_kv_heads=Hkv,
+                                        num_neurons=shape.intermediate_size, rows_on=plan.layers[:, l])
+                           for l in range(L)])

@@ -1,8 +1,8 @@
 """The CUDA extension (adaptive_kernels.cuda_ext, csrc/) against its PyTorch references.
 
-On the CPU: the compaction reference against a plain loop and against ``plan.compile_plan``, the
-fake implementations and FLOP formulas, the errors, and the cuda backend's choice between the
-CUDA and Triton ops. On a GPU (``gpu`` marked, skipped elsewhere): plan compaction against its
+On the CPU: ``plan.compact_plan`` (the torch compaction the CUDA one must equal) against a plain
+loop and against ``plan.compile_plan``, the fake implementations and FLOP formulas, the errors, and
+the cuda backend's choice between the CUDA and Triton ops. On a GPU (``gpu`` marked, skipped elsewhere): plan compaction against its
 reference on random masks, the GEMV ops against ``gather_*_linear_reference`` for T in 1, 3, 16,
 odd sizes, -1 padded lists and fp32/fp16/bf16, every element compared; CUDA-graph capture and no
 host synchronisation.
@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels import cuda_ext
 from adaptive_kernels.ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
-from adaptive_kernels.plan import DecoderShape, ExecutionPlan, compile_plan, group_sizes
+from adaptive_kernels.plan import CompactPlan, DecoderShape, ExecutionPlan, compact_plan, compile_plan, group_sizes
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -88,10 +88,10 @@ def naive_buffers(heads: list[bool], groups: list[bool], shape: DecoderShape):
 
 
 @pytest.mark.parametrize("B,L,H,Hkv,d,M", PLAN_SHAPES)
-def test_compact_plan_reference_is_the_definition(B, L, H, Hkv, d, M):
+def test_torch_compact_plan_is_the_definition(B, L, H, Hkv, d, M):
     shape = shape_of(H, Hkv, d, M, L)
     plan = random_plan(B, L, H, generator(B, L, H, Hkv, d, M))
-    ref = cuda_ext.compact_plan_reference(plan, shape)
+    ref = compact_plan(plan, shape)
     assert ref.q_rows.shape == (B, L, H * d) and ref.kv_rows.shape == (B, L, Hkv * d)
     assert ref.q_to_kv.shape == (B, L, H) and ref.mlp_rows.shape == (B, L, M) and ref.q_count.shape == (B, L)
     for b in range(B):
@@ -102,11 +102,11 @@ def test_compact_plan_reference_is_the_definition(B, L, H, Hkv, d, M):
 
 
 @pytest.mark.parametrize("B,L,H,Hkv,d,M", PLAN_SHAPES[:3])
-def test_compact_plan_reference_agrees_with_compile_plan(B, L, H, Hkv, d, M):
+def test_torch_compact_plan_agrees_with_compile_plan(B, L, H, Hkv, d, M):
     """Cut to its counts, each (row, layer) lists what plan.compile_plan lists for it."""
     shape = shape_of(H, Hkv, d, M, L)
     plan = random_plan(B, L, H, generator("li", B, L, H))
-    ref = cuda_ext.compact_plan_reference(plan, shape)
+    ref = compact_plan(plan, shape)
     for l, idx in enumerate(compile_plan(plan, shape).layers):
         for i in range(idx.num_rows):
             b = i if idx.rows is None else int(idx.rows[i])
@@ -127,8 +127,8 @@ def test_compact_plan_reference_agrees_with_compile_plan(B, L, H, Hkv, d, M):
 def test_compact_plan_on_the_device(B, L, H, Hkv, d, M, seed):
     shape = shape_of(H, Hkv, d, M, L)
     plan = random_plan(B, L, H, generator("dev", seed, B, L, H), device="cuda")
-    got, want = cuda_ext.compact_plan(plan, shape), cuda_ext.compact_plan_reference(plan, shape)
-    for name, a, b in zip(cuda_ext.CompactPlan._fields, got, want):
+    got, want = cuda_ext.compact_plan(plan, shape), compact_plan(plan, shape)
+    for name, a, b in zip(CompactPlan._fields, got, want):
         assert a.dtype == torch.int64 and a.device.type == "cuda", name
         assert torch.equal(a, b), name
 
@@ -154,7 +154,7 @@ def test_compact_plan_is_captured_in_a_cuda_graph_without_host_sync():
     heads.copy_(second.heads)
     groups.copy_(second.groups)
     graph.replay()
-    for a, b in zip(out, cuda_ext.compact_plan_reference(second, shape)):
+    for a, b in zip(out, compact_plan(second, shape)):
         assert torch.equal(a, b)
 
 
@@ -163,9 +163,9 @@ def test_compact_plan_refuses_a_cpu_plan_and_a_mismatched_shape():
     with pytest.raises(ValueError, match="CUDA device"):
         cuda_ext.compact_plan(plan, shape_of(4, 2, 3, 10, 2))
     with pytest.raises(ValueError, match="num_heads"):
-        cuda_ext.compact_plan_reference(plan, shape_of(6, 2, 3, 10, 2))
+        compact_plan(plan, shape_of(6, 2, 3, 10, 2))
     with pytest.raises(ValueError, match="num_kv_heads"):
-        cuda_ext.compact_plan_reference(plan, shape_of(4, 3, 3, 10, 2))
+        compact_plan(plan, shape_of(4, 3, 3, 10, 2))
 
 
 # ---------------------------------------------------------------------------------------------

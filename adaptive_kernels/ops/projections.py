@@ -63,6 +63,7 @@ def _rows_kernel(x_ptr, w_ptr, w2_ptr, rows_ptr, b_ptr, out_ptr, T, D, n,
     idx = tl.load(rows_ptr + r * srr + offs_n * srn, mask=offs_n < n, other=-1)
     valid = idx >= 0
     idx = tl.where(valid, idx, 0)
+    k_end = tl.where(tl.max(valid.to(tl.int32)) > 0, D, 0)  # a tile of padded entries only: no loop, output 0
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     w_rows = w_ptr + idx * swn
@@ -71,7 +72,7 @@ def _rows_kernel(x_ptr, w_ptr, w2_ptr, rows_ptr, b_ptr, out_ptr, T, D, n,
     if BLOCK_M == 1:  # one token: GEMV, products summed once at the end
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
+        for k0 in range(0, k_end, BLOCK_K):
             kk = k0 + offs_k
             km = kk < D
             xv = tl.load(x_rows + kk * sxd, mask=km, other=0.0).to(tl.float32)[None, :]
@@ -86,7 +87,7 @@ def _rows_kernel(x_ptr, w_ptr, w2_ptr, rows_ptr, b_ptr, out_ptr, T, D, n,
         y = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         y2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         mm = offs_m < T
-        for k0 in range(0, D, BLOCK_K):
+        for k0 in range(0, k_end, BLOCK_K):
             kk = k0 + offs_k
             km = kk < D
             xv = tl.load(x_rows[:, None] + kk[None, :] * sxd, mask=mm[:, None] & km[None, :], other=0.0)
