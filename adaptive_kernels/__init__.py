@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from .backends import BACKENDS, default_backend, get_backend
+from .graphs import graph_safe
 from .models import Request, Settings, text_model_shape
 from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
 from .models.llava import check_llava, is_patched, swap_in, swap_out
 from .plan import VARIANTS, ExecutionPlan, UnitSpace, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
-__all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embedding", "plan"]
+__all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embedding", "plan", "graph_safe"]
 __version__ = "0.1.0"
 
 

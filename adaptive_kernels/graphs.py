@@ -7,7 +7,35 @@ touches, is fixed for the request, and the KV cache writes in place at a device-
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+_GRAPH_SAFE = contextvars.ContextVar("adaptive_kernels_graph_safe", default=False)
+
+
+@contextlib.contextmanager
+def graph_safe():
+    """Within the block, patched models run requests as they do inside CUDA-graph capture: the scheduler's
+    top-n and the plan's index buffers are made on the device at fixed widths (``plan.fixed_width_schedule``)
+    and nothing is read back to the host. Warm a request up in this block before capturing it, so that
+    the kernels of those widths are compiled (and tuned) outside the capture."""
+    token = _GRAPH_SAFE.set(True)
+    try:
+        yield
+    finally:
+        _GRAPH_SAFE.reset(token)
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s CUDA stream is recording a graph now."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def runs_graph_safe(x: torch.Tensor) -> bool:
+    """Whether a request on ``x`` must read nothing back to the host: inside ``graph_safe()`` or a capture."""
+    return _GRAPH_SAFE.get() or capturing(x)
 
 
 class DecodeGraph:

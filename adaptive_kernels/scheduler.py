@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .graphs import capturing
 from .plan import UnitSpace
 
 NUM_FREQUENCIES = 128
@@ -40,11 +40,24 @@ class LatencyEncoder(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(features))))
 
 
-def _ranks(logits: np.ndarray) -> np.ndarray:
+def _ranks(logits: torch.Tensor) -> torch.Tensor:
     """Position of each entry along the last axis when sorted by descending logit, ties broken by index
-    (NaN counts as +inf); same shape."""
-    order = np.argsort(-np.where(np.isnan(logits), np.inf, logits), axis=-1, kind="stable")
-    return order.argsort(axis=-1)  # the inverse permutation
+    (NaN counts as +inf); same shape, int64."""
+    order = torch.argsort(-torch.where(logits.isnan(), torch.inf, logits), dim=-1, stable=True)
+    return order.argsort(dim=-1)  # the inverse permutation
+
+
+def _per_row(values: list[int], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as int64 [B] on ``like``'s device; while a CUDA graph is captured, written by fills
+    rather than copied from the host (a capture cannot record a copy from pageable memory)."""
+    if len(set(values)) <= 1:
+        return torch.full((len(values),), values[0] if values else 0, dtype=torch.int64, device=like.device)
+    if not capturing(like):
+        return torch.tensor(values, dtype=torch.int64, device=like.device)
+    out = torch.empty(len(values), dtype=torch.int64, device=like.device)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
 
 
 def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMBEL_TEMPERATURE) -> torch.Tensor:
@@ -101,17 +114,15 @@ class AdaptiveScheduler(nn.Module):
     def select(self, latency_state: torch.Tensor, budgets: list[float], sample: bool = False):
         """Units after the prefix from the latency token's hidden state [B, hidden].
 
-        Returns (layers [B, K], heads [B, K, H], groups [B, K, H]) for the K scheduled layers:
-        bool masks of the top-n units on the CPU (``sample=False``: the logits cross to the host
-        once, where the plan's index buffers are built anyway), or float straight-through masks of
-        a Gumbel top-n draw on the state's device (``sample=True``). Either way each row has
-        exactly its budget's units.
+        Returns (layers [B, K], heads [B, K, H], groups [B, K, H]) for the K scheduled layers on the
+        state's device: bool masks of the top-n units (``sample=False``; nothing is read back to the
+        host, so this may run inside CUDA-graph capture), or float straight-through masks of a Gumbel
+        top-n draw (``sample=True``). Either way each row has exactly its budget's units.
         """
         logits = self.head(latency_state)
-        counts = [self.units.units(b) for b in budgets]
+        counts = _per_row([self.units.units(b) for b in budgets], logits)
         if not sample:
-            return self._top_n(logits.detach().float().cpu().numpy(), np.array(counts))
-        counts = torch.tensor(counts, device=logits.device)
+            return self._top_n(logits.detach().float(), counts)
         if self.units.variant == "L":
             return _whole_layers(_gumbel_top_n(logits, counts), self.units.num_heads)
         layer_logits, head_logits, group_logits = self._per_layer(logits)
@@ -123,21 +134,20 @@ class AdaptiveScheduler(nn.Module):
         logits = logits.reshape(-1, self.num_scheduled, 1 + 2 * H)
         return logits[..., 0], logits[..., 1:1 + H], logits[..., 1 + H:]
 
-    def _top_n(self, logits: np.ndarray, counts: np.ndarray):
-        """Deterministic top-n on the host: float logits [B, K'] and units per row [B] -> bool CPU masks
-        (layers [B, K], heads [B, K, H], groups [B, K, H])."""
+    def _top_n(self, logits: torch.Tensor, counts: torch.Tensor):
+        """Deterministic top-n: float logits [B, K'] and units per row [B] -> bool masks (layers [B, K],
+        heads [B, K, H], groups [B, K, H]) on the logits' device."""
         K, H, r = self.num_scheduled, self.units.num_heads, self.units.rank
         if self.units.variant == "L":
-            return _whole_layers(torch.from_numpy(_ranks(logits) < counts[:, None]), H)
+            return _whole_layers(_ranks(logits) < counts[:, None], H)
         layer_logits, head_logits, group_logits = self._per_layer(logits)
         # Deterministic rounds always pick the best layer that still has room, so layers fill in
         # logit order, H/r units each; inside a layer the best r*u heads and groups are on.
         capacity = H // r
-        per_rank = np.clip(counts[:, None] - capacity * np.arange(K), 0, capacity)
-        units_in_layer = np.take_along_axis(per_rank, _ranks(layer_logits), axis=1)
+        per_rank = (counts[:, None] - capacity * torch.arange(K, device=logits.device)).clamp(0, capacity)
+        units_in_layer = per_rank.gather(1, _ranks(layer_logits))
         on = units_in_layer[..., None] * r
-        masks = units_in_layer > 0, _ranks(head_logits) < on, _ranks(group_logits) < on
-        return tuple(torch.from_numpy(m) for m in masks)
+        return units_in_layer > 0, _ranks(head_logits) < on, _ranks(group_logits) < on
 
 
 def _whole_layers(layers: torch.Tensor, num_heads: int) -> tuple:

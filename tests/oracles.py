@@ -1,12 +1,15 @@
-"""Stock transformers step by step, for the tests' references (the stock models of a plan itself,
-masked and sliced, are in adaptive_kernels.sliced, which uses none of the executor's code)."""
+"""Stock transformers for the tests' references: step by step, and at Llama shapes beside tiny_llava's
+(the stock models of a plan itself, masked and sliced, are in adaptive_kernels.sliced, which uses
+none of the executor's code)."""
 
 from __future__ import annotations
 
 import inspect
 
 import torch
-from transformers import LlamaModel
+from transformers import LlamaModel, LlavaForConditionalGeneration
+
+from adaptive_kernels.tiny import tiny_llava_config
 
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
@@ -32,3 +35,20 @@ def stock_decode_logits(model, embeds, attention_mask, position_ids, new_tokens)
                      use_cache=True, **{CACHE_KWARG: cache})
             steps.append(model.lm_head(out.last_hidden_state[:, -1]))
     return steps
+
+
+def stock_of_shape(seed: int, num_heads: int, num_kv_heads: int, hidden_size: int, head_dim: int | None = None,
+                   attention_bias: bool = False, mlp_bias: bool = False):
+    """A random 4-layer LLaVA whose decoder has these sizes (MLP of 45 neurons); its projection biases,
+    where it has them, are drawn at random (transformers initialises them to 0)."""
+    config = tiny_llava_config(num_layers=4, intermediate_size=45, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               hidden_size=hidden_size)
+    text = config.text_config
+    text.head_dim, text.attention_bias, text.mlp_bias = head_dim or hidden_size // num_heads, attention_bias, mlp_bias
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stock = LlavaForConditionalGeneration(config).eval()
+        for name, bias in stock.model.language_model.named_parameters():
+            if name.endswith(".bias"):
+                torch.nn.init.normal_(bias.data, std=0.5)
+    return stock

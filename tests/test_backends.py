@@ -8,14 +8,13 @@ import os
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
-from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
-from oracles import CACHE_KWARG
+from adaptive_kernels.tiny import example_inputs, tiny_llava
+from oracles import CACHE_KWARG, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -67,16 +66,7 @@ OTHER_SHAPES = {  # valid Llama text configs beside tiny_llava's, at toy sizes
 def test_other_llama_shapes_give_the_masked_and_sliced_computation(sizes, backend):
     """Projection biases, a head size that is not hidden/heads, one kv head: the forward is the masked
     computation, and each row decodes as the stock model with its weights cut to the plan."""
-    config = tiny_llava_config(num_layers=4, intermediate_size=45, num_heads=sizes["num_heads"],
-                               num_kv_heads=sizes["num_kv_heads"], hidden_size=sizes["hidden_size"])
-    for name in ("head_dim", "attention_bias", "mlp_bias"):
-        setattr(config.text_config, name, sizes.get(name, False))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(53)
-        stock = LlavaForConditionalGeneration(config).eval()
-        for name, bias in stock.model.language_model.named_parameters():
-            if name.endswith(".bias"):
-                torch.nn.init.normal_(bias.data, std=0.5)  # transformers initialises biases to 0
+    stock = stock_of_shape(53, **sizes)
     inputs = example_inputs(stock, batch_size=2, seed=59, pad=[0, 3])
     plan = _plan(2, 4, sizes["num_heads"], seed=61, device="cpu")
     model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend=backend)

@@ -18,12 +18,12 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from ..backends import Backend
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError
-from ..graphs import DecodeGraph
+from ..graphs import DecodeGraph, capturing, runs_graph_safe
 from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
 from ..ops.rotary import rotary_reference
-from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, UnitSpace, compile_plan, dense_layer,
-                    resolve_budgets, unflatten_masks)
+from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, Schedule, UnitSpace, compact_plan, compile_plan,
+                    dense_layer, fixed_width_schedule, resolve_budgets, unflatten_masks)
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -96,11 +96,14 @@ def _project(backend: Backend, x, linear, rows):
     return linear(x) if rows is None else backend.rows_linear(x, linear.weight, rows, linear.bias)
 
 
-def _project_back(backend: Backend, a, linear, cols):
+def _project_back(backend: Backend, a, linear, cols, rows_on=None):
+    """``linear`` over the columns ``cols`` (None: all); with ``rows_on`` [R], rows that are off get no bias."""
     if cols is None:
         return linear(a)
     y = backend.cols_linear(a, linear.weight, cols)
-    return y if linear.bias is None else y + linear.bias
+    if linear.bias is None:
+        return y
+    return y + (linear.bias if rows_on is None else rows_on[:, None, None] * linear.bias)
 
 
 def _stacked(tensors) -> torch.Tensor | None:
@@ -203,7 +206,7 @@ def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: Adaptiv
     if cache is not None:
         k, v = cache.append(layer, k, v)
     o = backend.attention(q, k, v, idx.q_to_kv, kv_valid, attn.scaling)
-    return _project_back(backend, o.reshape(R, T, -1), attn.o_proj, idx.q_rows)
+    return _project_back(backend, o.reshape(R, T, -1), attn.o_proj, idx.q_rows, idx.rows_on)
 
 
 def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
@@ -218,7 +221,7 @@ def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
     else:
         gate, up = _project(backend, x, mlp.gate_proj, idx.mlp_rows), _project(backend, x, mlp.up_proj, idx.mlp_rows)
         hidden = mlp.act_fn(gate) * up
-    return _project_back(backend, hidden, mlp.down_proj, idx.mlp_rows)
+    return _project_back(backend, hidden, mlp.down_proj, idx.mlp_rows, idx.rows_on)
 
 
 class AdaptiveDecoderLayerMixin:
@@ -268,6 +271,18 @@ def lay_out_reduction_weights(decoder, column_major: bool) -> None:
         for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
             w = linear.weight.data
             linear.weight.data = cols_major(w) if column_major else w.contiguous()
+
+
+def graph_safe_schedule(plan: ExecutionPlan, settings: Settings) -> Schedule:
+    """``plan``'s fixed-width Schedule (``plan.fixed_width_schedule``), built on the plan's device with
+    nothing read back to the host: in one launch of the CUDA extension under the cuda backend, else
+    with torch ops."""
+    compaction = compact_plan
+    if settings.backend.name == "cuda":
+        from .. import cuda_ext
+        if plan.num_heads <= cuda_ext.MAX_UNITS:
+            compaction = cuda_ext.compact_plan
+    return fixed_width_schedule(plan, settings.shape, compaction(plan, settings.shape))
 
 
 def plan_from_masks(layers, heads, groups, settings: Settings, seq_len: int) -> ExecutionPlan:
@@ -366,13 +381,16 @@ class AdaptiveDecoderMixin:
         if mask.shape != (B, past + S):
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, past + S)} (cached plus new tokens)")
 
+        # inside a CUDA-graph capture nothing may wait for the device: plans become fixed-width schedules
+        graph_safe = runs_graph_safe(x)
         budgets, schedule = None, None
         if decoding:
             schedule = cache.schedule
         elif request.execution_plan is not None and request.latency_budget is not None:
             raise ValueError("give latency_budget or execution_plan, not both")
         elif request.execution_plan is not None:
-            schedule = compile_plan(check_plan(request.execution_plan, B, settings.shape, x.device), settings.shape)
+            plan = check_plan(request.execution_plan, B, settings.shape, x.device)
+            schedule = graph_safe_schedule(plan, settings) if graph_safe else compile_plan(plan, settings.shape)
         elif request.latency_budget is not None:
             budgets = resolve_budgets(request.latency_budget, B)
             token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
@@ -381,8 +399,8 @@ class AdaptiveDecoderMixin:
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             latency_index = S
         else:
-            full = ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads)
-            schedule = compile_plan(full.to(x.device), settings.shape)
+            full = ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads, device=x.device)
+            schedule = Schedule(full, [dense_layer(B, settings.shape, x.device)] * settings.shape.num_layers)
 
         # no cache for a plan-only call, nor in training that samples its plan or recomputes layers in the
         # backward pass (gradient checkpointing: a recomputed layer would append its keys again)
@@ -408,7 +426,8 @@ class AdaptiveDecoderMixin:
                 x = self.norm(run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape, hidden))
                 return BaseModelOutputWithPast(last_hidden_state=x,
                                                hidden_states=hidden_states_output(hidden, x, wanted_hidden))
-            schedule = compile_plan(request.plan, settings.shape, x.device)  # host masks: the plan moves too
+            schedule = (graph_safe_schedule(request.plan, settings) if graph_safe
+                        else compile_plan(request.plan, settings.shape))
             if request.plan_only:
                 request.plan = schedule.plan
                 return BaseModelOutputWithPast(last_hidden_state=x)
@@ -464,7 +483,7 @@ class AdaptiveDecoderMixin:
                                                     cache, hidden))
 
         use_graph = (self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
-                     and hidden is None)
+                     and hidden is None and not capturing(x))  # within a caller's capture: recorded there
         if not use_graph or not cache.warm:
             cache.warm = True
             return step(x, cos, sin, kv_valid)

@@ -1,0 +1,149 @@
+"""Requests inside CUDA-graph capture: the scheduler, the plan's fixed-width index buffers, prefill and
+decode read nothing back to the host, and give what the usual path gives.
+
+The package takes that path while the model's stream is capturing, and within ``ak.graph_safe()`` (where
+a request is warmed up before its capture). On the CPU these tests take it there, compare it with the
+masked computation and with the usual path, and run it on the meta device, where any read of a value
+raises. On a GPU one graph holds a whole request.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import adaptive_kernels as ak
+from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.sliced import masked_stock
+from adaptive_kernels.tiny import example_inputs, tiny_llava
+from test_backends import interpreter
+from oracles import stock_of_shape
+
+CUDA = torch.cuda.is_available()
+BACKENDS = ["torch", pytest.param("triton", marks=interpreter)]
+TOL = dict(rtol=2e-4, atol=2e-4)
+
+
+def plan_with_skips(batch: int, layers: int, heads: int, seed: int) -> ExecutionPlan:
+    """Random masks with a skipped layer in every row and an executed layer with nothing on."""
+    g = torch.Generator().manual_seed(seed)
+    on = torch.rand(batch, layers, generator=g) < 0.7
+    on[:, 1], on[:, 2] = False, True
+    h = (torch.rand(batch, layers, heads, generator=g) < 0.5) & on[..., None]
+    gr = (torch.rand(batch, layers, heads, generator=g) < 0.5) & on[..., None]
+    h[:, 2], gr[:, 2] = False, False
+    return ExecutionPlan(on, h, gr)
+
+
+def greedy(model, inputs, **request):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None, **request)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "biased"])
+def test_a_plan_on_fixed_width_buffers_is_the_masked_computation(backend, biases):
+    """Every layer runs at full width on every row, padded entries reading nothing; a row's skipped layer
+    (all units off) leaves it unchanged, projection biases included. Its decode gives the usual path's ids."""
+    stock = stock_of_shape(71, num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12, attention_bias=biases,
+                           mlp_bias=biases)
+    inputs = example_inputs(stock, batch_size=2, seed=72, pad=[0, 3])
+    plan = plan_with_skips(2, 4, 4, seed=73)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend=backend)
+    usual = greedy(model, inputs, execution_plan=plan)
+    with torch.no_grad(), ak.graph_safe():
+        ours = model(**inputs, execution_plan=plan)
+        masked = masked_stock(stock, plan)(**inputs).logits
+        ours_ids = greedy(model, inputs, execution_plan=plan)
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours.logits[valid], masked[valid], **TOL)
+    assert ours.logits[~valid].isfinite().all()
+    assert torch.equal(ours_ids, usual)
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
+    """The scheduler's top-n and the plan's buffers on the device give the plan, logits and ids of the
+    usual path (host index lists), per-row budgets included. (The torch backend: the Triton kernels on
+    fixed-width buffers are checked above.)"""
+    stock = tiny_llava(seed=74, num_layers=6)
+    inputs = example_inputs(stock, batch_size=3, seed=75, pad=[2, 0, 0])
+    budgets = [0.5, 0.75, 1.0]
+    model = ak.patch(copy.deepcopy(stock), variant, rank=2, backend="torch")
+    with torch.no_grad():
+        usual = model(**inputs, latency_budget=budgets)
+    usual_ids = greedy(model, inputs, latency_budget=budgets)
+    with torch.no_grad(), ak.graph_safe():
+        ours = model(**inputs, latency_budget=budgets)
+        ours_ids = greedy(model, inputs, latency_budget=budgets)
+    assert ours.cache.plan == usual.cache.plan
+    valid = torch.cat([inputs["attention_mask"], torch.ones(3, 1, dtype=torch.long)], dim=1).bool()
+    torch.testing.assert_close(ours.logits[valid], usual.logits[valid], **TOL)
+    assert torch.equal(ours_ids, usual_ids)
+
+
+def test_a_request_inside_capture_reads_no_value_back():
+    """On the meta device tensors have shapes but no values: copying one to the host, or reading one,
+    raises. A budget's prefill (scheduler, plan, every layer) and a decode step run there."""
+    stock = tiny_llava(seed=76, num_layers=4)
+    inputs = example_inputs(stock, batch_size=2, seed=77)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch").to("meta")
+    embed = model.model.language_model.embed_tokens
+    mask = inputs["attention_mask"].to("meta")
+    with torch.no_grad(), ak.graph_safe():
+        out = model(inputs_embeds=embed(inputs["input_ids"].to("meta")), attention_mask=mask, latency_budget=0.6)
+        step = model(inputs_embeds=embed(torch.zeros(2, 1, dtype=torch.long, device="meta")),
+                     attention_mask=torch.cat([mask, mask[:, :1]], dim=1), cache=out.cache)
+    assert out.cache.plan.layers.device.type == "meta" and step.logits.shape == (2, 1, stock.config.text_config.vocab_size)
+
+
+def test_the_usual_request_reads_values_back():
+    """The counterpart: outside capture the plan's index lists are built on the host, which needs the masks'
+    values, so on the meta device the request fails (the test above can fail)."""
+    stock = tiny_llava(seed=76, num_layers=4)
+    inputs = example_inputs(stock, batch_size=2, seed=77)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch").to("meta")
+    embed = model.model.language_model.embed_tokens
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="meta"):
+        model(inputs_embeds=embed(inputs["input_ids"].to("meta")), attention_mask=inputs["attention_mask"].to("meta"),
+              latency_budget=0.6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_a_whole_request_is_one_cuda_graph(backend):
+    """Prefill at a budget (scheduler, plan compaction, every layer) and three greedy decode steps, captured
+    as one CUDA graph and replayed on another prompt of the same length: that prompt's plan, logits and
+    tokens as an eager request gives them."""
+    stock = tiny_llava(seed=78, num_layers=6).cuda()
+    first, second = (example_inputs(stock, batch_size=2, seed=seed) for seed in (79, 80))
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend)
+    embed = model.model.language_model.embed_tokens
+    mask = first["attention_mask"]
+    prompt = embed(first["input_ids"]).detach().clone()
+
+    def request(embeds):
+        out = model(inputs_embeds=embeds, attention_mask=mask, latency_budget=[0.6, 0.9])
+        logits, cache, seen = [out.logits], out.cache, mask
+        for _ in range(3):
+            token = logits[-1][:, -1].argmax(-1, keepdim=True)
+            seen = torch.cat([seen, seen[:, :1]], dim=1)
+            logits.append(model(inputs_embeds=embed(token), attention_mask=seen, cache=cache).logits)
+        return cache.plan, logits
+
+    with torch.no_grad():
+        with ak.graph_safe():
+            request(prompt)  # compiles and tunes the kernels at the fixed widths, fills the scheduler's memo
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            plan, logits = request(prompt)
+        prompt.copy_(embed(second["input_ids"]))
+        graph.replay()
+        want_plan, want_logits = request(prompt.clone())
+    assert plan == want_plan
+    for got, want in zip(logits, want_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
