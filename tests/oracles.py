@@ -14,6 +14,11 @@ from adaptive_kernels.tiny import tiny_llava_config
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
+def cache_of(output):
+    """The cache a model output returns (``cache`` in newer transformers, ``past_key_values`` before)."""
+    return output.past_key_values if "past_key_values" in output else output.cache
+
+
 def stock_decode_logits(model, embeds, attention_mask, position_ids, new_tokens) -> list[torch.Tensor]:
     """Logits of a stock LLaVA's language model fed ``embeds`` then ``new_tokens`` one at a time.
 

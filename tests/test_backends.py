@@ -14,7 +14,7 @@ from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, stock_of_shape
+from oracles import CACHE_KWARG, cache_of, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -145,7 +145,7 @@ def _decode_run(model, inputs: dict, case: str):
     # (the graph replays after them)
     out = model.generate(**inputs, max_new_tokens=4, **run)
     ids, logits = out.sequences, list(out.logits)
-    cache = out.past_key_values if "past_key_values" in out else out.cache
+    cache = cache_of(out)
     run.pop("latency_budget")  # the cache keeps the plan and the latency token
     for extra in ({"output_hidden_states": True}, {}):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,

@@ -19,7 +19,7 @@ from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from test_backends import interpreter
-from oracles import stock_of_shape
+from oracles import CACHE_KWARG, cache_of, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", pytest.param("triton", marks=interpreter)]
@@ -78,7 +78,7 @@ def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     with torch.no_grad(), ak.graph_safe():
         ours = model(**inputs, latency_budget=budgets)
         ours_ids = greedy(model, inputs, latency_budget=budgets)
-    assert ours.cache.plan == usual.cache.plan
+    assert cache_of(ours).plan == cache_of(usual).plan
     valid = torch.cat([inputs["attention_mask"], torch.ones(3, 1, dtype=torch.long)], dim=1).bool()
     torch.testing.assert_close(ours.logits[valid], usual.logits[valid], **TOL)
     assert torch.equal(ours_ids, usual_ids)
@@ -95,8 +95,8 @@ def test_a_request_inside_capture_reads_no_value_back():
     with torch.no_grad(), ak.graph_safe():
         out = model(inputs_embeds=embed(inputs["input_ids"].to("meta")), attention_mask=mask, latency_budget=0.6)
         step = model(inputs_embeds=embed(torch.zeros(2, 1, dtype=torch.long, device="meta")),
-                     attention_mask=torch.cat([mask, mask[:, :1]], dim=1), cache=out.cache)
-    assert out.cache.plan.layers.device.type == "meta" and step.logits.shape == (2, 1, stock.config.text_config.vocab_size)
+                     attention_mask=torch.cat([mask, mask[:, :1]], dim=1), **{CACHE_KWARG: cache_of(out)})
+    assert cache_of(out).plan.layers.device.type == "meta" and step.logits.shape == (2, 1, stock.config.text_config.vocab_size)
 
 
 def test_the_usual_request_reads_values_back():
@@ -127,11 +127,11 @@ def test_a_whole_request_is_one_cuda_graph(backend):
 
     def request(embeds):
         out = model(inputs_embeds=embeds, attention_mask=mask, latency_budget=[0.6, 0.9])
-        logits, cache, seen = [out.logits], out.cache, mask
+        logits, cache, seen = [out.logits], cache_of(out), mask
         for _ in range(3):
             token = logits[-1][:, -1].argmax(-1, keepdim=True)
             seen = torch.cat([seen, seen[:, :1]], dim=1)
-            logits.append(model(inputs_embeds=embed(token), attention_mask=seen, cache=cache).logits)
+            logits.append(model(inputs_embeds=embed(token), attention_mask=seen, **{CACHE_KWARG: cache}).logits)
         return cache.plan, logits
 
     with torch.no_grad():

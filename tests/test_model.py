@@ -19,7 +19,7 @@ from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
-from oracles import CACHE_KWARG, stock_decode_logits
+from oracles import CACHE_KWARG, cache_of, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -187,7 +187,7 @@ def test_generate_continues_from_a_returned_cache(stock):
             plan = ak.plan(model, latency_budget=budget, **inputs) if budget else None
             first = model.generate(**inputs, latency_budget=budget, **run)
             ids = torch.cat([first.sequences, more], 1)
-            cached = first.past_key_values if "past_key_values" in first else first.cache
+            cached = cache_of(first)
             prompt_len = inputs["input_ids"].shape[1]
             assert cached.get_seq_length() == prompt_len + (budget is not None) + 3  # the last new token is not fed
             again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cached}, **run)
@@ -344,7 +344,7 @@ def test_decode_bytes_are_the_cut_weights_and_the_compact_cache(stock):
     inputs = example_inputs(stock, batch_size=1, seed=12)
     with torch.no_grad():
         out = patched(stock, "H")(**inputs, execution_plan=plan, use_cache=True)
-    cache = out.past_key_values if "past_key_values" in out else out.cache
+    cache = cache_of(out)
     held = sum(t.numel() for l in range(L) if cache.layer(l) is not None for t in cache.layer(l)) * 4
     shape, T = text_model_shape(stock), inputs["input_ids"].shape[1]
     kv = shape.decode_bytes(*masks, cached=T, element_size=4) - shape.decode_bytes(*masks, cached=0, element_size=4)
