@@ -43,7 +43,7 @@ class LatencyEncoder(nn.Module):
 def _ranks(logits: torch.Tensor) -> torch.Tensor:
     """Position of each entry along the last axis when sorted by descending logit, ties broken by index
     (NaN counts as +inf); same shape, int64."""
-    order = torch.argsort(-torch.where(logits.isnan(), torch.inf, logits), dim=-1, stable=True)
+    order = torch.argsort(-logits.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf), dim=-1, stable=True)
     return order.argsort(dim=-1)  # the inverse permutation
 
 
@@ -147,7 +147,8 @@ class AdaptiveScheduler(nn.Module):
         per_rank = (counts[:, None] - capacity * torch.arange(K, device=logits.device)).clamp(0, capacity)
         units_in_layer = per_rank.gather(1, _ranks(layer_logits))
         on = units_in_layer[..., None] * r
-        return units_in_layer > 0, _ranks(head_logits) < on, _ranks(group_logits) < on
+        head_ranks, group_ranks = _ranks(torch.stack([head_logits, group_logits]))  # one sort for both
+        return units_in_layer > 0, head_ranks < on, group_ranks < on
 
 
 def _whole_layers(layers: torch.Tensor, num_heads: int) -> tuple:
