@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from . import ExecutionPlan, latency_embedding, patch, plan, unpatch
+from . import ExecutionPlan, graph_safe, latency_embedding, patch, plan, unpatch
 from .models import text_model_shape
 from .models.llama import plan_from_masks
 from .plan import compile_plan
@@ -79,6 +79,8 @@ class Row:
     decode_kernel_ms: float = float("nan")  # sum of GPU kernel times per decode token, steady state (adaptive rows)
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
     decode_floor_ms: float = float("nan")  # the bytes a decode step must read, at the measured copy bandwidth
+    prefill_graph_ms: float = float("nan")  # one prefill captured as a CUDA graph and replayed (adaptive rows:
+    # the latency token, scheduler, plan and every layer inside, on fixed-width plan buffers)
 
 
 def _timer(device: str):
@@ -125,6 +127,20 @@ def _schedule(model, budget: float, seq_len: int):
     token = scheduler.latency_embedding([budget])
     masks = scheduler.select(token, [budget])  # the token's embedding stands in for its hidden state
     return compile_plan(plan_from_masks(*masks, settings, seq_len), settings.shape, model.device)
+
+
+def graph_replay_ms(fn, median_ms, repeats: int) -> float:
+    """Median ms of a replay of ``fn`` captured as one CUDA graph. Warmed up first on a side stream within
+    ``graph_safe()``, so that the kernels of the captured shapes compile (and tune) outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), graph_safe():
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, repeats)
 
 
 def kernel_ms(fn) -> float:
@@ -212,14 +228,31 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
         vision_ms = median_ms(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), repeats)
         embeds = prompt_embeddings(model, inputs)
         mask = inputs["attention_mask"]
-        kernels = {"prefill": float("nan"), "decode": float("nan")}  # of the last timings call (CUDA only)
+        # of the last timings call (CUDA only): GPU kernel times, and a prefill replayed as a CUDA graph
+        kernels = {"prefill": float("nan"), "decode": float("nan"), "graph": float("nan")}
+        failures: list[str] = []
 
-        def timings(m, embeds=embeds, mask=mask, decode_kernels=False, **kw):
+        def graph_prefill_ms(name: str, fn) -> float:
+            """``graph_replay_ms`` of ``fn`` on CUDA (NaN elsewhere); a capture that fails is a failure of the
+            sweep, named ``name``, and NaN, the job's other timings kept."""
+            if device != "cuda":
+                return float("nan")
+            try:
+                return graph_replay_ms(fn, median_ms, repeats)
+            except Exception as error:
+                traceback.print_exc()
+                failures.append(f"{name} prefill as a CUDA graph: {type(error).__name__}: {error}")
+                return float("nan")
+
+        def timings(m, embeds=embeds, mask=mask, decode_kernels=False, graph=None, **kw):
             """(prefill ms, decode ms per token, decode setup ms) of ``m`` on ``embeds``; kernel times noted
-            (decode's, ``(k(n + 3) - k(3)) / n`` as in ``decode_timing``, when asked)."""
+            (decode's, ``(k(n + 3) - k(3)) / n`` as in ``decode_timing``, when asked), and with a ``graph``
+            name the prefill replayed as a CUDA graph (the prompt unpadded: no mask)."""
             prefill = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
             if device == "cuda":
                 kernels["prefill"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
+            if graph is not None:
+                kernels["graph"] = graph_prefill_ms(graph, lambda: m(inputs_embeds=embeds, **kw))
             gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
 
             def generate(n: int):
@@ -240,9 +273,9 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
         bandwidth = copy_bandwidth(device)
         shape = text_model_shape(model)
         full = ExecutionPlan.full(1, shape.num_layers, shape.num_heads)
-        t = timings(model)
+        t = timings(model, graph="stock")
         record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
-                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2],
+                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], prefill_graph_ms=kernels["graph"],
                    decode_floor_ms=decode_floor_ms(model, full, embeds.shape[1], bandwidth), **stamp))
 
         def measure(variant: str, backend: str, budget: float) -> None:
@@ -252,11 +285,13 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             latency_token = latency_embedding(model, budget)[None, None].to(embeds.dtype)
             cost = float(p.cost()[0])
-            prefill, decode, setup = timings(model, decode_kernels=True, latency_budget=budget)
+            prefill, decode, setup = timings(model, decode_kernels=True, graph=f"{variant} {backend} {budget}",
+                                             latency_budget=budget)
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
                        vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
                        schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"], decode_kernel_ms=kernels["decode"],
+                       prefill_graph_ms=kernels["graph"],
                        decode_floor_ms=decode_floor_ms(model, p, embeds.shape[1] + 1, bandwidth), **stamp))
             unpatch(model)
             if backend != backends[0]:
@@ -277,16 +312,16 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
             prefill = median_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask), repeats)
             ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask))
                              if device == "cuda" else float("nan"))
+            ideal_graph = graph_prefill_ms(f"ideal {variant} {budget}", lambda: ideal(inputs_embeds=token_embeds))
             record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
-                       vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels, **stamp))
+                       vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels,
+                       prefill_graph_ms=ideal_graph, **stamp))
 
         def compiled_stock() -> None:
             per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
             record(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
                        vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
                        decode_setup_ms=setup, **stamp))
-
-        failures: list[str] = []
 
         def attempt(name: str, job, *args) -> None:
             try:
@@ -327,7 +362,7 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
         full = next((r for r in series if r.budget == 1.0), None)
         if full is None:
             continue
-        for phase in ("prefill_ms", "prefill_kernel_ms", "decode_ms_per_token", "decode_kernel_ms"):
+        for phase in ("prefill_ms", "prefill_kernel_ms", "prefill_graph_ms", "decode_ms_per_token", "decode_kernel_ms"):
             if math.isnan(getattr(full, phase)):  # not measured here (kernel times: CUDA only)
                 continue
             excess, budget = max((getattr(r, phase) / getattr(full, phase) - r.cost, r.budget) for r in series)
@@ -337,13 +372,14 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
 
 
 TARGETS = {"prefill_vs_ideal": ("prefill/ideal", 1.05), "prefill_kernel_vs_ideal": ("kernels/ideal", 1.05),
+           "prefill_graph_vs_ideal": ("graph/ideal", 1.05),
            "decode_vs_floor": ("decode/floor", 1.3), "schedule_share_of_prefill": ("sched/prefill", 0.02),
            "decode_vs_compiled_stock": ("decode/compiled", 1.0)}
 """``target_ratios``' ratios: a short label each, and the upper bound the speed targets set."""
 
 
 def target_ratios(rows: list[Row]) -> list[dict]:
-    """Per adaptive row, the ratios ``TARGETS`` bounds: prefill (wall and GPU kernel time) over the ideal's
+    """Per adaptive row, the ratios ``TARGETS`` bounds: prefill (wall, GPU kernel time, graph replay) over the ideal's
     (a stock model cut to the same plan), decode per token over its floor, scheduling over prefill, and
     at budget 1.0 decode per token over compiled stock's; NaN where a part was not measured."""
     nan = float("nan")
@@ -358,6 +394,7 @@ def target_ratios(rows: list[Row]) -> list[dict]:
             "variant": r.variant, "backend": r.backend, "budget": r.budget,
             "prefill_vs_ideal": r.prefill_ms / i.prefill_ms if i else nan,
             "prefill_kernel_vs_ideal": r.prefill_kernel_ms / i.prefill_kernel_ms if i else nan,
+            "prefill_graph_vs_ideal": r.prefill_graph_ms / i.prefill_graph_ms if i else nan,
             "decode_vs_floor": r.decode_ms_per_token / r.decode_floor_ms,
             "schedule_share_of_prefill": r.schedule_ms / r.prefill_ms,
             "decode_vs_compiled_stock": (r.decode_ms_per_token / compiled.decode_ms_per_token
@@ -413,6 +450,8 @@ def plot_rows(rows: list[Row], path: Path) -> Path | None:
     panels = [("prefill_ms", "prefill, wall"), ("decode_ms_per_token", "decode / token (steady state), wall")]
     if any(r.prefill_kernel_ms == r.prefill_kernel_ms for r in rows):  # not all NaN: kernel times were taken
         panels.insert(1, ("prefill_kernel_ms", "prefill, GPU kernel time"))
+    if any(r.prefill_graph_ms == r.prefill_graph_ms for r in rows):
+        panels.insert(1, ("prefill_graph_ms", "prefill, one CUDA graph replayed"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     adaptive = [r for r in rows if r.system == "adaptive"]
     for ax, (field, title) in zip(axes, panels):

@@ -68,8 +68,8 @@ for stage in "${stages[@]}"; do
 done
 
 python3 - "$stamp" <<'PY' 2>&1 | tee -a "$log"
-"""This run's tables (ops, extension, then the sweep's decode times, adherence and target ratios); the sweep's
-plot drawn again from its rows (a sweep cut off by its time limit drew none)."""
+"""This run's tables (ops, extension, then the sweep's prefill and decode times, adherence and target ratios);
+the sweep's plot drawn again from its rows (a sweep cut off by its time limit drew none)."""
 import glob, json, os, sys
 from pathlib import Path
 
@@ -90,11 +90,13 @@ for path in new("sweep-*.json"):
         continue
     rows = [Row(**r) for r in json.loads(path.read_text())]
     plot_rows(rows, path.with_suffix(".png"))
-    print("decode ms per token       wall   kernels   floor")
+    print("                              prefill ms                decode ms per token")
+    print("                           wall  kernels    graph       wall  kernels    floor")
     for r in rows:
-        if r.system == "adaptive":
-            print(f"{r.variant} {r.backend:7} {r.budget:4.2f}   {r.decode_ms_per_token:9.2f} {r.decode_kernel_ms:9.2f} "
-                  f"{r.decode_floor_ms:7.2f}")
+        if r.system in ("stock", "ideal", "adaptive"):
+            print(f"{r.system:8} {r.variant} {r.backend:12} {r.budget:4.2f} {r.prefill_ms:8.2f} {r.prefill_kernel_ms:8.2f} "
+                  f"{r.prefill_graph_ms:8.2f}   {r.decode_ms_per_token:8.2f} {r.decode_kernel_ms:8.2f} "
+                  f"{r.decode_floor_ms:8.2f}")
     for a in json.loads(path.with_name(f"{path.stem}-adherence.json").read_text()):
         print(f"adherence {a['variant']} {a['backend']:7} {a['phase']:15} largest excess {a['largest_excess']:+.3f} "
               f"at {a['at_budget']}")
