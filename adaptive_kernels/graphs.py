@@ -1,4 +1,5 @@
-"""CUDA-graph decode: one decode step of a request's plan, captured once and replayed per token.
+"""CUDA graphs: one decode step of a request's plan, captured once and replayed per token; and whether
+a request must read nothing back to the host (inside a caller's capture, or ``graph_safe()``).
 
 At batch 1 an eager decode step is bound by kernel launches, not by the weights it reads; a
 replayed graph launches them all at once. The plan, and so every shape and weight the step

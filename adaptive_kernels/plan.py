@@ -585,8 +585,8 @@ def fixed_width_schedule(plan: ExecutionPlan, shape: DecoderShape, buffers: Comp
     B, L, H = plan.heads.shape
     Hkv, d = shape.num_kv_heads, shape.head_dim
     kv = buffers.kv_rows
-    qkv = torch.cat([buffers.q_rows, torch.where(kv >= 0, kv + H * d, -1), torch.where(kv >= 0, kv + (H + Hkv) * d, -1)],
-                    dim=-1)  # rows of the stacked q, k, v weight
+    k_rows, v_rows = (torch.where(kv >= 0, kv + offset, -1) for offset in (H * d, (H + Hkv) * d))
+    qkv = torch.cat([buffers.q_rows, k_rows, v_rows], dim=-1)  # rows of the stacked q, k, v weight
     return Schedule(plan, [LayerIndices(rows=None, num_rows=B, q_rows=buffers.q_rows[:, l], kv_rows=kv[:, l],
                                         qkv_rows=qkv[:, l], q_to_kv=buffers.q_to_kv[:, l],
                                         mlp_rows=buffers.mlp_rows[:, l], num_q_heads=H, num_kv_heads=Hkv,
