@@ -273,10 +273,12 @@ def lay_out_reduction_weights(decoder, column_major: bool) -> None:
             linear.weight.data = cols_major(w) if column_major else w.contiguous()
 
 
-def graph_safe_schedule(plan: ExecutionPlan, settings: Settings) -> Schedule:
-    """``plan``'s fixed-width Schedule (``plan.fixed_width_schedule``), built on the plan's device with
-    nothing read back to the host: in one launch of the CUDA extension under the cuda backend, else
-    with torch ops."""
+def plan_schedule(plan: ExecutionPlan, settings: Settings, graph_safe: bool) -> Schedule:
+    """``plan``'s Schedule: index lists built on the host (``compile_plan``), or with ``graph_safe`` the
+    fixed-width one (``plan.fixed_width_schedule``) built on the plan's device with nothing read back to
+    the host, in one launch of the CUDA extension under the cuda backend, else with torch ops."""
+    if not graph_safe:
+        return compile_plan(plan, settings.shape)
     compaction = compact_plan
     if settings.backend.name == "cuda":
         from .. import cuda_ext
@@ -389,8 +391,8 @@ class AdaptiveDecoderMixin:
         elif request.execution_plan is not None and request.latency_budget is not None:
             raise ValueError("give latency_budget or execution_plan, not both")
         elif request.execution_plan is not None:
-            plan = check_plan(request.execution_plan, B, settings.shape, x.device)
-            schedule = graph_safe_schedule(plan, settings) if graph_safe else compile_plan(plan, settings.shape)
+            schedule = plan_schedule(check_plan(request.execution_plan, B, settings.shape, x.device), settings,
+                                     graph_safe)
         elif request.latency_budget is not None:
             budgets = resolve_budgets(request.latency_budget, B)
             token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
@@ -426,8 +428,7 @@ class AdaptiveDecoderMixin:
                 x = self.norm(run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape, hidden))
                 return BaseModelOutputWithPast(last_hidden_state=x,
                                                hidden_states=hidden_states_output(hidden, x, wanted_hidden))
-            schedule = (graph_safe_schedule(request.plan, settings) if graph_safe
-                        else compile_plan(request.plan, settings.shape))
+            schedule = plan_schedule(request.plan, settings, graph_safe)
             if request.plan_only:
                 request.plan = schedule.plan
                 return BaseModelOutputWithPast(last_hidden_state=x)
