@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .ops._library import differentiate_by_reference
-from .ops.projections import (gather_cols_flops, gather_cols_linear_reference, gather_rows_flops,
+from .ops.projections import (check_gather_args, gather_cols_flops, gather_cols_linear_reference, gather_rows_flops,
                               gather_rows_linear_reference)
 from .plan import CompactPlan, DecoderShape, ExecutionPlan, check_compaction
 
@@ -85,8 +85,8 @@ differentiate_by_reference("adaptive_kernels::cuda_gather_rows_linear", gather_r
 differentiate_by_reference("adaptive_kernels::cuda_gather_cols_linear", gather_cols_linear_reference)
 
 
-register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_rows_linear)(gather_rows_flops)
-register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_cols_linear)(gather_cols_flops)
+register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_rows_linear, get_raw=True)(gather_rows_flops)
+register_flop_formula(torch.ops.adaptive_kernels.cuda_gather_cols_linear, get_raw=True)(gather_cols_flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,41 +151,15 @@ def load(verbose: bool = False) -> None:
 # Gathered projections (decode regime)
 # ---------------------------------------------------------------------------------------------
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _check_gemv(op: str, act_name: str, act, weight, index_name: str, index, bias=None) -> None:
     """Clear errors, naming the argument, for what the GEMV kernels cannot take; checked here, before
-    the extension is called (its own checks only guard direct ``torch.ops`` calls).
-
-    ``act_name`` "x": rows-side (weight [N, D] with D = x's last size); "a": cols-side (cols [R, n]
-    with n = a's last size)."""
-    tensors = {act_name: act, "weight": weight, index_name: index} | ({} if bias is None else {"bias": bias})
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if act.dim() != 3 or weight.dim() != 2 or index.dim() != 2:
-        raise ValueError(f"{op}: {act_name} must be 3-D, weight and {index_name} 2-D; got {act_name} "
-                         f"{tuple(act.shape)}, weight {tuple(weight.shape)}, {index_name} {tuple(index.shape)}")
+    the extension is called (its own checks only guard direct ``torch.ops`` calls): the arguments of any
+    gathered product (``check_gather_args``), at most ``DECODE_MAX_TOKENS`` tokens, one CUDA device."""
+    check_gather_args(op, act_name, act, weight, index_name, index, bias)
     if act.shape[1] > DECODE_MAX_TOKENS:
         raise ValueError(f"{op}: the GEMV kernels take at most {DECODE_MAX_TOKENS} tokens per row ({act_name}.shape[1]), "
                          f"got {act.shape[1]}; the Triton ops (adaptive_kernels.ops.projections) take any number")
-    if act.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {act_name} must be float32, float16 or bfloat16, got {act.dtype}")
-    for name in ("weight", "bias"):
-        if name in tensors and tensors[name].dtype != act.dtype:
-            raise TypeError(f"{op}: {name} must have {act_name}'s dtype {act.dtype}, got {tensors[name].dtype}")
-    if index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{op}: {index_name} must be int64 (or int32), got {index.dtype}")
-    if index.shape[0] != act.shape[0]:
-        raise ValueError(f"{op}: {index_name} must hold one list per row of {act_name} ({act.shape[0]}), "
-                         f"got {tuple(index.shape)}")
-    if act_name == "x" and weight.shape[1] != act.shape[2]:
-        raise ValueError(f"{op}: weight must be [N, D] with D = {act.shape[2]} (x's last size), got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be [N] with N = {weight.shape[0]} (weight's rows), got {tuple(bias.shape)}")
-    if act_name == "a" and index.shape[1] != act.shape[2]:
-        raise ValueError(f"{op}: cols must be [R, n] with n = {act.shape[2]} (a's last size), got {tuple(index.shape)}")
+    tensors = {act_name: act, "weight": weight, index_name: index} | ({} if bias is None else {"bias": bias})
     devices = {t.device for t in tensors.values()}
     if any(d.type != "cuda" for d in devices) or len(devices) > 1:
         where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())

@@ -12,6 +12,7 @@ import functools
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -113,6 +114,14 @@ def differentiate_by_reference(op, reference) -> None:
         return tuple(result)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def active_count(index: torch.Tensor) -> int:
+    """Entries of an index list that are not padding (``>= 0``), for FLOP formulas: counted from the
+    values when the tensor holds some; a meta or fake tensor (shapes only) counts every entry."""
+    if index.device.type == "meta" or is_fake(index):
+        return index.numel()
+    return int((index >= 0).sum())
 
 
 def bucket(n: int) -> int:

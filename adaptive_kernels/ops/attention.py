@@ -39,8 +39,8 @@ import math  # noqa: E402
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import (INTERPRET, autotune, bucket, call_directly, check_launch, differentiate_by_reference,  # noqa: E402
-                       dot_precision, jit, num_sms, tl)
+from ._library import (INTERPRET, active_count, autotune, bucket, call_directly, check_launch,  # noqa: E402
+                       differentiate_by_reference, dot_precision, jit, num_sms, tl)
 
 
 
@@ -139,8 +139,30 @@ def _num_splits(programs: int, Tk: int, sms: int) -> int:
     return splits
 
 
+def _check_attention_args(q, k, v, q_to_kv, kv_valid) -> None:
+    """Clear errors, naming the argument, for shapes and dtypes the kernel cannot take (q_to_kv's
+    values are not read: that would wait for the device)."""
+    op = "head_sparse_attention"
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"{op}: q must be [R, T, nq, d] and k, v one shape [R, nkv, Tk, d]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    R, T, nq, d = q.shape
+    Tk = k.shape[2]
+    if k.shape[0] != R or k.shape[3] != d:
+        raise ValueError(f"{op}: k and v must be [{R}, nkv, Tk, {d}] (q's rows and head size), got {tuple(k.shape)}")
+    if T > Tk:
+        raise ValueError(f"{op}: the {T} queries are the last of the keys, so k must hold at least {T} (Tk), got {Tk}")
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if tuple(q_to_kv.shape) != (R, nq) or q_to_kv.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: q_to_kv must be int64 (or int32) [{R}, {nq}], got {q_to_kv.dtype} {tuple(q_to_kv.shape)}")
+    if tuple(kv_valid.shape) != (R, Tk) or kv_valid.dtype.is_floating_point or kv_valid.dtype.is_complex:
+        raise ValueError(f"{op}: kv_valid must be bool (or 0/1 integers) [{R}, {Tk}], got {kv_valid.dtype} {tuple(kv_valid.shape)}")
+
+
 def _attention_launch(q, k, v, q_to_kv, kv_valid, scale, splits=None):
     check_launch("head_sparse_attention", q, k, v, q_to_kv, kv_valid)
+    _check_attention_args(q, k, v, q_to_kv, kv_valid)
     R, T, nq, d = q.shape
     Tk = k.shape[2]
     out = q.new_empty((R, T, nq, d))
@@ -193,10 +215,10 @@ def _(q, k, v, q_to_kv, kv_valid, scale):
 differentiate_by_reference(_head_sparse_attention_op, head_sparse_attention_reference)
 
 
-@register_flop_formula(torch.ops.adaptive_kernels.head_sparse_attention)
-def _attention_flops(q_shape, k_shape, *args, **kwargs) -> int:
-    R, T, nq, d = q_shape
-    return 4 * R * T * k_shape[2] * nq * d
+@register_flop_formula(torch.ops.adaptive_kernels.head_sparse_attention, get_raw=True)
+def _attention_flops(q, k, v, q_to_kv, kv_valid, scale, *, out_val=None) -> int:
+    R, T, nq, d = q.shape
+    return 4 * T * k.shape[2] * active_count(q_to_kv) * d
 
 
 def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_to_kv: torch.Tensor,
@@ -207,7 +229,8 @@ def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t
     [R, Tk] -> o [R, T, nq, d], with the masking of ``head_sparse_attention_reference`` (causal,
     queries the last T of the Tk keys; no visible key or q_to_kv = -1 gives 0). Triton; reads only
     the kv slots that active q heads use. The custom op
-    ``torch.ops.adaptive_kernels.head_sparse_attention``; FLOPs counted: 4*R*T*Tk*nq*d.
+    ``torch.ops.adaptive_kernels.head_sparse_attention``; FLOPs counted: 4*T*Tk*d per active q
+    head (q_to_kv >= 0).
     """
     if call_directly(q, k, v):
         return _attention_launch(q, k, v, q_to_kv, kv_valid, scale)

@@ -36,7 +36,7 @@ MAX_D = 16384
 
 
 @jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, D, eps, sx, sr, so, sh,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, D, eps, sx, sr, sw, so, sh,
                      HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
@@ -47,7 +47,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, D, eps, sx, sr, so, 
         tl.store(h_ptr + row * sh + offs, h, mask=m)
     h32 = h.to(tl.float32)
     normed = (h32 * tl.rsqrt(tl.sum(h32 * h32, axis=0) / D + eps)).to(h.dtype)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0)
+    w = tl.load(w_ptr + offs * sw, mask=m, other=0.0)
     y = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * so + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -61,6 +61,8 @@ def _rms_norm_launch(x, weight, eps, residual=None):
     tensors = (x, weight) if residual is None else (x, weight, residual)
     check_launch("rms_norm", *tensors)
     D = x.shape[-1]
+    if tuple(weight.shape) != (D,):
+        raise ValueError(f"rms_norm: weight must be [{D}] (x's last size), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
                          f"got {tuple(residual.shape)}, {residual.dtype}")
@@ -72,8 +74,8 @@ def _rms_norm_launch(x, weight, eps, residual=None):
         return out, h
     xr, outr, hr = _rows(x), out.view(-1, D), h.view(-1, D)
     rr = _rows(residual) if residual is not None else xr
-    _rms_norm_kernel[(xr.shape[0],)](xr, rr, weight, outr, hr, D, eps, xr.stride(0), rr.stride(0), outr.stride(0),
-                                     hr.stride(0), HAS_RESIDUAL=residual is not None,
+    _rms_norm_kernel[(xr.shape[0],)](xr, rr, weight, outr, hr, D, eps, xr.stride(0), rr.stride(0), weight.stride(0),
+                                     outr.stride(0), hr.stride(0), HAS_RESIDUAL=residual is not None,
                                      BLOCK_D=max(16, 1 << (D - 1).bit_length()), num_warps=8 if D > 2048 else 4)
     return out, h
 

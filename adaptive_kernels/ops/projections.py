@@ -36,6 +36,43 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
     return torch.matmul(a.masked_fill(~valid.unsqueeze(1), 0), w)
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_gather_args(op: str, act_name: str, act, weight, index_name: str, index, bias=None,
+                      weight_name: str = "weight") -> None:
+    """Clear errors, naming the argument, for shapes and dtypes a gathered product cannot take (any backend's
+    kernel; the references fail on them less clearly). Index values are not read: checking that they lie in
+    [-1, N) would wait for the device.
+
+    ``act_name`` "x": rows-side (weight [N, D] with D = x's last size); "a": cols-side (cols [R, n]
+    with n = a's last size)."""
+    for name, t in ((act_name, act), (weight_name, weight), (index_name, index)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if act.dim() != 3 or weight.dim() != 2 or index.dim() != 2:
+        raise ValueError(f"{op}: {act_name} must be 3-D, {weight_name} and {index_name} 2-D; got {act_name} "
+                         f"{tuple(act.shape)}, {weight_name} {tuple(weight.shape)}, {index_name} {tuple(index.shape)}")
+    if act.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {act_name} must be float32, float16 or bfloat16, got {act.dtype}")
+    if weight.dtype != act.dtype or (bias is not None and bias.dtype != act.dtype):
+        name, t = (weight_name, weight) if weight.dtype != act.dtype else ("bias", bias)
+        raise TypeError(f"{op}: {name} must have {act_name}'s dtype {act.dtype}, got {t.dtype}")
+    if index.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: {index_name} must be int64 (or int32), got {index.dtype}")
+    if index.shape[0] != act.shape[0]:
+        raise ValueError(f"{op}: {index_name} must hold one list per row of {act_name} ({act.shape[0]}), "
+                         f"got {tuple(index.shape)}")
+    if act_name == "x" and weight.shape[1] != act.shape[2]:
+        raise ValueError(f"{op}: {weight_name} must be [N, D] with D = {act.shape[2]} (x's last size), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be [N] with N = {weight.shape[0]} ({weight_name}'s rows), got {tuple(bias.shape)}")
+    if act_name == "a" and index.shape[1] != act.shape[2]:
+        raise ValueError(f"{op}: cols must be [R, n] with n = {act.shape[2]} (a's last size), got {tuple(index.shape)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +82,8 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import (INTERPRET, autotune, bucket, call_directly, check_launch, differentiate_by_reference,  # noqa: E402
-                       dot_precision, jit, num_sms, tl)
+from ._library import (INTERPRET, active_count, autotune, bucket, call_directly, check_launch,  # noqa: E402
+                       differentiate_by_reference, dot_precision, jit, num_sms, tl)
 
 
 @jit
@@ -126,7 +163,7 @@ def _cols_block(acc, a_rows, w_ptr, c_row, j0, j_end, offs_j, offs_d, dm, mm, sa
         run = (tl.sum((c == first + offs_j).to(tl.int32)) == BLOCK_J) & (tl.min(cv.to(tl.int32)) == 1)
         if run & (first % ALIGN == 0):
             base = tl.multiple_of(first, ALIGN)
-            wt = tl.load(w_ptr + offs_d[:, None] * swd + (base + offs_j)[None, :], mask=dm[:, None], other=0.0)
+            wt = tl.load(w_ptr + offs_d[:, None] * swd + (base + offs_j)[None, :] * swn, mask=dm[:, None], other=0.0)
         else:
             wt = tl.load(w_ptr + offs_d[:, None] * swd + c[None, :] * swn, mask=dm[:, None] & cv[None, :], other=0.0)
         wv = tl.trans(wt)
@@ -250,6 +287,13 @@ def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
     """Shared launcher of gather_rows_linear and gathered_swiglu (weight2: the up projection)."""
     tensors = [x, weight, rows] + [t for t in (bias, weight2) if t is not None]
     check_launch(op, *tensors)
+    if weight2 is None:
+        check_gather_args(op, "x", x, weight, "rows", rows, bias)
+    else:
+        check_gather_args(op, "x", x, weight, "rows", rows, weight_name="w_gate")
+        if weight2.shape != weight.shape or weight2.dtype != weight.dtype:
+            raise ValueError(f"{op}: w_up must match w_gate ({tuple(weight.shape)}, {weight.dtype}), "
+                             f"got {tuple(weight2.shape)}, {weight2.dtype}")
     R, T, D = x.shape
     n = rows.shape[1]
     out = torch.empty((R, T, n), device=x.device, dtype=x.dtype)
@@ -295,6 +339,7 @@ def _split_columns(R: int, D: int, n: int, device: torch.device) -> int:
 def _cols_launch(a, weight, cols):
     """The launcher of gather_cols_linear."""
     check_launch("gather_cols_linear", a, weight, cols)
+    check_gather_args("gather_cols_linear", "a", a, weight, "cols", cols)
     R, T, n = a.shape
     D = weight.shape[0]
     if n == 0 or R * T == 0:
@@ -336,20 +381,20 @@ differentiate_by_reference(_gather_rows_linear_op, gather_rows_linear_reference)
 differentiate_by_reference(_gather_cols_linear_op, gather_cols_linear_reference)
 
 
-def gather_rows_flops(x_shape, weight_shape, rows_shape, *args, **kwargs) -> int:
-    """FLOPs of a gathered-rows product (any backend's op), from its argument shapes."""
-    R, T, D = x_shape
-    return 2 * R * T * rows_shape[1] * D
+def gather_rows_flops(x, weight, rows, bias=None, *, out_val=None) -> int:
+    """FLOPs of a gathered-rows product (any backend's op; a raw FLOP formula): 2 per listed (not
+    padded) row, token and reduced element."""
+    return 2 * x.shape[1] * active_count(rows) * x.shape[2]
 
 
-def gather_cols_flops(a_shape, weight_shape, cols_shape, *args, **kwargs) -> int:
-    """FLOPs of a gathered-columns product (any backend's op), from its argument shapes."""
-    R, T, n = a_shape
-    return 2 * R * T * n * weight_shape[0]
+def gather_cols_flops(a, weight, cols, *, out_val=None) -> int:
+    """FLOPs of a gathered-columns product (any backend's op; a raw FLOP formula): 2 per listed (not
+    padded) column, token and output element."""
+    return 2 * a.shape[1] * active_count(cols) * weight.shape[0]
 
 
-register_flop_formula(torch.ops.adaptive_kernels.gather_rows_linear)(gather_rows_flops)
-register_flop_formula(torch.ops.adaptive_kernels.gather_cols_linear)(gather_cols_flops)
+register_flop_formula(torch.ops.adaptive_kernels.gather_rows_linear, get_raw=True)(gather_rows_flops)
+register_flop_formula(torch.ops.adaptive_kernels.gather_cols_linear, get_raw=True)(gather_cols_flops)
 
 
 def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
@@ -358,7 +403,8 @@ def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
 
     x [R, T, D] (any strides); weight [N, D]; rows int64 [R, n]; bias [N] or None -> y [R, T, n].
     Triton; reads only the listed weight rows, in place. The custom op
-    ``torch.ops.adaptive_kernels.gather_rows_linear``; FLOPs counted: 2*R*T*n*D.
+    ``torch.ops.adaptive_kernels.gather_rows_linear``; FLOPs counted: 2*T*D per listed row (padding
+    counts 0).
     """
     if call_directly(x, weight, bias):
         return _rows_launch("gather_rows_linear", x, weight, rows, bias)
@@ -371,7 +417,8 @@ def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
     a [R, T, n] (any strides); weight [D, N]; cols int64 [R, n] -> y [R, T, D].
     Triton; reads only the listed weight columns, in place, through the weight's strides. Fastest
     when the columns are contiguous in memory: see ``cols_major``. The custom op
-    ``torch.ops.adaptive_kernels.gather_cols_linear``; FLOPs counted: 2*R*T*n*D.
+    ``torch.ops.adaptive_kernels.gather_cols_linear``; FLOPs counted: 2*T*D per listed column
+    (padding counts 0).
     """
     if call_directly(a, weight):
         return _cols_launch(a, weight, cols)

@@ -29,7 +29,7 @@ def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import call_directly, differentiate_by_reference  # noqa: E402
+from ._library import active_count, call_directly, differentiate_by_reference  # noqa: E402
 from .projections import _rows_launch  # noqa: E402
 
 DECODE_TOKENS = 16
@@ -60,10 +60,10 @@ def _(x, w_gate, w_up, rows):
 differentiate_by_reference(_gathered_swiglu_op, gathered_swiglu_reference)
 
 
-@register_flop_formula(torch.ops.adaptive_kernels.gathered_swiglu)
-def _swiglu_flops(x_shape, w_gate_shape, w_up_shape, rows_shape, *args, **kwargs) -> int:
-    R, T, D = x_shape
-    return 4 * R * T * (w_gate_shape[0] if rows_shape is None else rows_shape[1]) * D
+@register_flop_formula(torch.ops.adaptive_kernels.gathered_swiglu, get_raw=True)
+def _swiglu_flops(x, w_gate, w_up, rows, *, out_val=None) -> int:
+    R, T, D = x.shape
+    return 4 * T * (R * w_gate.shape[0] if rows is None else active_count(rows)) * D
 
 
 def gathered_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -73,7 +73,8 @@ def gathered_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, r
     (n = M) -> h [R, T, n]. Triton, one kernel: reads only the listed rows of both weights, in
     place; silu only (for another activation use ``gathered_swiglu_reference``). Every neuron
     over more than 16 tokens per row runs as cuBLAS products instead, the faster there. The custom
-    op ``torch.ops.adaptive_kernels.gathered_swiglu``; FLOPs counted: 4*R*T*n*D (the two products).
+    op ``torch.ops.adaptive_kernels.gathered_swiglu``; FLOPs counted: 4*T*D per listed neuron (the two
+    products; padding counts 0).
     """
     if call_directly(x, w_gate, w_up):
         return _swiglu_launch(x, w_gate, w_up, rows)

@@ -75,6 +75,20 @@ def test_empty():
     assert o.shape == (2, 3, 0, d)
 
 
+def test_bad_arguments_are_refused_by_name():
+    gen = generator("bad")
+    q, k, v, q_to_kv, valid = _inputs(gen, torch.float32, 2, 3, 5, nq=2, nkv=1, q_to_kv=[[0, 0], [0, -1]])
+    for args, message in [((q, k, v[:, :, :4], q_to_kv, valid), "k, v one shape"),
+                          ((q, k[..., :8], v[..., :8], q_to_kv, valid), "k and v must be"),
+                          ((q, k[:, :, :2], v[:, :, :2], q_to_kv, valid[:, :2]), "k must hold at least 3"),
+                          ((q, k.half(), v.half(), q_to_kv, valid), "q, k and v must share"),
+                          ((q, k, v, q_to_kv[:, :1], valid), "q_to_kv must be"),
+                          ((q, k, v, q_to_kv.float(), valid), "q_to_kv must be"),
+                          ((q, k, v, q_to_kv, valid[:, :4]), "kv_valid must be")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            head_sparse_attention(*args, 0.5)
+
+
 def test_opcheck_and_flops():
     gen = generator(2)
     R, T, Tk, nq = 2, 3, 5, 2
@@ -82,4 +96,4 @@ def test_opcheck_and_flops():
     torch.library.opcheck(torch.ops.adaptive_kernels.head_sparse_attention.default, args)
     with FlopCounterMode(display=False) as counter:
         head_sparse_attention(*args)
-    assert counter.get_total_flops() == 4 * R * T * Tk * nq * d
+    assert counter.get_total_flops() == 4 * T * Tk * 3 * d  # three active q heads: the padded one counts 0

@@ -63,11 +63,22 @@ def test_fp32_weight_on_half_rows_promotes_like_llama():
     torch.testing.assert_close(got, want)
 
 
-def test_mismatched_residual_is_refused():
+def test_weight_through_its_stride():
+    """A weight that is a strided view (every other element of a bigger one) is read in place."""
+    gen = generator("strided weight")
+    x, weight = randn(3, 40, gen=gen), randn(80, gen=gen)[::2]
+    with torch.no_grad():
+        want = stock_norm(weight, 1e-6)(x)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-6), want)
+
+
+def test_mismatched_arguments_are_refused():
     gen = generator("bad")
     x = randn(2, 8, gen=gen)
     with pytest.raises(ValueError, match="residual must match x"):
         rms_norm(x, randn(8, gen=gen), 1e-6, randn(2, 8, gen=gen, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"weight must be \[8\]"):
+        rms_norm(x, randn(7, gen=gen), 1e-6)
 
 
 def test_opcheck():

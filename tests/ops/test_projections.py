@@ -83,14 +83,37 @@ def test_empty_index_lists():
     assert y.shape == (2, 3, D) and bool((y == 0).all())
 
 
-def test_weight_through_strides():
-    """A weight that is a strided view (every other row of a bigger one) is read in place."""
-    gen = generator(2)
-    big = randn(2 * N, D, gen=gen)
-    w = big[::2]
+@pytest.mark.parametrize("T", [1, 3])
+def test_weight_through_strides(T):
+    """A weight that is a strided view (every other row, or every other column, of a bigger one) is read in
+    place; the columns include runs longer than a block, which one token loads wide on a unit-stride weight."""
+    gen = generator(2, T)
     rows = index_lists([9, 4], N, gen, "scattered")
-    x = randn(2, 3, D, gen=gen)
+    x = randn(2, T, D, gen=gen)
+    w = randn(2 * N, D, gen=gen)[::2]
     check(gather_rows_linear(x, w, rows), gather_rows_linear_reference(x, w, rows), torch.float32)
+    cols = index_lists([N, 20], N, gen, "all")
+    a = randn(2, T, N, gen=gen)
+    w = randn(D, 2 * N, gen=gen, scale=N ** -0.5)[:, ::2]
+    assert w.stride() == (2 * N, 2)
+    check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a, w, cols), torch.float32)
+
+
+def test_bad_arguments_are_refused_by_name():
+    gen = generator("bad")
+    x, w, b = randn(2, 3, D, gen=gen), randn(N, D, gen=gen), randn(N, gen=gen)
+    rows = index_lists([4, 2], N, gen)
+    for args, message in [((x[0], w, rows), "x must be 3-D"), ((x, w[:, :-1], rows), "weight must be"),
+                          ((x, w, rows[:1]), "rows must hold one list per row of x"),
+                          ((x, w, rows.float()), "rows must be int64"), ((x, w.half(), rows), "weight must have x's dtype"),
+                          ((x, w, rows, b[:-1]), "bias must be"), ((x, w, rows, b.half()), "bias must have x's dtype")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            gather_rows_linear(*args)
+    a, w = randn(2, 3, 4, gen=gen), randn(D, N, gen=gen)
+    for args, message in [((a, w, rows[:, :3]), "cols must be"), ((a.half(), w, rows), "weight must have a's dtype"),
+                          ((a, w, rows.bool()), "cols must be int64"), ((a, w[0], rows), "weight and cols 2-D")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            gather_cols_linear(*args)
 
 
 def test_opcheck():
@@ -109,4 +132,4 @@ def test_flop_count():
     with FlopCounterMode(display=False) as counter:
         gather_rows_linear(randn(R, T, D, gen=gen), randn(N, D, gen=gen), rows)
         gather_cols_linear(randn(R, T, n, gen=gen), randn(D, N, gen=gen), rows)
-    assert counter.get_total_flops() == 2 * (2 * R * T * n * D)
+    assert counter.get_total_flops() == 2 * (2 * T * (n + 4) * D)  # the padding of the shorter list counts 0

@@ -48,7 +48,7 @@ def test_opcheck_and_flops():
     torch.library.opcheck(torch.ops.adaptive_kernels.gathered_swiglu.default, args)
     with FlopCounterMode(display=False) as counter:
         gathered_swiglu(*args)
-    assert counter.get_total_flops() == 4 * 2 * 3 * 5 * 9
+    assert counter.get_total_flops() == 4 * 3 * (5 + 2) * 9  # the padding of the shorter list counts 0
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
