@@ -13,7 +13,7 @@ from .backends import BACKENDS, default_backend, get_backend
 from .graphs import graph_safe
 from .models import Request, Settings, text_model_shape
 from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
-from .models.llava import check_llava, is_patched, swap_in, swap_out
+from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
 from .plan import VARIANTS, ExecutionPlan, UnitSpace, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
@@ -127,11 +127,14 @@ def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
     lm = _patched_decoder(model)
     if latency_budget is None:
         raise ValueError("latency_budget is required: a float in (0, 1] or one per batch row")
+    if "execution_plan" in inputs:
+        raise ValueError("plan makes the plan a latency_budget picks; it takes no execution_plan")
+    check_input_devices(model, inputs)
     request = Request(latency_budget=latency_budget, plan_only=True)
     lm._ak_request = request
     try:
         with torch.no_grad():
-            model.model(**inputs, use_cache=False)
+            model.model(**(inputs | {"use_cache": False}))  # the plan needs no cache
     finally:
         lm._ak_request = None
     return request.plan

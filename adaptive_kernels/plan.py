@@ -78,6 +78,9 @@ def resolve_budgets(latency_budget, batch_size: int) -> list[float]:
     number (bools and strings included).
     """
     if isinstance(latency_budget, torch.Tensor):
+        if latency_budget.device.type == "meta":
+            raise ValueError("latency_budget is a meta tensor, which holds no values; give a float, a list, or a "
+                             "tensor with values")
         if latency_budget.dim() > 1:
             raise ValueError(f"latency_budget must be a float or a 1-D tensor, got shape {tuple(latency_budget.shape)}")
         if latency_budget.dtype == torch.bool or latency_budget.is_complex():
@@ -162,9 +165,11 @@ class DecoderShape:
 
 
 def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != dims:
-        what = f"{type(mask).__name__}" if not isinstance(mask, torch.Tensor) else f"{mask.dtype} of {mask.dim()} dims"
-        raise ValueError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {what}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        what = type(mask).__name__ if not isinstance(mask, torch.Tensor) else f"a {mask.dtype} tensor"
+        raise ArgumentTypeError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {what}")
+    if mask.dim() != dims:
+        raise ValueError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {mask.dim()} dims")
     return mask
 
 

@@ -108,6 +108,30 @@ def test_api_on_an_unpatched_model():
 def test_plan_needs_a_budget(model, inputs):
     with pytest.raises(ValueError, match="latency_budget is required"):
         ak.plan(model, **inputs)
+    with pytest.raises(ValueError, match="no execution_plan"):
+        ak.plan(model, latency_budget=0.6, execution_plan=ExecutionPlan.full(2, 8, 8), **inputs)
+
+
+def test_plans_of_other_types_are_refused_by_type(model):
+    layers, heads = torch.ones(2, 8, dtype=torch.bool), torch.ones(2, 8, 8, dtype=torch.bool)
+    for bad in (heads.float(), heads.numpy(), heads.tolist()):
+        with pytest.raises(ArgumentTypeError, match="ExecutionPlan.groups must be a bool tensor"):
+            ExecutionPlan(layers, heads, bad)
+    with pytest.raises(ValueError, match="ExecutionPlan.layers must be a bool tensor with 2 dims, got 3"):
+        ExecutionPlan(heads, heads, heads)
+
+
+def test_inputs_off_the_model_device_are_refused_by_name(model, inputs):
+    """The meta device stands for another device: each input is named, in every entry point."""
+    for name in ("input_ids", "attention_mask", "pixel_values"):
+        moved = inputs | {name: inputs[name].to("meta")}
+        for call in (lambda: model(**moved, latency_budget=0.6), lambda: model(**moved),
+                     lambda: model.generate(**moved, latency_budget=0.6, max_new_tokens=2),
+                     lambda: ak.plan(model, latency_budget=0.6, **moved)):
+            with pytest.raises(ValueError, match=f"{name} is on meta, but the model is on cpu"):
+                call()
+    with pytest.raises(ValueError, match="latency_budget is a meta tensor"):
+        model(**inputs, latency_budget=torch.tensor([0.5, 0.6], device="meta"))
 
 
 def test_patch_with_other_options_repatches(model):

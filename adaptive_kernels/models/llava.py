@@ -55,12 +55,28 @@ def _check_budget_generation(option) -> None:
                          "prompt, which a budget's prefill takes in one piece")
 
 
+INPUT_NAMES = ("inputs", "input_ids", "pixel_values", "attention_mask", "position_ids", "inputs_embeds", "labels")
+"""The tensor inputs of forward and generate (``inputs``: generate's first) that must be on the model's device."""
+
+
+def check_input_devices(model, inputs: dict) -> None:
+    """``ValueError`` naming the first of ``INPUT_NAMES`` in ``inputs`` that is a tensor off ``model.device``."""
+    for name in INPUT_NAMES:
+        t = inputs.get(name)
+        if isinstance(t, torch.Tensor) and t.device != model.device:
+            raise ValueError(f"{name} is on {t.device}, but the model is on {model.device}; move the inputs "
+                             f"there first (e.g. {{k: v.to(model.device) for k, v in inputs.items()}})")
+
+
 def _adaptive_llava_class(stock: type) -> type:
     """``Adaptive<stock>``: ``stock`` whose forward and generate take ``latency_budget`` and ``execution_plan``."""
     if stock in _SUBCLASSES:
         return _SUBCLASSES[stock]
+    positional = [p.name for p in list(inspect.signature(stock.forward).parameters.values())[1:]
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def forward(self, *args, latency_budget=None, execution_plan=None, **kwargs):
+        check_input_devices(self, dict(zip(positional, args)) | kwargs)
         lm = self.model.language_model
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = not (isinstance(cache, AdaptiveCache) and cache.length > 0)
@@ -73,6 +89,7 @@ def _adaptive_llava_class(stock: type) -> type:
             lm._ak_request = None
 
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
+        check_input_devices(self, dict(zip(("inputs",), args)) | kwargs)
         config = kwargs.get("generation_config") or self.generation_config
 
         def option(name):  # this call's generation option: its keyword, else the generation config's
