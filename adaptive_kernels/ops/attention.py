@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def head_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_to_kv: torch.Tensor,
@@ -17,15 +18,16 @@ def head_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.T
     """
     R, T, nq, d = q.shape
     Tk = k.shape[2]
+    if k.shape[1] == 0:  # no key/value head: every q head is padding
+        return q.new_zeros(q.shape)
     index = q_to_kv.clamp_min(0)[:, :, None, None].expand(-1, -1, Tk, d)
     keys, values = k.gather(1, index), v.gather(1, index)
-    scores = torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2)) * scale
     causal = torch.arange(Tk, device=q.device) <= torch.arange(Tk - T, Tk, device=q.device)[:, None]
-    visible = (causal & kv_valid[:, None, :]).unsqueeze(1)
-    probs = torch.softmax(scores.float().masked_fill(~visible, float("-inf")), dim=-1)
-    probs = probs.nan_to_num(0.0).to(values.dtype)
-    out = torch.matmul(probs, values).transpose(1, 2)
-    return out.masked_fill((q_to_kv < 0)[:, None, :, None], 0)
+    visible = (causal & kv_valid[:, None, :].bool()).unsqueeze(1)  # [R, 1, T, Tk]
+    blind = ~visible.any(-1, keepdim=True)  # queries that see no key: let them see all (finite), then give 0
+    # SDPA, as stock transformers attends: a plan with every head on rounds exactly as the stock model
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible | blind, scale=scale)
+    return out.masked_fill(blind | (q_to_kv < 0)[:, :, None, None], 0).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
