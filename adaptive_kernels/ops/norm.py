@@ -61,6 +61,8 @@ def _rms_norm_launch(x, weight, eps, residual=None):
     tensors = (x, weight) if residual is None else (x, weight, residual)
     check_launch("rms_norm", *tensors)
     D = x.shape[-1]
+    if not (x.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise TypeError(f"rms_norm: x and weight must be floating point, got {x.dtype} and {weight.dtype}")
     if tuple(weight.shape) != (D,):
         raise ValueError(f"rms_norm: weight must be [{D}] (x's last size), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
