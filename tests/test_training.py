@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llava import prompt_embeddings
-from adaptive_kernels.sliced import masked_stock
+from adaptive_kernels.sliced import masked_stock, neuron_mask
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
@@ -68,3 +69,77 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         assert grads.keys() == grads_checkpointed.keys() and len(grads) > 0
         for name in grads:
             torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def differentiable_mask_hooks(stock, layer_on, heads_on, groups_on) -> list:
+    """Hooks that make ``stock`` compute ADALLAVA.md's training-time masked computation with float masks
+    over all its layers (layer_on [B, L], heads_on and groups_on [B, L, H]): each head's attention output
+    times its mask before o_proj, each neuron's ``act(gate)*up`` times its group's before down_proj, each
+    layer's whole update times its layer mask. Returns the handles."""
+    lm = stock.model.language_model
+    cfg = lm.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    handles = []
+    for l, layer in enumerate(lm.layers):
+        heads, neurons = heads_on[:, l].repeat_interleave(d, -1), neuron_mask(groups_on[:, l], cfg.intermediate_size)
+        on = layer_on[:, l][:, None, None]
+        handles += [
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, k=heads: (args[0] * k[:, None],)),
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, args, k=neurons: (args[0] * k[:, None],)),
+            layer.register_forward_hook(lambda m, args, kwargs, out, on=on: before_plus(on, args, kwargs, out),
+                                        with_kwargs=True)]
+    return handles
+
+
+def before_plus(on, args, kwargs, out):
+    """A layer's input plus ``on`` times its update (``out``: the layer's output, a tensor or a tuple)."""
+    before = args[0] if args else kwargs["hidden_states"]
+    after = out[0] if isinstance(out, tuple) else out
+    mixed = before + on * (after - before)
+    return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_mask_gradients_are_those_of_the_masked_computation(variant):
+    """The straight-through gradients that train the scheduler: L's layer mask multiplies the whole layer
+    update (a skipped layer's mask still learns what the layer was worth), H's head and group masks their
+    units (also in layers none of whose units was picked), as a stock model with differentiable masks has them."""
+    stock = tiny_llava(seed=6)
+    model = ak.patch(copy.deepcopy(stock), variant, rank=2).train()
+    inputs = example_inputs(stock, batch_size=2, seed=7)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == stock.config.image_token_id, -100)
+    g = torch.Generator().manual_seed(8)
+    layers = (torch.rand(2, 4, generator=g) < 0.5).float()
+    layers[:, 0] = torch.tensor([1.0, 0.0])  # each row skips a layer and runs one
+    if variant == "L":
+        heads = groups = layers[..., None].expand(-1, -1, 8)
+    else:
+        heads, groups = ((torch.rand(2, 4, 8, generator=g) < 0.5).float() * layers[..., None] for _ in range(2))
+    picked = [t.clone().requires_grad_() for t in (layers, heads, groups)]
+    model.model.language_model.latency_scheduler.select = lambda *args, **kwargs: tuple(picked)
+    out = model(**inputs, labels=labels, latency_budget=[0.6, 0.8])
+    out.loss.backward()
+
+    prefix = torch.ones(2, 4)
+    ones = torch.ones(2, 8, 8)
+    masks = [torch.cat([prefix, layers], 1) if variant == "L" else torch.ones(2, 8),
+             ones if variant == "L" else torch.cat([prefix[..., None].expand(-1, -1, 8), heads], 1),
+             ones if variant == "L" else torch.cat([prefix[..., None].expand(-1, -1, 8), groups], 1)]
+    masks = [m.clone().requires_grad_() for m in masks]
+    reference = copy.deepcopy(stock).train()
+    differentiable_mask_hooks(reference, *masks)
+    with torch.no_grad():
+        token = torch.stack([ak.latency_embedding(model, 0.6), ak.latency_embedding(model, 0.8)])
+    embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
+    logits = reference(inputs_embeds=embeds, attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
+    S = labels.shape[1]
+    loss = F.cross_entropy(logits[:, :S - 1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    if variant == "L":
+        torch.testing.assert_close(picked[0].grad, masks[0].grad[:, 4:], rtol=1e-4, atol=1e-7)
+        assert bool((picked[0].grad[layers == 0] != 0).all())  # skipped layers learn too
+    else:
+        for ours, theirs in zip(picked[1:], masks[1:]):
+            torch.testing.assert_close(ours.grad, theirs.grad[:, 4:], rtol=1e-4, atol=1e-7)
+        assert bool((picked[1].grad[layers == 0] != 0).any())

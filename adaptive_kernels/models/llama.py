@@ -238,12 +238,14 @@ class AdaptiveDecoderLayerMixin:
         normed, x = norm_of(backend, self.post_attention_layernorm, attn, residual=x)
         return x, run_mlp(self.mlp, normed, idx, backend)
 
-    def forward_masked(self, x, layer_on, heads_on, neurons_on, cos, sin, kv_valid, shape: DecoderShape):
-        """The training-time masked computation, differentiable in the masks; x [B, T, D] -> [B, T, D].
+    def forward_masked(self, x, layer_on, heads_on, neurons_on, bias_on, cos, sin, kv_valid, shape: DecoderShape):
+        """The training-time masked computation of ADALLAVA.md, differentiable in the masks; x [B, T, D] -> [B, T, D].
 
-        ``layer_on`` [B], ``heads_on`` [B, H] and ``neurons_on`` [B, M] are float masks: each head's
-        attention output and each neuron's ``act(gate)*up`` are multiplied by theirs, and the
-        layer's updates by ``layer_on``. Every weight is read: this path trains, it does not save.
+        Float masks: ``heads_on`` [B, H] multiplies each head's attention output before o_proj,
+        ``neurons_on`` [B, M] each neuron's ``act(gate)*up`` before down_proj (variant H's units), and
+        ``layer_on`` [B] the layer's whole update, ``layer(x) - x`` (variant L's); ``bias_on`` [B] the
+        o and down biases (so that a layer with no unit on is the identity). Every weight is read: this
+        path trains, it does not save.
         """
         attn, mlp = self.self_attn, self.mlp
         B, T, _ = x.shape
@@ -254,10 +256,17 @@ class AdaptiveDecoderLayerMixin:
         q_to_kv = (torch.arange(shape.num_heads, device=x.device) // (shape.num_heads // shape.num_kv_heads)).expand(B, -1)
         o = head_sparse_attention_reference(q, k.transpose(1, 2), v.transpose(1, 2), q_to_kv, kv_valid, attn.scaling)
         o = o * heads_on[:, None, :, None].to(o.dtype)
-        x = x + layer_on[:, None, None].to(x.dtype) * attn.o_proj(o.reshape(B, T, -1))
-        m = self.post_attention_layernorm(x)
+        bias_on = bias_on[:, None, None].to(x.dtype)
+        attn_update = _masked_bias_linear(attn.o_proj, o.reshape(B, T, -1), bias_on)
+        m = self.post_attention_layernorm(x + attn_update)
         h = mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m) * neurons_on[:, None, :].to(x.dtype)
-        return x + layer_on[:, None, None].to(x.dtype) * mlp.down_proj(h)
+        return x + layer_on[:, None, None].to(x.dtype) * (attn_update + _masked_bias_linear(mlp.down_proj, h, bias_on))
+
+
+def _masked_bias_linear(linear, x, bias_on):
+    """``linear(x)`` with its bias (if any) times ``bias_on`` [B, 1, 1]."""
+    y = F.linear(x, linear.weight)
+    return y if linear.bias is None else y + bias_on * linear.bias
 
 
 def lay_out_reduction_weights(decoder, column_major: bool) -> None:
@@ -297,14 +306,23 @@ def plan_from_masks(layers, heads, groups, settings: Settings, seq_len: int) -> 
     return ExecutionPlan._valid(on, heads_on, groups_on, settings.shape, seq_len)
 
 
-def run_sampled_layers(layers, x, masks, cos, sin, kv_valid, shape: DecoderShape, hidden: list | None = None):
-    """The scheduled layers in training: the masked computation under a Gumbel-sampled plan.
-    ``hidden``: a list that receives x after each layer."""
+def run_sampled_layers(layers, x, masks, variant: str, cos, sin, kv_valid, shape: DecoderShape,
+                       hidden: list | None = None):
+    """The scheduled layers in training: the masked computation under a Gumbel-sampled plan ``masks``
+    (layers [B, K], heads [B, K, H], groups [B, K, H]), differentiable in them as ADALLAVA.md defines:
+    variant L multiplies each layer's whole update by its layer mask, H each head's and neuron's output by
+    theirs (a layer none of whose units is picked still passes gradients to them). ``hidden``: a list that
+    receives x after each layer."""
     layer_on, heads_on, groups_on = masks
+    if variant == "L":  # every unit on; the biases belong to the update that layer_on multiplies
+        heads_on, groups_on, bias_on = torch.ones_like(heads_on), torch.ones_like(groups_on), torch.ones_like(layer_on)
+    else:  # no layer factor; biases where the layer runs
+        layer_on, bias_on = torch.ones_like(layer_on), layer_on.detach()
     sizes = torch.tensor(shape.group_sizes, device=x.device)
     for k, layer in enumerate(layers):
         neurons_on = groups_on[:, k].repeat_interleave(sizes, dim=-1)
-        x = layer.forward_masked(x, layer_on[:, k], heads_on[:, k], neurons_on, cos, sin, kv_valid, shape)
+        x = layer.forward_masked(x, layer_on[:, k], heads_on[:, k], neurons_on, bias_on[:, k], cos, sin, kv_valid,
+                                 shape)
         if hidden is not None:
             hidden.append(x)
     return x
@@ -425,7 +443,8 @@ class AdaptiveDecoderMixin:
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
             if sampled:
-                x = self.norm(run_sampled_layers(self.layers[P:], x, masks, cos, sin, mask, settings.shape, hidden))
+                x = self.norm(run_sampled_layers(self.layers[P:], x, masks, settings.variant, cos, sin, mask,
+                                                 settings.shape, hidden))
                 return BaseModelOutputWithPast(last_hidden_state=x,
                                                hidden_states=hidden_states_output(hidden, x, wanted_hidden))
             schedule = plan_schedule(request.plan, settings, graph_safe)
