@@ -98,9 +98,8 @@ class AdaptiveScheduler(nn.Module):
         encoder's weights change (in place or replaced), so a request costs no encoder launches.
         """
         q = [self.units.quantised(b) for b in budgets]
-        device = self.head.weight.device
         if torch.is_grad_enabled():
-            return self.latency_encoder(torch.tensor(q, device=device))
+            return self._encode(q)
         encoder = self.latency_encoder  # its modules' own parameter dicts: parameters() walks the module tree
         weights = tuple((t.data_ptr(), t._version, t.dtype) for m in (encoder.norm, encoder.fc1, encoder.fc2)
                         for t in m._parameters.values() if t is not None)
@@ -108,8 +107,12 @@ class AdaptiveScheduler(nn.Module):
             self._memo_weights, self._memo = weights, {}
         missing = sorted(set(q) - self._memo.keys())
         if missing:
-            self._memo.update(zip(missing, self.latency_encoder(torch.tensor(missing, device=device))))
+            self._memo.update(zip(missing, self._encode(missing)))
         return torch.stack([self._memo[v] for v in q])
+
+    def _encode(self, q: list[float]) -> torch.Tensor:
+        """The latency encoder on encoder inputs ``q`` (Python floats, kept in float64): [len(q), hidden]."""
+        return self.latency_encoder(torch.tensor(q, dtype=torch.float64, device=self.head.weight.device))
 
     def select(self, latency_state: torch.Tensor, budgets: list[float], sample: bool = False):
         """Units after the prefix from the latency token's hidden state [B, hidden].

@@ -145,7 +145,7 @@ def test_latency_embedding_memo_follows_weight_changes():
     sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
 
     def fresh(budgets):
-        q = torch.tensor([sched.units.quantised(b) for b in budgets])
+        q = torch.tensor([sched.units.quantised(b) for b in budgets], dtype=torch.float64)
         return sched.latency_encoder(q)
 
     with torch.no_grad():
