@@ -157,9 +157,11 @@ def _check_attention_args(q, k, v, q_to_kv, kv_valid) -> None:
     if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{op}: q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if tuple(q_to_kv.shape) != (R, nq) or q_to_kv.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{op}: q_to_kv must be int64 (or int32) [{R}, {nq}], got {q_to_kv.dtype} {tuple(q_to_kv.shape)}")
+        raise ValueError(f"{op}: q_to_kv must be int64 (or int32) [{R}, {nq}], "
+                         f"got {q_to_kv.dtype} {tuple(q_to_kv.shape)}")
     if tuple(kv_valid.shape) != (R, Tk) or kv_valid.dtype.is_floating_point or kv_valid.dtype.is_complex:
-        raise ValueError(f"{op}: kv_valid must be bool (or 0/1 integers) [{R}, {Tk}], got {kv_valid.dtype} {tuple(kv_valid.shape)}")
+        raise ValueError(f"{op}: kv_valid must be bool (or 0/1 integers) [{R}, {Tk}], "
+                         f"got {kv_valid.dtype} {tuple(kv_valid.shape)}")
 
 
 def _attention_launch(q, k, v, q_to_kv, kv_valid, scale, splits=None):

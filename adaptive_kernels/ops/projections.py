@@ -68,7 +68,8 @@ def check_gather_args(op: str, act_name: str, act, weight, index_name: str, inde
         raise ValueError(f"{op}: {weight_name} must be [N, D] with D = {act.shape[2]} (x's last size), "
                          f"got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be [N] with N = {weight.shape[0]} ({weight_name}'s rows), got {tuple(bias.shape)}")
+        raise ValueError(f"{op}: bias must be [N] with N = {weight.shape[0]} ({weight_name}'s rows), "
+                         f"got {tuple(bias.shape)}")
     if act_name == "a" and index.shape[1] != act.shape[2]:
         raise ValueError(f"{op}: cols must be [R, n] with n = {act.shape[2]} (a's last size), got {tuple(index.shape)}")
 

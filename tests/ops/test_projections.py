@@ -105,7 +105,8 @@ def test_bad_arguments_are_refused_by_name():
     rows = index_lists([4, 2], N, gen)
     for args, message in [((x[0], w, rows), "x must be 3-D"), ((x, w[:, :-1], rows), "weight must be"),
                           ((x, w, rows[:1]), "rows must hold one list per row of x"),
-                          ((x, w, rows.float()), "rows must be int64"), ((x, w.half(), rows), "weight must have x's dtype"),
+                          ((x, w, rows.float()), "rows must be int64"),
+                          ((x, w.half(), rows), "weight must have x's dtype"),
                           ((x, w, rows, b[:-1]), "bias must be"), ((x, w, rows, b.half()), "bias must have x's dtype")]:
         with pytest.raises((ValueError, TypeError), match=message):
             gather_rows_linear(*args)
