@@ -265,10 +265,10 @@ _ROWS = {regime: autotune(configs, _KEY)(_rows_kernel)
 _COLS = {regime: autotune(configs, _COLS_KEY)(_cols_kernel)
          for regime, configs in (("gemv", _GEMV_COLS), ("few", _FEW_COLS), ("many", _MANY_COLS))}
 # Under the interpreter: small fixed tiles (odd test shapes still span several tiles)
-_INTERPRET_ROWS = {"gemv": {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 32},
+_INTERPRET_ROWS = {"gemv": {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32},
                    "few": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32},
                    "many": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}}
-_INTERPRET_COLS = {"gemv": {"BLOCK_M": 1, "BLOCK_D": 16, "BLOCK_J": 8},
+_INTERPRET_COLS = {"gemv": {"BLOCK_M": 1, "BLOCK_D": 16, "BLOCK_J": 16},
                    "few": {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_J": 16},
                    "many": {"BLOCK_M": 16, "BLOCK_D": 16, "BLOCK_J": 16}}
 
