@@ -23,6 +23,8 @@ except ImportError:  # the references still work; the Triton ops raise at call t
 HAS_TRITON = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NAMESPACE = "adaptive_kernels"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
+INDEX_DTYPES = (torch.int64, torch.int32)  # what index lists (rows, cols, q_to_kv) may hold
 
 
 def jit(fn):

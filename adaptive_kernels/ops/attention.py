@@ -41,8 +41,8 @@ import math  # noqa: E402
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import (INTERPRET, active_count, autotune, bucket, call_directly, check_launch,  # noqa: E402
-                       differentiate_by_reference, dot_precision, jit, num_sms, tl)
+from ._library import (INDEX_DTYPES, INTERPRET, active_count, autotune, bucket, call_directly,  # noqa: E402
+                       check_launch, differentiate_by_reference, dot_precision, jit, num_sms, tl)
 
 
 
@@ -156,7 +156,7 @@ def _check_attention_args(q, k, v, q_to_kv, kv_valid) -> None:
         raise ValueError(f"{op}: the {T} queries are the last of the keys, so k must hold at least {T} (Tk), got {Tk}")
     if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{op}: q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if tuple(q_to_kv.shape) != (R, nq) or q_to_kv.dtype not in (torch.int64, torch.int32):
+    if tuple(q_to_kv.shape) != (R, nq) or q_to_kv.dtype not in INDEX_DTYPES:
         raise ValueError(f"{op}: q_to_kv must be int64 (or int32) [{R}, {nq}], "
                          f"got {q_to_kv.dtype} {tuple(q_to_kv.shape)}")
     if tuple(kv_valid.shape) != (R, Tk) or kv_valid.dtype.is_floating_point or kv_valid.dtype.is_complex:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._library import FLOAT_DTYPES, INDEX_DTYPES
+
 
 def gather_rows_linear_reference(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,10 +36,6 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
     valid = cols >= 0
     w = weight.t()[cols.clamp_min(0)]
     return torch.matmul(a.masked_fill(~valid.unsqueeze(1), 0), w)
-
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def check_gather_args(op: str, act_name: str, act, weight, index_name: str, index, bias=None,
