@@ -128,19 +128,28 @@ def sliced_stock(stock, plan, row: int = 0):
 def mask_hooks(model, plan) -> list:
     """Forward hooks that make ``model`` (a stock LLaVA) compute ``plan`` (batch rows = plan rows, on
     the model's device) as the masked computation; returns their handles (``.remove()`` undoes one)."""
+    return unit_mask_hooks(model, plan.layers, plan.heads, plan.groups)
+
+
+def unit_mask_hooks(model, layers, heads, groups) -> list:
+    """Forward hooks that make ``model`` (a stock LLaVA) compute the masked computation of masks over all
+    its layers: layers [B, L], heads and groups [B, L, H]. Each head's attention output is multiplied by
+    its mask before o_proj, each neuron's ``act(gate)*up`` by its group's before down_proj. Bool masks
+    keep or skip each layer's output; float masks add ``mask * (output - input)``, differentiable in the
+    masks as training defines them. Returns the handles (``.remove()`` undoes one)."""
     lm = model.model.language_model
     cfg = lm.config
     d = _head_dim(cfg)
     handles = []
     for l, layer in enumerate(lm.layers):
-        head_mask = plan.heads[:, l].repeat_interleave(d, dim=-1)[:, None, :]
-        mlp_mask = neuron_mask(plan.groups[:, l], cfg.intermediate_size)[:, None, :]
-        layer_on = plan.layers[:, l][:, None, None]
+        head_mask = heads[:, l].repeat_interleave(d, dim=-1)[:, None, :]
+        mlp_mask = neuron_mask(groups[:, l], cfg.intermediate_size)[:, None, :]
+        layer_on = layers[:, l][:, None, None]
 
         def keep_or_skip(module, args, kwargs, output, on=layer_on):
             before = args[0] if args else kwargs["hidden_states"]
             after = output[0] if isinstance(output, tuple) else output
-            mixed = torch.where(on, after, before)
+            mixed = torch.where(on, after, before) if on.dtype == torch.bool else before + on * (after - before)
             return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
         handles += [

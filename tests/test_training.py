@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llava import prompt_embeddings
-from adaptive_kernels.sliced import masked_stock, neuron_mask
+from adaptive_kernels.sliced import masked_stock, unit_mask_hooks
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
@@ -71,34 +71,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
             torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def differentiable_mask_hooks(stock, layer_on, heads_on, groups_on) -> list:
-    """Hooks that make ``stock`` compute ADALLAVA.md's training-time masked computation with float masks
-    over all its layers (layer_on [B, L], heads_on and groups_on [B, L, H]): each head's attention output
-    times its mask before o_proj, each neuron's ``act(gate)*up`` times its group's before down_proj, each
-    layer's whole update times its layer mask. Returns the handles."""
-    lm = stock.model.language_model
-    cfg = lm.config
-    d = cfg.hidden_size // cfg.num_attention_heads
-    handles = []
-    for l, layer in enumerate(lm.layers):
-        heads, neurons = heads_on[:, l].repeat_interleave(d, -1), neuron_mask(groups_on[:, l], cfg.intermediate_size)
-        on = layer_on[:, l][:, None, None]
-        handles += [
-            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, k=heads: (args[0] * k[:, None],)),
-            layer.mlp.down_proj.register_forward_pre_hook(lambda m, args, k=neurons: (args[0] * k[:, None],)),
-            layer.register_forward_hook(lambda m, args, kwargs, out, on=on: before_plus(on, args, kwargs, out),
-                                        with_kwargs=True)]
-    return handles
-
-
-def before_plus(on, args, kwargs, out):
-    """A layer's input plus ``on`` times its update (``out``: the layer's output, a tensor or a tuple)."""
-    before = args[0] if args else kwargs["hidden_states"]
-    after = out[0] if isinstance(out, tuple) else out
-    mixed = before + on * (after - before)
-    return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
-
-
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_mask_gradients_are_those_of_the_masked_computation(variant):
     """The straight-through gradients that train the scheduler: L's layer mask multiplies the whole layer
@@ -127,7 +99,7 @@ def test_mask_gradients_are_those_of_the_masked_computation(variant):
              ones if variant == "L" else torch.cat([prefix[..., None].expand(-1, -1, 8), groups], 1)]
     masks = [m.clone().requires_grad_() for m in masks]
     reference = copy.deepcopy(stock).train()
-    differentiable_mask_hooks(reference, *masks)
+    unit_mask_hooks(reference, *masks)  # float masks: differentiable
     with torch.no_grad():
         token = torch.stack([ak.latency_embedding(model, 0.6), ak.latency_embedding(model, 0.8)])
     embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
