@@ -282,10 +282,9 @@ def _launch(kernels, fixed, regime, grid, *args, **constexprs):
         kernels[regime][grid](*args, **constexprs)
 
 
-def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
-    """Shared launcher of gather_rows_linear and gathered_swiglu (weight2: the up projection)."""
-    tensors = [x, weight, rows] + [t for t in (bias, weight2) if t is not None]
-    check_launch(op, *tensors)
+def check_rows_launch(op, x, weight, rows, bias=None, weight2=None) -> None:
+    """The launch and argument checks of ``_rows_launch`` (weight2: SwiGLU's up projection)."""
+    check_launch(op, *[t for t in (x, weight, rows, bias, weight2) if t is not None])
     if weight2 is None:
         check_gather_args(op, "x", x, weight, "rows", rows, bias)
     else:
@@ -293,6 +292,11 @@ def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
         if weight2.shape != weight.shape or weight2.dtype != weight.dtype:
             raise ValueError(f"{op}: w_up must match w_gate ({tuple(weight.shape)}, {weight.dtype}), "
                              f"got {tuple(weight2.shape)}, {weight2.dtype}")
+
+
+def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
+    """Shared launcher of gather_rows_linear and gathered_swiglu (weight2: the up projection)."""
+    check_rows_launch(op, x, weight, rows, bias, weight2)
     R, T, D = x.shape
     n = rows.shape[1]
     out = torch.empty((R, T, n), device=x.device, dtype=x.dtype)

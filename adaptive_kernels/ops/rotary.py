@@ -25,7 +25,7 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # loaded once and both outputs written.
 # ---------------------------------------------------------------------------------------------
 
-from ._library import call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
+from ._library import FLOAT_DTYPES, call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
 
 
 @jit
@@ -67,8 +67,9 @@ def _rotary_launch(x, cos, sin):
     if d % 2 or cos.shape != (R, T, d) or sin.shape != (R, T, d):
         raise ValueError(f"rotary: x must be [R, T, heads, d] with d even and cos, sin [R, T, d]; got x "
                          f"{tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    if not (x.dtype == cos.dtype == sin.dtype):
-        raise ValueError(f"rotary: x, cos and sin must share a dtype, got {x.dtype}, {cos.dtype}, {sin.dtype}")
+    if x.dtype not in FLOAT_DTYPES or not (x.dtype == cos.dtype == sin.dtype):
+        raise TypeError(f"rotary: x, cos and sin must share one dtype of float32, float16 or bfloat16, got {x.dtype}, "
+                        f"{cos.dtype}, {sin.dtype}")
     out = torch.empty((R, T, NH, d), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out

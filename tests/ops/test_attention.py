@@ -82,6 +82,7 @@ def test_bad_arguments_are_refused_by_name():
                           ((q, k[..., :8], v[..., :8], q_to_kv, valid), "k and v must be"),
                           ((q, k[:, :, :2], v[:, :, :2], q_to_kv, valid[:, :2]), "k must hold at least 3"),
                           ((q, k.half(), v.half(), q_to_kv, valid), "q, k and v must share"),
+                          ((q.double(), k.double(), v.double(), q_to_kv, valid), "float32, float16 or bfloat16"),
                           ((q, k, v, q_to_kv[:, :1], valid), "q_to_kv must be"),
                           ((q, k, v, q_to_kv.float(), valid), "q_to_kv must be"),
                           ((q, k, v, q_to_kv, valid[:, :4]), "kv_valid must be")]:

@@ -27,11 +27,15 @@ def test_rotary_is_llamas_rotary(dtype, R, T, nh, d):
     torch.testing.assert_close(rotary_reference(qk, cos, sin), want, rtol=0, atol=0)
 
 
-def test_bad_shapes_are_refused():
+def test_bad_arguments_are_refused():
     gen = generator("bad")
     x = randn(1, 2, 3, 5, gen=gen)
     with pytest.raises(ValueError, match="d even"):
         rotary(x, randn(1, 2, 5, gen=gen), randn(1, 2, 5, gen=gen))
+    x, cos, sin = randn(1, 2, 3, 4, gen=gen), randn(1, 2, 4, gen=gen), randn(1, 2, 4, gen=gen)
+    for args in [(x, cos.half(), sin), (x.double(), cos.double(), sin.double()), (x.int(), cos.int(), sin.int())]:
+        with pytest.raises(TypeError, match="x, cos and sin must share one dtype of float32, float16 or bfloat16"):
+            rotary(*args)
 
 
 def test_opcheck():

@@ -64,3 +64,15 @@ def test_every_neuron_without_a_list(dtype, T):
     check(gathered_swiglu(x, wg, wu, None), want, dtype)
     check(gathered_swiglu_reference(x, wg, wu, None), want, dtype)
     torch.library.opcheck(torch.ops.adaptive_kernels.gathered_swiglu.default, (x, wg, wu, None))
+
+
+@pytest.mark.parametrize("T", [16, 17])
+def test_bad_arguments_are_refused_without_a_list(T):
+    """rows=None checks its arguments on both paths (the fused GEMV and cuBLAS's products)."""
+    gen = generator("bad", T)
+    x, wg, wu = randn(2, T, D, gen=gen), randn(M, D, gen=gen), randn(M, D, gen=gen)
+    for args, message in [((x, wg, wu[:1]), "w_up must match w_gate"), ((x.double(), wg.double(), wu.double()),
+                                                                          "x must be float32, float16 or bfloat16"),
+                          ((x, wg[:, :-1], wu[:, :-1]), "w_gate must be")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            gathered_swiglu(*args, None)
