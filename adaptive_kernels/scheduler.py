@@ -22,8 +22,17 @@ NUM_FREQUENCIES = 128
 GUMBEL_TEMPERATURE = 5.0
 
 
+def fourier_features(q: torch.Tensor) -> torch.Tensor:
+    """``[sin(2 pi q f), cos(2 pi q f)]`` for the frequencies ``f = 10000^(-i/F)``, i < F = NUM_FREQUENCIES,
+    computed in float64: [B] -> [B, 2F]."""
+    i = torch.arange(NUM_FREQUENCIES, dtype=torch.float64, device=q.device)
+    freqs = 1.0 / 10000 ** (i / NUM_FREQUENCIES)
+    angles = (2 * math.pi * q.double())[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 class LatencyEncoder(nn.Module):
-    """``q -> [sin(2 pi q f), cos(2 pi q f)] -> LayerNorm -> Linear -> GELU -> Linear``: [B] -> [B, hidden]."""
+    """``q -> fourier_features -> LayerNorm -> Linear -> GELU -> Linear``: [B] -> [B, hidden]."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -33,10 +42,10 @@ class LatencyEncoder(nn.Module):
         self.fc2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        i = torch.arange(NUM_FREQUENCIES, dtype=torch.float64, device=q.device)
-        freqs = 1.0 / 10000 ** (i / NUM_FREQUENCIES)
-        angles = (2 * math.pi * q.double())[:, None] * freqs
-        features = torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.fc1.weight.dtype)
+        return self.embed(fourier_features(q).to(self.fc1.weight.dtype))
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The layers after the features: [B, 2F] in the weights' dtype -> [B, hidden]."""
         return self.fc2(self.act(self.fc1(self.norm(features))))
 
 
@@ -89,30 +98,24 @@ class AdaptiveScheduler(nn.Module):
         per_layer = 1 if units.variant == "L" else 1 + 2 * units.num_heads
         self.latency_encoder = LatencyEncoder(hidden_size)
         self.head = nn.Linear(hidden_size, self.num_scheduled * per_layer)
-        self._memo_weights, self._memo = None, {}  # latency_embedding's: quantised budget -> [hidden]
+        self._features = {}  # latency_embedding's: (quantised budget, device, dtype) -> features [2F]
 
     def latency_embedding(self, budgets: list[float]) -> torch.Tensor:
         """The latency token's input embedding per budget: [B, hidden].
 
-        Without autograd each quantised budget's embedding is computed once and kept until the
-        encoder's weights change (in place or replaced), so a request costs no encoder launches.
+        Each quantised budget's Fourier features (they hold no weight) are computed once per device and
+        dtype, from a fill rather than a host copy, and kept: a request launches the encoder's layers only,
+        on the weights they hold now, and may be captured in a CUDA graph.
         """
-        q = [self.units.quantised(b) for b in budgets]
-        if torch.is_grad_enabled():
-            return self._encode(q)
-        encoder = self.latency_encoder  # its modules' own parameter dicts: parameters() walks the module tree
-        weights = tuple((t.data_ptr(), t._version, t.dtype) for m in (encoder.norm, encoder.fc1, encoder.fc2)
-                        for t in m._parameters.values() if t is not None)
-        if weights != self._memo_weights:
-            self._memo_weights, self._memo = weights, {}
-        missing = sorted(set(q) - self._memo.keys())
-        if missing:
-            self._memo.update(zip(missing, self._encode(missing)))
-        return torch.stack([self._memo[v] for v in q])
-
-    def _encode(self, q: list[float]) -> torch.Tensor:
-        """The latency encoder on encoder inputs ``q`` (Python floats, kept in float64): [len(q), hidden]."""
-        return self.latency_encoder(torch.tensor(q, dtype=torch.float64, device=self.head.weight.device))
+        weight = self.latency_encoder.fc1.weight
+        rows = []
+        for b in budgets:
+            key = (self.units.quantised(b), weight.device, weight.dtype)
+            if key not in self._features:
+                q = torch.full((1,), key[0], dtype=torch.float64, device=weight.device)
+                self._features[key] = fourier_features(q)[0].to(weight.dtype)
+            rows.append(self._features[key])
+        return self.latency_encoder.embed(torch.stack(rows))
 
     def select(self, latency_state: torch.Tensor, budgets: list[float], sample: bool = False):
         """Units after the prefix from the latency token's hidden state [B, hidden].

@@ -139,9 +139,10 @@ def test_gumbel_samples_differ_between_draws_but_not_under_one_seed():
     assert torch.equal(a, b) and len(draws) > 1
 
 
-def test_latency_embedding_memo_follows_weight_changes():
-    """Without autograd embeddings are remembered per quantised budget; a changed weight (in place,
-    replaced, in a replaced module, or a new dtype) gives the new encoder's output, never a stale one."""
+def test_latency_embedding_follows_weight_changes():
+    """Embeddings (features kept per quantised budget) come from the encoder's weights of the moment: a weight
+    changed in place (through ``.data`` too, which no version counter sees), replaced, in a replaced module,
+    or in a new dtype gives the new encoder's output, never a stale one."""
     sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
 
     def fresh(budgets):
@@ -153,11 +154,14 @@ def test_latency_embedding_memo_follows_weight_changes():
         torch.testing.assert_close(sched.latency_embedding(budgets), fresh(budgets), rtol=0, atol=0)
         sched.latency_encoder.fc2.bias.add_(torch.randn(16))
         torch.testing.assert_close(sched.latency_embedding(budgets), fresh(budgets), rtol=0, atol=0)
+        sched.latency_encoder.fc2.bias.data.add_(torch.randn(16))
+        torch.testing.assert_close(sched.latency_embedding(budgets), fresh(budgets), rtol=0, atol=0)
         sched.latency_encoder.fc1.weight = torch.nn.Parameter(torch.randn(16, 256))
         torch.testing.assert_close(sched.latency_embedding([0.6]), fresh([0.6]), rtol=0, atol=0)
         sched.latency_encoder.fc2 = torch.nn.Linear(16, 16)  # a whole module replaced
         torch.testing.assert_close(sched.latency_embedding([0.6]), fresh([0.6]), rtol=0, atol=0)
         sched.double()
         assert sched.latency_embedding([0.6]).dtype == torch.float64
+        torch.testing.assert_close(sched.latency_embedding([0.6]), fresh([0.6]), rtol=0, atol=0)
     embedding = sched.latency_embedding([0.6])
     assert embedding.requires_grad  # with autograd: computed, differentiable
