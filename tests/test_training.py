@@ -115,3 +115,24 @@ def test_mask_gradients_are_those_of_the_masked_computation(variant):
         for ours, theirs in zip(picked[1:], masks[1:]):
             torch.testing.assert_close(ours.grad, theirs.grad[:, 4:], rtol=1e-4, atol=1e-7)
         assert bool((picked[1].grad[layers == 0] != 0).any())
+
+
+@pytest.mark.parametrize("given", ["budget", "plan", "none"])
+def test_generate_in_train_mode_is_inference(given):
+    """generate runs without autograd: in train mode, gradient checkpointing on, it keeps its cache and
+    makes its plan with the scheduler's top-n, giving the ids of eval mode (and, with no plan, stock's)."""
+    stock = tiny_llava(seed=4)
+    inputs = example_inputs(stock, batch_size=2, seed=9)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    kwargs = {"budget": {"latency_budget": [0.6, 0.8]}, "none": {},
+              "plan": {"execution_plan": ak.plan(model, latency_budget=[0.7, 0.9], **inputs)}}[given]
+    settings = {"max_new_tokens": 5, "do_sample": False}
+    expected = model.generate(**inputs, **kwargs, **settings)
+    if given == "none":
+        assert torch.equal(expected, stock.generate(**inputs, **settings))
+    for m in (model, stock):
+        m.train()
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    assert torch.equal(model.generate(**inputs, **kwargs, **settings), expected)
+    if given == "none":
+        assert torch.equal(stock.generate(**inputs, **settings), expected)

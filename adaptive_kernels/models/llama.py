@@ -423,8 +423,11 @@ class AdaptiveDecoderMixin:
             schedule = Schedule(full, [dense_layer(B, settings.shape, x.device)] * settings.shape.num_layers)
 
         # no cache for a plan-only call, nor in training that samples its plan or recomputes layers in the
-        # backward pass (gradient checkpointing: a recomputed layer would append its keys again)
-        uncached_training = self.training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
+        # backward pass (gradient checkpointing: a recomputed layer would append its keys again). Training is
+        # train mode with autograd on: without autograd (generate) nothing is sampled or checkpointed, as stock
+        # checkpoints only with it
+        training = self.training and torch.is_grad_enabled()
+        uncached_training = training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
         if not decoding and use_cache and not request.plan_only and not uncached_training:
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
         elif not decoding:
@@ -439,7 +442,7 @@ class AdaptiveDecoderMixin:
             P = settings.units.num_prefix_layers
             x = settled(*self.run_layers(x, range(P), [dense_layer(B, settings.shape, x.device)] * P, cos, sin, mask,
                                          cache, hidden))
-            sampled = self.training and not request.plan_only
+            sampled = training and not request.plan_only
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
             if sampled:
