@@ -65,18 +65,17 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     wanted = (variant, rank, prefix, backend_name, cuda_graphs)
     units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)
-    kept = None  # a re-patch over the same units, with no file given, keeps the scheduler it has
-    if is_patched(model):
-        if lm._ak_options == wanted and scheduler is None:
-            return model
-        if lm._ak_settings.units == units and scheduler is None:
-            kept = lm.latency_scheduler
-        unpatch(model)
-    settings = Settings(variant, units, shape, get_backend(backend_name), cuda_graphs)
-    module = kept if kept is not None else seeded_scheduler(units, shape.hidden_size)
+    if is_patched(model) and lm._ak_options == wanted and scheduler is None:
+        return model
+    if is_patched(model) and lm._ak_settings.units == units and scheduler is None:
+        module = lm.latency_scheduler  # a re-patch over the same units, with no file given, keeps its scheduler
+    else:
+        module = seeded_scheduler(units, shape.hidden_size)
     module = module.to(device=model.device, dtype=lm.embed_tokens.weight.dtype)
     if scheduler is not None:
-        load_scheduler_weights(module, scheduler)
+        load_scheduler_weights(module, scheduler)  # before anything changes: a bad file leaves the model as it was
+    unpatch(model)
+    settings = Settings(variant, units, shape, get_backend(backend_name), cuda_graphs)
     stack_qkv(lm, stacked=True)
     if backend_name != "torch":
         lay_out_reduction_weights(lm, column_major=True)

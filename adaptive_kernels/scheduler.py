@@ -9,12 +9,14 @@ gradients in training, deterministic top-n at inference.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import ArgumentTypeError
 from .graphs import capturing
 from .plan import UnitSpace
 
@@ -207,8 +209,14 @@ def _setting(scheduler: AdaptiveScheduler) -> dict[str, str]:
     return setting
 
 
+def _check_path(path, argument: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{argument} must be a file path (str or os.PathLike), got {type(path).__name__}")
+
+
 def save_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     """Write the latency encoder and scheduler head as safetensors, with the unit space as metadata."""
+    _check_path(path, "path")
     tensors = {k: v.detach().contiguous().cpu() for k, v in scheduler.state_dict().items()}
     save_file(tensors, str(path), metadata=_setting(scheduler))
 
@@ -218,6 +226,7 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     unit space, is a ``ValueError`` naming ``scheduler``."""
     from safetensors import SafetensorError, safe_open
 
+    _check_path(path, "scheduler")
     if not Path(path).is_file():
         raise ValueError(f"scheduler: no file at {path!s} (give a file written by adaptive_kernels.save_scheduler)")
     try:
@@ -231,6 +240,11 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
         detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in wrong.items())
         raise ValueError(f"scheduler={path!s} was saved for another setting ({detail})")
     state = load_file(str(path), device=str(scheduler.head.weight.device))
+    own = scheduler.state_dict()
+    wrong = sorted(k for k in state.keys() | own.keys() if k not in state or k not in own or state[k].shape != own[k].shape)
+    if wrong:
+        raise ValueError(f"scheduler={path!s} does not hold this scheduler's tensors (missing, unexpected or of "
+                         f"another shape: {', '.join(wrong)})")
     scheduler.load_state_dict({k: v.to(scheduler.head.weight.dtype) for k, v in state.items()})
 
 

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
                           MistralConfig)
 
@@ -189,8 +191,25 @@ def test_attention_weights_are_refused(model, inputs):
 
 
 def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
+    """A missing, unreadable or mismatched file, or no path at all, is refused naming the argument; a
+    patched model that is re-patched with such a file stays as it was."""
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not safetensors" * 4)
-    for path in (tmp_path / "missing.safetensors", junk):
+    good = tmp_path / "good.safetensors"
+    ak.save_scheduler(ak.patch(tiny_llava(), "L"), good)
+    with safe_open(str(good), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    files = []
+    for name, changed in [("short", tensors | {"head.weight": tensors["head.weight"][:-1]}),
+                          ("missing", {k: v for k, v in tensors.items() if k != "head.bias"}),
+                          ("extra", tensors | {"extra": torch.zeros(1)})]:
+        save_file(changed, str(tmp_path / name), metadata=metadata)
+        files.append(tmp_path / name)
+    model = ak.patch(tiny_llava(), "L")
+    scheduler = model.model.language_model.latency_scheduler
+    for path in [tmp_path / "missing.safetensors", junk, 123] + files:
         with pytest.raises(ValueError, match="scheduler"):
-            ak.patch(tiny_llava(), "L", scheduler=path)
+            ak.patch(model, "L", scheduler=path)
+        assert model.model.language_model.latency_scheduler is scheduler
+    with pytest.raises(ArgumentTypeError, match="path must be a file path"):
+        ak.save_scheduler(model, 123)
