@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import re
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaForConditionalGeneration
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
@@ -17,7 +21,7 @@ from adaptive_kernels.cache import AdaptiveCache
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
-from adaptive_kernels.models.llava import prompt_embeddings
+from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from oracles import CACHE_KWARG, cache_of, stock_decode_logits
 
@@ -394,6 +398,51 @@ def test_scheduler_weights_survive_save_and_load(stock, tmp_path):
     l_path = tmp_path / "l.safetensors"
     ak.save_scheduler(patched(stock, "L", rank=4), l_path)
     patched(stock, "L", rank=2, scheduler=l_path)  # L ignores rank, so its files fit any
+
+
+def test_save_pretrained_writes_the_stock_checkpoint_and_the_scheduler(stock, tmp_path):
+    """A patched model saves what the stock one would (its class in config.json, every stock tensor, nothing
+    else), whatever layout patching gave its weights, and its scheduler beside it for patch's scheduler=."""
+    inputs = example_inputs(stock, batch_size=2, seed=15)
+    model = patched(stock, "H", backend="triton")  # reduction weights laid out column-major
+    with torch.no_grad():
+        for p in model.model.language_model.latency_scheduler.parameters():
+            p.add_(torch.randn_like(p))
+    plans = ak.plan(model, latency_budget=[0.6, 0.75], **inputs)
+    model.save_pretrained(tmp_path)
+    assert type(model).__name__ == "AdaptiveLlavaForConditionalGeneration"
+    assert model.config.architectures == ["LlavaForConditionalGeneration"]
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is type(stock) and loaded.config.architectures == ["LlavaForConditionalGeneration"]
+    assert not any(info.values()), info
+    want = stock.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    again = ak.patch(loaded, "H", rank=2, scheduler=tmp_path / SCHEDULER_FILE)
+    assert ak.plan(again, latency_budget=[0.6, 0.75], **inputs) == plans
+
+
+def test_patched_models_pickle_in_this_process_and_a_fresh_one(stock, tmp_path):
+    """torch.save / pickle of a patched model: its generated classes are made again where they are missing.
+    Stock's limits hold: a model that has run is not picklable (transformers 5.2x's hooks, local functions), and
+    in a fresh process its vision tower returns no hidden states, so that process runs text only."""
+    inputs = example_inputs(stock, batch_size=1, seed=16)
+    model = ak.patch(tiny_llava(seed=1), "H", rank=2)
+    torch.save(model, tmp_path / "model.pt")
+    copied = pickle.loads(pickle.dumps(model))
+    want = greedy(model, inputs, latency_budget=0.6)
+    assert type(copied) is type(model) and torch.equal(greedy(copied, inputs, latency_budget=0.6), want)
+    ids = torch.randint(0, stock.config.image_token_id, (2, 7), generator=torch.Generator().manual_seed(17))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = ("import sys, torch; d = sys.argv[1]; m = torch.load(d + '/model.pt', weights_only=False)\n"
+              "with torch.no_grad(): torch.save(m(input_ids=torch.load(d + '/ids.pt'), latency_budget=0.6).logits, d + '/out.pt')\n"
+              "print(type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["AdaptiveLlavaForConditionalGeneration"]
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "out.pt"), model(input_ids=ids, latency_budget=0.6).logits)
 
 
 def test_repatching_keeps_the_scheduler_of_the_same_units(stock):

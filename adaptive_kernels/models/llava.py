@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -20,8 +21,10 @@ from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError
 from ..generation import greedy_running_ahead, runs_ahead
 from ..plan import ExecutionPlan, resolve_budgets
+from ..scheduler import save_scheduler_weights
 
 _SUBCLASSES: dict[type, type] = {}
+SCHEDULER_FILE = "latency_scheduler.safetensors"
 
 
 def _extended_signature(stock_forward) -> inspect.Signature:
@@ -125,6 +128,17 @@ def _adaptive_llava_class(stock: type) -> type:
                              generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer,
                              **model_kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if "latency_scheduler" not in k.split(".")}
+        self.__class__ = stock  # the stock architecture's name in config.json
+        try:
+            result = stock.save_pretrained(self, save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = cls
+        save_scheduler_weights(self.model.language_model.latency_scheduler, Path(save_directory) / SCHEDULER_FILE)
+        return result
+
     forward.__signature__ = _extended_signature(stock.forward)
     forward.__doc__ = (f"{stock.__name__}.forward, plus ``latency_budget`` (a float in (0, 1] or one per row) "
                        "and ``execution_plan`` (an ExecutionPlan); see adaptive_kernels.")
@@ -132,8 +146,12 @@ def _adaptive_llava_class(stock: type) -> type:
                         "beam and returned sequence runs its prompt's); needs the cache.")
     _sample.__doc__ = (f"{stock.__name__}._sample (greedy and sampling), greedy decoding queued a step ahead where "
                        "adaptive_kernels.generation.runs_ahead admits it and CUDA graphs are on.")
+    save_pretrained.__doc__ = (f"{stock.__name__}.save_pretrained, writing the stock checkpoint (no scheduler keys, "
+                               f"the stock class in config.json) and the scheduler beside it as {SCHEDULER_FILE} "
+                               "(a file for patch's scheduler=).")
     cls = type(f"Adaptive{stock.__name__}", (stock,),
-               {"forward": forward, "generate": generate, "_sample": _sample, "_ak_stock_class": stock})
+               {"forward": forward, "generate": generate, "_sample": _sample, "save_pretrained": save_pretrained,
+                "__reduce_ex__": _reduce_ex, "_ak_stock_class": stock, "_ak_mixin": None})
     _SUBCLASSES[stock] = cls
     return cls
 
@@ -141,8 +159,21 @@ def _adaptive_llava_class(stock: type) -> type:
 def _mixed_class(mixin: type, stock: type) -> type:
     """``Adaptive<stock>``: ``stock`` with ``mixin``'s forward."""
     if stock not in _SUBCLASSES:
-        _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (mixin, stock), {"_ak_stock_class": stock})
+        _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (mixin, stock),
+                                  {"__reduce_ex__": _reduce_ex, "_ak_stock_class": stock, "_ak_mixin": mixin})
     return _SUBCLASSES[stock]
+
+
+def _new_adaptive(mixin: type | None, stock: type):
+    """An empty instance of ``stock``'s adaptive class (``mixin`` None: the LLaVA model's), made again if this
+    process has not made it yet: how pickle rebuilds a patched module, whose generated class it cannot name."""
+    cls = _adaptive_llava_class(stock) if mixin is None else _mixed_class(mixin, stock)
+    return cls.__new__(cls)
+
+
+def _reduce_ex(self, protocol):
+    """Pickled as the stock class's instance would be, but rebuilt by ``_new_adaptive``."""
+    return (_new_adaptive, (self._ak_mixin, self._ak_stock_class)) + tuple(self._ak_stock_class.__reduce_ex__(self, protocol)[2:])
 
 
 def is_patched(model) -> bool:
