@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .backends import BACKENDS, default_backend, get_backend
@@ -21,19 +23,26 @@ __all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embed
 __version__ = "0.1.0"
 
 
+def _is_integer(value) -> bool:
+    """An int or a NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     shape = text_model_shape(model)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if not _is_integer(rank) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    rank = int(rank)
     if variant == "H" and shape.num_heads % rank:
         raise ValueError(f"rank must divide the {shape.num_heads} attention heads (variant H), got {rank}")
     if variant == "L":
         rank = 1  # L schedules whole layers: rank plays no part
     prefix = shape.num_layers // 2 if num_prefix_layers is None else num_prefix_layers
-    if not isinstance(prefix, int) or isinstance(prefix, bool) or not 0 <= prefix < shape.num_layers:
+    if not _is_integer(prefix) or not 0 <= prefix < shape.num_layers:
         raise ValueError(f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
+    prefix = int(prefix)
     if backend is None:
         backend = default_backend(model.device)
     if backend not in BACKENDS:
@@ -112,6 +121,10 @@ def save_scheduler(model, path) -> None:
 
 def latency_embedding(model, budget) -> torch.Tensor:
     """The latency token's input embedding for ``budget`` (a float in (0, 1]): [hidden]."""
+    count = len(budget) if isinstance(budget, (list, tuple)) else budget.numel() if isinstance(budget, torch.Tensor) else 1
+    if count != 1:
+        raise ValueError(f"budget must be one number in (0, 1] (one latency token's), got {count} values; call "
+                         "latency_embedding once per budget")
     (value,) = resolve_budgets(budget, 1)
     with torch.no_grad():
         return _patched_decoder(model).latency_scheduler.latency_embedding([value])[0]
@@ -126,7 +139,7 @@ def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
     lm = _patched_decoder(model)
     if latency_budget is None:
         raise ValueError("latency_budget is required: a float in (0, 1] or one per batch row")
-    if "execution_plan" in inputs:
+    if inputs.pop("execution_plan", None) is not None:
         raise ValueError("plan makes the plan a latency_budget picks; it takes no execution_plan")
     check_input_devices(model, inputs)
     request = Request(latency_budget=latency_budget, plan_only=True)

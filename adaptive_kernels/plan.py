@@ -244,8 +244,8 @@ class ExecutionPlan:
     def rows(self, index) -> "ExecutionPlan":
         """The plan of some batch rows: ``index`` is an int (one row, kept as a batch of one), a slice, or
         a list, tensor or bool mask of rows."""
-        if isinstance(index, int):
-            index = [index]
+        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+            index = [int(index)]
         return ExecutionPlan(self.layers[index], self.heads[index], self.groups[index], shape=self.shape, seq_len=self.seq_len)
 
     def cost(self) -> torch.Tensor:

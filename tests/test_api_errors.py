@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -37,6 +38,23 @@ def test_bad_budgets(model, inputs, budget):
         model.generate(**inputs, latency_budget=budget, max_new_tokens=2)
     with pytest.raises(ValueError, match="latency_budget"):
         ak.plan(model, latency_budget=budget, **inputs)
+
+
+@pytest.mark.parametrize("budget", [[0.5, 0.6, 0.7], torch.tensor([0.5, 0.6, 0.7])])
+def test_budget_rows_are_counted_per_prompt_with_beams(model, inputs, budget):
+    """generate repeats each prompt for its beams: the budgets are still one per prompt, and counted so."""
+    with pytest.raises(ValueError, match="latency_budget has 3 values but the batch has 2 rows"):
+        model.generate(**inputs, latency_budget=budget, num_beams=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"execution_plan has shape .*\(1, 8, 8\).* need \(2, 8, 8\)"):
+        model.generate(**inputs, execution_plan=ExecutionPlan.full(1, 8, 8), num_beams=2, max_new_tokens=2)
+
+
+def test_latency_embedding_takes_one_budget(model):
+    for budget in ([0.5, 0.6], torch.tensor([0.5, 0.6]), []):
+        with pytest.raises(ValueError, match="budget must be one number"):
+            ak.latency_embedding(model, budget)
+    for budget in ([0.6], torch.tensor([0.6]), torch.tensor(0.6)):
+        assert torch.equal(ak.latency_embedding(model, budget), ak.latency_embedding(model, 0.6))
 
 
 def test_bad_plans(model, inputs):
@@ -112,6 +130,7 @@ def test_plan_needs_a_budget(model, inputs):
         ak.plan(model, **inputs)
     with pytest.raises(ValueError, match="no execution_plan"):
         ak.plan(model, latency_budget=0.6, execution_plan=ExecutionPlan.full(2, 8, 8), **inputs)
+    assert ak.plan(model, latency_budget=0.6, execution_plan=None, **inputs) == ak.plan(model, latency_budget=0.6, **inputs)
 
 
 def test_plans_of_other_types_are_refused_by_type(model):
@@ -134,6 +153,13 @@ def test_inputs_off_the_model_device_are_refused_by_name(model, inputs):
                 call()
     with pytest.raises(ValueError, match="latency_budget is a meta tensor"):
         model(**inputs, latency_budget=torch.tensor([0.5, 0.6], device="meta"))
+
+
+def test_numpy_integers_are_integers(model, inputs):
+    numpy_patched = ak.patch(tiny_llava(seed=2), "H", rank=np.int64(2), num_prefix_layers=np.int32(4))
+    assert ak.plan(numpy_patched, latency_budget=0.6, **inputs) == ak.plan(model, latency_budget=0.6, **inputs)
+    plan = ExecutionPlan.full(3, 8, 8)
+    assert plan.rows(np.int64(1)) == plan.rows(1) and plan.rows(1).batch_size == 1
 
 
 def test_patch_with_other_options_repatches(model):

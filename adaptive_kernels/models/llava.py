@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request
+from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, check_plan
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError
 from ..generation import greedy_running_ahead, runs_ahead
@@ -104,6 +104,13 @@ def _adaptive_llava_class(stock: type) -> type:
                              "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
         if latency_budget is not None:
             _check_budget_generation(option)
+        prompts = next((t.shape[0] for t in (args[0] if args else None, kwargs.get("input_ids"),
+                                             kwargs.get("inputs_embeds")) if isinstance(t, torch.Tensor)), None)
+        if prompts is not None:  # checked per prompt, before generate repeats the rows
+            if latency_budget is not None:
+                latency_budget = resolve_budgets(latency_budget, prompts)
+            if execution_plan is not None:
+                check_plan(execution_plan, prompts, self.model.language_model._ak_settings.shape, self.device)
         copies = max(option("num_beams") or 1, option("num_return_sequences") or 1)
         if copies > 1:  # generate repeats each prompt row (beams, sequences); repeat what belongs to the row with it
             if isinstance(latency_budget, (list, tuple)):
