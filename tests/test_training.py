@@ -136,3 +136,18 @@ def test_generate_in_train_mode_is_inference(given):
     assert torch.equal(model.generate(**inputs, **kwargs, **settings), expected)
     if given == "none":
         assert torch.equal(stock.generate(**inputs, **settings), expected)
+
+
+def test_training_with_attention_dropout_is_refused():
+    """The kernels apply no attention dropout: training with one is refused, not silently run without it."""
+    stock = tiny_llava(seed=4)
+    stock.config.text_config.attention_dropout = 0.1
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    inputs = example_inputs(stock, batch_size=1, seed=10)
+    with torch.no_grad():
+        expected = model(**inputs, latency_budget=0.6).logits  # inference: no dropout anywhere
+    model.train()
+    with pytest.raises(ValueError, match="attention_dropout is 0.1"):
+        model(**inputs, latency_budget=0.6, labels=inputs["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, expected)

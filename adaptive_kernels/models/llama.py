@@ -427,6 +427,10 @@ class AdaptiveDecoderMixin:
         # train mode with autograd on: without autograd (generate) nothing is sampled or checkpointed, as stock
         # checkpoints only with it
         training = self.training and torch.is_grad_enabled()
+        if training and getattr(self.config, "attention_dropout", 0.0):
+            raise ValueError(f"attention_dropout is {self.config.attention_dropout}: the attention kernels apply no "
+                             "dropout, so a patched model trains only without it (set the text config's "
+                             "attention_dropout to 0.0, as LLaVA ships it)")
         uncached_training = training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
         if not decoding and use_cache and not request.plan_only and not uncached_training:
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
