@@ -120,7 +120,8 @@ def test_mask_gradients_are_those_of_the_masked_computation(variant):
 @pytest.mark.parametrize("given", ["budget", "plan", "none"])
 def test_generate_in_train_mode_is_inference(given):
     """generate runs without autograd: in train mode, gradient checkpointing on, it keeps its cache and
-    makes its plan with the scheduler's top-n, giving the ids of eval mode (and, with no plan, stock's)."""
+    makes its plan with the scheduler's top-n, giving the ids of eval mode (with no plan, stock's in eval
+    mode; stock transformers 5.17 itself drops its cache in train mode with checkpointing)."""
     stock = tiny_llava(seed=4)
     inputs = example_inputs(stock, batch_size=2, seed=9)
     model = ak.patch(copy.deepcopy(stock), "H", rank=2)
@@ -130,12 +131,9 @@ def test_generate_in_train_mode_is_inference(given):
     expected = model.generate(**inputs, **kwargs, **settings)
     if given == "none":
         assert torch.equal(expected, stock.generate(**inputs, **settings))
-    for m in (model, stock):
-        m.train()
-        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    model.train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     assert torch.equal(model.generate(**inputs, **kwargs, **settings), expected)
-    if given == "none":
-        assert torch.equal(stock.generate(**inputs, **settings), expected)
 
 
 def test_training_with_attention_dropout_is_refused():
