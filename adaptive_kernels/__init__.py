@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from .backends import BACKENDS, default_backend, get_backend
@@ -16,23 +14,18 @@ from .graphs import graph_safe
 from .models import Request, Settings, text_model_shape
 from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
 from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
-from .plan import VARIANTS, ExecutionPlan, UnitSpace, resolve_budgets
+from .plan import VARIANTS, ExecutionPlan, UnitSpace, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
 __all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embedding", "plan", "graph_safe"]
 __version__ = "0.1.0"
 
 
-def _is_integer(value) -> bool:
-    """An int or a NumPy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     shape = text_model_shape(model)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if not _is_integer(rank) or rank < 1:
+    if not is_integer(rank) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     if variant == "H" and shape.num_heads % rank:
@@ -40,7 +33,7 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     if variant == "L":
         rank = 1  # L schedules whole layers: rank plays no part
     prefix = shape.num_layers // 2 if num_prefix_layers is None else num_prefix_layers
-    if not _is_integer(prefix) or not 0 <= prefix < shape.num_layers:
+    if not is_integer(prefix) or not 0 <= prefix < shape.num_layers:
         raise ValueError(f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
     prefix = int(prefix)
     if backend is None:

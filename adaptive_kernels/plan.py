@@ -63,6 +63,11 @@ class UnitSpace:
         return self.units(budget) / (self.total - self.prefix + 1)
 
 
+def is_integer(value) -> bool:
+    """An int or a NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _budget_value(value) -> float:
     """One budget as a Python float: a real number, not a bool; a numpy scalar by its shortest decimal."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -244,7 +249,7 @@ class ExecutionPlan:
     def rows(self, index) -> "ExecutionPlan":
         """The plan of some batch rows: ``index`` is an int (one row, kept as a batch of one), a slice, or
         a list, tensor or bool mask of rows."""
-        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+        if is_integer(index):
             index = [int(index)]
         return ExecutionPlan(self.layers[index], self.heads[index], self.groups[index], shape=self.shape, seq_len=self.seq_len)
 
