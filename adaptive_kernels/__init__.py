@@ -118,7 +118,7 @@ def latency_embedding(model, budget) -> torch.Tensor:
     if count != 1:
         raise ValueError(f"budget must be one number in (0, 1] (one latency token's), got {count} values; call "
                          "latency_embedding once per budget")
-    (value,) = resolve_budgets(budget, 1)
+    (value,) = resolve_budgets(budget, 1, name="budget")
     with torch.no_grad():
         return _patched_decoder(model).latency_scheduler.latency_embedding([value])[0]
 

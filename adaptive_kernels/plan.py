@@ -68,47 +68,47 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _budget_value(value) -> float:
+def _budget_value(value, name: str) -> float:
     """One budget as a Python float: a real number, not a bool; a numpy scalar by its shortest decimal."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(f"latency_budget must be a float in (0, 1] or one per batch row, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a float in (0, 1] or one per batch row, got {value!r}")
     return float(str(value)) if isinstance(value, np.floating) else float(value)
 
 
-def resolve_budgets(latency_budget, batch_size: int) -> list[float]:
+def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget") -> list[float]:
     """One Python float per batch row from a float, a list, or a 0-D/1-D tensor.
 
-    Raises ``ValueError`` naming ``latency_budget`` for values outside (0, 1], NaN, or a row count
-    other than ``batch_size``, and ``ArgumentTypeError`` (a ``ValueError`` too) for what is not a
-    number (bools and strings included).
+    Raises ``ValueError`` naming the argument (``name``) for values outside (0, 1], NaN, or a row
+    count other than ``batch_size``, and ``ArgumentTypeError`` (a ``ValueError`` too) for what is not
+    a number (bools and strings included).
     """
     if isinstance(latency_budget, torch.Tensor):
         if latency_budget.device.type == "meta":
-            raise ValueError("latency_budget is a meta tensor, which holds no values; give a float, a list, or a "
+            raise ValueError(f"{name} is a meta tensor, which holds no values; give a float, a list, or a "
                              "tensor with values")
         if latency_budget.dim() > 1:
-            raise ValueError(f"latency_budget must be a float or a 1-D tensor, got shape {tuple(latency_budget.shape)}")
+            raise ValueError(f"{name} must be a float or a 1-D tensor, got shape {tuple(latency_budget.shape)}")
         if latency_budget.dtype == torch.bool or latency_budget.is_complex():
-            raise ArgumentTypeError(f"latency_budget must be a real-valued tensor, got {latency_budget.dtype}")
+            raise ArgumentTypeError(f"{name} must be a real-valued tensor, got {latency_budget.dtype}")
         values = latency_budget.detach().cpu().reshape(-1).tolist()
         if latency_budget.dtype != torch.float64:
             # a float32 0.7 is 0.69999998...; its shortest decimal is what the caller wrote
-            values = [_budget_value(np.float32(v)) for v in values]
+            values = [_budget_value(np.float32(v), name) for v in values]
         if latency_budget.dim() == 0:
             values = values * batch_size
     elif isinstance(latency_budget, (list, tuple)):
-        values = [_budget_value(v) for v in latency_budget]
+        values = [_budget_value(v, name) for v in latency_budget]
     elif isinstance(latency_budget, numbers.Real):
-        values = [_budget_value(latency_budget)] * batch_size
+        values = [_budget_value(latency_budget, name)] * batch_size
     else:
         raise ArgumentTypeError(
-            f"latency_budget must be a float in (0, 1], a list or a 1-D tensor of them, got {type(latency_budget).__name__}"
+            f"{name} must be a float in (0, 1], a list or a 1-D tensor of them, got {type(latency_budget).__name__}"
         )
     if len(values) != batch_size:
-        raise ValueError(f"latency_budget has {len(values)} values but the batch has {batch_size} rows; give one float or one per row")
+        raise ValueError(f"{name} has {len(values)} values but the batch has {batch_size} rows; give one float or one per row")
     for v in values:
         if not (0.0 < v <= 1.0):  # also rejects NaN
-            raise ValueError(f"latency_budget must lie in (0, 1], got {v}")
+            raise ValueError(f"{name} must lie in (0, 1], got {v}")
     return values
 
 
@@ -301,8 +301,8 @@ class LayerIndices:
     ``kv_rows`` [R, n] are the weight rows of the active query / key-value heads, ``qkv_rows``
     [R, nq*d + 2*nkv*d] the same rows of q, k and v stacked in one weight (q's rows, then k's
     after them, then v's), ``q_to_kv`` [R, nq] maps each active query head to its slot among the
-    active kv heads, and ``mlp_rows`` [R, n] are the active neurons; each is None when every unit
-    is on (the dense path), and -1 pads a row with fewer active units. ``rows_on`` bool [R]: in a
+    active kv heads, and ``mlp_rows`` [R, n] are the active neurons; each but ``q_to_kv`` is None when
+    every unit is on (the dense path), and -1 pads a row with fewer active units. ``rows_on`` bool [R]: in a
     fixed-width layer (``fixed_width_schedule``), which rows execute it (the others get no output
     bias either); else None.
     """

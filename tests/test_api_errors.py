@@ -53,6 +53,10 @@ def test_latency_embedding_takes_one_budget(model):
     for budget in ([0.5, 0.6], torch.tensor([0.5, 0.6]), []):
         with pytest.raises(ValueError, match="budget must be one number"):
             ak.latency_embedding(model, budget)
+    for budget, message in [("x", "^budget must be a float"), (1.5, r"^budget must lie in \(0, 1\]"),
+                            (torch.tensor(True), "^budget must be a real-valued tensor")]:
+        with pytest.raises(ValueError, match=message):
+            ak.latency_embedding(model, budget)
     for budget in ([0.6], torch.tensor([0.6]), torch.tensor(0.6)):
         assert torch.equal(ak.latency_embedding(model, budget), ak.latency_embedding(model, 0.6))
 
