@@ -77,7 +77,7 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
     if scheduler is not None:
         load_scheduler_weights(module, scheduler)  # before anything changes: a bad file leaves the model as it was
     unpatch(model)
-    settings = Settings(variant, units, shape, get_backend(backend_name), cuda_graphs)
+    settings = Settings(units, shape, get_backend(backend_name), cuda_graphs)
     stack_qkv(lm, stacked=True)
     if backend_name != "torch":
         lay_out_reduction_weights(lm, column_major=True)

@@ -43,11 +43,10 @@ class Request:
 class Settings:
     """A patched decoder's fixed settings."""
 
-    variant: str
-    units: UnitSpace
+    units: UnitSpace  # its variant, prefix and rank
     shape: DecoderShape
     backend: Backend
-    cuda_graphs: bool = True
+    cuda_graphs: bool
 
 
 def decoder_shape(config) -> DecoderShape:
@@ -450,7 +449,7 @@ class AdaptiveDecoderMixin:
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
             if sampled:
-                x = self.norm(run_sampled_layers(self.layers[P:], x, masks, settings.variant, cos, sin, mask,
+                x = self.norm(run_sampled_layers(self.layers[P:], x, masks, settings.units.variant, cos, sin, mask,
                                                  settings.shape, hidden))
                 return BaseModelOutputWithPast(last_hidden_state=x,
                                                hidden_states=hidden_states_output(hidden, x, wanted_hidden))
