@@ -22,7 +22,6 @@ except ImportError:  # the references still work; the Triton ops raise at call t
 
 HAS_TRITON = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-NAMESPACE = "adaptive_kernels"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
 INDEX_DTYPES = (torch.int64, torch.int32)  # what index lists (rows, cols, q_to_kv) may hold
 
@@ -127,9 +126,23 @@ def active_count(index: torch.Tensor) -> int:
 
 
 def bucket(n: int) -> int:
-    """The power of two at or above ``n`` (at least 1): a coarse autotune key, so sizes that differ
-    a little reuse one tuning."""
+    """The power of two at or above ``n`` (at least 1): a block size that covers ``n``, or a coarse
+    autotune key, so sizes that differ a little reuse one tuning."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``."""
+    return -(-a // b)
+
+
+def launch(kernels: dict, fixed: dict, regime: str, grid, *args, **constexprs) -> None:
+    """Launch ``kernels[regime]`` (autotuned) on ``grid(meta)``; under the interpreter, the bare
+    kernel with the block sizes ``fixed[regime]``."""
+    if INTERPRET:
+        kernels[regime][grid(fixed[regime])](*args, **constexprs, **fixed[regime])
+    else:
+        kernels[regime][grid](*args, **constexprs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -41,8 +41,8 @@ import math  # noqa: E402
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import (FLOAT_DTYPES, INDEX_DTYPES, INTERPRET, active_count, autotune, bucket, call_directly,  # noqa: E402
-                       check_launch, differentiate_by_reference, dot_precision, jit, num_sms, tl)
+from ._library import (FLOAT_DTYPES, INDEX_DTYPES, active_count, autotune, bucket, call_directly, cdiv,  # noqa: E402
+                       check_launch, differentiate_by_reference, dot_precision, jit, launch, num_sms, tl)
 
 
 
@@ -179,8 +179,8 @@ def _attention_launch(q, k, v, q_to_kv, kv_valid, scale, splits=None):
     regime = "few" if T <= 16 else "many"
     if splits is None:
         splits = _num_splits(R * nq, Tk, num_sms(q.device.index or 0)) if regime == "few" else 1
-    keys_per_split = 64 * -(-Tk // (64 * splits))
-    block_d = max(16, 1 << (d - 1).bit_length())
+    keys_per_split = 64 * cdiv(Tk, 64 * splits)
+    block_d = max(16, bucket(d))
     if splits > 1:
         pm = torch.empty((R, splits, nq, T), device=q.device, dtype=torch.float32)
         pl = torch.empty_like(pm)
@@ -189,17 +189,13 @@ def _attention_launch(q, k, v, q_to_kv, kv_valid, scale, splits=None):
         pm = pl = po = out
 
     def grid(meta):
-        return (-(-T // meta["BLOCK_M"]), nq, R * splits)
+        return (cdiv(T, meta["BLOCK_M"]), nq, R * splits)
 
     args = (q, k, v, q_to_kv, valid, out, pm, pl, po, T, Tk, nq, keys_per_split, scale * math.log2(math.e),
             *q.stride(), *k.stride(), *v.stride(), *q_to_kv.stride(), *valid.stride(), *out.stride(),
             bucket(T), bucket(Tk))
     consts = dict(HEAD_D=d, NUM_SPLITS=splits, PREC=dot_precision(q.dtype), BLOCK_D=block_d)
-    if INTERPRET:
-        fixed = _INTERPRET_ATTN[regime]
-        _attn_kernel[grid(fixed)](*args, **consts, **fixed)
-    else:
-        _ATTN[regime][grid](*args, **consts)
+    launch(_ATTN, _INTERPRET_ATTN, regime, grid, *args, **consts)
     if splits > 1:
         _combine_kernel[(R * nq * T,)](pm, pl, po, out, T, nq, *out.stride(), HEAD_D=d, NUM_SPLITS=splits,
                                        BLOCK_D=block_d)

@@ -30,7 +30,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # Triton: one program per row, the whole row in registers (D up to 16384).
 # ---------------------------------------------------------------------------------------------
 
-from ._library import FLOAT_DTYPES, call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
+from ._library import FLOAT_DTYPES, bucket, call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
 
 MAX_D = 16384
 
@@ -78,7 +78,7 @@ def _rms_norm_launch(x, weight, eps, residual=None):
     rr = _rows(residual) if residual is not None else xr
     _rms_norm_kernel[(xr.shape[0],)](xr, rr, weight, outr, hr, D, eps, xr.stride(0), rr.stride(0), weight.stride(0),
                                      outr.stride(0), hr.stride(0), HAS_RESIDUAL=residual is not None,
-                                     BLOCK_D=max(16, 1 << (D - 1).bit_length()), num_warps=8 if D > 2048 else 4)
+                                     BLOCK_D=max(16, bucket(D)), num_warps=8 if D > 2048 else 4)
     return out, h
 
 

@@ -77,12 +77,13 @@ def check_gather_args(op: str, act_name: str, act, weight, index_name: str, inde
 # ---------------------------------------------------------------------------------------------
 # Both kernels read the weight in place through its strides (no per-call copy); the index list
 # is loaded per tile, so any list works and padded (-1) entries cost no weight bytes. Prefill
-# tiles use tl.dot (tensor cores); one token uses a plain GEMV (elementwise products summed).
+# tiles use tl.dot (tensor cores); one token a GEMV (elementwise products summed), or the tensor-core
+# tile where autotuning finds it faster.
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import (INTERPRET, active_count, autotune, bucket, call_directly, check_launch,  # noqa: E402
-                       differentiate_by_reference, dot_precision, jit, num_sms, tl)
+from ._library import (active_count, autotune, bucket, call_directly, cdiv, check_launch,  # noqa: E402
+                       differentiate_by_reference, dot_precision, jit, launch, num_sms, tl)
 
 
 @jit
@@ -275,13 +276,6 @@ def _regime(T: int) -> str:
     return "gemv" if T == 1 else "few" if T <= 16 else "many"
 
 
-def _launch(kernels, fixed, regime, grid, *args, **constexprs):
-    if INTERPRET:
-        kernels[regime][grid(fixed[regime])](*args, **constexprs, **fixed[regime])
-    else:
-        kernels[regime][grid](*args, **constexprs)
-
-
 def check_rows_launch(op, x, weight, rows, bias=None, weight2=None) -> None:
     """The launch and argument checks of ``_rows_launch`` (weight2: SwiGLU's up projection)."""
     check_launch(op, *[t for t in (x, weight, rows, bias, weight2) if t is not None])
@@ -309,17 +303,13 @@ def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
     regime = _regime(T)
 
     def grid(meta):
-        return (_cdiv(T, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"]), R)
+        return (cdiv(T, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]), R)
 
-    _launch(_ROWS, _INTERPRET_ROWS, regime, grid,
+    launch(_ROWS, _INTERPRET_ROWS, regime, grid,
             x, weight, w2, rows, b, out, T, D, n, *x.stride(), *weight.stride(), *w2.stride(), *rows.stride(),
             b.stride(0) if bias is not None else 0, *out.stride(), bucket(T), bucket(n),
             HAS_BIAS=bias is not None, GATED=weight2 is not None, PREC=dot_precision(x.dtype))
     return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("adaptive_kernels::gather_rows_linear", mutates_args=())
@@ -336,7 +326,7 @@ def _(x, weight, rows, bias=None):
 def _split_columns(R: int, D: int, n: int, device: torch.device) -> int:
     """Programs per batch row over the columns: two programs per multiprocessor with 64-wide
     output tiles, at least 256 columns each, at most 8."""
-    return max(1, min(8, -(-2 * num_sms(device.index or 0) * 64 // (R * D)), -(-n // 256)))
+    return max(1, min(8, cdiv(2 * num_sms(device.index or 0) * 64, R * D), cdiv(n, 256)))
 
 
 def _cols_launch(a, weight, cols):
@@ -358,15 +348,15 @@ def _cols_launch(a, weight, cols):
     ws = torch.empty((split, R, T, D), device=a.device, dtype=torch.float32) if split > 1 else out
 
     def grid(meta):
-        return (_cdiv(T, meta["BLOCK_M"]), _cdiv(D, meta["BLOCK_D"]), R * split)
+        return (cdiv(T, meta["BLOCK_M"]), cdiv(D, meta["BLOCK_D"]), R * split)
 
-    _launch(_COLS, _INTERPRET_COLS, regime, grid,
+    launch(_COLS, _INTERPRET_COLS, regime, grid,
             a, weight, cols, out, ws, T, D, n, *a.stride(), *weight.stride(), *cols.stride(), *out.stride(),
             bucket(T), bucket(n), W_COL_MAJOR=col_major,
             ALIGN=16 // weight.element_size() if weight.stride(1) == 1 else 1, SPLIT_J=split,
             PREC=dot_precision(a.dtype))
     if split > 1:
-        _sum_splits_kernel[(_cdiv(out.numel(), 1024),)](ws, out, out.numel(), SPLIT_J=split, BLOCK=1024)
+        _sum_splits_kernel[(cdiv(out.numel(), 1024),)](ws, out, out.numel(), SPLIT_J=split, BLOCK=1024)
     return out
 
 

@@ -25,7 +25,8 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # loaded once and both outputs written.
 # ---------------------------------------------------------------------------------------------
 
-from ._library import FLOAT_DTYPES, call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
+from ._library import (FLOAT_DTYPES, bucket, call_directly, cdiv, check_launch, differentiate_by_reference, jit,  # noqa: E402
+                       tl)
 
 
 @jit
@@ -75,9 +76,9 @@ def _rotary_launch(x, cos, sin):
         return out
     x, cos, sin = _unit_last_stride(x), _unit_last_stride(cos), _unit_last_stride(sin)
     half = d // 2
-    block_half = max(16, 1 << (half - 1).bit_length())
-    block_h = max(1, min(1 << (NH - 1).bit_length(), 2048 // block_half))  # tiles of at most 2048 pairs
-    grid = (R * T, -(-NH // block_h))
+    block_half = max(16, bucket(half))
+    block_h = max(1, min(bucket(NH), 2048 // block_half))  # tiles of at most 2048 pairs
+    grid = (R * T, cdiv(NH, block_h))
     _rotary_kernel[grid](x, cos, sin, out, T, NH, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
                          cos.stride(1), sin.stride(0), sin.stride(1), *out.stride()[:3],
                          BLOCK_H=block_h, BLOCK_HALF=block_half,

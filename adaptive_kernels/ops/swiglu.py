@@ -8,18 +8,18 @@ import torch.nn.functional as F
 from .projections import gather_rows_linear_reference
 
 
-def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor | None,
-                              act=F.silu) -> torch.Tensor:
-    """``h[r, t, j] = act(x[r, t] . w_gate[rows[r, j]]) * (x[r, t] . w_up[rows[r, j]])``, 0 where ``rows[r, j] < 0``.
+def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                              rows: torch.Tensor | None) -> torch.Tensor:
+    """``h[r, t, j] = silu(x[r, t] . w_gate[rows[r, j]]) * (x[r, t] . w_up[rows[r, j]])``, 0 where ``rows[r, j] < 0``.
 
     x [R, T, D]; w_gate, w_up [M, D]; rows int64 [R, n], or None for every neuron (n = M, no
     gather) -> h [R, T, n].
     """
     if rows is None:
-        return act(F.linear(x, w_gate)) * F.linear(x, w_up)
+        return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
     gate = gather_rows_linear_reference(x, w_gate, rows)
     up = gather_rows_linear_reference(x, w_up, rows)
-    return act(gate) * up
+    return F.silu(gate) * up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def gathered_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, r
 
     x [R, T, D] (any strides); w_gate, w_up [M, D]; rows int64 [R, n], or None for every neuron
     (n = M) -> h [R, T, n]. Triton, one kernel: reads only the listed rows of both weights, in
-    place; silu only (for another activation use ``gathered_swiglu_reference``). Every neuron
+    place. Every neuron
     over more than 16 tokens per row runs as cuBLAS products instead, the faster there. The custom
     op ``torch.ops.adaptive_kernels.gathered_swiglu``; FLOPs counted: 4*T*D per listed neuron (the two
     products; padding counts 0).
