@@ -174,7 +174,8 @@ def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     bias [N] or None -> y [R, T, n], x's dtype (float32, float16 or bfloat16; fp32 accumulation).
     CUDA split-K GEMV that reads only the listed weight rows, in place, with 16-byte loads when the
     weight's rows are 16-byte aligned (else element by element). The custom op
-    ``torch.ops.adaptive_kernels.cuda_gather_rows_linear``; FLOPs counted: 2*R*T*n*D.
+    ``torch.ops.adaptive_kernels.cuda_gather_rows_linear``; FLOPs counted: 2*T*D per listed row (padding
+    counts 0).
     """
     _check_gemv("gather_rows_linear", "x", x, weight, "rows", rows, bias)
     load()
@@ -190,7 +191,7 @@ def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
     columns (whole heads or neuron groups in ascending order) is read with 16-byte loads from a
     row-major weight; other entries and layouts element by element. ``a`` at a padded entry is
     never read. The custom op ``torch.ops.adaptive_kernels.cuda_gather_cols_linear``; FLOPs
-    counted: 2*R*T*n*D.
+    counted: 2*T*D per listed column (padding counts 0).
     """
     _check_gemv("gather_cols_linear", "a", a, weight, "cols", cols)
     load()
@@ -214,14 +215,14 @@ def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     plan.heads [B, L, H], plan.groups [B, L, G] (G MLP groups of M // G neurons, the first M % G
     one more; M = shape.intermediate_size) -> ``CompactPlan``: q_rows [B, L, H*d], kv_rows
     [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M], counts [B, L] each. Reads nothing back
-    to the host, so it may run inside CUDA-graph capture. Same result as ``plan.compact_plan``
+    to the host, so it may run inside CUDA-graph capture. Same result as ``adaptive_kernels.plan.compact_plan``
     (torch ops, several launches). The custom op ``torch.ops.adaptive_kernels.cuda_compact_plan``
     (its last output, counts [B, L, 3], is split here into the three count fields).
     """
     _check_plan(plan, shape)
     if plan.heads.device.type != "cuda":
         raise ValueError(f"compact_plan builds the buffers on the plan's CUDA device; this plan is on "
-                         f"{plan.heads.device}: move it with plan.to('cuda') or use plan.compact_plan")
+                         f"{plan.heads.device}: move it with plan.to('cuda') or use adaptive_kernels.plan.compact_plan")
     load()
     q_rows, kv_rows, q_to_kv, mlp_rows, counts = torch.ops.adaptive_kernels.cuda_compact_plan(
         plan.heads, plan.groups, shape.head_dim, shape.num_kv_heads, shape.intermediate_size)

@@ -10,13 +10,13 @@ plans list them), in one run:
 - ``cuda_padded``: the same op on the fixed-width list ``compact_plan`` gives (-1 up to the full
   count, as a graph-captured request would pass it);
 - ``triton``: ``adaptive_kernels.ops.projections.gather_rows_linear`` / ``gather_cols_linear``
-  (left out if they cannot be imported) on the same weight; for the column side also
+  on the same weight; for the column side also
   ``triton_cols_major``: the Triton op on the column-major copy a patched model keeps (the layout
   each backend reads o/down in decides which one the ``cuda`` backend uses there);
 - ``dense``: ``F.linear`` on the full weight; ``ideal``: ``F.linear`` on a weight cut to the
   active units before timing.
 
-Each time is the median over 50 calls replayed from a CUDA graph (plain calls if capture
+Each time is the median over 30 calls replayed from a CUDA graph (plain calls if capture
 fails), timed with CUDA events, warmed up, each after a 256 MiB read that evicts the weights from
 L2. ``*_GBps`` is the active weight bytes over that time (for dense, the full weight's bytes);
 ``cuda_bw_share`` is that of ``cuda`` as a share of the measured device-to-device copy bandwidth
@@ -34,6 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adaptive_kernels.ops.projections import cols_major, gather_cols_linear, gather_rows_linear
 from measure import ResultRows, copy_bandwidth, timed_us
 
 CUDA = torch.cuda.is_available()
@@ -51,15 +52,6 @@ PROJECTIONS = {
     "down": ("cols", 4096, 11008, 344),
 }
 IMPLS = ("cuda", "cuda_padded", "triton", "triton_cols_major", "dense", "ideal")
-
-
-def triton_ops():
-    """(gather_rows_linear, gather_cols_linear) of ops.projections, or None when they cannot be imported."""
-    try:
-        from adaptive_kernels.ops.projections import gather_cols_linear, gather_rows_linear
-    except ImportError:
-        return None
-    return gather_rows_linear, gather_cols_linear
 
 
 def active_list(share: float, unit: int, full: int, gen: torch.Generator) -> torch.Tensor:
@@ -81,15 +73,13 @@ def variants(projection: str, share: float, T: int, gen: torch.Generator) -> tup
     padded = torch.full((1, full), -1, dtype=torch.int64, device="cuda")
     padded[0, :n] = idx
     es = W.element_size()
-    triton = triton_ops()
     if side == "rows":
         x = (torch.randn(1, T, in_f, generator=gen)).to(device="cuda", dtype=DTYPE)
         cut = W[idx].contiguous()
         fns = dict(cuda=lambda: cuda_ext.gather_rows_linear(x, W, lists),
                    cuda_padded=lambda: cuda_ext.gather_rows_linear(x, W, padded),
+                   triton=lambda: gather_rows_linear(x, W, lists),
                    dense=lambda: F.linear(x, W), ideal=lambda: F.linear(x, cut))
-        if triton is not None:
-            fns["triton"] = lambda: triton[0](x, W, lists)
         active = n * in_f * es
     else:
         a = (torch.randn(1, T, n, generator=gen)).to(device="cuda", dtype=DTYPE)
@@ -97,13 +87,12 @@ def variants(projection: str, share: float, T: int, gen: torch.Generator) -> tup
         a_padded[..., :n] = a
         a_full = (torch.randn(1, T, in_f, generator=gen)).to(device="cuda", dtype=DTYPE)
         cut = W[:, idx].contiguous()
+        W_cols_major = cols_major(W)
         fns = dict(cuda=lambda: cuda_ext.gather_cols_linear(a, W, lists),
                    cuda_padded=lambda: cuda_ext.gather_cols_linear(a_padded, W, padded),
+                   triton=lambda: gather_cols_linear(a, W, lists),
+                   triton_cols_major=lambda: gather_cols_linear(a, W_cols_major, lists),
                    dense=lambda: F.linear(a_full, W), ideal=lambda: F.linear(a, cut))
-        if triton is not None:
-            W_cols_major = W.t().contiguous().t()
-            fns["triton"] = lambda: triton[1](a, W, lists)
-            fns["triton_cols_major"] = lambda: triton[1](a, W_cols_major, lists)
         active = out_f * n * es
     return fns, active, out_f * in_f * es
 
@@ -130,7 +119,7 @@ def measure(projection: str) -> list[dict]:
             row["cuda_bw_share"] = row["cuda_GBps"] * 1e9 / bw
             row["cuda_vs_ideal"] = us["cuda"] / us["ideal"]
             row["cuda_vs_dense"] = us["cuda"] / us["dense"]
-            row["cuda_vs_triton"] = us["cuda"] / us["triton"] if "triton" in us else None
+            row["cuda_vs_triton"] = us["cuda"] / us["triton"]
             row["cuda_vs_triton_cols_major"] = us["cuda"] / us["triton_cols_major"] if "triton_cols_major" in us else None
             rows.append(row)
             del fns
