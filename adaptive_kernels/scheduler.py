@@ -152,8 +152,8 @@ class AdaptiveScheduler(nn.Module):
         # Deterministic rounds always pick the best layer that still has room, so layers fill in
         # logit order, H/r units each; inside a layer the best r*u heads and groups are on.
         capacity = H // r
-        per_rank = (counts[:, None] - capacity * torch.arange(K, device=logits.device)).clamp(0, capacity)
-        units_in_layer = per_rank.gather(1, _ranks(layer_logits))
+        by_order = (counts[:, None] - capacity * torch.arange(K, device=logits.device)).clamp(0, capacity)
+        units_in_layer = by_order.gather(1, _ranks(layer_logits))  # the k-th best layer gets by_order[:, k]
         on = units_in_layer[..., None] * r
         head_ranks, group_ranks = _ranks(torch.stack([head_logits, group_logits]))  # one sort for both
         return units_in_layer > 0, head_ranks < on, group_ranks < on

@@ -252,7 +252,7 @@ class AdaptiveDecoderLayerMixin:
         q = rotary_reference(attn.q_proj(a).view(B, T, shape.num_heads, -1), cos, sin)
         k = rotary_reference(attn.k_proj(a).view(B, T, shape.num_kv_heads, -1), cos, sin)
         v = attn.v_proj(a).view(B, T, shape.num_kv_heads, -1)
-        q_to_kv = (torch.arange(shape.num_heads, device=x.device) // (shape.num_heads // shape.num_kv_heads)).expand(B, -1)
+        q_to_kv = dense_layer(B, shape, x.device).q_to_kv
         o = head_sparse_attention_reference(q, k.transpose(1, 2), v.transpose(1, 2), q_to_kv, kv_valid, attn.scaling)
         o = o * heads_on[:, None, :, None].to(o.dtype)
         bias_on = bias_on[:, None, None].to(x.dtype)

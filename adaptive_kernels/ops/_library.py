@@ -131,6 +131,11 @@ def bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when its last dimension is not of unit stride (what the kernels index)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for positive ``b``."""
     return -(-a // b)

@@ -30,7 +30,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # Triton: one program per row, the whole row in registers (D up to 16384).
 # ---------------------------------------------------------------------------------------------
 
-from ._library import FLOAT_DTYPES, bucket, call_directly, check_launch, differentiate_by_reference, jit, tl  # noqa: E402
+from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, differentiate_by_reference, jit, tl,  # noqa: E402
+                       unit_last_stride)
 
 MAX_D = 16384
 
@@ -54,7 +55,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, D, eps, sx, sr, sw, 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t [..., D] as [rows, D] with unit stride along D (a view when possible)."""
-    return t.reshape(-1, t.shape[-1]) if t.stride(-1) == 1 else t.contiguous().view(-1, t.shape[-1])
+    return unit_last_stride(t).reshape(-1, t.shape[-1])
 
 
 def _rms_norm_launch(x, weight, eps, residual=None):

@@ -26,7 +26,7 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # ---------------------------------------------------------------------------------------------
 
 from ._library import (FLOAT_DTYPES, bucket, call_directly, cdiv, check_launch, differentiate_by_reference, jit,  # noqa: E402
-                       tl)
+                       tl, unit_last_stride)
 
 
 @jit
@@ -58,10 +58,6 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, T, NH, HALF,
     tl.store(out + HALF, hi, mask=m)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _rotary_launch(x, cos, sin):
     check_launch("rotary", x, cos, sin)
     R, T, NH, d = x.shape
@@ -74,7 +70,7 @@ def _rotary_launch(x, cos, sin):
     out = torch.empty((R, T, NH, d), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    x, cos, sin = _unit_last_stride(x), _unit_last_stride(cos), _unit_last_stride(sin)
+    x, cos, sin = unit_last_stride(x), unit_last_stride(cos), unit_last_stride(sin)
     half = d // 2
     block_half = max(16, bucket(half))
     block_h = max(1, min(bucket(NH), 2048 // block_half))  # tiles of at most 2048 pairs
