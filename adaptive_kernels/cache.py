@@ -75,6 +75,37 @@ class AdaptiveCache(Cache):
             tokens_to_remove = tokens_to_remove - self.get_seq_length()
         self.length = max(self.length + min(tokens_to_remove, 0), 0)
 
+    def reset(self) -> None:
+        """Forget every position and free the buffers: the next forward with this cache is a new prefill
+        (a new request, which makes its own plan and cache)."""
+        self.keys, self.values = [None] * len(self.keys), [None] * len(self.values)
+        self.length = self.capacity = 0
+        self.decode_graph, self.warm = None, False
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of the request (its plan's), or -1 before the plan is known."""
+        return -1 if self.schedule is None else self.schedule.plan.batch_size
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """-1: no maximum, the buffers grow."""
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """(key positions a query of ``query_length`` new tokens attends over, offset 0)."""
+        return self.length + query_length, 0
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        raise ValueError("has_previous_state asks about linear-attention layers; an AdaptiveCache holds attention only")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("AdaptiveCache cannot repeat rows: each row's plan and compact heads were fixed at "
+                                  "prefill; give generate the repeated prompts (num_beams / num_return_sequences do this)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("AdaptiveCache cannot select rows: each row's plan and compact heads were fixed at "
+                                  "prefill; run the rows you want as their own request")
+
     def reserve(self, positions: int) -> None:
         """Make room for ``positions`` filled positions, moving every layer to larger buffers if needed."""
         if positions <= self.capacity:

@@ -289,6 +289,27 @@ def test_skipped_layers_are_never_called(stock):
         assert (calls[l] > 0) == bool(plan.layers[0, l]), (l, calls)
 
 
+def test_cache_answers_the_cache_api_or_refuses(stock):
+    """The transformers Cache methods an AdaptiveCache inherits (and cannot serve from stock layers) answer
+    for the compact cache, or refuse by name: a reset cache starts a new request, as a reset stock one does."""
+    inputs = example_inputs(stock, batch_size=2, seed=38)
+    model = patched(stock, "H")
+    with torch.no_grad():
+        fresh = model(**inputs, latency_budget=0.6)
+        cache = cache_of(fresh)
+        S = inputs["input_ids"].shape[1] + 1
+        assert (cache.batch_size, cache.get_max_length(), cache.get_mask_sizes(1, 0)) == (2, -1, (S + 1, 0))
+        for call in (lambda: cache.batch_repeat_interleave(2), lambda: cache.batch_select_indices(torch.tensor([1]))):
+            with pytest.raises(NotImplementedError, match="AdaptiveCache cannot"):
+                call()
+        with pytest.raises(ValueError, match="linear-attention"):
+            cache.has_previous_state()
+        cache.reset()
+        assert cache.get_seq_length() == 0 and all(k is None for k in cache.keys)
+        again = model(**inputs, latency_budget=0.6, **{CACHE_KWARG: cache})
+    assert torch.equal(again.logits, fresh.logits)
+
+
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_cache_holds_only_executed_layers_and_heads(stock, variant):
     model = patched(stock, variant)
