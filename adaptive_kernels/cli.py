@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,9 @@ TINY_RANK = 2  # divides the tiny model's 8 heads: 4 units per layer
 MODEL_RANK = 8  # the paper's rank, meant for 32-head (7B) models
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # an image processor: a tokenizer is not enough
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # ... and neither is an image processor
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds both take [0, 2**32)
 CSV_NAME, PNG_NAME = "results.csv", "latency_vs_budget.png"
 
 
@@ -54,6 +55,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``adaptive-kernels``."""
     from .backends import BACKENDS
@@ -62,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adaptive-kernels",
         description="Run AdaLLaVA execution plans on a LLaVA model over latency budgets: print each plan, "
-                    "its FLOP cost and the measured generate latency; write a CSV and a latency-vs-budget plot.")
+                    "its FLOP cost and the measured generate latency; write a CSV and a latency-vs-budget plot.",
+        epilog="adaptive-kernels sweep [options] runs the end-to-end latency sweep instead (adaptive-kernels sweep "
+               "--help).")
     p.add_argument("--model", type=Path, metavar="PATH",
                    help="local Hugging Face LLaVA checkpoint folder (default: the built-in tiny random LLaVA)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
@@ -84,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch CPU threads (default: 1 for the built-in tiny model on cpu, where more threads only "
                         "add contention; torch's default otherwise)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the built-in model's weights and of the random example inputs (default: %(default)s)")
     p.add_argument("--prompt", default="What is shown in this image?",
                    help="question, used only when --model has a processor (default: %(default)r)")
@@ -103,8 +116,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("argument --device: cuda requested but torch sees no CUDA device")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
-    if args.model is not None and not (args.model / "config.json").is_file():
-        parser.error(f"argument --model: {args.model} is not a Hugging Face checkpoint folder (no config.json)")
+    if args.model is not None:
+        _check_model(parser, args.model)
     if args.scheduler is not None and len(set(args.variants)) > 1:
         parser.error("argument --scheduler: a scheduler file holds one variant's weights; pass a single --variants")
     for name in ("scheduler", "image"):
@@ -114,8 +127,33 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.image is not None:
         _check_image(parser, args.image)
     _check_out(parser, args.out)
-    if args.backend == "triton" and args.device == "cpu":
-        print("note: --backend triton on the cpu needs TRITON_INTERPRET=1 in the environment (slow)", file=sys.stderr)
+    _check_backends(parser, "--backend", [args.backend], args.device)
+
+
+def _check_backends(parser, option: str, backends: list, device: str) -> None:
+    """``parser.error`` for a Triton backend on the CPU outside Triton's interpreter (before anything is loaded)."""
+    from .ops._library import INTERPRET
+
+    if device == "cpu" and "triton" in backends and not INTERPRET:
+        parser.error(f"argument {option}: triton on the cpu runs in Triton's interpreter: set TRITON_INTERPRET=1 in "
+                     "the environment (slow), or use torch")
+
+
+def _check_model(parser, path: Path) -> None:
+    """``parser.error`` unless ``path`` is a LLaVA checkpoint folder with weights (before loading anything)."""
+    import json
+
+    if not (path / "config.json").is_file():
+        parser.error(f"argument --model: {path} is not a Hugging Face checkpoint folder (no config.json)")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        parser.error(f"argument --model: {path / 'config.json'} is not a readable config ({error})")
+    if model_type != "llava":
+        parser.error(f"argument --model: {path} holds a {model_type!r} model; adaptive-kernels runs LLaVA checkpoints "
+                     "(model_type 'llava')")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        parser.error(f"argument --model: {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
 
 
 def _check_image(parser, path: Path) -> None:
@@ -132,14 +170,20 @@ def _check_image(parser, path: Path) -> None:
 
 
 def _check_out(parser, out: Path) -> None:
-    """``parser.error`` when ``out`` exists and is not a folder (before anything is timed)."""
+    """Make the folder ``out``, or ``parser.error`` when it cannot be one (before anything is timed)."""
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"argument --out: cannot make the folder {out} ({error.strerror or error})")
 
 
 def _has_processor(path: Path) -> bool:
-    """Whether the checkpoint folder has a processor that can turn an image and a question into inputs."""
-    return any((path / name).is_file() for name in PROCESSOR_FILES)
+    """Whether the checkpoint folder has a processor that can turn an image and a question into inputs: an
+    image processor and a tokenizer."""
+    return (any((path / name).is_file() for name in PROCESSOR_FILES)
+            and any((path / name).is_file() for name in TOKENIZER_FILES))
 
 
 def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, seed: int) -> dict:
@@ -206,19 +250,14 @@ def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repea
     return statistics.median(times), out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def run(model, inputs: dict, args, rank: int, name: str = "") -> list[dict]:
     """Patch, plan and time every (variant, budget); print each and return the CSV rows."""
     import transformers
 
     import adaptive_kernels as ak
+    from .sweep import device_name
 
-    common = {"model": name, "device": args.device, "device_name": _device_name(args.device), "dtype": args.dtype,
+    common = {"model": name, "device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
               "torch": torch.__version__, "transformers": transformers.__version__,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     rows = []
@@ -299,21 +338,35 @@ def sweep_main(argv) -> int:
                                             "transformers, the ideal and the masked computation; a 7B-shaped model "
                                             "on CUDA, the tiny one on the CPU. Writes CSV, JSON and a PNG.")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="V")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="V",
+                   help="default: %(default)s")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="B",
                    help="default: triton and torch on cuda, torch on cpu")
-    p.add_argument("--budgets", nargs="+", type=_budget, default=list(BUDGETS), metavar="B")
-    p.add_argument("--new-tokens", type=_positive_int, default=16, metavar="N", help="decoded tokens per timing")
-    p.add_argument("--repeats", type=_positive_int, default=3, metavar="N")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    p.add_argument("--budgets", nargs="+", type=_budget, default=list(BUDGETS), metavar="B",
+                   help="latency budgets in (0, 1]; 1.0 gives the ideal lines and adherence (default: %(default)s)")
+    p.add_argument("--new-tokens", type=_positive_int, default=16, metavar="N",
+                   help="decoded tokens per timing (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=3, metavar="N", help="default: %(default)s")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="torch CPU threads (default: 1 on cpu, where the tiny model's timings are otherwise "
+                        "contention noise; torch's default on cuda)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
+                   help="output folder (default: ./%(default)s)")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    args.variants, args.budgets = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.budgets))
+    args.backends = None if args.backends is None else list(dict.fromkeys(args.backends))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: cuda requested but torch sees no CUDA device")
+    _check_backends(p, "--backends", args.backends or [], args.device)
     _check_out(p, args.out)
+    if 1.0 not in args.budgets:
+        print("note: budget 1.0 is not among --budgets: no ideal lines, and no adherence (both scale latency at 1.0)")
     failures = []
     try:
         rows = sweep(args.device, args.variants, args.backends, args.budgets, args.new_tokens, args.repeats,
-                     out_dir=args.out)
+                     out_dir=args.out, threads=args.threads)
     except SweepIncomplete as incomplete:
         rows, failures = incomplete.rows, incomplete.failures
     print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13} "
@@ -354,22 +407,23 @@ def main(argv=None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .sweep import device_name
+
     model, inputs, name, default_rank = load(args)
     rank = default_rank if args.rank is None else args.rank
     heads = model.config.text_config.num_attention_heads
-    if heads % rank:
-        parser.error(f"argument --rank: {rank} does not divide the model's {heads} attention heads")
-    print(f"model {name} | device {args.device} ({_device_name(args.device)}) | dtype {args.dtype} | rank {rank} | "
+    if "H" in args.variants and heads % rank:
+        parser.error(f"argument --rank: {rank} does not divide the model's {heads} attention heads (variant H)")
+    print(f"model {name} | device {args.device} ({device_name(args.device)}) | dtype {args.dtype} | rank {rank} | "
           f"cpu threads {torch.get_num_threads()} | prompt {inputs['input_ids'].shape[1]} tokens | "
           f"{args.max_new_tokens} new tokens | median of {args.repeats}")
     try:
         rows = run(model, inputs, args, rank, name)
     except PatchError as error:
         parser.error(str(error))
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / CSV_NAME)
     print(f"wrote {args.out / CSV_NAME}")
-    if not any(math.isclose(b, 1.0) for b in args.budgets):
+    if 1.0 not in args.budgets:
         print("note: budget 1.0 is not among --budgets, so the plot has no ideal line")
     title = f"{name} | {rows[0]['device_name']} | {args.dtype} | {rows[0]['backend']} | {args.max_new_tokens} new tokens"
     if write_plot(rows, args.out / PNG_NAME, title):

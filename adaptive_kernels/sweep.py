@@ -16,6 +16,7 @@ import csv
 import datetime
 import functools
 import gc
+import importlib.metadata
 import json
 import math
 import platform
@@ -37,6 +38,7 @@ from .sliced import mask_hooks, sliced_stock
 from .tiny import example_inputs, tiny_llava
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+REFERENCE_COLORS = {"L": "black", "H": "tab:brown"}  # the stock references of each variant's plans, in the plot
 
 
 def llava_7b_config() -> LlavaConfig:
@@ -70,8 +72,13 @@ class Row:
     vision_ms: float
     prefill_ms: float
     device: str
+    dtype: str
+    rank: int
+    new_tokens: int
+    repeats: int
     torch: str
     transformers: str
+    triton: str
     date: str
     decode_ms_per_token: float = float("nan")  # steady state: decode steps after the first two
     decode_setup_ms: float = float("nan")  # per request, what the first two decode steps cost beyond that
@@ -204,15 +211,49 @@ class SweepIncomplete(RuntimeError):
         super().__init__(f"{len(failures)} measurement(s) of the sweep failed (tracebacks above): " + "; ".join(failures))
 
 
+def device_name(device: str) -> str:
+    """The GPU's name on CUDA, else the processor's (or the machine's architecture)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """torch's CPU threads set to ``threads`` (None: left as they are) within the block, restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
-          repeats: int = 5, rank: int | None = None, out_dir: str | Path = "benchmarks/results", progress: bool = True):
+          repeats: int = 5, rank: int | None = None, out_dir: str | Path = "benchmarks/results", progress: bool = True,
+          threads: int | None = None):
     """Run the sweep; returns the rows. Each row is written to ``out_dir`` (CSV, JSON) as soon as it is
     measured; the plot (PNG) is drawn at the end. A measurement that fails (one variant, backend and
     budget, or compiled stock) prints its traceback and the sweep goes on: one broken path costs only
-    its own rows. Then ``SweepIncomplete`` is raised at the end, after the plot."""
+    its own rows. Then ``SweepIncomplete`` is raised at the end, after the plot. ``threads``: torch's CPU
+    threads meanwhile (None: 1 on the CPU, where the tiny model's timings are otherwise contention noise;
+    torch's default on CUDA)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with cpu_threads(threads if threads is not None or device == "cuda" else 1):
+        return _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_dir, progress)
+
+
+def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_dir, progress):
     from tqdm.auto import tqdm
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     backends = backends or (("triton", "torch") if device == "cuda" else ("torch",))
     model, name = build_model(device, dtype)
@@ -220,8 +261,9 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     rank = rank or (8 if device == "cuda" else 2)
     inputs = example_inputs(model, batch_size=1, text_tokens=64 if device == "cuda" else 12)
     median_ms = _timer(device)
-    stamp = dict(model=name, device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                 torch=torch.__version__, transformers=__import__("transformers").__version__,
+    stamp = dict(model=name, device=device_name(device), dtype=str(dtype).removeprefix("torch."), rank=rank,
+                 new_tokens=new_tokens, repeats=repeats, torch=torch.__version__,
+                 transformers=__import__("transformers").__version__, triton=package_version("triton"),
                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     with torch.no_grad():
@@ -421,9 +463,18 @@ def write_records(rows: list[Row], out_dir, stem: str) -> None:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)
-    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
-    (out / f"{stem}-adherence.json").write_text(json.dumps(budget_adherence(rows), indent=1))
-    (out / f"{stem}-targets.json").write_text(json.dumps(target_ratios(rows), indent=1))
+    for suffix, values in (("", records), ("-adherence", budget_adherence(rows)), ("-targets", target_ratios(rows))):
+        (out / f"{stem}{suffix}.json").write_text(json.dumps(_json_safe(values), indent=1, allow_nan=False))
+
+
+def _json_safe(records: list[dict]) -> list[dict]:
+    """``records`` with NaN and infinities (not measured, or not a number) as None: null in strict JSON."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in records]
+
+
+def read_records(path) -> list[dict]:
+    """The records of a JSON file ``write_records`` wrote, null (not measured) back to NaN."""
+    return [{k: float("nan") if v is None else v for k, v in r.items()} for r in json.loads(Path(path).read_text())]
 
 
 def pyplot(skipped: str):
@@ -472,8 +523,8 @@ def plot_rows(rows: list[Row], path: Path) -> Path | None:
                               key=lambda r: r.budget)
             for variant in sorted({r.variant for r in measured}):
                 points = [r for r in measured if r.variant == variant]
-                ax.plot([r.budget for r in points], [getattr(r, field) for r in points], style, color="black",
-                        label=f"{variant}: {what}")
+                ax.plot([r.budget for r in points], [getattr(r, field) for r in points], style,
+                        color=REFERENCE_COLORS.get(variant, "black"), label=f"{variant}: {what}")
         ax.set_xlabel("latency budget")
         ax.set_ylabel("ms")
         ax.set_title(f"{title}\n{rows[0].model} on {rows[0].device}", fontsize=9)

@@ -74,7 +74,7 @@ import glob, json, os, sys
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-from adaptive_kernels.sweep import Row, plot_rows, targets_table
+from adaptive_kernels.sweep import Row, plot_rows, read_records, targets_table
 
 
 def new(pattern):
@@ -88,7 +88,7 @@ for pattern, script in (("ops-*.json", "gpu_kernels"), ("cuda_ext-*.json", "gpu_
 for path in new("sweep-*.json"):
     if path.stem.endswith(("-adherence", "-targets")):
         continue
-    rows = [Row(**r) for r in json.loads(path.read_text())]
+    rows = [Row(**r) for r in read_records(path)]
     plot_rows(rows, path.with_suffix(".png"))
     print("                              prefill ms                decode ms per token")
     print("                           wall  kernels    graph       wall  kernels    floor")
@@ -97,10 +97,10 @@ for path in new("sweep-*.json"):
             print(f"{r.system:8} {r.variant} {r.backend:12} {r.budget:4.2f} {r.prefill_ms:8.2f} {r.prefill_kernel_ms:8.2f} "
                   f"{r.prefill_graph_ms:8.2f}   {r.decode_ms_per_token:8.2f} {r.decode_kernel_ms:8.2f} "
                   f"{r.decode_floor_ms:8.2f}")
-    for a in json.loads(path.with_name(f"{path.stem}-adherence.json").read_text()):
+    for a in read_records(path.with_name(f"{path.stem}-adherence.json")):
         print(f"adherence {a['variant']} {a['backend']:7} {a['phase']:15} largest excess {a['largest_excess']:+.3f} "
               f"at {a['at_budget']}")
-    print(targets_table(json.loads(path.with_name(f"{path.stem}-targets.json").read_text())))
+    print(targets_table(read_records(path.with_name(f"{path.stem}-targets.json"))))
 PY
 tar czf "$out/results.tar.gz" $(find benchmarks/results -newer "$stamp" -type f) -C "$out" gpu.log
 echo

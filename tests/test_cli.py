@@ -187,6 +187,8 @@ def test_without_matplotlib_the_plot_is_skipped(tmp_path, monkeypatch):
     (["--rank", "3"], "--rank"),
     (["--rank", "0"], "--rank"),
     (["--repeats", "0"], "--repeats"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2 ** 32)], "--seed"),
     (["--model", "/nonexistent/llava"], "--model"),
     (["--scheduler", "/nonexistent.safetensors", "--variants", "L"], "--scheduler"),
     (["--scheduler", __file__], "--scheduler"),  # two variants for one scheduler file
@@ -215,6 +217,53 @@ def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
     assert not (tmp_path / "out" / CSV_NAME).exists()
 
 
+def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys):
+    """Another architecture's checkpoint (LLaVA's config would fall back to 7B defaults), a config without
+    weights, and an --out that cannot be a folder are refused by name before anything is loaded or timed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 vocab_size=64)).save_pretrained(tmp_path / "llama")
+    tiny_llava().config.save_pretrained(tmp_path / "config_only")
+    (tmp_path / "file").write_text("not a folder")
+    for argv, says in ((["--model", str(tmp_path / "llama")], "holds a 'llama' model"),
+                       (["--model", str(tmp_path / "config_only")], "has no weights"),
+                       (["--out", str(tmp_path / "file" / "out")], "argument --out: cannot make the folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *FAST])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--out", str(tmp_path / "file" / "out")])
+    assert "argument --out: cannot make the folder" in capsys.readouterr().err
+
+
+def test_triton_on_the_cpu_outside_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("adaptive_kernels.ops._library.INTERPRET", False)
+    for argv in (["--backend", "triton", "--out", str(tmp_path), *FAST],
+                 ["sweep", "--device", "cpu", "--backends", "triton", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_rank_need_not_divide_the_heads_for_variant_l(tmp_path):
+    """--rank sizes H's units only: with L alone, a rank that does not divide the 8 heads runs."""
+    rows, _ = run_main(["--rank", "3", "--variants", "L", "--budgets", "0.6", "--out", str(tmp_path), *FAST])
+    assert [(r["variant"], r["budget"]) for r in rows] == [("L", "0.6")]
+
+
+def test_processor_needs_an_image_processor_and_a_tokenizer(tmp_path):
+    from adaptive_kernels.cli import _has_processor
+
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    assert not _has_processor(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    assert _has_processor(tmp_path)
+
+
 def test_python_m_help():
     done = subprocess.run([sys.executable, "-m", "adaptive_kernels", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -227,30 +276,38 @@ def test_python_m_help():
 def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     import json
 
-    assert main(["sweep", "--device", "cpu", "--variants", "L", "--budgets", "1.0", "0.5", "--new-tokens", "1",
-                 "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert main(["sweep", "--device", "cpu", "--variants", "L", "L", "--budgets", "1.0", "0.5", "1", "--new-tokens",
+                 "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sweep-tiny.csv")))
+    assert sum(r["system"] == "adaptive" for r in rows) == 2  # repeated variants and budgets run once
     adaptive = {float(r["budget"]): r for r in rows if r["system"] == "adaptive"}
     assert set(adaptive) == {1.0, 0.5} and {r["system"] for r in rows} >= {"stock", "ideal", "masked"}
     assert float(adaptive[0.5]["cost"]) == 0.5  # 4 prefix + 0 scheduled of 8 layers
     masked = [r for r in rows if r["system"] == "masked"]
     assert len(masked) == 2  # prefill and decode measured (per token, a difference of medians: may be < 0 here)
     assert all(float(r["prefill_ms"]) > 0 and math.isfinite(float(r["decode_ms_per_token"])) for r in masked)
-    adherence = json.loads((tmp_path / "sweep-tiny-adherence.json").read_text())
+    assert {(r["dtype"], r["rank"], r["new_tokens"], r["repeats"]) for r in rows} == {("float32", "2", "1", "1")}
+    assert all(r["triton"] and r["device"] for r in rows)
+
+    def strict(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    adherence = json.loads((tmp_path / "sweep-tiny-adherence.json").read_text(), parse_constant=strict)
     for a in adherence:
         phase = "prefill_ms" if a["phase"] == "prefill" else "decode_ms_per_token"
         expected = float(adaptive[0.5][phase]) / float(adaptive[1.0][phase]) - 0.5
         assert a["largest_excess"] == pytest.approx(max(expected, 0.0))
     assert 0 < float(adaptive[0.5]["decode_floor_ms"]) < float(adaptive[1.0]["decode_floor_ms"])
     ideal = {float(r["budget"]): r for r in rows if r["system"] == "ideal"}
-    targets = json.loads((tmp_path / "sweep-tiny-targets.json").read_text())
+    json.loads((tmp_path / "sweep-tiny.json").read_text(), parse_constant=strict)
+    targets = json.loads((tmp_path / "sweep-tiny-targets.json").read_text(), parse_constant=strict)
     assert sorted(t["budget"] for t in targets) == [0.5, 1.0]
     for t in targets:
         row = adaptive[t["budget"]]
         assert t["prefill_vs_ideal"] == pytest.approx(float(row["prefill_ms"]) / float(ideal[t["budget"]]["prefill_ms"]))
         assert t["decode_vs_floor"] == pytest.approx(float(row["decode_ms_per_token"]) / float(row["decode_floor_ms"]))
         assert t["schedule_share_of_prefill"] == pytest.approx(float(row["schedule_ms"]) / float(row["prefill_ms"]))
-        assert math.isnan(t["prefill_kernel_vs_ideal"]) and math.isnan(t["decode_vs_compiled_stock"])  # CUDA only
+        assert t["prefill_kernel_vs_ideal"] is None and t["decode_vs_compiled_stock"] is None  # CUDA only: null
     assert (tmp_path / "sweep-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "adherence L torch prefill" in printed and "decode/floor (1.3)" in printed
