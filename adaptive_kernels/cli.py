@@ -126,8 +126,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --{name}: no such file: {path}")
     if args.image is not None:
         _check_image(parser, args.image)
-    _check_out(parser, args.out)
     _check_backends(parser, "--backend", [args.backend], args.device)
+    _check_out(parser, args.out)  # last: it makes the folder
 
 
 def _check_backends(parser, option: str, backends: list, device: str) -> None:

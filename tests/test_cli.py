@@ -241,12 +241,13 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
 
 def test_triton_on_the_cpu_outside_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("adaptive_kernels.ops._library.INTERPRET", False)
-    for argv in (["--backend", "triton", "--out", str(tmp_path), *FAST],
-                 ["sweep", "--device", "cpu", "--backends", "triton", "--out", str(tmp_path)]):
+    out = str(tmp_path / "out")
+    for argv in (["--backend", "triton", "--out", out, *FAST],
+                 ["sweep", "--device", "cpu", "--backends", "triton", "--out", out]):
         with pytest.raises(SystemExit):
             main(argv)
         assert "TRITON_INTERPRET=1" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())  # refused before anything is made
 
 
 def test_rank_need_not_divide_the_heads_for_variant_l(tmp_path):
