@@ -113,10 +113,13 @@ class AdaptiveScheduler(nn.Module):
         rows = []
         for b in budgets:
             key = (self.units.quantised(b), weight.device, weight.dtype)
-            if key not in self._features:
+            features = self._features.get(key)
+            if features is None:
                 q = torch.full((1,), key[0], dtype=torch.float64, device=weight.device)
-                self._features[key] = fourier_features(q)[0].to(weight.dtype)
-            rows.append(self._features[key])
+                features = fourier_features(q)[0].to(weight.dtype)
+                if not capturing(weight):  # a capture's tensors hold nothing until it is replayed
+                    self._features[key] = features
+            rows.append(features)
         return self.latency_encoder.embed(torch.stack(rows))
 
     def select(self, latency_state: torch.Tensor, budgets: list[float], sample: bool = False):

@@ -302,8 +302,13 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_d
 
             decode = decode_timing(generate, new_tokens, median_ms, repeats)  # warms up first
             if device == "cuda" and decode_kernels:
-                kernels["decode"] = (kernel_ms(lambda: generate(new_tokens + 3))
-                                     - kernel_ms(lambda: generate(3))) / new_tokens
+                try:  # a failure here costs this kernel time only, not the row's wall times
+                    kernels["decode"] = (kernel_ms(lambda: generate(new_tokens + 3))
+                                         - kernel_ms(lambda: generate(3))) / new_tokens
+                except Exception as error:
+                    traceback.print_exc()
+                    failures.append(f"decode kernel time: {type(error).__name__}: {error}")
+                    kernels["decode"] = float("nan")
             return prefill, *decode
 
         rows: list[Row] = []
@@ -317,7 +322,8 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_d
         full = ExecutionPlan.full(1, shape.num_layers, shape.num_heads)
         t = timings(model, graph="stock")
         record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
-                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], prefill_graph_ms=kernels["graph"],
+                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], prefill_kernel_ms=kernels["prefill"],
+                   prefill_graph_ms=kernels["graph"],
                    decode_floor_ms=decode_floor_ms(model, full, embeds.shape[1], bandwidth), **stamp))
 
         def measure(variant: str, backend: str, budget: float) -> None:
@@ -373,21 +379,30 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_d
                 failures.append(f"{name}: {type(error).__name__}: {error}")
                 unpatch(model)  # stock again for the next job (a no-op where the failure left it stock)
 
-        bar = tqdm(total=len(backends) * len(variants) * len(budgets), desc="sweep", disable=not progress)
-        for backend in backends:  # the first backend's rows first
-            for variant in variants:
-                for budget in budgets:
-                    attempt(f"{variant} {backend} {budget}", measure, variant, backend, budget)
-                    bar.update()
-            if device == "cuda" and backend == backends[0]:
-                # compiled stock next, before the other backends' rows: a run cut off by its time limit still
-                # compares; compiling takes a while
-                attempt("stock-static-compiled", compiled_stock)
+        # the first backend's rows at the first budget, then compiled stock (CUDA; compiling takes a while), then
+        # the rest: a run cut off by its time limit still has the comparisons at budget 1.0
+        jobs = [(variant, backend, budget) for backend in backends for variant in variants for budget in budgets]
+        first = [job for job in jobs if job[1] == backends[0] and job[2] == budgets[0]]
+        bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)
+        for job in first:
+            attempt(" ".join(map(str, job)), measure, *job)
+            bar.update()
+        if device == "cuda":
+            attempt("stock-static-compiled", compiled_stock)
+        for job in jobs:
+            if job not in first:
+                attempt(" ".join(map(str, job)), measure, *job)
+                bar.update()
         bar.close()
     plot_rows(rows, Path(out_dir) / f"{stem}.png")
     if failures:
         raise SweepIncomplete(rows, failures)
     return rows
+
+
+def ratio(a: float, b: float) -> float:
+    """``a / b``, NaN where ``b`` is 0 (a timer that saw nothing): one bad timing must not stop the sweep."""
+    return a / b if b else float("nan")
 
 
 def budget_adherence(rows: list[Row]) -> list[dict]:
@@ -407,7 +422,7 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
         for phase in ("prefill_ms", "prefill_kernel_ms", "prefill_graph_ms", "decode_ms_per_token", "decode_kernel_ms"):
             if math.isnan(getattr(full, phase)):  # not measured here (kernel times: CUDA only)
                 continue
-            excess, budget = max((getattr(r, phase) / getattr(full, phase) - r.cost, r.budget) for r in series)
+            excess, budget = max((ratio(getattr(r, phase), getattr(full, phase)) - r.cost, r.budget) for r in series)
             result.append({"variant": variant, "backend": backend, "phase": phase.removesuffix("_ms_per_token").removesuffix("_ms"),
                            "largest_excess": excess, "at_budget": budget})
     return result
@@ -434,12 +449,12 @@ def target_ratios(rows: list[Row]) -> list[dict]:
         i = ideal.get((r.variant, r.budget))
         result.append({
             "variant": r.variant, "backend": r.backend, "budget": r.budget,
-            "prefill_vs_ideal": r.prefill_ms / i.prefill_ms if i else nan,
-            "prefill_kernel_vs_ideal": r.prefill_kernel_ms / i.prefill_kernel_ms if i else nan,
-            "prefill_graph_vs_ideal": r.prefill_graph_ms / i.prefill_graph_ms if i else nan,
-            "decode_vs_floor": r.decode_ms_per_token / r.decode_floor_ms,
-            "schedule_share_of_prefill": r.schedule_ms / r.prefill_ms,
-            "decode_vs_compiled_stock": (r.decode_ms_per_token / compiled.decode_ms_per_token
+            "prefill_vs_ideal": ratio(r.prefill_ms, i.prefill_ms) if i else nan,
+            "prefill_kernel_vs_ideal": ratio(r.prefill_kernel_ms, i.prefill_kernel_ms) if i else nan,
+            "prefill_graph_vs_ideal": ratio(r.prefill_graph_ms, i.prefill_graph_ms) if i else nan,
+            "decode_vs_floor": ratio(r.decode_ms_per_token, r.decode_floor_ms),
+            "schedule_share_of_prefill": ratio(r.schedule_ms, r.prefill_ms),
+            "decode_vs_compiled_stock": (ratio(r.decode_ms_per_token, compiled.decode_ms_per_token)
                                          if compiled is not None and r.budget == 1.0 else nan)})
     return result
 

@@ -5,10 +5,12 @@
 #          and tests/test_cuda_ext.py
 #          (TEST_SECONDS, 190)
 #   ext    the CUDA extension's GEMV next to Triton: benchmarks/gpu_cuda_ext.py --skip-tests (EXT_SECONDS, 60)
-#   sweep  adaptive-kernels sweep of the 7B-shaped model, triton rows and compiled stock first (SWEEP_SECONDS, 270)
+#   sweep  adaptive-kernels sweep of the 7B-shaped model: triton rows at budget 1.0, then compiled stock, then the
+#          rest (SWEEP_SECONDS, 200)
 #   ops    the Triton op rows not measured on a GPU yet: benchmarks/gpu_kernels.py --skip-tests -k OPS_FILTER
 #          (OPS_SECONDS, 60)
-# The last stage run takes instead the time left before DEADLINE (seconds from the start, 570), 30 s at least.
+# The last stage run takes instead the time left before DEADLINE (seconds from the start, 480), 30 s at least: a
+# device session's 15 minutes include the machine's start, and this leaves room for one short rerun.
 # STAGES="tests sweep" runs some of them, in the order given. The sweep and the benchmarks write each row as it is
 # measured, so a stage cut off keeps what it measured. Results land in benchmarks/results/; the new ones, with the
 # whole log, are packed into $OUT/results.tar.gz. Tables are printed last (ops, extension, the sweep's adherence
@@ -20,7 +22,7 @@ mkdir -p "$out"
 log=$out/gpu.log
 start=$(date +%s)
 stamp=$(mktemp)  # results newer than this are this run's
-deadline=${DEADLINE:-570}
+deadline=${DEADLINE:-480}
 verdicts=()
 status=0
 
@@ -47,7 +49,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     tests) seconds=${TEST_SECONDS:-190} ;;
     ext) seconds=${EXT_SECONDS:-60} ;;
-    sweep) seconds=${SWEEP_SECONDS:-270} ;;
+    sweep) seconds=${SWEEP_SECONDS:-200} ;;
     ops) seconds=${OPS_SECONDS:-60} ;;
     *) echo "unknown stage $stage (tests, ext, sweep, ops)"; exit 2 ;;
   esac

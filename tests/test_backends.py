@@ -11,6 +11,7 @@ import torch
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.graphs import DecodeGraph
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
@@ -157,7 +158,7 @@ def _decode_run(model, inputs: dict, case: str):
 @gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("case", ["greedy", "beams", "hidden", "past_capacity"])
-def test_cuda_graph_decode_equals_eager_decode(backend, case):
+def test_cuda_graph_decode_equals_eager_decode(backend, case, monkeypatch):
     """Graph replay gives the eager logits exactly: greedy; beam search (the cache a graph reads is
     reordered in place); eager steps collecting hidden states between graphed ones; a cache that
     outgrows its 128 positions mid-decode (126 after prefill: a new graph, after an eager step)."""
@@ -165,8 +166,14 @@ def test_cuda_graph_decode_equals_eager_decode(backend, case):
     inputs = example_inputs(stock, batch_size=2, seed=27, text_tokens=109 if case == "past_capacity" else 12)
     graphed = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=True)
     eager = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=False)
+    replays = []
+    replay = DecodeGraph.replay
+    monkeypatch.setattr(DecodeGraph, "replay", lambda self, *args: replays.append(1) or replay(self, *args))
     with torch.no_grad():
-        (a, a_logits), (b, b_logits) = _decode_run(graphed, inputs, case), _decode_run(eager, inputs, case)
+        a, a_logits = _decode_run(graphed, inputs, case)
+        graphed_replays = len(replays)
+        b, b_logits = _decode_run(eager, inputs, case)
+    assert graphed_replays > 0 and len(replays) == graphed_replays  # the graphed run replayed, the eager one never
     assert torch.equal(a, b)
     assert len(a_logits) == len(b_logits)
     for x, y in zip(a_logits, b_logits):

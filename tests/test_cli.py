@@ -346,3 +346,24 @@ def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, mo
     assert type(model.model.language_model) is type(stock.model.language_model)
     assert model.state_dict().keys() == stock.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stock.state_dict().values()))
+
+
+def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
+    """A timer that saw nothing (0 ms) makes its ratios NaN; adherence and targets, computed as each row is
+    written, must not raise, or every later row of the sweep would be lost."""
+    from adaptive_kernels.sweep import Row, budget_adherence, target_ratios
+
+    common = dict(model="m", variant="L", backend="torch", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
+                  new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d", decode_floor_ms=0.0)
+    rows = [Row(system="adaptive", budget=1.0, cost=1.0, prefill_ms=0.0, decode_ms_per_token=2.0, schedule_ms=0.1,
+                **common),
+            Row(system="adaptive", budget=0.5, cost=0.5, prefill_ms=1.0, decode_ms_per_token=1.5, schedule_ms=0.1,
+                **common),
+            Row(system="ideal", budget=0.5, cost=0.5, prefill_ms=0.0, decode_ms_per_token=1.0, **common)]
+    prefill = next(a for a in budget_adherence(rows) if a["phase"] == "prefill")
+    assert math.isnan(prefill["largest_excess"])  # latency at 1.0 read 0: no share to compare
+    decode = next(a for a in budget_adherence(rows) if a["phase"] == "decode")
+    assert decode["largest_excess"] == pytest.approx(0.25) and decode["at_budget"] == 0.5
+    for t in target_ratios(rows):
+        assert math.isnan(t["decode_vs_floor"]) and (t["budget"] == 1.0 or math.isnan(t["prefill_vs_ideal"]))
+        assert math.isnan(t["schedule_share_of_prefill"]) == (t["budget"] == 1.0)
