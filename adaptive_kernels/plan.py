@@ -289,7 +289,8 @@ def active_index(mask: np.ndarray) -> np.ndarray:
     width = int(mask.sum(-1).max()) if mask.size else 0
     out = np.full((mask.shape[0], width), -1, dtype=np.int64)
     rows, columns = mask.nonzero()  # row by row, ascending
-    out[rows, mask.cumsum(-1)[rows, columns] - 1] = columns
+    # counts in int64 (here and in attention_units): torch.compile runs numpy as torch, which has no bool cumsum
+    out[rows, mask.cumsum(-1, dtype=np.int64)[rows, columns] - 1] = columns
     return out
 
 
@@ -350,7 +351,7 @@ def attention_units(heads: np.ndarray, shape: DecoderShape) -> tuple:
     per_kv = H // shape.num_kv_heads
     kv_on = heads.reshape(R, shape.num_kv_heads, per_kv).any(-1)
     q_units, kv_units = active_index(heads), active_index(kv_on)
-    slot = kv_on.cumsum(-1) - 1
+    slot = kv_on.cumsum(-1, dtype=np.int64) - 1
     q_to_kv = np.where(q_units >= 0, np.take_along_axis(slot, np.maximum(q_units // per_kv, 0), 1), -1)
     return q_units, kv_units, q_to_kv
 

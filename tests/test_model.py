@@ -289,6 +289,18 @@ def test_skipped_layers_are_never_called(stock):
         assert (calls[l] > 0) == bool(plan.layers[0, l]), (l, calls)
 
 
+def test_compiled_forward_gives_the_eager_result(stock):
+    """torch.compile (the eager backend: tracing, not code generation) of a patched forward, with a budget and
+    with a plan whose layers run some of their units, gives the eager logits."""
+    inputs = example_inputs(stock, batch_size=2, seed=39)
+    model = patched(stock, "H")
+    compiled = torch.compile(model.forward, backend="eager")
+    with torch.no_grad():
+        for given in ({"latency_budget": [0.6, 0.8]}, {"execution_plan": random_plan(2, seed=40)}):
+            torch.testing.assert_close(compiled(**inputs, **given).logits, model(**inputs, **given).logits,
+                                       rtol=0, atol=0)
+
+
 def test_cache_answers_the_cache_api_or_refuses(stock):
     """The transformers Cache methods an AdaptiveCache inherits (and cannot serve from stock layers) answer
     for the compact cache, or refuse by name: a reset cache starts a new request, as a reset stock one does."""
