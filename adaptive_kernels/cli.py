@@ -395,15 +395,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif args.model is None and args.device == "cpu":
-        torch.set_num_threads(1)
-    try:
+    from .sweep import cpu_threads
+
+    tiny_on_cpu = args.model is None and args.device == "cpu"
+    with cpu_threads(args.threads if args.threads is not None else 1 if tiny_on_cpu else None):  # restored after
         return _main(parser, args)
-    finally:
-        torch.set_num_threads(threads)  # leave a calling process as it was
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
