@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import BACKENDS, default_backend, get_backend
+from .backends import BACKENDS, check_backend, default_backend, get_backend
 from .graphs import graph_safe
 from .models import Request, Settings, text_model_shape
 from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
@@ -36,13 +36,12 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     if not is_integer(prefix) or not 0 <= prefix < shape.num_layers:
         raise ValueError(f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
     prefix = int(prefix)
+    dtype = model.model.language_model.embed_tokens.weight.dtype
     if backend is None:
-        backend = default_backend(model.device)
+        backend = default_backend(model.device, dtype)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "cuda" and model.device.type != "cuda":
-        raise ValueError(f"backend='cuda' runs CUDA kernels, but the model is on {model.device}; "
-                         "move it with model.to('cuda') first, or use backend='torch'")
+    check_backend(backend, model.device, dtype)
     return shape, variant, rank, prefix, backend
 
 
@@ -52,7 +51,8 @@ def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | 
 
     Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups
     in units of ``rank`` (which L ignores); the first ``num_prefix_layers`` (default half) always run. ``backend``
-    picks the ops ("torch", "triton", "cuda"; None: triton on CUDA, torch elsewhere). ``scheduler`` is a
+    picks the ops ("torch", "triton", "cuda"; None: triton on CUDA for a float32, float16 or bfloat16
+    model, torch otherwise); one that cannot run the model is refused here. ``scheduler`` is a
     safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation, or,
     re-patching with the same variant, rank and prefix (another backend, say), keeps the one it has.
     ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph, and let plain greedy

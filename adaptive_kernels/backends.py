@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .ops import attention, norm, projections, rotary, swiglu
+from .ops._library import FLOAT_DTYPES, HAS_TRITON, INTERPRET
 
 BACKENDS = ("torch", "triton", "cuda")
 
@@ -44,9 +45,28 @@ def _triton_backend() -> Backend:
                    swiglu.gathered_swiglu, attention.head_sparse_attention, norm.rms_norm, rotary.rotary)
 
 
-def default_backend(device: torch.device) -> str:
-    """``"triton"`` for CUDA tensors, ``"torch"`` elsewhere."""
-    return "triton" if device.type == "cuda" else "torch"
+def default_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``"triton"`` for a model on CUDA in a dtype the kernels take (float32, float16, bfloat16) when Triton
+    is installed, ``"torch"`` otherwise."""
+    return "triton" if device.type == "cuda" and dtype in FLOAT_DTYPES and HAS_TRITON else "torch"
+
+
+def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """``ValueError`` naming ``backend`` when the backend ``name`` (one of ``BACKENDS``) cannot run a model on ``device`` in ``dtype``
+    (at patch time, rather than in the first op called)."""
+    if name == "torch":
+        return
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"backend={name!r} computes in float32, float16 or bfloat16, but the model is {dtype}; "
+                         "convert it with model.to(...) first, or use backend='torch'")
+    if not HAS_TRITON:
+        raise ValueError(f"backend={name!r} needs the triton package, which is not installed; use backend='torch'")
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' runs CUDA kernels, but the model is on {device}; "
+                         "move it with model.to('cuda') first, or use backend='torch'")
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"backend='triton' runs on the {device} only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                         "before importing adaptive_kernels (slow), or use backend='torch'")
 
 
 def get_backend(name: str) -> Backend:

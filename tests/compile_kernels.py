@@ -164,9 +164,11 @@ def main() -> int:
     if args.all_configs:
         Autotuner.run = compile_every_config(compiler)
 
+    from adaptive_kernels import backends
     from adaptive_kernels.ops import attention, norm, projections, rotary, swiglu
 
-    for module in (attention, norm, projections, rotary, swiglu):  # CPU tensors stand in for CUDA ones
+    backends.INTERPRET = True  # patch's check: CPU models stand in for CUDA ones
+    for module in (attention, norm, projections, rotary, swiglu):  # ... and CPU tensors for CUDA ones
         if hasattr(module, "check_launch"):
             module.check_launch = lambda op, *tensors: None
         if hasattr(module, "num_sms"):

@@ -13,6 +13,7 @@ from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, Llava
                           MistralConfig)
 
 import adaptive_kernels as ak
+from adaptive_kernels import backends
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models import text_model_shape
@@ -119,6 +120,27 @@ def test_projections_the_executor_cannot_read_are_refused(wrap):
 def test_bad_patch_options(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ak.patch(tiny_llava(), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_kernel_backend_refuses_a_dtype_its_kernels_do_not_take(backend):
+    model = tiny_llava().double()
+    with pytest.raises(ValueError, match=f"backend='{backend}' computes in float32, float16 or bfloat16.*float64"):
+        ak.patch(model, backend=backend)
+    assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
+
+
+def test_triton_on_the_cpu_outside_the_interpreter_is_refused_at_patch_time(monkeypatch):
+    monkeypatch.setattr(backends, "INTERPRET", False)
+    with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET=1"):
+        ak.patch(tiny_llava(), backend="triton")
+
+
+def test_the_default_backend_is_triton_only_for_cuda_models_in_a_kernel_dtype():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert backends.default_backend(cuda, torch.bfloat16) == ("triton" if backends.HAS_TRITON else "torch")
+    assert backends.default_backend(cuda, torch.float64) == "torch"
+    assert backends.default_backend(cpu, torch.float32) == "torch"
 
 
 def test_api_on_an_unpatched_model():
