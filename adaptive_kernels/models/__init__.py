@@ -13,7 +13,7 @@ def text_model_shape(model):
     """The DecoderShape of a LLaVA model's language model; ``ArgumentTypeError`` for unsupported ones."""
     config = model.config.text_config
     if config.model_type not in SUPPORTED_TEXT_MODELS:
-        raise ArgumentTypeError(f"adaptive_kernels supports LLaVA models whose language model is one of "
+        raise ArgumentTypeError(f"model: adaptive_kernels supports LLaVA models whose language model is one of "
                                 f"{sorted(SUPPORTED_TEXT_MODELS)}; got {config.model_type!r}")
     return SUPPORTED_TEXT_MODELS[config.model_type](config)
 

@@ -190,7 +190,7 @@ def is_patched(model) -> bool:
 def check_llava(model) -> None:
     """``ArgumentTypeError`` unless ``model`` is a LlavaForConditionalGeneration (patched or not)."""
     if not isinstance(model, LlavaForConditionalGeneration):
-        raise ArgumentTypeError(f"adaptive_kernels patches transformers.LlavaForConditionalGeneration with a "
+        raise ArgumentTypeError(f"model: adaptive_kernels patches transformers.LlavaForConditionalGeneration with a "
                                 f"Llama-family language model; got {type(model).__name__}")
 
 

@@ -30,6 +30,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # Triton: one program per row, the whole row in registers (D up to 16384).
 # ---------------------------------------------------------------------------------------------
 
+from ..errors import ArgumentTypeError  # noqa: E402
 from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, differentiate_by_reference, jit, tl,  # noqa: E402
                        unit_last_stride)
 
@@ -63,7 +64,7 @@ def _rms_norm_launch(x, weight, eps, residual=None):
     check_launch("rms_norm", *tensors)
     D = x.shape[-1]
     if x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"rms_norm: x and weight must be float32, float16 or bfloat16, got {x.dtype} and {weight.dtype}")
+        raise ArgumentTypeError(f"rms_norm: x and weight must be float32, float16 or bfloat16, got {x.dtype} and {weight.dtype}")
     if tuple(weight.shape) != (D,):
         raise ValueError(f"rms_norm: weight must be [{D}] (x's last size), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ArgumentTypeError
 from ._library import FLOAT_DTYPES, INDEX_DTYPES
 
 
@@ -48,17 +49,17 @@ def check_gather_args(op: str, act_name: str, act, weight, index_name: str, inde
     with n = a's last size)."""
     for name, t in ((act_name, act), (weight_name, weight), (index_name, index)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if act.dim() != 3 or weight.dim() != 2 or index.dim() != 2:
         raise ValueError(f"{op}: {act_name} must be 3-D, {weight_name} and {index_name} 2-D; got {act_name} "
                          f"{tuple(act.shape)}, {weight_name} {tuple(weight.shape)}, {index_name} {tuple(index.shape)}")
     if act.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {act_name} must be float32, float16 or bfloat16, got {act.dtype}")
+        raise ArgumentTypeError(f"{op}: {act_name} must be float32, float16 or bfloat16, got {act.dtype}")
     if weight.dtype != act.dtype or (bias is not None and bias.dtype != act.dtype):
         name, t = (weight_name, weight) if weight.dtype != act.dtype else ("bias", bias)
-        raise TypeError(f"{op}: {name} must have {act_name}'s dtype {act.dtype}, got {t.dtype}")
+        raise ArgumentTypeError(f"{op}: {name} must have {act_name}'s dtype {act.dtype}, got {t.dtype}")
     if index.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{op}: {index_name} must be int64 (or int32), got {index.dtype}")
+        raise ArgumentTypeError(f"{op}: {index_name} must be int64 (or int32), got {index.dtype}")
     if index.shape[0] != act.shape[0]:
         raise ValueError(f"{op}: {index_name} must hold one list per row of {act_name} ({act.shape[0]}), "
                          f"got {tuple(index.shape)}")

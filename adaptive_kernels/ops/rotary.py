@@ -25,6 +25,7 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # loaded once and both outputs written.
 # ---------------------------------------------------------------------------------------------
 
+from ..errors import ArgumentTypeError  # noqa: E402
 from ._library import (FLOAT_DTYPES, bucket, call_directly, cdiv, check_launch, differentiate_by_reference, jit,  # noqa: E402
                        tl, unit_last_stride)
 
@@ -65,7 +66,7 @@ def _rotary_launch(x, cos, sin):
         raise ValueError(f"rotary: x must be [R, T, heads, d] with d even and cos, sin [R, T, d]; got x "
                          f"{tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if x.dtype not in FLOAT_DTYPES or not (x.dtype == cos.dtype == sin.dtype):
-        raise TypeError(f"rotary: x, cos and sin must share one dtype of float32, float16 or bfloat16, got {x.dtype}, "
+        raise ArgumentTypeError(f"rotary: x, cos and sin must share one dtype of float32, float16 or bfloat16, got {x.dtype}, "
                         f"{cos.dtype}, {sin.dtype}")
     out = torch.empty((R, T, NH, d), device=x.device, dtype=x.dtype)
     if out.numel() == 0:

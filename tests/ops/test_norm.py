@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops.norm import rms_norm, rms_norm_reference
 
 from ._util import DTYPE_PARAMS, generator, randn
@@ -80,7 +81,7 @@ def test_mismatched_arguments_are_refused():
     with pytest.raises(ValueError, match=r"weight must be \[8\]"):
         rms_norm(x, randn(7, gen=gen), 1e-6)
     for bad_x, bad_w in [(x.long(), randn(8, gen=gen)), (x.double(), randn(8, gen=gen)), (x, randn(8, gen=gen).double())]:
-        with pytest.raises(TypeError, match="x and weight must be float32, float16 or bfloat16"):
+        with pytest.raises(ArgumentTypeError, match="x and weight must be float32, float16 or bfloat16"):
             rms_norm(bad_x, bad_w, 1e-6)
 
 

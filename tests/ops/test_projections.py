@@ -108,12 +108,12 @@ def test_bad_arguments_are_refused_by_name():
                           ((x, w, rows.float()), "rows must be int64"),
                           ((x, w.half(), rows), "weight must have x's dtype"),
                           ((x, w, rows, b[:-1]), "bias must be"), ((x, w, rows, b.half()), "bias must have x's dtype")]:
-        with pytest.raises((ValueError, TypeError), match=message):
+        with pytest.raises(ValueError, match=message):
             gather_rows_linear(*args)
     a, w = randn(2, 3, 4, gen=gen), randn(D, N, gen=gen)
     for args, message in [((a, w, rows[:, :3]), "cols must be"), ((a.half(), w, rows), "weight must have a's dtype"),
                           ((a, w, rows.bool()), "cols must be int64"), ((a, w[0], rows), "weight and cols 2-D")]:
-        with pytest.raises((ValueError, TypeError), match=message):
+        with pytest.raises(ValueError, match=message):
             gather_cols_linear(*args)
 
 

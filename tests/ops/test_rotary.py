@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops.rotary import rotary, rotary_reference
 
 from ._util import DTYPE_PARAMS, generator, randn
@@ -34,7 +35,7 @@ def test_bad_arguments_are_refused():
         rotary(x, randn(1, 2, 5, gen=gen), randn(1, 2, 5, gen=gen))
     x, cos, sin = randn(1, 2, 3, 4, gen=gen), randn(1, 2, 4, gen=gen), randn(1, 2, 4, gen=gen)
     for args in [(x, cos.half(), sin), (x.double(), cos.double(), sin.double()), (x.int(), cos.int(), sin.int())]:
-        with pytest.raises(TypeError, match="x, cos and sin must share one dtype of float32, float16 or bfloat16"):
+        with pytest.raises(ArgumentTypeError, match="x, cos and sin must share one dtype of float32, float16 or bfloat16"):
             rotary(*args)
 
 

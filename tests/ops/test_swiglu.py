@@ -74,5 +74,5 @@ def test_bad_arguments_are_refused_without_a_list(T):
     for args, message in [((x, wg, wu[:1]), "w_up must match w_gate"), ((x.double(), wg.double(), wu.double()),
                                                                           "x must be float32, float16 or bfloat16"),
                           ((x, wg[:, :-1], wu[:, :-1]), "w_gate must be")]:
-        with pytest.raises((ValueError, TypeError), match=message):
+        with pytest.raises(ValueError, match=message):
             gathered_swiglu(*args, None)
