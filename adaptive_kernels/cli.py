@@ -109,13 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .sweep import default_dtype
+
     args.variants, args.budgets = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.budgets))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("argument --device: cuda requested but torch sees no CUDA device")
+    _resolve_device(parser, args)
     if args.dtype is None:
-        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+        args.dtype = str(default_dtype(args.device)).removeprefix("torch.")
     if args.model is not None:
         _check_model(parser, args.model)
     if args.scheduler is not None and len(set(args.variants)) > 1:
@@ -126,17 +125,28 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --{name}: no such file: {path}")
     if args.image is not None:
         _check_image(parser, args.image)
-    _check_backends(parser, "--backend", [args.backend], args.device)
+    _check_backends(parser, "--backend", [args.backend], args.device, DTYPES[args.dtype])
     _check_out(parser, args.out)  # last: it makes the folder
 
 
-def _check_backends(parser, option: str, backends: list, device: str) -> None:
-    """``parser.error`` for a Triton backend on the CPU outside Triton's interpreter (before anything is loaded)."""
-    from .ops._library import INTERPRET
+def _resolve_device(parser, args: argparse.Namespace) -> None:
+    """``args.device``: cuda when torch sees a CUDA device, else cpu, unless given; ``parser.error`` for cuda
+    without one."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda requested but torch sees no CUDA device")
 
-    if device == "cpu" and "triton" in backends and not INTERPRET:
-        parser.error(f"argument {option}: triton on the cpu runs in Triton's interpreter: set TRITON_INTERPRET=1 in "
-                     "the environment (slow), or use torch")
+
+def _check_backends(parser, option: str, backends: list, device: str, dtype: torch.dtype) -> None:
+    """``parser.error`` for a backend that cannot run a ``dtype`` model on ``device`` (before anything is loaded)."""
+    from .backends import check_backend
+
+    for name in backends:
+        try:
+            check_backend(name, torch.device(device), dtype)
+        except ValueError as refused:
+            parser.error(f"argument {option}: {refused}")
 
 
 def _check_model(parser, path: Path) -> None:
@@ -331,7 +341,7 @@ def sweep_main(argv) -> int:
     """``adaptive-kernels sweep``: the end-to-end latency-versus-budget sweep (``adaptive_kernels.sweep``)."""
     from .backends import BACKENDS
     from .plan import VARIANTS
-    from .sweep import BUDGETS, SweepIncomplete, budget_adherence, sweep, target_ratios, targets_table
+    from .sweep import BUDGETS, SweepIncomplete, budget_adherence, default_dtype, sweep, target_ratios, targets_table
 
     p = argparse.ArgumentParser(prog="adaptive-kernels sweep",
                                 description="Vision, prefill and per-token decode latency over budgets, next to stock "
@@ -355,11 +365,8 @@ def sweep_main(argv) -> int:
     args = p.parse_args(argv)
     args.variants, args.budgets = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.budgets))
     args.backends = None if args.backends is None else list(dict.fromkeys(args.backends))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        p.error("argument --device: cuda requested but torch sees no CUDA device")
-    _check_backends(p, "--backends", args.backends or [], args.device)
+    _resolve_device(p, args)
+    _check_backends(p, "--backends", args.backends or [], args.device, default_dtype(args.device))
     _check_out(p, args.out)
     if 1.0 not in args.budgets:
         print("note: budget 1.0 is not among --budgets: no ideal lines, and no adherence (both scale latency at 1.0)")

@@ -218,6 +218,11 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """The dtype a model is timed in unless told: bfloat16 on CUDA, float32 on the CPU."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def package_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -254,7 +259,7 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
 def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_dir, progress):
     from tqdm.auto import tqdm
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = default_dtype(device)
     backends = backends or (("triton", "torch") if device == "cuda" else ("torch",))
     model, name = build_model(device, dtype)
     stem = f"sweep-{name}"
@@ -406,8 +411,9 @@ def ratio(a: float, b: float) -> float:
 
 
 def budget_adherence(rows: list[Row]) -> list[dict]:
-    """Per variant, backend and phase (prefill wall time, decode per token, and their GPU kernel times
-    where measured): latency at each budget over latency at 1.0, minus the plan's cost.
+    """Per variant, backend and phase (prefill wall time, prefill as a CUDA graph, decode per token, and the
+    GPU kernel times of prefill and decode, each where measured): latency at each budget over latency at 1.0,
+    minus the plan's cost.
 
     A positive excess means the budget bought less speed than its share of FLOPs promised; the
     row reports the largest excess and the budget where it occurs.

@@ -240,7 +240,7 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
 
 
 def test_triton_on_the_cpu_outside_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("adaptive_kernels.ops._library.INTERPRET", False)
+    monkeypatch.setattr("adaptive_kernels.backends.INTERPRET", False)
     out = str(tmp_path / "out")
     for argv in (["--backend", "triton", "--out", out, *FAST],
                  ["sweep", "--device", "cpu", "--backends", "triton", "--out", out]):
