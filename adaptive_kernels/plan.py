@@ -4,9 +4,7 @@ An ``ExecutionPlan`` says, per batch row, which decoder layers, attention heads 
 groups run. Budgets turn into whole schedulable units exactly as ADALLAVA.md defines:
 ``units = max(0, floor(T * b) - P)`` with T the units of the whole decoder and P those of the
 always-on prefix. The product is floored with a margin far above float error and far below a unit,
-so that a budget on a bin edge lands on it whether written as a decimal or a fraction (in floats,
-200 * 0.57 gives 113.99999999999999, and 7 * (4/7) gives 4.0 where the decimal 0.5714285714285714
-times 7 is just below 4).
+so that a budget on a bin edge lands on it (in floats, 200 * 0.57 gives 113.99999999999999).
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ def _bench(fn, quantiles):
 
 def autotune(configs, key):
     """``triton.autotune`` on CUDA; ``configs`` is a list of (kwargs, num_warps, num_stages), the
-    first being the default. Under the interpreter or with autotuning off: the kernel itself."""
+    first being the default. Under the interpreter or without Triton: the kernel itself; with autotuning
+    off: the first config only."""
     def wrap(kernel):
         if not HAS_TRITON or INTERPRET:
             return kernel

@@ -326,7 +326,7 @@ def _(x, weight, rows, bias=None):
 
 def _split_columns(R: int, D: int, n: int, device: torch.device) -> int:
     """Programs per batch row over the columns: two programs per multiprocessor with 64-wide
-    output tiles, at least 256 columns each, at most 8."""
+    output tiles, at most one per started 256 columns, at most 8."""
     return max(1, min(8, cdiv(2 * num_sms(device.index or 0) * 64, R * D), cdiv(n, 256)))
 
 
