@@ -348,6 +348,27 @@ def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, mo
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stock.state_dict().values()))
 
 
+def test_adherence_is_the_latency_share_minus_the_plans_cost():
+    """Per variant, backend and phase: the largest of t(b) / t(1.0) - cost(b), with the budget where it is. H plans
+    cost less than their budget (whole units), so the cost, not the budget, is what latency is held to."""
+    from adaptive_kernels.sweep import Row, budget_adherence
+
+    common = dict(model="m", system="adaptive", variant="H", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
+                  new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
+    timings = {"torch": [(1.0, 1.0, 10.0, 4.0), (0.8, 0.7, 8.0, 3.0), (0.6, 0.45, 5.0, 2.6)],
+               "triton": [(1.0, 1.0, 20.0, 2.0), (0.6, 0.45, 9.0, 1.0)]}
+    rows = [Row(backend=backend, budget=b, cost=c, prefill_ms=p, decode_ms_per_token=d, **common)
+            for backend, series in timings.items() for b, c, p, d in series]
+    found = {(a["backend"], a["phase"]): (a["largest_excess"], a["at_budget"]) for a in budget_adherence(rows)}
+    assert found.keys() == {(backend, phase) for backend in timings for phase in ("prefill", "decode")}
+    for backend, series in timings.items():
+        full = series[0]
+        for phase, column in (("prefill", 2), ("decode", 3)):
+            excess = {row[0]: row[column] / full[column] - row[1] for row in series}  # budget -> excess
+            worst = max(excess, key=excess.get)
+            assert found[backend, phase] == (pytest.approx(excess[worst]), worst)
+
+
 def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
     """A timer that saw nothing (0 ms) makes its ratios NaN; adherence and targets, computed as each row is
     written, must not raise, or every later row of the sweep would be lost."""

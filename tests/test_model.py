@@ -159,18 +159,20 @@ def test_beam_search_matches_sliced_stock_row_by_row(stock):
             torch.testing.assert_close(ours.sequences_scores[2 * row:2 * row + 2], alone.sequences_scores, **TOL)
 
 
-@pytest.mark.parametrize("variant,budget", [("L", 0.6), ("H", 0.6), ("H", 0.85), ("L", 1.0)])
-def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget):
-    inputs = example_inputs(stock, batch_size=1, seed=7)
+@pytest.mark.parametrize("variant,budget,text_tokens,steps",
+                         [("L", 0.6, 12, 4), ("H", 0.6, 12, 4), ("H", 0.85, 12, 4), ("L", 1.0, 12, 4),
+                          ("H", 0.6, 105, 10)])  # 121 prompt tokens: decode outgrows the cache's first 128 positions
+def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, text_tokens, steps):
+    inputs = example_inputs(stock, batch_size=1, seed=7, text_tokens=text_tokens)
     model = patched(stock, variant)
     plan = ak.plan(model, latency_budget=budget, **inputs)
     with torch.no_grad():
         prefill = model(**inputs, latency_budget=budget).logits
-        out = model.generate(**inputs, latency_budget=budget, max_new_tokens=4, do_sample=False,
+        out = model.generate(**inputs, latency_budget=budget, max_new_tokens=steps, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     prompt_len = inputs["input_ids"].shape[1]
     new_tokens = out.sequences[:, prompt_len:]
-    assert out.sequences.shape[1] == prompt_len + 4 and torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
+    assert out.sequences.shape[1] == prompt_len + steps and torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
 
     oracle = sliced_stock(stock, plan, 0)
     embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None]], 1)
@@ -428,6 +430,10 @@ def test_scheduler_weights_survive_save_and_load(stock, tmp_path):
     torch.testing.assert_close(ak.latency_embedding(loaded, 0.6), ak.latency_embedding(model, 0.6))
     with pytest.raises(ValueError, match="scheduler"):
         patched(stock, "L", scheduler=path)
+    with pytest.raises(ValueError, match=r"another setting \(rank: file 2 vs model 4\)"):  # same tensor shapes
+        patched(stock, "H", rank=4, scheduler=path)
+    with pytest.raises(ValueError, match=r"another setting \(num_prefix_layers: file 4 vs model 3\)"):
+        patched(stock, "H", num_prefix_layers=3, scheduler=path)
     l_path = tmp_path / "l.safetensors"
     ak.save_scheduler(patched(stock, "L", rank=4), l_path)
     patched(stock, "L", rank=2, scheduler=l_path)  # L ignores rank, so its files fit any

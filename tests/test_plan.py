@@ -144,6 +144,17 @@ def test_cost_weighs_units_by_flops():
     assert ExecutionPlan.full(2, 4, 6).cost().tolist() == [1.0, 1.0]
 
 
+def test_cost_of_a_plan_without_a_shape_counts_units_attention_and_mlp_half_each():
+    layers, heads, groups = _masks(B=3, L=4, H=6)
+    plan = ExecutionPlan(layers, heads, groups)
+    for b in range(3):
+        per_layer = [0.5 * heads[b, l].sum().item() / 6 + 0.5 * groups[b, l].sum().item() / 6 for l in range(4)]
+        assert plan.cost()[b].item() == pytest.approx(sum(per_layer) / 4, rel=1e-12)
+    attention_only = ExecutionPlan(torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 4, 6, dtype=torch.bool),
+                                   torch.zeros(1, 4, 6, dtype=torch.bool))
+    assert attention_only.cost().tolist() == [0.5]
+
+
 def test_active_index_lists_true_entries_padded():
     mask = np.array([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=bool)
     assert active_index(mask).tolist() == [[1, 2, 4], [-1, -1, -1], [0, -1, -1]]

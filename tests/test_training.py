@@ -12,6 +12,7 @@ import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, unit_mask_hooks
+from oracles import stock_of_shape
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
@@ -46,6 +47,30 @@ def test_training_forward_samples_a_plan_and_trains_the_scheduler():
     with torch.no_grad():
         expected = oracle(inputs_embeds=embeds, attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
     torch.testing.assert_close(out.logits.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_with_projection_biases_is_the_masked_computation():
+    """An H layer none of whose units was picked is skipped whole in training, as at inference: its o and
+    down biases are not added; a layer that runs some units adds them."""
+    stock = stock_of_shape(53, num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12, attention_bias=True,
+                           mlp_bias=True)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1).train()  # 4 layers: 2 and 3 are scheduled
+    inputs = example_inputs(stock, batch_size=2, seed=3)
+    layers = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    heads = torch.tensor([[[1.0, 0, 1, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 1, 0, 0]]])
+    groups = torch.tensor([[[0.0, 1, 1, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [1, 0, 0, 1]]])
+    model.model.language_model.latency_scheduler.select = lambda *args, **kwargs: (layers, heads, groups)
+    logits = model(**inputs, latency_budget=[0.75, 0.75]).logits
+
+    prefix = torch.ones(2, 2, 4, dtype=torch.bool)
+    plan = ak.ExecutionPlan(torch.cat([prefix[..., 0], layers > 0], 1), torch.cat([prefix, heads > 0], 1),
+                            torch.cat([prefix, groups > 0], 1))
+    token = ak.latency_embedding(model, 0.75).expand(2, -1)
+    embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
+    with torch.no_grad():
+        expected = masked_stock(stock, plan)(inputs_embeds=embeds,
+                                             attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():

@@ -28,6 +28,17 @@ def test_rotary_is_llamas_rotary(dtype, R, T, nh, d):
     torch.testing.assert_close(rotary_reference(qk, cos, sin), want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_takes_cos_and_sin_whose_halves_differ(dtype):
+    """The op's contract is any cos and sin [R, T, d], not only Llama's, whose two halves repeat."""
+    gen = generator("halves", dtype)
+    qk = randn(2, 3, 5, 8, gen=gen, dtype=dtype)
+    cos, sin = randn(2, 3, 8, gen=gen, dtype=dtype), randn(2, 3, 8, gen=gen, dtype=dtype)
+    want, _ = apply_rotary_pos_emb(qk, qk, cos, sin, unsqueeze_dim=2)
+    torch.testing.assert_close(rotary(qk, cos, sin), want, rtol=0, atol=0)
+    torch.testing.assert_close(rotary_reference(qk, cos, sin), want, rtol=0, atol=0)
+
+
 def test_bad_arguments_are_refused():
     gen = generator("bad")
     x = randn(1, 2, 3, 5, gen=gen)
