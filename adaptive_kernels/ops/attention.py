@@ -124,13 +124,13 @@ def _combine_kernel(pm_ptr, pl_ptr, po_ptr, out_ptr, T, nq, sor, sot, soh, sod,
 
 
 _ATTN_KEY = ["T_BUCKET", "TK_BUCKET", "HEAD_D"]
-_ATTN = {
-    "few": autotune([({"BLOCK_M": 16, "BLOCK_N": bn}, w, s) for bn, w, s in
-                     [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3)]], _ATTN_KEY)(_attn_kernel),
-    "many": autotune([({"BLOCK_M": bm, "BLOCK_N": bn}, w, s) for bm, bn, w, s in
-                      [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)]],
-                     _ATTN_KEY)(_attn_kernel),
+ATTN_CONFIGS = {  # per regime, (kwargs, num_warps, num_stages)
+    "few": [({"BLOCK_M": 16, "BLOCK_N": bn}, w, s) for bn, w, s in
+            [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3)]],
+    "many": [({"BLOCK_M": bm, "BLOCK_N": bn}, w, s) for bm, bn, w, s in
+             [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)]],
 }
+_ATTN = {regime: autotune(configs, _ATTN_KEY)(_attn_kernel) for regime, configs in ATTN_CONFIGS.items()}
 _INTERPRET_ATTN = {"few": {"BLOCK_M": 16, "BLOCK_N": 16}, "many": {"BLOCK_M": 16, "BLOCK_N": 16}}
 
 

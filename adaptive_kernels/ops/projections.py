@@ -260,10 +260,10 @@ _GEMV_ROWS += _FEW_ROWS[1:3]  # one token may also take the tensor-core path: au
 _GEMV_COLS += _FEW_COLS[1:3]
 _KEY = ["T_BUCKET", "N_BUCKET", "D", "GATED", "HAS_BIAS"]
 _COLS_KEY = ["T_BUCKET", "N_BUCKET", "D", "W_COL_MAJOR", "SPLIT_J"]
-_ROWS = {regime: autotune(configs, _KEY)(_rows_kernel)
-         for regime, configs in (("gemv", _GEMV_ROWS), ("few", _FEW_ROWS), ("many", _MANY_ROWS))}
-_COLS = {regime: autotune(configs, _COLS_KEY)(_cols_kernel)
-         for regime, configs in (("gemv", _GEMV_COLS), ("few", _FEW_COLS), ("many", _MANY_COLS))}
+ROWS_CONFIGS = {"gemv": _GEMV_ROWS, "few": _FEW_ROWS, "many": _MANY_ROWS}
+COLS_CONFIGS = {"gemv": _GEMV_COLS, "few": _FEW_COLS, "many": _MANY_COLS}
+_ROWS = {regime: autotune(configs, _KEY)(_rows_kernel) for regime, configs in ROWS_CONFIGS.items()}
+_COLS = {regime: autotune(configs, _COLS_KEY)(_cols_kernel) for regime, configs in COLS_CONFIGS.items()}
 # Under the interpreter: small fixed tiles (odd test shapes still span several tiles)
 _INTERPRET_ROWS = {"gemv": {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32},
                    "few": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32},

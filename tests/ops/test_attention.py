@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adaptive_kernels.ops import attention
 from adaptive_kernels.ops.attention import (_attention_launch, head_sparse_attention,
                                             head_sparse_attention_reference)
 
@@ -67,17 +66,6 @@ def test_decode_split_keys(dtype, T, splits):
     gen = generator(dtype, T, splits)
     inputs = _inputs(gen, dtype, 2, T, 300, nq=3, nkv=2, q_to_kv=[[0, 1, 1], [1, -1, -1]], pad=[0, 290])
     _check(dtype, *inputs, splits=splits)
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="sets the interpreter's tiles; on a GPU the autotuner picks them")
-@pytest.mark.parametrize("T", [1, 3])
-def test_decode_split_keys_with_tiles_that_overhang_a_split(T, monkeypatch):
-    """Splits are whole multiples of 64 keys, the GPU's tiles up to 128: a tile may run past its split's end
-    (600 keys in 2 splits: 320 each), and must stop there, neither counting a key twice nor reading past Tk."""
-    monkeypatch.setitem(attention._INTERPRET_ATTN, "few", {"BLOCK_M": 16, "BLOCK_N": 128})
-    gen = generator("overhang", T)
-    _check(torch.float32, *_inputs(gen, torch.float32, 2, T, 600, nq=2, nkv=2, q_to_kv=[[0, 1], [1, 0]], pad=[0, 7]),
-           splits=2)
 
 
 def test_empty():
