@@ -56,13 +56,14 @@ def _best(values: list, count: int, taken=()) -> list:
     return sorted((i for i in range(len(values)) if i not in taken), key=lambda i: (-values[i], i))[:count]
 
 
-@pytest.mark.parametrize("variant", ["L", "H"])
-def test_inference_top_n_breaks_ties_by_the_lower_index(variant):
+@pytest.mark.parametrize("variant,num_layers,num_heads", [("L", 9, 6), ("H", 9, 6), ("L", 70, 6), ("H", 5, 48)])
+def test_inference_top_n_breaks_ties_by_the_lower_index(variant, num_layers, num_heads):
     """Logits with many ties (small integers): each round takes the best layer with room (first of equals),
-    then its best r new heads and groups (first of equals), as a plain round-by-round loop does."""
-    units = UnitSpace(variant, 9, 3, 6, 2)
+    then its best r new heads and groups (first of equals), as a plain round-by-round loop does. Many
+    layers or heads too: torch's sorts keep the order of equals beyond a few dozen only when told to."""
+    units = UnitSpace(variant, num_layers, 3 if num_layers > 5 else 2, num_heads, 2)
     sched = seeded_scheduler(units, hidden_size=8)
-    K, H, r = 6, 6, units.rank
+    K, H, r = num_layers - units.num_prefix_layers, num_heads, units.rank
     per_layer = 1 if variant == "L" else 1 + 2 * H
     g = torch.Generator().manual_seed(5)
     logits = torch.randint(-2, 3, (7, K * per_layer), generator=g).float()
