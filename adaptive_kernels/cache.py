@@ -71,9 +71,13 @@ class AdaptiveCache(Cache):
         """Forget cached positions: the last ``-tokens_to_remove`` of them (as ``generate`` calls it, with 0 or
         less), or, given a positive number, all but that many (transformers' older meaning, counted as
         ``get_seq_length`` counts). Buffers keep their memory; later steps overwrite what was forgotten."""
-        if tokens_to_remove > 0:
-            tokens_to_remove = tokens_to_remove - self.get_seq_length()
-        self.length = max(self.length + min(tokens_to_remove, 0), 0)
+        if tokens_to_remove <= 0:
+            self.length = max(self.length + tokens_to_remove, 0)
+            return
+        keep = tokens_to_remove
+        if self.counting_input_ids and self.latency_index is not None and keep > self.latency_index:
+            keep += 1  # the latency token sits among the positions kept
+        self.length = min(self.length, keep)
 
     def reset(self) -> None:
         """Forget every position and free the buffers: the next forward with this cache is a new prefill

@@ -324,6 +324,24 @@ def test_cache_answers_the_cache_api_or_refuses(stock):
     assert torch.equal(again.logits, fresh.logits)
 
 
+@pytest.mark.parametrize("view,argument,kept_positions", [
+    (False, -3, 17), (False, 0, 20), (False, 12, 12), (False, 50, 20),
+    (True, -3, 17), (True, 15, 16), (True, 10, 10), (True, 5, 5), (True, 50, 20)])
+def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(view, argument, kept_positions):
+    """20 filled positions, the latency token at 10: crop(-k) forgets the last k; crop(n > 0) keeps n as
+    get_seq_length counts them, so in an input_id_view n input ids, with the latency token if it is among them."""
+    cache = AdaptiveCache(2, latency_index=10)
+    cache.length = 20
+    if view:
+        with cache.input_id_view():
+            cache.crop(argument)
+            if argument > 0:
+                assert cache.get_seq_length() == min(argument, 19)
+    else:
+        cache.crop(argument)
+    assert cache.length == kept_positions
+
+
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_cache_holds_only_executed_layers_and_heads(stock, variant):
     model = patched(stock, variant)
