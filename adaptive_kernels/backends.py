@@ -52,8 +52,8 @@ def default_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
-    """``ValueError`` naming ``backend`` when the backend ``name`` (one of ``BACKENDS``) cannot run a model on ``device`` in ``dtype``
-    (at patch time, rather than in the first op called)."""
+    """``ValueError`` naming ``backend`` when the backend ``name`` (one of ``BACKENDS``) cannot run a model
+    on ``device`` in ``dtype``: at patch time, rather than in the first op called."""
     if name == "torch":
         return
     if dtype not in FLOAT_DTYPES:

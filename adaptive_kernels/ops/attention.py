@@ -156,8 +156,8 @@ def _check_attention_args(q, k, v, q_to_kv, kv_valid) -> None:
     if T > Tk:
         raise ValueError(f"{op}: the {T} queries are the last of the keys, so k must hold at least {T} (Tk), got {Tk}")
     if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ArgumentTypeError(f"{op}: q, k and v must share one dtype of float32, float16 or bfloat16, got {q.dtype}, "
-                        f"{k.dtype}, {v.dtype}")
+        raise ArgumentTypeError(f"{op}: q, k and v must share one dtype of float32, float16 or bfloat16, "
+                                f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if tuple(q_to_kv.shape) != (R, nq) or q_to_kv.dtype not in INDEX_DTYPES:
         raise ValueError(f"{op}: q_to_kv must be int64 (or int32) [{R}, {nq}], "
                          f"got {q_to_kv.dtype} {tuple(q_to_kv.shape)}")

@@ -64,7 +64,8 @@ def _rms_norm_launch(x, weight, eps, residual=None):
     check_launch("rms_norm", *tensors)
     D = x.shape[-1]
     if x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES:
-        raise ArgumentTypeError(f"rms_norm: x and weight must be float32, float16 or bfloat16, got {x.dtype} and {weight.dtype}")
+        raise ArgumentTypeError(f"rms_norm: x and weight must be float32, float16 or bfloat16, "
+                                f"got {x.dtype} and {weight.dtype}")
     if tuple(weight.shape) != (D,):
         raise ValueError(f"rms_norm: weight must be [{D}] (x's last size), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):

@@ -66,8 +66,8 @@ def _rotary_launch(x, cos, sin):
         raise ValueError(f"rotary: x must be [R, T, heads, d] with d even and cos, sin [R, T, d]; got x "
                          f"{tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if x.dtype not in FLOAT_DTYPES or not (x.dtype == cos.dtype == sin.dtype):
-        raise ArgumentTypeError(f"rotary: x, cos and sin must share one dtype of float32, float16 or bfloat16, got {x.dtype}, "
-                        f"{cos.dtype}, {sin.dtype}")
+        raise ArgumentTypeError(f"rotary: x, cos and sin must share one dtype of float32, float16 or bfloat16, "
+                                f"got {x.dtype}, {cos.dtype}, {sin.dtype}")
     out = torch.empty((R, T, NH, d), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
