@@ -172,7 +172,8 @@ def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, t
                              output_logits=True, return_dict_in_generate=True)
     prompt_len = inputs["input_ids"].shape[1]
     new_tokens = out.sequences[:, prompt_len:]
-    assert out.sequences.shape[1] == prompt_len + steps and torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
+    assert out.sequences.shape[1] == prompt_len + steps
+    assert torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
 
     oracle = sliced_stock(stock, plan, 0)
     embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None]], 1)
