@@ -125,7 +125,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --{name}: no such file: {path}")
     if args.image is not None:
         _check_image(parser, args.image)
-    _check_backends(parser, "--backend", [args.backend], args.device, DTYPES[args.dtype])
+    _check_backends(parser, "--backend", [args.backend] if args.backend else [], args.device, DTYPES[args.dtype])
     _check_out(parser, args.out)  # last: it makes the folder
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import adaptive_kernels as ak
-from adaptive_kernels.cli import CSV_NAME, PNG_NAME, main
+from adaptive_kernels.cli import CSV_NAME, PNG_NAME, _check_args, build_parser, main
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 
@@ -248,6 +248,8 @@ def test_triton_on_the_cpu_outside_the_interpreter_is_refused(tmp_path, capsys, 
             main(argv)
         assert "TRITON_INTERPRET=1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything is made
+    parser = build_parser()  # without --backend the default, torch on the cpu, is accepted
+    _check_args(parser, parser.parse_args(["--out", out, *FAST]))
 
 
 def test_rank_need_not_divide_the_heads_for_variant_l(tmp_path):
