@@ -385,7 +385,7 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_d
                 unpatch(model)  # stock again for the next job (a no-op where the failure left it stock)
 
         # the first backend's rows at the first budget, then compiled stock (CUDA; compiling takes a while), then
-        # the rest: a run cut off by its time limit still has the comparisons at budget 1.0
+        # the rest: a run cut off by its time limit still has the comparisons at that budget (1.0 by default)
         jobs = [(variant, backend, budget) for backend in backends for variant in variants for budget in budgets]
         first = [job for job in jobs if job[1] == backends[0] and job[2] == budgets[0]]
         bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)

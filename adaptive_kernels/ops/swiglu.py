@@ -72,10 +72,9 @@ def gathered_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, r
 
     x [R, T, D] (any strides); w_gate, w_up [M, D]; rows int64 [R, n], or None for every neuron
     (n = M) -> h [R, T, n]. Triton, one kernel: reads only the listed rows of both weights, in
-    place. Every neuron
-    over more than 16 tokens per row runs as cuBLAS products instead, the faster there. The custom
-    op ``torch.ops.adaptive_kernels.gathered_swiglu``; FLOPs counted: 4*T*D per listed neuron (the two
-    products; padding counts 0).
+    place. Every neuron over more than 16 tokens per row runs as cuBLAS products instead, the faster
+    there. The custom op ``torch.ops.adaptive_kernels.gathered_swiglu``; FLOPs counted: 4*T*D per
+    listed neuron (the two products; padding counts 0).
     """
     if call_directly(x, w_gate, w_up):
         return _swiglu_launch(x, w_gate, w_up, rows)
