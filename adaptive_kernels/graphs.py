@@ -1,9 +1,11 @@
-"""CUDA graphs: one decode step of a request's plan, captured once and replayed per token; and whether
-a request must read nothing back to the host (inside a caller's capture, or ``graph_safe()``).
+"""CUDA graphs: one decode step of a request's plan, captured once per cache capacity and replayed per
+token; and whether a request must read nothing back to the host (inside a caller's capture, or
+``graph_safe()``).
 
 At batch 1 an eager decode step is bound by kernel launches, not by the weights it reads; a
-replayed graph launches them all at once. The plan, and so every shape and weight the step
-touches, is fixed for the request, and the KV cache writes in place at a device-side position.
+replayed graph launches them all at once. The plan, and so every weight the step touches, is fixed
+for the request; the shapes are fixed until the cache grows to its next capacity, and the KV cache
+writes in place at a device-side position.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ _GRAPH_SAFE = contextvars.ContextVar("adaptive_kernels_graph_safe", default=Fals
 
 @contextlib.contextmanager
 def graph_safe():
-    """Within the block, patched models run requests as they do inside CUDA-graph capture: the scheduler's
-    top-n and the plan's index buffers are made on the device at fixed widths (``plan.fixed_width_schedule``)
-    and nothing is read back to the host. Warm a request up in this block before capturing it, so that
+    """Within the block, patched models run requests as they do inside CUDA-graph capture: the plan's index
+    buffers are made on the device at fixed widths (``plan.fixed_width_schedule``; the scheduler's top-n
+    runs there anyway) and nothing is read back to the host. Warm a request up in this block before capturing it, so that
     the kernels of those widths are compiled (and tuned) outside the capture."""
     token = _GRAPH_SAFE.set(True)
     try:
@@ -30,7 +32,7 @@ def graph_safe():
 
 
 def capturing(x: torch.Tensor) -> bool:
-    """Whether ``x``'s CUDA stream is recording a graph now."""
+    """Whether ``x`` is on CUDA and the current stream is recording a graph."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 

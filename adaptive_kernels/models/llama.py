@@ -3,6 +3,8 @@
 A skipped layer is not called; an executed layer runs on the batch rows that execute it, with
 attention over their active heads and the MLP over their active neuron groups, through the ops
 of the chosen backend. The KV cache (``AdaptiveCache``) keeps executed layers and heads only.
+A graph-safe request (inside ``graph_safe()`` or a CUDA-graph capture) runs every layer instead, over
+fixed-width index buffers that mark what is off (``plan.fixed_width_schedule``).
 """
 
 from __future__ import annotations
@@ -190,14 +192,19 @@ def norm_settled(backend: Backend, norm, x, update):
     return norm_of(backend, norm, update, residual=x)
 
 
+def update_of_no_units(x, out_proj) -> torch.Tensor:
+    """The update [R, T, D] of a block none of whose units runs: ``out_proj``'s bias (zeros without one)."""
+    out = x.new_zeros(x.shape)
+    return out if out_proj.bias is None else out + out_proj.bias
+
+
 def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: AdaptiveCache | None, layer: int,
                   shape: DecoderShape, backend: Backend) -> torch.Tensor:
     """The attention block over the active heads: x [R, T, D] -> its update [R, T, D]."""
     R, T, _ = x.shape
     d = shape.head_dim
     if idx.num_q_heads == 0:
-        out = x.new_zeros(x.shape)
-        return out if attn.o_proj.bias is None else out + attn.o_proj.bias
+        return update_of_no_units(x, attn.o_proj)
     qk, v = _project_qkv(backend, attn, x, idx, d)
     qk = backend.rotary(qk.view(R, T, idx.num_q_heads + idx.num_kv_heads, d), cos, sin)
     q, k = qk[:, :, :idx.num_q_heads], qk[:, :, idx.num_q_heads:].transpose(1, 2)
@@ -211,8 +218,7 @@ def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: Adaptiv
 def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
     """The MLP block over the active neurons (``idx.mlp_rows`` None: all): x [R, T, D] -> its update [R, T, D]."""
     if idx.num_neurons == 0:
-        out = x.new_zeros(x.shape)
-        return out if mlp.down_proj.bias is None else out + mlp.down_proj.bias
+        return update_of_no_units(x, mlp.down_proj)
     if isinstance(mlp.act_fn, torch.nn.SiLU) and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
         hidden = backend.swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, idx.mlp_rows)
     elif idx.mlp_rows is None:
@@ -284,7 +290,8 @@ def lay_out_reduction_weights(decoder, column_major: bool) -> None:
 def plan_schedule(plan: ExecutionPlan, settings: Settings, graph_safe: bool) -> Schedule:
     """``plan``'s Schedule: index lists built on the host (``compile_plan``), or with ``graph_safe`` the
     fixed-width one (``plan.fixed_width_schedule``) built on the plan's device with nothing read back to
-    the host, in one launch of the CUDA extension under the cuda backend, else with torch ops."""
+    the host: in one launch of the CUDA extension under the cuda backend when the heads fit its
+    ``MAX_UNITS``, else with torch ops."""
     if not graph_safe:
         return compile_plan(plan, settings.shape)
     compaction = compact_plan
@@ -362,12 +369,38 @@ def on_the_model_device(forward):
     return run
 
 
+def positions_and_mask(x, position_ids, attention_mask, past: int, latency_index: int | None):
+    """Positions [B, S] of the new tokens ``x`` [B, S, D] after ``past`` cached ones, and the bool padding
+    mask [B, past + S] over cached and new tokens (None: no padding). ``latency_index``: where a continued
+    request's latency token sits, of which generate's positions and mask know nothing."""
+    B, S = x.shape[:2]
+    if position_ids is None:
+        positions = torch.arange(past, past + S, device=x.device).expand(B, S)
+    else:
+        positions = position_ids.expand(B, S) + (1 if latency_index is not None else 0)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
+    mask = torch.ones(B, past + S, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+    if latency_index is not None and mask.shape[1] == past + S - 1:  # put the latency token's column back
+        one = torch.ones(B, 1, dtype=torch.bool, device=x.device)
+        mask = torch.cat([mask[:, :latency_index], one, mask[:, latency_index:]], dim=1)
+    if mask.shape != (B, past + S):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, past + S)} (cached plus new tokens)")
+    return positions, mask
+
+
 class AdaptiveDecoderMixin:
     """Mixed into a patched model's language model class; replaces its ``forward``."""
 
     @on_the_model_device
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
                 **kwargs):
+        """The decoder over ``input_ids`` [B, S] or ``inputs_embeds`` [B, S, D] under the request the patched
+        model set (``self._ak_request``): a ``latency_budget``, an ``execution_plan``, or neither (every unit
+        on). With a budget the latency token is appended to the new tokens (S + 1 positions out), the prefix
+        runs dense and the scheduler plans from the token's hidden state. A call that continues the
+        ``AdaptiveCache`` it returned decodes under that cache's plan. Returns ``BaseModelOutputWithPast``
+        with the cache (None when not caching) under ``CACHE_FIELD``; ``request.plan`` is the plan run."""
         cache = kwargs.pop("cache", None)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
@@ -386,21 +419,10 @@ class AdaptiveDecoderMixin:
         past = cache.length if decoding else 0
         latency_index = cache.latency_index if decoding else None
 
-        if position_ids is None:
-            positions = torch.arange(past, past + S, device=x.device).expand(B, S)
-        else:
-            positions = position_ids.expand(B, S) + (1 if latency_index is not None else 0)
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
-        mask = torch.ones(B, past + S, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
-        if latency_index is not None and mask.shape[1] == past + S - 1:
-            # generate knows nothing of the latency token: put its column back
-            one = torch.ones(B, 1, dtype=torch.bool, device=x.device)
-            mask = torch.cat([mask[:, :latency_index], one, mask[:, latency_index:]], dim=1)
-        if mask.shape != (B, past + S):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, past + S)} (cached plus new tokens)")
+        positions, mask = positions_and_mask(x, position_ids, attention_mask, past, latency_index)
 
-        # inside a CUDA-graph capture nothing may wait for the device: plans become fixed-width schedules
+        # within graph_safe() or a CUDA-graph capture nothing may wait for the device: plans become fixed-width
+        # schedules
         graph_safe = runs_graph_safe(x)
         budgets, schedule = None, None
         if decoding:
@@ -501,8 +523,9 @@ class AdaptiveDecoderMixin:
         """One decode token through every executed layer and the final norm: [B, 1, D] -> [B, 1, D].
 
         On CUDA with graphs on, the first step runs eagerly (compiling kernels), the second is
-        captured as a CUDA graph and every later step of the request replays it. A step that
-        collects ``hidden`` states runs eagerly.
+        captured as a CUDA graph and later steps replay it, until the cache outgrows its capacity
+        (``AdaptiveCache.reserve``, every ``CAPACITY_STEP`` positions): then the eager step and the
+        capture come again. A step that collects ``hidden`` states runs eagerly.
         """
         def step(x, cos, sin, kv_valid):
             return self.final_norm(*self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid,
