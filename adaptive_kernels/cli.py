@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
+from .tiny import TINY_RANK
+
 DEFAULT_BUDGETS = (1.0, 0.85, 0.6, 0.5)
-TINY_RANK = 2  # divides the tiny model's 8 heads: 4 units per layer
 MODEL_RANK = 8  # the paper's rank, meant for 32-head (7B) models
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # an image processor: a tokenizer is not enough
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # ... and neither is an image processor
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-MAX_SEED = 2 ** 32 - 1  # numpy's and torch's seeds both take [0, 2**32)
+MAX_SEED = 2 ** 32 - 1  # a range every seeder takes (numpy's legacy one stops there)
 CSV_NAME, PNG_NAME = "results.csv", "latency_vs_budget.png"
 
 

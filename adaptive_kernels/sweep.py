@@ -1,9 +1,10 @@
 """End-to-end latency versus budget: vision tower, prefill and per-token decode of a patched LLaVA.
 
 For variants L and H, budgets 1.0 down to 0.5 and each backend, it times the patched model next
-to stock transformers (eager), the ideal (a stock model already cut to the plan) and the masked
-computation (stock transformers with hooks: every weight read, skipped units multiplied by 0), each
-reference fed the prompt and the latency token. It writes CSV and JSON rows under
+to stock transformers (eager, fed the prompt; on CUDA also its decode with a static cache and
+torch.compile), the ideal (a stock model already cut to the plan) and the masked computation (stock
+transformers with hooks: every weight read, skipped units multiplied by 0), these two fed the prompt
+and the latency token. It writes CSV and JSON rows under
 ``benchmarks/results/`` and draws latency versus budget with the ideal line (latency at 1.0 times
 the plan's cost). On a CUDA device it uses a LLaVA-1.5-7B-shaped random model in bf16; on the
 CPU the built-in tiny one.
@@ -35,7 +36,7 @@ from .models.llama import plan_from_masks
 from .plan import compile_plan
 from .models.llava import prompt_embeddings
 from .sliced import mask_hooks, sliced_stock
-from .tiny import example_inputs, tiny_llava
+from .tiny import TINY_RANK, example_inputs, tiny_llava
 
 BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 REFERENCE_COLORS = {"L": "black", "H": "tab:brown"}  # the stock references of each variant's plans, in the plot
@@ -52,19 +53,20 @@ def llava_7b_config() -> LlavaConfig:
 
 
 def build_model(device: str, dtype: torch.dtype):
-    """The sweep's model: 7B-shaped on CUDA (initialised on the device), tiny on the CPU."""
+    """The sweep's model, its name and the H rank it is patched with: 7B-shaped on CUDA (initialised on
+    the device) at the paper's rank, tiny on the CPU."""
     if device == "cuda":
         with torch.device("cuda"), torch.random.fork_rng(devices=[0]):
             torch.manual_seed(0)
             model = LlavaForConditionalGeneration(llava_7b_config()).to(dtype).eval()
-        return model, "llava-1.5-7b-shaped"
-    return tiny_llava().to(dtype), "tiny"
+        return model, "llava-1.5-7b-shaped", 8  # 4 units of 8 in its 32 heads
+    return tiny_llava().to(dtype), "tiny", TINY_RANK
 
 
 @dataclass
 class Row:
     model: str
-    system: str  # adaptive | stock | ideal | masked
+    system: str  # adaptive | stock | stock-static-compiled | ideal | masked
     variant: str
     backend: str
     budget: float
@@ -171,12 +173,12 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def decode_floor_ms(model, plan, cached: int, bandwidth: float) -> float:
-    """The least time a decode step of row 0 of ``plan`` can take: ms to read, at ``bandwidth`` (bytes
-    per second), its decoder bytes (``DecoderShape.decode_bytes`` with ``cached`` positions) and the
-    final norm and lm_head weights."""
+def decode_floor_ms(model, execution_plan: ExecutionPlan, cached: int, bandwidth: float) -> float:
+    """The least time a decode step of row 0 of ``execution_plan`` can take: ms to read, at ``bandwidth``
+    (bytes per second), its decoder bytes (``DecoderShape.decode_bytes`` with ``cached`` positions) and
+    the final norm and lm_head weights."""
     shape, weight = text_model_shape(model), model.lm_head.weight
-    masks = (plan.layers[0].cpu(), plan.heads[0].cpu(), plan.groups[0].cpu())
+    masks = (execution_plan.layers[0].cpu(), execution_plan.heads[0].cpu(), execution_plan.groups[0].cpu())
     decoder = shape.decode_bytes(*masks, cached=cached, element_size=weight.element_size()).sum().item()
     return (decoder + (weight.numel() + shape.hidden_size) * weight.element_size()) / bandwidth * 1e3
 
@@ -243,7 +245,7 @@ def cpu_threads(threads: int | None):
 
 
 def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
-          repeats: int = 5, rank: int | None = None, out_dir: str | Path = "benchmarks/results", progress: bool = True,
+          repeats: int = 5, out_dir: str | Path = "benchmarks/results", progress: bool = True,
           threads: int | None = None):
     """Run the sweep; returns the rows. Each row is written to ``out_dir`` (CSV, JSON) as soon as it is
     measured; the plot (PNG) is drawn at the end. A measurement that fails (one variant, backend and
@@ -253,30 +255,27 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     torch's default on CUDA)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with cpu_threads(threads if threads is not None or device == "cuda" else 1):
-        return _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_dir, progress)
+        return _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress)
 
 
-def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_dir, progress):
+def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):
     from tqdm.auto import tqdm
 
     dtype = default_dtype(device)
     backends = backends or (("triton", "torch") if device == "cuda" else ("torch",))
-    model, name = build_model(device, dtype)
+    model, name, rank = build_model(device, dtype)
     stem = f"sweep-{name}"
-    rank = rank or (8 if device == "cuda" else 2)
     inputs = example_inputs(model, batch_size=1, text_tokens=64 if device == "cuda" else 12)
     median_ms = _timer(device)
     stamp = dict(model=name, device=device_name(device), dtype=str(dtype).removeprefix("torch."), rank=rank,
                  new_tokens=new_tokens, repeats=repeats, torch=torch.__version__,
-                 transformers=__import__("transformers").__version__, triton=package_version("triton"),
+                 transformers=package_version("transformers"), triton=package_version("triton"),
                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     with torch.no_grad():
         vision_ms = median_ms(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), repeats)
         embeds = prompt_embeddings(model, inputs)
         mask = inputs["attention_mask"]
-        # of the last timings call (CUDA only): GPU kernel times, and a prefill replayed as a CUDA graph
-        kernels = {"prefill": float("nan"), "decode": float("nan"), "graph": float("nan")}
         failures: list[str] = []
 
         def graph_prefill_ms(name: str, fn) -> float:
@@ -291,30 +290,33 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_d
                 failures.append(f"{name} prefill as a CUDA graph: {type(error).__name__}: {error}")
                 return float("nan")
 
-        def timings(m, embeds=embeds, mask=mask, decode_kernels=False, graph=None, **kw):
-            """(prefill ms, decode ms per token, decode setup ms) of ``m`` on ``embeds``; kernel times noted
-            (decode's, ``(k(n + 3) - k(3)) / n`` as in ``decode_timing``, when asked), and with a ``graph``
-            name the prefill replayed as a CUDA graph (the prompt unpadded: no mask)."""
-            prefill = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
+        def timings(m, embeds=embeds, mask=mask, decode_kernels=False, graph=None, **kw) -> dict:
+            """``m``'s timing fields of a Row, on ``embeds``: wall times of prefill, decode per token and decode
+            setup; on CUDA prefill's GPU kernel time, decode's when asked (``(k(n + 3) - k(3)) / n`` as in
+            ``decode_timing``), and with a ``graph`` name the prefill replayed as a CUDA graph (the prompt
+            unpadded: no mask). What is not measured is NaN."""
+            nan = float("nan")
+            times = dict(prefill_kernel_ms=nan, decode_kernel_ms=nan, prefill_graph_ms=nan)
+            times["prefill_ms"] = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
             if device == "cuda":
-                kernels["prefill"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
+                times["prefill_kernel_ms"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
             if graph is not None:
-                kernels["graph"] = graph_prefill_ms(graph, lambda: m(inputs_embeds=embeds, **kw))
+                times["prefill_graph_ms"] = graph_prefill_ms(graph, lambda: m(inputs_embeds=embeds, **kw))
             gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
 
             def generate(n: int):
                 return m.generate(**gen, max_new_tokens=n, min_new_tokens=n)
 
             decode = decode_timing(generate, new_tokens, median_ms, repeats)  # warms up first
+            times["decode_ms_per_token"], times["decode_setup_ms"] = decode
             if device == "cuda" and decode_kernels:
                 try:  # a failure here costs this kernel time only, not the row's wall times
-                    kernels["decode"] = (kernel_ms(lambda: generate(new_tokens + 3))
-                                         - kernel_ms(lambda: generate(3))) / new_tokens
+                    times["decode_kernel_ms"] = (kernel_ms(lambda: generate(new_tokens + 3))
+                                                 - kernel_ms(lambda: generate(3))) / new_tokens
                 except Exception as error:
                     traceback.print_exc()
                     failures.append(f"decode kernel time: {type(error).__name__}: {error}")
-                    kernels["decode"] = float("nan")
-            return prefill, *decode
+            return times
 
         rows: list[Row] = []
 
@@ -325,11 +327,9 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_d
         bandwidth = copy_bandwidth(device)
         shape = text_model_shape(model)
         full = ExecutionPlan.full(1, shape.num_layers, shape.num_heads)
-        t = timings(model, graph="stock")
         record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
-                   prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2], prefill_kernel_ms=kernels["prefill"],
-                   prefill_graph_ms=kernels["graph"],
-                   decode_floor_ms=decode_floor_ms(model, full, embeds.shape[1], bandwidth), **stamp))
+                   decode_floor_ms=decode_floor_ms(model, full, embeds.shape[1], bandwidth),
+                   **timings(model, graph="stock"), **stamp))
 
         def measure(variant: str, backend: str, budget: float) -> None:
             """The adaptive row of one plan; with the first backend also the stock references of the plan,
@@ -338,30 +338,25 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, rank, out_d
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             latency_token = latency_embedding(model, budget)[None, None].to(embeds.dtype)
             cost = float(p.cost()[0])
-            prefill, decode, setup = timings(model, decode_kernels=True, graph=f"{variant} {backend} {budget}",
-                                             latency_budget=budget)
+            times = timings(model, decode_kernels=True, graph=f"{variant} {backend} {budget}", latency_budget=budget)
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
-                       vision_ms=vision_ms, prefill_ms=prefill, decode_ms_per_token=decode, decode_setup_ms=setup,
-                       schedule_ms=schedule, prefill_kernel_ms=kernels["prefill"], decode_kernel_ms=kernels["decode"],
-                       prefill_graph_ms=kernels["graph"],
-                       decode_floor_ms=decode_floor_ms(model, p, embeds.shape[1] + 1, bandwidth), **stamp))
+                       vision_ms=vision_ms, schedule_ms=schedule,
+                       decode_floor_ms=decode_floor_ms(model, p, embeds.shape[1] + 1, bandwidth), **times, **stamp))
             unpatch(model)
             if backend != backends[0]:
                 return
-            plan_here = p.to(model.device)
             token_embeds = torch.cat([embeds, latency_token], 1)
             token_mask = torch.cat([mask, mask[:, :1]], 1)
-            handles = mask_hooks(model, plan_here)
+            handles = mask_hooks(model, p)
             try:
-                t = timings(model, token_embeds, token_mask)
+                times = timings(model, token_embeds, token_mask)
             finally:
                 for handle in handles:
                     handle.remove()
             record(Row(system="masked", variant=variant, backend="transformers", budget=budget, cost=cost,
-                       vision_ms=vision_ms, prefill_ms=t[0], decode_ms_per_token=t[1], decode_setup_ms=t[2],
-                       prefill_kernel_ms=kernels["prefill"], **stamp))
-            ideal = sliced_stock(model, plan_here, 0)
+                       vision_ms=vision_ms, **times, **stamp))
+            ideal = sliced_stock(model, p, 0)
             prefill = median_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask), repeats)
             ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask))
                              if device == "cuda" else float("nan"))
@@ -416,7 +411,8 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
     minus the plan's cost.
 
     A positive excess means the budget bought less speed than its share of FLOPs promised; the
-    row reports the largest excess and the budget where it occurs.
+    row reports the largest excess and the budget where it occurs, over the budgets measured (NaN and
+    None where none is).
     """
     result = []
     adaptive = [r for r in rows if r.system == "adaptive"]
@@ -428,7 +424,9 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
         for phase in ("prefill_ms", "prefill_kernel_ms", "prefill_graph_ms", "decode_ms_per_token", "decode_kernel_ms"):
             if math.isnan(getattr(full, phase)):  # not measured here (kernel times: CUDA only)
                 continue
-            excess, budget = max((ratio(getattr(r, phase), getattr(full, phase)) - r.cost, r.budget) for r in series)
+            excesses = [(ratio(getattr(r, phase), getattr(full, phase)) - r.cost, r.budget) for r in series]
+            measured = [e for e in excesses if not math.isnan(e[0])]  # NaN: not measured, or a 0 at 1.0
+            excess, budget = max(measured) if measured else (float("nan"), None)
             result.append({"variant": variant, "backend": backend, "phase": phase.removesuffix("_ms_per_token").removesuffix("_ms"),
                            "largest_excess": excess, "at_budget": budget})
     return result
@@ -520,9 +518,9 @@ def plot_rows(rows: list[Row], path: Path) -> Path | None:
         return None
 
     panels = [("prefill_ms", "prefill, wall"), ("decode_ms_per_token", "decode / token (steady state), wall")]
-    if any(r.prefill_kernel_ms == r.prefill_kernel_ms for r in rows):  # not all NaN: kernel times were taken
+    if any(not math.isnan(r.prefill_kernel_ms) for r in rows):  # not all NaN: kernel times were taken
         panels.insert(1, ("prefill_kernel_ms", "prefill, GPU kernel time"))
-    if any(r.prefill_graph_ms == r.prefill_graph_ms for r in rows):
+    if any(not math.isnan(r.prefill_graph_ms) for r in rows):
         panels.insert(1, ("prefill_graph_ms", "prefill, one CUDA graph replayed"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     adaptive = [r for r in rows if r.system == "adaptive"]
@@ -535,12 +533,12 @@ def plot_rows(rows: list[Row], path: Path) -> Path | None:
                 ax.plot([r.budget for r in series], [full * r.cost for r in series], "--", color=line.get_color(),
                         label=f"{key[0]} {key[1]} ideal (full x cost)")
         for system, style in (("stock", ":"), ("stock-static-compiled", "-.")):
-            values = [getattr(r, field) for r in rows if r.system == system and getattr(r, field) == getattr(r, field)]
+            values = [getattr(r, field) for r in rows if r.system == system and not math.isnan(getattr(r, field))]
             if values:
                 ax.axhline(values[0], color="gray", linestyle=style, label=f"{system} transformers")
         for system, style, what in (("ideal", "x:", "stock model cut to the plan"),
                                     ("masked", "+:", "masked computation (no skipping)")):
-            measured = sorted((r for r in rows if r.system == system and getattr(r, field) == getattr(r, field)),
+            measured = sorted((r for r in rows if r.system == system and not math.isnan(getattr(r, field))),
                               key=lambda r: r.budget)
             for variant in sorted({r.variant for r in measured}):
                 points = [r for r in measured if r.variant == variant]

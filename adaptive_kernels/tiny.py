@@ -6,6 +6,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 IMAGE_TOKEN_ID = 511
+TINY_RANK = 2  # the H rank for the tiny model: 4 units in its 8 heads
 
 
 def tiny_llava_config(num_layers: int = 8, num_heads: int = 8, num_kv_heads: int = 4, hidden_size: int = 64,

@@ -18,7 +18,7 @@ import torch
 import adaptive_kernels as ak
 from adaptive_kernels.cli import CSV_NAME, PNG_NAME, _check_args, build_parser, main
 from adaptive_kernels.models.llava import prompt_embeddings
-from adaptive_kernels.tiny import example_inputs, tiny_llava
+from adaptive_kernels.tiny import TINY_RANK, example_inputs, tiny_llava
 
 BUDGETS = (1.0, 0.85, 0.6, 0.5)
 NEW_TOKENS = 6
@@ -329,7 +329,7 @@ def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, mo
 
     def build_model(device, dtype):
         built.append(tiny_llava().to(dtype))
-        return built[-1], "tiny"
+        return built[-1], "tiny", TINY_RANK
 
     monkeypatch.setattr(sweep_module, "plan", plan_failing_below_one)  # fails with the model patched
     monkeypatch.setattr(sweep_module, "build_model", build_model)
@@ -369,6 +369,19 @@ def test_adherence_is_the_latency_share_minus_the_plans_cost():
             excess = {row[0]: row[column] / full[column] - row[1] for row in series}  # budget -> excess
             worst = max(excess, key=excess.get)
             assert found[backend, phase] == (pytest.approx(excess[worst]), worst)
+
+
+def test_adherence_skips_a_budget_not_measured_wherever_it_comes():
+    """A timing that failed (NaN) at one budget leaves the largest excess of the others, also when that budget
+    comes first (``--budgets 0.6 1.0 0.8``)."""
+    from adaptive_kernels.sweep import Row, budget_adherence
+
+    common = dict(model="m", system="adaptive", variant="L", backend="torch", vision_ms=1.0, device="cpu",
+                  dtype="float32", rank=2, new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
+    series = [(0.6, 0.55, float("nan")), (1.0, 1.0, 10.0), (0.8, 0.75, 8.0)]
+    rows = [Row(budget=b, cost=c, prefill_ms=p, **common) for b, c, p in series]
+    (prefill,) = budget_adherence(rows)
+    assert prefill["largest_excess"] == pytest.approx(8.0 / 10.0 - 0.75) and prefill["at_budget"] == 0.8
 
 
 def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
