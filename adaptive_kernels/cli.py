@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -118,7 +116,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.dtype = str(default_dtype(args.device)).removeprefix("torch.")
     if args.model is not None:
         _check_model(parser, args.model)
-    if args.scheduler is not None and len(set(args.variants)) > 1:
+    if args.scheduler is not None and len(args.variants) > 1:
         parser.error("argument --scheduler: a scheduler file holds one variant's weights; pass a single --variants")
     for name in ("scheduler", "image"):
         path = getattr(args, name)
@@ -242,23 +240,20 @@ def load(args) -> tuple:
     return model, inputs, name, rank
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repeats: int, device: str):
-    """``(median milliseconds, new token ids)`` of greedy generate: one warm-up, then ``repeats`` timed runs."""
-    times, out = [], None
-    for i in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
+    """``(median milliseconds, new token ids)`` of greedy generate: one warm-up, then ``repeats`` timed runs,
+    timed as the sweep times (``sweep.median_timer``)."""
+    from .sweep import median_timer
+
+    outputs = []
+
+    def generate():
         with torch.no_grad():
-            out = model.generate(**inputs, latency_budget=budget, max_new_tokens=max_new_tokens, do_sample=False)
-        _sync(device)
-        if i:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), out[0, inputs["input_ids"].shape[1]:].tolist()
+            outputs.append(model.generate(**inputs, latency_budget=budget, max_new_tokens=max_new_tokens,
+                                          do_sample=False))
+
+    ms = median_timer(device)(generate, repeats)
+    return ms, outputs[-1][0, inputs["input_ids"].shape[1]:].tolist()
 
 
 def run(model, inputs: dict, args, rank: int, name: str = "") -> list[dict]:

@@ -92,7 +92,9 @@ class Row:
     # the latency token, scheduler, plan and every layer inside, on fixed-width plan buffers)
 
 
-def _timer(device: str):
+def median_timer(device: str):
+    """``median_ms(fn, repeats)``: one warm-up call of ``fn``, then the median ms of ``repeats`` timed calls
+    (``_once_ms``), each without garbage collection."""
     def median_ms(fn, repeats: int) -> float:
         fn()  # warm-up: compilation, allocator, autotuning
         times = []
@@ -266,7 +268,7 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, pr
     model, name, rank = build_model(device, dtype)
     stem = f"sweep-{name}"
     inputs = example_inputs(model, batch_size=1, text_tokens=64 if device == "cuda" else 12)
-    median_ms = _timer(device)
+    median_ms = median_timer(device)
     stamp = dict(model=name, device=device_name(device), dtype=str(dtype).removeprefix("torch."), rank=rank,
                  new_tokens=new_tokens, repeats=repeats, torch=torch.__version__,
                  transformers=package_version("transformers"), triton=package_version("triton"),

@@ -495,9 +495,9 @@ class AdaptiveDecoderMixin:
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
                                        hidden_states=hidden_states_output(hidden, x, wanted_hidden))
 
-    def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache, hidden=None):
+    def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache, hidden):
         """Layers ``layer_ids`` with their ``LayerIndices`` (None: no row runs it), each on its rows;
-        ``hidden``: a list that receives the hidden states after each layer, skipped ones included.
+        ``hidden``: a list that receives the hidden states after each layer, skipped ones included (None: not kept).
 
         Returns ``(x, update)``, the hidden states being ``x + update``: ``update`` (or None) is the
         last layer's MLP output, left for the next norm to add in its kernel (one launch fewer a layer).
@@ -519,7 +519,7 @@ class AdaptiveDecoderMixin:
         """The decoder's last norm of the hidden states ``x (+ update)``."""
         return norm_settled(self._ak_settings.backend, self.norm, x, update)[0]
 
-    def decode_step(self, x, schedule, cos, sin, kv_valid, cache, hidden=None):
+    def decode_step(self, x, schedule, cos, sin, kv_valid, cache, hidden):
         """One decode token through every executed layer and the final norm: [B, 1, D] -> [B, 1, D].
 
         On CUDA with graphs on, the first step runs eagerly (compiling kernels), the second is
