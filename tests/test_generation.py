@@ -17,6 +17,7 @@ from transformers.generation.streamers import BaseStreamer
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan, generation
 from adaptive_kernels.tiny import example_inputs, tiny_llava
+from oracles import CACHE_KWARG, cache_of
 
 NEW_TOKENS = 8
 HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
@@ -108,6 +109,30 @@ def test_calls_that_would_see_the_queued_step_run_transformers_loop(stock, input
     ours, our_calls = generate_counting(model, inputs, True, monkeypatch, **kw)
     assert torch.equal(ours, theirs)
     assert our_calls == their_calls
+
+
+def test_a_cache_the_caller_keeps_is_left_as_transformers_loop_leaves_it(stock, monkeypatch):
+    """A returned cache passed back in stays the caller's: no step is queued ahead into it, so it ends with
+    the positions and values transformers' loop leaves, after the same forward calls and ids."""
+    inputs = example_inputs(stock, seed=71)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    with torch.no_grad():
+        first = model.generate(**inputs, latency_budget=0.6, max_new_tokens=4, do_sample=False,
+                               return_dict_in_generate=True)
+    cache = cache_of(first)
+    ids = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], 1)
+    more = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    probe, _ = generate_counting(model, more | {CACHE_KWARG: copy.deepcopy(cache)}, False, monkeypatch, do_sample=False)
+    kw = {"do_sample": False, "eos_token_id": int(probe[0, ids.shape[1] + 1]), "pad_token_id": 0}  # stops early
+    theirs_cache, ours_cache = copy.deepcopy(cache), copy.deepcopy(cache)
+    theirs, their_calls = generate_counting(model, more | {CACHE_KWARG: theirs_cache}, False, monkeypatch, **kw)
+    ours, our_calls = generate_counting(model, more | {CACHE_KWARG: ours_cache}, True, monkeypatch, **kw)
+    assert theirs.shape[1] < ids.shape[1] + NEW_TOKENS
+    assert torch.equal(ours, theirs) and our_calls == their_calls
+    assert ours_cache.length == theirs_cache.length
+    for mine, want in zip(ours_cache.keys + ours_cache.values, theirs_cache.keys + theirs_cache.values):
+        assert (mine is None) == (want is None)
+        assert mine is None or torch.equal(mine[:, :, :ours_cache.length], want[:, :, :theirs_cache.length])
 
 
 class HostReads(TorchDispatchMode):

@@ -110,6 +110,34 @@ def test_full_plan_gives_stock_result(stock, dtype):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
+@pytest.mark.parametrize("request_kind", ["none", "full plan"])
+def test_a_one_token_prompt_gives_stock_logits_and_ids(stock, request_kind):
+    """A prompt of one token (text only) has a decode step's shape but fills an empty cache: stock's logits and
+    greedy ids."""
+    ids = torch.randint(1, 500, (2, 1), generator=torch.Generator().manual_seed(53))
+    model = patched(stock, "H")
+    plan = {"none": {}, "full plan": {"execution_plan": ExecutionPlan.full(2, L, H)}}[request_kind]
+    run = dict(n=4, return_dict_in_generate=True, output_logits=True)
+    ours, theirs = greedy(model, {"input_ids": ids}, **plan, **run), greedy(stock, {"input_ids": ids}, **run)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for got, want in zip(ours.logits, theirs.logits, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_hidden_states_the_config_asks_for_are_returned(stock):
+    """output_hidden_states set in the configs, not in the call: the patched model returns stock's."""
+    inputs = example_inputs(stock, batch_size=2, seed=59, pad=[0, 2])
+    configured = copy.deepcopy(stock)
+    for config in (configured.config, configured.config.text_config):
+        config.output_hidden_states = True
+    model = patched(configured, "L")
+    with torch.no_grad():
+        ours, theirs = model(**inputs).hidden_states, configured(**inputs).hidden_states
+    assert theirs is not None and len(ours) == len(theirs) == L + 1
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 def test_hidden_states_are_the_masked_computation_layer_by_layer(stock):
     """output_hidden_states: the decoder's input, each layer's output (a skipped one's unchanged), the last normed."""
     inputs = example_inputs(stock, batch_size=3, seed=17, pad=[0, 2, 0])
@@ -215,6 +243,27 @@ def test_generate_continues_from_a_returned_cache(stock):
             assert torch.equal(again.sequences[:, ids.shape[1]:], want.sequences[:, -4:]), budget
             for ours, theirs in zip(again.logits, want.logits, strict=True):
                 torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_a_decode_mask_that_hides_a_new_token_keeps_the_latency_token_in_place(stock):
+    """Decode steps called by hand, the caller's mask (which knows nothing of the latency token) hiding the
+    first new token: the sliced stock model fed prompt, latency token and new tokens under that mask."""
+    inputs = example_inputs(stock, seed=61)
+    S = inputs["input_ids"].shape[1]
+    new = torch.randint(1, 500, (1, 2), generator=torch.Generator().manual_seed(67))
+    model = patched(stock, "H")
+    with torch.no_grad():
+        plan = ak.plan(model, latency_budget=0.6, **inputs)
+        cache = cache_of(model(**inputs, latency_budget=0.6, use_cache=True))
+        model(input_ids=new[:, :1], attention_mask=torch.ones(1, S + 1, dtype=torch.long), **{CACHE_KWARG: cache})
+        mask = torch.ones(1, S + 2, dtype=torch.long)
+        mask[0, S] = 0  # the first new token
+        ours = model(input_ids=new[:, 1:], attention_mask=mask, **{CACHE_KWARG: cache}).logits[:, -1]
+        embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, 0.6)[None, None],
+                            stock.model.language_model.embed_tokens(new)], 1)
+        want_mask = torch.cat([mask[:, :S], torch.ones(1, 1, dtype=torch.long), mask[:, S:]], 1)
+        want = sliced_stock(stock, plan, 0)(inputs_embeds=embeds, attention_mask=want_mask).logits[:, -1]
+    torch.testing.assert_close(ours, want, **TOL)
 
 
 def test_assisted_decoding_gives_stock_logits(stock):

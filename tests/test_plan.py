@@ -144,6 +144,14 @@ def test_cost_weighs_units_by_flops():
     assert ExecutionPlan.full(2, 4, 6).cost().tolist() == [1.0, 1.0]
 
 
+def test_moved_and_selected_plans_keep_the_shape_their_cost_is_weighed_by():
+    layers, heads, groups = _masks(B=3, L=4, H=6)
+    plan = ExecutionPlan(layers, heads, groups, shape=SHAPE, seq_len=21)
+    assert not torch.equal(plan.cost(), ExecutionPlan(layers, heads, groups).cost())  # the shape matters here
+    assert torch.equal(plan.to("cpu").cost(), plan.cost())
+    assert torch.equal(plan.rows([2, 0]).cost(), plan.cost()[[2, 0]])
+
+
 def test_cost_of_a_plan_without_a_shape_counts_units_attention_and_mlp_half_each():
     layers, heads, groups = _masks(B=3, L=4, H=6)
     plan = ExecutionPlan(layers, heads, groups)
