@@ -81,6 +81,22 @@ def test_costs_lie_in_range_and_fall_with_the_budget(default_run):
             assert int(r["units"]) == len(layers) - 4
 
 
+def test_ideal_is_the_latency_at_full_budget_times_the_cost(default_run, tmp_path):
+    """Each row's ideal_ms is its variant's measured latency at budget 1.0 times the row's plan cost; without
+    1.0 among the budgets there is no latency to scale, and ideal_ms is left empty."""
+    _, rows, _ = default_run
+    for variant in "LH":
+        mine = [r for r in rows if r["variant"] == variant]
+        (full,) = [r for r in mine if float(r["budget"]) == 1.0]
+        assert len(mine) == len(BUDGETS)
+        for r in mine:
+            assert float(r["ideal_ms"]) == pytest.approx(float(full["latency_ms"]) * float(r["cost"]), rel=1e-12)
+        assert any(float(r["cost"]) < 1 for r in mine)  # the ideal falls below the latency at 1.0 somewhere
+    partial, _ = run_main(["--variants", "L", "--budgets", "0.85", "0.5", "--out", str(tmp_path), *FAST])
+    assert [float(r["budget"]) for r in partial] == [0.85, 0.5]
+    assert all(r["ideal_ms"] == "" for r in partial)
+
+
 def test_full_budget_tokens_equal_stock_greedy(default_run):
     _, rows, printed = default_run
     inputs = example_inputs(tiny_llava())
@@ -200,6 +216,12 @@ def test_bad_arguments_exit_nonzero_naming_the_argument(argv, named, tmp_path, c
     err = capsys.readouterr().err
     assert f"argument {named}" in err, err
     assert not (tmp_path / CSV_NAME).exists()
+
+
+@pytest.mark.parametrize("seed", [0, 2 ** 32 - 1])
+def test_seed_takes_both_ends_of_its_range(seed):
+    """--seed accepts every integer in [0, 2**32 - 1], both ends included (the refusals just outside are above)."""
+    assert build_parser().parse_args(["--seed", str(seed)]).seed == seed
 
 
 def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
@@ -357,14 +379,14 @@ def test_adherence_is_the_latency_share_minus_the_plans_cost():
 
     common = dict(model="m", system="adaptive", variant="H", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
                   new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
-    timings = {"torch": [(1.0, 1.0, 10.0, 4.0), (0.8, 0.7, 8.0, 3.0), (0.6, 0.45, 5.0, 2.6)],
+    timings = {"torch": [(0.8, 0.7, 8.0, 3.0), (1.0, 1.0, 10.0, 4.0), (0.6, 0.45, 5.0, 2.6)],  # 1.0 anywhere
                "triton": [(1.0, 1.0, 20.0, 2.0), (0.6, 0.45, 9.0, 1.0)]}
     rows = [Row(backend=backend, budget=b, cost=c, prefill_ms=p, decode_ms_per_token=d, **common)
             for backend, series in timings.items() for b, c, p, d in series]
     found = {(a["backend"], a["phase"]): (a["largest_excess"], a["at_budget"]) for a in budget_adherence(rows)}
     assert found.keys() == {(backend, phase) for backend in timings for phase in ("prefill", "decode")}
     for backend, series in timings.items():
-        full = series[0]
+        (full,) = [row for row in series if row[0] == 1.0]
         for phase, column in (("prefill", 2), ("decode", 3)):
             excess = {row[0]: row[column] / full[column] - row[1] for row in series}  # budget -> excess
             worst = max(excess, key=excess.get)
@@ -403,3 +425,150 @@ def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
     for t in target_ratios(rows):
         assert math.isnan(t["decode_vs_floor"]) and (t["budget"] == 1.0 or math.isnan(t["prefill_vs_ideal"]))
         assert math.isnan(t["schedule_share_of_prefill"]) == (t["budget"] == 1.0)
+
+
+SWEEP_ROW = dict(model="m", variant="L", backend="torch", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
+                 new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
+
+
+def test_decode_timing_splits_steady_steps_from_the_setup_of_the_first_two():
+    """With t(n) = prefill + (n - 1) steady steps + a setup paid once by the first two decode steps, decode_timing
+    gives the steady step, (t(n + 3) - t(3)) / n, and the setup, t(3) - t(1) - 2 * per_token."""
+    from adaptive_kernels.sweep import decode_timing
+
+    prefill, step, setup, n = 7.0, 1.5, 4.0, 16
+    asked = []
+
+    def generate(tokens: int) -> float:
+        asked.append(tokens)
+        return prefill + (tokens - 1) * step + (setup if tokens >= 3 else 0.0)
+
+    def median_ms(fn, repeats: int) -> float:
+        assert repeats == 5
+        return fn()
+
+    per_token, setup_ms = decode_timing(generate, n, median_ms, 5)
+    t = {tokens: generate(tokens) for tokens in (1, 3, n + 3)}
+    assert sorted(set(asked)) == [1, 3, n + 3]
+    assert per_token == pytest.approx((t[n + 3] - t[3]) / n) and per_token == pytest.approx(step)
+    assert setup_ms == pytest.approx(t[3] - t[1] - 2 * per_token) and setup_ms == pytest.approx(setup)
+
+
+def test_decode_is_compared_with_compiled_stock_at_full_budget_only():
+    """decode_vs_compiled_stock is adaptive decode per token over compiled stock's at budget 1.0 (both full
+    models), and NaN at every other budget; NaN throughout without a compiled stock row."""
+    from adaptive_kernels.sweep import Row, target_ratios
+
+    decode = {("L", 1.0): 4.0, ("L", 0.7): 3.0, ("L", 0.5): 2.5, ("H", 0.6): 3.5, ("H", 1.0): 5.0}
+    adaptive = [Row(system="adaptive", budget=b, cost=b, prefill_ms=1.0, decode_ms_per_token=d,
+                    **{**SWEEP_ROW, "variant": v}) for (v, b), d in decode.items()]
+    compiled = Row(system="stock-static-compiled", budget=1.0, cost=1.0, prefill_ms=float("nan"),
+                   decode_ms_per_token=2.0, **{**SWEEP_ROW, "variant": "-", "backend": "transformers"})
+    ratios = target_ratios([adaptive[0], compiled, *adaptive[1:]])
+    assert sorted((t["variant"], t["budget"]) for t in ratios) == sorted(decode)
+    for t in ratios:
+        if t["budget"] == 1.0:
+            assert t["decode_vs_compiled_stock"] == pytest.approx(decode[t["variant"], 1.0] / 2.0)
+        else:
+            assert math.isnan(t["decode_vs_compiled_stock"]), t
+    assert all(math.isnan(t["decode_vs_compiled_stock"]) for t in target_ratios(adaptive))
+
+
+def test_records_read_back_field_for_field_with_nan_as_nan(tmp_path):
+    """read_records gives back every field write_records wrote; a NaN (not measured, null in the JSON) comes
+    back as NaN, not as a number."""
+    from dataclasses import asdict
+
+    from adaptive_kernels.sweep import Row, read_records, write_records
+
+    nan = float("nan")
+    rows = [Row(system="adaptive", budget=1.0, cost=1.0, prefill_ms=10.0, decode_ms_per_token=4.0, schedule_ms=0.25,
+                decode_floor_ms=1.5, **SWEEP_ROW),
+            Row(system="adaptive", budget=0.5, cost=0.5, prefill_ms=6.0, decode_ms_per_token=nan,
+                decode_setup_ms=-0.5, **SWEEP_ROW),
+            Row(system="stock-static-compiled", budget=1.0, cost=1.0, prefill_ms=nan, decode_ms_per_token=2.0,
+                **{**SWEEP_ROW, "variant": "-", "backend": "transformers"})]
+    write_records(rows, tmp_path, "round")
+    assert "null" in (tmp_path / "round.json").read_text()  # the NaNs went through as nulls
+    back = read_records(tmp_path / "round.json")
+    assert len(back) == len(rows)
+    for row, got in zip(rows, back):
+        want = asdict(row)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert isinstance(got[key], float) and math.isnan(got[key]), (key, got[key])
+            else:
+                assert got[key] == value and type(got[key]) is type(value), (key, got[key], value)
+
+
+def test_copy_bandwidth_counts_the_bytes_read_and_the_bytes_written(monkeypatch):
+    """copy_bandwidth is (bytes read + bytes written) / seconds of the median copy: twice the copied tensor's
+    size over the median of its timed copies."""
+    from adaptive_kernels import sweep as sweep_module
+
+    copied, times = [], [9.0, 0.5, 2.0, 2.0, 30.0] * 4  # median 2 ms
+
+    def once_ms(fn, device):
+        assert device == "cpu"
+        copied.append(fn())  # the copy's destination: as many bytes are read from the source
+        return times[len(copied) - 1]
+
+    monkeypatch.setattr(sweep_module, "_once_ms", once_ms)
+    sweep_module.copy_bandwidth.cache_clear()  # measured once per device: forget any real measurement
+    try:
+        bandwidth = sweep_module.copy_bandwidth("cpu")
+    finally:
+        sweep_module.copy_bandwidth.cache_clear()  # and forget this stubbed one
+    assert len(copied) == len(times)
+    nbytes = copied[0].numel() * copied[0].element_size()
+    assert nbytes == 64 * 2 ** 20  # 64 MiB on the CPU
+    assert bandwidth == pytest.approx(2 * nbytes / 2e-3)
+
+
+def test_decode_floor_reads_the_executed_weights_and_cache_at_the_bandwidth():
+    """decode_floor_ms of row 0 is the ms to read, at the bandwidth, the weights a decode step touches (its
+    executed layers' norms, active heads' q/k/v/o slices and MLP, the final norm, lm_head) and the cached keys and
+    values of its active key/value heads; counted here from the model's own parameters."""
+    from adaptive_kernels import ExecutionPlan
+    from adaptive_kernels.sweep import decode_floor_ms
+
+    model = tiny_llava(seed=5).to(torch.bfloat16)  # 2-byte elements, in the weights and the cache
+    text = model.model.language_model
+    config = model.config.text_config
+    L, H, KV = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    d = config.hidden_size // H
+    cached, bandwidth, element = 37, 3e9, 2
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def layer_bytes(layer, heads: list[int]) -> int:
+        """Bytes of one executed layer with query heads ``heads`` on and every MLP neuron."""
+        attn, kv_heads = layer.self_attn, sorted({h // (H // KV) for h in heads})
+        q_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads])
+        kv_rows = torch.cat([torch.arange(k * d, (k + 1) * d) for k in kv_heads])
+        cache = 2 * len(kv_heads) * d * cached * element  # keys and values
+        return (nbytes(layer.input_layernorm.weight) + nbytes(layer.post_attention_layernorm.weight)
+                + nbytes(attn.q_proj.weight[q_rows]) + nbytes(attn.o_proj.weight[:, q_rows])
+                + nbytes(attn.k_proj.weight[kv_rows]) + nbytes(attn.v_proj.weight[kv_rows]) + cache
+                + sum(nbytes(p) for p in layer.mlp.parameters()))
+
+    head = nbytes(model.lm_head.weight) + nbytes(text.norm.weight)
+
+    def floor(plan) -> float:
+        return decode_floor_ms(model, plan, cached, bandwidth)
+
+    full = sum(nbytes(p) for layer in text.layers for p in layer.parameters()) + L * 2 * KV * d * cached * element
+    assert floor(ExecutionPlan.full(1, L, H)) == pytest.approx((full + head) / bandwidth * 1e3, rel=1e-12)
+
+    on = [0, 1, 2, 3, 6]  # the prefix and one more layer; in layer 6 query heads 0, 1 and 5 (key/value heads 0, 2)
+    layers = torch.zeros(2, L, dtype=torch.bool)
+    layers[0, on], layers[1] = True, True
+    heads, groups = layers[:, :, None].repeat(1, 1, H), layers[:, :, None].repeat(1, 1, H)
+    heads[0, 6] = False
+    heads[0, 6, [0, 1, 5]] = True
+    expected = sum(layer_bytes(text.layers[l], [0, 1, 5] if l == 6 else list(range(H))) for l in on) + head
+    partial = floor(ExecutionPlan(layers, heads, groups))  # row 1 runs everything: row 0 is the one read
+    assert partial == pytest.approx(expected / bandwidth * 1e3, rel=1e-12)
+    assert partial < floor(ExecutionPlan.full(1, L, H))
