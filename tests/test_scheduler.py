@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adaptive_kernels.plan import UnitSpace
-from adaptive_kernels.scheduler import seeded_scheduler
+from adaptive_kernels.scheduler import _gumbel_top_n_units, gumbel_pick, seeded_scheduler
 
 
 def test_latency_encoder_follows_the_formula():
@@ -126,6 +126,71 @@ def test_gumbel_sampling_meets_the_budget_exactly_and_passes_gradients(variant):
         ((heads * torch.randn_like(heads)).sum() + (layers * torch.randn_like(layers)).sum()).backward()
         grad = sched.head.weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, seed
+
+
+def test_a_gumbel_pick_draws_each_available_unit_as_often_as_softmax_says():
+    """Gumbel-max: each pick is one-hot, an unavailable unit is never picked, and the others come as often as
+    softmax(logits) over the available ones says (the temperature moves no argmax)."""
+    logits, available, n = torch.tensor([2.0, 0.0, -1.0, 1.0]), torch.tensor([True, True, True, False]), 200_000
+    torch.manual_seed(0)
+    picks = gumbel_pick(logits.expand(n, 4), available.expand(n, 4))
+    assert set(picks.unique().tolist()) <= {0.0, 1.0} and torch.equal(picks.sum(-1), torch.ones(n))
+    want = torch.cat([logits[:3].softmax(-1), torch.zeros(1)])
+    torch.testing.assert_close(picks.mean(0), want, rtol=0, atol=0.005)  # about 11 standard deviations
+
+
+def _fixed_noise(monkeypatch, u: torch.Tensor | None) -> None:
+    """The scheduler's uniform draws replaced: ``u`` (None: 1/2 everywhere, a noise that softmax shifts away)."""
+    monkeypatch.setattr(torch, "rand_like", lambda like, dtype=None: (torch.full_like(like, 0.5) if u is None else u)
+                        .to(dtype or like.dtype))
+
+
+def test_a_gumbel_pick_has_the_gradient_of_its_soft_sample(monkeypatch):
+    """Straight-through, as ADALLAVA.md: the value is the one-hot of the soft sample's argmax, the gradient that of
+    the soft sample softmax((logits - log(-log u)) / 5) over the available units."""
+    gen = torch.Generator().manual_seed(5)
+    logits, u, w = (torch.randn(3, 6, generator=gen), torch.rand(3, 6, generator=gen), torch.randn(3, 6, generator=gen))
+    available = torch.rand(3, 6, generator=gen) < 0.6
+    available[:, 0], available[2] = True, torch.arange(6) == 4  # one row with a single unit available
+    _fixed_noise(monkeypatch, u)
+    ours = logits.clone().requires_grad_()
+    picked = gumbel_pick(ours, available)
+    (picked * w).sum().backward()
+    theirs = logits.clone().requires_grad_()
+    soft = torch.softmax(((theirs - torch.log(-torch.log(u))) / 5).masked_fill(~available, float("-inf")), -1)
+    (soft * w).sum().backward()
+    assert torch.equal(picked.detach(), torch.nn.functional.one_hot(soft.argmax(-1), 6).float())
+    torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+def test_h_sampling_passes_gradients_through_the_layer_pick_and_the_head_pick(monkeypatch):
+    """Variant H, one round at rank 1, noise fixed: a head's mask is the picked layer's straight-through one-hot
+    times the picked head's, so a loss sum(heads * w) gives the layer logits the soft layer sample's gradient of
+    w[:, :, h*], and the picked layer's head logits the soft head sample's gradient of w[:, k*, :]."""
+    _fixed_noise(monkeypatch, None)
+    B, K, H = 2, 3, 4
+    gen = torch.Generator().manual_seed(9)
+    layer_logits, head_logits, group_logits = (torch.randn(*shape, generator=gen).requires_grad_()
+                                               for shape in ((B, K), (B, K, H), (B, K, H)))
+    w = torch.randn(B, K, H, generator=gen)
+    layers, heads, groups = _gumbel_top_n_units(layer_logits, head_logits, group_logits, torch.ones(B, dtype=torch.long), 1)
+    (heads * w).sum().backward()
+    rows = torch.arange(B)
+    k = layer_logits.argmax(-1)
+    h, g = head_logits[rows, k].argmax(-1), group_logits[rows, k].argmax(-1)
+    for mask, unit in ((heads, h), (groups, g)):
+        want = torch.zeros(B, K, H)
+        want[rows, k, unit] = 1.0
+        assert torch.equal(mask.detach(), want)
+    layer_ref = layer_logits.detach().requires_grad_()
+    (torch.softmax(layer_ref / 5, -1) * w[rows, :, h]).sum().backward()
+    head_ref = head_logits.detach()[rows, k].requires_grad_()
+    (torch.softmax(head_ref / 5, -1) * w[rows, k]).sum().backward()
+    want_head_grad = torch.zeros(B, K, H)
+    want_head_grad[rows, k] = head_ref.grad
+    torch.testing.assert_close(layer_logits.grad, layer_ref.grad)
+    torch.testing.assert_close(head_logits.grad, want_head_grad)
+    assert layer_ref.grad.abs().sum() > 0
 
 
 def test_gumbel_samples_differ_between_draws_but_not_under_one_seed():
