@@ -22,10 +22,15 @@ def tiny_llava_config(num_layers: int = 8, num_heads: int = 8, num_kv_heads: int
 
 
 def tiny_llava(seed: int = 0, **sizes) -> LlavaForConditionalGeneration:
-    """A randomly initialised tiny LLaVA in eval mode, the same for the same seed and sizes."""
+    """A randomly initialised tiny LLaVA in eval mode, the same for the same seed and sizes. Its decoder's
+    norm weights are drawn too (transformers starts them at 1), so that a norm given the wrong weight shows."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlavaForConditionalGeneration(tiny_llava_config(**sizes)).eval()
+        model = LlavaForConditionalGeneration(tiny_llava_config(**sizes)).eval()
+        for name, weight in model.model.language_model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.data.uniform_(0.5, 1.5)
+    return model
 
 
 def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int = 0, pad: list[int] | None = None) -> dict:
