@@ -181,6 +181,20 @@ def test_inputs_off_the_model_device_are_refused_by_name(model, inputs):
         model(**inputs, latency_budget=torch.tensor([0.5, 0.6], device="meta"))
 
 
+@pytest.mark.parametrize("name", ["input_ids", "pixel_values", "attention_mask"])
+def test_inputs_off_the_model_device_passed_positionally_are_refused_by_name(model, inputs, name):
+    """Passed by position (forward's order: input_ids, pixel_values, attention_mask), an input is still named."""
+    moved = inputs | {name: inputs[name].to("meta")}
+    args = [moved[n] for n in ("input_ids", "pixel_values", "attention_mask")]
+    for call in (lambda: model(*args, latency_budget=0.6), lambda: model(*args),
+                 lambda: model(*args[:2], attention_mask=args[2], latency_budget=0.6)):
+        with pytest.raises(ValueError, match=f"{name} is on meta, but the model is on cpu"):
+            call()
+    if name == "input_ids":  # generate's first parameter is called inputs
+        with pytest.raises(ValueError, match="inputs is on meta, but the model is on cpu"):
+            model.generate(args[0], pixel_values=args[1], attention_mask=args[2], latency_budget=0.6, max_new_tokens=2)
+
+
 def test_numpy_integers_are_integers(model, inputs):
     numpy_patched = ak.patch(tiny_llava(seed=2), "H", rank=np.int64(2), num_prefix_layers=np.int32(4))
     assert ak.plan(numpy_patched, latency_budget=0.6, **inputs) == ak.plan(model, latency_budget=0.6, **inputs)

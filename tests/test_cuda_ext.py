@@ -364,6 +364,26 @@ def test_bad_gemv_arguments_get_errors_naming_them(case):
         call(x, w, rows)
 
 
+@pytest.mark.parametrize("T", [1, 16, 17])
+@pytest.mark.parametrize("side", ["rows", "cols"])
+def test_gemv_token_limit_is_16_inclusive(side, T):
+    """Up to DECODE_MAX_TOKENS = 16 tokens pass the token check (CPU tensors then stop at the device check,
+    which runs after it); 17 are refused, naming the count."""
+    assert cuda_ext.DECODE_MAX_TOKENS == 16
+    gen = generator("token limit", side, T)
+    x, w, idx = torch.randn(2, T, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.tensor([[0, 3], [4, -1]])
+    if side == "rows":
+        call, name = lambda: cuda_ext.gather_rows_linear(x, w, idx), "x"
+    else:
+        call, name = lambda: cuda_ext.gather_cols_linear(x[..., :2], w.t(), idx), "a"
+    if T <= 16:
+        with pytest.raises(ValueError, match=f"all tensors must be on one CUDA device, got {name} on cpu"):
+            call()
+    else:
+        with pytest.raises(ValueError, match=rf"at most 16 tokens per row \({name}.shape\[1\]\), got 17"):
+            call()
+
+
 @on_gpu
 def test_the_extension_raises_for_a_bad_direct_call_without_crashing():
     """Called through torch.ops, past the Python checks, the extension's own checks raise a Python

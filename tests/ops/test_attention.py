@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptive_kernels.backends import get_backend
 from adaptive_kernels.ops.attention import (_attention_launch, head_sparse_attention,
                                             head_sparse_attention_reference)
 
@@ -98,3 +99,23 @@ def test_opcheck_and_flops():
     with FlopCounterMode(display=False) as counter:
         head_sparse_attention(*args)
     assert counter.get_total_flops() == 4 * T * Tk * 3 * d  # three active q heads: the padded one counts 0
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.int32, torch.uint8], ids=lambda dt: str(dt)[6:])
+@pytest.mark.parametrize("case", ["decode-1", "prefill-gqa-pad"])
+def test_kv_valid_as_0_1_integers(mask_dtype, case):
+    """kv_valid may be 0/1 integers of any width instead of bool: the same keys are visible, so the
+    kernel and the torch backend give the bool mask's output."""
+    R, T, Tk, nkv, q_to_kv, pad = CASES[case]
+    gen = generator("int mask", mask_dtype, case)
+    q, k, v, q_to_kv, valid = _inputs(gen, torch.float32, R, T, Tk, nkv=nkv, nq=len(q_to_kv[0]), q_to_kv=q_to_kv,
+                                      pad=pad)
+    valid[0, Tk // 2] = False  # a hole inside row 0 too, not only left padding
+    as_ints = valid.to(mask_dtype)
+    scale = d ** -0.5
+    want = head_sparse_attention_reference(q, k, v, q_to_kv, valid, scale)
+    check(head_sparse_attention(q, k, v, q_to_kv, as_ints, scale), want, torch.float32)
+    torch.testing.assert_close(head_sparse_attention(q, k, v, q_to_kv, as_ints, scale),
+                               head_sparse_attention(q, k, v, q_to_kv, valid, scale), rtol=0, atol=0)
+    torch_attention = get_backend("torch").attention
+    torch.testing.assert_close(torch_attention(q, k, v, q_to_kv, as_ints, scale), want, rtol=0, atol=0)

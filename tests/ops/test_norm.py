@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from adaptive_kernels.backends import get_backend
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops.norm import rms_norm, rms_norm_reference
 
-from ._util import DTYPE_PARAMS, generator, randn
+from ._util import DTYPE_PARAMS, DTYPES, TOL, generator, randn
 
 
 def stock_norm(weight: torch.Tensor, eps: float) -> LlamaRMSNorm:
@@ -90,3 +91,28 @@ def test_opcheck():
     x, r, w = randn(2, 3, 24, gen=gen), randn(2, 3, 24, gen=gen), randn(24, gen=gen)
     torch.library.opcheck(torch.ops.adaptive_kernels.rms_norm.default, (x, w, 1e-6))
     torch.library.opcheck(torch.ops.adaptive_kernels.add_rms_norm.default, (x, r, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+                         ids=lambda dt: str(dt).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [(3, 7, 64), (5, 37)], ids=str)
+def test_torch_backend_is_llamas_rms_norm_bit_for_bit_with_random_weights(dtype, weight_dtype, shape):
+    """The torch backend's norm rounds as LlamaRMSNorm (the normalised value to x's dtype, then times the
+    weight), so with any weight, not only ones, every element equals stock's, in every dtype."""
+    gen = generator("bit for bit", dtype, weight_dtype, shape)
+    x = randn(*shape, gen=gen, dtype=dtype)
+    r = randn(*shape, gen=gen, dtype=dtype)
+    weight = randn(shape[-1], gen=gen, dtype=weight_dtype, scale=0.7) + 1
+    with torch.no_grad():
+        want, want_h = stock_norm(weight, 1e-5)(x), stock_norm(weight, 1e-5)(x + r)
+    torch_norm = get_backend("torch").rms_norm
+    got = torch_norm(x, weight, 1e-5, None)
+    assert got.dtype == want.dtype == torch.promote_types(dtype, weight_dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(rms_norm_reference(x, weight, 1e-5), want, rtol=0, atol=0)
+    got, h = torch_norm(x, weight, 1e-5, r)
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(got, want_h, rtol=0, atol=0)
+    if dtype in DTYPES:  # the kernel rounds alike but sums in another order: stock's to rounding
+        torch.testing.assert_close(rms_norm(x, weight, 1e-5), want, **TOL[dtype])

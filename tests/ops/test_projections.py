@@ -10,7 +10,7 @@ from adaptive_kernels.ops import projections
 from adaptive_kernels.ops.projections import (cols_major, gather_cols_linear, gather_cols_linear_reference,
                                               gather_rows_linear, gather_rows_linear_reference)
 
-from ._util import DEVICE, DTYPE_PARAMS, check, generator, index_lists, randn
+from ._util import DEVICE, DTYPE_PARAMS, TOL, check, generator, index_lists, randn
 
 D, N = 67, 53  # odd sizes: no block size divides them
 
@@ -134,3 +134,55 @@ def test_flop_count():
         gather_rows_linear(randn(R, T, D, gen=gen), randn(N, D, gen=gen), rows)
         gather_cols_linear(randn(R, T, n, gen=gen), randn(D, N, gen=gen), rows)
     assert counter.get_total_flops() == 2 * (2 * T * (n + 4) * D)  # the padding of the shorter list counts 0
+
+
+def _almost_run(n, at, other):
+    """range(n) with entry ``at`` replaced by ``other``: its 16-wide block a run of consecutive columns but for it."""
+    cols = torch.arange(n)
+    cols[at] = other
+    return cols
+
+
+# one row of columns each (width 32: two 16-wide blocks); the odd entry last, first or inside a block
+ALMOST_RUNS = {
+    "first block, last entry": _almost_run(32, 15, 40),
+    "second block, last entry": _almost_run(32, 31, 50),
+    "first block, inside": _almost_run(32, 7, 45),
+    "second block, first entry": _almost_run(32, 16, 43),
+    "first block, last entry -1": _almost_run(32, 15, -1),
+    "run from 16, last entry": torch.cat([torch.arange(16, 31), torch.tensor([2]), torch.arange(32, 48)]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", list(ALMOST_RUNS))
+def test_gather_cols_linear_almost_runs(dtype, case):
+    """One token on a row-major weight, where a block of consecutive aligned columns loads wide: a block that is
+    a run except for one entry (the last one included) must still read that entry's own column."""
+    gen = generator("almost", dtype, case)
+    cols = ALMOST_RUNS[case]
+    cols = torch.stack([cols, cols.roll(16)]).to(DEVICE)  # the odd entry in the other block in row 1
+    a = randn(2, 1, cols.shape[1], gen=gen, dtype=dtype)
+    w = randn(D, N, gen=gen, dtype=dtype, scale=N ** -0.5)
+    assert w.stride(1) == 1
+    check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a.float(), w.float(), cols), dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_padded_rows_give_zero_whatever_x_holds(T, bias):
+    """0 where rows < 0, even when x holds inf or NaN (whose products with the unread weight would be NaN);
+    the listed rows get the reference's infinities and NaNs."""
+    gen = generator("inf", T, bias)
+    rows = torch.tensor([[4, -1, 17, -1, 9], [-1, 30, -1, -1, 2]], device=DEVICE)
+    x = randn(2, T, D, gen=gen)
+    x[0, 0, 3] = float("inf")
+    x[1, T - 1, 40] = float("-inf")
+    x[1, 0, 7] = float("nan")
+    w = randn(N, D, gen=gen, scale=D ** -0.5)
+    b = randn(N, gen=gen) if bias else None
+    y = gather_rows_linear(x, w, rows, b)
+    padded = (rows < 0)[:, None, :].expand_as(y)
+    assert bool((y[padded] == 0).all()), y[padded]
+    torch.testing.assert_close(y, gather_rows_linear_reference(x, w, rows, b), equal_nan=True, **TOL[torch.float32])

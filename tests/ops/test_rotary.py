@@ -54,3 +54,37 @@ def test_opcheck():
     gen = generator("opcheck")
     x = randn(2, 3, 4, 8, gen=gen)
     torch.library.opcheck(torch.ops.adaptive_kernels.rotary.default, (x, randn(2, 3, 8, gen=gen), randn(2, 3, 8, gen=gen)))
+
+
+def _laid_out(x, cos, sin, layout):
+    """x [R, T, nh, d], cos, sin [R, T, d] with the same values in the memory layout ``layout``."""
+    if layout == "x head dim strided":  # stored [R, T, d, nh]: the last dim of x has stride nh
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "sin strides differ":  # stored [T, R, d]: sin's row and token strides are not cos's
+        sin = sin.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "cos strides differ":  # cos a slice of a wider buffer, sin contiguous
+        wide = torch.zeros(*cos.shape[:-1], cos.shape[-1] + 7, device=cos.device, dtype=cos.dtype)
+        wide[..., 3:cos.shape[-1] + 3] = cos
+        cos = wide[..., 3:cos.shape[-1] + 3]
+    elif layout == "cos and sin last dim strided":  # cos, sin every other element of wider ones
+        cos = torch.stack([cos, torch.zeros_like(cos)], -1).flatten(-2)[..., ::2]
+        sin = torch.stack([sin, torch.zeros_like(sin)], -1).flatten(-2)[..., ::2]
+    return x, cos, sin
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("layout", ["x head dim strided", "sin strides differ", "cos strides differ",
+                                    "cos and sin last dim strided"])
+def test_rotary_reads_each_input_through_its_own_strides(dtype, layout):
+    """x of any strides (its last dim too), cos and sin each through its own strides: values count, not layout."""
+    gen = generator("strides", layout, dtype)
+    R, T, nh, d = 3, 5, 7, 10
+    qk, cos0, sin0 = (randn(R, T, nh, d, gen=gen, dtype=dtype), randn(R, T, d, gen=gen, dtype=dtype),
+                      randn(R, T, d, gen=gen, dtype=dtype))
+    x, cos, sin = _laid_out(qk, cos0, sin0, layout)
+    assert any(not t.is_contiguous() for t in (x, cos, sin))
+    want, _ = apply_rotary_pos_emb(qk, qk, cos0, sin0, unsqueeze_dim=2)  # on the contiguous originals
+    got = rotary(x, cos, sin)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(rotary_reference(x, cos, sin), want, rtol=0, atol=0)

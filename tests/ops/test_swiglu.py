@@ -76,3 +76,24 @@ def test_bad_arguments_are_refused_without_a_list(T):
                           ((x, wg[:, :-1], wu[:, :-1]), "w_gate must be")]:
         with pytest.raises(ValueError, match=message):
             gathered_swiglu(*args, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("strided", ["w_up", "w_gate"])
+def test_gate_and_up_each_through_its_own_strides(dtype, T, strided):
+    """One of w_gate, w_up a strided view (every other row of a bigger weight), the other contiguous: each is
+    read through its own strides, with a list and with rows=None."""
+    gen = generator("own strides", dtype, T, strided)
+    rows = index_lists([14, 5, 9], M, gen, "scattered")
+    x = randn(3, T, D, gen=gen, dtype=dtype)
+    wg = randn(M, D, gen=gen, dtype=dtype, scale=2 * D ** -0.5)
+    wu = randn(M, D, gen=gen, dtype=dtype, scale=D ** -0.5)
+    if strided == "w_up":
+        wu_view, wg_view = torch.stack([wu, torch.zeros_like(wu)], 1).flatten(0, 1)[::2], wg
+    else:
+        wu_view, wg_view = wu, torch.stack([wg, torch.zeros_like(wg)], 1).flatten(0, 1)[::2]
+    assert wg_view.stride() != wu_view.stride()
+    for lists in (rows, None):
+        want = gathered_swiglu_reference(x.float(), wg.float(), wu.float(), lists)
+        check(gathered_swiglu(x, wg_view, wu_view, lists), want, dtype)
