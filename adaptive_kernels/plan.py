@@ -73,6 +73,16 @@ def _budget_value(value, name: str) -> float:
     return float(str(value)) if isinstance(value, np.floating) else float(value)
 
 
+def _written_decimal(value: float, dtype: torch.dtype) -> float:
+    """The shortest decimal that ``dtype`` stores as ``value``: what the caller wrote (a float32 0.7 is
+    0.69999998..., a float16 0.57 is 0.5698...); ``value`` itself where there is none (NaN, infinities)."""
+    for digits in range(1, 10):  # 9 significant digits tell every float32 apart
+        decimal = float(f"{value:.{digits}g}")
+        if torch.tensor(decimal, dtype=dtype).item() == value:
+            return decimal
+    return value
+
+
 def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget") -> list[float]:
     """One Python float per batch row from a float, a list, or a 0-D/1-D tensor.
 
@@ -90,8 +100,7 @@ def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget
             raise ArgumentTypeError(f"{name} must be a real-valued tensor, got {latency_budget.dtype}")
         values = latency_budget.detach().cpu().reshape(-1).tolist()
         if latency_budget.dtype != torch.float64:
-            # a float32 0.7 is 0.69999998...; its shortest decimal is what the caller wrote
-            values = [_budget_value(np.float32(v), name) for v in values]
+            values = [_written_decimal(v, latency_budget.dtype) for v in values]
         if latency_budget.dim() == 0:
             values = values * batch_size
     elif isinstance(latency_budget, (list, tuple)):

@@ -67,6 +67,9 @@ def test_bad_plans(model, inputs):
         model(**inputs, execution_plan=ExecutionPlan.full(2, 7, 8))
     with pytest.raises(ValueError, match="execution_plan"):
         model(**inputs, execution_plan=ExecutionPlan.full(3, 8, 8))
+    for heads in (4, 16):  # the model has 8
+        with pytest.raises(ValueError, match="execution_plan"):
+            model(**inputs, execution_plan=ExecutionPlan.full(2, 8, heads))
     with pytest.raises(ValueError, match="execution_plan.*device"):
         check_plan(ExecutionPlan.full(2, 8, 8), 2, text_model_shape(model), torch.device("cuda"))
     with pytest.raises(ArgumentTypeError, match="execution_plan"):
@@ -229,11 +232,23 @@ def test_a_budget_without_the_cache_is_refused_in_generate(model, inputs):
         assert model.generate(**inputs, latency_budget=0.6, generation_config=unset).shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(prefill_chunk_size=4)])
+@pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(prompt_lookup_num_tokens=0),
+                                    dict(assistant_early_exit=0), dict(use_mtp=True), dict(prefill_chunk_size=4)])
 def test_a_budget_with_a_split_or_drafted_prefill_is_refused(model, inputs, option):
-    """The latency token follows the whole prompt: assisted decoding and chunked prefill feed it otherwise."""
+    """The latency token follows the whole prompt: assisted decoding and chunked prefill feed it otherwise.
+    A draft option that is set counts, 0 included, as transformers counts it."""
     with pytest.raises(ValueError, match=f"latency_budget.*{next(iter(option))}"):
         model.generate(**{k: v[:1] for k, v in inputs.items()}, latency_budget=0.6, max_new_tokens=2, **option)
+
+
+def test_draft_options_left_off_let_a_budget_generate(model, inputs):
+    """use_mtp=False and unset draft options are no assisted decoding: the same ids as without them."""
+    one = {k: v[:1] for k, v in inputs.items()}
+    with torch.no_grad():
+        plain = model.generate(**one, latency_budget=0.6, max_new_tokens=3, do_sample=False)
+        off = model.generate(**one, latency_budget=0.6, max_new_tokens=3, do_sample=False, use_mtp=False,
+                             prompt_lookup_num_tokens=None, assistant_early_exit=None)
+    assert torch.equal(off, plain)
 
 
 @pytest.mark.parametrize("budget", [None, 0.6])

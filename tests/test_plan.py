@@ -37,6 +37,10 @@ def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
             assert units.units(k / units.total) == max(0, k - units.prefix)
     (b,) = resolve_budgets(torch.tensor([0.7], dtype=torch.float32), 1)
     assert space.units(b) == 2
+    written = [hundredths / 100 for hundredths in range(1, 101)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # a tensor's budget is the decimal written
+        assert resolve_budgets(torch.tensor(written, dtype=dtype), 100) == written, dtype
+    assert h13b.units(resolve_budgets(torch.tensor(0.57, dtype=torch.float16), 1)[0]) == 14
     assert resolve_budgets(torch.tensor(0.3, dtype=torch.float64), 2) == [0.3, 0.3]
 
 
@@ -79,10 +83,11 @@ def _masks(B=2, L=4, H=6):
 def test_plan_rejects_inconsistent_masks():
     layers, heads, groups = _masks()
     skipped = (~layers).nonzero()[0]
-    bad = heads.clone()
-    bad[skipped[0], skipped[1], 0] = True
-    with pytest.raises(ValueError, match="skipped"):
-        ExecutionPlan(layers, bad, groups)
+    for on_in_skipped in ("heads", "groups"):  # a unit on in a skipped layer, of either kind
+        masks = {"heads": heads.clone(), "groups": groups.clone()}
+        masks[on_in_skipped][skipped[0], skipped[1], 0] = True
+        with pytest.raises(ValueError, match="skipped"):
+            ExecutionPlan(layers, **masks)
     with pytest.raises(ValueError, match="bool"):
         ExecutionPlan(layers.int(), heads, groups)
     with pytest.raises(ValueError, match="shapes"):

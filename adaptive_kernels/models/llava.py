@@ -47,8 +47,9 @@ def _check_budget_generation(option) -> None:
     if option("use_cache") is not None and not option("use_cache"):
         raise ValueError("latency_budget needs generate's use_cache=True: the plan and the latency token are "
                          "made once, at prefill, and live in the cache; without it every step would be a new prompt")
-    assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
-                if option(name) not in (None, False)]
+    # as transformers tells assisted decoding apart: a draft option that is set (0 included), or use_mtp true
+    assisted = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+                if option(name) is not None] + (["use_mtp"] if option("use_mtp") else [])
     if assisted:
         raise ValueError(f"latency_budget does not combine with assisted decoding ({assisted[0]}): its prefill feeds "
                          "draft tokens after the prompt, where the latency token must come last. To run the plan a "
