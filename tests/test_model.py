@@ -17,6 +17,7 @@ from transformers import LlavaForConditionalGeneration
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.plan import Schedule
 from adaptive_kernels.cache import AdaptiveCache
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.tiny import example_inputs, tiny_llava
@@ -232,6 +233,7 @@ def test_generate_continues_from_a_returned_cache(stock):
             prompt_len = inputs["input_ids"].shape[1]
             assert cached.get_seq_length() == prompt_len + (budget is not None) + 3  # the last new token is not fed
             again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cached}, **run)
+            assert cached.get_seq_length() == cached.length  # generate's input-id view of the cache ended with it
             if budget is None:
                 want = stock.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       pixel_values=inputs["pixel_values"], **run)
@@ -412,6 +414,23 @@ def test_cache_holds_only_executed_layers_and_heads(stock, variant):
         keys, values = stored
         assert keys.shape[0] == int(rows.sum()) and keys.shape[1] == int(kv_heads[rows].max())
         assert keys.shape[2] == inputs["input_ids"].shape[1] + 1 + 2 and keys.shape == values.shape
+
+
+@pytest.mark.parametrize("differs_in", ["heads", "groups", "layers"])
+def test_beam_reordering_keeps_each_row_within_its_plan(differs_in):
+    """reorder_cache moves a row's keys and values only between rows of one plan: rows that differ in a head, a
+    group or a layer are refused; the identity is not."""
+    masks = {"layers": torch.ones(2, 2, dtype=torch.bool), "heads": torch.ones(2, 2, 4, dtype=torch.bool),
+             "groups": torch.ones(2, 2, 4, dtype=torch.bool)}
+    if differs_in == "layers":
+        for mask in masks.values():
+            mask[1, 1] = False
+    else:
+        masks[differs_in][1, 1, 0] = False
+    cache = AdaptiveCache(2, None, Schedule(ExecutionPlan(**masks), [None, None]))
+    with pytest.raises(ValueError, match="beam_idx moves rows between different plans"):
+        cache.reorder_cache(torch.tensor([1, 1]))
+    cache.reorder_cache(torch.tensor([0, 1]))
 
 
 def test_a_cache_that_grows_drops_its_graph_and_warms_up_again():
