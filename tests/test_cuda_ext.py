@@ -11,6 +11,7 @@ host synchronisation.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -166,6 +167,19 @@ def test_compact_plan_refuses_a_cpu_plan_and_a_mismatched_shape():
         compact_plan(plan, shape_of(6, 2, 3, 10, 2))
     with pytest.raises(ValueError, match="num_kv_heads"):
         compact_plan(plan, shape_of(4, 3, 3, 10, 2))
+
+
+def test_the_head_limit_is_max_units_inclusive_as_in_csrc():
+    """The host check takes MAX_UNITS heads (csrc: H <= kMaxUnits, the same constant) and refuses MAX_UNITS + 1."""
+    header = (cuda_ext.CSRC / "adaptive_kernels.h").read_text()
+    assert cuda_ext.MAX_UNITS == int(re.search(r"constexpr int64_t kMaxUnits = (\d+);", header).group(1))
+    for H in (cuda_ext.MAX_UNITS, cuda_ext.MAX_UNITS + 1):
+        plan, shape = ExecutionPlan.full(1, 1, H), shape_of(H, H, 1, H, 1)
+        if H <= cuda_ext.MAX_UNITS:
+            cuda_ext._check_plan(plan, shape)
+        else:
+            with pytest.raises(ValueError, match=f"at most {cuda_ext.MAX_UNITS} heads"):
+                cuda_ext._check_plan(plan, shape)
 
 
 # ---------------------------------------------------------------------------------------------

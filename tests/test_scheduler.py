@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adaptive_kernels.plan import UnitSpace
-from adaptive_kernels.scheduler import _gumbel_top_n_units, gumbel_pick, seeded_scheduler
+from adaptive_kernels.scheduler import _gumbel_top_n_units, _ranks, gumbel_pick, seeded_scheduler
 
 
 def test_latency_encoder_follows_the_formula():
@@ -100,6 +100,20 @@ def test_inference_top_n_for_l_keeps_the_best_layers():
         expected[logits[row].topk(n).indices] = True
         assert torch.equal(layers[row], expected)
         assert torch.equal(heads[row], expected[:, None].expand(-1, 4))
+
+
+def test_a_nan_logit_ranks_as_plus_infinity():
+    """_ranks counts NaN as +inf (first, ties to the lower index), so the top-n picks a NaN unit."""
+    x = torch.tensor([[0.5, float("nan"), 2.0, -1.0], [float("inf"), 1.0, float("nan"), float("nan")]])
+    assert torch.equal(_ranks(x), _ranks(torch.where(x.isnan(), torch.inf, x)))
+    assert _ranks(x).tolist() == [[2, 0, 1, 3], [0, 3, 1, 2]]
+    units = UnitSpace("L", 6, 2, 4, 1)
+    sched = seeded_scheduler(units, hidden_size=8)
+    with torch.no_grad():
+        sched.head.weight.zero_()
+        sched.head.bias.copy_(torch.tensor([0.0, float("nan"), 1.0, -1.0]))
+        layers, _, _ = sched.select(torch.zeros(1, 8), [4 / 6])  # 2 units after the prefix of 2
+    assert layers.tolist() == [[False, True, True, False]]
 
 
 @pytest.mark.parametrize("variant", ["L", "H"])
