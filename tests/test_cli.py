@@ -372,16 +372,19 @@ def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, mo
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stock.state_dict().values()))
 
 
+SWEEP_ROW = dict(model="m", variant="L", backend="torch", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
+                 new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
+
+
 def test_adherence_is_the_latency_share_minus_the_plans_cost():
     """Per variant, backend and phase: the largest of t(b) / t(1.0) - cost(b), with the budget where it is. H plans
     cost less than their budget (whole units), so the cost, not the budget, is what latency is held to."""
     from adaptive_kernels.sweep import Row, budget_adherence
 
-    common = dict(model="m", system="adaptive", variant="H", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
-                  new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
+    common = {**SWEEP_ROW, "system": "adaptive", "variant": "H"}
     timings = {"torch": [(0.8, 0.7, 8.0, 3.0), (1.0, 1.0, 10.0, 4.0), (0.6, 0.45, 5.0, 2.6)],  # 1.0 anywhere
                "triton": [(1.0, 1.0, 20.0, 2.0), (0.6, 0.45, 9.0, 1.0)]}
-    rows = [Row(backend=backend, budget=b, cost=c, prefill_ms=p, decode_ms_per_token=d, **common)
+    rows = [Row(budget=b, cost=c, prefill_ms=p, decode_ms_per_token=d, **{**common, "backend": backend})
             for backend, series in timings.items() for b, c, p, d in series]
     found = {(a["backend"], a["phase"]): (a["largest_excess"], a["at_budget"]) for a in budget_adherence(rows)}
     assert found.keys() == {(backend, phase) for backend in timings for phase in ("prefill", "decode")}
@@ -398,10 +401,8 @@ def test_adherence_skips_a_budget_not_measured_wherever_it_comes():
     comes first (``--budgets 0.6 1.0 0.8``)."""
     from adaptive_kernels.sweep import Row, budget_adherence
 
-    common = dict(model="m", system="adaptive", variant="L", backend="torch", vision_ms=1.0, device="cpu",
-                  dtype="float32", rank=2, new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
     series = [(0.6, 0.55, float("nan")), (1.0, 1.0, 10.0), (0.8, 0.75, 8.0)]
-    rows = [Row(budget=b, cost=c, prefill_ms=p, **common) for b, c, p in series]
+    rows = [Row(system="adaptive", budget=b, cost=c, prefill_ms=p, **SWEEP_ROW) for b, c, p in series]
     (prefill,) = budget_adherence(rows)
     assert prefill["largest_excess"] == pytest.approx(8.0 / 10.0 - 0.75) and prefill["at_budget"] == 0.8
 
@@ -411,8 +412,7 @@ def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
     written, must not raise, or every later row of the sweep would be lost."""
     from adaptive_kernels.sweep import Row, budget_adherence, target_ratios
 
-    common = dict(model="m", variant="L", backend="torch", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
-                  new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d", decode_floor_ms=0.0)
+    common = {**SWEEP_ROW, "decode_floor_ms": 0.0}
     rows = [Row(system="adaptive", budget=1.0, cost=1.0, prefill_ms=0.0, decode_ms_per_token=2.0, schedule_ms=0.1,
                 **common),
             Row(system="adaptive", budget=0.5, cost=0.5, prefill_ms=1.0, decode_ms_per_token=1.5, schedule_ms=0.1,
@@ -425,10 +425,6 @@ def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
     for t in target_ratios(rows):
         assert math.isnan(t["decode_vs_floor"]) and (t["budget"] == 1.0 or math.isnan(t["prefill_vs_ideal"]))
         assert math.isnan(t["schedule_share_of_prefill"]) == (t["budget"] == 1.0)
-
-
-SWEEP_ROW = dict(model="m", variant="L", backend="torch", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
-                 new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
 
 
 def test_decode_timing_splits_steady_steps_from_the_setup_of_the_first_two():
