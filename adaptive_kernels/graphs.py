@@ -22,8 +22,8 @@ _GRAPH_SAFE = contextvars.ContextVar("adaptive_kernels_graph_safe", default=Fals
 def graph_safe():
     """Within the block, patched models run requests as they do inside CUDA-graph capture: the plan's index
     buffers are made on the device at fixed widths (``plan.fixed_width_schedule``; the scheduler's top-n
-    runs there anyway) and nothing is read back to the host. Warm a request up in this block before capturing it, so that
-    the kernels of those widths are compiled (and tuned) outside the capture."""
+    runs there anyway) and nothing is read back to the host. Warm a request up in this block before
+    capturing it, so that the kernels of those widths are compiled (and tuned) outside the capture."""
     token = _GRAPH_SAFE.set(True)
     try:
         yield
