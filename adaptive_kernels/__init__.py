@@ -14,7 +14,7 @@ from .graphs import graph_safe
 from .models import Request, Settings, text_model_shape
 from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
 from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
-from .plan import VARIANTS, ExecutionPlan, UnitSpace, is_integer, resolve_budgets
+from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
 __all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embedding", "plan", "graph_safe"]
@@ -45,7 +45,7 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     return shape, variant, rank, prefix, backend
 
 
-def patch(model, variant: str = "L", *, rank: int = 8, num_prefix_layers: int | None = None,
+def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layers: int | None = None,
           backend: str | None = None, scheduler=None, cuda_graphs: bool = True):
     """Make ``model`` (a LlavaForConditionalGeneration) run AdaLLaVA plans; returns it.
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .plan import PAPER_RANK
 from .tiny import TINY_RANK
 
 DEFAULT_BUDGETS = (1.0, 0.85, 0.6, 0.5)
-MODEL_RANK = 8  # the paper's rank, meant for 32-head (7B) models
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # an image processor: a tokenizer is not enough
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # ... and neither is an image processor
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency budgets in (0, 1] (default: %(default)s)")
     p.add_argument("--rank", type=_positive_int,
                    help=f"heads and MLP groups per H unit; must divide the heads (default: {TINY_RANK} for the "
-                        f"built-in 8-head model, {MODEL_RANK} with --model, which is meant for 32-head models)")
+                        f"built-in 8-head model, {PAPER_RANK} with --model, which is meant for 32-head models)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, metavar="N", help="default: %(default)s")
     p.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
                    help="timed generate calls per point after one warm-up; the median is reported (default: %(default)s)")
@@ -231,7 +231,7 @@ def load(args) -> tuple:
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
-        name, rank = str(args.model), MODEL_RANK
+        name, rank = str(args.model), PAPER_RANK
     model = model.to(device=args.device, dtype=dtype)
     if args.model is not None and _has_processor(args.model):
         inputs = _processor_inputs(args.model, model, args.prompt, args.image, args.seed)

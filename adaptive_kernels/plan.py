@@ -22,6 +22,7 @@ import torch
 from .errors import ArgumentTypeError
 
 VARIANTS = ("L", "H")
+PAPER_RANK = 8  # the paper's H rank, meant for 32-head (7B) decoders: 4 units per layer
 EDGE_MARGIN = 1e-9  # units: float error in T*b is about 1e-12 at T = 10^4; a unit is 1
 
 

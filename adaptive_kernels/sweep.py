@@ -33,7 +33,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from . import ExecutionPlan, graph_safe, latency_embedding, patch, plan, unpatch
 from .models import text_model_shape
 from .models.llama import plan_from_masks
-from .plan import compile_plan
+from .plan import PAPER_RANK, compile_plan
 from .models.llava import prompt_embeddings
 from .sliced import mask_hooks, sliced_stock
 from .tiny import TINY_RANK, example_inputs, tiny_llava
@@ -59,7 +59,7 @@ def build_model(device: str, dtype: torch.dtype):
         with torch.device("cuda"), torch.random.fork_rng(devices=[0]):
             torch.manual_seed(0)
             model = LlavaForConditionalGeneration(llava_7b_config()).to(dtype).eval()
-        return model, "llava-1.5-7b-shaped", 8  # 4 units of 8 in its 32 heads
+        return model, "llava-1.5-7b-shaped", PAPER_RANK
     return tiny_llava().to(dtype), "tiny", TINY_RANK
 
 
