@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels import cuda_ext
 from adaptive_kernels.ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
-from adaptive_kernels.plan import CompactPlan, DecoderShape, ExecutionPlan, compact_plan, compile_plan, group_sizes
+from adaptive_kernels.plan import (CompactPlan, DecoderShape, ExecutionPlan, compact_plan, compile_plan,
+                                   fixed_width_schedule, group_sizes)
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -120,6 +121,21 @@ def test_torch_compact_plan_agrees_with_compile_plan(B, L, H, Hkv, d, M):
             assert ref.q_to_kv[b, l, :nq // d].tolist() == [v for v in idx.q_to_kv[i].tolist() if v >= 0]
             mlp = torch.arange(M).tolist() if idx.mlp_rows is None else idx.mlp_rows[i].tolist()
             assert ref.mlp_rows[b, l, :nm].tolist() == [v for v in mlp if v >= 0]
+
+
+@pytest.mark.parametrize("B,L,H,Hkv,d,M", PLAN_SHAPES[:3])
+def test_fixed_width_schedule_reads_the_stacked_rows_of_active_heads_only(B, L, H, Hkv, d, M):
+    """Every layer on every row at full width: the stacked q, k, v weight's rows of the row's active heads (k's
+    after the H*d q rows, v's after Hkv*d more), each part -1 padded so that a padded entry reads no weight."""
+    shape = shape_of(H, Hkv, d, M, L)
+    plan = random_plan(B, L, H, generator("fixed", B, L, H))
+    schedule = fixed_width_schedule(plan, shape, compact_plan(plan, shape))
+    for l, idx in enumerate(schedule.layers):
+        assert idx.rows is None and idx.rows_on.tolist() == plan.layers[:, l].tolist()
+        for b in range(B):
+            q_rows, kv_rows, *_ = naive_buffers(plan.heads[b, l].tolist(), plan.groups[b, l].tolist(), shape)
+            k_rows, v_rows = ([v + offset if v >= 0 else -1 for v in kv_rows] for offset in (H * d, (H + Hkv) * d))
+            assert idx.qkv_rows[b].tolist() == q_rows + k_rows + v_rows, (b, l)
 
 
 @on_gpu

@@ -378,10 +378,11 @@ def test_cache_answers_the_cache_api_or_refuses(stock):
 
 @pytest.mark.parametrize("view,argument,kept_positions", [
     (False, -3, 17), (False, 0, 20), (False, 12, 12), (False, 50, 20),
-    (True, -3, 17), (True, 15, 16), (True, 10, 10), (True, 5, 5), (True, 50, 20)])
+    (True, -3, 17), (True, 15, 16), (True, 10, 10), (True, 5, 5), (True, 50, 20), (False, -25, 0), (True, -25, 0)])
 def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(view, argument, kept_positions):
     """20 filled positions, the latency token at 10: crop(-k) forgets the last k; crop(n > 0) keeps n as
-    get_seq_length counts them, so in an input_id_view n input ids, with the latency token if it is among them."""
+    get_seq_length counts them, so in an input_id_view n input ids, with the latency token if it is among them;
+    asked to forget more than it holds, it forgets them all."""
     cache = AdaptiveCache(2, latency_index=10)
     cache.length = 20
     if view:
@@ -416,15 +417,19 @@ def test_cache_holds_only_executed_layers_and_heads(stock, variant):
         assert keys.shape[2] == inputs["input_ids"].shape[1] + 1 + 2 and keys.shape == values.shape
 
 
-@pytest.mark.parametrize("differs_in", ["heads", "groups", "layers"])
+@pytest.mark.parametrize("differs_in", ["heads", "groups", "layers", "layers only"])
 def test_beam_reordering_keeps_each_row_within_its_plan(differs_in):
     """reorder_cache moves a row's keys and values only between rows of one plan: rows that differ in a head, a
-    group or a layer are refused; the identity is not."""
+    group or a layer are refused, also where one row skips a layer the other runs with no unit on (the same
+    head and group masks, but only the running row has keys there); the identity is not."""
     masks = {"layers": torch.ones(2, 2, dtype=torch.bool), "heads": torch.ones(2, 2, 4, dtype=torch.bool),
              "groups": torch.ones(2, 2, 4, dtype=torch.bool)}
     if differs_in == "layers":
         for mask in masks.values():
             mask[1, 1] = False
+    elif differs_in == "layers only":
+        masks["layers"][1, 1] = False
+        masks["heads"][:, 1] = masks["groups"][:, 1] = False
     else:
         masks[differs_in][1, 1, 0] = False
     cache = AdaptiveCache(2, None, Schedule(ExecutionPlan(**masks), [None, None]))
@@ -442,6 +447,33 @@ def test_a_cache_that_grows_drops_its_graph_and_warms_up_again():
     assert cache.warm and cache.decode_graph is not None
     cache.reserve(129)
     assert not cache.warm and cache.decode_graph is None
+
+
+def test_reset_drops_the_buffers_the_decode_graph_and_its_warm_up():
+    """A reset cache starts a new request: its buffers are freed and no graph captured on them is replayed."""
+    cache = AdaptiveCache(2, None)
+    cache.reserve(200)
+    cache.append(0, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    cache.length, cache.warm, cache.decode_graph = 5, True, object()
+    cache.reset()
+    assert cache.length == 0 and cache.capacity == 0 and all(k is None for k in cache.keys + cache.values)
+    assert not cache.warm and cache.decode_graph is None
+
+
+def test_a_step_written_at_the_graph_position_is_the_eager_write():
+    """Inside a CUDA-graph capture a decode step writes at ``write_position`` (a tensor the graph reads): the
+    buffers it returns are those of the eager write after the filled positions."""
+    g = torch.Generator().manual_seed(81)
+    eager, graphed = AdaptiveCache(1, None), AdaptiveCache(1, None)
+    prompt, step = ([torch.randn(2, 3, T, 4, generator=g) for _ in "kv"] for T in (13, 1))
+    for cache in (eager, graphed):
+        cache.reserve(14)
+        cache.append(0, *prompt)
+        cache.length = 13
+    graphed.write_position = torch.tensor([13])
+    for got, want in zip(graphed.append(0, *step), eager.append(0, *step)):
+        assert torch.equal(got, want)
+    assert torch.equal(eager.values[0][:, :, 13:14], step[1])
 
 
 def _decoder_layer_flops(model, **kwargs) -> float:

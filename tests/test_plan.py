@@ -216,14 +216,16 @@ def _mixed_plan(seed: int, B: int, L: int, H: int) -> ExecutionPlan:
     return ExecutionPlan(kind != 0, heads, groups)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_compile_plan_lists_each_layer_rows_and_units_by_definition(seed):
-    """Every layer of a mixed batch: the rows that run it, and per row its heads, kv slots and neurons
-    written out from the masks; dense layers get no lists (None)."""
-    B, L, H, Hkv, d, M = 3, 6, 6, 2, 4, 27
+@pytest.mark.parametrize("seed,d,M", [(0, 4, 27), (1, 4, 27), (2, 4, 27), (3, 4, 27), (4, 1, 18), (5, 2, 12),
+                                      (6, 3, 6), (7, 2, 14)])
+def test_compile_plan_lists_each_layer_rows_and_units_by_definition(seed, d, M):
+    """Every layer of a mixed batch, for heads of 1 to 4 weight rows and groups of 1 to 5 neurons (equal or
+    not): the rows that run it, and per row its heads, kv slots and neurons written out from the masks, in
+    lists as wide as the row with the most units needs; dense layers get no lists (None)."""
+    B, L, H, Hkv = 3, 6, 6, 2
     plan = _mixed_plan(seed, B, L, H)
     shape = DecoderShape(L, H * d, H, Hkv, d, M)
-    sizes = [5, 5, 5, 4, 4, 4]
+    sizes = [M // H + (g < M % H) for g in range(H)]  # the first M % H groups one neuron larger
     starts = [sum(sizes[:g]) for g in range(H)]
     schedule = compile_plan(plan, shape)
     for l, idx in enumerate(schedule.layers):
@@ -252,7 +254,30 @@ def test_compile_plan_lists_each_layer_rows_and_units_by_definition(seed):
             if idx.mlp_rows is not None:
                 assert listed(idx.mlp_rows) == neurons
         assert idx.num_q_heads == max(int(plan.heads[r, l].sum()) for r in rows)
+        assert idx.num_kv_heads == max(len({h // (H // Hkv) for h in range(H) if plan.heads[r, l, h]}) for r in rows)
         assert idx.num_neurons == max(sum(sizes[g] for g in range(H) if plan.groups[r, l, g]) for r in rows)
+        assert idx.q_to_kv.shape == (len(rows), idx.num_q_heads)
+        if idx.q_rows is not None:
+            assert idx.q_rows.shape[1] == idx.num_q_heads * d and idx.kv_rows.shape[1] == idx.num_kv_heads * d
+        assert idx.mlp_rows is None or idx.mlp_rows.shape[1] == idx.num_neurons
+
+
+def test_layers_run_densely_by_other_rows_keep_their_own_rows():
+    """Two layers each run with every unit on by two of four rows, not the same two: each lists its own rows."""
+    B, L, H = 4, 3, 6
+    g = torch.Generator().manual_seed(21)
+    order = torch.randperm(B, generator=g)
+    layers = torch.rand(B, L, generator=g) < 0.5
+    layers[:, :2] = False
+    layers[order[:2], 0] = layers[order[2:], 1] = True
+    dense = layers[..., None].expand(B, L, H).clone()
+    schedule = compile_plan(ExecutionPlan(layers, dense, dense.clone()), DecoderShape(L, 24, H, 3, 4, 30))
+    for l, idx in enumerate(schedule.layers):
+        rows = [r for r in range(B) if layers[r, l]]
+        if rows:
+            assert idx.num_rows == len(rows) and (idx.rows is None if len(rows) == B else idx.rows.tolist() == rows)
+        else:
+            assert idx is None
 
 
 def test_compile_plan_moves_every_buffer_to_the_device_in_its_shape():
