@@ -12,6 +12,7 @@ import torch
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.graphs import DecodeGraph
+from adaptive_kernels.ops import swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
@@ -51,6 +52,22 @@ def test_backend_gives_the_masked_computation(device, backend, dtype):
                                                                      for k, v in inputs.items()}).logits
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(ours[valid], reference[valid], **TOLERANCE[dtype])
+
+
+def test_every_layer_with_a_neuron_on_runs_the_fused_swiglu(monkeypatch):
+    """hidden_act="silu" (transformers' own SiLU module): gate, up and activation run as the backend's one SwiGLU
+    op, once per layer that a row runs with a neuron on, and the forward is the masked computation."""
+    calls = []
+    reference = swiglu.gathered_swiglu_reference
+    monkeypatch.setattr(swiglu, "gathered_swiglu_reference", lambda *args: calls.append(1) or reference(*args))
+    stock = tiny_llava(seed=21, num_layers=4)
+    inputs = example_inputs(stock, batch_size=3, text_tokens=5, seed=24, pad=[0, 2, 1])
+    plan = _plan(3, 4, 8, seed=25, device="cpu")
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **TOLERANCE[torch.float32])
+    assert len(calls) == int(plan.groups.any(-1).any(0).sum()) > 0
 
 
 OTHER_SHAPES = {  # valid Llama text configs beside tiny_llava's, at toy sizes

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -29,6 +30,10 @@ from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, Schedule, UnitSpa
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# the MLP activations that run as the fused SwiGLU op: torch's SiLU and the module transformers builds for
+# hidden_act="silu" (its own class, SiLUActivation, in transformers 5)
+SILU_MODULES = (torch.nn.SiLU, type(ACT2FN["silu"]))
 
 
 @dataclass
@@ -219,7 +224,7 @@ def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
     """The MLP block over the active neurons (``idx.mlp_rows`` None: all): x [R, T, D] -> its update [R, T, D]."""
     if idx.num_neurons == 0:
         return update_of_no_units(x, mlp.down_proj)
-    if isinstance(mlp.act_fn, torch.nn.SiLU) and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
+    if isinstance(mlp.act_fn, SILU_MODULES) and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
         hidden = backend.swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, idx.mlp_rows)
     elif idx.mlp_rows is None:
         return mlp(x)
