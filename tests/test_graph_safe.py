@@ -86,16 +86,18 @@ def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     assert torch.equal(ours_ids, usual_ids)
 
 
-def test_a_request_inside_capture_reads_no_value_back():
+@pytest.mark.parametrize("given", ["budget", "plan"])
+def test_a_request_inside_capture_reads_no_value_back(given):
     """On the meta device tensors have shapes but no values: copying one to the host, or reading one,
-    raises. A budget's prefill (scheduler, plan, every layer) and a decode step run there."""
+    raises. A budget's prefill (scheduler, plan, every layer), or a given plan's, and a decode step run there."""
     stock = tiny_llava(seed=76, num_layers=4)
     inputs = example_inputs(stock, batch_size=2, seed=77)
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch").to("meta")
     embed = model.model.language_model.embed_tokens
     mask = inputs["attention_mask"].to("meta")
+    request = {"latency_budget": 0.6} if given == "budget" else {"execution_plan": plan_with_skips(2, 4, 8, 78).to("meta")}
     with torch.no_grad(), ak.graph_safe():
-        out = model(inputs_embeds=embed(inputs["input_ids"].to("meta")), attention_mask=mask, latency_budget=0.6)
+        out = model(inputs_embeds=embed(inputs["input_ids"].to("meta")), attention_mask=mask, **request)
         step = model(inputs_embeds=embed(torch.zeros(2, 1, dtype=torch.long, device="meta")),
                      attention_mask=torch.cat([mask, mask[:, :1]], dim=1), **{CACHE_KWARG: cache_of(out)})
     assert cache_of(out).plan.layers.device.type == "meta"

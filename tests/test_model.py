@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaForConditionalGeneration
 
@@ -143,6 +144,8 @@ def test_hidden_states_are_the_masked_computation_layer_by_layer(stock):
     """output_hidden_states: the decoder's input, each layer's output (a skipped one's unchanged), the last normed."""
     inputs = example_inputs(stock, batch_size=3, seed=17, pad=[0, 2, 0])
     plan = random_plan(3, seed=19)
+    for mask in (plan.layers, plan.heads, plan.groups):
+        mask[:, 5] = False  # a layer no row runs, never called
     model = patched(stock, "H")
     with torch.no_grad():
         ours = model(**inputs, execution_plan=plan, output_hidden_states=True).hidden_states
@@ -156,6 +159,24 @@ def test_hidden_states_are_the_masked_computation_layer_by_layer(stock):
     assert chosen[0] is None and chosen[2:-1] == (None,) * (L - 2)
     torch.testing.assert_close(chosen[1], ours[1], **TOL)
     torch.testing.assert_close(chosen[-1], ours[-1], **TOL)
+
+
+def test_hidden_states_under_a_budget_are_the_masked_computation_fed_the_latency_token(stock):
+    """output_hidden_states with a budget: those of the prefix and the scheduled layers, as the masked
+    computation of the plan fed the prompt and the latency token has them."""
+    inputs = example_inputs(stock, batch_size=2, seed=91, pad=[0, 2])
+    budgets = [0.6, 0.85]
+    model = patched(stock, "H")
+    plan = ak.plan(model, latency_budget=budgets, **inputs)
+    with torch.no_grad():
+        ours = model(**inputs, latency_budget=budgets, output_hidden_states=True).hidden_states
+        token = torch.stack([ak.latency_embedding(model, b) for b in budgets])
+        embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
+        masked = masked_stock(stock, plan)(inputs_embeds=embeds, output_hidden_states=True,
+                                           attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1))
+    assert len(ours) == len(masked.hidden_states) == L + 1
+    for got, want in zip(ours, masked.hidden_states):
+        torch.testing.assert_close(got, want, **TOL)
 
 
 def test_returned_sequences_run_their_prompts_budget_or_plan(stock):
@@ -190,7 +211,8 @@ def test_beam_search_matches_sliced_stock_row_by_row(stock):
 
 @pytest.mark.parametrize("variant,budget,text_tokens,steps",
                          [("L", 0.6, 12, 4), ("H", 0.6, 12, 4), ("H", 0.85, 12, 4), ("L", 1.0, 12, 4),
-                          ("H", 0.6, 105, 10)])  # 121 prompt tokens: decode outgrows the cache's first 128 positions
+                          ("H", 0.6, 105, 10),  # 121 prompt tokens: decode outgrows the cache's first 128 positions
+                          ("H", 0.6, 112, 3)])  # 128 prompt tokens: the latency token is the 129th position
 def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, text_tokens, steps):
     inputs = example_inputs(stock, batch_size=1, seed=7, text_tokens=text_tokens)
     model = patched(stock, variant)
@@ -200,6 +222,7 @@ def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, t
         out = model.generate(**inputs, latency_budget=budget, max_new_tokens=steps, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     prompt_len = inputs["input_ids"].shape[1]
+    assert prompt_len == 16 + text_tokens and plan.seq_len == prompt_len + 1  # cost() weighs the positions run
     new_tokens = out.sequences[:, prompt_len:]
     assert out.sequences.shape[1] == prompt_len + steps
     assert torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
@@ -247,19 +270,22 @@ def test_generate_continues_from_a_returned_cache(stock):
                 torch.testing.assert_close(ours, theirs, **TOL)
 
 
-def test_a_decode_mask_that_hides_a_new_token_keeps_the_latency_token_in_place(stock):
+@pytest.mark.parametrize("hidden", ["first new token", "last prompt token"])
+def test_a_decode_mask_that_hides_a_token_keeps_the_latency_token_in_place(stock, hidden):
     """Decode steps called by hand, the caller's mask (which knows nothing of the latency token) hiding the
-    first new token: the sliced stock model fed prompt, latency token and new tokens under that mask."""
+    first new token, or the prompt's last one (right padding, hidden at prefill too): the sliced stock model
+    fed prompt, latency token and new tokens under that mask."""
     inputs = example_inputs(stock, seed=61)
     S = inputs["input_ids"].shape[1]
     new = torch.randint(1, 500, (1, 2), generator=torch.Generator().manual_seed(67))
+    mask = torch.ones(1, S + 2, dtype=torch.long)
+    mask[0, S if hidden == "first new token" else S - 1] = 0
+    inputs["attention_mask"] = mask[:, :S]
     model = patched(stock, "H")
     with torch.no_grad():
         plan = ak.plan(model, latency_budget=0.6, **inputs)
         cache = cache_of(model(**inputs, latency_budget=0.6, use_cache=True))
-        model(input_ids=new[:, :1], attention_mask=torch.ones(1, S + 1, dtype=torch.long), **{CACHE_KWARG: cache})
-        mask = torch.ones(1, S + 2, dtype=torch.long)
-        mask[0, S] = 0  # the first new token
+        model(input_ids=new[:, :1], attention_mask=mask[:, :S + 1], **{CACHE_KWARG: cache})
         ours = model(input_ids=new[:, 1:], attention_mask=mask, **{CACHE_KWARG: cache}).logits[:, -1]
         embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, 0.6)[None, None],
                             stock.model.language_model.embed_tokens(new)], 1)

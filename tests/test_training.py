@@ -96,35 +96,47 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
             torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("biases", [False, True], ids=["no biases", "biases"])
 @pytest.mark.parametrize("variant", ["L", "H"])
-def test_mask_gradients_are_those_of_the_masked_computation(variant):
+def test_mask_gradients_are_those_of_the_masked_computation(variant, biases):
     """The straight-through gradients that train the scheduler: L's layer mask multiplies the whole layer
-    update (a skipped layer's mask still learns what the layer was worth), H's head and group masks their
-    units (also in layers none of whose units was picked), as a stock model with differentiable masks has them."""
-    stock = tiny_llava(seed=6)
-    model = ak.patch(copy.deepcopy(stock), variant, rank=2).train()
+    update, o and down biases included (a skipped layer's mask still learns what the layer was worth), H's
+    head and group masks their units (also in layers none of whose units was picked), as a stock model with
+    differentiable masks has them. In H the biases follow whether the layer runs, not differentiably: H's
+    layer mask gets no gradient."""
+    stock = stock_of_shape(53, num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12, attention_bias=True,
+                           mlp_bias=True) if biases else tiny_llava(seed=6)
+    L, H = stock.config.text_config.num_hidden_layers, stock.config.text_config.num_attention_heads
+    P = L // 2
+    model = ak.patch(copy.deepcopy(stock), variant, rank=1).train()
     inputs = example_inputs(stock, batch_size=2, seed=7)
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == stock.config.image_token_id, -100)
     g = torch.Generator().manual_seed(8)
-    layers = (torch.rand(2, 4, generator=g) < 0.5).float()
-    layers[:, 0] = torch.tensor([1.0, 0.0])  # each row skips a layer and runs one
+    layers = (torch.rand(2, L - P, generator=g) < 0.5).float()
+    layers[:, 0], layers[:, 1] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # each row skips one, runs one
     if variant == "L":
-        heads = groups = layers[..., None].expand(-1, -1, 8)
+        heads = groups = layers[..., None].expand(-1, -1, H)
     else:
-        heads, groups = ((torch.rand(2, 4, 8, generator=g) < 0.5).float() * layers[..., None] for _ in range(2))
+        heads, groups = ((torch.rand(2, L - P, H, generator=g) < 0.5).float() * layers[..., None] for _ in range(2))
     picked = [t.clone().requires_grad_() for t in (layers, heads, groups)]
     model.model.language_model.latency_scheduler.select = lambda *args, **kwargs: tuple(picked)
     out = model(**inputs, labels=labels, latency_budget=[0.6, 0.8])
     out.loss.backward()
 
-    prefix = torch.ones(2, 4)
-    ones = torch.ones(2, 8, 8)
-    masks = [torch.cat([prefix, layers], 1) if variant == "L" else torch.ones(2, 8),
-             ones if variant == "L" else torch.cat([prefix[..., None].expand(-1, -1, 8), heads], 1),
-             ones if variant == "L" else torch.cat([prefix[..., None].expand(-1, -1, 8), groups], 1)]
+    prefix = torch.ones(2, P)
+    ones = torch.ones(2, L, H)
+    runs = torch.cat([prefix, layers], 1)
+    masks = [runs if variant == "L" else torch.ones(2, L),
+             ones if variant == "L" else torch.cat([prefix[..., None].expand(-1, -1, H), heads], 1),
+             ones if variant == "L" else torch.cat([prefix[..., None].expand(-1, -1, H), groups], 1)]
     masks = [m.clone().requires_grad_() for m in masks]
     reference = copy.deepcopy(stock).train()
     unit_mask_hooks(reference, *masks)  # float masks: differentiable
+    if variant == "H" and biases:  # a skipped layer adds no o and down biases
+        for l, layer in enumerate(reference.model.language_model.layers):
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                off = (1 - runs[:, l])[:, None, None]
+                linear.register_forward_hook(lambda module, args, output, off=off: output - off * module.bias)
     with torch.no_grad():
         token = torch.stack([ak.latency_embedding(model, 0.6), ak.latency_embedding(model, 0.8)])
     embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
@@ -134,11 +146,12 @@ def test_mask_gradients_are_those_of_the_masked_computation(variant):
     loss.backward()
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
     if variant == "L":
-        torch.testing.assert_close(picked[0].grad, masks[0].grad[:, 4:], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(picked[0].grad, masks[0].grad[:, P:], rtol=1e-4, atol=1e-7)
         assert bool((picked[0].grad[layers == 0] != 0).all())  # skipped layers learn too
     else:
+        assert picked[0].grad is None or not picked[0].grad.any()
         for ours, theirs in zip(picked[1:], masks[1:]):
-            torch.testing.assert_close(ours.grad, theirs.grad[:, 4:], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(ours.grad, theirs.grad[:, P:], rtol=1e-4, atol=1e-7)
         assert bool((picked[1].grad[layers == 0] != 0).any())
 
 
