@@ -467,7 +467,7 @@ def target_ratios(rows: list[Row]) -> list[dict]:
 
 def targets_table(ratios: list[dict]) -> str:
     """``target_ratios`` as a table, one line per adaptive row; a ratio above its bound is marked ``!``."""
-    lines = ["ratio (bound)      " + "".join(f"{f'{label} ({bound})':>22}" for label, bound in TARGETS.values())]
+    lines = [f"{'ratio (bound)':18}" + "".join(f"{f'{label} ({bound})':>21} " for label, bound in TARGETS.values())]
     for r in ratios:
         cells = "".join(f"{r[name]:21.3f}{'!' if r[name] > bound else ' '}" for name, (_, bound) in TARGETS.items())
         lines.append(f"{r['variant']} {r['backend']:7} {r['budget']:4.2f}    {cells}")
