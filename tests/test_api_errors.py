@@ -119,7 +119,8 @@ def test_projections_the_executor_cannot_read_are_refused(wrap):
                                          ({"num_prefix_layers": 8}, "num_prefix_layers"),
                                          ({"num_prefix_layers": -1}, "num_prefix_layers"),
                                          ({"num_prefix_layers": True}, "num_prefix_layers"),
-                                         ({"backend": "jax"}, "backend"), ({"backend": "cuda"}, "backend='cuda'")])
+                                         ({"backend": "jax"}, "backend"), ({"backend": "cuda"}, "backend='cuda'"),
+                                         ({"cuda_graphs": 1}, "cuda_graphs"), ({"cuda_graphs": None}, "cuda_graphs")])
 def test_bad_patch_options(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ak.patch(tiny_llava(), **kwargs)
@@ -213,11 +214,19 @@ def test_patch_with_other_options_repatches(model):
 
 
 def test_variant_l_takes_any_rank():
-    """rank sizes H's units; L schedules whole layers, so a rank that does not divide the heads is no error."""
+    """rank sizes H's units; L schedules whole layers, so a rank that does not divide the heads is no error, and
+    patching L again with another rank keeps its (trained) scheduler, as for the same units."""
     stock = tiny_llava(seed=2)
     inputs = example_inputs(stock, seed=3)
     plans = [ak.plan(ak.patch(copy.deepcopy(stock), "L", rank=rank), latency_budget=0.6, **inputs) for rank in (3, 8)]
     assert plans[0] == plans[1]
+    model = ak.patch(copy.deepcopy(stock), "L", rank=3)
+    with torch.no_grad():
+        for p in model.model.language_model.latency_scheduler.parameters():
+            p.add_(torch.randn_like(p))
+    trained = ak.latency_embedding(model, 0.6)
+    ak.patch(model, "L", rank=8)
+    assert torch.equal(ak.latency_embedding(model, 0.6), trained)
 
 
 def test_a_budget_without_the_cache_is_refused_in_generate(model, inputs):

@@ -205,10 +205,31 @@ def test_plan_on_the_wrong_device_is_refused():
         model(**inputs, execution_plan=ExecutionPlan.full(1, 8, 8))
 
 
+def test_each_backend_is_made_of_its_own_ops():
+    """"torch" is the PyTorch references, "triton" the Triton ops, every one of them (a reference standing in
+    for a kernel gives the same results, so only this shows it)."""
+    from adaptive_kernels.backends import get_backend
+    from adaptive_kernels.ops import attention, norm, projections, rotary
+    fields = ("rows_linear", "cols_linear", "swiglu", "attention", "rms_norm", "rotary")
+    want = {"torch": (projections.gather_rows_linear_reference, projections.gather_cols_linear_reference,
+                      swiglu.gathered_swiglu_reference, attention.head_sparse_attention_reference,
+                      norm.rms_norm_reference, rotary.rotary_reference),
+            "triton": (projections.gather_rows_linear, projections.gather_cols_linear, swiglu.gathered_swiglu,
+                       attention.head_sparse_attention, norm.rms_norm, rotary.rotary)}
+    for name, ops in want.items():
+        backend = get_backend(name)
+        assert backend.name == name
+        for field, op in zip(fields, ops, strict=True):
+            assert getattr(backend, field) is op, (name, field)
+
+
 def test_triton_backend_lays_out_reduction_weights_once_and_unpatch_restores_them():
     stock = tiny_llava(seed=28, num_layers=2)
     model = copy.deepcopy(stock)
-    ak.patch(model, "H", rank=2, backend="triton")
+    ak.patch(model, "H", rank=2, backend="torch")
+    o = model.model.language_model.layers[1].self_attn.o_proj.weight
+    assert o.is_contiguous()  # the torch backend keeps the stock layout
+    ak.patch(model, "H", rank=2, backend="triton")  # patching again with another backend switches to it
     o = model.model.language_model.layers[1].self_attn.o_proj.weight
     assert o.stride() == (1, o.shape[0])
     torch.testing.assert_close(o, stock.model.language_model.layers[1].self_attn.o_proj.weight, rtol=0, atol=0)

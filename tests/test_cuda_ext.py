@@ -175,14 +175,16 @@ def test_compact_plan_is_captured_in_a_cuda_graph_without_host_sync():
         assert torch.equal(a, b)
 
 
-def test_compact_plan_refuses_a_cpu_plan_and_a_mismatched_shape():
+@pytest.mark.parametrize("compact", [compact_plan, cuda_ext.compact_plan], ids=["torch", "cuda"])
+def test_compact_plan_refuses_a_cpu_plan_and_a_mismatched_shape(compact):
+    """Both compactions check the plan against the shape (the CUDA one before its device check, so here too)."""
     plan = random_plan(1, 2, 4, generator("err"))
     with pytest.raises(ValueError, match="CUDA device"):
         cuda_ext.compact_plan(plan, shape_of(4, 2, 3, 10, 2))
     with pytest.raises(ValueError, match="num_heads"):
-        compact_plan(plan, shape_of(6, 2, 3, 10, 2))
+        compact(plan, shape_of(6, 2, 3, 10, 2))
     with pytest.raises(ValueError, match="num_kv_heads"):
-        compact_plan(plan, shape_of(4, 3, 3, 10, 2))
+        compact(plan, shape_of(4, 3, 3, 10, 2))
 
 
 def test_the_head_limit_is_max_units_inclusive_as_in_csrc():
@@ -532,6 +534,26 @@ def test_load_without_a_toolchain_says_what_is_missing():
         cuda_ext.load()
     with pytest.raises(RuntimeError, match="backend='triton'"):
         cuda_ext.cuda_backend()
+
+
+def test_an_edited_source_or_header_gets_a_fresh_build(tmp_path, monkeypatch):
+    """The build folder is named after a hash of every file of csrc/ (sources and headers), so an edit to any
+    of them builds afresh instead of loading a stale cached build."""
+    assert {p.name for p in cuda_ext.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")} == \
+        set(cuda_ext.SOURCES + cuda_ext.HEADERS)
+    for name in cuda_ext.SOURCES + cuda_ext.HEADERS:
+        (tmp_path / name).write_bytes((cuda_ext.CSRC / name).read_bytes())
+    built = cuda_ext._extension_name()
+    monkeypatch.setattr(cuda_ext, "CSRC", tmp_path)
+    assert cuda_ext._extension_name() == built  # the same contents elsewhere: the same build
+    names = {built}
+    for name in cuda_ext.SOURCES + cuda_ext.HEADERS:
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(original + b"\n// edited\n")
+        names.add(cuda_ext._extension_name())
+        (tmp_path / name).write_bytes(original)
+    assert len(names) == 1 + len(cuda_ext.SOURCES + cuda_ext.HEADERS)
+    assert cuda_ext._extension_name() == built
 
 
 def test_the_package_imports_without_nvcc_on_path():

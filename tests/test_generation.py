@@ -95,20 +95,28 @@ def test_running_ahead_returns_the_ids_of_transformers_loop(stock, inputs, monke
         assert torch.equal(ours, generate_counting(stock, inputs, False, monkeypatch, **plain)[0])
 
 
-@pytest.mark.parametrize("option", ["return_dict_in_generate", "do_sample", "streamer", "cuda_graphs_off"])
+@pytest.mark.parametrize("option", ["return_dict_in_generate", "do_sample", "streamer", "cuda_graphs_off",
+                                    "repatched_cuda_graphs_off", "use_cache_off"])
 def test_calls_that_would_see_the_queued_step_run_transformers_loop(stock, inputs, monkeypatch, option):
-    """Returned scores, sampling (its random draws), a streamer, or CUDA graphs turned off: no step is
-    queued ahead, so no forward more than transformers' loop makes."""
+    """Returned scores, sampling (its random draws), a streamer (which gets every token), CUDA graphs turned off
+    (also by patching again), or no cache (each step feeds the whole sequence; no budget then, which needs the
+    cache): no step is queued ahead, so no forward more than transformers' loop makes."""
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, cuda_graphs=option != "cuda_graphs_off")
-    request = {"latency_budget": [0.6, 0.9]}
+    if option == "repatched_cuda_graphs_off":
+        ak.patch(model, "H", rank=2, cuda_graphs=False)
+    request = {} if option == "use_cache_off" else {"latency_budget": [0.6, 0.9]}
     kw = {"do_sample": False, **request, "eos_token_id": stopping_tokens(model, inputs, request, monkeypatch),
           "pad_token_id": 0}
     kw.update({"return_dict_in_generate": {"return_dict_in_generate": True}, "do_sample": {"do_sample": True},
-               "streamer": {"streamer": Collect()}, "cuda_graphs_off": {}}[option])
+               "streamer": {"streamer": Collect()}, "use_cache_off": {"use_cache": False}}.get(option, {}))
     theirs, their_calls = generate_counting(model, inputs, False, monkeypatch, **kw)
     ours, our_calls = generate_counting(model, inputs, True, monkeypatch, **kw)
     assert torch.equal(ours, theirs)
     assert our_calls == their_calls
+    if option == "streamer":  # each run streamed the prompt, then each new token
+        streamed = [t.reshape(ours.shape[0], -1) for t in kw["streamer"].tokens]
+        run = len(streamed) // 2
+        assert torch.equal(torch.cat(streamed[:run], 1), theirs) and torch.equal(torch.cat(streamed[run:], 1), ours)
 
 
 def test_a_cache_the_caller_keeps_is_left_as_transformers_loop_leaves_it(stock, monkeypatch):

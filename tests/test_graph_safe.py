@@ -86,6 +86,19 @@ def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     assert torch.equal(ours_ids, usual_ids)
 
 
+def test_graph_safe_blocks_nest():
+    """Leaving a graph_safe() block restores what held before it: inside an outer block a request still reads
+    nothing back after an inner block ends; after the outer one it runs as usual."""
+    from adaptive_kernels.graphs import runs_graph_safe
+    x = torch.zeros(1)
+    assert not runs_graph_safe(x)
+    with ak.graph_safe():
+        with ak.graph_safe():
+            assert runs_graph_safe(x)
+        assert runs_graph_safe(x)
+    assert not runs_graph_safe(x)
+
+
 @pytest.mark.parametrize("given", ["budget", "plan"])
 def test_a_request_inside_capture_reads_no_value_back(given):
     """On the meta device tensors have shapes but no values: copying one to the host, or reading one,

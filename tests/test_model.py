@@ -112,6 +112,38 @@ def test_full_plan_gives_stock_result(stock, dtype):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_budget_runs_in_the_models_half_precision(stock, dtype):
+    """The scheduler is patched in the model's dtype: a budget on a float16 or bfloat16 model plans and runs in
+    that dtype, as the masked computation of its plan fed the prompt and the latency token."""
+    stock = copy.deepcopy(stock).to(dtype)
+    inputs = example_inputs(stock, batch_size=2, seed=57, pad=[0, 2])
+    budgets = [0.6, 0.85]
+    model = patched(stock, "H")
+    plan = ak.plan(model, latency_budget=budgets, **inputs)
+    with torch.no_grad():
+        ours = model(**inputs, latency_budget=budgets).logits
+        token = torch.stack([ak.latency_embedding(model, b) for b in budgets])
+        embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
+        mask = F.pad(inputs["attention_mask"], (0, 1), value=1)
+        masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask).logits
+    assert ours.dtype == dtype and token.dtype == dtype
+    torch.testing.assert_close(ours[mask.bool()].float(), masked[mask.bool()].float(), rtol=3e-2, atol=3e-2)
+
+
+def test_plan_leaves_the_model_as_it_was(stock):
+    """ak.plan runs the decoder for a plan only, for its own call: the model's decoder called after it computes
+    stock's hidden states (no request left behind)."""
+    inputs = example_inputs(stock, batch_size=2, seed=55, pad=[0, 2])
+    model = patched(stock, "H")
+    ak.plan(model, latency_budget=0.6, **inputs)
+    with torch.no_grad():
+        ours = model.model(**inputs, use_cache=False).last_hidden_state
+        want = stock.model(**inputs, use_cache=False).last_hidden_state
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], want[real], **TOL)
+
+
 @pytest.mark.parametrize("request_kind", ["none", "full plan"])
 def test_a_one_token_prompt_gives_stock_logits_and_ids(stock, request_kind):
     """A prompt of one token (text only) has a decode step's shape but fills an empty cache: stock's logits and
@@ -605,6 +637,10 @@ def test_save_pretrained_writes_the_stock_checkpoint_and_the_scheduler(stock, tm
         assert torch.equal(tensor, want[name]), name
     again = ak.patch(loaded, "H", rank=2, scheduler=tmp_path / SCHEDULER_FILE)
     assert ak.plan(again, latency_budget=[0.6, 0.75], **inputs) == plans
+    given = {k: v + 1 if k.endswith("lm_head.weight") else v for k, v in want.items()}  # a state_dict the caller gives
+    model.save_pretrained(tmp_path / "given", state_dict=given)  # is written as given
+    for name, tensor in LlavaForConditionalGeneration.from_pretrained(tmp_path / "given").state_dict().items():
+        assert torch.equal(tensor, given[name]), name
 
 
 def test_patched_models_pickle_in_this_process_and_a_fresh_one(stock, tmp_path):

@@ -222,7 +222,7 @@ def test_gumbel_samples_differ_between_draws_but_not_under_one_seed():
 def test_latency_embedding_follows_weight_changes():
     """Embeddings (features kept per quantised budget) come from the encoder's weights of the moment: a weight
     changed in place (through ``.data`` too, which no version counter sees), replaced, in a replaced module,
-    or in a new dtype gives the new encoder's output, never a stale one."""
+    in a new dtype or on another device gives the new encoder's output, never a stale one."""
     sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
 
     def fresh(budgets):
@@ -245,3 +245,5 @@ def test_latency_embedding_follows_weight_changes():
         torch.testing.assert_close(sched.latency_embedding([0.6]), fresh([0.6]), rtol=0, atol=0)
     embedding = sched.latency_embedding([0.6])
     assert embedding.requires_grad  # with autograd: computed, differentiable
+    sched.to("meta")  # another device (meta: shapes only): the features are made there, not taken from the CPU
+    assert sched.latency_embedding([0.6, 0.9]).device.type == "meta"
