@@ -61,8 +61,10 @@ def test_one_row_per_variant_and_budget(default_run):
     _, rows, printed = default_run
     assert sorted((r["variant"], float(r["budget"])) for r in rows) == sorted((v, b) for v in "LH" for b in BUDGETS)
     assert printed.count("variant ") == len(rows) == 8
+    assert "cpu threads 1 |" in printed  # the built-in model on the cpu: one thread unless told
     for r in rows:
         assert float(r["latency_ms"]) > 0 and r["torch"] == torch.__version__ and r["device"] == "cpu"
+        assert (r["backend"], r["rank"], r["max_new_tokens"], r["repeats"]) == ("torch", str(TINY_RANK), str(NEW_TOKENS), "1")
 
 
 def test_costs_lie_in_range_and_fall_with_the_budget(default_run):
@@ -92,8 +94,9 @@ def test_ideal_is_the_latency_at_full_budget_times_the_cost(default_run, tmp_pat
         for r in mine:
             assert float(r["ideal_ms"]) == pytest.approx(float(full["latency_ms"]) * float(r["cost"]), rel=1e-12)
         assert any(float(r["cost"]) < 1 for r in mine)  # the ideal falls below the latency at 1.0 somewhere
-    partial, _ = run_main(["--variants", "L", "--budgets", "0.85", "0.5", "--out", str(tmp_path), *FAST])
+    partial, printed = run_main(["--variants", "L", "--budgets", "0.85", "0.5", "--out", str(tmp_path), *FAST])
     assert [float(r["budget"]) for r in partial] == [0.85, 0.5]
+    assert "note: budget 1.0 is not among --budgets" in printed and "note:" not in default_run[2]
     assert all(r["ideal_ms"] == "" for r in partial)
 
 
@@ -141,6 +144,7 @@ def test_model_path_without_processor_matches_builtin(default_run, tmp_path):
     rows, printed = run_main(["--model", str(tmp_path / "ckpt"), "--rank", "2", "--budgets", "1.0", "0.6",
                               "--out", str(tmp_path / "out"), *FAST])
     assert str(tmp_path / "ckpt") in printed
+    assert f"cpu threads {torch.get_num_threads()} |" in printed  # torch's default: only the built-in model gets 1
     assert len(rows) == 4
     for r in rows:
         (same,) = [b for b in builtin if b["variant"] == r["variant"] and b["budget"] == r["budget"]]
@@ -203,6 +207,7 @@ def test_without_matplotlib_the_plot_is_skipped(tmp_path, monkeypatch):
     (["--rank", "3"], "--rank"),
     (["--rank", "0"], "--rank"),
     (["--repeats", "0"], "--repeats"),
+    (["--threads", "0"], "--threads"),
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2 ** 32)], "--seed"),
     (["--model", "/nonexistent/llava"], "--model"),
@@ -471,8 +476,8 @@ def test_decode_is_compared_with_compiled_stock_at_full_budget_only():
 
 
 def test_records_read_back_field_for_field_with_nan_as_nan(tmp_path):
-    """read_records gives back every field write_records wrote; a NaN (not measured, null in the JSON) comes
-    back as NaN, not as a number."""
+    """read_records gives back every field write_records wrote; a NaN or an infinity (not measured or not a number,
+    null in the JSON) comes back as NaN, not as a number."""
     from dataclasses import asdict
 
     from adaptive_kernels.sweep import Row, read_records, write_records
@@ -481,7 +486,7 @@ def test_records_read_back_field_for_field_with_nan_as_nan(tmp_path):
     rows = [Row(system="adaptive", budget=1.0, cost=1.0, prefill_ms=10.0, decode_ms_per_token=4.0, schedule_ms=0.25,
                 decode_floor_ms=1.5, **SWEEP_ROW),
             Row(system="adaptive", budget=0.5, cost=0.5, prefill_ms=6.0, decode_ms_per_token=nan,
-                decode_setup_ms=-0.5, **SWEEP_ROW),
+                decode_setup_ms=-0.5, schedule_ms=float("inf"), **SWEEP_ROW),
             Row(system="stock-static-compiled", budget=1.0, cost=1.0, prefill_ms=nan, decode_ms_per_token=2.0,
                 **{**SWEEP_ROW, "variant": "-", "backend": "transformers"})]
     write_records(rows, tmp_path, "round")
@@ -492,7 +497,7 @@ def test_records_read_back_field_for_field_with_nan_as_nan(tmp_path):
         want = asdict(row)
         assert got.keys() == want.keys()
         for key, value in want.items():
-            if isinstance(value, float) and math.isnan(value):
+            if isinstance(value, float) and not math.isfinite(value):
                 assert isinstance(got[key], float) and math.isnan(got[key]), (key, got[key])
             else:
                 assert got[key] == value and type(got[key]) is type(value), (key, got[key], value)
@@ -522,19 +527,20 @@ def test_copy_bandwidth_counts_the_bytes_read_and_the_bytes_written(monkeypatch)
     assert bandwidth == pytest.approx(2 * nbytes / 2e-3)
 
 
-def test_decode_floor_reads_the_executed_weights_and_cache_at_the_bandwidth():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_floor_reads_the_executed_weights_and_cache_at_the_bandwidth(dtype):
     """decode_floor_ms of row 0 is the ms to read, at the bandwidth, the weights a decode step touches (its
     executed layers' norms, active heads' q/k/v/o slices and MLP, the final norm, lm_head) and the cached keys and
     values of its active key/value heads; counted here from the model's own parameters."""
     from adaptive_kernels import ExecutionPlan
     from adaptive_kernels.sweep import decode_floor_ms
 
-    model = tiny_llava(seed=5).to(torch.bfloat16)  # 2-byte elements, in the weights and the cache
+    model = tiny_llava(seed=5).to(dtype)  # 2- or 4-byte elements, in the weights and the cache
     text = model.model.language_model
     config = model.config.text_config
     L, H, KV = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     d = config.hidden_size // H
-    cached, bandwidth, element = 37, 3e9, 2
+    cached, bandwidth, element = 37, 3e9, dtype.itemsize
 
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
@@ -568,3 +574,271 @@ def test_decode_floor_reads_the_executed_weights_and_cache_at_the_bandwidth():
     partial = floor(ExecutionPlan(layers, heads, groups))  # row 1 runs everything: row 0 is the one read
     assert partial == pytest.approx(expected / bandwidth * 1e3, rel=1e-12)
     assert partial < floor(ExecutionPlan.full(1, L, H))
+
+
+def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path, monkeypatch):
+    """Timed by a clock that counts FLOPs: each adaptive row runs the model at its own budget; the masked computation
+    does the full model's work on the prompt and the latency token at every budget, the ideal (the model cut to the
+    plan) less below 1.0. The masked and ideal rows carry their adaptive row's budget and plan cost (an L plan at
+    0.7 costs 0.625); decode floors count the cached prompt, plus the latency token where it is fed; the ideal, a
+    prefill reference, has no decode timing; every row is stamped with new_tokens and repeats; the first budget
+    is measured first."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adaptive_kernels import ExecutionPlan
+    from adaptive_kernels import sweep as sweep_module
+    from adaptive_kernels.sweep import decode_floor_ms, sweep
+
+    built, forward_budgets = [], []
+
+    def build_model(device, dtype):
+        model = tiny_llava().to(dtype)
+        model.register_forward_pre_hook(lambda m, args, kwargs: forward_budgets.append(kwargs.get("latency_budget")),
+                                        with_kwargs=True)
+        built.append(model)
+        return model, "tiny", TINY_RANK
+
+    def flop_clock(fn, device) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e6
+
+    bandwidth = 1e9
+    monkeypatch.setattr(sweep_module, "build_model", build_model)
+    monkeypatch.setattr(sweep_module, "_once_ms", flop_clock)
+    monkeypatch.setattr(sweep_module, "copy_bandwidth", lambda device: bandwidth)
+    budgets = (1.0, 0.7)
+    rows = sweep("cpu", variants=("L",), budgets=budgets, new_tokens=2, repeats=1, out_dir=tmp_path, progress=False)
+    assert {(r.new_tokens, r.repeats) for r in rows} == {(2, 1)}
+    assert [r.budget for r in rows if r.system == "adaptive"] == list(budgets)
+    assert forward_budgets.count(0.7) == forward_budgets.count(1.0) > 0  # the same timings, each at its own budget
+    prefill = {(r.system, r.budget): r.prefill_ms for r in rows}
+    assert prefill["adaptive", 0.7] < prefill["adaptive", 1.0]
+    assert prefill["masked", 0.7] == prefill["masked", 1.0] == prefill["ideal", 1.0] > prefill["stock", 1.0]
+    assert prefill["ideal", 0.7] < prefill["ideal", 1.0]
+
+    (model,) = built
+    inputs = example_inputs(model)  # the sweep's prompt on the CPU
+    embeds = prompt_embeddings(model, inputs)
+    patched = ak.patch(copy.deepcopy(model), "L", rank=TINY_RANK)
+    plans = {b: ak.plan(patched, latency_budget=b, inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+             for b in budgets}
+    cost = {b: float(p.cost()[0]) for b, p in plans.items()}
+    assert cost[0.7] != 0.7  # the cost, not the budget, is what the references carry
+    found = {(r.system, r.budget): r for r in rows}
+    assert found.keys() == {("stock", 1.0)} | {(s, b) for s in ("adaptive", "masked", "ideal") for b in budgets}
+    for b in budgets:
+        assert [found[s, b].cost for s in ("adaptive", "masked", "ideal")] == [cost[b]] * 3
+        assert math.isnan(found["ideal", b].decode_ms_per_token) and math.isnan(found["ideal", b].decode_setup_ms)
+    n = embeds.shape[1]
+    config = model.config.text_config
+    full = ExecutionPlan.full(1, config.num_hidden_layers, config.num_attention_heads)
+    assert found["stock", 1.0].decode_floor_ms == pytest.approx(decode_floor_ms(model, full, n, bandwidth), rel=1e-12)
+    for b in budgets:
+        want = decode_floor_ms(model, plans[b], n + 1, bandwidth)
+        assert found["adaptive", b].decode_floor_ms == pytest.approx(want, rel=1e-12)
+
+
+def test_median_timer_warms_up_once_then_gives_the_median_of_the_timed_calls(monkeypatch):
+    """One untimed warm-up call, then ``repeats`` timed ones, each with garbage collection off (and on again after);
+    the median of their times. A timed call reads in ms."""
+    import gc
+    import statistics
+    import time
+
+    from adaptive_kernels import sweep as sweep_module
+
+    assert 20 <= sweep_module._once_ms(lambda: time.sleep(0.02), "cpu") < 2000
+    calls, times = [], [5.0, 1.0, 4.0, 2.0, 100.0]
+
+    def once_ms(fn, device):
+        assert device == "cpu" and not gc.isenabled()
+        fn()
+        return times[len(calls) - 2]  # calls[0] is the warm-up's
+
+    monkeypatch.setattr(sweep_module, "_once_ms", once_ms)
+    assert sweep_module.median_timer("cpu")(lambda: calls.append(None), len(times)) == statistics.median(times)
+    assert len(calls) == len(times) + 1 and gc.isenabled()
+
+
+def test_targets_table_marks_each_ratio_above_its_own_bound():
+    """Each cell sits under its own ratio's header, its number ending where the header does, and is marked ``!`` when above that ratio's bound only: not at
+    the bound, not below it, not when not measured (NaN)."""
+    import re
+
+    from adaptive_kernels.sweep import TARGETS, targets_table
+
+    scale = [2.0, 1.0, 0.5, float("nan"), 1.5, 0.25]  # over, at, under, not measured, over, under
+    ratios = {name: bound * s for (name, (_, bound)), s in zip(TARGETS.items(), scale)}
+    header, line = targets_table([{"variant": "H", "backend": "torch", "budget": 0.6, **ratios}]).splitlines()
+    columns = list(re.finditer(r"(\S+) \(([\d.]+)\)", header))
+    assert [c[1] for c in columns] == [label for label, _ in TARGETS.values()]
+    name = {label: n for n, (label, _) in TARGETS.items()}
+    cells = list(re.finditer(r"[^\s!]+!?", line))
+    assert [c[0] for c in cells[:3]] == ["H", "torch", "0.60"]
+    for column, match in zip(columns, cells[3:], strict=True):
+        (label, bound), cell = column.groups(), match[0]
+        value, marked = float(cell.rstrip("!")), cell.endswith("!")
+        assert match.start() + len(cell.rstrip("!")) == column.end(), (header, line)  # the number ends under ")"
+        want = ratios[name[label]]
+        assert (math.isnan(value) and math.isnan(want)) or value == pytest.approx(want, abs=1e-3), (label, cell)
+        assert marked == (want > float(bound)), (label, cell)
+
+
+def test_prefill_is_compared_with_the_ideal_of_its_own_variant_and_budget():
+    """prefill_vs_ideal divides by the ideal row of the same variant and budget; NaN where that variant has none."""
+    from adaptive_kernels.sweep import Row, target_ratios
+
+    prefill = {("L", 0.5): 4.0, ("H", 0.5): 6.0, ("L", 1.0): 8.0}
+    ideal = {("L", 0.5): 2.0, ("H", 0.5): 3.0, ("H", 1.0): 5.0}  # none for L at 1.0
+    rows = [Row(system="adaptive", budget=b, cost=b, prefill_ms=p, **{**SWEEP_ROW, "variant": v})
+            for (v, b), p in prefill.items()]
+    rows += [Row(system="ideal", budget=b, cost=b, prefill_ms=p, **{**SWEEP_ROW, "variant": v, "backend": "transformers"})
+             for (v, b), p in ideal.items()]
+    found = {(t["variant"], t["budget"]): t["prefill_vs_ideal"] for t in target_ratios(rows)}
+    assert found.keys() == prefill.keys()
+    for key, p in prefill.items():
+        if key in ideal:
+            assert found[key] == pytest.approx(p / ideal[key])
+        else:
+            assert math.isnan(found[key]), key
+
+
+def test_adherence_needs_the_latency_at_budget_one():
+    """Without budget 1.0 there is no latency to take shares of: no adherence rows (and no error while the sweep
+    writes its records)."""
+    from adaptive_kernels.sweep import Row, budget_adherence
+
+    rows = [Row(system="adaptive", budget=b, cost=b, prefill_ms=p, **SWEEP_ROW) for b, p in ((0.8, 8.0), (0.5, 5.0))]
+    assert budget_adherence(rows) == []
+
+
+def test_load_builds_the_tiny_model_and_inputs_from_the_seed_in_the_dtype_given():
+    from adaptive_kernels.cli import load
+
+    args = build_parser().parse_args(["--device", "cpu", "--dtype", "bfloat16", "--seed", "3"])
+    model, inputs, name, rank = load(args)
+    want = tiny_llava(seed=3).to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and rank == TINY_RANK and "seed=3" in name
+    assert model.state_dict().keys() == want.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    assert not torch.equal(want.lm_head.weight, tiny_llava().to(torch.bfloat16).lm_head.weight)  # the seed matters
+    expected = example_inputs(want, batch_size=1, seed=3)
+    assert inputs.keys() == expected.keys() and all(torch.equal(inputs[k], expected[k]) for k in expected)
+    assert not torch.equal(expected["input_ids"], example_inputs(want)["input_ids"])
+
+
+def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path, monkeypatch):
+    """--repeats sets the timed generate calls of each point, --threads torch's CPU threads while they run (restored
+    after), a repeated budget runs once; the CSV records what ran."""
+    from adaptive_kernels import sweep as sweep_module
+
+    timed, real_timer = [], sweep_module.median_timer
+
+    def median_timer(device):
+        median_ms = real_timer(device)
+
+        def spy(fn, repeats):
+            timed.append((repeats, torch.get_num_threads()))
+            return median_ms(fn, repeats)
+        return spy
+
+    monkeypatch.setattr(sweep_module, "median_timer", median_timer)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        rows, printed = run_main(["--variants", "L", "--budgets", "0.5", "0.5", "--out", str(tmp_path), *FAST,
+                                  "--repeats", "2", "--threads", "2"])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert timed == [(2, 2)]
+    assert [(r["budget"], r["repeats"], r["max_new_tokens"]) for r in rows] == [("0.5", "2", str(NEW_TOKENS))]
+    assert "cpu threads 2 |" in printed
+
+
+def test_sweep_subcommand_passes_its_options_to_the_sweep(tmp_path, monkeypatch, capsys):
+    """The options, repeats dropped, reach the sweep; --threads sets torch's CPU threads while it runs (1 on the
+    cpu by default), restored after; without budget 1.0 a note says what is missing."""
+    from adaptive_kernels import sweep as sweep_module
+
+    seen = []
+
+    def fake_sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):
+        seen.append(((device, variants, backends, budgets, new_tokens, repeats, Path(out_dir)),
+                     torch.get_num_threads()))
+        return []
+
+    monkeypatch.setattr(sweep_module, "_sweep", fake_sweep)
+    out = tmp_path / "out"
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for threads in ([], ["--threads", "2"]):
+            assert main(["sweep", "--device", "cpu", "--variants", "L", "L", "--backends", "torch", "torch",
+                         "--budgets", "0.5", "0.7", "0.5", "--new-tokens", "4", "--repeats", "2", "--out", str(out),
+                         *threads]) == 0
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    options = ("cpu", ["L"], ["torch"], [0.5, 0.7], 4, 2, out)
+    assert seen == [(options, 1), (options, 2)]
+    assert "note: budget 1.0 is not among --budgets" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--device", "cpu", "--new-tokens", "0", "--out", str(out)])
+    assert exit_info.value.code == 2 and "argument --new-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch sees no CUDA device")
+def test_cuda_without_a_cuda_device_is_refused_by_name(tmp_path, capsys):
+    for argv in ([], ["sweep"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--device", "cuda", "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        assert "argument --device: cuda requested but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_plots_draw_the_measured_latencies_and_the_ideal_at_full_latency_times_cost(tmp_path, monkeypatch):
+    """The main job's plot and each panel of the sweep's: per variant (and backend) the measured latency over the
+    budgets in order, and the ideal line, the latency at 1.0 times each plan's cost."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from adaptive_kernels import sweep as sweep_module
+    from adaptive_kernels.cli import write_plot
+    from adaptive_kernels.sweep import Row, plot_rows
+
+    figures = []
+
+    class KeepFigures:  # pyplot, with the figures it closes kept to be read back
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def close(self, fig):
+            figures.append(fig)
+
+    def lines(ax) -> dict:
+        return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+    monkeypatch.setattr(sweep_module, "pyplot", lambda skipped: KeepFigures())
+    series = [(0.6, 0.5, 6.0, 3.0), (1.0, 1.0, 10.0, 4.0), (0.8, 0.75, 9.0, 3.5)]  # budget, cost, prefill, decode
+    ordered = sorted(series)
+    budgets = [b for b, *_ in ordered]
+    try:
+        rows = [{"variant": "H", "budget": b, "cost": c, "latency_ms": p, "ideal_ms": 10.0 * c} for b, c, p, _ in series]
+        assert write_plot(rows, tmp_path / "main.png", "title")
+        (ax,) = figures[-1].axes
+        assert lines(ax) == {"H measured": (budgets, [p for _, _, p, _ in ordered]),
+                             "H ideal (latency at 1.0 x cost)": (budgets, [10.0 * c for _, c, _, _ in ordered])}
+        sweep_rows = [Row(system="adaptive", budget=b, cost=c, prefill_ms=p, decode_ms_per_token=d,
+                          **{**SWEEP_ROW, "variant": "H"}) for b, c, p, d in series]
+        assert plot_rows(sweep_rows, tmp_path / "sweep.png") == tmp_path / "sweep.png"
+        prefill, decode = figures[-1].axes
+        for ax, column in ((prefill, 2), (decode, 3)):
+            full = next(row[column] for row in series if row[0] == 1.0)
+            assert lines(ax) == {"H torch": (budgets, [row[column] for row in ordered]),
+                                 "H torch ideal (full x cost)": (budgets, [full * row[1] for row in ordered])}
+    finally:
+        for fig in figures:
+            plt.close(fig)
