@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptive_kernels import cuda_ext
 from adaptive_kernels.ops import projections
 from adaptive_kernels.ops.projections import (cols_major, gather_cols_linear, gather_cols_linear_reference,
                                               gather_rows_linear, gather_rows_linear_reference)
@@ -186,3 +187,23 @@ def test_padded_rows_give_zero_whatever_x_holds(T, bias):
     padded = (rows < 0)[:, None, :].expand_as(y)
     assert bool((y[padded] == 0).all()), y[padded]
     torch.testing.assert_close(y, gather_rows_linear_reference(x, w, rows, b), equal_nan=True, **TOL[torch.float32])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.parametrize("op", [gather_cols_linear, gather_cols_linear_reference,
+                                pytest.param(cuda_ext.gather_cols_linear, marks=pytest.mark.skipif(
+                                    DEVICE != "cuda", reason="the CUDA extension's op needs a CUDA device"))],
+                         ids=["triton", "reference", "cuda"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_padded_columns_add_nothing_whatever_the_weight_holds(op, T):
+    """Padded (-1) entries add nothing, even where the weight's unlisted columns hold inf or NaN (column 0, where
+    a padded entry could point, among them): the sum over the listed columns, taken here one column at a time."""
+    gen = generator("inf-cols", T)
+    cols = torch.tensor([[3, -1, 5, -1], [-1, -1, -1, -1], [8, 2, 11, 6]], device=DEVICE)
+    a = randn(3, T, 4, gen=gen)
+    w = randn(D, N, gen=gen, scale=0.5)
+    w[:, 0], w[:, 1], w[:, 12] = float("inf"), float("nan"), float("-inf")  # none of them listed
+    want = torch.zeros(3, T, D, dtype=torch.float64, device=DEVICE)
+    for r, j in (cols >= 0).nonzero().tolist():
+        want[r] += a[r, :, j, None].double() * w[:, cols[r, j]].double()
+    torch.testing.assert_close(op(a, w, cols).double(), want, **TOL[torch.float32])
