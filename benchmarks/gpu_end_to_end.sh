@@ -9,6 +9,9 @@
 #          rest (SWEEP_SECONDS, 200)
 #   ops    the Triton op rows not measured on a GPU yet: benchmarks/gpu_kernels.py --skip-tests -k OPS_FILTER
 #          (OPS_SECONDS, 60)
+#   sanitize  not in the default stages (a second call's work, on a machine whose runtime runs compute-sanitizer):
+#          memcheck, then racecheck, over the GPU tests of tests/test_cuda_ext.py: the extension's kernels have
+#          only been compiled, never run, before a GPU session (SANITIZE_SECONDS, 240)
 # The last stage run takes instead the time left before DEADLINE (seconds from the start, 480), 30 s at least: a
 # device session's 15 minutes include the machine's start, and this leaves room for one short rerun.
 # STAGES="tests sweep" runs some of them, in the order given. The sweep and the benchmarks write each row as it is
@@ -51,7 +54,8 @@ for stage in "${stages[@]}"; do
     ext) seconds=${EXT_SECONDS:-60} ;;
     sweep) seconds=${SWEEP_SECONDS:-200} ;;
     ops) seconds=${OPS_SECONDS:-60} ;;
-    *) echo "unknown stage $stage (tests, ext, sweep, ops)"; exit 2 ;;
+    sanitize) seconds=${SANITIZE_SECONDS:-240} ;;
+    *) echo "unknown stage $stage (tests, ext, sweep, ops, sanitize)"; exit 2 ;;
   esac
   if [ "$stage" = "${stages[-1]}" ]; then
     left=$(( deadline - ($(date +%s) - start) ))
@@ -66,6 +70,9 @@ for stage in "${stages[@]}"; do
     sweep) run_stage sweep "$seconds" python3 -m adaptive_kernels sweep --new-tokens 16 --repeats 3 ;;
     ops) run_stage ops "$seconds" python3 benchmarks/gpu_kernels.py --skip-tests \
            -k "${OPS_FILTER:-add_rms_norm or rotary or cols-major}" ;;
+    sanitize) PATH=$PATH:/usr/local/cuda/bin run_stage sanitize "$seconds" bash -c 'for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 1 python3 -m pytest tests/test_cuda_ext.py -m gpu -q \
+          -p no:cacheprovider || exit 1; done' ;;
   esac
 done
 
