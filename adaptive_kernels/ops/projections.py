@@ -35,7 +35,7 @@ def gather_cols_linear_reference(a: torch.Tensor, weight: torch.Tensor, cols: to
     Reduction-side gather for the o and down projections.
     """
     valid = cols >= 0
-    w = weight.t()[cols.clamp_min(0)].masked_fill(~valid.unsqueeze(-1), 0)  # 0 * a non-finite weight is NaN
+    w = weight.t()[cols.clamp_min(0)].masked_fill(~valid.unsqueeze(-1), 0)  # padding reads no weight: 0 * inf is NaN
     return torch.matmul(a.masked_fill(~valid.unsqueeze(1), 0), w)
 
 
