@@ -119,3 +119,40 @@ def test_kv_valid_as_0_1_integers(mask_dtype, case):
                                head_sparse_attention(q, k, v, q_to_kv, valid, scale), rtol=0, atol=0)
     torch_attention = get_backend("torch").attention
     torch.testing.assert_close(torch_attention(q, k, v, q_to_kv, as_ints, scale), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case,splits", [("prefill-gqa-pad", None), ("extend", None), ("decode-3", None),
+                                         ("decode-3", 2)])
+def test_keys_out_of_sight_may_score_far_higher(dtype, case, splits):
+    """Keys a query must not see (left padding, the causal future) whose scores are far above every visible one's
+    (a padded slot of the cache holding anything): they weigh nothing, and the visible keys keep their weights
+    (a running maximum taken over hidden scores would round the visible weights to 0)."""
+    R, T, Tk, nkv, q_to_kv, pad = CASES[case]
+    gen = generator("loud hidden keys", dtype, case, splits)
+    q, k, v, q_to_kv, valid = _inputs(gen, dtype, R, T, Tk, nkv=nkv, nq=len(q_to_kv[0]), q_to_kv=q_to_kv, pad=pad)
+    if splits:
+        k, v, valid = k.repeat(1, 1, 4, 1), v.repeat(1, 1, 4, 1), valid.repeat(1, 4)  # 280 keys: two splits
+    hidden = ~valid  # left padding (and holes), and every key after the first query's own: its future
+    hidden[:, k.shape[2] - T + 1:] = True  # (visible to later queries, where they rightly dominate)
+    direction = q.float().mean(2).sum(1)  # [R, d]: keys along it score in the hundreds for every query head
+    loud = (1000 * direction / direction.norm(dim=-1, keepdim=True))[:, None, None, :].to(dtype)
+    k = torch.where(hidden[:, None, :, None], loud, k)
+    o = _check(dtype, q, k, v, q_to_kv, valid, splits=splits)
+    assert bool(o.isfinite().all())
+
+
+@pytest.mark.parametrize("T", [1, 3, 37])
+def test_head_dim_through_its_stride(T):
+    """q, k and v whose head dim is not of unit stride (each stored with the head dim outermost of its last two):
+    read through their strides."""
+    gen = generator("head dim stride", T)
+    R, Tk, nq, nkv = 2, 45, 3, 2
+    q = randn(R, T, d, nq, gen=gen).transpose(2, 3)
+    k = randn(R, nkv, d, Tk, gen=gen).transpose(2, 3)
+    v = randn(R, nkv, d, Tk, gen=gen).transpose(2, 3)
+    assert q.stride(3) == nq and k.stride(3) == Tk and v.stride(3) == Tk
+    q_to_kv = torch.tensor([[0, 1, 1], [1, -1, 0]], device=DEVICE)
+    valid = torch.ones(R, Tk, dtype=torch.bool, device=DEVICE)
+    valid[1, :6] = False
+    _check(torch.float32, q, k, v, q_to_kv, valid)

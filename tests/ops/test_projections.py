@@ -207,3 +207,33 @@ def test_padded_columns_add_nothing_whatever_the_weight_holds(op, T):
     for r, j in (cols >= 0).nonzero().tolist():
         want[r] += a[r, :, j, None].double() * w[:, cols[r, j]].double()
     torch.testing.assert_close(op(a, w, cols).double(), want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("T", [1, 5, 37])
+def test_rows_weight_and_index_list_through_their_strides(T):
+    """A weight stored column by column (its last dim not of unit stride, a transposed view) and an index list that
+    is a strided view (every other entry of a wider one) are each read through their own strides."""
+    gen = generator("rows strides", T)
+    rows = index_lists([N, 23, 7], N, gen, "scattered")
+    rows_view = torch.stack([rows, torch.full_like(rows, 1)], -1)[..., 0]  # stride 2; the skipped entries are 1
+    assert rows_view.stride(1) == 2
+    x = randn(3, T, D, gen=gen)
+    w = cols_major(randn(N, D, gen=gen, scale=D ** -0.5))
+    b = randn(N, gen=gen)
+    assert w.stride() == (1, N)
+    check(gather_rows_linear(x, w, rows_view, b), gather_rows_linear_reference(x, w, rows, b), torch.float32)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("layout", ["row-major", "cols-major"])
+def test_cols_index_list_through_its_strides(T, layout):
+    """An index list that is a strided view (every other entry of a wider one) is read through its stride, in whole
+    blocks and in the last, partial one."""
+    gen = generator("cols index stride", T, layout)
+    cols = index_lists([N, 37, 0], N, gen, "runs")
+    cols_view = torch.stack([cols, torch.full_like(cols, 1)], -1)[..., 0]
+    assert cols_view.stride(1) == 2
+    a = randn(3, T, N, gen=gen)
+    w = randn(D, N, gen=gen, scale=N ** -0.5)
+    w = cols_major(w) if layout == "cols-major" else w
+    check(gather_cols_linear(a, w, cols_view), gather_cols_linear_reference(a, w, cols), torch.float32)

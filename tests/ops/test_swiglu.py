@@ -97,3 +97,20 @@ def test_gate_and_up_each_through_its_own_strides(dtype, T, strided):
     for lists in (rows, None):
         want = gathered_swiglu_reference(x.float(), wg.float(), wu.float(), lists)
         check(gathered_swiglu(x, wg_view, wu_view, lists), want, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("transposed", ["w_up", "w_gate"])
+def test_gate_or_up_stored_column_by_column(T, transposed):
+    """One of w_gate, w_up stored column by column (a transposed view: its last dim not of unit stride), the other
+    contiguous: each is read through both of its own strides."""
+    gen = generator("column by column", T, transposed)
+    rows = index_lists([M, 14, 5], M, gen, "scattered")
+    x = randn(3, T, D, gen=gen)
+    wg = randn(M, D, gen=gen, scale=2 * D ** -0.5)
+    wu = randn(M, D, gen=gen, scale=D ** -0.5)
+    wg_view, wu_view = (wg, wu.t().contiguous().t()) if transposed == "w_up" else (wg.t().contiguous().t(), wu)
+    assert wg_view.stride() != wu_view.stride()
+    for lists in (rows, None):
+        want = gathered_swiglu_reference(x, wg, wu, lists)
+        check(gathered_swiglu(x, wg_view, wu_view, lists), want, torch.float32)
