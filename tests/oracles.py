@@ -7,8 +7,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaModel, LlavaForConditionalGeneration
 
+import adaptive_kernels as ak
+from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.tiny import tiny_llava_config
 
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -17,6 +20,15 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parame
 def cache_of(output):
     """The cache a model output returns (``cache`` in newer transformers, ``past_key_values`` before)."""
     return output.past_key_values if "past_key_values" in output else output.cache
+
+
+def fed_latency_token(model, stock, inputs: dict, budgets) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a stock model is fed for a request of the patched ``model`` under ``budgets`` (one per row): the
+    prompt's embeddings then the latency token -> embeds [B, S + 1, D], and the attention mask with that last
+    position visible [B, S + 1]."""
+    token = torch.stack([ak.latency_embedding(model, b) for b in budgets])
+    embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
+    return embeds, F.pad(inputs["attention_mask"], (0, 1), value=1)
 
 
 def stock_decode_logits(model, embeds, attention_mask, position_ids, new_tokens) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ import adaptive_kernels as ak
 from adaptive_kernels.cli import CSV_NAME, PNG_NAME, _check_args, build_parser, main
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.tiny import TINY_RANK, example_inputs, tiny_llava
+from oracles import fed_latency_token
 
 BUDGETS = (1.0, 0.85, 0.6, 0.5)
 NEW_TOKENS = 6
@@ -49,9 +50,7 @@ def default_run(tmp_path_factory):
 def stock_greedy_with_latency_token(inputs: dict, variant: str, budget: float, n: int) -> list[int]:
     """Greedy tokens of a stock tiny LLaVA fed the prompt's embeddings followed by the latency token."""
     stock = tiny_llava()
-    token = ak.latency_embedding(ak.patch(copy.deepcopy(stock), variant, rank=2), budget)
-    embeds = torch.cat([prompt_embeddings(stock, inputs), token[None, None]], dim=1)
-    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(1, 1)], dim=1)
+    embeds, mask = fed_latency_token(ak.patch(copy.deepcopy(stock), variant, rank=2), stock, inputs, [budget])
     with torch.no_grad():
         out = stock.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, do_sample=False)
     return out[0].tolist()

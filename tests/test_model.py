@@ -12,7 +12,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaForConditionalGeneration
 
@@ -25,7 +24,7 @@ from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
-from oracles import CACHE_KWARG, cache_of, stock_decode_logits
+from oracles import CACHE_KWARG, cache_of, fed_latency_token, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -123,11 +122,9 @@ def test_a_budget_runs_in_the_models_half_precision(stock, dtype):
     plan = ak.plan(model, latency_budget=budgets, **inputs)
     with torch.no_grad():
         ours = model(**inputs, latency_budget=budgets).logits
-        token = torch.stack([ak.latency_embedding(model, b) for b in budgets])
-        embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
-        mask = F.pad(inputs["attention_mask"], (0, 1), value=1)
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
         masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask).logits
-    assert ours.dtype == dtype and token.dtype == dtype
+    assert ours.dtype == dtype and embeds.dtype == dtype
     torch.testing.assert_close(ours[mask.bool()].float(), masked[mask.bool()].float(), rtol=3e-2, atol=3e-2)
 
 
@@ -202,10 +199,8 @@ def test_hidden_states_under_a_budget_are_the_masked_computation_fed_the_latency
     plan = ak.plan(model, latency_budget=budgets, **inputs)
     with torch.no_grad():
         ours = model(**inputs, latency_budget=budgets, output_hidden_states=True).hidden_states
-        token = torch.stack([ak.latency_embedding(model, b) for b in budgets])
-        embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
-        masked = masked_stock(stock, plan)(inputs_embeds=embeds, output_hidden_states=True,
-                                           attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1))
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
     assert len(ours) == len(masked.hidden_states) == L + 1
     for got, want in zip(ours, masked.hidden_states):
         torch.testing.assert_close(got, want, **TOL)
@@ -260,8 +255,7 @@ def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, t
     assert torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
 
     oracle = sliced_stock(stock, plan, 0)
-    embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, budget)[None, None]], 1)
-    mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)
+    embeds, mask = fed_latency_token(model, stock, inputs, [budget])
     positions = torch.arange(prompt_len + 1)[None]
     steps = stock_decode_logits(oracle, embeds, mask, positions, new_tokens)
     assert prefill.shape[1] == prompt_len + 1

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, unit_mask_hooks
-from oracles import stock_of_shape
+from oracles import fed_latency_token, stock_of_shape
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
@@ -42,10 +41,9 @@ def test_training_forward_samples_a_plan_and_trains_the_scheduler():
                             torch.cat([prefix[..., None].expand(-1, -1, 8), heads.detach() > 0], 1),
                             torch.cat([prefix[..., None].expand(-1, -1, 8), groups.detach() > 0], 1))
     oracle = masked_stock(stock, plan)
-    token = ak.latency_embedding(model, 0.6), ak.latency_embedding(model, 0.8)
-    embeds = torch.cat([prompt_embeddings(stock, inputs), torch.stack(token)[:, None]], 1)
     with torch.no_grad():
-        expected = oracle(inputs_embeds=embeds, attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
+        embeds, mask = fed_latency_token(model, stock, inputs, [0.6, 0.8])
+        expected = oracle(inputs_embeds=embeds, attention_mask=mask).logits
     torch.testing.assert_close(out.logits.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -65,11 +63,9 @@ def test_training_with_projection_biases_is_the_masked_computation():
     prefix = torch.ones(2, 2, 4, dtype=torch.bool)
     plan = ak.ExecutionPlan(torch.cat([prefix[..., 0], layers > 0], 1), torch.cat([prefix, heads > 0], 1),
                             torch.cat([prefix, groups > 0], 1))
-    token = ak.latency_embedding(model, 0.75).expand(2, -1)
-    embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
     with torch.no_grad():
-        expected = masked_stock(stock, plan)(inputs_embeds=embeds,
-                                             attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
+        embeds, mask = fed_latency_token(model, stock, inputs, [0.75, 0.75])
+        expected = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask).logits
     torch.testing.assert_close(logits.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -138,9 +134,8 @@ def test_mask_gradients_are_those_of_the_masked_computation(variant, biases):
                 off = (1 - runs[:, l])[:, None, None]
                 linear.register_forward_hook(lambda module, args, output, off=off: output - off * module.bias)
     with torch.no_grad():
-        token = torch.stack([ak.latency_embedding(model, 0.6), ak.latency_embedding(model, 0.8)])
-    embeds = torch.cat([prompt_embeddings(stock, inputs), token[:, None]], 1)
-    logits = reference(inputs_embeds=embeds, attention_mask=F.pad(inputs["attention_mask"], (0, 1), value=1)).logits
+        embeds, mask = fed_latency_token(model, stock, inputs, [0.6, 0.8])
+    logits = reference(inputs_embeds=embeds, attention_mask=mask).logits
     S = labels.shape[1]
     loss = F.cross_entropy(logits[:, :S - 1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     loss.backward()
