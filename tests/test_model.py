@@ -111,6 +111,18 @@ def test_full_plan_gives_stock_result(stock, dtype):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
+def test_the_patched_attention_ignores_the_configs_attention_implementation(stock):
+    """A stock decoder set to eager attention is matched to rounding; the patched one attends as under SDPA."""
+    eager = copy.deepcopy(stock)
+    eager.model.language_model.set_attn_implementation("eager")
+    inputs = example_inputs(stock, batch_size=2, seed=4, pad=[0, 3])
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        got = patched(eager, "H")(**inputs).logits[real]
+        torch.testing.assert_close(got, eager(**inputs).logits[real], **TOL)
+        assert torch.equal(got, stock(**inputs).logits[real])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_a_budget_runs_in_the_models_half_precision(stock, dtype):
     """The scheduler is patched in the model's dtype: a budget on a float16 or bfloat16 model plans and runs in
