@@ -218,10 +218,16 @@ def _check_path(path, argument: str) -> None:
 
 
 def save_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
-    """Write the latency encoder and scheduler head as safetensors, with the unit space as metadata."""
+    """Write the latency encoder and scheduler head as safetensors, with the unit space as metadata; a path
+    that cannot be written (a folder, a missing folder) is a ``ValueError`` naming ``path``."""
+    from safetensors import SafetensorError
+
     _check_path(path, "path")
     tensors = {k: v.detach().contiguous().cpu() for k, v in scheduler.state_dict().items()}
-    save_file(tensors, str(path), metadata=_setting(scheduler))
+    try:
+        save_file(tensors, str(path), metadata=_setting(scheduler))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"path={path!s} cannot be written as a file ({error})") from error
 
 
 def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:

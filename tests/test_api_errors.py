@@ -303,3 +303,6 @@ def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
         assert model.model.language_model.latency_scheduler is scheduler
     with pytest.raises(ArgumentTypeError, match="path must be a file path"):
         ak.save_scheduler(model, 123)
+    for path in (tmp_path, tmp_path / "no such folder" / "s.safetensors"):
+        with pytest.raises(ValueError, match=r"path=.* cannot be written"):
+            ak.save_scheduler(model, path)
