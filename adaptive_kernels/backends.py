@@ -67,6 +67,9 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"backend='triton' runs on the {device} only in Triton's interpreter: set TRITON_INTERPRET=1 "
                          "before importing adaptive_kernels (slow), or use backend='torch'")
+    if device.type != "cuda" and dtype == torch.bfloat16:
+        raise ValueError(f"backend='triton' runs on the {device} in Triton's interpreter, whose bfloat16 arithmetic is "
+                         "wrong (float32 and float16 are right); use one of those, or backend='torch'")
 
 
 def get_backend(name: str) -> Backend:

@@ -30,8 +30,8 @@ MAX_SEED = 2 ** 32 - 1  # a range every seeder takes (numpy's legacy one stops t
 CSV_NAME, PNG_NAME = "results.csv", "latency_vs_budget.png"
 
 
-class PatchError(Exception):
-    """``adaptive_kernels.patch`` refused the model or the options given on the command line."""
+class OptionError(Exception):
+    """An option cannot be used with the model, found once it is loaded (its message names the option)."""
 
 
 def _budget(text: str) -> float:
@@ -125,6 +125,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.image is not None:
         _check_image(parser, args.image)
     _check_backends(parser, "--backend", [args.backend] if args.backend else [], args.device, DTYPES[args.dtype])
+    for name in (CSV_NAME, PNG_NAME):
+        if (args.out / name).is_dir():
+            parser.error(f"argument --out: {args.out / name} is a folder, where the job writes a file")
     _check_out(parser, args.out)  # last: it makes the folder
 
 
@@ -201,6 +204,10 @@ def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, s
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
+    image_token = getattr(processor, "image_token", "<image>")
+    if image_token in prompt:
+        raise OptionError(f"argument --prompt: holds the image token {image_token!r}; give the question only (the "
+                          "image's place in the prompt is the job's to set)")
     if image_path is not None:
         from PIL import Image
 
@@ -212,7 +219,7 @@ def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, s
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     else:
-        text = f"USER: {getattr(processor, 'image_token', '<image>')}\n{prompt} ASSISTANT:"
+        text = f"USER: {image_token}\n{prompt} ASSISTANT:"
     batch = processor(images=image, text=text, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "pixel_values" in inputs:
@@ -228,9 +235,13 @@ def load(args) -> tuple:
     if args.model is None:
         model, name, rank = tiny_llava(seed=args.seed), f"tiny_llava(seed={args.seed})", TINY_RANK
     else:
+        from safetensors import SafetensorError
         from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise OptionError(f"argument --model: cannot load {args.model} ({error})") from error
         name, rank = str(args.model), PAPER_RANK
     model = model.to(device=args.device, dtype=dtype)
     if args.model is not None and _has_processor(args.model):
@@ -272,7 +283,7 @@ def run(model, inputs: dict, args, rank: int, name: str = "") -> list[dict]:
             ak.patch(model, variant=variant, rank=rank, backend=args.backend,
                      scheduler=None if args.scheduler is None else str(args.scheduler))
         except (TypeError, ValueError) as error:
-            raise PatchError(f"cannot patch the model for variant {variant}: {error}") from error
+            raise OptionError(f"cannot patch the model for variant {variant}: {error}") from error
         units = model.model.language_model._ak_settings.units
         backend = model.model.language_model._ak_settings.backend.name
         full_ms = None
@@ -283,7 +294,7 @@ def run(model, inputs: dict, args, rank: int, name: str = "") -> list[dict]:
             if budget == 1.0:
                 full_ms = ms
             layers = plan.layers[0].nonzero().flatten().tolist()
-            print(f"variant {variant}  budget {budget:.2f}  units {units.units(budget)}  cost {cost:.4f}  "
+            print(f"variant {variant}  budget {budget:g}  units {units.units(budget)}  cost {cost:.4f}  "
                   f"latency {ms:.2f} ms")
             print(f"  {plan.summary()}")
             print(f"  tokens {tokens}")
@@ -375,7 +386,7 @@ def sweep_main(argv) -> int:
     print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13} "
           f"{'setup ms':>9} {'sched ms':>9}")
     for r in rows:
-        print(f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6.2f} {r.cost:5.2f} {r.prefill_ms:10.2f} "
+        print(f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6g} {r.cost:5.2f} {r.prefill_ms:10.2f} "
               f"{r.decode_ms_per_token:13.2f} {r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}")
     for a in budget_adherence(rows):
         print(f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
@@ -408,7 +419,10 @@ def main(argv=None) -> int:
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .sweep import device_name
 
-    model, inputs, name, default_rank = load(args)
+    try:
+        model, inputs, name, default_rank = load(args)
+    except OptionError as error:
+        parser.error(str(error))
     rank = default_rank if args.rank is None else args.rank
     heads = model.config.text_config.num_attention_heads
     if "H" in args.variants and heads % rank:
@@ -418,7 +432,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
           f"{args.max_new_tokens} new tokens | median of {args.repeats}")
     try:
         rows = run(model, inputs, args, rank, name)
-    except PatchError as error:
+    except OptionError as error:
         parser.error(str(error))
     write_csv(rows, args.out / CSV_NAME)
     print(f"wrote {args.out / CSV_NAME}")

@@ -470,7 +470,7 @@ def targets_table(ratios: list[dict]) -> str:
     lines = [f"{'ratio (bound)':18}" + "".join(f"{f'{label} ({bound})':>21} " for label, bound in TARGETS.values())]
     for r in ratios:
         cells = "".join(f"{r[name]:21.3f}{'!' if r[name] > bound else ' '}" for name, (_, bound) in TARGETS.items())
-        lines.append(f"{r['variant']} {r['backend']:7} {r['budget']:4.2f}    {cells}")
+        lines.append(f"{r['variant']} {r['backend']:7} {r['budget']:<8g}{cells}")
     return "\n".join(lines)
 
 

@@ -140,6 +140,15 @@ def test_triton_on_the_cpu_outside_the_interpreter_is_refused_at_patch_time(monk
         ak.patch(tiny_llava(), backend="triton")
 
 
+def test_triton_in_bfloat16_on_the_cpu_is_refused_at_patch_time(monkeypatch):
+    """Triton's interpreter computes bfloat16 wrong (DESIGN.md): refused rather than run to wrong tokens."""
+    monkeypatch.setattr(backends, "INTERPRET", True)
+    model = tiny_llava().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='triton'.*bfloat16 arithmetic is wrong"):
+        ak.patch(model, backend="triton")
+    assert type(model) is LlavaForConditionalGeneration
+
+
 def test_the_default_backend_is_triton_only_for_cuda_models_in_a_kernel_dtype():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert backends.default_backend(cuda, torch.bfloat16) == ("triton" if backends.HAS_TRITON else "torch")

@@ -93,8 +93,9 @@ def test_ideal_is_the_latency_at_full_budget_times_the_cost(default_run, tmp_pat
         for r in mine:
             assert float(r["ideal_ms"]) == pytest.approx(float(full["latency_ms"]) * float(r["cost"]), rel=1e-12)
         assert any(float(r["cost"]) < 1 for r in mine)  # the ideal falls below the latency at 1.0 somewhere
-    partial, printed = run_main(["--variants", "L", "--budgets", "0.85", "0.5", "--out", str(tmp_path), *FAST])
-    assert [float(r["budget"]) for r in partial] == [0.85, 0.5]
+    partial, printed = run_main(["--variants", "L", "--budgets", "0.999", "0.5", "--out", str(tmp_path), *FAST])
+    assert [float(r["budget"]) for r in partial] == [0.999, 0.5]
+    assert "budget 0.999 " in printed  # as given, not rounded to 1.00
     assert "note: budget 1.0 is not among --budgets" in printed and "note:" not in default_run[2]
     assert all(r["ideal_ms"] == "" for r in partial)
 
@@ -151,7 +152,7 @@ def test_model_path_without_processor_matches_builtin(default_run, tmp_path):
             assert r[key] == same[key], key
 
 
-def test_model_path_with_processor(tmp_path):
+def test_model_path_with_processor(tmp_path, capsys):
     image_module = pytest.importorskip("PIL.Image")
     from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -169,6 +170,11 @@ def test_model_path_with_processor(tmp_path):
     inputs = dict(processor(images=image, text=f"USER: <image>\n{prompt} ASSISTANT:", return_tensors="pt"))
     assert int((inputs["input_ids"] == 511).sum()) == 16
     assert ids(rows[0]["tokens"]) == stock_greedy_with_latency_token(inputs, "H", 1.0, NEW_TOKENS)
+    with pytest.raises(SystemExit) as exit_info:  # the job places the image token itself
+        main(["--model", str(tmp_path / "ckpt"), "--rank", "2", "--prompt", "<image> w5 ?", "--out",
+              str(tmp_path / "out2"), *FAST])
+    assert exit_info.value.code == 2 and not (tmp_path / "out2" / CSV_NAME).exists()
+    assert "argument --prompt: holds the image token '<image>'" in capsys.readouterr().err
 
 
 def test_scheduler_file_is_used(default_run, tmp_path):
@@ -263,6 +269,19 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["sweep", "--out", str(tmp_path / "file" / "out")])
     assert "argument --out: cannot make the folder" in capsys.readouterr().err
+
+
+def test_unloadable_weights_and_output_files_that_are_folders_exit_naming_the_option(tmp_path, capsys):
+    tiny_llava().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not safetensors" * 8)
+    (tmp_path / "out" / CSV_NAME).mkdir(parents=True)
+    for argv, says in ((["--model", str(tmp_path / "ckpt")], "argument --model: cannot load"),
+                       (["--out", str(tmp_path / "out")], f"argument --out: {tmp_path / 'out' / CSV_NAME} is a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *FAST])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
 
 
 def test_triton_on_the_cpu_outside_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
@@ -669,12 +688,12 @@ def test_targets_table_marks_each_ratio_above_its_own_bound():
 
     scale = [2.0, 1.0, 0.5, float("nan"), 1.5, 0.25]  # over, at, under, not measured, over, under
     ratios = {name: bound * s for (name, (_, bound)), s in zip(TARGETS.items(), scale)}
-    header, line = targets_table([{"variant": "H", "backend": "torch", "budget": 0.6, **ratios}]).splitlines()
+    header, line = targets_table([{"variant": "H", "backend": "torch", "budget": 0.5625, **ratios}]).splitlines()
     columns = list(re.finditer(r"(\S+) \(([\d.]+)\)", header))
     assert [c[1] for c in columns] == [label for label, _ in TARGETS.values()]
     name = {label: n for n, (label, _) in TARGETS.items()}
     cells = list(re.finditer(r"[^\s!]+!?", line))
-    assert [c[0] for c in cells[:3]] == ["H", "torch", "0.60"]
+    assert [c[0] for c in cells[:3]] == ["H", "torch", "0.5625"]  # the budget as given
     for column, match in zip(columns, cells[3:], strict=True):
         (label, bound), cell = column.groups(), match[0]
         value, marked = float(cell.rstrip("!")), cell.endswith("!")
