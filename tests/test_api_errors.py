@@ -250,6 +250,18 @@ def test_a_budget_without_the_cache_is_refused_in_generate(model, inputs):
         assert model.generate(**inputs, latency_budget=0.6, generation_config=unset).shape[1] == inputs["input_ids"].shape[1] + 2
 
 
+def test_a_budget_overrides_a_model_default_without_the_cache():
+    """A model whose own generation config says use_cache=False (as a config saved from training does) still
+    generates under a budget, with the cache, the ids it gives with the cache on; only the call can refuse it."""
+    model = ak.patch(tiny_llava(), "L", rank=2)
+    inputs = example_inputs(model, batch_size=2, seed=5, pad=[0, 2])
+    with torch.no_grad():
+        want = model.generate(**inputs, latency_budget=0.6, max_new_tokens=4, do_sample=False)
+        model.generation_config.use_cache = False
+        assert torch.equal(model.generate(**inputs, latency_budget=0.6, max_new_tokens=4, do_sample=False), want)
+    assert model.generation_config.use_cache is False  # left as it was
+
+
 @pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(prompt_lookup_num_tokens=0),
                                     dict(assistant_early_exit=0), dict(use_mtp=True), dict(prefill_chunk_size=4)])
 def test_a_budget_with_a_split_or_drafted_prefill_is_refused(model, inputs, option):

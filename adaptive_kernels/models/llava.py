@@ -104,6 +104,8 @@ def _adaptive_llava_class(stock: type) -> type:
                              "values in its own AdaptiveCache (executed layers and heads only, decode steps replayed "
                              "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
         if latency_budget is not None:
+            if "use_cache" not in kwargs and "generation_config" not in kwargs and not self.generation_config.use_cache:
+                kwargs["use_cache"] = True  # the model's default (training checkpoints often save False): a budget needs it
             _check_budget_generation(option)
         prompts = next((t.shape[0] for t in (args[0] if args else None, kwargs.get("input_ids"),
                                              kwargs.get("inputs_embeds")) if isinstance(t, torch.Tensor)), None)
