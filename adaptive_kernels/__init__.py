@@ -11,7 +11,7 @@ import torch
 
 from .backends import BACKENDS, check_backend, default_backend, get_backend
 from .graphs import graph_safe
-from .models import Request, Settings, text_model_shape
+from .models import Request, Settings, serving, text_model_shape
 from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
 from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, is_integer, resolve_budgets
@@ -82,7 +82,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     if backend_name != "torch":
         lay_out_reduction_weights(lm, column_major=True)
     lm.add_module("latency_scheduler", module)
-    lm._ak_settings, lm._ak_options, lm._ak_request = settings, wanted, None
+    lm._ak_settings, lm._ak_options = settings, wanted
     swap_in(model)
     return model
 
@@ -96,7 +96,7 @@ def unpatch(model):
         stack_qkv(lm, stacked=False)
         swap_out(model)
         del lm.latency_scheduler
-        del lm._ak_settings, lm._ak_options, lm._ak_request
+        del lm._ak_settings, lm._ak_options
     return model
 
 
@@ -135,11 +135,6 @@ def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
     if inputs.pop("execution_plan", None) is not None:
         raise ValueError("plan makes the plan a latency_budget picks; it takes no execution_plan")
     check_input_devices(model, inputs)
-    request = Request(latency_budget=latency_budget, plan_only=True)
-    lm._ak_request = request
-    try:
-        with torch.no_grad():
-            model.model(**(inputs | {"use_cache": False}))  # the plan needs no cache
-    finally:
-        lm._ak_request = None
+    with serving(lm, Request(latency_budget=latency_budget, plan_only=True)) as request, torch.no_grad():
+        model.model(**(inputs | {"use_cache": False}))  # the plan needs no cache
     return request.plan

@@ -8,6 +8,7 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 
 import pytest
@@ -392,6 +393,34 @@ def test_batch_rows_get_what_they_get_alone(stock):
         torch.testing.assert_close(batch_logits[row:row + 1, keep], logits, **TOL)
         tokens = greedy(model, alone, latency_budget=b)
         assert torch.equal(batch_tokens[row, -5:], tokens[0, -5:])
+
+
+def test_threads_sharing_a_model_each_run_their_own_request(stock):
+    """A budget, a given plan and ak.plan, called again and again from three threads on one patched model,
+    each give what they give alone (the request a call serves is its thread's, not the model's)."""
+    model = patched(stock, "L")
+    inputs = example_inputs(stock, batch_size=1, seed=6)
+    given = random_plan(1, seed=7)
+    calls = {"budget": lambda: model(**inputs, latency_budget=0.55).logits,
+             "plan": lambda: model(**inputs, execution_plan=given).logits,
+             "ak.plan": lambda: ak.plan(model, latency_budget=1.0, **inputs).layers}
+    with torch.no_grad():
+        alone = {name: call() for name, call in calls.items()}
+    start, wrong = threading.Barrier(len(calls)), []
+
+    def repeat(name):
+        start.wait()
+        for _ in range(20):
+            with torch.no_grad():
+                if not torch.equal(calls[name](), alone[name]):
+                    wrong.append(name)
+
+    threads = [threading.Thread(target=repeat, args=(name,)) for name in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong
 
 
 def test_skipped_layers_are_never_called(stock):

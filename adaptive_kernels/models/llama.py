@@ -9,6 +9,8 @@ fixed-width index buffers that mark what is off (``plan.fixed_width_schedule``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 
@@ -44,6 +46,26 @@ class Request:
     execution_plan: ExecutionPlan | None = None
     plan_only: bool = False
     plan: ExecutionPlan | None = None
+
+
+_SERVING = contextvars.ContextVar("adaptive_kernels_serving", default=(None, None))  # (decoder, its Request)
+
+
+@contextlib.contextmanager
+def serving(decoder, request: Request):
+    """Within the block, calls of ``decoder`` in this thread (this context) serve ``request``; another
+    thread's calls of the same model serve their own."""
+    token = _SERVING.set((decoder, request))
+    try:
+        yield request
+    finally:
+        _SERVING.reset(token)
+
+
+def current_request(decoder) -> Request:
+    """The request ``decoder`` serves here (``serving``), else a plain one: every unit on."""
+    owner, request = _SERVING.get()
+    return request if owner is decoder else Request()
 
 
 @dataclass
@@ -401,7 +423,7 @@ class AdaptiveDecoderMixin:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
                 **kwargs):
         """The decoder over ``input_ids`` [B, S] or ``inputs_embeds`` [B, S, D] under the request the patched
-        model set (``self._ak_request``): a ``latency_budget``, an ``execution_plan``, or neither (every unit
+        model set (``serving``): a ``latency_budget``, an ``execution_plan``, or neither (every unit
         on). With a budget the latency token is appended to the new tokens (S + 1 positions out), the prefix
         runs dense and the scheduler plans from the token's hidden state. A call that continues the
         ``AdaptiveCache`` it returned decodes under that cache's plan. Returns ``BaseModelOutputWithPast``
@@ -410,7 +432,7 @@ class AdaptiveDecoderMixin:
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         settings: Settings = self._ak_settings
-        request: Request = self._ak_request or Request()
+        request = current_request(self)
         wanted_hidden = hidden_states_requested(kwargs, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")

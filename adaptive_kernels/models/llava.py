@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, check_plan
+from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, check_plan, serving
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError
 from ..generation import greedy_running_ahead, runs_ahead
@@ -86,11 +86,8 @@ def _adaptive_llava_class(stock: type) -> type:
         prefill = not (isinstance(cache, AdaptiveCache) and cache.length > 0)
         if latency_budget is not None and prefill and kwargs.get("labels") is not None:
             kwargs["labels"] = _pad_labels(kwargs["labels"])
-        lm._ak_request = Request(latency_budget=latency_budget, execution_plan=execution_plan)
-        try:
+        with serving(lm, Request(latency_budget=latency_budget, execution_plan=execution_plan)):
             return stock.forward(self, *args, **kwargs)
-        finally:
-            lm._ak_request = None
 
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
         check_input_devices(self, dict(zip(("inputs",), args)) | kwargs)
