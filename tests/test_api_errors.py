@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -46,8 +47,17 @@ def test_budget_rows_are_counted_per_prompt_with_beams(model, inputs, budget):
     """generate repeats each prompt for its beams: the budgets are still one per prompt, and counted so."""
     with pytest.raises(ValueError, match="latency_budget has 3 values but the batch has 2 rows"):
         model.generate(**inputs, latency_budget=budget, num_beams=2, max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"execution_plan has shape .*\(1, 8, 8\).* need \(2, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"execution_plan has layers \(1, 8\).* need .*\(2, 8, 8\)"):
         model.generate(**inputs, execution_plan=ExecutionPlan.full(1, 8, 8), num_beams=2, max_new_tokens=2)
+
+
+def test_a_plan_whose_groups_were_replaced_by_another_shape_is_refused_by_name(model, inputs):
+    """Checked per call, inside graph_safe() too (shapes need no read from the device)."""
+    edited = ExecutionPlan.full(2, 8, 8)
+    edited.groups = edited.groups[..., :4]
+    for context in (contextlib.nullcontext, ak.graph_safe):
+        with context(), pytest.raises(ValueError, match=r"execution_plan has .* groups \(2, 8, 4\)"):
+            model(**inputs, execution_plan=edited)
 
 
 def test_latency_embedding_takes_one_budget(model):

@@ -182,3 +182,28 @@ def test_training_with_attention_dropout_is_refused():
         model(**inputs, latency_budget=0.6, labels=inputs["input_ids"])
     with torch.no_grad():
         assert torch.equal(model(**inputs, latency_budget=0.6).logits, expected)
+
+
+@pytest.mark.parametrize("frozen", ["q_proj", "k_proj"])
+def test_a_frozen_projection_leaves_the_others_their_gradients(frozen):
+    """With one of q, k, v frozen the other two still train (they are read apart, not as one stacked
+    weight): every gradient as the stock model's, with every unit on and under a plan."""
+    stock = tiny_llava(seed=8)
+    inputs = example_inputs(stock, batch_size=2, seed=9, pad=[0, 3])
+    labels = inputs["input_ids"]
+    plan = ak.ExecutionPlan.full(2, 8, 8)
+    plan.heads[:, 6, ::3] = False
+    for request in ({}, {"execution_plan": plan}):
+        grads = []
+        for model in (masked_stock(copy.deepcopy(stock), plan) if request else copy.deepcopy(stock),
+                      ak.patch(copy.deepcopy(stock), "H", rank=2)):
+            for layer in model.model.language_model.layers:
+                layer.self_attn.get_submodule(frozen).weight.requires_grad_(False)
+            model.train()(**inputs, labels=labels, **request).loss.backward()
+            attn = model.model.language_model.layers[6].self_attn
+            grads.append({name: getattr(attn, name).weight.grad for name in ("q_proj", "k_proj", "v_proj")})
+        for name, want in grads[0].items():
+            got = grads[1][name]
+            assert (got is None) == (want is None) == (name == frozen), name
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

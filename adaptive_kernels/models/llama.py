@@ -112,9 +112,10 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
     if not isinstance(plan, ExecutionPlan):
         raise ArgumentTypeError(f"execution_plan must be an adaptive_kernels.ExecutionPlan, got {type(plan).__name__}")
     expected = (batch_size, shape.num_layers, shape.num_heads)
-    if tuple(plan.heads.shape) != expected:
-        raise ValueError(f"execution_plan has shape (batch, layers, heads) = {tuple(plan.heads.shape)}, "
-                         f"this model and batch need {expected}")
+    if not tuple(plan.heads.shape) == tuple(plan.groups.shape) == expected or plan.layers.shape != expected[:2]:
+        raise ValueError(f"execution_plan has layers {tuple(plan.layers.shape)}, heads {tuple(plan.heads.shape)} and "
+                         f"groups {tuple(plan.groups.shape)}; this model and batch need (batch, layers) = {expected[:2]} "
+                         f"and (batch, layers, heads) = {expected}")
     if plan.layers.device != device:
         raise ValueError(f"execution_plan is on {plan.layers.device}, the model's inputs on {device}; move it with plan.to(device)")
     return plan
@@ -152,7 +153,7 @@ def stacked_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     laid them out back to back and nothing has copied them apart since (else None). Inference
     only: None when autograd would need the separate weights."""
     linears = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if torch.is_grad_enabled() and attn.q_proj.weight.requires_grad:
+    if torch.is_grad_enabled() and any(p.requires_grad for lin in linears for p in lin.parameters()):
         return None
     weight = _stacked([lin.weight for lin in linears])
     biases = [lin.bias for lin in linears]
