@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
-                          MistralConfig)
+from transformers import (DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, MistralConfig)
 
 import adaptive_kernels as ak
 from adaptive_kernels import backends
@@ -20,6 +20,7 @@ from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.models.llama import check_plan
 from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
+from oracles import CACHE_KWARG
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +338,17 @@ def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
     for path in (tmp_path, tmp_path / "no such folder" / "s.safetensors"):
         with pytest.raises(ValueError, match=r"path=.* cannot be written"):
             ak.save_scheduler(model, path)
+
+
+def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, inputs):
+    """Stock fills a cache it is given; a patched model returns its own AdaptiveCache instead. Continuing from
+    the given one (still empty) would run the new tokens as a new prompt, so it is refused by name."""
+    with torch.no_grad():
+        given = DynamicCache(config=model.config.text_config)
+        ids = model.generate(**inputs, max_new_tokens=2, do_sample=False, **{CACHE_KWARG: given})
+        with pytest.raises(ValueError, match="cache: this cache was given to an earlier call"):
+            model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, **{CACHE_KWARG: given})
+        given = DynamicCache(config=model.config.text_config)
+        model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
+        with pytest.raises(ValueError, match="cache: this cache was given to an earlier call"):
+            model(input_ids=ids[:, -1:], **{CACHE_KWARG: given})

@@ -441,9 +441,15 @@ class AdaptiveDecoderMixin:
         B, S = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         decoding = isinstance(cache, AdaptiveCache) and cache.length > 0
-        if cache is not None and not decoding and cache.get_seq_length() > 0:
-            raise ValueError("cache: a patched model continues only the AdaptiveCache it returned, got a filled "
-                             f"{type(cache).__name__}")
+        if cache is not None and not decoding:
+            if getattr(cache, "_ak_replaced", False):
+                raise ValueError("cache: this cache was given to an earlier call, which left it empty and returned its "
+                                 "own AdaptiveCache (the output's past_key_values; generate's with "
+                                 "return_dict_in_generate=True): continue from that one")
+            if cache.get_seq_length() > 0:
+                raise ValueError("cache: a patched model continues only the AdaptiveCache it returned, got a filled "
+                                 f"{type(cache).__name__}")
+            cache._ak_replaced = True  # a later call must not take it for this request's
         past = cache.length if decoding else 0
         latency_index = cache.latency_index if decoding else None
 
