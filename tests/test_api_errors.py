@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from torch.nn.utils import prune
 from safetensors.torch import save_file
 from transformers import (DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, MistralConfig)
@@ -112,17 +113,22 @@ class _Adapter(torch.nn.Module):  # stands for a LoRA-wrapped projection: the ba
         return self.base_layer(x) + self.delta(x)
 
 
-@pytest.mark.parametrize("wrap", ["adapter", "float8"])
+@pytest.mark.parametrize("wrap", ["adapter", "float8", "pruned", "hooked"])
 def test_projections_the_executor_cannot_read_are_refused(wrap):
-    """The executor reads projection weights itself: a wrapped or quantised one would be computed wrong."""
+    """The executor reads projection weights itself: a wrapped, quantised or hooked one would be computed wrong."""
     model = tiny_llava()
     mlp = model.model.language_model.layers[1].mlp
     if wrap == "adapter":
         mlp.up_proj = _Adapter(mlp.up_proj)
-    else:
+    elif wrap == "float8":
         mlp.up_proj.to(torch.float8_e4m3fn)
+    elif wrap == "pruned":  # the mask is applied by a forward pre-hook
+        prune.random_unstructured(mlp.up_proj, "weight", amount=0.5)
+    else:
+        mlp.up_proj.register_forward_hook(lambda module, args, out: out * 2)
     with pytest.raises(ArgumentTypeError, match="layer 1's mlp.up_proj"):
         ak.patch(model)
+    assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
 @pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"variant": "H", "rank": 3}, "rank"),

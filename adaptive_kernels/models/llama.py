@@ -94,8 +94,9 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_projections(decoder) -> None:
     """``ArgumentTypeError`` unless every layer's projections are plain ``torch.nn.Linear`` modules with
-    float weights of 16 bits or more: the executor reads their weights itself, so a quantised or
-    adapter-wrapped projection would be computed wrong, not refused later."""
+    float weights of 16 bits or more and no forward hooks: the executor reads their weights itself, so a
+    quantised, adapter-wrapped or hooked (``torch.nn.utils.prune``) projection would be computed wrong,
+    not refused later."""
     for l, layer in enumerate(decoder.layers):
         for name in PROJECTIONS:
             module = layer.get_submodule(name)
@@ -105,6 +106,10 @@ def check_projections(decoder) -> None:
                     f"model: layer {l}'s {name} is a {type(module).__name__} with {getattr(weight, 'dtype', 'no')} "
                     f"weights; adaptive_kernels reads projection weights itself and takes plain torch.nn.Linear "
                     f"layers with weights in {[str(d) for d in WEIGHT_DTYPES]} (no quantised or adapter-wrapped ones)")
+            if module._forward_pre_hooks or module._forward_hooks:
+                raise ArgumentTypeError(
+                    f"model: layer {l}'s {name} has forward hooks (torch.nn.utils.prune adds one); adaptive_kernels "
+                    "reads projection weights itself and would not call them: remove them (prune.remove) first")
 
 
 def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
