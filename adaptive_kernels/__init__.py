@@ -81,7 +81,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     stack_qkv(lm, stacked=True)
     if backend_name != "torch":
         lay_out_reduction_weights(lm, column_major=True)
-    lm.add_module("latency_scheduler", module)
+    lm.add_module("latency_scheduler", module.train(lm.training))
     lm._ak_settings, lm._ak_options = settings, wanted
     swap_in(model)
     return model

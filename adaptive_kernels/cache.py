@@ -102,6 +102,11 @@ class AdaptiveCache(Cache):
     def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
         raise ValueError("has_previous_state asks about linear-attention layers; an AdaptiveCache holds attention only")
 
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Refused: a stock attention layer writing here (after ``unpatch``, say) would need stock layers."""
+        raise ValueError("cache: an AdaptiveCache holds a patched model's executed layers and heads, filled by it "
+                         "alone; a stock model (unpatched, say) cannot continue it: start a new request")
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("AdaptiveCache cannot repeat rows: each row's plan and compact heads were fixed at "
                                   "prefill; give generate the repeated prompts (num_beams / num_return_sequences do this)")

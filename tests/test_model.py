@@ -466,7 +466,10 @@ def test_cache_answers_the_cache_api_or_refuses(stock):
         cache.reset()
         assert cache.get_seq_length() == 0 and all(k is None for k in cache.keys)
         again = model(**inputs, latency_budget=0.6, **{CACHE_KWARG: cache})
-    assert torch.equal(again.logits, fresh.logits)
+        assert torch.equal(again.logits, fresh.logits)
+        ak.unpatch(model)  # stock attention layers would write into it: refused by name
+        with pytest.raises(ValueError, match="a stock model .* cannot continue it"):
+            model(input_ids=inputs["input_ids"][:, -1:], **{CACHE_KWARG: cache_of(again)})
 
 
 @pytest.mark.parametrize("view,argument,kept_positions", [
@@ -716,6 +719,12 @@ def test_repatching_keeps_the_scheduler_of_the_same_units(stock):
     assert torch.equal(ak.latency_embedding(model, 0.6), embedding)
     ak.patch(model, "H", rank=4)  # other units: a fresh, seeded scheduler
     assert torch.equal(ak.latency_embedding(model, 0.6), ak.latency_embedding(patched(stock, "H", rank=4), 0.6))
+
+
+def test_the_scheduler_takes_the_models_mode(stock):
+    for mode in (False, True):
+        model = patched(copy.deepcopy(stock).train(mode), "H")
+        assert {m.training for m in model.modules()} == {mode}
 
 
 def test_fresh_schedulers_are_seeded(stock):
