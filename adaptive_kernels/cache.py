@@ -39,6 +39,7 @@ class AdaptiveCache(Cache):
         self.decode_graph = None  # graphs.DecodeGraph of this request's decode step
         self.warm = False  # a one-token step has run eagerly (kernels compiled)
         self.counting_input_ids = False  # see input_id_view
+        self._ak_replaced = False  # given to a prefill, which returned another cache: not to be continued
 
     @property
     def plan(self):
@@ -81,10 +82,10 @@ class AdaptiveCache(Cache):
 
     def reset(self) -> None:
         """Forget every position and free the buffers: the next forward with this cache is a new prefill
-        (a new request, which makes its own plan and cache)."""
+        (a new request, which makes its own plan and cache), also when an earlier prefill was given it."""
         self.keys, self.values = [None] * len(self.keys), [None] * len(self.values)
         self.length = self.capacity = 0
-        self.decode_graph, self.warm = None, False
+        self.decode_graph, self.warm, self._ak_replaced = None, False, False
 
     @property
     def batch_size(self) -> int:

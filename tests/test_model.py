@@ -467,6 +467,8 @@ def test_cache_answers_the_cache_api_or_refuses(stock):
         assert cache.get_seq_length() == 0 and all(k is None for k in cache.keys)
         again = model(**inputs, latency_budget=0.6, **{CACHE_KWARG: cache})
         assert torch.equal(again.logits, fresh.logits)
+        cache.reset()  # given to a prefill again: reset, it starts a new request again
+        assert torch.equal(model(**inputs, latency_budget=0.6, **{CACHE_KWARG: cache}).logits, fresh.logits)
         ak.unpatch(model)  # stock attention layers would write into it: refused by name
         with pytest.raises(ValueError, match="a stock model .* cannot continue it"):
             model(input_ids=inputs["input_ids"][:, -1:], **{CACHE_KWARG: cache_of(again)})
