@@ -413,16 +413,16 @@ def main(argv=None) -> int:
 
     tiny_on_cpu = args.model is None and args.device == "cpu"
     with cpu_threads(args.threads if args.threads is not None else 1 if tiny_on_cpu else None):  # restored after
-        return _main(parser, args)
+        try:
+            return _main(parser, args)
+        except OptionError as error:
+            parser.error(str(error))
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .sweep import device_name
 
-    try:
-        model, inputs, name, default_rank = load(args)
-    except OptionError as error:
-        parser.error(str(error))
+    model, inputs, name, default_rank = load(args)
     rank = default_rank if args.rank is None else args.rank
     heads = model.config.text_config.num_attention_heads
     if "H" in args.variants and heads % rank:
@@ -430,10 +430,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(f"model {name} | device {args.device} ({device_name(args.device)}) | dtype {args.dtype} | rank {rank} | "
           f"cpu threads {torch.get_num_threads()} | prompt {inputs['input_ids'].shape[1]} tokens | "
           f"{args.max_new_tokens} new tokens | median of {args.repeats}")
-    try:
-        rows = run(model, inputs, args, rank, name)
-    except OptionError as error:
-        parser.error(str(error))
+    rows = run(model, inputs, args, rank, name)
     write_csv(rows, args.out / CSV_NAME)
     print(f"wrote {args.out / CSV_NAME}")
     if 1.0 not in args.budgets:
