@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .backends import BACKENDS, check_backend, default_backend, get_backend
+from .errors import ArgumentTypeError
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
 from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
@@ -21,12 +22,18 @@ __all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embed
 __version__ = "0.1.0"
 
 
+def _refusal(of_accepted_type: bool) -> type:
+    """The error for a refused argument: ``ValueError`` for a value of an accepted type (out of range),
+    ``ArgumentTypeError`` for one of another type."""
+    return ValueError if of_accepted_type else ArgumentTypeError
+
+
 def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     shape = text_model_shape(model)
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise _refusal(isinstance(variant, str))(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not is_integer(rank) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise _refusal(is_integer(rank))(f"rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     if variant == "H" and shape.num_heads % rank:
         raise ValueError(f"rank must divide the {shape.num_heads} attention heads (variant H), got {rank}")
@@ -34,13 +41,14 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
         rank = 1  # L schedules whole layers: rank plays no part
     prefix = shape.num_layers // 2 if num_prefix_layers is None else num_prefix_layers
     if not is_integer(prefix) or not 0 <= prefix < shape.num_layers:
-        raise ValueError(f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
+        raise _refusal(is_integer(prefix))(
+            f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
     prefix = int(prefix)
     dtype = model.model.language_model.embed_tokens.weight.dtype
     if backend is None:
         backend = default_backend(model.device, dtype)
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        raise _refusal(isinstance(backend, str))(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     check_backend(backend, model.device, dtype)
     return shape, variant, rank, prefix, backend
 
@@ -64,7 +72,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     lm = model.model.language_model
     check_projections(lm)
     if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        raise ArgumentTypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     wanted = (variant, rank, prefix, backend_name, cuda_graphs)
     units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)
     if is_patched(model) and lm._ak_options == wanted and scheduler is None:

@@ -132,15 +132,26 @@ def test_projections_the_executor_cannot_read_are_refused(wrap):
 
 
 @pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"variant": "H", "rank": 3}, "rank"),
-                                         ({"rank": 0}, "rank"), ({"rank": True}, "rank"),
-                                         ({"num_prefix_layers": 8}, "num_prefix_layers"),
+                                         ({"rank": 0}, "rank"), ({"num_prefix_layers": 8}, "num_prefix_layers"),
                                          ({"num_prefix_layers": -1}, "num_prefix_layers"),
-                                         ({"num_prefix_layers": True}, "num_prefix_layers"),
-                                         ({"backend": "jax"}, "backend"), ({"backend": "cuda"}, "backend='cuda'"),
-                                         ({"cuda_graphs": 1}, "cuda_graphs"), ({"cuda_graphs": None}, "cuda_graphs")])
+                                         ({"backend": "jax"}, "backend"), ({"backend": "cuda"}, "backend='cuda'")])
 def test_bad_patch_options(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name) as refused:
         ak.patch(tiny_llava(), **kwargs)
+    assert not isinstance(refused.value, TypeError)  # a value out of range, not a wrong type
+
+
+@pytest.mark.parametrize("kwargs,name", [({"variant": 1}, "variant"), ({"rank": "2"}, "rank"), ({"rank": 2.0}, "rank"),
+                                         ({"rank": True}, "rank"), ({"num_prefix_layers": "3"}, "num_prefix_layers"),
+                                         ({"num_prefix_layers": True}, "num_prefix_layers"),
+                                         ({"backend": 3}, "backend"), ({"cuda_graphs": 1}, "cuda_graphs"),
+                                         ({"cuda_graphs": None}, "cuda_graphs")])
+def test_patch_options_of_a_wrong_type(kwargs, name):
+    """README: an argument of the wrong type raises ArgumentTypeError (a TypeError and a ValueError)."""
+    model = tiny_llava()
+    with pytest.raises(ArgumentTypeError, match=name):
+        ak.patch(model, **kwargs)
+    assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

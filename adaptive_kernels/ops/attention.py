@@ -158,12 +158,14 @@ def _check_attention_args(q, k, v, q_to_kv, kv_valid) -> None:
     if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ArgumentTypeError(f"{op}: q, k and v must share one dtype of float32, float16 or bfloat16, "
                                 f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if tuple(q_to_kv.shape) != (R, nq) or q_to_kv.dtype not in INDEX_DTYPES:
-        raise ValueError(f"{op}: q_to_kv must be int64 (or int32) [{R}, {nq}], "
-                         f"got {q_to_kv.dtype} {tuple(q_to_kv.shape)}")
-    if tuple(kv_valid.shape) != (R, Tk) or kv_valid.dtype.is_floating_point or kv_valid.dtype.is_complex:
-        raise ValueError(f"{op}: kv_valid must be bool (or 0/1 integers) [{R}, {Tk}], "
-                         f"got {kv_valid.dtype} {tuple(kv_valid.shape)}")
+    if q_to_kv.dtype not in INDEX_DTYPES:
+        raise ArgumentTypeError(f"{op}: q_to_kv must be int64 (or int32), got {q_to_kv.dtype}")
+    if tuple(q_to_kv.shape) != (R, nq):
+        raise ValueError(f"{op}: q_to_kv must be [{R}, {nq}], got {tuple(q_to_kv.shape)}")
+    if kv_valid.dtype.is_floating_point or kv_valid.dtype.is_complex:
+        raise ArgumentTypeError(f"{op}: kv_valid must be bool (or 0/1 integers), got {kv_valid.dtype}")
+    if tuple(kv_valid.shape) != (R, Tk):
+        raise ValueError(f"{op}: kv_valid must be [{R}, {Tk}], got {tuple(kv_valid.shape)}")
 
 
 def _attention_launch(q, k, v, q_to_kv, kv_valid, scale, splits=None):

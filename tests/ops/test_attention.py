@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels.backends import get_backend
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops.attention import (_attention_launch, head_sparse_attention,
                                             head_sparse_attention_reference)
 
@@ -79,16 +80,21 @@ def test_empty():
 def test_bad_arguments_are_refused_by_name():
     gen = generator("bad")
     q, k, v, q_to_kv, valid = _inputs(gen, torch.float32, 2, 3, 5, nq=2, nkv=1, q_to_kv=[[0, 0], [0, -1]])
-    for args, message in [((q, k, v[:, :, :4], q_to_kv, valid), "k, v one shape"),
-                          ((q, k[..., :8], v[..., :8], q_to_kv, valid), "k and v must be"),
-                          ((q, k[:, :, :2], v[:, :, :2], q_to_kv, valid[:, :2]), "k must hold at least 3"),
-                          ((q, k.half(), v.half(), q_to_kv, valid), "q, k and v must share"),
-                          ((q.double(), k.double(), v.double(), q_to_kv, valid), "float32, float16 or bfloat16"),
-                          ((q, k, v, q_to_kv[:, :1], valid), "q_to_kv must be"),
-                          ((q, k, v, q_to_kv.float(), valid), "q_to_kv must be"),
-                          ((q, k, v, q_to_kv, valid[:, :4]), "kv_valid must be")]:
-        with pytest.raises(ValueError, match=message):
+    wrong_value, wrong_type = ValueError, ArgumentTypeError
+    for args, error, message in [((q, k, v[:, :, :4], q_to_kv, valid), wrong_value, "k, v one shape"),
+                                 ((q, k[..., :8], v[..., :8], q_to_kv, valid), wrong_value, "k and v must be"),
+                                 ((q, k[:, :, :2], v[:, :, :2], q_to_kv, valid[:, :2]), wrong_value,
+                                  "k must hold at least 3"),
+                                 ((q, k.half(), v.half(), q_to_kv, valid), wrong_type, "q, k and v must share"),
+                                 ((q.double(), k.double(), v.double(), q_to_kv, valid), wrong_type,
+                                  "float32, float16 or bfloat16"),
+                                 ((q, k, v, q_to_kv[:, :1], valid), wrong_value, "q_to_kv must be"),
+                                 ((q, k, v, q_to_kv.float(), valid), wrong_type, "q_to_kv must be int64"),
+                                 ((q, k, v, q_to_kv, valid[:, :4]), wrong_value, "kv_valid must be"),
+                                 ((q, k, v, q_to_kv, valid.float()), wrong_type, "kv_valid must be bool")]:
+        with pytest.raises(error, match=message) as refused:
             head_sparse_attention(*args, 0.5)
+        assert isinstance(refused.value, TypeError) == (error is wrong_type)
 
 
 def test_opcheck_and_flops():
