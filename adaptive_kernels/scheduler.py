@@ -87,10 +87,10 @@ def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMB
 
 
 class AdaptiveScheduler(nn.Module):
-    """Latency encoder plus ``Linear(hidden, K)`` scoring the units after the prefix.
+    """Latency encoder plus ``Linear(hidden, K')`` scoring the units of the K = L - P scheduled layers.
 
-    Variant L: K = L - P layer logits. Variant H: per scheduled layer one layer logit, H head
-    logits and G = H group logits, K = (L - P) * (1 + 2H).
+    Variant L: K' = K layer logits. Variant H: per scheduled layer one layer logit, H head logits
+    and G = H group logits, K' = K * (1 + 2H).
     """
 
     def __init__(self, units: UnitSpace, hidden_size: int):

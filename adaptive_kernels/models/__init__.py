@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ArgumentTypeError
-from .llama import AdaptiveDecoderMixin, Request, Settings, decoder_shape, serving
+from .llama import Request, Settings, decoder_shape, serving
 
 # language model types whose decoder layers the Llama executor runs unchanged
 SUPPORTED_TEXT_MODELS = {"llama": decoder_shape}
@@ -18,4 +18,4 @@ def text_model_shape(model):
     return SUPPORTED_TEXT_MODELS[config.model_type](config)
 
 
-__all__ = ["AdaptiveDecoderMixin", "Request", "Settings", "serving", "text_model_shape"]
+__all__ = ["Request", "Settings", "serving", "text_model_shape"]
