@@ -16,6 +16,7 @@ fp32, and never synchronise with the host, so they can be captured in CUDA graph
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from pathlib import Path
@@ -243,20 +244,19 @@ def cuda_backend():
     and ``rotary``, runs the Triton ops. Builds csrc/ on the first call (``load``), so a missing toolchain is reported
     here, before any request.
     """
-    from .backends import Backend
-    from .ops import attention, norm, projections, rotary, swiglu
+    from .backends import get_backend
 
     load()
+    triton = get_backend("triton")
 
     def rows_linear(x, weight, rows, bias=None):
         if x.shape[1] <= DECODE_MAX_TOKENS:
             return gather_rows_linear(x, weight, rows, bias)
-        return projections.gather_rows_linear(x, weight, rows, bias)
+        return triton.rows_linear(x, weight, rows, bias)
 
     def cols_linear(a, weight, cols):
         if a.shape[1] <= DECODE_MAX_TOKENS and weight.stride(1) == 1:
             return gather_cols_linear(a, weight, cols)
-        return projections.gather_cols_linear(a, weight, cols)
+        return triton.cols_linear(a, weight, cols)
 
-    return Backend("cuda", rows_linear, cols_linear, swiglu.gathered_swiglu, attention.head_sparse_attention,
-                   norm.rms_norm, rotary.rotary)
+    return dataclasses.replace(triton, name="cuda", rows_linear=rows_linear, cols_linear=cols_linear)
