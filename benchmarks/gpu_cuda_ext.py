@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from measure import RESULTS, fmt
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run(cmd: list[str]) -> tuple[int, str]:
@@ -69,9 +70,6 @@ def build(verbose: bool) -> tuple[bool, str]:
         return False, f"build FAILED ({type(err).__name__}; see above)"
     return True, f"build ok in {time.time() - start:.0f} s ({cuda_ext._extension_name()})"
 
-
-def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def table(path: Path) -> str:

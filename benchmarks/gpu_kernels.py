@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from measure import RESULTS, fmt
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run(cmd: list[str], **env) -> int:
@@ -28,9 +29,6 @@ def run(cmd: list[str], **env) -> int:
     print(f"-> exit {rc} after {time.time() - start:.0f} s", flush=True)
     return rc
 
-
-def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
 
 
 def table(path: Path) -> str:

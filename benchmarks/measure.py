@@ -18,6 +18,11 @@ RESULTS = Path(__file__).parent / "results"
 DRY = os.environ.get("AK_BENCH_DRY") == "1" and not torch.cuda.is_available()
 
 
+def fmt(value, spec: str) -> str:
+    """``value`` formatted by ``spec``; "-" for None (a number not measured)."""
+    return "-" if value is None else format(value, spec)
+
+
 def run_info() -> dict:
     """Device name, library versions and the date, stored with every row."""
     import transformers

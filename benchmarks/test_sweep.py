@@ -4,13 +4,10 @@ On a CUDA machine it sweeps a LLaVA-1.5-7B-shaped model in bf16; elsewhere the t
 one. Rows, and the plot, land in benchmarks/results/.
 """
 
-from pathlib import Path
-
 import torch
 
 from adaptive_kernels.sweep import BUDGETS, sweep
-
-RESULTS = Path(__file__).parent / "results"
+from measure import RESULTS
 
 
 def test_latency_versus_budget(benchmark):
