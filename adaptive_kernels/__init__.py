@@ -13,7 +13,7 @@ from .backends import BACKENDS, check_backend, default_backend, get_backend
 from .errors import ArgumentTypeError
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
-from .models.llama import check_projections, lay_out_reduction_weights, stack_qkv
+from .models.llama import check_layers, lay_out_reduction_weights, stack_qkv
 from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
@@ -70,7 +70,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     check_llava(model)
     shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)
     lm = model.model.language_model
-    check_projections(lm)
+    check_layers(lm)
     if not isinstance(cuda_graphs, bool):
         raise ArgumentTypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     wanted = (variant, rank, prefix, backend_name, cuda_graphs)

@@ -131,6 +131,20 @@ def test_projections_the_executor_cannot_read_are_refused(wrap):
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
+@pytest.mark.parametrize("where,hook", [("", "register_forward_hook"), ("self_attn", "register_forward_pre_hook"),
+                                        ("mlp", "register_forward_hook"),
+                                        ("post_attention_layernorm", "register_full_backward_hook")])
+def test_hooks_in_a_decoder_layer_are_refused(where, hook):
+    """Stock calls hooks on a layer and its parts; the executor runs attention, MLP and norms itself (and a layer
+    hands the next one its pending update), so such a hook would be skipped or see other values."""
+    model = tiny_llava()
+    layer = model.model.language_model.layers[2]
+    getattr(layer.get_submodule(where), hook)(lambda *args: None)
+    with pytest.raises(ArgumentTypeError, match=f"layer 2{'.s ' + where if where else ''} has hooks"):
+        ak.patch(model)
+    assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
+
+
 @pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"variant": "H", "rank": 3}, "rank"),
                                          ({"rank": 0}, "rank"), ({"num_prefix_layers": 8}, "num_prefix_layers"),
                                          ({"num_prefix_layers": -1}, "num_prefix_layers"),

@@ -92,11 +92,12 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_projections(decoder) -> None:
+def check_layers(decoder) -> None:
     """``ArgumentTypeError`` unless every layer's projections are plain ``torch.nn.Linear`` modules with
-    float weights of 16 bits or more and no forward hooks: the executor reads their weights itself, so a
+    float weights of 16 bits or more, and no module of a layer (the layer included) has hooks: the
+    executor reads projection weights itself and runs a layer's parts without calling them, so a
     quantised, adapter-wrapped or hooked (``torch.nn.utils.prune``) projection would be computed wrong,
-    not refused later."""
+    and a hook on a layer, its attention, MLP or norms would not be called, not refused later."""
     for l, layer in enumerate(decoder.layers):
         for name in PROJECTIONS:
             module = layer.get_submodule(name)
@@ -106,10 +107,12 @@ def check_projections(decoder) -> None:
                     f"model: layer {l}'s {name} is a {type(module).__name__} with {getattr(weight, 'dtype', 'no')} "
                     f"weights; adaptive_kernels reads projection weights itself and takes plain torch.nn.Linear "
                     f"layers with weights in {[str(d) for d in WEIGHT_DTYPES]} (no quantised or adapter-wrapped ones)")
-            if module._forward_pre_hooks or module._forward_hooks:
+        for name, module in layer.named_modules():
+            if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
+                where = f"layer {l}'s {name}" if name else f"layer {l}"
                 raise ArgumentTypeError(
-                    f"model: layer {l}'s {name} has forward hooks (torch.nn.utils.prune adds one); adaptive_kernels "
-                    "reads projection weights itself and would not call them: remove them (prune.remove) first")
+                    f"model: {where} has hooks (torch.nn.utils.prune adds one to a projection); adaptive_kernels "
+                    "runs a layer's parts itself and would not call them: remove them (prune.remove) first")
 
 
 def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
