@@ -44,6 +44,19 @@ def test_bad_budgets(model, inputs, budget):
         ak.plan(model, latency_budget=budget, **inputs)
 
 
+@pytest.mark.parametrize("inner", ["model", "language_model"])
+@pytest.mark.parametrize("name", ["latency_budget", "execution_plan"])
+def test_a_request_given_to_an_inner_module_is_refused(model, inputs, inner, name):
+    """Stock passes unknown keywords on to the decoder, which ran every unit: the request goes to the top."""
+    request = {"latency_budget": 0.5, "execution_plan": ExecutionPlan.full(2, 8, 8)}[name]
+    with pytest.raises(ValueError, match=f"{name} goes to the patched LLaVA model's forward or generate"):
+        if inner == "model":
+            model.model(**inputs, **{name: request})
+        else:
+            embeds = model.model.language_model.embed_tokens(inputs["input_ids"])
+            model.model.language_model(inputs_embeds=embeds, **{name: request})
+
+
 @pytest.mark.parametrize("budget", [[0.5, 0.6, 0.7], torch.tensor([0.5, 0.6, 0.7])])
 def test_budget_rows_are_counted_per_prompt_with_beams(model, inputs, budget):
     """generate repeats each prompt for its beams: the budgets are still one per prompt, and counted so."""

@@ -437,6 +437,10 @@ class AdaptiveDecoderMixin:
         runs dense and the scheduler plans from the token's hidden state. A call that continues the
         ``AdaptiveCache`` it returned decodes under that cache's plan. Returns ``BaseModelOutputWithPast``
         with the cache (None when not caching) under ``CACHE_FIELD``; ``request.plan`` is the plan run."""
+        misplaced = [name for name in ("latency_budget", "execution_plan") if name in kwargs]
+        if misplaced:
+            raise ValueError(f"{misplaced[0]} goes to the patched LLaVA model's forward or generate; its inner model "
+                             "and language model take their request from there, and would run every unit")
         cache = kwargs.pop("cache", None)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
