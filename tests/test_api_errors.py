@@ -204,6 +204,20 @@ def test_triton_in_bfloat16_on_the_cpu_is_refused_at_patch_time(monkeypatch):
     assert type(model) is LlavaForConditionalGeneration
 
 
+@pytest.mark.parametrize("dtype,message", [(torch.bfloat16, "bfloat16 arithmetic is wrong"),
+                                           (torch.float64, "computes in float32, float16 or bfloat16")])
+def test_a_triton_model_moved_to_a_dtype_it_cannot_run_is_refused_at_the_next_call(monkeypatch, dtype, message):
+    """Patching checks the backend against the model's dtype; a move after patching is checked per call (in
+    bfloat16 the interpreter had returned wrong logits)."""
+    monkeypatch.setattr(backends, "INTERPRET", True)
+    model = ak.patch(tiny_llava(), "H", rank=2, backend="triton").to(dtype)
+    inputs = example_inputs(model, batch_size=1, seed=3)
+    with pytest.raises(ValueError, match=f"backend='triton'.*{message}"):
+        model(**inputs)
+    with pytest.raises(ValueError, match=f"backend='triton'.*{message}"):
+        model.generate(**inputs, latency_budget=0.6, max_new_tokens=2)
+
+
 def test_the_default_backend_is_triton_only_for_cuda_models_in_a_kernel_dtype():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert backends.default_backend(cuda, torch.bfloat16) == ("triton" if backends.HAS_TRITON else "torch")

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from ..backends import Backend
+from ..backends import Backend, check_backend
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError
 from ..graphs import DecodeGraph, capturing, runs_graph_safe
@@ -445,6 +445,8 @@ class AdaptiveDecoderMixin:
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         settings: Settings = self._ak_settings
+        weight = self.embed_tokens.weight
+        check_backend(settings.backend.name, weight.device, weight.dtype)  # the model may have moved since patch
         request = current_request(self)
         wanted_hidden = hidden_states_requested(kwargs, self.config)
         if (input_ids is None) == (inputs_embeds is None):
