@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -681,6 +682,54 @@ def test_save_pretrained_writes_the_stock_checkpoint_and_the_scheduler(stock, tm
     model.save_pretrained(tmp_path / "given", state_dict=given)  # is written as given
     for name, tensor in LlavaForConditionalGeneration.from_pretrained(tmp_path / "given").state_dict().items():
         assert torch.equal(tensor, given[name]), name
+
+
+def test_save_pretrained_writes_where_stock_writes_and_uploads_the_scheduler_with_push_to_hub(stock, tmp_path,
+                                                                                                   monkeypatch):
+    """is_main_process=False writes nothing, as stock; save_pretrained(push_to_hub=True) would upload before the
+    scheduler file is written, so it is refused, and push_to_hub (its hub calls stubbed here) uploads both."""
+    import transformers.utils.hub as hub
+
+    model = patched(stock, "H")
+    stock.save_pretrained(tmp_path / "stock", is_main_process=False)
+    model.save_pretrained(tmp_path / "patched", is_main_process=False)
+    assert sorted((tmp_path / "patched").iterdir()) == sorted((tmp_path / "stock").iterdir()) == []
+    with pytest.raises(ValueError, match="push_to_hub=True: .*model.push_to_hub"):
+        model.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="me/model")
+    assert not (tmp_path / "pushed").exists() or not any((tmp_path / "pushed").iterdir())
+
+    class Hub:  # the hub calls push_to_hub makes, offline
+        repo_id = None
+
+        def create_repo(self, repo_id, **kwargs):
+            self.repo_id = repo_id
+            return self
+
+        def save(self, path):  # the model card
+            pass
+
+    uploaded = {}
+
+    def upload(self, folder, repo_id, files_timestamps, **kwargs):
+        uploaded[repo_id] = sorted(p.name for p in Path(folder).iterdir())
+
+    monkeypatch.setattr(hub, "hf_api", Hub)
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: Hub())
+    monkeypatch.setattr(LlavaForConditionalGeneration, "_upload_modified_files", upload)
+    model.push_to_hub("me/model")
+    assert SCHEDULER_FILE in uploaded["me/model"] and "model.safetensors" in uploaded["me/model"], uploaded
+
+
+def test_the_generated_classes_are_not_built_or_loaded_themselves(stock, tmp_path):
+    """An Adaptive* class exists for instances patch made: built or loaded directly it made a half-patched model
+    (stock parts under the patched class; loading gave lm_head random weights), so it refuses, by name."""
+    model = patched(stock, "H")
+    stock.save_pretrained(tmp_path)
+    lm = model.model.language_model
+    for build in (lambda: type(model).from_pretrained(tmp_path), lambda: type(model)(stock.config),
+                  lambda: type(lm)(stock.config.text_config), lambda: type(lm.layers[0])(stock.config.text_config, 0)):
+        with pytest.raises(TypeError, match="made by adaptive_kernels.patch, not built or loaded itself"):
+            build()
 
 
 def test_patched_models_pickle_in_this_process_and_a_fresh_one(stock, tmp_path):

@@ -135,15 +135,21 @@ def _adaptive_llava_class(stock: type) -> type:
                              generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer,
                              **model_kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if kwargs.get("state_dict") is None:
-            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if "latency_scheduler" not in k.split(".")}
+    def save_pretrained(self, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, *args,
+                        **kwargs):
+        if push_to_hub:
+            raise ValueError(f"push_to_hub=True: save_pretrained would upload the folder before {SCHEDULER_FILE} is "
+                             "written beside it; call model.push_to_hub(repo_id), which uploads both, or upload the "
+                             "folder after saving")
+        if state_dict is None:
+            state_dict = {k: v for k, v in self.state_dict().items() if "latency_scheduler" not in k.split(".")}
         self.__class__ = stock  # the stock architecture's name in config.json
         try:
-            result = stock.save_pretrained(self, save_directory, *args, **kwargs)
+            result = stock.save_pretrained(self, save_directory, is_main_process, state_dict, False, *args, **kwargs)
         finally:
             self.__class__ = cls
-        save_scheduler_weights(self.model.language_model.latency_scheduler, Path(save_directory) / SCHEDULER_FILE)
+        if self.should_save_on_this_rank(is_main_process):  # where stock wrote its files
+            save_scheduler_weights(self.model.language_model.latency_scheduler, Path(save_directory) / SCHEDULER_FILE)
         return result
 
     forward.__signature__ = _extended_signature(stock.forward)
@@ -155,19 +161,28 @@ def _adaptive_llava_class(stock: type) -> type:
                        "adaptive_kernels.generation.runs_ahead admits it and CUDA graphs are on.")
     save_pretrained.__doc__ = (f"{stock.__name__}.save_pretrained, writing the stock checkpoint (no scheduler keys, "
                                f"the stock class in config.json) and the scheduler beside it as {SCHEDULER_FILE} "
-                               "(a file for patch's scheduler=).")
+                               "(a file for patch's scheduler=); push_to_hub=True is refused (push_to_hub uploads "
+                               "both).")
     cls = type(f"Adaptive{stock.__name__}", (stock,),
                {"forward": forward, "generate": generate, "_sample": _sample, "save_pretrained": save_pretrained,
-                "__reduce_ex__": _reduce_ex, "_ak_stock_class": stock, "_ak_mixin": None})
+                "__init__": _not_constructed, "__reduce_ex__": _reduce_ex, "_ak_stock_class": stock, "_ak_mixin": None})
     _SUBCLASSES[stock] = cls
     return cls
+
+
+def _not_constructed(self, *args, **kwargs):
+    """``__init__`` of the generated classes, which only ``patch`` hands out: built or loaded directly, one
+    would be a half-patched model (stock parts, no settings)."""
+    raise TypeError(f"{type(self).__name__} is made by adaptive_kernels.patch, not built or loaded itself: build or "
+                    "load the stock model (LlavaForConditionalGeneration.from_pretrained(folder), say) and patch that")
 
 
 def _mixed_class(mixin: type, stock: type) -> type:
     """``Adaptive<stock>``: ``stock`` with ``mixin``'s forward."""
     if stock not in _SUBCLASSES:
         _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (mixin, stock),
-                                  {"__reduce_ex__": _reduce_ex, "_ak_stock_class": stock, "_ak_mixin": mixin})
+                                  {"__init__": _not_constructed, "__reduce_ex__": _reduce_ex,
+                                   "_ak_stock_class": stock, "_ak_mixin": mixin})
     return _SUBCLASSES[stock]
 
 
