@@ -334,6 +334,27 @@ def test_a_decode_mask_that_hides_a_token_keeps_the_latency_token_in_place(stock
     torch.testing.assert_close(ours, want, **TOL)
 
 
+@pytest.mark.parametrize("counted", ["without the latency token", "with the latency token"])
+def test_decode_position_ids_given_by_hand_count_what_the_mask_counts(stock, counted):
+    """A decode step called by hand with position_ids derived from its mask, as stock derives them (cumsum - 1):
+    the mask and positions of generate (the caller's tokens only) and a mask with the latency token's column
+    (the cache's length, positions counting the token) both give the sliced stock model's logits."""
+    inputs = example_inputs(stock, seed=62)
+    S = inputs["input_ids"].shape[1]
+    new = torch.randint(1, 500, (1, 1), generator=torch.Generator().manual_seed(63))
+    model = patched(stock, "H")
+    with torch.no_grad():
+        plan = ak.plan(model, latency_budget=0.6, **inputs)
+        cache = cache_of(model(**inputs, latency_budget=0.6, use_cache=True))
+        mask = torch.ones(1, S + 1 if counted == "without the latency token" else S + 2, dtype=torch.long)
+        ours = model(input_ids=new, attention_mask=mask, position_ids=mask.cumsum(-1)[:, -1:] - 1,
+                     **{CACHE_KWARG: cache}).logits[:, -1]
+        embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, 0.6)[None, None],
+                            stock.model.language_model.embed_tokens(new)], 1)
+        want = sliced_stock(stock, plan, 0)(inputs_embeds=embeds).logits[:, -1]
+    torch.testing.assert_close(ours, want, **TOL)
+
+
 def test_assisted_decoding_gives_stock_logits(stock):
     """Prompt lookup proposes draft tokens that the model verifies; rejected ones are cropped from the cache."""
     inputs = example_inputs(stock, text_tokens=20, seed=41)

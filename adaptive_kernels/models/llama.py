@@ -408,14 +408,17 @@ def on_the_model_device(forward):
 def positions_and_mask(x, position_ids, attention_mask, past: int, latency_index: int | None):
     """Positions [B, S] of the new tokens ``x`` [B, S, D] after ``past`` cached ones, and the bool padding
     mask [B, past + S] over cached and new tokens (None: no padding). ``latency_index``: where a continued
-    request's latency token sits, of which generate's positions and mask know nothing."""
+    request's latency token sits, of which generate's positions and mask know nothing: ``position_ids``
+    given with no mask, or with a mask that leaves the token's column out, count the caller's tokens only;
+    with a mask that has the column, they count the latency token too."""
     B, S = x.shape[:2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
     if position_ids is None:
         positions = torch.arange(past, past + S, device=x.device).expand(B, S)
     else:
-        positions = position_ids.expand(B, S) + (1 if latency_index is not None else 0)
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
+        counts_latency_token = attention_mask is not None and attention_mask.shape[1] == past + S
+        positions = position_ids.expand(B, S) + (1 if latency_index is not None and not counts_latency_token else 0)
     mask = torch.ones(B, past + S, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
     if latency_index is not None and mask.shape[1] == past + S - 1:  # put the latency token's column back
         one = torch.ones(B, 1, dtype=torch.bool, device=x.device)
