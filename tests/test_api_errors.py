@@ -21,7 +21,7 @@ from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.models.llama import check_plan
 from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
-from oracles import CACHE_KWARG
+from oracles import CACHE_KWARG, cache_of
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +410,22 @@ def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, 
         model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
         with pytest.raises(ValueError, match="cache: this cache was given to an earlier call"):
             model(input_ids=ids[:, -1:], **{CACHE_KWARG: given})
+
+
+def test_continuing_a_cache_with_another_row_count_is_refused(model, inputs):
+    """A 2-row request continued with 1 or 3 rows (by hand, or by generate with beams) failed deep inside."""
+    with torch.no_grad():
+        cache = cache_of(model(**inputs, latency_budget=0.6, use_cache=True))
+        for rows in (1, 3):
+            with pytest.raises(ValueError, match=f"input_ids has {rows} rows, but the cache it continues .* holds 2"):
+                model(input_ids=torch.full((rows, 1), 5), **{CACHE_KWARG: copy.deepcopy(cache)})
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="input_ids has 6 rows, but the cache it continues .* holds 2"):
+            model.generate(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences), num_beams=3,
+                           max_new_tokens=2, **{CACHE_KWARG: out.past_key_values})
+
+
+@pytest.mark.parametrize("budget", [None, 0.6])
+def test_an_empty_prompt_is_refused(model, budget):
+    with pytest.raises(ValueError, match="input_ids: a prompt needs at least one token"):
+        model(input_ids=torch.zeros(1, 0, dtype=torch.long), latency_budget=budget)

@@ -458,6 +458,11 @@ class AdaptiveDecoderMixin:
         B, S = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         decoding = isinstance(cache, AdaptiveCache) and cache.length > 0
+        if decoding and B != cache.batch_size:
+            raise ValueError(f"input_ids has {B} rows, but the cache it continues (past_key_values) holds "
+                             f"{cache.batch_size}: a request continues with the rows it began with")
+        if S == 0 and not decoding:
+            raise ValueError("input_ids: a prompt needs at least one token")
         if cache is not None and not decoding:
             if getattr(cache, "_ak_replaced", False):
                 raise ValueError("cache: this cache was given to an earlier call, which left it empty and returned its "
