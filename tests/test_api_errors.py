@@ -350,6 +350,41 @@ def test_draft_options_left_off_let_a_budget_generate(model, inputs):
     assert torch.equal(off, plain)
 
 
+def test_the_models_generation_defaults_count_when_the_call_gives_a_config():
+    """generate fills a given GenerationConfig's unset options from the model's own: those options are checked,
+    and repeated per beam, as the model's own are without a given config (they were read from the given config
+    only, so a model default of chunked prefill ran a budget to other ids)."""
+    model = ak.patch(tiny_llava(), "H", rank=2)
+    inputs = example_inputs(model, batch_size=1, seed=7)
+    given = GenerationConfig(max_new_tokens=3, do_sample=False)
+    for option, value, refusal in [("prefill_chunk_size", 8, "latency_budget does not combine with prefill_chunk_size"),
+                                   ("cache_implementation", "static", "cache_implementation='static'")]:
+        setattr(model.generation_config, option, value)
+        with pytest.raises(ValueError, match=refusal):
+            model.generate(**inputs, latency_budget=0.6, generation_config=given)
+        setattr(model.generation_config, option, None)
+    plan = ak.plan(model, latency_budget=0.6, **inputs)
+    with torch.no_grad():
+        want = model.generate(**inputs, execution_plan=plan, num_beams=2, max_new_tokens=3, do_sample=False)
+        model.generation_config.num_beams = 2
+        assert torch.equal(model.generate(**inputs, execution_plan=plan, generation_config=given), want)
+        model.generation_config.num_beams, model.generation_config.use_cache = None, False
+        assert torch.equal(model.generate(**inputs, latency_budget=0.6, generation_config=given),
+                           model.generate(**inputs, latency_budget=0.6, max_new_tokens=3, do_sample=False,
+                                          use_cache=True))
+
+
+@pytest.mark.parametrize("request_name", ["latency_budget", "execution_plan"])
+def test_generate_options_that_call_the_model_outside_the_request_are_refused(model, inputs, request_name):
+    """Classifier-free guidance runs its unconditional pass as a model call of its own (every unit on), and
+    transformers hands an assistant model the request's keywords too."""
+    request = {"latency_budget": 0.6, "execution_plan": ExecutionPlan.full(2, 8, 8)}[request_name]
+    with pytest.raises(ValueError, match=f"{request_name} does not combine with guidance_scale"):
+        model.generate(**inputs, **{request_name: request}, guidance_scale=1.5, max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"{request_name} does not combine with assistant_model"):
+        model.generate(**inputs, **{request_name: request}, assistant_model=model, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("budget", [None, 0.6])
 @pytest.mark.parametrize("implementation", ["static", "offloaded"])
 def test_other_cache_implementations_are_refused_by_name(model, inputs, implementation, budget):

@@ -41,6 +41,17 @@ def _pad_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
 
 
+def _check_request_generation(option, name: str) -> None:
+    """``ValueError`` for generate options that would run part of a request (``name``: its latency_budget or
+    execution_plan) outside it (``option(name)``: the call's value)."""
+    if option("guidance_scale") not in (None, 1):
+        raise ValueError(f"{name} does not combine with guidance_scale: classifier-free guidance runs its "
+                         "unconditional pass as a model call of its own, outside the request, with every unit on")
+    if option("assistant_model") is not None:
+        raise ValueError(f"{name} does not combine with assistant_model: transformers hands the request's keywords "
+                         "to the assistant's generate too (prompt_lookup_num_tokens takes an execution_plan)")
+
+
 def _check_budget_generation(option) -> None:
     """``ValueError`` for generate options that cannot run a latency budget (``option(name)``: the call's
     value). The latency token follows the whole prompt at prefill, and it and the plan live in the cache."""
@@ -91,18 +102,24 @@ def _adaptive_llava_class(stock: type) -> type:
 
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
         check_input_devices(self, dict(zip(("inputs",), args)) | kwargs)
-        config = kwargs.get("generation_config") or self.generation_config
+        configs = (kwargs.get("generation_config"), self.generation_config)
 
-        def option(name):  # this call's generation option: its keyword, else the generation config's
-            return kwargs[name] if name in kwargs else getattr(config, name, None)
+        def option(name):  # as generate merges them: the keyword, else the given config's value, else the model's
+            if name in kwargs:
+                return kwargs[name]
+            return next((v for v in (getattr(c, name, None) for c in configs) if v is not None), None)
 
         if option("cache_implementation") not in (None, "dynamic"):
             raise ValueError(f"cache_implementation={option('cache_implementation')!r}: a patched model keeps keys and "
                              "values in its own AdaptiveCache (executed layers and heads only, decode steps replayed "
                              "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
+        for name, given in (("latency_budget", latency_budget), ("execution_plan", execution_plan)):
+            if given is not None:
+                _check_request_generation(option, name)
         if latency_budget is not None:
-            if "use_cache" not in kwargs and "generation_config" not in kwargs and not self.generation_config.use_cache:
-                kwargs["use_cache"] = True  # the model's default (training checkpoints often save False): a budget needs it
+            models_default = "use_cache" not in kwargs and getattr(configs[0], "use_cache", None) is None
+            if models_default and not self.generation_config.use_cache:
+                kwargs["use_cache"] = True  # training checkpoints often save False: a budget needs the cache
             _check_budget_generation(option)
         prompts = next((t.shape[0] for t in (args[0] if args else None, kwargs.get("input_ids"),
                                              kwargs.get("inputs_embeds")) if isinstance(t, torch.Tensor)), None)
