@@ -165,9 +165,11 @@ def main() -> int:
         Autotuner.run = compile_every_config(compiler)
 
     import adaptive_kernels
+    from adaptive_kernels.models import llama
     from adaptive_kernels.ops import attention, norm, projections, rotary, swiglu
 
-    adaptive_kernels.check_backend = lambda name, device, dtype: None  # patch's check: CPU models stand in for CUDA ones
+    for module in (adaptive_kernels, llama):  # patch's and each call's check: CPU models stand in for CUDA ones
+        module.check_backend = lambda name, device, dtype: None
     for module in (attention, norm, projections, rotary, swiglu):  # ... and CPU tensors for CUDA ones
         if hasattr(module, "check_launch"):
             module.check_launch = lambda op, *tensors: None
