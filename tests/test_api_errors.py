@@ -47,8 +47,11 @@ def test_bad_budgets(model, inputs, budget):
 @pytest.mark.parametrize("inner", ["model", "language_model"])
 @pytest.mark.parametrize("name", ["latency_budget", "execution_plan"])
 def test_a_request_given_to_an_inner_module_is_refused(model, inputs, inner, name):
-    """Stock passes unknown keywords on to the decoder, which ran every unit: the request goes to the top."""
+    """Stock passes unknown keywords on to the decoder, which ran every unit: the request goes to the top (None,
+    no request, passes)."""
     request = {"latency_budget": 0.5, "execution_plan": ExecutionPlan.full(2, 8, 8)}[name]
+    with torch.no_grad():
+        model.model(**inputs, **{name: None})
     with pytest.raises(ValueError, match=f"{name} goes to the patched LLaVA model's forward or generate"):
         if inner == "model":
             model.model(**inputs, **{name: request})
@@ -156,6 +159,22 @@ def test_hooks_in_a_decoder_layer_are_refused(where, hook):
     with pytest.raises(ArgumentTypeError, match=f"layer 2{'.s ' + where if where else ''} has hooks"):
         ak.patch(model)
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
+
+
+def test_the_output_capturing_hooks_of_transformers_do_not_stop_patch():
+    """A stock call with hidden states puts transformers' output-capturing hooks on every layer, for good; they
+    record only inside a stock forward, so a model that carries them patches and computes as one that does not."""
+    carrying, fresh = tiny_llava(seed=4), tiny_llava(seed=4)
+    inputs = example_inputs(carrying, batch_size=2, seed=6)
+    with torch.no_grad():
+        carrying(**inputs, output_hidden_states=True)
+    assert carrying.model.language_model.layers[0]._forward_hooks  # what this test is about
+    ours, want = (ak.patch(m, "H", rank=2) for m in (carrying, fresh))
+    with torch.no_grad():
+        out, ref = (m(**inputs, latency_budget=0.6, output_hidden_states=True) for m in (ours, want))
+    assert torch.equal(out.logits, ref.logits)
+    for got, expected in zip(out.hidden_states, ref.hidden_states, strict=True):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"variant": "H", "rank": 3}, "rank"),
@@ -375,14 +394,11 @@ def test_the_models_generation_defaults_count_when_the_call_gives_a_config():
 
 
 @pytest.mark.parametrize("request_name", ["latency_budget", "execution_plan"])
-def test_generate_options_that_call_the_model_outside_the_request_are_refused(model, inputs, request_name):
-    """Classifier-free guidance runs its unconditional pass as a model call of its own (every unit on), and
-    transformers hands an assistant model the request's keywords too."""
+def test_classifier_free_guidance_is_refused_with_a_request(model, inputs, request_name):
+    """Guidance runs its unconditional pass as a model call of its own, outside the request: every unit on."""
     request = {"latency_budget": 0.6, "execution_plan": ExecutionPlan.full(2, 8, 8)}[request_name]
     with pytest.raises(ValueError, match=f"{request_name} does not combine with guidance_scale"):
         model.generate(**inputs, **{request_name: request}, guidance_scale=1.5, max_new_tokens=2)
-    with pytest.raises(ValueError, match=f"{request_name} does not combine with assistant_model"):
-        model.generate(**inputs, **{request_name: request}, assistant_model=model, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("budget", [None, 0.6])

@@ -92,6 +92,17 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+OUTPUT_CAPTURING = "transformers.utils.output_capturing"  # its hooks record outputs only for a stock forward
+
+
+def _foreign_hooks(module) -> list:
+    """``module``'s hooks but those transformers' output capturing installs (a stock call with hidden states or
+    attentions puts them on every layer for good; they record nothing while the patched decoder runs)."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values(),
+             *module._backward_pre_hooks.values(), *module._backward_hooks.values()]
+    return [hook for hook in hooks if getattr(hook, "__module__", None) != OUTPUT_CAPTURING]
+
+
 def check_layers(decoder) -> None:
     """``ArgumentTypeError`` unless every layer's projections are plain ``torch.nn.Linear`` modules with
     float weights of 16 bits or more, and no module of a layer (the layer included) has hooks: the
@@ -108,7 +119,7 @@ def check_layers(decoder) -> None:
                     f"weights; adaptive_kernels reads projection weights itself and takes plain torch.nn.Linear "
                     f"layers with weights in {[str(d) for d in WEIGHT_DTYPES]} (no quantised or adapter-wrapped ones)")
         for name, module in layer.named_modules():
-            if module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks or module._backward_hooks:
+            if _foreign_hooks(module):
                 where = f"layer {l}'s {name}" if name else f"layer {l}"
                 raise ArgumentTypeError(
                     f"model: {where} has hooks (torch.nn.utils.prune adds one to a projection); adaptive_kernels "
@@ -440,7 +451,7 @@ class AdaptiveDecoderMixin:
         runs dense and the scheduler plans from the token's hidden state. A call that continues the
         ``AdaptiveCache`` it returned decodes under that cache's plan. Returns ``BaseModelOutputWithPast``
         with the cache (None when not caching) under ``CACHE_FIELD``; ``request.plan`` is the plan run."""
-        misplaced = [name for name in ("latency_budget", "execution_plan") if name in kwargs]
+        misplaced = [name for name in ("latency_budget", "execution_plan") if kwargs.get(name) is not None]
         if misplaced:
             raise ValueError(f"{misplaced[0]} goes to the patched LLaVA model's forward or generate; its inner model "
                              "and language model take their request from there, and would run every unit")

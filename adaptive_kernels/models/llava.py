@@ -47,9 +47,6 @@ def _check_request_generation(option, name: str) -> None:
     if option("guidance_scale") not in (None, 1):
         raise ValueError(f"{name} does not combine with guidance_scale: classifier-free guidance runs its "
                          "unconditional pass as a model call of its own, outside the request, with every unit on")
-    if option("assistant_model") is not None:
-        raise ValueError(f"{name} does not combine with assistant_model: transformers hands the request's keywords "
-                         "to the assistant's generate too (prompt_lookup_num_tokens takes an execution_plan)")
 
 
 def _check_budget_generation(option) -> None:
