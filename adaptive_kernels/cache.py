@@ -71,14 +71,21 @@ class AdaptiveCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Forget cached positions: the last ``-tokens_to_remove`` of them (as ``generate`` calls it, with 0 or
         less), or, given a positive number, all but that many (transformers' older meaning, counted as
-        ``get_seq_length`` counts). Buffers keep their memory; later steps overwrite what was forgotten."""
+        ``get_seq_length`` counts). Buffers keep their memory; later steps overwrite what was forgotten.
+        ``ValueError`` for a crop that would keep a budget request's prompt without its latency token (the plan
+        was made from it); cropping every position is allowed (the next call starts a new request)."""
         if tokens_to_remove <= 0:
-            self.length = max(self.length + tokens_to_remove, 0)
-            return
-        keep = tokens_to_remove
-        if self.counting_input_ids and self.latency_index is not None and keep > self.latency_index:
-            keep += 1  # the latency token sits among the positions kept
-        self.length = min(self.length, keep)
+            keep = max(self.length + tokens_to_remove, 0)
+        else:
+            keep = tokens_to_remove
+            if self.counting_input_ids and self.latency_index is not None and keep > self.latency_index:
+                keep += 1  # the latency token sits among the positions kept
+            keep = min(self.length, keep)
+        if self.latency_index is not None and 0 < keep <= self.latency_index:
+            raise ValueError(f"crop: keeping {keep} of {self.length} cached positions would drop the latency token "
+                             f"(position {self.latency_index}, after the prompt) that this request's plan was made "
+                             f"from; keep at least {self.latency_index + 1}, or crop every position for a new request")
+        self.length = keep
 
     def reset(self) -> None:
         """Forget every position and free the buffers: the next forward with this cache is a new prefill

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import pickle
@@ -497,8 +498,8 @@ def test_cache_answers_the_cache_api_or_refuses(stock):
 
 
 @pytest.mark.parametrize("view,argument,kept_positions", [
-    (False, -3, 17), (False, 0, 20), (False, 12, 12), (False, 50, 20),
-    (True, -3, 17), (True, 15, 16), (True, 10, 10), (True, 5, 5), (True, 50, 20), (False, -25, 0), (True, -25, 0)])
+    (False, -3, 17), (False, 0, 20), (False, 12, 12), (False, 50, 20), (False, -9, 11),
+    (True, -3, 17), (True, 15, 16), (True, 11, 12), (True, 50, 20), (False, -25, 0), (True, -25, 0)])
 def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(view, argument, kept_positions):
     """20 filled positions, the latency token at 10: crop(-k) forgets the last k; crop(n > 0) keeps n as
     get_seq_length counts them, so in an input_id_view n input ids, with the latency token if it is among them;
@@ -513,6 +514,18 @@ def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(vie
     else:
         cache.crop(argument)
     assert cache.length == kept_positions
+
+
+@pytest.mark.parametrize("view,argument", [(False, -10), (False, -15), (False, 10), (False, 3), (True, 10), (True, 5)])
+def test_a_crop_that_would_drop_the_latency_token_is_refused(view, argument):
+    """The prompt kept without the latency token it was planned from: a continuation ran its new tokens one
+    position late under a plan no token had made (2e-2 off the request), and the cache miscounted after."""
+    cache = AdaptiveCache(2, latency_index=10)
+    cache.length = 20
+    with cache.input_id_view() if view else contextlib.nullcontext():
+        with pytest.raises(ValueError, match="crop: keeping .* would drop the latency token .* at least 11"):
+            cache.crop(argument)
+    assert cache.length == 20  # left as it was
 
 
 @pytest.mark.parametrize("variant", ["L", "H"])
