@@ -227,6 +227,10 @@ class ExecutionPlan:
     @classmethod
     def full(cls, batch_size: int, num_layers: int, num_heads: int, device=None) -> "ExecutionPlan":
         """A plan with every unit on (valid by construction: not checked, so no device sync)."""
+        for name, value in (("batch_size", batch_size), ("num_layers", num_layers), ("num_heads", num_heads)):
+            if not is_integer(value) or value < 1:
+                error = ValueError if is_integer(value) else ArgumentTypeError
+                raise error(f"ExecutionPlan.full: {name} must be a positive integer, got {value!r}")
         return cls._valid(torch.ones(batch_size, num_layers, dtype=torch.bool, device=device),
                           torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device),
                           torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device))
@@ -252,16 +256,34 @@ class ExecutionPlan:
         return plan
 
     def to(self, device) -> "ExecutionPlan":
-        """The same plan on ``device`` (checked when made, so not checked again: no device sync)."""
+        """The same plan on ``device`` (checked when made, so not checked again: no device sync); its masks
+        stay bool, so a dtype is refused."""
+        if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+            raise ArgumentTypeError(f"ExecutionPlan.to: device must be a torch.device, str or int (the masks stay "
+                                    f"bool), got {device!r}")
         return ExecutionPlan._valid(self.layers.to(device), self.heads.to(device), self.groups.to(device),
                                     self.shape, self.seq_len)
 
     def rows(self, index) -> "ExecutionPlan":
         """The plan of some batch rows: ``index`` is an int (one row, kept as a batch of one), a slice, or
         a list, tensor or bool mask of rows."""
+        if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
+            index = index.item()
         if is_integer(index):
+            if not -self.batch_size <= index < self.batch_size:
+                raise ValueError(f"ExecutionPlan.rows: index {index} is out of range for {self.batch_size} rows")
             index = [int(index)]
-        return ExecutionPlan(self.layers[index], self.heads[index], self.groups[index], shape=self.shape, seq_len=self.seq_len)
+        elif not isinstance(index, (slice, list, tuple, torch.Tensor)):
+            raise ArgumentTypeError(f"ExecutionPlan.rows: index must be an int, a slice, or a list, tensor or bool "
+                                    f"mask of rows, got {type(index).__name__}")
+        try:
+            layers = self.layers[index]
+        except (IndexError, TypeError, RuntimeError) as err:
+            message = f"ExecutionPlan.rows: index {index!r} does not select rows of {self.batch_size}: {err}"
+            raise ValueError(message) from None
+        if layers.dim() != 2 or len(layers) == 0:
+            raise ValueError(f"ExecutionPlan.rows: index {index!r} must select at least one row")
+        return ExecutionPlan(layers, self.heads[index], self.groups[index], shape=self.shape, seq_len=self.seq_len)
 
     def cost(self) -> torch.Tensor:
         """float64 [B]: the share of the full decoder's FLOPs this plan spends.
@@ -279,7 +301,10 @@ class ExecutionPlan:
         return spent / (full * self.num_layers)
 
     def summary(self, row: int = 0) -> str:
-        """One line: which layers run, and heads/groups on per executed layer."""
+        """One line: which layers run, and heads/groups on per executed layer, for batch row ``row``."""
+        if not is_integer(row) or not -self.batch_size <= row < self.batch_size:
+            error = ValueError if is_integer(row) else ArgumentTypeError
+            raise error(f"ExecutionPlan.summary: row must index one of the {self.batch_size} rows, got {row!r}")
         on = self.layers[row].nonzero().flatten().tolist()
         h = self.heads[row].sum(-1).tolist()
         g = self.groups[row].sum(-1).tolist()

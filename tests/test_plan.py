@@ -118,12 +118,35 @@ def test_a_plan_edited_in_place_is_checked_again_when_compiled():
 def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     layers, heads, groups = _masks(B=3)
     plan = ExecutionPlan(layers, heads, groups)
-    for index, picked in ((1, [1]), (-1, [2]), (slice(1, 3), [1, 2]), ([2, 0], [2, 0]),
+    for index, picked in ((1, [1]), (-1, [2]), (torch.tensor(2), [2]), (slice(1, 3), [1, 2]), ([2, 0], [2, 0]),
                           (torch.tensor([True, False, True]), [0, 2])):
         part = plan.rows(index)
         assert part.batch_size == len(picked)
         for got, whole in zip((part.layers, part.heads, part.groups), (layers, heads, groups)):
             assert torch.equal(got, whole[picked])
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda p: p.rows(3), ValueError, "rows: index 3 is out of range for 3 rows"),
+    (lambda p: p.rows([5]), ValueError, "rows: index .* does not select rows of 3"),
+    (lambda p: p.rows([]), ValueError, "rows: index .* must select at least one row"),
+    (lambda p: p.rows(slice(5, 9)), ValueError, "must select at least one row"),
+    (lambda p: p.rows("0"), ArgumentTypeError, "rows: index must be an int"),
+    (lambda p: p.rows(1.0), ArgumentTypeError, "rows: index must be an int"),
+    (lambda p: p.rows(None), ArgumentTypeError, "rows: index must be an int"),
+    (lambda p: p.summary(3), ValueError, "summary: row must index one of the 3 rows"),
+    (lambda p: p.summary(None), ArgumentTypeError, "summary: row"),
+    (lambda p: p.to(torch.float16), ArgumentTypeError, "to: device must be a torch.device, str or int"),
+    (lambda p: ExecutionPlan.full(2, 0, 8), ValueError, "full: num_layers must be a positive integer"),
+    (lambda p: ExecutionPlan.full(2, 8, -1), ValueError, "full: num_heads must be a positive integer"),
+    (lambda p: ExecutionPlan.full(2.0, 8, 8), ArgumentTypeError, "full: batch_size must be a positive integer")])
+def test_plan_methods_refuse_bad_arguments_by_name(call, error, message):
+    """They raised IndexError or torch's errors, returned plans of no rows, or made float masks (a later
+    request failed inside numpy) or plans the constructor refuses."""
+    plan = ExecutionPlan(*_masks(B=3))
+    with pytest.raises(error, match=message) as refused:
+        call(plan)
+    assert isinstance(refused.value, TypeError) == (error is ArgumentTypeError)
 
 
 def _brute_force_flops(heads, groups, S):
