@@ -9,10 +9,14 @@ to run the kernels on CPU tensors (slowly) in Triton's interpreter.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from ..errors import ArgumentTypeError
 
 try:
     import triton
@@ -75,6 +79,16 @@ def check_launch(op: str, *tensors: torch.Tensor) -> None:
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{op}: Triton kernels need CUDA tensors, got {device}; set TRITON_INTERPRET=1 before "
                          "importing adaptive_kernels to run them on the CPU, or use backend='torch'")
+
+
+def finite_float(op: str, name: str, value, minimum: float = -math.inf) -> float:
+    """``value``, a Python or NumPy real number, as a float: ``ArgumentTypeError`` for other types (a tensor,
+    a bool), ``ValueError`` unless it is finite and at least ``minimum``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    if not minimum <= float(value) < math.inf:
+        raise ValueError(f"{op}: {name} must be a finite number of at least {minimum}, got {value!r}")
+    return float(value)
 
 
 def call_directly(*tensors: torch.Tensor | None) -> bool:

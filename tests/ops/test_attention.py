@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -95,6 +96,11 @@ def test_bad_arguments_are_refused_by_name():
         with pytest.raises(error, match=message) as refused:
             head_sparse_attention(*args, 0.5)
         assert isinstance(refused.value, TypeError) == (error is wrong_type)
+    for scale, error in [(torch.tensor(0.5), wrong_type), (None, wrong_type), (float("nan"), wrong_value)]:
+        with pytest.raises(error, match="scale must be"):
+            head_sparse_attention(q, k, v, q_to_kv, valid, scale)
+    torch.testing.assert_close(head_sparse_attention(q, k, v, q_to_kv, valid, np.float32(0.375)),
+                               head_sparse_attention(q, k, v, q_to_kv, valid, 0.375), rtol=0, atol=0)
 
 
 def test_opcheck_and_flops():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -84,6 +85,18 @@ def test_mismatched_arguments_are_refused():
     for bad_x, bad_w in [(x.long(), randn(8, gen=gen)), (x.double(), randn(8, gen=gen)), (x, randn(8, gen=gen).double())]:
         with pytest.raises(ArgumentTypeError, match="x and weight must be float32, float16 or bfloat16"):
             rms_norm(bad_x, bad_w, 1e-6)
+
+
+def test_eps_is_a_finite_real_number_of_any_kind():
+    """A NumPy eps computes as the float (it failed inside the kernel); a tensor, None, nan, inf or a negative
+    eps is refused by name."""
+    gen = generator("eps")
+    x, w = randn(3, 40, gen=gen), randn(40, gen=gen)
+    torch.testing.assert_close(rms_norm(x, w, np.float32(1e-5)), rms_norm(x, w, float(np.float32(1e-5))), rtol=0, atol=0)
+    for eps, error in [(torch.tensor(1e-6), ArgumentTypeError), (None, ArgumentTypeError), (True, ArgumentTypeError),
+                       (float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError)]:
+        with pytest.raises(error, match="rms_norm: eps must be"):
+            rms_norm(x, w, eps)
 
 
 def test_opcheck():
