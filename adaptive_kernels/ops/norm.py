@@ -31,8 +31,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # ---------------------------------------------------------------------------------------------
 
 from ..errors import ArgumentTypeError  # noqa: E402
-from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, differentiate_by_reference, finite_float,  # noqa: E402
-                       jit, tl, unit_last_stride)
+from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, differentiate_by_reference,  # noqa: E402
+                       finite_float, jit, tl, unit_last_stride)
 
 MAX_D = 16384
 

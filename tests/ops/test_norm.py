@@ -92,7 +92,8 @@ def test_eps_is_a_finite_real_number_of_any_kind():
     eps is refused by name."""
     gen = generator("eps")
     x, w = randn(3, 40, gen=gen), randn(40, gen=gen)
-    torch.testing.assert_close(rms_norm(x, w, np.float32(1e-5)), rms_norm(x, w, float(np.float32(1e-5))), rtol=0, atol=0)
+    eps = np.float32(1e-5)
+    torch.testing.assert_close(rms_norm(x, w, eps), rms_norm(x, w, float(eps)), rtol=0, atol=0)
     for eps, error in [(torch.tensor(1e-6), ArgumentTypeError), (None, ArgumentTypeError), (True, ArgumentTypeError),
                        (float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError)]:
         with pytest.raises(error, match="rms_norm: eps must be"):
