@@ -62,6 +62,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _rms_norm_launch(x, weight, eps, residual=None):
     tensors = (x, weight) if residual is None else (x, weight, residual)
     check_launch("rms_norm", *tensors)
+    if x.dim() == 0:
+        raise ValueError("rms_norm: x must be [..., D], got a 0-d tensor")
     D = x.shape[-1]
     if x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES:
         raise ArgumentTypeError(f"rms_norm: x and weight must be float32, float16 or bfloat16, "

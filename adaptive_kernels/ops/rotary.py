@@ -61,6 +61,8 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, T, NH, HALF,
 
 def _rotary_launch(x, cos, sin):
     check_launch("rotary", x, cos, sin)
+    if x.dim() != 4:
+        raise ValueError(f"rotary: x must be [R, T, heads, d], got {tuple(x.shape)}")
     R, T, NH, d = x.shape
     if d % 2 or cos.shape != (R, T, d) or sin.shape != (R, T, d):
         raise ValueError(f"rotary: x must be [R, T, heads, d] with d even and cos, sin [R, T, d]; got x "

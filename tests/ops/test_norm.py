@@ -82,6 +82,8 @@ def test_mismatched_arguments_are_refused():
         rms_norm(x, randn(8, gen=gen), 1e-6, randn(2, 8, gen=gen, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"weight must be \[8\]"):
         rms_norm(x, randn(7, gen=gen), 1e-6)
+    with pytest.raises(ValueError, match="x must be .* got a 0-d tensor"):
+        rms_norm(x[0, 0], randn(1, gen=gen), 1e-6)
     for bad_x, bad_w in [(x.long(), randn(8, gen=gen)), (x.double(), randn(8, gen=gen)), (x, randn(8, gen=gen).double())]:
         with pytest.raises(ArgumentTypeError, match="x and weight must be float32, float16 or bfloat16"):
             rms_norm(bad_x, bad_w, 1e-6)
