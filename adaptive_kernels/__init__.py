@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .backends import BACKENDS, check_backend, default_backend, get_backend
-from .errors import ArgumentTypeError
+from .errors import ArgumentTypeError, refusal
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
 from .models.llama import check_layers, lay_out_reduction_weights, stack_qkv
@@ -22,18 +22,12 @@ __all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embed
 __version__ = "0.1.0"
 
 
-def _refusal(of_accepted_type: bool) -> type:
-    """The error for a refused argument: ``ValueError`` for a value of an accepted type (out of range),
-    ``ArgumentTypeError`` for one of another type."""
-    return ValueError if of_accepted_type else ArgumentTypeError
-
-
 def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     shape = text_model_shape(model)
     if variant not in VARIANTS:
-        raise _refusal(isinstance(variant, str))(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise refusal(isinstance(variant, str))(f"variant must be one of {VARIANTS}, got {variant!r}")
     if not is_integer(rank) or rank < 1:
-        raise _refusal(is_integer(rank))(f"rank must be a positive integer, got {rank!r}")
+        raise refusal(is_integer(rank))(f"rank must be a positive integer, got {rank!r}")
     rank = int(rank)
     if variant == "H" and shape.num_heads % rank:
         raise ValueError(f"rank must divide the {shape.num_heads} attention heads (variant H), got {rank}")
@@ -41,14 +35,14 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
         rank = 1  # L schedules whole layers: rank plays no part
     prefix = shape.num_layers // 2 if num_prefix_layers is None else num_prefix_layers
     if not is_integer(prefix) or not 0 <= prefix < shape.num_layers:
-        raise _refusal(is_integer(prefix))(
+        raise refusal(is_integer(prefix))(
             f"num_prefix_layers must be an integer in [0, {shape.num_layers - 1}], got {num_prefix_layers!r}")
     prefix = int(prefix)
     dtype = model.model.language_model.embed_tokens.weight.dtype
     if backend is None:
         backend = default_backend(model.device, dtype)
     if backend not in BACKENDS:
-        raise _refusal(isinstance(backend, str))(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        raise refusal(isinstance(backend, str))(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     check_backend(backend, model.device, dtype)
     return shape, variant, rank, prefix, backend
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .errors import ArgumentTypeError
+from .errors import ArgumentTypeError, refusal
 
 VARIANTS = ("L", "H")
 PAPER_RANK = 8  # the paper's H rank, meant for 32-head (7B) decoders: 4 units per layer
@@ -229,8 +229,8 @@ class ExecutionPlan:
         """A plan with every unit on (valid by construction: not checked, so no device sync)."""
         for name, value in (("batch_size", batch_size), ("num_layers", num_layers), ("num_heads", num_heads)):
             if not is_integer(value) or value < 1:
-                error = ValueError if is_integer(value) else ArgumentTypeError
-                raise error(f"ExecutionPlan.full: {name} must be a positive integer, got {value!r}")
+                raise refusal(is_integer(value))(
+                    f"ExecutionPlan.full: {name} must be a positive integer, got {value!r}")
         return cls._valid(torch.ones(batch_size, num_layers, dtype=torch.bool, device=device),
                           torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device),
                           torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device))
@@ -303,8 +303,8 @@ class ExecutionPlan:
     def summary(self, row: int = 0) -> str:
         """One line: which layers run, and heads/groups on per executed layer, for batch row ``row``."""
         if not is_integer(row) or not -self.batch_size <= row < self.batch_size:
-            error = ValueError if is_integer(row) else ArgumentTypeError
-            raise error(f"ExecutionPlan.summary: row must index one of the {self.batch_size} rows, got {row!r}")
+            raise refusal(is_integer(row))(
+                f"ExecutionPlan.summary: row must index one of the {self.batch_size} rows, got {row!r}")
         on = self.layers[row].nonzero().flatten().tolist()
         h = self.heads[row].sum(-1).tolist()
         g = self.groups[row].sum(-1).tolist()
