@@ -221,8 +221,15 @@ class ExecutionPlan:
         if not (layers.device == heads.device == groups.device):
             raise ValueError("ExecutionPlan.layers, .heads and .groups must be on one device")
         check_skipped_layers(layers, heads, groups, "ExecutionPlan")
+        if shape is not None and not (isinstance(shape, DecoderShape)
+                                      and (shape.num_layers, shape.num_heads) == (L, heads.shape[2])):
+            raise refusal(isinstance(shape, DecoderShape))(
+                f"ExecutionPlan: shape must be None or a DecoderShape of {L} layers and {heads.shape[2]} heads, "
+                f"got {shape!r}")
+        if seq_len is not None and not (is_integer(seq_len) and seq_len >= 1):
+            raise refusal(is_integer(seq_len))(f"ExecutionPlan: seq_len must be None or a positive integer, got {seq_len!r}")
         self.shape = shape
-        self.seq_len = seq_len
+        self.seq_len = None if seq_len is None else int(seq_len)
 
     @classmethod
     def full(cls, batch_size: int, num_layers: int, num_heads: int, device=None) -> "ExecutionPlan":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 
 import numpy as np
@@ -139,7 +140,12 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     (lambda p: p.to(torch.float16), ArgumentTypeError, "to: device must be a torch.device, str or int"),
     (lambda p: ExecutionPlan.full(2, 0, 8), ValueError, "full: num_layers must be a positive integer"),
     (lambda p: ExecutionPlan.full(2, 8, -1), ValueError, "full: num_heads must be a positive integer"),
-    (lambda p: ExecutionPlan.full(2.0, 8, 8), ArgumentTypeError, "full: batch_size must be a positive integer")])
+    (lambda p: ExecutionPlan.full(2.0, 8, 8), ArgumentTypeError, "full: batch_size must be a positive integer"),
+    (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, seq_len=0), ValueError, "seq_len must be None or a positive"),
+    (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, seq_len=7.0), ArgumentTypeError, "seq_len must be None"),
+    (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=(4, 8)), ArgumentTypeError, "shape must be None or a Dec"),
+    (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=dataclasses.replace(SHAPE, num_layers=5)), ValueError,
+     "DecoderShape of 4 layers and 6 heads")])
 def test_plan_methods_refuse_bad_arguments_by_name(call, error, message):
     """They raised IndexError or torch's errors, returned plans of no rows, or made float masks (a later
     request failed inside numpy) or plans the constructor refuses."""
