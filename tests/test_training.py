@@ -69,21 +69,40 @@ def test_training_with_projection_biases_is_the_masked_computation():
     torch.testing.assert_close(logits.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    """Recomputing layers in the backward pass (gradient checkpointing) changes memory, not results."""
+def counted(method, runs: list, i: int):
+    """``method``, adding one to ``runs[i]`` per call."""
+    def call(*args, **kwargs):
+        runs[i] += 1
+        return method(*args, **kwargs)
+    return call
+
+
+def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_loss_and_gradients():
+    """Recomputing layers in the backward pass (gradient checkpointing) changes memory, not results; the
+    scheduled layers of budget training (forward_masked) are recomputed too, as transformers does forward."""
     stock = tiny_llava(seed=3)
     inputs = example_inputs(stock, batch_size=2, seed=6)
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == stock.config.image_token_id, -100)
     plan = ak.plan(ak.patch(copy.deepcopy(stock), "H", rank=2), latency_budget=[0.6, 0.9], **inputs)
+    num_layers = stock.config.text_config.num_hidden_layers
+    prefix = num_layers // 2  # patch's default number of always-on layers
     for given in ({"execution_plan": plan}, {"latency_budget": [0.6, 0.9]}):
         results = []
         for checkpointed in (False, True):
             model = ak.patch(copy.deepcopy(stock), "H", rank=2).train()
             if checkpointed:  # transformers 5.2x's name, else the older one
                 (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            runs = [0] * num_layers  # runs of each layer's forward_masked (the scheduled layers in budget training)
+            for i, layer in enumerate(model.model.language_model.layers):
+                layer.forward_masked = counted(layer.forward_masked, runs, i)
             torch.manual_seed(0)  # the same Gumbel draws
             out = model(**inputs, labels=labels, **given)
+            forward_runs = list(runs)
             out.loss.backward()
+            recomputed = [after - before for after, before in zip(runs, forward_runs)]
+            assert recomputed == (forward_runs if checkpointed else [0] * num_layers), (given.keys(), checkpointed)
+            if "latency_budget" in given:
+                assert forward_runs == [0] * prefix + [1] * (num_layers - prefix)
             results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
         (loss, grads), (loss_checkpointed, grads_checkpointed) = results
         torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)

@@ -374,8 +374,10 @@ def run_sampled_layers(layers, x, masks, variant: str, cos, sin, kv_valid, shape
     sizes = torch.tensor(shape.group_sizes, device=x.device)
     for k, layer in enumerate(layers):
         neurons_on = groups_on[:, k].repeat_interleave(sizes, dim=-1)
-        x = layer.forward_masked(x, layer_on[:, k], heads_on[:, k], neurons_on, bias_on[:, k], cos, sin, kv_valid,
-                                 shape)
+        step = layer.forward_masked
+        if layer.gradient_checkpointing and layer.training:  # recomputed in backward, as transformers does forward
+            step = functools.partial(layer._gradient_checkpointing_func, layer.forward_masked)
+        x = step(x, layer_on[:, k], heads_on[:, k], neurons_on, bias_on[:, k], cos, sin, kv_valid, shape)
         if hidden is not None:
             hidden.append(x)
     return x
