@@ -91,16 +91,27 @@ def finite_float(op: str, name: str, value, minimum: float = -math.inf) -> float
     return float(value)
 
 
+def check_tensors(op: str, optional: tuple[str, ...] = (), **arguments) -> None:
+    """``ArgumentTypeError`` naming the first of ``arguments`` (name=value) that is not a tensor; those
+    named in ``optional`` may be None."""
+    for name, value in arguments.items():
+        if not (isinstance(value, torch.Tensor) or (value is None and name in optional)):
+            accepted = "a tensor or None" if name in optional else "a tensor"
+            raise ArgumentTypeError(f"{op}: {name} must be {accepted}, got {type(value).__name__}")
+
+
 def call_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether a public op may launch its kernel without going through its custom op.
 
     The custom op is what ``torch.compile``, dispatch modes (``FlopCounterMode``, fake tensors) and
     autograd see; in plain eager inference none of them is there, and the dispatcher's round trip
     through Python (about 17 us a call on a 2-core CPU, seven calls per layer) is pure host time.
+    Meta tensors (shapes only) go through the custom op, to its fake kernel.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    grad = torch.is_grad_enabled()
+    return not any(t is not None and (t.is_meta or (grad and t.requires_grad)) for t in tensors)
 
 
 def differentiate_by_reference(op, reference) -> None:
@@ -121,9 +132,10 @@ def differentiate_by_reference(op, reference) -> None:
             for i in wanted:
                 inputs[i] = inputs[i].detach().requires_grad_()
             out = reference(*inputs)
-            pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grads) if g is not None]
+            pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grads)
+                     if g is not None and o.requires_grad]  # an output made of no input (zeros) has no gradient
             found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                        allow_unused=True)
+                                        allow_unused=True) if pairs else [None] * len(wanted)
         result = [None] * len(inputs)
         for i, g in zip(wanted, found):
             result[i] = g

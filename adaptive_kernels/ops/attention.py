@@ -43,8 +43,8 @@ from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
 from ..errors import ArgumentTypeError  # noqa: E402
 from ._library import (FLOAT_DTYPES, INDEX_DTYPES, active_count, autotune, bucket, call_directly, cdiv,  # noqa: E402
-                       check_launch, differentiate_by_reference, dot_precision, finite_float, jit, launch, num_sms,
-                       tl)
+                       check_launch, check_tensors, differentiate_by_reference, dot_precision, finite_float, jit,
+                       launch, num_sms, tl)
 
 
 
@@ -237,6 +237,7 @@ def head_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_t
     ``torch.ops.adaptive_kernels.head_sparse_attention``; FLOPs counted: 4*T*Tk*d per active q
     head (q_to_kv >= 0).
     """
+    check_tensors("head_sparse_attention", q=q, k=k, v=v, q_to_kv=q_to_kv, kv_valid=kv_valid)
     scale = finite_float("head_sparse_attention", "scale", scale)
     if call_directly(q, k, v):
         return _attention_launch(q, k, v, q_to_kv, kv_valid, scale)

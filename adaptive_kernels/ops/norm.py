@@ -31,8 +31,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # ---------------------------------------------------------------------------------------------
 
 from ..errors import ArgumentTypeError  # noqa: E402
-from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, differentiate_by_reference,  # noqa: E402
-                       finite_float, jit, tl, unit_last_stride)
+from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, check_tensors,  # noqa: E402
+                       differentiate_by_reference, finite_float, jit, tl, unit_last_stride)
 
 MAX_D = 16384
 
@@ -119,6 +119,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     with a residual; rounded as ``rms_norm_reference``. Triton; the custom ops
     ``torch.ops.adaptive_kernels.rms_norm`` and ``::add_rms_norm``.
     """
+    check_tensors("rms_norm", ("residual",), x=x, weight=weight, residual=residual)
     eps = finite_float("rms_norm", "eps", eps, minimum=0.0)
     if residual is None:
         if call_directly(x, weight):

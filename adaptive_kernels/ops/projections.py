@@ -83,7 +83,7 @@ def check_gather_args(op: str, act_name: str, act, weight, index_name: str, inde
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import (active_count, autotune, bucket, call_directly, cdiv, check_launch,  # noqa: E402
+from ._library import (active_count, autotune, bucket, call_directly, cdiv, check_launch, check_tensors,  # noqa: E402
                        differentiate_by_reference, dot_precision, jit, launch, num_sms, tl)
 
 
@@ -400,6 +400,7 @@ def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     ``torch.ops.adaptive_kernels.gather_rows_linear``; FLOPs counted: 2*T*D per listed row (padding
     counts 0).
     """
+    check_tensors("gather_rows_linear", ("bias",), x=x, weight=weight, rows=rows, bias=bias)
     if call_directly(x, weight, bias):
         return _rows_launch("gather_rows_linear", x, weight, rows, bias)
     return torch.ops.adaptive_kernels.gather_rows_linear(x, weight, rows, bias)
@@ -414,6 +415,7 @@ def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
     ``torch.ops.adaptive_kernels.gather_cols_linear``; FLOPs counted: 2*T*D per listed column
     (padding counts 0).
     """
+    check_tensors("gather_cols_linear", a=a, weight=weight, cols=cols)
     if call_directly(a, weight):
         return _cols_launch(a, weight, cols)
     return torch.ops.adaptive_kernels.gather_cols_linear(a, weight, cols)

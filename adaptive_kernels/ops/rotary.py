@@ -26,8 +26,8 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 # ---------------------------------------------------------------------------------------------
 
 from ..errors import ArgumentTypeError  # noqa: E402
-from ._library import (FLOAT_DTYPES, bucket, call_directly, cdiv, check_launch, differentiate_by_reference, jit,  # noqa: E402
-                       tl, unit_last_stride)
+from ._library import (FLOAT_DTYPES, bucket, call_directly, cdiv, check_launch, check_tensors,  # noqa: E402
+                       differentiate_by_reference, jit, tl, unit_last_stride)
 
 
 @jit
@@ -104,6 +104,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     x [R, T, nh, d] (any strides, d even); cos, sin [R, T, d], x's dtype -> [R, T, nh, d], rounded
     as ``rotary_reference``. Triton; the custom op ``torch.ops.adaptive_kernels.rotary``.
     """
+    check_tensors("rotary", x=x, cos=cos, sin=sin)
     if call_directly(x, cos, sin):
         return _rotary_launch(x, cos, sin)
     return torch.ops.adaptive_kernels.rotary(x, cos, sin)

@@ -29,7 +29,7 @@ def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import active_count, call_directly, differentiate_by_reference  # noqa: E402
+from ._library import active_count, call_directly, check_tensors, differentiate_by_reference  # noqa: E402
 from .projections import _rows_launch, check_rows_launch  # noqa: E402
 
 DECODE_TOKENS = 16
@@ -38,6 +38,7 @@ one token: 68 us against 77 us for cuBLAS's two products and two elementwise ker
 
 
 def _swiglu_launch(x, w_gate, w_up, rows):
+    check_tensors("gathered_swiglu", w_up=w_up)  # the custom op passes a None w_up on, which would mean ungated
     if rows is not None:
         return _rows_launch("gathered_swiglu", x, w_gate, rows, None, w_up)
     every = torch.arange(w_gate.shape[0], device=x.device).expand(x.shape[0], -1)
@@ -76,6 +77,7 @@ def gathered_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, r
     there. The custom op ``torch.ops.adaptive_kernels.gathered_swiglu``; FLOPs counted: 4*T*D per
     listed neuron (the two products; padding counts 0).
     """
+    check_tensors("gathered_swiglu", ("rows",), x=x, w_gate=w_gate, w_up=w_up, rows=rows)
     if call_directly(x, w_gate, w_up):
         return _swiglu_launch(x, w_gate, w_up, rows)
     return torch.ops.adaptive_kernels.gathered_swiglu(x, w_gate, w_up, rows)

@@ -1,13 +1,21 @@
-"""When the public ops skip their custom op's dispatch (plain eager inference) and when they must not."""
+"""The public ops' shared plumbing: when they skip their custom op's dispatch (plain eager inference) and
+when they must not, which arguments they refuse before anything runs, and small arithmetic helpers."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops._library import bucket, call_directly, cdiv
+from adaptive_kernels.ops.attention import head_sparse_attention
+from adaptive_kernels.ops.norm import rms_norm
+from adaptive_kernels.ops.projections import gather_cols_linear, gather_rows_linear
+from adaptive_kernels.ops.rotary import rotary
+from adaptive_kernels.ops.swiglu import gathered_swiglu
 
 
 def test_direct_calls_only_where_nothing_watches_the_custom_op():
@@ -37,3 +45,66 @@ def test_cdiv_is_the_ceiling_of_the_quotient():
     for a in range(201):
         for b in range(1, 33):
             assert cdiv(a, b) == math.ceil(a / b) == -(-a // b), (a, b)
+
+
+def _valid_calls() -> dict:
+    """Each public op with small valid arguments: name -> (op, tensor arguments by name, other arguments,
+    the tensor arguments that may be None)."""
+    g = torch.Generator().manual_seed(7)
+    R, T, D, N, nq, nkv, d = 2, 3, 8, 6, 4, 2, 4
+    x, rows = torch.randn(R, T, D, generator=g), torch.tensor([[0, 2, 5, -1], [1, 1, 3, 4]])
+    return {
+        "gather_rows_linear": (gather_rows_linear, dict(x=x, weight=torch.randn(N, D, generator=g), rows=rows,
+                                                        bias=torch.randn(N, generator=g)), {}, ("bias",)),
+        "gather_cols_linear": (gather_cols_linear, dict(a=torch.randn(R, T, 4, generator=g),
+                                                        weight=torch.randn(D, N, generator=g), cols=rows), {}, ()),
+        "gathered_swiglu": (gathered_swiglu, dict(x=x, w_gate=torch.randn(N, D, generator=g),
+                                                  w_up=torch.randn(N, D, generator=g), rows=rows), {}, ("rows",)),
+        "head_sparse_attention": (head_sparse_attention, dict(
+            q=torch.randn(R, T, nq, d, generator=g), k=torch.randn(R, nkv, 5, d, generator=g),
+            v=torch.randn(R, nkv, 5, d, generator=g), q_to_kv=torch.tensor([[0, 0, 1, -1], [1, 0, 1, 0]]),
+            kv_valid=torch.tensor([[True] * 5, [False, True, True, True, True]])), dict(scale=0.5), ()),
+        "rms_norm": (rms_norm, dict(x=x, weight=torch.randn(D, generator=g),
+                                    residual=torch.randn(R, T, D, generator=g)), dict(eps=1e-6), ("residual",)),
+        "rotary": (rotary, dict(x=torch.randn(R, T, nq, d, generator=g), cos=torch.randn(R, T, d, generator=g),
+                                sin=torch.randn(R, T, d, generator=g)), {}, ()),
+    }
+
+
+@pytest.mark.parametrize("name,argument", [(name, argument) for name, (_, tensors, _, _) in _valid_calls().items()
+                                           for argument in tensors])
+def test_public_ops_refuse_an_argument_that_is_not_a_tensor_by_name(name, argument):
+    """A list or NumPy array (and None where a tensor is required) ended in an AttributeError, or a misleading
+    device error; gathered_swiglu took w_up=None for an ungated product and returned the gate projection."""
+    op, tensors, others, optional = _valid_calls()[name]
+    value = tensors[argument]
+    for bad in [value.tolist(), value.numpy()] + ([] if argument in optional else [None]):
+        with pytest.raises(ArgumentTypeError, match=f"{name}: {argument} must be a tensor"):
+            op(**{**tensors, argument: bad}, **others)
+
+
+def test_the_swiglu_custom_op_refuses_a_missing_up_weight():
+    """torch.ops passes None on for the op's non-optional w_up: it was read as an ungated product."""
+    _, tensors, _, _ = _valid_calls()["gathered_swiglu"]
+    with pytest.raises(ArgumentTypeError, match="gathered_swiglu: w_up must be a tensor"):
+        torch.ops.adaptive_kernels.gathered_swiglu(tensors["x"], tensors["w_gate"], None, tensors["rows"])
+
+
+@pytest.mark.parametrize("name", list(_valid_calls()))
+def test_public_ops_on_meta_tensors_give_the_shapes_of_a_real_call(name):
+    """Meta tensors go to the custom op's fake kernel (they reached the Triton launch and failed there)."""
+    op, tensors, others, _ = _valid_calls()[name]
+    real = op(**tensors, **others)
+    meta = op(**{k: v.to("meta") for k, v in tensors.items()}, **others)
+    for got, want in zip(meta if isinstance(meta, tuple) else (meta,), real if isinstance(real, tuple) else (real,)):
+        assert got.is_meta and (got.shape, got.dtype) == (want.shape, want.dtype)
+
+
+def test_attention_with_no_key_value_head_has_zero_gradients():
+    """With no kv head every output is 0 and made of no input: backward failed on its missing graph."""
+    q = torch.randn(2, 3, 4, 8, requires_grad=True)
+    k = v = torch.randn(2, 0, 5, 8)
+    out = head_sparse_attention(q, k, v, torch.full((2, 4), -1), torch.ones(2, 5, dtype=torch.bool), 0.5)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert q.grad is None or torch.equal(q.grad, torch.zeros_like(q))
