@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -294,6 +295,33 @@ def test_inputs_off_the_model_device_passed_positionally_are_refused_by_name(mod
     if name == "input_ids":  # generate's first parameter is called inputs
         with pytest.raises(ValueError, match="inputs is on meta, but the model is on cpu"):
             model.generate(args[0], pixel_values=args[1], attention_mask=args[2], latency_budget=0.6, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("labels,error,got", [
+    (lambda ids: ids[0], ValueError, r"got \(\d+,\)"), (lambda ids: ids[..., None], ValueError, r"got \(2, \d+, 1\)"),
+    (lambda ids: ids[:, 1:], ValueError, r"got \(2, \d+\)"), (lambda ids: ids.tolist(), ArgumentTypeError, "got list")])
+def test_labels_not_of_the_prompts_shape_are_refused_by_name_under_a_budget(model, inputs, labels, error, got):
+    """They ended in an IndexError, an AttributeError, torch.cat's error, or a size mismatch counting the latency
+    token the caller never passed."""
+    S = inputs["input_ids"].shape[1]
+    with pytest.raises(error, match=rf"labels must be a tensor of the prompt's \[batch, tokens\] \(2, {S}\).*{got}"):
+        model(**inputs, labels=labels(inputs["input_ids"]), latency_budget=0.6)
+
+
+def test_arguments_passed_by_position_are_read_as_by_name(model, inputs):
+    """Labels passed by position under a budget were not padded for the latency token (a size mismatch);
+    too many arguments, or one given twice, get Python's TypeError as stock forward does."""
+    names = list(inspect.signature(LlavaForConditionalGeneration.forward).parameters)[1:]  # stock's order
+    names = names[:names.index("labels") + 1]
+    values = inputs | {"labels": inputs["input_ids"]}
+    positional = [values.get(name) for name in names]
+    with torch.no_grad():
+        by_name = model(**values, latency_budget=[0.6, 0.8]).loss
+        assert torch.equal(model(*positional, latency_budget=[0.6, 0.8]).loss, by_name)
+    with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+        model(inputs["input_ids"], input_ids=inputs["input_ids"], latency_budget=0.6)
+    with pytest.raises(TypeError, match="positional arguments"):
+        model(*positional, *[None] * 10, latency_budget=0.6)
 
 
 def test_numpy_integers_are_integers(model, inputs):

@@ -18,7 +18,7 @@ from transformers import LlavaForConditionalGeneration
 
 from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, check_plan, serving
 from ..cache import AdaptiveCache
-from ..errors import ArgumentTypeError
+from ..errors import ArgumentTypeError, refusal
 from ..generation import greedy_running_ahead, runs_ahead
 from ..plan import ExecutionPlan, resolve_budgets
 from ..scheduler import save_scheduler_weights
@@ -36,9 +36,29 @@ def _extended_signature(stock_forward) -> inspect.Signature:
     return inspect.Signature(plain + ours + var_kw)
 
 
-def _pad_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels for the prompt plus the latency token, which predicts nothing: append -100."""
+def _pad_labels(labels, inputs: dict) -> torch.Tensor:
+    """Labels for the prompt plus the latency token, which predicts nothing: -100 appended. A ``ValueError``
+    unless they are a tensor of the prompt's [batch, tokens] (``inputs``: forward's arguments by name)."""
+    prompt = next((inputs[n] for n in ("input_ids", "inputs_embeds") if inputs.get(n) is not None), None)
+    expected = None if prompt is None else tuple(prompt.shape[:2])
+    is_tensor = isinstance(labels, torch.Tensor)
+    if not is_tensor or (expected is not None and tuple(labels.shape) != expected):
+        raise refusal(is_tensor)(
+            f"labels must be a tensor of the prompt's [batch, tokens] {expected} (a latency budget appends the "
+            f"latency token's -100 itself), got {tuple(labels.shape) if is_tensor else type(labels).__name__}")
     return torch.cat([labels, labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
+def _by_name(names: list[str], args: tuple, kwargs: dict) -> dict:
+    """A call's arguments all by name (``names``: the positional parameters, in order); ``TypeError`` as
+    Python's for too many or twice given."""
+    if len(args) > len(names):
+        raise TypeError(f"forward() takes {len(names)} positional arguments but {len(args)} were given")
+    given = dict(zip(names, args))
+    twice = sorted(given.keys() & kwargs.keys())
+    if twice:
+        raise TypeError(f"forward() got multiple values for argument {twice[0]!r}")
+    return given | kwargs
 
 
 def _check_request_generation(option, name: str) -> None:
@@ -88,14 +108,15 @@ def _adaptive_llava_class(stock: type) -> type:
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def forward(self, *args, latency_budget=None, execution_plan=None, **kwargs):
-        check_input_devices(self, dict(zip(positional, args)) | kwargs)
+        kwargs = _by_name(positional, args, kwargs)
+        check_input_devices(self, kwargs)
         lm = self.model.language_model
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         prefill = not (isinstance(cache, AdaptiveCache) and cache.length > 0)
         if latency_budget is not None and prefill and kwargs.get("labels") is not None:
-            kwargs["labels"] = _pad_labels(kwargs["labels"])
+            kwargs["labels"] = _pad_labels(kwargs["labels"], kwargs)
         with serving(lm, Request(latency_budget=latency_budget, execution_plan=execution_plan)):
-            return stock.forward(self, *args, **kwargs)
+            return stock.forward(self, **kwargs)
 
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
         check_input_devices(self, dict(zip(("inputs",), args)) | kwargs)
