@@ -130,6 +130,15 @@ class _Adapter(torch.nn.Module):  # stands for a LoRA-wrapped projection: the ba
         return self.base_layer(x) + self.delta(x)
 
 
+def test_a_model_with_fewer_layers_than_its_config_says_is_refused():
+    """Plans count the config's layers: a plan's missing layers were silently not run, and its cost counted them."""
+    model = tiny_llava()
+    del model.model.language_model.layers[3]
+    with pytest.raises(ValueError, match="has 7 decoder layers, its config num_hidden_layers=8"):
+        ak.patch(model)
+    assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
+
+
 @pytest.mark.parametrize("wrap", ["adapter", "float8", "pruned", "hooked"])
 def test_projections_the_executor_cannot_read_are_refused(wrap):
     """The executor reads projection weights itself: a wrapped, quantised or hooked one would be computed wrong."""

@@ -108,7 +108,12 @@ def check_layers(decoder) -> None:
     float weights of 16 bits or more, and no module of a layer (the layer included) has hooks: the
     executor reads projection weights itself and runs a layer's parts without calling them, so a
     quantised, adapter-wrapped or hooked (``torch.nn.utils.prune``) projection would be computed wrong,
-    and a hook on a layer, its attention, MLP or norms would not be called, not refused later."""
+    and a hook on a layer, its attention, MLP or norms would not be called, not refused later. ``ValueError``
+    for fewer layers than the config's ``num_hidden_layers``, which plans count."""
+    if len(decoder.layers) < decoder.config.num_hidden_layers:
+        raise ValueError(f"model: its language model has {len(decoder.layers)} decoder layers, its config "
+                         f"num_hidden_layers={decoder.config.num_hidden_layers}; plans count the config's layers, so "
+                         "set num_hidden_layers to the layers there are")
     for l, layer in enumerate(decoder.layers):
         for name in PROJECTIONS:
             module = layer.get_submodule(name)
