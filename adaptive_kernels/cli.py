@@ -3,9 +3,9 @@
     adaptive-kernels                      # built-in tiny random LLaVA, no download
     adaptive-kernels --model PATH --device cuda --budgets 1.0 0.6
 
-For each (variant, budget) it prints the plan, its FLOP cost and the median wall time of a greedy
-``generate``, then writes ``results.csv`` and ``latency_vs_budget.png`` (measured next to the
-ideal: latency at budget 1.0 times the plan's cost) to ``--out``.
+For each (variant, budget) it prints the plan, its FLOP cost and the median wall time of a plain greedy
+``generate`` (a checkpoint's own generation settings are not used), then writes ``results.csv`` and
+``latency_vs_budget.png`` (measured next to the ideal: latency at budget 1.0 times the plan's cost) to ``--out``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="adaptive-kernels sweep [options] runs the end-to-end latency sweep instead (adaptive-kernels sweep "
                "--help).")
     p.add_argument("--model", type=Path, metavar="PATH",
-                   help="local Hugging Face LLaVA checkpoint folder (default: the built-in tiny random LLaVA)")
+                   help="local Hugging Face LLaVA checkpoint folder (default: the built-in tiny random LLaVA); "
+                        "decoding is plain greedy: the checkpoint's own generation settings are not used")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="V",
@@ -169,12 +170,14 @@ def _check_model(parser, path: Path) -> None:
 
 
 def _check_image(parser, path: Path) -> None:
-    """``parser.error`` unless Pillow can read the image at ``path``."""
+    """``parser.error`` unless Pillow can read the image at ``path``, its pixel data included."""
     try:
         from PIL import Image
 
         with Image.open(path) as image:
-            image.verify()
+            image.verify()  # the file's structure
+        with Image.open(path) as image:
+            image.load()  # its pixel data, which verify() does not decode in a JPEG (a truncated one passes)
     except ImportError:
         parser.error("argument --image: reading an image needs Pillow (pip install pillow)")
     except (OSError, SyntaxError, ValueError) as error:
@@ -182,13 +185,21 @@ def _check_image(parser, path: Path) -> None:
 
 
 def _check_out(parser, out: Path) -> None:
-    """Make the folder ``out``, or ``parser.error`` when it cannot be one (before anything is timed)."""
+    """Make the folder ``out``, or ``parser.error`` when it cannot be one or a file cannot be created in it
+    (before anything is timed)."""
+    import tempfile
+
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"argument --out: cannot make the folder {out} ({error.strerror or error})")
+    try:
+        with tempfile.TemporaryFile(dir=out):  # removed on closing
+            pass
+    except OSError as error:
+        parser.error(f"argument --out: the folder {out} cannot be written ({error.strerror or error})")
 
 
 def _has_processor(path: Path) -> bool:
@@ -199,11 +210,15 @@ def _has_processor(path: Path) -> bool:
 
 
 def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, seed: int) -> dict:
-    """Inputs from the checkpoint's own processor: one image and one question."""
+    """Inputs from the checkpoint's own processor: one image and one question; ``OptionError`` naming --model
+    where the processor cannot be loaded or cannot make them."""
     import numpy as np
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as error:
+        raise OptionError(f"argument --model: cannot load the processor of {path} ({error})") from error
     image_token = getattr(processor, "image_token", "<image>")
     if image_token in prompt:
         raise OptionError(f"argument --prompt: holds the image token {image_token!r}; give the question only (the "
@@ -220,7 +235,11 @@ def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, s
         text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     else:
         text = f"USER: {image_token}\n{prompt} ASSISTANT:"
-    batch = processor(images=image, text=text, return_tensors="pt")
+    try:
+        batch = processor(images=image, text=text, return_tensors="pt")
+    except (TypeError, ValueError) as error:  # e.g. a LlavaProcessor without patch_size (no processor_config.json)
+        raise OptionError(f"argument --model: the processor of {path} cannot make inputs from an image and a "
+                          f"question ({type(error).__name__}: {error})") from error
     inputs = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -242,6 +261,7 @@ def load(args) -> tuple:
             model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
         except (OSError, ValueError, RuntimeError, SafetensorError) as error:
             raise OptionError(f"argument --model: cannot load {args.model} ({error})") from error
+        model.generation_config = _plain_generation_config(model.generation_config)
         name, rank = str(args.model), PAPER_RANK
     model = model.to(device=args.device, dtype=dtype)
     if args.model is not None and _has_processor(args.model):
@@ -249,6 +269,15 @@ def load(args) -> tuple:
     else:
         inputs = example_inputs(model, batch_size=1, seed=args.seed)
     return model, inputs, name, rank
+
+
+def _plain_generation_config(config):
+    """transformers' default ``GenerationConfig`` with ``config``'s special token ids only: the job times plain
+    greedy decoding, whatever beams, penalties or lengths a checkpoint's generation_config.json sets."""
+    from transformers import GenerationConfig
+
+    special = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return GenerationConfig(**{name: getattr(config, name) for name in special})
 
 
 def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repeats: int, device: str):

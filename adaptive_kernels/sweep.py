@@ -31,9 +31,11 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from . import ExecutionPlan, graph_safe, latency_embedding, patch, plan, unpatch
+from .backends import BACKENDS
+from .errors import refusal
 from .models import text_model_shape
 from .models.llama import plan_from_masks
-from .plan import PAPER_RANK, compile_plan
+from .plan import PAPER_RANK, VARIANTS, compile_plan, is_integer, resolve_budgets
 from .models.llava import prompt_embeddings
 from .sliced import mask_hooks, sliced_stock
 from .tiny import TINY_RANK, example_inputs, tiny_llava
@@ -254,10 +256,35 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     budget, or compiled stock) prints its traceback and the sweep goes on: one broken path costs only
     its own rows. Then ``SweepIncomplete`` is raised at the end, after the plot. ``threads``: torch's CPU
     threads meanwhile (None: 1 on the CPU, where the tiny model's timings are otherwise contention noise;
-    torch's default on CUDA)."""
+    torch's default on CUDA). Bad arguments are refused up front (``_check_arguments``)."""
+    _check_arguments(variants, backends, budgets, new_tokens, repeats)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with cpu_threads(threads if threads is not None or device == "cuda" else 1):
         return _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress)
+
+
+def _check_arguments(variants, backends, budgets, new_tokens: int, repeats: int) -> None:
+    """``ValueError`` naming the argument unless ``variants`` is a non-empty list or tuple of names from
+    ``VARIANTS``, ``backends`` None or such a list of names from ``BACKENDS``, ``budgets`` a non-empty list
+    or tuple of budgets in (0, 1] and ``new_tokens`` and ``repeats`` positive integers
+    (``ArgumentTypeError``, a ``ValueError`` too, for a value of another type)."""
+    _check_names("variants", variants, VARIANTS)
+    if backends is not None:
+        _check_names("backends", backends, BACKENDS)
+    if not isinstance(budgets, (list, tuple)) or not budgets:
+        raise refusal(isinstance(budgets, (list, tuple)))(
+            f"budgets must be a non-empty list or tuple of floats in (0, 1], got {budgets!r}")
+    resolve_budgets(budgets, len(budgets), "budgets")
+    for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
+        if not (is_integer(value) and value >= 1):
+            raise refusal(is_integer(value))(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_names(name: str, values, accepted: tuple) -> None:
+    """``ValueError`` naming ``name`` unless ``values`` is a non-empty list or tuple of names from ``accepted``."""
+    if not isinstance(values, (list, tuple)) or not values or not all(v in accepted for v in values):
+        raise refusal(isinstance(values, (list, tuple)))(
+            f"{name} must be a non-empty list or tuple of names from {accepted}, got {values!r}")
 
 
 def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):
@@ -476,7 +503,8 @@ def targets_table(ratios: list[dict]) -> str:
 
 def write_records(rows: list[Row], out_dir, stem: str) -> None:
     """The rows as ``<stem>.csv`` and ``<stem>.json``, their budget adherence as ``<stem>-adherence.json`` and
-    their target ratios as ``<stem>-targets.json``."""
+    their target ratios as ``<stem>-targets.json``; ``ValueError`` for no rows."""
+    _check_rows(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [asdict(r) for r in rows]
@@ -486,6 +514,12 @@ def write_records(rows: list[Row], out_dir, stem: str) -> None:
         writer.writerows(records)
     for suffix, values in (("", records), ("-adherence", budget_adherence(rows)), ("-targets", target_ratios(rows))):
         (out / f"{stem}{suffix}.json").write_text(json.dumps(_json_safe(values), indent=1, allow_nan=False))
+
+
+def _check_rows(rows: list[Row]) -> None:
+    """``ValueError`` naming ``rows`` where there are none: an empty table or plot says nothing."""
+    if not rows:
+        raise ValueError("rows is empty: there is nothing to write or plot")
 
 
 def _json_safe(records: list[dict]) -> list[dict]:
@@ -514,7 +548,8 @@ def pyplot(skipped: str):
 
 def plot_rows(rows: list[Row], path: Path) -> Path | None:
     """Prefill and decode latency versus budget per variant and backend, with the ideal lines, as a PNG
-    at ``path``; None without matplotlib."""
+    at ``path``; None without matplotlib. ``ValueError`` for no rows."""
+    _check_rows(rows)
     plt = pyplot("the sweep's plot (its rows are written)")
     if plt is None:
         return None

@@ -33,13 +33,25 @@ def tiny_llava(seed: int = 0, **sizes) -> LlavaForConditionalGeneration:
     return model
 
 
+def image_token_count(model) -> int:
+    """The image tokens one image fills in ``model``'s prompt: the positions of its vision tower's embeddings
+    (CLIP: the patches and a class token; SigLIP: the patches), less the first under the feature selection
+    ``"default"``, which drops it (``"full"`` keeps them all). ``ValueError`` for a tower without them."""
+    tower = model.model.vision_tower
+    embeddings = next((m for m in tower.modules() if hasattr(m, "num_positions")), None)
+    if embeddings is None:
+        raise ValueError(f"model: cannot count the image tokens of its {type(tower).__name__} vision tower, which has "
+                         "no embeddings with num_positions (CLIP's or SigLIP's)")
+    return embeddings.num_positions - (model.config.vision_feature_select_strategy == "default")
+
+
 def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int = 0, pad: list[int] | None = None) -> dict:
-    """Random prompts: two text tokens, the image tokens, then the rest of the text.
+    """Random prompts: two text tokens, the image tokens (``image_token_count``), then the rest of the text.
 
     ``pad`` gives the number of left-padding positions per row (default none).
     """
     config = model.config
-    image_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    image_tokens = image_token_count(model)
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(1, config.image_token_id, (batch_size, text_tokens), generator=g)
     ids = torch.cat([text[:, :2], torch.full((batch_size, image_tokens), config.image_token_id), text[:, 2:]], dim=1)

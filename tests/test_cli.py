@@ -17,6 +17,7 @@ import torch
 
 import adaptive_kernels as ak
 from adaptive_kernels.cli import CSV_NAME, PNG_NAME, _check_args, build_parser, main
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.tiny import TINY_RANK, example_inputs, tiny_llava
 from oracles import fed_latency_token
@@ -177,6 +178,41 @@ def test_model_path_with_processor(tmp_path, capsys):
     assert "argument --prompt: holds the image token '<image>'" in capsys.readouterr().err
 
 
+def test_checkpoint_generation_settings_are_not_used(default_run, tmp_path):
+    """The job decodes plain greedy whatever the checkpoint's generation_config.json says: beam search and a
+    repetition penalty there leave the ids those of the built-in model with the same weights."""
+    import json
+
+    _, builtin, _ = default_run
+    tiny_llava().save_pretrained(tmp_path / "ckpt")
+    settings = tmp_path / "ckpt" / "generation_config.json"
+    settings.write_text(json.dumps(json.loads(settings.read_text()) | {"num_beams": 3, "repetition_penalty": 5.0}))
+    rows, _ = run_main(["--model", str(tmp_path / "ckpt"), "--rank", "2", "--variants", "L", "--budgets", "1.0", "0.6",
+                        "--out", str(tmp_path / "out"), *FAST])
+    assert len(rows) == 2
+    for r in rows:
+        (same,) = [b for b in builtin if b["variant"] == "L" and b["budget"] == r["budget"]]
+        assert r["tokens"] == same["tokens"]
+
+
+def test_processor_that_cannot_make_inputs_is_refused_naming_model(tmp_path, capsys):
+    """A tokenizer and an image processor without processor_config.json: transformers makes a LlavaProcessor that
+    does not know its patch size, which cannot expand the image token. The job exits naming --model."""
+    from transformers import CLIPImageProcessor
+
+    tiny_llava().save_pretrained(tmp_path / "ckpt")
+    word_tokenizer().save_pretrained(tmp_path / "ckpt")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    image_processor.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "ckpt"), "--variants", "L", "--budgets", "1.0", "--out", str(tmp_path / "out"),
+              *FAST])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert f"argument --model: the processor of {tmp_path / 'ckpt'} cannot make inputs" in err, err
+    assert not (tmp_path / "out" / CSV_NAME).exists()
+
+
 def test_scheduler_file_is_used(default_run, tmp_path):
     _, builtin, _ = default_run
     model = ak.patch(tiny_llava(), "L", rank=2)
@@ -235,15 +271,21 @@ def test_seed_takes_both_ends_of_its_range(seed):
 
 
 def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
+    image_module = pytest.importorskip("PIL.Image")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"neither an image nor a safetensors file\n" * 8)
+    pixels = torch.randint(0, 256, (64, 48, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image_module.fromarray(pixels.numpy()).save(tmp_path / "whole.jpg")
+    jpeg = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # its header whole, half its pixel data
     out = str(tmp_path / "out")
     for argv, says in ((["--image", str(junk), "--out", out], "argument --image"),
+                       (["--image", str(tmp_path / "truncated.jpg"), "--out", out], "argument --image"),
                        (["--scheduler", str(junk), "--variants", "L", "--out", out], "is not a safetensors file"),
                        (["--out", str(junk)], "argument --out")):
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *FAST])
-        assert exit_info.value.code not in (0, None)
+        assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
     assert not (tmp_path / "out" / CSV_NAME).exists()
@@ -269,6 +311,21 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["sweep", "--out", str(tmp_path / "file" / "out")])
     assert "argument --out: cannot make the folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs a folder no one can write files in, /proc")
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_timing(tmp_path, capsys):
+    """/proc takes no files, even from root (whom file modes do not stop): the main job and the sweep refuse it
+    as --out before timing anything."""
+    for argv in (["--variants", "L", "--budgets", "1.0", *FAST],
+                 ["sweep", "--device", "cpu", "--variants", "L", "--budgets", "1.0", "--new-tokens", "1", "--repeats",
+                  "1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", "/proc"])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and "Traceback" not in captured.err, captured.err
+        assert "argument --out: the folder /proc cannot be written" in captured.err, captured.err
+        assert "latency" not in captured.out
 
 
 def test_unloadable_weights_and_output_files_that_are_folders_exit_naming_the_option(tmp_path, capsys):
@@ -319,6 +376,7 @@ def test_python_m_help():
     for option in ("--model", "--device", "--dtype", "--variants", "--budgets", "--rank", "--max-new-tokens",
                    "--repeats", "--backend", "--scheduler", "--out"):
         assert option in done.stdout
+    assert "the checkpoint's own generation settings are not used" in " ".join(done.stdout.split())
 
 
 def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
@@ -731,6 +789,27 @@ def test_adherence_needs_the_latency_at_budget_one():
     assert budget_adherence(rows) == []
 
 
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_example_inputs_hold_one_image_token_per_image_feature(strategy):
+    """Under either feature selection (CLIP's class token dropped by "default", kept by "full") each prompt holds as
+    many image tokens as the model makes features of its image, and the model runs on it."""
+    model = tiny_llava()
+    model.config.vision_feature_select_strategy = strategy
+    inputs = example_inputs(model, batch_size=2)
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert len(features[0]) == 16 + (strategy == "full")  # 4x4 patches of 7 px in 28 px, and the class token
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [len(f) for f in features]
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
+def test_example_inputs_refuse_a_vision_tower_they_cannot_count_the_image_tokens_of():
+    model = tiny_llava()
+    del model.model.vision_tower.embeddings.num_positions  # as a tower with no position table would be
+    with pytest.raises(ValueError, match="^model: cannot count the image tokens"):
+        example_inputs(model)
+
+
 def test_load_builds_the_tiny_model_and_inputs_from_the_seed_in_the_dtype_given():
     from adaptive_kernels.cli import load
 
@@ -773,6 +852,42 @@ def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path
     assert timed == [(2, 2)]
     assert [(r["budget"], r["repeats"], r["max_new_tokens"]) for r in rows] == [("0.5", "2", str(NEW_TOKENS))]
     assert "cpu threads 2 |" in printed
+
+
+@pytest.mark.parametrize("bad, named, error", [
+    ({"repeats": 0}, "repeats", ValueError),
+    ({"new_tokens": 0}, "new_tokens", ValueError),
+    ({"new_tokens": 2.0}, "new_tokens", ArgumentTypeError),
+    ({"variants": ("X",)}, "variants", ValueError),
+    ({"variants": ()}, "variants", ValueError),
+    ({"variants": "L"}, "variants", ArgumentTypeError),
+    ({"backends": ("torch", "X")}, "backends", ValueError),
+    ({"budgets": (1.0, 1.5)}, "budgets", ValueError),
+    ({"budgets": ()}, "budgets", ValueError),
+    ({"budgets": 0.5}, "budgets", ArgumentTypeError),
+])
+def test_sweep_refuses_bad_arguments_before_building_the_model(bad, named, error, tmp_path, monkeypatch):
+    from adaptive_kernels import sweep as sweep_module
+
+    def build_model(device, dtype):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(sweep_module, "build_model", build_model)
+    good = dict(device="cpu", variants=("L",), budgets=(1.0,), new_tokens=1, repeats=1, out_dir=tmp_path,
+                progress=False)
+    with pytest.raises(error, match=rf"^{named} "):
+        sweep_module.sweep(**(good | bad))
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_records_and_plot_refuse_no_rows(tmp_path):
+    from adaptive_kernels.sweep import plot_rows, write_records
+
+    with pytest.raises(ValueError, match="^rows is empty"):
+        write_records([], tmp_path, "sweep")
+    with pytest.raises(ValueError, match="^rows is empty"):
+        plot_rows([], tmp_path / "sweep.png")
+    assert not any(tmp_path.iterdir())
 
 
 def test_sweep_subcommand_passes_its_options_to_the_sweep(tmp_path, monkeypatch, capsys):
