@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentTypeError
-from ._library import FLOAT_DTYPES, INDEX_DTYPES
+from ._library import FLOAT_DTYPES, INDEX_DTYPES, check_tensors
 
 
 def gather_rows_linear_reference(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
@@ -47,9 +47,7 @@ def check_gather_args(op: str, act_name: str, act, weight, index_name: str, inde
 
     ``act_name`` "x": rows-side (weight [N, D] with D = x's last size); "a": cols-side (cols [R, n]
     with n = a's last size)."""
-    for name, t in ((act_name, act), (weight_name, weight), (index_name, index)):
-        if not isinstance(t, torch.Tensor):
-            raise ArgumentTypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    check_tensors(op, ("bias",), **{act_name: act, weight_name: weight, index_name: index, "bias": bias})
     if act.dim() != 3 or weight.dim() != 2 or index.dim() != 2:
         raise ValueError(f"{op}: {act_name} must be 3-D, {weight_name} and {index_name} 2-D; got {act_name} "
                          f"{tuple(act.shape)}, {weight_name} {tuple(weight.shape)}, {index_name} {tuple(index.shape)}")
@@ -83,7 +81,7 @@ def check_gather_args(op: str, act_name: str, act, weight, index_name: str, inde
 
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
-from ._library import (active_count, autotune, bucket, call_directly, cdiv, check_launch, check_tensors,  # noqa: E402
+from ._library import (active_count, autotune, bucket, call_directly, cdiv, check_launch,  # noqa: E402
                        differentiate_by_reference, dot_precision, jit, launch, num_sms, tl)
 
 
