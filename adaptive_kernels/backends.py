@@ -1,7 +1,8 @@
 """Backends: which implementation of the gathered ops the patched model calls.
 
-The model code calls only the functions of a ``Backend``; ``"torch"`` runs the plain
-PyTorch references (anywhere; the speed baseline), ``"triton"`` the Triton kernels (default on
+The model code calls only the functions of a ``Backend``; ``"torch"`` runs plain PyTorch
+(anywhere; the speed baseline: the references, but for products that read weight runs as views,
+``ops.runs``, outside graph-safe requests), ``"triton"`` the Triton kernels (default on
 CUDA), ``"cuda"`` the csrc extension's decode GEMV where it applies and Triton elsewhere (CUDA
 only; built on first use). A backend changes speed, never results.
 """
@@ -13,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from .ops import attention, norm, projections, rotary, swiglu
+from .graphs import runs_graph_safe
+from .ops import attention, norm, projections, rotary, runs, swiglu
 from .ops._library import FLOAT_DTYPES, HAS_TRITON, INTERPRET
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -34,10 +36,24 @@ class Backend:
     rotary: Callable
 
 
+@dataclass(frozen=True)
+class _ByRuns:
+    """A product computed ``by_runs`` (weight runs read as views; the index values read on the host), or
+    ``gathered`` (a copy of the listed weight rows) where a request reads nothing back to the host
+    (``graph_safe``, capture)."""
+
+    by_runs: Callable
+    gathered: Callable
+
+    def __call__(self, x, *args):
+        return self.gathered(x, *args) if runs_graph_safe(x) else self.by_runs(x, *args)
+
+
 def _torch_backend() -> Backend:
-    return Backend("torch", projections.gather_rows_linear_reference, projections.gather_cols_linear_reference,
-                   swiglu.gathered_swiglu_reference, attention.head_sparse_attention_reference,
-                   norm.rms_norm_reference, rotary.rotary_reference)
+    return Backend("torch", _ByRuns(runs.rows_linear_by_runs, projections.gather_rows_linear_reference),
+                   _ByRuns(runs.cols_linear_by_runs, projections.gather_cols_linear_reference),
+                   _ByRuns(runs.swiglu_by_runs, swiglu.gathered_swiglu_reference),
+                   attention.head_sparse_attention_reference, norm.rms_norm_reference, rotary.rotary_reference)
 
 
 def _triton_backend() -> Backend:

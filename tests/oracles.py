@@ -8,6 +8,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaModel, LlavaForConditionalGeneration
 
 import adaptive_kernels as ak
@@ -69,3 +70,22 @@ def stock_of_shape(seed: int, num_heads: int, num_kv_heads: int, hidden_size: in
             if name.endswith(".bias"):
                 torch.nn.init.normal_(bias.data, std=0.5)
     return stock
+
+
+class WeightCopies(TorchDispatchMode):
+    """While on, records in ``copies`` the copying ops (indexing, gathers, clones, casts) that read the storage
+    of one of ``weights``."""
+
+    COPYING = {"aten::index", "aten::index_select", "aten::gather", "aten::take", "aten::clone", "aten::_to_copy",
+               "aten::copy_", "aten::masked_select"}
+
+    def __init__(self, weights):
+        super().__init__()
+        self.storages = {w.untyped_storage().data_ptr() for w in weights}
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.COPYING and any(isinstance(t, torch.Tensor) and
+                                                     t.untyped_storage().data_ptr() in self.storages for t in args):
+            self.copies.append(func._schema.name)
+        return func(*args, **(kwargs or {}))

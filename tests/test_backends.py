@@ -12,7 +12,7 @@ import torch
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.graphs import DecodeGraph
-from adaptive_kernels.ops import swiglu
+from adaptive_kernels.ops import runs, swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
@@ -58,8 +58,8 @@ def test_every_layer_with_a_neuron_on_runs_the_fused_swiglu(monkeypatch):
     """hidden_act="silu" (transformers' own SiLU module): gate, up and activation run as the backend's one SwiGLU
     op, once per layer that a row runs with a neuron on, and the forward is the masked computation."""
     calls = []
-    reference = swiglu.gathered_swiglu_reference
-    monkeypatch.setattr(swiglu, "gathered_swiglu_reference", lambda *args: calls.append(1) or reference(*args))
+    by_runs = runs.swiglu_by_runs  # the torch backend's SwiGLU outside graph-safe requests
+    monkeypatch.setattr(runs, "swiglu_by_runs", lambda *args: calls.append(1) or by_runs(*args))
     stock = tiny_llava(seed=21, num_layers=4)
     inputs = example_inputs(stock, batch_size=3, text_tokens=5, seed=24, pad=[0, 2, 1])
     plan = _plan(3, 4, 8, seed=25, device="cpu")
@@ -205,22 +205,32 @@ def test_plan_on_the_wrong_device_is_refused():
         model(**inputs, execution_plan=ExecutionPlan.full(1, 8, 8))
 
 
-def test_each_backend_is_made_of_its_own_ops():
-    """"torch" is the PyTorch references, "triton" the Triton ops, every one of them (a reference standing in
-    for a kernel gives the same results, so only this shows it)."""
+def test_each_backend_is_made_of_its_own_ops(monkeypatch):
+    """"triton" is the Triton ops, every one of them; "torch" the PyTorch references, but for the products, which
+    read weight runs as views (ops.runs) outside graph-safe requests (a reference standing in for a kernel
+    gives the same results, so only this shows it)."""
     from adaptive_kernels.backends import get_backend
     from adaptive_kernels.ops import attention, norm, projections, rotary
-    fields = ("rows_linear", "cols_linear", "swiglu", "attention", "rms_norm", "rotary")
-    want = {"torch": (projections.gather_rows_linear_reference, projections.gather_cols_linear_reference,
-                      swiglu.gathered_swiglu_reference, attention.head_sparse_attention_reference,
-                      norm.rms_norm_reference, rotary.rotary_reference),
-            "triton": (projections.gather_rows_linear, projections.gather_cols_linear, swiglu.gathered_swiglu,
-                       attention.head_sparse_attention, norm.rms_norm, rotary.rotary)}
-    for name, ops in want.items():
-        backend = get_backend(name)
-        assert backend.name == name
-        for field, op in zip(fields, ops, strict=True):
-            assert getattr(backend, field) is op, (name, field)
+    triton = get_backend("triton")
+    for field, op in (("rows_linear", projections.gather_rows_linear), ("cols_linear", projections.gather_cols_linear),
+                      ("swiglu", swiglu.gathered_swiglu), ("attention", attention.head_sparse_attention),
+                      ("rms_norm", norm.rms_norm), ("rotary", rotary.rotary)):
+        assert getattr(triton, field) is op, field
+    products = {"rows_linear": (runs, "rows_linear_by_runs", projections, "gather_rows_linear_reference"),
+                "cols_linear": (runs, "cols_linear_by_runs", projections, "gather_cols_linear_reference"),
+                "swiglu": (runs, "swiglu_by_runs", swiglu, "gathered_swiglu_reference")}
+    for field, (by_runs_module, by_runs, gathered_module, gathered) in products.items():
+        monkeypatch.setattr(by_runs_module, by_runs, lambda *args, name=by_runs: name)
+        monkeypatch.setattr(gathered_module, gathered, lambda *args, name=gathered: name)
+    torch_backend = get_backend("torch")
+    x = torch.zeros(1)
+    for field, (_, by_runs, _, gathered) in products.items():
+        assert getattr(torch_backend, field)(x) == by_runs, field
+        with ak.graph_safe():
+            assert getattr(torch_backend, field)(x) == gathered, field
+    for field, op in (("attention", attention.head_sparse_attention_reference), ("rms_norm", norm.rms_norm_reference),
+                      ("rotary", rotary.rotary_reference)):
+        assert getattr(torch_backend, field) is op, field
 
 
 def test_triton_backend_lays_out_reduction_weights_once_and_unpatch_restores_them():

@@ -27,7 +27,7 @@ from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
-from oracles import CACHE_KWARG, cache_of, fed_latency_token, stock_decode_logits
+from oracles import CACHE_KWARG, WeightCopies, cache_of, fed_latency_token, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -457,6 +457,18 @@ def test_skipped_layers_are_never_called(stock):
     greedy(model, inputs, n=4, latency_budget=0.6)
     for l in range(L):
         assert (calls[l] > 0) == bool(plan.layers[0, l]), (l, calls)
+
+
+def test_no_weight_is_copied_per_call(stock):
+    """Invariant 2 on the torch backend too: a plan's partial layers (variant H) read their weight runs as views."""
+    model = patched(stock, "H", backend="torch")
+    inputs = example_inputs(stock, batch_size=2, seed=8)
+    plan = ak.plan(model, latency_budget=[0.6, 0.8], **inputs)
+    assert not (plan.heads.all(-1) & plan.groups.all(-1) | ~plan.layers).all()  # some layer runs in part
+    watched = WeightCopies(model.model.language_model.layers.parameters())
+    with watched:
+        greedy(model, inputs, n=3, latency_budget=[0.6, 0.8])
+    assert watched.copies == []
 
 
 def test_compiled_forward_gives_the_eager_result(stock):

@@ -1,0 +1,77 @@
+"""The torch backend's products by weight runs against the references, and that they copy no weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_kernels.ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
+from adaptive_kernels.ops.runs import cols_linear_by_runs, index_runs, rows_linear_by_runs, swiglu_by_runs
+from adaptive_kernels.ops.swiglu import gathered_swiglu_reference
+
+from oracles import WeightCopies
+
+from ._util import generator, index_lists, randn
+
+D, N = 19, 23
+KINDS = ["runs", "scattered", "shifted", "all"]
+
+
+def _runs_by_definition(row: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of one list, entry by entry: a run continues while an entry is the one before it plus one."""
+    runs = []
+    for at, value in enumerate(row):
+        if value < 0:
+            continue
+        if runs and runs[-1][0] + runs[-1][2] == at and runs[-1][1] + runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((at, value, 1))
+    return runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_runs_are_the_maximal_runs_of_consecutive_entries(kind):
+    gen = generator("index runs", kind)
+    rows = index_lists([17, 4, 0, 23], N, gen, kind, unit=3)
+    rows[1, 1] = rows[1, 0]  # a duplicate breaks a run
+    assert index_runs(rows) == [_runs_by_definition(r) for r in rows.tolist()]
+    assert index_runs(torch.tensor([[0, 1, 2, -1, 3, 4], [7, 8, -1, -1, 9, 5]])) == [[(0, 0, 3), (4, 3, 2)],
+                                                                                     [(0, 7, 2), (4, 9, 1), (5, 5, 1)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_products_by_runs_equal_the_references_and_their_gradients(kind, dtype):
+    gen = generator("by runs", kind, dtype)
+    T = 5
+    index = index_lists([17, 4, 0], N, gen, kind, unit=3)
+    x = randn(3, T, D, gen=gen, dtype=dtype).requires_grad_()
+    a = randn(3, T, index.shape[1], gen=gen, dtype=dtype).requires_grad_()
+    w, w_up = randn(N, D, gen=gen, dtype=dtype).requires_grad_(), randn(N, D, gen=gen, dtype=dtype).requires_grad_()
+    bias = randn(N, gen=gen, dtype=dtype).requires_grad_()
+    cases = [(rows_linear_by_runs, gather_rows_linear_reference, (x, w, index, bias)),
+             (cols_linear_by_runs, gather_cols_linear_reference, (a, w.t(), index)),
+             (swiglu_by_runs, gathered_swiglu_reference, (x, w, w_up, index)),
+             (swiglu_by_runs, gathered_swiglu_reference, (x, w, w_up, None))]
+    for by_runs, reference, args in cases:
+        got, want = by_runs(*args), reference(*args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        inputs = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+        upstream = torch.randn(want.shape, generator=gen, dtype=dtype)
+        for g, h in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+            torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
+
+
+def test_products_by_runs_copy_no_weight():
+    gen = generator("no copies")
+    index = index_lists([11, 6], N, gen, "runs", unit=3)
+    x, w, w_up, bias = (randn(2, 4, D, gen=gen), randn(N, D, gen=gen), randn(N, D, gen=gen), randn(N, gen=gen))
+    a = randn(2, 4, index.shape[1], gen=gen)
+    watched = WeightCopies([w, w_up, bias])
+    with watched:
+        rows_linear_by_runs(x, w, index, bias), cols_linear_by_runs(a, w.t(), index), swiglu_by_runs(x, w, w_up, index)
+    assert watched.copies == []
+    with watched:  # the check sees the references' copies
+        gather_rows_linear_reference(x, w, index, bias)
+    assert "aten::index" in watched.copies
