@@ -183,6 +183,9 @@ def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
         raise ArgumentTypeError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {what}")
     if mask.dim() != dims:
         raise ValueError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {mask.dim()} dims")
+    if mask.is_meta:
+        raise ValueError(f"ExecutionPlan.{name} is on the meta device, which holds no values; make it on the "
+                         "model's device (or the CPU)")
     return mask
 
 

@@ -142,6 +142,7 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     (lambda p: ExecutionPlan.full(2, 8, -1), ValueError, "full: num_heads must be a positive integer"),
     (lambda p: ExecutionPlan.full(2.0, 8, 8), ArgumentTypeError, "full: batch_size must be a positive integer"),
     (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, seq_len=0), ValueError, "seq_len must be None or a positive"),
+    (lambda p: ExecutionPlan(p.layers.to("meta"), p.heads, p.groups), ValueError, "layers is on the meta device"),
     (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, seq_len=7.0), ArgumentTypeError, "seq_len must be None"),
     (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=(4, 8)), ArgumentTypeError, "shape must be None or a Dec"),
     (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=dataclasses.replace(SHAPE, num_layers=5)), ValueError,
