@@ -23,7 +23,8 @@ def index_runs(index: torch.Tensor) -> list[list[tuple[int, int, int]]]:
     on = values >= 0
     continues = np.zeros_like(on)  # the entry extends the run of the one before it
     continues[:, 1:] = on[:, 1:] & on[:, :-1] & (values[:, 1:] == values[:, :-1] + 1)
-    starts, ends = on & ~continues, on & ~np.pad(continues[:, 1:], ((0, 0), (0, 1)))
+    starts, ends = on & ~continues, on.copy()
+    ends[:, :-1] &= ~continues[:, 1:]  # the next entry does not extend the run
     return [[(b, int(values[r, b]), e - b + 1) for b, e in zip(np.flatnonzero(starts[r]).tolist(),
                                                                    np.flatnonzero(ends[r]).tolist())]
             for r in range(values.shape[0])]

@@ -38,6 +38,7 @@ def test_index_runs_are_the_maximal_runs_of_consecutive_entries(kind):
     assert index_runs(rows) == [_runs_by_definition(r) for r in rows.tolist()]
     assert index_runs(torch.tensor([[0, 1, 2, -1, 3, 4], [7, 8, -1, -1, 9, 5]])) == [[(0, 0, 3), (4, 3, 2)],
                                                                                      [(0, 7, 2), (4, 9, 1), (5, 5, 1)]]
+    assert index_runs(torch.zeros(2, 0, dtype=torch.int64)) == [[], []]  # lists of no entries
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
