@@ -11,7 +11,7 @@ from adaptive_kernels.ops.swiglu import gathered_swiglu_reference
 
 from oracles import WeightCopies
 
-from ._util import generator, index_lists, randn
+from ._util import check, generator, index_lists, randn
 
 D, N = 19, 23
 KINDS = ["runs", "scattered", "shifted", "all"]
@@ -62,6 +62,34 @@ def test_products_by_runs_equal_the_references_and_their_gradients(kind, dtype):
         upstream = torch.randn(want.shape, generator=gen, dtype=dtype)
         for g, h in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
             torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_products_by_runs_are_within_rounding_of_the_exact_ones(dtype):
+    """Many runs (scattered entries): the column products sum theirs in float32 and round once."""
+    gen = generator("half by runs", dtype)
+    index = index_lists([23, 15], N, gen, "scattered")
+    x, w, w_up, bias = (randn(*shape, gen=gen, dtype=dtype) for shape in ((2, 3, D), (N, D), (N, D), (N,)))
+    a = randn(2, 3, index.shape[1], gen=gen, dtype=dtype)
+    cases = [(rows_linear_by_runs, gather_rows_linear_reference, (x, w, index, bias)),
+             (cols_linear_by_runs, gather_cols_linear_reference, (a, w.t(), index)),
+             (swiglu_by_runs, gathered_swiglu_reference, (x, w, w_up, index))]
+    for by_runs, reference, args in cases:
+        exact = [t.double() if t.is_floating_point() else t for t in args]  # the same values, no rounding
+        check(by_runs(*args), reference(*exact).float(), dtype)
+
+
+def test_products_by_runs_under_autocast_give_autocasts_dtype():
+    """As F.linear and the references: bfloat16 products of float32 inputs under CPU autocast."""
+    gen = generator("autocast by runs")
+    index = index_lists([7, 3], N, gen, "runs", unit=3)
+    x, w, w_up, a = randn(2, 3, D, gen=gen), randn(N, D, gen=gen), randn(N, D, gen=gen), randn(2, 3, 7, gen=gen)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        for got, want in ((rows_linear_by_runs(x, w, index), gather_rows_linear_reference(x, w, index)),
+                          (cols_linear_by_runs(a, w.t(), index), gather_cols_linear_reference(a, w.t(), index)),
+                          (swiglu_by_runs(x, w, w_up, index), gathered_swiglu_reference(x, w, w_up, index))):
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), atol=4e-2, rtol=4e-2)
 
 
 def test_products_by_runs_copy_no_weight():
