@@ -15,7 +15,7 @@ from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
 from .models.llama import check_layers, lay_out_reduction_weights, stack_qkv
 from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
-from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, is_integer, resolve_budgets
+from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, check_positive_integer, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
 __all__ = ["ExecutionPlan", "patch", "unpatch", "save_scheduler", "latency_embedding", "plan", "graph_safe"]
@@ -26,8 +26,7 @@ def _options(model, variant, rank, num_prefix_layers, backend) -> tuple:
     shape = text_model_shape(model)
     if variant not in VARIANTS:
         raise refusal(isinstance(variant, str))(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if not is_integer(rank) or rank < 1:
-        raise refusal(is_integer(rank))(f"rank must be a positive integer, got {rank!r}")
+    check_positive_integer("rank", rank)
     rank = int(rank)
     if variant == "H" and shape.num_heads % rank:
         raise ValueError(f"rank must divide the {shape.num_heads} attention heads (variant H), got {rank}")

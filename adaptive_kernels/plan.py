@@ -67,6 +67,13 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_positive_integer(name: str, value) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an integer of at least 1 (``ArgumentTypeError`` for
+    another type)."""
+    if not is_integer(value) or value < 1:
+        raise refusal(is_integer(value))(f"{name} must be a positive integer, got {value!r}")
+
+
 def _budget_value(value, name: str) -> float:
     """One budget as a Python float: a real number, not a bool; a numpy scalar by its shortest decimal."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -230,7 +237,8 @@ class ExecutionPlan:
                 f"ExecutionPlan: shape must be None or a DecoderShape of {L} layers and {heads.shape[2]} heads, "
                 f"got {shape!r}")
         if seq_len is not None and not (is_integer(seq_len) and seq_len >= 1):
-            raise refusal(is_integer(seq_len))(f"ExecutionPlan: seq_len must be None or a positive integer, got {seq_len!r}")
+            raise refusal(is_integer(seq_len))(
+                f"ExecutionPlan: seq_len must be None or a positive integer, got {seq_len!r}")
         self.shape = shape
         self.seq_len = None if seq_len is None else int(seq_len)
 
@@ -238,9 +246,7 @@ class ExecutionPlan:
     def full(cls, batch_size: int, num_layers: int, num_heads: int, device=None) -> "ExecutionPlan":
         """A plan with every unit on (valid by construction: not checked, so no device sync)."""
         for name, value in (("batch_size", batch_size), ("num_layers", num_layers), ("num_heads", num_heads)):
-            if not is_integer(value) or value < 1:
-                raise refusal(is_integer(value))(
-                    f"ExecutionPlan.full: {name} must be a positive integer, got {value!r}")
+            check_positive_integer(f"ExecutionPlan.full: {name}", value)
         return cls._valid(torch.ones(batch_size, num_layers, dtype=torch.bool, device=device),
                           torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device),
                           torch.ones(batch_size, num_layers, num_heads, dtype=torch.bool, device=device))

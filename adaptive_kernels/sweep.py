@@ -35,7 +35,7 @@ from .backends import BACKENDS
 from .errors import refusal
 from .models import text_model_shape
 from .models.llama import plan_from_masks
-from .plan import PAPER_RANK, VARIANTS, compile_plan, is_integer, resolve_budgets
+from .plan import PAPER_RANK, VARIANTS, check_positive_integer, compile_plan, resolve_budgets
 from .models.llava import prompt_embeddings
 from .sliced import mask_hooks, sliced_stock
 from .tiny import TINY_RANK, example_inputs, tiny_llava
@@ -275,9 +275,8 @@ def _check_arguments(variants, backends, budgets, new_tokens: int, repeats: int)
         raise refusal(isinstance(budgets, (list, tuple)))(
             f"budgets must be a non-empty list or tuple of floats in (0, 1], got {budgets!r}")
     resolve_budgets(budgets, len(budgets), "budgets")
-    for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
-        if not (is_integer(value) and value >= 1):
-            raise refusal(is_integer(value))(f"{name} must be a positive integer, got {value!r}")
+    check_positive_integer("new_tokens", new_tokens)
+    check_positive_integer("repeats", repeats)
 
 
 def _check_names(name: str, values, accepted: tuple) -> None:
