@@ -31,6 +31,8 @@ class AdaptiveCache(Cache):
         super().__init__(layers=[])
         self.schedule = schedule  # set once the plan is known (after the prefix, with a budget)
         self.latency_index = latency_index
+        self.budgets: list[float] | None = None  # per row, those the plan was made from (None: a given plan, or none)
+        self.agreed: dict = {}  # request arguments of later calls found to match this request's (see check_continuation)
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0

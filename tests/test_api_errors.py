@@ -513,6 +513,37 @@ def test_continuing_a_cache_with_another_row_count_is_refused(model, inputs):
                            max_new_tokens=2, **{CACHE_KWARG: out.past_key_values})
 
 
+def test_continuing_a_cache_under_another_plan_or_budget_is_refused(model, inputs):
+    """A cache keeps the plan its prefill made: another plan or other budgets given when continuing it were
+    silently run under the cache's. Equal ones (other objects) or none continue it, and alike."""
+    run = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+
+    def go_on(first, **request):
+        ids = first.sequences
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **run, **request,
+                              **{CACHE_KWARG: copy.deepcopy(first.past_key_values)}).sequences
+
+    with torch.no_grad():
+        by_budget = model.generate(**inputs, latency_budget=[0.6, 0.8], **run)
+        plan = by_budget.past_key_values.plan
+        same = ExecutionPlan(plan.layers.clone(), plan.heads.clone(), plan.groups.clone())
+        other = ExecutionPlan(plan.layers.clone(), plan.heads.clone(), plan.groups.clone())
+        other.heads[1, -1, 0] = ~other.heads[1, -1, 0]
+        other.layers[1, -1] = True
+        by_plan = model.generate(**inputs, execution_plan=same, **run)
+        for first, request in ((by_budget, dict(latency_budget=[0.6, 0.8])),
+                               (by_budget, dict(latency_budget=torch.tensor([0.6, 0.8]))),
+                               (by_budget, dict(execution_plan=same)), (by_plan, dict(execution_plan=same))):
+            assert torch.equal(go_on(first, **request), go_on(first)), request
+        for first, request, made in ((by_budget, dict(latency_budget=0.6), r"latency_budget \[0.6, 0.8\]"),
+                                     (by_budget, dict(execution_plan=other), "another plan"),
+                                     (by_plan, dict(execution_plan=other), "another plan"),
+                                     (by_plan, dict(latency_budget=0.6), "no latency_budget")):
+            name = next(iter(request))
+            with pytest.raises(ValueError, match=f"{name}: the cache this call continues .* filled under {made}"):
+                go_on(first, **request)
+
+
 @pytest.mark.parametrize("budget", [None, 0.6])
 def test_an_empty_prompt_is_refused(model, budget):
     with pytest.raises(ValueError, match="input_ids: a prompt needs at least one token"):

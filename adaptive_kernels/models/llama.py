@@ -145,6 +145,29 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
     return plan
 
 
+def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph_safe: bool) -> None:
+    """``ValueError`` when a call that continues ``cache`` asks for another plan or other budgets than the
+    request that filled it: its keys, values and plan are that request's, and would be run regardless. Each
+    given object is compared once (generate passes the same ones again at every step); a plan on the device
+    is not compared where nothing may be read back (``graph_safe``)."""
+    for name in ("execution_plan", "latency_budget"):
+        given = getattr(request, name)
+        if given is None or cache.agreed.get(name) is given:
+            continue
+        if name == "execution_plan":
+            if graph_safe:
+                continue
+            same = check_plan(given, cache.batch_size, shape, cache.plan.layers.device) == cache.plan
+            made = "another plan"
+        else:
+            same = cache.budgets is not None and resolve_budgets(given, cache.batch_size) == cache.budgets
+            made = f"latency_budget {cache.budgets}" if cache.budgets else "no latency_budget (it has no latency token)"
+        if not same:
+            raise ValueError(f"{name}: the cache this call continues (past_key_values) was filled under {made}, "
+                             "which it keeps for the whole request; give the same, or none, or start a new request")
+        cache.agreed[name] = given
+
+
 def _project(backend: Backend, x, linear, rows):
     return linear(x) if rows is None else backend.rows_linear(x, linear.weight, rows, linear.bias)
 
@@ -500,6 +523,7 @@ class AdaptiveDecoderMixin:
         graph_safe = runs_graph_safe(x)
         budgets, schedule = None, None
         if decoding:
+            check_continuation(cache, request, settings.shape, graph_safe)
             schedule = cache.schedule
         elif request.execution_plan is not None and request.latency_budget is not None:
             raise ValueError("give latency_budget or execution_plan, not both")
@@ -554,7 +578,7 @@ class AdaptiveDecoderMixin:
                 request.plan = schedule.plan
                 return BaseModelOutputWithPast(last_hidden_state=x)
             if cache is not None:
-                cache.schedule = schedule
+                cache.schedule, cache.budgets = schedule, budgets
             first = P
         request.plan = schedule.plan
         layers = range(first, len(self.layers))
