@@ -79,8 +79,8 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
         load_scheduler_weights(module, scheduler)  # before anything changes: a bad file leaves the model as it was
     unpatch(model)
     settings = Settings(units, shape, get_backend(backend_name), cuda_graphs)
-    stack_qkv(lm, stacked=True)
-    if backend_name != "torch":
+    if backend_name != "torch":  # the torch backend projects as stock does, so that a full plan gives stock's values
+        stack_qkv(lm, stacked=True)
         lay_out_reduction_weights(lm, column_major=True)
     lm.add_module("latency_scheduler", module.train(lm.training))
     lm._ak_settings, lm._ak_options = settings, wanted

@@ -114,6 +114,18 @@ def test_full_plan_gives_stock_result(stock, dtype):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
+@pytest.mark.parametrize("sizes", [dict(num_heads=6, num_kv_heads=1, hidden_size=48),
+                                   dict(num_heads=6, num_kv_heads=2, hidden_size=48, intermediate_size=100)])
+def test_full_plan_gives_stock_result_with_narrow_key_and_value_projections(sizes):
+    """k and v 8 or 16 wide: one product over q, k and v stacked differed from stock's three products in the
+    last bits (fp32 on the CPU); the torch backend projects them apart, as stock does."""
+    stock = tiny_llava(seed=5, num_layers=4, **sizes)
+    inputs = example_inputs(stock, batch_size=2, seed=6, pad=[0, 3])
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        assert torch.equal(patched(stock, "H")(**inputs).logits[real], stock(**inputs).logits[real])
+
+
 def test_the_patched_attention_ignores_the_configs_attention_implementation(stock):
     """A stock decoder set to eager attention is matched to rounding; the patched one attends as under SDPA."""
     eager = copy.deepcopy(stock)
@@ -834,7 +846,10 @@ def test_fresh_schedulers_are_seeded(stock):
 
 
 def test_patch_stacks_qkv_weights_and_unpatch_separates_them(stock):
-    model = patched(stock, "H")
+    """For the Triton backend (one gathered product over q, k and v); the torch backend keeps stock's layout."""
+    with torch.no_grad():
+        assert all(stacked_qkv(layer.self_attn) is None for layer in patched(stock, "H").model.language_model.layers)
+    model = patched(stock, "H", backend="triton")
     for layer, original in zip(model.model.language_model.layers, stock.model.language_model.layers):
         with torch.no_grad():
             weight, _ = stacked_qkv(layer.self_attn)
