@@ -93,8 +93,9 @@ def unpatch(model):
     check_llava(model)
     if is_patched(model):
         lm = model.model.language_model
-        lay_out_reduction_weights(lm, column_major=False)
-        stack_qkv(lm, stacked=False)
+        if lm._ak_settings.backend.name != "torch":  # the layout patch chose for it
+            lay_out_reduction_weights(lm, column_major=False)
+            stack_qkv(lm, stacked=False)
         swap_out(model)
         del lm.latency_scheduler
         del lm._ak_settings, lm._ak_options

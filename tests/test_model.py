@@ -846,9 +846,13 @@ def test_fresh_schedulers_are_seeded(stock):
 
 
 def test_patch_stacks_qkv_weights_and_unpatch_separates_them(stock):
-    """For the Triton backend (one gathered product over q, k and v); the torch backend keeps stock's layout."""
+    """For the Triton backend (one gathered product over q, k and v); the torch backend keeps stock's tensors."""
+    model = copy.deepcopy(stock)
+    where = {name: p.data_ptr() for name, p in model.named_parameters()}
+    ak.patch(model, "H", rank=2)
     with torch.no_grad():
-        assert all(stacked_qkv(layer.self_attn) is None for layer in patched(stock, "H").model.language_model.layers)
+        assert all(stacked_qkv(layer.self_attn) is None for layer in model.model.language_model.layers)
+    assert {name: p.data_ptr() for name, p in ak.unpatch(model).named_parameters()} == where
     model = patched(stock, "H", backend="triton")
     for layer, original in zip(model.model.language_model.layers, stock.model.language_model.layers):
         with torch.no_grad():
