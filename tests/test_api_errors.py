@@ -20,7 +20,7 @@ from adaptive_kernels import backends
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models import text_model_shape
-from adaptive_kernels.models.llama import check_plan
+from adaptive_kernels.models.llama import PROJECTIONS, check_plan
 from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
 from oracles import CACHE_KWARG, cache_of
 
@@ -169,6 +169,22 @@ def test_hooks_in_a_decoder_layer_are_refused(where, hook):
     with pytest.raises(ArgumentTypeError, match=f"layer 2{'.s ' + where if where else ''} has hooks"):
         ak.patch(model)
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
+
+
+def test_hooks_put_on_projections_and_norms_after_patching_are_not_called(inputs):
+    """The executor reads projection and norm weights itself: hooks put on those modules after patching are not
+    called at inference, under any plan. The projections of a layer that ran every unit were called as modules,
+    so whether such a hook ran (and changed the result) hung on the plan."""
+    model = ak.patch(tiny_llava(seed=2), "H", rank=2)
+    calls = []
+    for layer in model.model.language_model.layers:
+        for name in (*PROJECTIONS, "input_layernorm", "post_attention_layernorm"):
+            layer.get_submodule(name).register_forward_pre_hook(lambda module, args: calls.append(module))
+    with torch.no_grad():
+        model(**inputs)
+        model(**inputs, latency_budget=[0.6, 1.0])
+        model.generate(**inputs, latency_budget=0.8, max_new_tokens=2, do_sample=False)
+    assert not calls
 
 
 def test_the_output_capturing_hooks_of_transformers_do_not_stop_patch():

@@ -169,13 +169,16 @@ def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph
 
 
 def _project(backend: Backend, x, linear, rows):
-    return linear(x) if rows is None else backend.rows_linear(x, linear.weight, rows, linear.bias)
+    """``linear`` over its rows ``rows`` (None: all), read from its weight (the module is not called)."""
+    if rows is None:
+        return F.linear(x, linear.weight, linear.bias)
+    return backend.rows_linear(x, linear.weight, rows, linear.bias)
 
 
 def _project_back(backend: Backend, a, linear, cols, rows_on=None):
     """``linear`` over the columns ``cols`` (None: all); with ``rows_on`` [R], rows that are off get no bias."""
     if cols is None:
-        return linear(a)
+        return F.linear(a, linear.weight, linear.bias)
     y = backend.cols_linear(a, linear.weight, cols)
     if linear.bias is None:
         return y
@@ -296,8 +299,6 @@ def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
         return update_of_no_units(x, mlp.down_proj)
     if isinstance(mlp.act_fn, SILU_MODULES) and mlp.gate_proj.bias is None and mlp.up_proj.bias is None:
         hidden = backend.swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, idx.mlp_rows)
-    elif idx.mlp_rows is None:
-        return mlp(x)
     else:
         gate, up = _project(backend, x, mlp.gate_proj, idx.mlp_rows), _project(backend, x, mlp.up_proj, idx.mlp_rows)
         hidden = mlp.act_fn(gate) * up
