@@ -31,7 +31,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from . import ExecutionPlan, graph_safe, latency_embedding, patch, plan, unpatch
-from .backends import BACKENDS
+from .backends import BACKENDS, check_backend
 from .errors import refusal
 from .models import text_model_shape
 from .models.llama import plan_from_masks
@@ -257,26 +257,39 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     its own rows. Then ``SweepIncomplete`` is raised at the end, after the plot. ``threads``: torch's CPU
     threads meanwhile (None: 1 on the CPU, where the tiny model's timings are otherwise contention noise;
     torch's default on CUDA). Bad arguments are refused up front (``_check_arguments``)."""
-    _check_arguments(variants, backends, budgets, new_tokens, repeats)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_arguments(device, variants, backends, budgets, new_tokens, repeats, threads)
     with cpu_threads(threads if threads is not None or device == "cuda" else 1):
         return _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress)
 
 
-def _check_arguments(variants, backends, budgets, new_tokens: int, repeats: int) -> None:
-    """``ValueError`` naming the argument unless ``variants`` is a non-empty list or tuple of names from
-    ``VARIANTS``, ``backends`` None or such a list of names from ``BACKENDS``, ``budgets`` a non-empty list
-    or tuple of budgets in (0, 1] and ``new_tokens`` and ``repeats`` positive integers
+def _check_arguments(device, variants, backends, budgets, new_tokens: int, repeats: int, threads) -> None:
+    """``ValueError`` naming the argument unless ``device`` is "cpu" or "cuda" (one torch sees), ``variants``
+    a non-empty list or tuple of names from ``VARIANTS``, ``backends`` None or such a list of names from
+    ``BACKENDS`` that can run the sweep's model on ``device``, ``budgets`` a non-empty list or tuple of
+    budgets in (0, 1], ``new_tokens`` and ``repeats`` positive integers and ``threads`` None or one
     (``ArgumentTypeError``, a ``ValueError`` too, for a value of another type)."""
+    if device not in ("cpu", "cuda"):
+        raise refusal(isinstance(device, str))(f"device must be 'cpu', 'cuda' or None, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda', but torch sees no CUDA device")
     _check_names("variants", variants, VARIANTS)
     if backends is not None:
         _check_names("backends", backends, BACKENDS)
+        for name in backends:
+            try:
+                check_backend(name, torch.device(device), default_dtype(device))
+            except ValueError as refused:
+                raise ValueError(f"backends: {refused}") from None
     if not isinstance(budgets, (list, tuple)) or not budgets:
         raise refusal(isinstance(budgets, (list, tuple)))(
             f"budgets must be a non-empty list or tuple of floats in (0, 1], got {budgets!r}")
     resolve_budgets(budgets, len(budgets), "budgets")
     check_positive_integer("new_tokens", new_tokens)
     check_positive_integer("repeats", repeats)
+    if threads is not None:
+        check_positive_integer("threads", threads)
 
 
 def _check_names(name: str, values, accepted: tuple) -> None:

@@ -865,6 +865,13 @@ def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path
     ({"budgets": (1.0, 1.5)}, "budgets", ValueError),
     ({"budgets": ()}, "budgets", ValueError),
     ({"budgets": 0.5}, "budgets", ArgumentTypeError),
+    ({"device": "tpu"}, "device", ValueError),
+    ({"device": 0}, "device", ArgumentTypeError),
+    pytest.param({"device": "cuda"}, "device", ValueError,
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused where torch sees no CUDA device")),
+    ({"backends": ("torch", "cuda")}, "backends", ValueError),
+    ({"threads": 0}, "threads", ValueError),
+    ({"threads": "2"}, "threads", ArgumentTypeError),
 ])
 def test_sweep_refuses_bad_arguments_before_building_the_model(bad, named, error, tmp_path, monkeypatch):
     from adaptive_kernels import sweep as sweep_module
@@ -875,7 +882,7 @@ def test_sweep_refuses_bad_arguments_before_building_the_model(bad, named, error
     monkeypatch.setattr(sweep_module, "build_model", build_model)
     good = dict(device="cpu", variants=("L",), budgets=(1.0,), new_tokens=1, repeats=1, out_dir=tmp_path,
                 progress=False)
-    with pytest.raises(error, match=rf"^{named} "):
+    with pytest.raises(error, match=rf"^{named}[ =:]"):
         sweep_module.sweep(**(good | bad))
     assert not any(tmp_path.iterdir())
 
