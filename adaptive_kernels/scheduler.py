@@ -67,7 +67,7 @@ def _per_row(values: list[int], like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=like.device)
     out = torch.empty(len(values), dtype=torch.int64, device=like.device)
     for i, v in enumerate(values):
-        out[i] = v
+        out[i].fill_(v)  # a fill kernel holding v; out[i] = v would copy a host scalar
     return out
 
 

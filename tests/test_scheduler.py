@@ -247,3 +247,27 @@ def test_latency_embedding_follows_weight_changes():
     assert embedding.requires_grad  # with autograd: computed, differentiable
     sched.to("meta")  # another device (meta: shapes only): the features are made there, not taken from the CPU
     assert sched.latency_embedding([0.6, 0.9]).device.type == "meta"
+
+
+def test_per_row_counts_in_a_capture_copy_nothing_from_the_host(monkeypatch):
+    """Rows with different budgets inside a CUDA-graph capture: each count is written by a fill that holds it. An
+    indexed assignment of a Python int copies a host scalar, which a capture refuses (pageable memory)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from adaptive_kernels import scheduler
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(scheduler, "capturing", lambda x: True)
+    values = [int(v) for v in torch.randint(0, 50, (5,))] + [51]
+    with Ops() as ops:
+        counts = scheduler._per_row(values, torch.empty(0))
+    assert counts.tolist() == values and counts.dtype == torch.int64
+    assert not {"copy_", "lift_fresh", "_to_copy"} & set(ops.seen), ops.seen
