@@ -178,7 +178,8 @@ def _decode_run(model, inputs: dict, case: str):
 def test_cuda_graph_decode_equals_eager_decode(backend, case, monkeypatch):
     """Graph replay gives the eager logits exactly: greedy; beam search (the cache a graph reads is
     reordered in place); eager steps collecting hidden states between graphed ones; a cache that
-    outgrows its 128 positions mid-decode (126 after prefill: a new graph, after an eager step)."""
+    outgrows its 128 positions mid-decode (126 after prefill: a new graph, after an eager step). The torch
+    backend, whose products read their weight runs on the host, decodes eagerly either way."""
     stock = tiny_llava(seed=26).cuda()
     inputs = example_inputs(stock, batch_size=2, seed=27, text_tokens=109 if case == "past_capacity" else 12)
     graphed = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=True)
@@ -190,7 +191,7 @@ def test_cuda_graph_decode_equals_eager_decode(backend, case, monkeypatch):
         a, a_logits = _decode_run(graphed, inputs, case)
         graphed_replays = len(replays)
         b, b_logits = _decode_run(eager, inputs, case)
-    assert graphed_replays > 0 and len(replays) == graphed_replays  # the graphed run replayed, the eager one never
+    assert (graphed_replays == 0) == (backend == "torch") and len(replays) == graphed_replays  # eager: never
     assert torch.equal(a, b)
     assert len(a_logits) == len(b_logits)
     for x, y in zip(a_logits, b_logits):

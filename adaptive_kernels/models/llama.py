@@ -621,17 +621,19 @@ class AdaptiveDecoderMixin:
     def decode_step(self, x, schedule, cos, sin, kv_valid, cache, hidden):
         """One decode token through every executed layer and the final norm: [B, 1, D] -> [B, 1, D].
 
-        On CUDA with graphs on, the first step runs eagerly (compiling kernels), the second is
-        captured as a CUDA graph and later steps replay it, until the cache outgrows its capacity
-        (``AdaptiveCache.reserve``, every ``CAPACITY_STEP`` positions): then the eager step and the
-        capture come again. A step that collects ``hidden`` states runs eagerly.
+        On CUDA with graphs on, the first step runs eagerly (compiling kernels), the second is captured as a
+        CUDA graph and later steps replay it, until the cache outgrows its capacity (``AdaptiveCache.reserve``,
+        every ``CAPACITY_STEP`` positions): then the eager step and the capture come again. A step that
+        collects ``hidden`` states, and every step of the torch backend, runs eagerly.
         """
         def step(x, cos, sin, kv_valid):
             return self.final_norm(*self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid,
                                                     cache, hidden))
 
+        # within a caller's capture: recorded there. The torch backend's products read their weight runs from
+        # index values on the host (ops.runs), which a graph cannot replay: its steps run eagerly
         use_graph = (self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
-                     and hidden is None and not capturing(x))  # within a caller's capture: recorded there
+                     and hidden is None and not capturing(x) and self._ak_settings.backend.name != "torch")
         if not use_graph or not cache.warm:
             cache.warm = True
             return step(x, cos, sin, kv_valid)
