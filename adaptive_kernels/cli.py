@@ -243,7 +243,25 @@ def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, s
     inputs = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    _check_processor_inputs(path, model, inputs)
     return inputs
+
+
+def _check_processor_inputs(path: Path, model, inputs: dict) -> None:
+    """``OptionError`` naming --model where the processor's inputs do not fit the model: images of another
+    size than its vision tower's, or another number of image tokens than the tower makes features."""
+    from .tiny import image_token_count
+
+    size = model.config.vision_config.image_size
+    wanted = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    pixels = inputs.get("pixel_values")
+    tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    if pixels is None or tuple(pixels.shape[-2:]) != wanted:
+        made = "no images" if pixels is None else f"{tuple(pixels.shape[-2:])} images"
+        raise OptionError(f"argument --model: the processor of {path} makes {made}, its vision tower takes {wanted}")
+    if tokens != image_token_count(model):
+        raise OptionError(f"argument --model: the processor of {path} puts {tokens} image tokens in the prompt, its "
+                          f"vision tower makes {image_token_count(model)} features per image")
 
 
 def load(args) -> tuple:

@@ -178,6 +178,29 @@ def test_model_path_with_processor(tmp_path, capsys):
     assert "argument --prompt: holds the image token '<image>'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mismatch", ["image size", "patch size"])
+def test_processor_whose_inputs_do_not_fit_the_model_is_refused_naming_model(tmp_path, capsys, mismatch):
+    """A processor making 32x32 images for a 28x28 tower, or 81 image tokens (9x9 patches of 3) where the tower
+    makes 16 features: the job failed in the model's first call with a traceback. It exits naming --model."""
+    pytest.importorskip("PIL.Image")
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    side, patch = (32, 8) if mismatch == "image size" else (28, 3)
+    images = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(images, word_tokenizer(), patch_size=patch, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token="<image>")
+    tiny_llava().save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "ckpt"), "--rank", "2", "--variants", "L", "--budgets", "1.0", "--out",
+              str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    wanted = "makes (32, 32) images, its vision tower takes (28, 28)" if mismatch == "image size" else \
+        "puts 81 image tokens in the prompt, its vision tower makes 16 features"
+    assert f"argument --model: the processor of {tmp_path / 'ckpt'} {wanted}" in err, err
+
+
 def test_checkpoint_generation_settings_are_not_used(default_run, tmp_path):
     """The job decodes plain greedy whatever the checkpoint's generation_config.json says: beam search and a
     repetition penalty there leave the ids those of the built-in model with the same weights."""
