@@ -558,6 +558,10 @@ def test_continuing_a_cache_under_another_plan_or_budget_is_refused(model, input
             name = next(iter(request))
             with pytest.raises(ValueError, match=f"{name}: the cache this call continues .* filled under {made}"):
                 go_on(first, **request)
+        with ak.graph_safe(), pytest.raises(ValueError, match=r"execution_plan has layers \(3, "):  # masks unread
+            three_rows = ExecutionPlan.full(3, plan.num_layers, plan.num_heads)
+            model(input_ids=by_plan.sequences[:, -1:], execution_plan=three_rows,
+                  **{CACHE_KWARG: copy.deepcopy(by_plan.past_key_values)})
 
 
 @pytest.mark.parametrize("budget", [None, 0.6])

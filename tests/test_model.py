@@ -114,12 +114,10 @@ def test_full_plan_gives_stock_result(stock, dtype):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
-@pytest.mark.parametrize("sizes", [dict(num_heads=6, num_kv_heads=1, hidden_size=48),
-                                   dict(num_heads=6, num_kv_heads=2, hidden_size=48, intermediate_size=100)])
-def test_full_plan_gives_stock_result_with_narrow_key_and_value_projections(sizes):
-    """k and v 8 or 16 wide: one product over q, k and v stacked differed from stock's three products in the
-    last bits (fp32 on the CPU); the torch backend projects them apart, as stock does."""
-    stock = tiny_llava(seed=5, num_layers=4, **sizes)
+def test_full_plan_gives_stock_result_with_narrow_key_and_value_projections():
+    """k and v 8 wide (one key/value head of 8): one product over q, k and v stacked differed from stock's three
+    products in the last bits (fp32 on the CPU); the torch backend projects them apart, as stock does."""
+    stock = tiny_llava(seed=5, num_layers=4, num_heads=6, num_kv_heads=1, hidden_size=48)
     inputs = example_inputs(stock, batch_size=2, seed=6, pad=[0, 3])
     real = inputs["attention_mask"].bool()
     with torch.no_grad():

@@ -148,16 +148,17 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
 def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph_safe: bool) -> None:
     """``ValueError`` when a call that continues ``cache`` asks for another plan or other budgets than the
     request that filled it: its keys, values and plan are that request's, and would be run regardless. Each
-    given object is compared once (generate passes the same ones again at every step); a plan on the device
-    is not compared where nothing may be read back (``graph_safe``)."""
+    given object is compared once (generate passes the same ones again at every step); where nothing may be
+    read back (``graph_safe``) a plan's shape and device are checked, not its masks."""
     for name in ("execution_plan", "latency_budget"):
         given = getattr(request, name)
         if given is None or cache.agreed.get(name) is given:
             continue
         if name == "execution_plan":
+            check_plan(given, cache.batch_size, shape, cache.plan.layers.device)
             if graph_safe:
                 continue
-            same = check_plan(given, cache.batch_size, shape, cache.plan.layers.device) == cache.plan
+            same = given == cache.plan
             made = "another plan"
         else:
             same = cache.budgets is not None and resolve_budgets(given, cache.batch_size) == cache.budgets
