@@ -79,7 +79,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
         load_scheduler_weights(module, scheduler)  # before anything changes: a bad file leaves the model as it was
     unpatch(model)
     settings = Settings(units, shape, get_backend(backend_name), cuda_graphs)
-    if backend_name != "torch":  # the torch backend projects as stock does, so that a full plan gives stock's values
+    if settings.backend.kernel_layout:  # else stock's: the torch backend projects q, k, v apart, as stock does
         stack_qkv(lm, stacked=True)
         lay_out_reduction_weights(lm, column_major=True)
     lm.add_module("latency_scheduler", module.train(lm.training))
@@ -93,7 +93,7 @@ def unpatch(model):
     check_llava(model)
     if is_patched(model):
         lm = model.model.language_model
-        if lm._ak_settings.backend.name != "torch":  # the layout patch chose for it
+        if lm._ak_settings.backend.kernel_layout:
             lay_out_reduction_weights(lm, column_major=False)
             stack_qkv(lm, stacked=False)
         swap_out(model)

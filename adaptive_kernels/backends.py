@@ -25,7 +25,10 @@ BACKENDS = ("torch", "triton", "cuda")
 class Backend:
     """``rows_linear(x, W, rows, bias)``, ``cols_linear(a, W, cols)``, ``swiglu(x, Wg, Wu, rows)``,
     ``attention(q, k, v, q_to_kv, kv_valid, scale)``, ``rms_norm(x, weight, eps, residual)`` and
-    ``rotary(x, cos, sin)``, with the semantics of ``ops``."""
+    ``rotary(x, cos, sin)``, with the semantics of ``ops``. ``kernel_layout``: ``patch`` lays the weights
+    out for the kernels (q, k, v stacked in one tensor; o and down column by column), else stock's layout
+    stays. ``replays_decode``: decode steps may be CUDA-graph replays (not where products read index values
+    on the host)."""
 
     name: str
     rows_linear: Callable
@@ -34,6 +37,8 @@ class Backend:
     attention: Callable
     rms_norm: Callable
     rotary: Callable
+    kernel_layout: bool = True
+    replays_decode: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,8 @@ def _torch_backend() -> Backend:
     return Backend("torch", _ByRuns(runs.rows_linear_by_runs, projections.gather_rows_linear_reference),
                    _ByRuns(runs.cols_linear_by_runs, projections.gather_cols_linear_reference),
                    _ByRuns(runs.swiglu_by_runs, swiglu.gathered_swiglu_reference),
-                   attention.head_sparse_attention_reference, norm.rms_norm_reference, rotary.rotary_reference)
+                   attention.head_sparse_attention_reference, norm.rms_norm_reference, rotary.rotary_reference,
+                   kernel_layout=False, replays_decode=False)
 
 
 def _triton_backend() -> Backend:

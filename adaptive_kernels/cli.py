@@ -249,19 +249,24 @@ def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, s
 
 def _check_processor_inputs(path: Path, model, inputs: dict) -> None:
     """``OptionError`` naming --model where the processor's inputs do not fit the model: images of another
-    size than its vision tower's, or another number of image tokens than the tower makes features."""
+    size than its vision tower's, or another number of image tokens than the tower makes features (where
+    ``image_token_count`` can count them)."""
     from .tiny import image_token_count
 
     size = model.config.vision_config.image_size
     wanted = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     pixels = inputs.get("pixel_values")
-    tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     if pixels is None or tuple(pixels.shape[-2:]) != wanted:
         made = "no images" if pixels is None else f"{tuple(pixels.shape[-2:])} images"
         raise OptionError(f"argument --model: the processor of {path} makes {made}, its vision tower takes {wanted}")
-    if tokens != image_token_count(model):
+    try:
+        features = image_token_count(model)
+    except ValueError:  # a tower it cannot count: the model's first call checks
+        return
+    tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    if tokens != features:
         raise OptionError(f"argument --model: the processor of {path} puts {tokens} image tokens in the prompt, its "
-                          f"vision tower makes {image_token_count(model)} features per image")
+                          f"vision tower makes {features} features per image")
 
 
 def load(args) -> tuple:

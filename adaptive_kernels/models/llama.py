@@ -631,10 +631,9 @@ class AdaptiveDecoderMixin:
             return self.final_norm(*self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid,
                                                     cache, hidden))
 
-        # within a caller's capture: recorded there. The torch backend's products read their weight runs from
-        # index values on the host (ops.runs), which a graph cannot replay: its steps run eagerly
-        use_graph = (self._ak_settings.cuda_graphs and x.is_cuda and not torch.is_grad_enabled()
-                     and hidden is None and not capturing(x) and self._ak_settings.backend.name != "torch")
+        use_graph = (self._ak_settings.cuda_graphs and self._ak_settings.backend.replays_decode and x.is_cuda
+                     and not torch.is_grad_enabled() and hidden is None
+                     and not capturing(x))  # within a caller's capture: recorded there
         if not use_graph or not cache.warm:
             cache.warm = True
             return step(x, cos, sin, kv_valid)
