@@ -94,6 +94,16 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
                          "wrong (float32 and float16 are right); use one of those, or backend='torch'")
 
 
+def check_backends(option: str, names, device: torch.device, dtype: torch.dtype) -> None:
+    """``check_backend`` for each of ``names``, its ``ValueError`` prefixed with ``option`` (the argument that
+    listed them)."""
+    for name in names:
+        try:
+            check_backend(name, device, dtype)
+        except ValueError as refused:
+            raise ValueError(f"{option}: {refused}") from None
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ``ValueError`` for names outside ``BACKENDS``."""
     if name == "torch":

@@ -143,13 +143,12 @@ def _resolve_device(parser, args: argparse.Namespace) -> None:
 
 def _check_backends(parser, option: str, backends: list, device: str, dtype: torch.dtype) -> None:
     """``parser.error`` for a backend that cannot run a ``dtype`` model on ``device`` (before anything is loaded)."""
-    from .backends import check_backend
+    from .backends import check_backends
 
-    for name in backends:
-        try:
-            check_backend(name, torch.device(device), dtype)
-        except ValueError as refused:
-            parser.error(f"argument {option}: {refused}")
+    try:
+        check_backends(f"argument {option}", backends, torch.device(device), dtype)
+    except ValueError as refused:
+        parser.error(str(refused))
 
 
 def _check_model(parser, path: Path) -> None:

@@ -31,7 +31,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from . import ExecutionPlan, graph_safe, latency_embedding, patch, plan, unpatch
-from .backends import BACKENDS, check_backend
+from .backends import BACKENDS, check_backends
 from .errors import refusal
 from .models import text_model_shape
 from .models.llama import plan_from_masks
@@ -277,11 +277,7 @@ def _check_arguments(device, variants, backends, budgets, new_tokens: int, repea
     _check_names("variants", variants, VARIANTS)
     if backends is not None:
         _check_names("backends", backends, BACKENDS)
-        for name in backends:
-            try:
-                check_backend(name, torch.device(device), default_dtype(device))
-            except ValueError as refused:
-                raise ValueError(f"backends: {refused}") from None
+        check_backends("backends", backends, torch.device(device), default_dtype(device))
     if not isinstance(budgets, (list, tuple)) or not budgets:
         raise refusal(isinstance(budgets, (list, tuple)))(
             f"budgets must be a non-empty list or tuple of floats in (0, 1], got {budgets!r}")
