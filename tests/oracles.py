@@ -89,3 +89,15 @@ class WeightCopies(TorchDispatchMode):
                                                      t.untyped_storage().data_ptr() in self.storages for t in args):
             self.copies.append(func._schema.name)
         return func(*args, **(kwargs or {}))
+
+
+class DispatchedOps(TorchDispatchMode):
+    """While on, records in ``seen`` the name of every op dispatched (``"aten.copy_.default"``, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))

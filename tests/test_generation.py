@@ -11,13 +11,12 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.generation.streamers import BaseStreamer
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan, generation
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, cache_of
+from oracles import CACHE_KWARG, DispatchedOps, cache_of
 
 NEW_TOKENS = 8
 HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
@@ -143,18 +142,6 @@ def test_a_cache_the_caller_keeps_is_left_as_transformers_loop_leaves_it(stock, 
         assert mine is None or torch.equal(mine[:, :, :ours_cache.length], want[:, :, :theirs_cache.length])
 
 
-class HostReads(TorchDispatchMode):
-    """Counts ops that bring a tensor's value to the host (on a GPU, a wait for the device)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += str(func) in HOST_READS
-        return func(*args, **(kwargs or {}))
-
-
 def test_decode_steps_read_nothing_back_but_the_late_flag(stock, inputs, monkeypatch):
     """Each decode step of a budget's request, the patched forward included, reads one value on the host:
     the finished flag of the step before. Any other read would make the host wait for the step it queued."""
@@ -170,9 +157,9 @@ def test_decode_steps_read_nothing_back_but_the_late_flag(stock, inputs, monkeyp
     monkeypatch.setattr(generation.LateFinishFlag, "push", counted_push)
 
     def reads(new_tokens: int) -> int:
-        with HostReads() as mode, torch.no_grad():
+        with DispatchedOps() as ops, torch.no_grad():
             model.generate(**inputs, latency_budget=[0.6, 0.9], do_sample=False, max_new_tokens=new_tokens)
-        return mode.count
+        return sum(name in HOST_READS for name in ops.seen)
 
     short, long = reads(3), reads(3 + NEW_TOKENS)
     assert long - short == NEW_TOKENS  # one per extra step
