@@ -21,16 +21,20 @@ class AdaptiveCache(Cache):
     """A transformers ``Cache`` that ``generate`` carries between steps.
 
     ``length`` (``get_seq_length()``) counts every filled position, the latency token's included;
-    ``latency_index`` is that token's column (None when the request has none).
+    ``latency_index`` is that token's column (None when the request has none); ``position_shift`` [B], the
+    token's position minus the prompt's last column's, is added to the decode positions generate gives,
+    which go on from that column.
     """
 
     is_compileable = False
     is_croppable = True  # crop() takes back rejected draft tokens (assisted decoding)
 
-    def __init__(self, num_layers: int, latency_index: int | None, schedule=None):
+    def __init__(self, num_layers: int, latency_index: int | None, schedule=None,
+                 position_shift: torch.Tensor | None = None):
         super().__init__(layers=[])
         self.schedule = schedule  # set once the plan is known (after the prefix, with a budget)
         self.latency_index = latency_index
+        self.position_shift = position_shift
         self.budgets: list[float] | None = None  # per row, those the plan was made from (None: a given plan, or none)
         self.agreed: dict = {}  # request arguments of later calls found to match this request's (see check_continuation)
         self.keys: list[torch.Tensor | None] = [None] * num_layers

@@ -428,6 +428,29 @@ def test_batch_rows_get_what_they_get_alone(stock):
         assert torch.equal(batch_tokens[row, -5:], tokens[0, -5:])
 
 
+def test_right_padded_rows_put_the_latency_token_after_their_real_tokens(stock):
+    """Right-padded prompts under per-row budgets: each row gives the sliced stock model's generate on its
+    prompt then the latency token (positions counted from the mask: the token at the row's real length, not
+    one past its padding), decode positions going on from there."""
+    budgets, pads = [0.6, 0.8, 0.7], [0, 3, 5]
+    inputs = example_inputs(stock, batch_size=3, seed=71)
+    for row, n in enumerate(pads):  # the last n text tokens become padding
+        if n:
+            inputs["input_ids"][row, -n:], inputs["attention_mask"][row, -n:] = 0, 0
+    model = patched(stock, "H")
+    run = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        plan = ak.plan(model, latency_budget=budgets, **inputs)
+        ours = model.generate(**inputs, latency_budget=budgets, **run)
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        for row in range(3):
+            want = sliced_stock(stock, plan, row).generate(inputs_embeds=embeds[row:row + 1],
+                                                           attention_mask=mask[row:row + 1], **run)
+            assert torch.equal(ours.sequences[row, -4:], want.sequences[0]), row
+            for got, theirs in zip(ours.logits, want.logits, strict=True):
+                torch.testing.assert_close(got[row:row + 1], theirs, **TOL)
+
+
 def test_threads_sharing_a_model_each_run_their_own_request(stock):
     """A budget, a given plan and ak.plan, called again and again from three threads on one patched model,
     each give what they give alone (the request a call serves is its thread's, not the model's)."""

@@ -448,27 +448,42 @@ def on_the_model_device(forward):
     return run
 
 
-def positions_and_mask(x, position_ids, attention_mask, past: int, latency_index: int | None):
+def positions_and_mask(x, position_ids, attention_mask, past: int, continued: AdaptiveCache | None):
     """Positions [B, S] of the new tokens ``x`` [B, S, D] after ``past`` cached ones, and the bool padding
-    mask [B, past + S] over cached and new tokens (None: no padding). ``latency_index``: where a continued
-    request's latency token sits, of which generate's positions and mask know nothing: ``position_ids``
-    given with no mask, or with a mask that leaves the token's column out, count the caller's tokens only;
-    with a mask that has the column, they count the latency token too."""
+    mask [B, past + S] over cached and new tokens (None: no padding). ``continued``: the cache a decode call
+    continues. Of its latency token generate's positions and mask know nothing: ``position_ids`` given with no
+    mask, or with a mask that leaves the token's column out, continue the prompt's last column and are shifted
+    by the cache's ``position_shift``; with a mask that has the column, they count the latency token already."""
     B, S = x.shape[:2]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
-    if position_ids is None:
-        positions = torch.arange(past, past + S, device=x.device).expand(B, S)
-    else:
-        counts_latency_token = attention_mask is not None and attention_mask.shape[1] == past + S
-        positions = position_ids.expand(B, S) + (1 if latency_index is not None and not counts_latency_token else 0)
+    latency_index = None if continued is None else continued.latency_index
     mask = torch.ones(B, past + S, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
     if latency_index is not None and mask.shape[1] == past + S - 1:  # put the latency token's column back
         one = torch.ones(B, 1, dtype=torch.bool, device=x.device)
         mask = torch.cat([mask[:, :latency_index], one, mask[:, latency_index:]], dim=1)
     if mask.shape != (B, past + S):
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(B, past + S)} (cached plus new tokens)")
+    if position_ids is None:
+        return torch.arange(past, past + S, device=x.device).expand(B, S), mask
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != S:
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(B, S)} or {(1, S)}: one per "
+                         "new token (generate derives them from attention_mask, which needs a column per token)")
+    positions = position_ids.expand(B, S)
+    counts_latency_token = attention_mask is not None and attention_mask.shape[1] == past + S
+    if latency_index is not None and not counts_latency_token:
+        positions = positions + continued.position_shift[:, None]
     return positions, mask
+
+
+def latency_token_position(positions, mask, positions_given: bool):
+    """The position [B] of the latency token appended to a prompt at ``positions`` [B, S] with padding mask
+    [B, S]: stock's for a token appended to the prompt. Positions counted from the mask (generate's, given)
+    give it one past the row's last real token (on a right-padded row, not past its padding); positions by
+    column (none given), one past the last column."""
+    if not positions_given:
+        return positions[:, -1] + 1
+    return positions.masked_fill(~mask, -1).amax(dim=1) + 1
 
 
 class AdaptiveDecoderMixin:
@@ -518,12 +533,12 @@ class AdaptiveDecoderMixin:
         past = cache.length if decoding else 0
         latency_index = cache.latency_index if decoding else None
 
-        positions, mask = positions_and_mask(x, position_ids, attention_mask, past, latency_index)
+        positions, mask = positions_and_mask(x, position_ids, attention_mask, past, cache if decoding else None)
 
         # within graph_safe() or a CUDA-graph capture nothing may wait for the device: plans become fixed-width
         # schedules
         graph_safe = runs_graph_safe(x)
-        budgets, schedule = None, None
+        budgets, schedule, position_shift = None, None, None
         if decoding:
             check_continuation(cache, request, settings.shape, graph_safe)
             schedule = cache.schedule
@@ -536,8 +551,10 @@ class AdaptiveDecoderMixin:
             budgets = resolve_budgets(request.latency_budget, B)
             token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
             x = torch.cat([x, token[:, None]], dim=1)
+            latency_position = latency_token_position(positions, mask, position_ids is not None)
+            position_shift = latency_position - positions[:, -1]  # generate goes on from the prompt's last column
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=x.device)], dim=1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            positions = torch.cat([positions, latency_position[:, None]], dim=1)
             latency_index = S
         else:
             full = ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads, device=x.device)
@@ -554,7 +571,7 @@ class AdaptiveDecoderMixin:
                              "attention_dropout to 0.0, as LLaVA ships it)")
         uncached_training = training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
         if not decoding and use_cache and not request.plan_only and not uncached_training:
-            cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule)
+            cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule, position_shift)
         elif not decoding:
             cache = None
         if cache is not None:
