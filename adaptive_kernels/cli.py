@@ -186,19 +186,12 @@ def _check_image(parser, path: Path) -> None:
 def _check_out(parser, out: Path) -> None:
     """Make the folder ``out``, or ``parser.error`` when it cannot be one or a file cannot be created in it
     (before anything is timed)."""
-    import tempfile
+    from .sweep import make_out_dir
 
-    if out.exists() and not out.is_dir():
-        parser.error(f"argument --out: {out} exists and is not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        parser.error(f"argument --out: cannot make the folder {out} ({error.strerror or error})")
-    try:
-        with tempfile.TemporaryFile(dir=out):  # removed on closing
-            pass
-    except OSError as error:
-        parser.error(f"argument --out: the folder {out} cannot be written ({error.strerror or error})")
+        make_out_dir("argument --out", out)
+    except ValueError as refused:
+        parser.error(str(refused))
 
 
 def _has_processor(path: Path) -> bool:

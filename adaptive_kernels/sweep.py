@@ -1,13 +1,14 @@
 """End-to-end latency versus budget: vision tower, prefill and per-token decode of a patched LLaVA.
 
-For variants L and H, budgets 1.0 down to 0.5 and each backend, it times the patched model next
-to stock transformers (eager, fed the prompt; on CUDA also its decode with a static cache and
-torch.compile), the ideal (a stock model already cut to the plan) and the masked computation (stock
-transformers with hooks: every weight read, skipped units multiplied by 0), these two fed the prompt
-and the latency token. It writes CSV and JSON rows under
-``benchmarks/results/`` and draws latency versus budget with the ideal line (latency at 1.0 times
-the plan's cost). On a CUDA device it uses a LLaVA-1.5-7B-shaped random model in bf16; on the
-CPU the built-in tiny one.
+For variants L and H, budgets 1.0 down to 0.5 and each backend, it times the patched model next to stock
+transformers (eager, fed the prompt; on CUDA also its decode with a static cache and torch.compile), the
+ideal (a stock model already cut to the plan; where key/value heads are shared, as in the CPU's tiny
+model but not the 7B's, it keeps every query head of a kept key/value head, so for variant H it can be
+larger than the plan) and the masked computation (stock transformers with hooks: every weight read,
+skipped units multiplied by 0), these two fed the prompt and the latency token. It writes CSV and JSON
+rows under ``benchmarks/results/`` and draws latency versus budget with the ideal line (latency at 1.0
+times the plan's cost). On a CUDA device it uses a LLaVA-1.5-7B-shaped random model in bf16; on the CPU
+the built-in tiny one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from . import ExecutionPlan, graph_safe, latency_embedding, patch, plan, unpatch
 from .backends import BACKENDS, check_backends
-from .errors import refusal
+from .errors import ArgumentTypeError, refusal
 from .models import text_model_shape
 from .models.llama import plan_from_masks
 from .plan import PAPER_RANK, VARIANTS, check_positive_integer, compile_plan, resolve_budgets
@@ -192,10 +193,13 @@ def decode_timing(generate, new_tokens: int, median_ms, repeats: int) -> tuple[f
 
     The first new token comes from prefill; the next two are the decode steps that may run eagerly
     and capture a CUDA graph. Steady state: ``(t(n + 3) - t(3)) / n``; setup: what the two
-    decode steps after prefill cost beyond two steady ones, ``t(3) - t(1) - 2 * per_token``.
+    decode steps after prefill cost beyond two steady ones, ``t(3) - t(1) - 2 * per_token``. Both NaN where
+    ``t(n + 3) <= t(3)``: the timer's noise exceeded n steps, and a time per token of 0 or less measures nothing.
     """
     one, three = median_ms(lambda: generate(1), repeats), median_ms(lambda: generate(3), repeats)
     per_token = (median_ms(lambda: generate(new_tokens + 3), repeats) - three) / new_tokens
+    if per_token <= 0:
+        return float("nan"), float("nan")
     return per_token, three - one - 2 * per_token
 
 
@@ -260,6 +264,7 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_arguments(device, variants, backends, budgets, new_tokens, repeats, threads)
+    make_out_dir("out_dir", out_dir)
     with cpu_threads(threads if threads is not None or device == "cuda" else 1):
         return _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress)
 
@@ -268,7 +273,7 @@ def _check_arguments(device, variants, backends, budgets, new_tokens: int, repea
     """``ValueError`` naming the argument unless ``device`` is "cpu" or "cuda" (one torch sees), ``variants``
     a non-empty list or tuple of names from ``VARIANTS``, ``backends`` None or such a list of names from
     ``BACKENDS`` that can run the sweep's model on ``device``, ``budgets`` a non-empty list or tuple of
-    budgets in (0, 1], ``new_tokens`` and ``repeats`` positive integers and ``threads`` None or one
+    distinct budgets in (0, 1], ``new_tokens`` and ``repeats`` positive integers and ``threads`` None or one
     (``ArgumentTypeError``, a ``ValueError`` too, for a value of another type)."""
     if device not in ("cpu", "cuda"):
         raise refusal(isinstance(device, str))(f"device must be 'cpu', 'cuda' or None, got {device!r}")
@@ -282,6 +287,8 @@ def _check_arguments(device, variants, backends, budgets, new_tokens: int, repea
         raise refusal(isinstance(budgets, (list, tuple)))(
             f"budgets must be a non-empty list or tuple of floats in (0, 1], got {budgets!r}")
     resolve_budgets(budgets, len(budgets), "budgets")
+    if len(set(budgets)) < len(budgets):
+        raise ValueError(f"budgets must be distinct, got {budgets!r}")
     check_positive_integer("new_tokens", new_tokens)
     check_positive_integer("repeats", repeats)
     if threads is not None:
@@ -289,10 +296,34 @@ def _check_arguments(device, variants, backends, budgets, new_tokens: int, repea
 
 
 def _check_names(name: str, values, accepted: tuple) -> None:
-    """``ValueError`` naming ``name`` unless ``values`` is a non-empty list or tuple of names from ``accepted``."""
-    if not isinstance(values, (list, tuple)) or not values or not all(v in accepted for v in values):
+    """``ValueError`` naming ``name`` unless ``values`` is a non-empty list or tuple of distinct names from
+    ``accepted``."""
+    if (not isinstance(values, (list, tuple)) or not values or not all(v in accepted for v in values)
+            or len(set(values)) < len(values)):
         raise refusal(isinstance(values, (list, tuple)))(
-            f"{name} must be a non-empty list or tuple of names from {accepted}, got {values!r}")
+            f"{name} must be a non-empty list or tuple of distinct names from {accepted}, got {values!r}")
+
+
+def make_out_dir(name: str, out_dir) -> Path:
+    """Make the folder ``out_dir`` (a str or Path) and return it; ``ValueError`` naming ``name`` where it cannot
+    be one or a file cannot be created in it (before anything is timed)."""
+    import tempfile
+
+    if not isinstance(out_dir, (str, Path)):
+        raise ArgumentTypeError(f"{name} must be a str or Path of a folder, got {out_dir!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{name}: {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{name}: cannot make the folder {out} ({error.strerror or error})") from error
+    try:
+        with tempfile.TemporaryFile(dir=out):  # removed on closing
+            pass
+    except OSError as error:
+        raise ValueError(f"{name}: the folder {out} cannot be written ({error.strerror or error})") from error
+    return out
 
 
 def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):

@@ -554,6 +554,17 @@ def test_decode_timing_splits_steady_steps_from_the_setup_of_the_first_two():
     assert setup_ms == pytest.approx(t[3] - t[1] - 2 * per_token) and setup_ms == pytest.approx(setup)
 
 
+@pytest.mark.parametrize("longer_minus_shorter", [0.0, -3.0])
+def test_decode_timing_is_nan_where_more_tokens_did_not_take_longer(longer_minus_shorter):
+    """Noise larger than n steps (t(n + 3) <= t(3)) gives no time per token, rather than one of 0 or less that
+    a targets table would count as met."""
+    from adaptive_kernels.sweep import decode_timing
+
+    times = {1: 5.0, 3: 9.0, 19: 9.0 + longer_minus_shorter}
+    per_token, setup_ms = decode_timing(times.__getitem__, 16, lambda fn, repeats: fn(), 3)
+    assert math.isnan(per_token) and math.isnan(setup_ms)
+
+
 def test_decode_is_compared_with_compiled_stock_at_full_budget_only():
     """decode_vs_compiled_stock is adaptive decode per token over compiled stock's at budget 1.0 (both full
     models), and NaN at every other budget; NaN throughout without a compiled stock row."""
@@ -895,6 +906,9 @@ def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path
     ({"backends": ("torch", "cuda")}, "backends", ValueError),
     ({"threads": 0}, "threads", ValueError),
     ({"threads": "2"}, "threads", ArgumentTypeError),
+    ({"variants": ("L", "L")}, "variants", ValueError),
+    ({"budgets": (0.5, 1.0, 0.5)}, "budgets", ValueError),
+    ({"out_dir": None}, "out_dir", ArgumentTypeError),
 ])
 def test_sweep_refuses_bad_arguments_before_building_the_model(bad, named, error, tmp_path, monkeypatch):
     from adaptive_kernels import sweep as sweep_module
@@ -908,6 +922,23 @@ def test_sweep_refuses_bad_arguments_before_building_the_model(bad, named, error
     with pytest.raises(error, match=rf"^{named}[ =:]"):
         sweep_module.sweep(**(good | bad))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_sweep_refuses_an_out_dir_that_cannot_be_a_folder_before_building_the_model(where, tmp_path, monkeypatch):
+    from adaptive_kernels import sweep as sweep_module
+
+    def build_model(device, dtype):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(sweep_module, "build_model", build_model)
+    file = tmp_path / "results"
+    file.write_text("kept")
+    out_dir = file if where == "a file" else file / "more"
+    with pytest.raises(ValueError, match=rf"^out_dir: .*{out_dir.name}"):
+        sweep_module.sweep(device="cpu", variants=("L",), budgets=(1.0,), new_tokens=1, repeats=1, out_dir=out_dir,
+                           progress=False)
+    assert file.read_text() == "kept"
 
 
 def test_sweep_records_and_plot_refuse_no_rows(tmp_path):
