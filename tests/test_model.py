@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaForConditionalGeneration
 
@@ -431,7 +432,8 @@ def test_batch_rows_get_what_they_get_alone(stock):
 def test_right_padded_rows_put_the_latency_token_after_their_real_tokens(stock):
     """Right-padded prompts under per-row budgets: each row gives the sliced stock model's generate on its
     prompt then the latency token (positions counted from the mask: the token at the row's real length, not
-    one past its padding), decode positions going on from there."""
+    one past its padding), decode positions going on from there; also when a second generate continues the
+    returned cache with the answer and more tokens (its positions counted from its own mask)."""
     budgets, pads = [0.6, 0.8, 0.7], [0, 3, 5]
     inputs = example_inputs(stock, batch_size=3, seed=71)
     for row, n in enumerate(pads):  # the last n text tokens become padding
@@ -439,16 +441,23 @@ def test_right_padded_rows_put_the_latency_token_after_their_real_tokens(stock):
             inputs["input_ids"][row, -n:], inputs["attention_mask"][row, -n:] = 0, 0
     model = patched(stock, "H")
     run = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    more = torch.tensor([[5, 6]] * 3)
     with torch.no_grad():
         plan = ak.plan(model, latency_budget=budgets, **inputs)
-        ours = model.generate(**inputs, latency_budget=budgets, **run)
-        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        first = model.generate(**inputs, latency_budget=budgets, **run)
+        ids = torch.cat([first.sequences, more], 1)
+        mask = F.pad(inputs["attention_mask"], (0, ids.shape[1] - inputs["input_ids"].shape[1]), value=1)
+        again = model.generate(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: cache_of(first)}, **run)
+        embeds, fed_mask = fed_latency_token(model, stock, inputs, budgets)
+        answer = stock.model.language_model.embed_tokens(ids[:, inputs["input_ids"].shape[1]:])
         for row in range(3):
-            want = sliced_stock(stock, plan, row).generate(inputs_embeds=embeds[row:row + 1],
-                                                           attention_mask=mask[row:row + 1], **run)
-            assert torch.equal(ours.sequences[row, -4:], want.sequences[0]), row
-            for got, theirs in zip(ours.logits, want.logits, strict=True):
-                torch.testing.assert_close(got[row:row + 1], theirs, **TOL)
+            oracle = sliced_stock(stock, plan, row)
+            for ours, prompt, prompt_mask in ((first, embeds, fed_mask),
+                                              (again, torch.cat([embeds, answer], 1), F.pad(fed_mask, (0, 6), value=1))):
+                want = oracle.generate(inputs_embeds=prompt[row:row + 1], attention_mask=prompt_mask[row:row + 1], **run)
+                assert torch.equal(ours.sequences[row, -4:], want.sequences[0]), row
+                for got, theirs in zip(ours.logits, want.logits, strict=True):
+                    torch.testing.assert_close(got[row:row + 1], theirs, **TOL)
 
 
 def test_threads_sharing_a_model_each_run_their_own_request(stock):

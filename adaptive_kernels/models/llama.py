@@ -451,9 +451,11 @@ def on_the_model_device(forward):
 def positions_and_mask(x, position_ids, attention_mask, past: int, continued: AdaptiveCache | None):
     """Positions [B, S] of the new tokens ``x`` [B, S, D] after ``past`` cached ones, and the bool padding
     mask [B, past + S] over cached and new tokens (None: no padding). ``continued``: the cache a decode call
-    continues. Of its latency token generate's positions and mask know nothing: ``position_ids`` given with no
-    mask, or with a mask that leaves the token's column out, continue the prompt's last column and are shifted
-    by the cache's ``position_shift``; with a mask that has the column, they count the latency token already."""
+    continues. Of its latency token generate's positions and mask know nothing. ``position_ids`` given with a
+    mask that has the token's column count it already; given with no mask, or one that leaves the column out,
+    they lack it: counted from that mask (cumsum - 1, as a generate call continuing the cache counts them)
+    they lack one position, and going on from the prompt's last column (the later steps of the call that made
+    the cache) they lack the cache's ``position_shift`` (also one, unless that column is padding)."""
     B, S = x.shape[:2]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
@@ -472,7 +474,8 @@ def positions_and_mask(x, position_ids, attention_mask, past: int, continued: Ad
     positions = position_ids.expand(B, S)
     counts_latency_token = attention_mask is not None and attention_mask.shape[1] == past + S
     if latency_index is not None and not counts_latency_token:
-        positions = positions + continued.position_shift[:, None]
+        counted = mask.long().cumsum(dim=1)[:, -S:] - 1  # from the mask with the latency token's column
+        positions = positions + torch.where(positions + 1 == counted, 1, continued.position_shift[:, None])
     return positions, mask
 
 
