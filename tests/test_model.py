@@ -460,6 +460,23 @@ def test_right_padded_rows_put_the_latency_token_after_their_real_tokens(stock):
                     torch.testing.assert_close(got[row:row + 1], theirs, **TOL)
 
 
+def test_positions_given_by_column_put_the_latency_token_past_the_last_column(stock):
+    """position_ids 0..S-1 given for a right-padded prompt (not generate's, which count the mask): the latency
+    token at S, as stock fed positions 0..S gives a token appended to the prompt; every position's logits."""
+    inputs = example_inputs(stock, batch_size=2, seed=73)
+    inputs["attention_mask"][1, -4:] = 0
+    S = inputs["input_ids"].shape[1]
+    model = patched(stock, "H")
+    with torch.no_grad():
+        plan = ak.plan(model, latency_budget=0.7, **inputs)
+        ours = model(**inputs, position_ids=torch.arange(S)[None], latency_budget=0.7).logits
+        embeds, mask = fed_latency_token(model, stock, inputs, [0.7, 0.7])
+        for row in range(2):
+            want = sliced_stock(stock, plan, row)(inputs_embeds=embeds[row:row + 1], attention_mask=mask[row:row + 1],
+                                                  position_ids=torch.arange(S + 1)[None]).logits
+            torch.testing.assert_close(ours[row:row + 1], want, **TOL)
+
+
 def test_threads_sharing_a_model_each_run_their_own_request(stock):
     """A budget, a given plan and ak.plan, called again and again from three threads on one patched model,
     each give what they give alone (the request a call serves is its thread's, not the model's)."""

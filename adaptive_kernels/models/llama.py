@@ -479,16 +479,6 @@ def positions_and_mask(x, position_ids, attention_mask, past: int, continued: Ad
     return positions, mask
 
 
-def latency_token_position(positions, mask, positions_given: bool):
-    """The position [B] of the latency token appended to a prompt at ``positions`` [B, S] with padding mask
-    [B, S]: stock's for a token appended to the prompt. Positions counted from the mask (generate's, given)
-    give it one past the row's last real token (on a right-padded row, not past its padding); positions by
-    column (none given), one past the last column."""
-    if not positions_given:
-        return positions[:, -1] + 1
-    return positions.masked_fill(~mask, -1).amax(dim=1) + 1
-
-
 class AdaptiveDecoderMixin:
     """Mixed into a patched model's language model class; replaces its ``forward``."""
 
@@ -554,7 +544,9 @@ class AdaptiveDecoderMixin:
             budgets = resolve_budgets(request.latency_budget, B)
             token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
             x = torch.cat([x, token[:, None]], dim=1)
-            latency_position = latency_token_position(positions, mask, position_ids is not None)
+            # stock's position for a token appended to the prompt: one past its largest, which is the last
+            # column's for positions by column, the last real token's for generate's (pads at 0)
+            latency_position = positions.amax(dim=1) + 1
             position_shift = latency_position - positions[:, -1]  # generate goes on from the prompt's last column
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=x.device)], dim=1)
             positions = torch.cat([positions, latency_position[:, None]], dim=1)
