@@ -28,7 +28,8 @@ class Backend:
     ``rotary(x, cos, sin)``, with the semantics of ``ops``. ``kernel_layout``: ``patch`` lays the weights
     out for the kernels (q, k, v stacked in one tensor; o and down column by column), else stock's layout
     stays. ``replays_decode``: decode steps may be CUDA-graph replays (not where products read index values
-    on the host)."""
+    on the host). ``follows_autocast``: under ``torch.autocast`` its products compute in autocast's dtype, as
+    stock's do (else the patched decoder runs with autocast off, in the model's dtype)."""
 
     name: str
     rows_linear: Callable
@@ -39,6 +40,7 @@ class Backend:
     rotary: Callable
     kernel_layout: bool = True
     replays_decode: bool = True
+    follows_autocast: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def _torch_backend() -> Backend:
                    _ByRuns(runs.cols_linear_by_runs, projections.gather_cols_linear_reference),
                    _ByRuns(runs.swiglu_by_runs, swiglu.gathered_swiglu_reference),
                    attention.head_sparse_attention_reference, norm.rms_norm_reference, rotary.rotary_reference,
-                   kernel_layout=False, replays_decode=False)
+                   kernel_layout=False, replays_decode=False, follows_autocast=True)
 
 
 def _triton_backend() -> Backend:

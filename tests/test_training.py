@@ -226,3 +226,37 @@ def test_a_frozen_projection_leaves_the_others_their_gradients(frozen):
             assert (got is None) == (want is None) == (name == frozen), name
             if want is not None:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_kernel_backend_trains_under_autocast_with_its_decoder_in_the_models_dtype():
+    """torch.autocast (bfloat16 on the CPU) over a float32 model, as mixed-precision training runs it, with a
+    dense layer in the plan (products by F.linear, which autocast casts): the triton backend runs the decoder
+    in float32, autocast off there, and gives the masked stock model run so (vision tower, projector and
+    lm_head under autocast): the loss, the decoder's last hidden state and every parameter's gradient both
+    models name alike."""
+    stock = tiny_llava(seed=11, num_layers=3)
+    g = torch.Generator().manual_seed(12)
+    heads, groups = torch.rand(2, 3, 8, generator=g) < 0.6, torch.rand(2, 3, 8, generator=g) < 0.6
+    heads[:, 0], groups[:, 0] = True, True
+    plan = ak.ExecutionPlan(torch.ones(2, 3, dtype=torch.bool), heads, groups)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="triton").train()
+    oracle = masked_stock(stock, plan).train()
+    decoder = oracle.model.language_model
+    decoder.forward = torch.autocast("cpu", enabled=False)(decoder.forward)
+    inputs = example_inputs(stock, batch_size=2, seed=13)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == stock.config.image_token_id, -100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model(**inputs, labels=labels, execution_plan=plan, output_hidden_states=True)
+        theirs = oracle(**inputs, labels=labels, output_hidden_states=True)
+    ours.loss.backward()
+    theirs.loss.backward()
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    assert ours.hidden_states[-1].dtype == torch.float32
+    torch.testing.assert_close(ours.hidden_states[-1], theirs.hidden_states[-1], rtol=1e-4, atol=1e-5)
+    named = dict(oracle.named_parameters())
+    compared = [(name, p.grad, named[name].grad) for name, p in model.named_parameters()
+                if name in named and p.grad is not None]
+    assert any(".mlp.down_proj." in name for name, _, _ in compared)  # decoder weights among them
+    for name, got, want in compared:  # gradients through lm_head's bfloat16 product: 1e-4 of each one's largest
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item() + 1e-12,
+                                   msg=lambda message: f"{name}: {message}")

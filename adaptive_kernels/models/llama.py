@@ -448,6 +448,20 @@ def on_the_model_device(forward):
     return run
 
 
+def in_the_model_dtype(forward):
+    """``forward`` run with autocast off on a backend that does not follow it: its kernels compute in the
+    model's dtype, where autocast would hand them another dtype for some operands (dense products) only. The
+    torch backend follows autocast, as stock does."""
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        device = self.embed_tokens.weight.device.type
+        if self._ak_settings.backend.follows_autocast or not torch.is_autocast_enabled(device):
+            return forward(self, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return forward(self, *args, **kwargs)
+    return run
+
+
 def positions_and_mask(x, position_ids, attention_mask, past: int, continued: AdaptiveCache | None):
     """Positions [B, S] of the new tokens ``x`` [B, S, D] after ``past`` cached ones, and the bool padding
     mask [B, past + S] over cached and new tokens (None: no padding). ``continued``: the cache a decode call
@@ -483,6 +497,7 @@ class AdaptiveDecoderMixin:
     """Mixed into a patched model's language model class; replaces its ``forward``."""
 
     @on_the_model_device
+    @in_the_model_dtype
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
                 **kwargs):
         """The decoder over ``input_ids`` [B, S] or ``inputs_embeds`` [B, S, D] under the request the patched
