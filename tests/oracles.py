@@ -9,6 +9,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import LlamaModel, LlavaForConditionalGeneration
 
 import adaptive_kernels as ak
@@ -73,11 +74,12 @@ def stock_of_shape(seed: int, num_heads: int, num_kv_heads: int, hidden_size: in
 
 
 class WeightCopies(TorchDispatchMode):
-    """While on, records in ``copies`` the copying ops (indexing, gathers, clones, casts) that read the storage
-    of one of ``weights``."""
+    """While on, records in ``copies`` every op that reads the storage of one of ``weights`` other than a view
+    or a product (``READS``) or a scale by a 1-D weight (a norm's): gathers, clones, casts, masks, concatenations."""
 
-    COPYING = {"aten::index", "aten::index_select", "aten::gather", "aten::take", "aten::clone", "aten::_to_copy",
-               "aten::copy_", "aten::masked_select"}
+    READS = {"aten::t", "aten::transpose", "aten::view", "aten::_unsafe_view", "aten::slice", "aten::select",
+             "aten::alias", "aten::as_strided", "aten::expand", "aten::permute", "aten::detach", "aten::mm",
+             "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
     def __init__(self, weights):
         super().__init__()
@@ -85,9 +87,11 @@ class WeightCopies(TorchDispatchMode):
         self.copies = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.COPYING and any(isinstance(t, torch.Tensor) and
-                                                     t.untyped_storage().data_ptr() in self.storages for t in args):
-            self.copies.append(func._schema.name)
+        name = func._schema.name
+        read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                and t.untyped_storage().data_ptr() in self.storages]
+        if read and name not in self.READS and not (name == "aten::mul" and all(t.dim() == 1 for t in read)):
+            self.copies.append(name)
         return func(*args, **(kwargs or {}))
 
 

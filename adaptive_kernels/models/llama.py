@@ -539,7 +539,7 @@ class AdaptiveDecoderMixin:
                                  f"{type(cache).__name__}")
             cache._ak_replaced = True  # a later call must not take it for this request's
         past = cache.length if decoding else 0
-        latency_index = cache.latency_index if decoding else None
+        latency_index = None  # the latency token's column, in a budget's prefill
 
         positions, mask = positions_and_mask(x, position_ids, attention_mask, past, cache if decoding else None)
 
@@ -597,15 +597,14 @@ class AdaptiveDecoderMixin:
             sampled = training and not request.plan_only
             masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
+            if request.plan_only:
+                return BaseModelOutputWithPast(last_hidden_state=x)
             if sampled:
                 x = self.norm(run_sampled_layers(self.layers[P:], x, masks, settings.units.variant, cos, sin, mask,
                                                  settings.shape, hidden))
                 return BaseModelOutputWithPast(last_hidden_state=x,
                                                hidden_states=hidden_states_output(hidden, x, wanted_hidden))
             schedule = plan_schedule(request.plan, settings, graph_safe)
-            if request.plan_only:
-                request.plan = schedule.plan
-                return BaseModelOutputWithPast(last_hidden_state=x)
             if cache is not None:
                 cache.schedule, cache.budgets = schedule, budgets
             first = P
