@@ -66,11 +66,11 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     check_layers(lm)
     if not isinstance(cuda_graphs, bool):
         raise ArgumentTypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    wanted = (variant, rank, prefix, backend_name, cuda_graphs)
     units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)
-    if is_patched(model) and lm._ak_options == wanted and scheduler is None:
+    same_units = is_patched(model) and lm._ak_settings.units == units and scheduler is None
+    if same_units and (lm._ak_settings.backend.name, lm._ak_settings.cuda_graphs) == (backend_name, cuda_graphs):
         return model
-    if is_patched(model) and lm._ak_settings.units == units and scheduler is None:
+    if same_units:
         module = lm.latency_scheduler  # a re-patch over the same units, with no file given, keeps its scheduler
     else:
         module = seeded_scheduler(units, shape.hidden_size)
@@ -83,7 +83,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
         stack_qkv(lm, stacked=True)
         lay_out_reduction_weights(lm, column_major=True)
     lm.add_module("latency_scheduler", module.train(lm.training))
-    lm._ak_settings, lm._ak_options = settings, wanted
+    lm._ak_settings = settings
     swap_in(model)
     return model
 
@@ -98,7 +98,7 @@ def unpatch(model):
             stack_qkv(lm, stacked=False)
         swap_out(model)
         del lm.latency_scheduler
-        del lm._ak_settings, lm._ak_options
+        del lm._ak_settings
     return model
 
 

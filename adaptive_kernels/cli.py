@@ -311,7 +311,7 @@ def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repea
     return ms, outputs[-1][0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def run(model, inputs: dict, args, rank: int, name: str = "") -> list[dict]:
+def run(model, inputs: dict, args, rank: int, name: str) -> list[dict]:
     """Patch, plan and time every (variant, budget); print each and return the CSV rows."""
     import transformers
 

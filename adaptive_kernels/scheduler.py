@@ -71,8 +71,9 @@ def _per_row(values: list[int], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMBEL_TEMPERATURE) -> torch.Tensor:
-    """One Gumbel-softmax draw among ``available`` entries, as a straight-through one-hot.
+def gumbel_pick(logits: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """One Gumbel-softmax draw (temperature ``GUMBEL_TEMPERATURE``) among ``available`` entries, as a
+    straight-through one-hot.
 
     logits [..., N] float; available bool [..., N] -> [..., N] whose value is a hard one-hot and
     whose gradient is that of the soft sample; a row with nothing available gives zeros (no NaN
@@ -80,7 +81,7 @@ def gumbel_pick(logits: torch.Tensor, available: torch.Tensor, tau: float = GUMB
     """
     some = available.any(-1, keepdim=True)
     u = torch.rand_like(logits, dtype=torch.float32).clamp(1e-20, 1.0)
-    noisy = (logits.float() - torch.log(-torch.log(u))) / tau
+    noisy = (logits.float() - torch.log(-torch.log(u))) / GUMBEL_TEMPERATURE
     soft = torch.softmax(noisy.masked_fill(~(available | ~some), float("-inf")), dim=-1) * some
     hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0) * some
     return (hard - soft.detach() + soft).to(logits.dtype)
@@ -257,8 +258,8 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     scheduler.load_state_dict({k: v.to(scheduler.head.weight.dtype) for k, v in state.items()})
 
 
-def seeded_scheduler(units: UnitSpace, hidden_size: int, seed: int = 0) -> AdaptiveScheduler:
-    """A scheduler with a deterministic initialisation that leaves the global RNG untouched."""
+def seeded_scheduler(units: UnitSpace, hidden_size: int) -> AdaptiveScheduler:
+    """A scheduler with a deterministic initialisation (seed 0) that leaves the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(0)
         return AdaptiveScheduler(units, hidden_size)

@@ -271,10 +271,10 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
 
 def _check_arguments(device, variants, backends, budgets, new_tokens: int, repeats: int, threads) -> None:
     """``ValueError`` naming the argument unless ``device`` is "cpu" or "cuda" (one torch sees), ``variants``
-    a non-empty list or tuple of names from ``VARIANTS``, ``backends`` None or such a list of names from
-    ``BACKENDS`` that can run the sweep's model on ``device``, ``budgets`` a non-empty list or tuple of
-    distinct budgets in (0, 1], ``new_tokens`` and ``repeats`` positive integers and ``threads`` None or one
-    (``ArgumentTypeError``, a ``ValueError`` too, for a value of another type)."""
+    a non-empty list or tuple of distinct names from ``VARIANTS``, ``backends`` None or such a list of names
+    from ``BACKENDS`` that can run the sweep's model on ``device``, ``budgets`` a non-empty list or tuple of
+    distinct budgets in (0, 1], ``new_tokens`` and ``repeats`` positive integers, and ``threads`` None or a
+    positive integer (``ArgumentTypeError``, a ``ValueError`` too, for a value of another type)."""
     if device not in ("cpu", "cuda"):
         raise refusal(isinstance(device, str))(f"device must be 'cpu', 'cuda' or None, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():

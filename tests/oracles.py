@@ -1,6 +1,6 @@
-"""Stock transformers for the tests' references: step by step, and at Llama shapes beside tiny_llava's
-(the stock models of a plan itself, masked and sliced, are in adaptive_kernels.sliced, which uses
-none of the executor's code)."""
+"""The tests' references and recorders: stock transformers step by step and at Llama shapes beside
+tiny_llava's (the stock models of a plan itself, masked and sliced, are in adaptive_kernels.sliced, which
+uses none of the executor's code), and dispatch modes that record the ops a call runs."""
 
 from __future__ import annotations
 

@@ -464,7 +464,7 @@ def in_the_model_dtype(forward):
 
 def positions_and_mask(x, position_ids, attention_mask, past: int, continued: AdaptiveCache | None):
     """Positions [B, S] of the new tokens ``x`` [B, S, D] after ``past`` cached ones, and the bool padding
-    mask [B, past + S] over cached and new tokens (None: no padding). ``continued``: the cache a decode call
+    mask [B, past + S] over cached and new tokens (all True where ``attention_mask`` is None). ``continued``: the cache a decode call
     continues. Of its latency token generate's positions and mask know nothing. ``position_ids`` given with a
     mask that has the token's column count it already; given with no mask, or one that leaves the column out,
     they lack it: counted from that mask (cumsum - 1, as a generate call continuing the cache counts them)
