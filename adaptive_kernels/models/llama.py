@@ -28,7 +28,7 @@ from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
 from ..ops.rotary import rotary_reference
 from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, Schedule, UnitSpace, compact_plan, compile_plan,
-                    dense_layer, fixed_width_schedule, resolve_budgets, unflatten_masks)
+                    dense_layer, fixed_width_schedule, neuron_groups, resolve_budgets, unflatten_masks)
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -401,9 +401,9 @@ def run_sampled_layers(layers, x, masks, variant: str, cos, sin, kv_valid, shape
         heads_on, groups_on, bias_on = torch.ones_like(heads_on), torch.ones_like(groups_on), torch.ones_like(layer_on)
     else:  # no layer factor; biases where the layer runs
         layer_on, bias_on = torch.ones_like(layer_on), layer_on.detach()
-    sizes = torch.tensor(shape.group_sizes, device=x.device)
+    group_of_neuron = neuron_groups(shape, groups_on.shape[-1], x.device)
     for k, layer in enumerate(layers):
-        neurons_on = groups_on[:, k].repeat_interleave(sizes, dim=-1)
+        neurons_on = groups_on[:, k, group_of_neuron]
         step = layer.forward_masked
         if layer.gradient_checkpointing and layer.training:  # recomputed in backward, as transformers does forward
             step = functools.partial(layer._gradient_checkpointing_func, layer.forward_masked)
