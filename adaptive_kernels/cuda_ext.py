@@ -238,11 +238,10 @@ def cuda_backend():
     """The ``"cuda"`` ``backends.Backend``: the CUDA GEMV kernels in the decode regime, Triton elsewhere.
 
     ``rows_linear`` calls ``gather_rows_linear`` of this module for 1 to ``DECODE_MAX_TOKENS``
-    tokens per row; ``cols_linear`` calls ``gather_cols_linear`` for that many tokens on a
-    row-major weight (the layout its 16-byte loads read). Everything else, including the
-    column-major o/down weights a patched model keeps, ``swiglu``, ``attention``, ``rms_norm``
-    and ``rotary``, runs the Triton ops. Builds csrc/ on the first call (``load``), so a missing toolchain is reported
-    here, before any request.
+    tokens per row. Everything else runs the Triton ops: ``cols_linear`` too, as a patched model keeps
+    the o/down weights column-major, which Triton reads fastest (this module's ``gather_cols_linear``
+    reads row-major ones), and ``swiglu``, ``attention``, ``rms_norm`` and ``rotary``. Builds csrc/ on
+    the first call (``load``), so a missing toolchain is reported here, before any request.
     """
     from .backends import get_backend
 
@@ -254,9 +253,4 @@ def cuda_backend():
             return gather_rows_linear(x, weight, rows, bias)
         return triton.rows_linear(x, weight, rows, bias)
 
-    def cols_linear(a, weight, cols):
-        if a.shape[1] <= DECODE_MAX_TOKENS and weight.stride(1) == 1:
-            return gather_cols_linear(a, weight, cols)
-        return triton.cols_linear(a, weight, cols)
-
-    return dataclasses.replace(triton, name="cuda", rows_linear=rows_linear, cols_linear=cols_linear)
+    return dataclasses.replace(triton, name="cuda", rows_linear=rows_linear)
