@@ -11,7 +11,6 @@ For each (variant, budget) it prints the plan, its FLOP cost and the median wall
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -354,13 +353,6 @@ def run(model, inputs: dict, args, rank: int, name: str) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-
-
 def write_plot(rows: list[dict], path: Path, title: str) -> bool:
     """Latency versus budget per variant, with the ideal line; False (and a note) without matplotlib."""
     from .sweep import pyplot
@@ -464,7 +456,7 @@ def main(argv=None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .sweep import device_name
+    from .sweep import device_name, write_csv
 
     model, inputs, name, default_rank = load(args)
     rank = default_rank if args.rank is None else args.rank

@@ -547,12 +547,17 @@ def write_records(rows: list[Row], out_dir, stem: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = [asdict(r) for r in rows]
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(records, out / f"{stem}.csv")
     for suffix, values in (("", records), ("-adherence", budget_adherence(rows)), ("-targets", target_ratios(rows))):
         (out / f"{stem}{suffix}.json").write_text(json.dumps(_json_safe(values), indent=1, allow_nan=False))
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    """``records`` (dicts with the same keys) as a CSV file at ``path``, None as an empty cell."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in records)
 
 
 def _check_rows(rows: list[Row]) -> None:
