@@ -553,11 +553,11 @@ def write_records(rows: list[Row], out_dir, stem: str) -> None:
 
 
 def write_csv(records: list[dict], path: Path) -> None:
-    """``records`` (dicts with the same keys) as a CSV file at ``path``, None as an empty cell."""
+    """``records`` (dicts with the same keys) as a CSV file at ``path``, None as an empty cell (csv's way)."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in records)
+        writer.writerows(records)
 
 
 def _check_rows(rows: list[Row]) -> None:
