@@ -260,7 +260,7 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     budget, or compiled stock) prints its traceback and the sweep goes on: one broken path costs only
     its own rows. Then ``SweepIncomplete`` is raised at the end, after the plot. ``threads``: torch's CPU
     threads meanwhile (None: 1 on the CPU, where the tiny model's timings are otherwise contention noise;
-    torch's default on CUDA). Bad arguments are refused up front (``_check_arguments``)."""
+    torch's default on CUDA). Bad arguments are refused up front (``_check_arguments``, ``make_out_dir``)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_arguments(device, variants, backends, budgets, new_tokens, repeats, threads)

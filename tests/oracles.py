@@ -75,7 +75,7 @@ def stock_of_shape(seed: int, num_heads: int, num_kv_heads: int, hidden_size: in
 
 class WeightCopies(TorchDispatchMode):
     """While on, records in ``copies`` every op that reads the storage of one of ``weights`` other than a view
-    or a product (``READS``) or a scale by a 1-D weight (a norm's): gathers, clones, casts, masks, concatenations."""
+    or a product (``READS``): gathers, clones, casts, masks, concatenations."""
 
     READS = {"aten::t", "aten::transpose", "aten::view", "aten::_unsafe_view", "aten::slice", "aten::select",
              "aten::alias", "aten::as_strided", "aten::expand", "aten::permute", "aten::detach", "aten::mm",
@@ -87,11 +87,10 @@ class WeightCopies(TorchDispatchMode):
         self.copies = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        read = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-                and t.untyped_storage().data_ptr() in self.storages]
-        if read and name not in self.READS and not (name == "aten::mul" and all(t.dim() == 1 for t in read)):
-            self.copies.append(name)
+        reads_weight = any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.storages
+                           for t in tree_leaves((args, kwargs)))
+        if reads_weight and func._schema.name not in self.READS:
+            self.copies.append(func._schema.name)
         return func(*args, **(kwargs or {}))
 
 

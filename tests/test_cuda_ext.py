@@ -461,8 +461,8 @@ def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
 
 
 def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeypatch):
-    """Rows side: CUDA GEMV for 1 to 16 tokens. Cols side: CUDA GEMV for 1 to 16 tokens on a row-major
-    weight only (a patched model's column-major o/down weights go to Triton). Triton otherwise."""
+    """Rows side: CUDA GEMV for 1 to 16 tokens, Triton above. Cols side: Triton at every length (a patched
+    model keeps o/down column-major, which the CUDA GEMV does not read)."""
     from adaptive_kernels.ops import attention, norm, projections, rotary, swiglu
     calls = []
     monkeypatch.setattr(cuda_ext, "load", lambda *a, **k: None)
@@ -475,9 +475,8 @@ def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeyp
     w, idx = torch.empty(4, 8), torch.zeros(1, 2, dtype=torch.int64)
     for T in (1, 16, 17):
         backend.rows_linear(torch.empty(1, T, 8), w, idx, None)
-        backend.cols_linear(torch.empty(1, T, 2), w, idx)
         backend.cols_linear(torch.empty(1, T, 2), projections.cols_major(w), idx)
-    assert calls == ["cuda rows", "cuda cols", "triton cols"] * 2 + ["triton rows", "triton cols", "triton cols"]
+    assert calls == ["cuda rows", "triton cols"] * 2 + ["triton rows", "triton cols"]
     assert backend.swiglu is getattr(swiglu, "gathered_swiglu", None)
     assert backend.attention is getattr(attention, "head_sparse_attention", None)
     assert backend.rms_norm is norm.rms_norm and backend.rotary is rotary.rotary
