@@ -102,7 +102,7 @@ def test_first_executed_layer_without_heads_decodes_as_masked_and_sliced_stock(s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_full_plan_gives_stock_result(stock, dtype):
     """Bit for bit at the prompt's positions (the torch backend attends with SDPA, as stock does); the
-    same ids from generate (decode steps attend over the cache's whole capacity, rounding apart)."""
+    same ids from generate (padded decode steps agree to rounding: see the test below)."""
     stock = copy.deepcopy(stock).to(dtype)
     inputs = example_inputs(stock, batch_size=2, seed=3, pad=[2, 0])
     model = patched(stock, "H")
@@ -113,6 +113,21 @@ def test_full_plan_gives_stock_result(stock, dtype):
         assert torch.equal(model(**inputs, execution_plan=full).logits[real], want)
         assert torch.equal(model(**inputs).logits[real], want)
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_full_plan_decodes_as_stock_bit_for_bit_on_the_torch_backend(stock, dtype):
+    """Unpadded prompts: every decode step's logits equal stock's bit for bit (the torch backend's steps attend
+    over the filled positions, as stock's do; with padding, transformers 5.2x's SDPA lays a single query's
+    heads out otherwise, and fp32 agrees to rounding)."""
+    stock = copy.deepcopy(stock).to(dtype)
+    inputs = example_inputs(stock, batch_size=2, seed=5)
+    run = dict(n=5, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    ours = greedy(patched(stock, "H", backend="torch"), inputs, execution_plan=ExecutionPlan.full(2, L, H), **run)
+    want = greedy(stock, inputs, **run)
+    assert torch.equal(ours.sequences, want.sequences)
+    for got, theirs in zip(ours.logits, want.logits, strict=True):
+        assert torch.equal(got, theirs)
 
 
 def test_full_plan_gives_stock_result_with_narrow_key_and_value_projections():

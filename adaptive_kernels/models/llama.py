@@ -290,6 +290,7 @@ def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: Adaptiv
     v = v.view(R, T, idx.num_kv_heads, d).transpose(1, 2)
     if cache is not None:
         k, v = cache.append(layer, k, v)
+        k, v = k[:, :, :kv_valid.shape[1]], v[:, :, :kv_valid.shape[1]]  # the positions kv_valid covers
     o = backend.attention(q, k, v, idx.q_to_kv, kv_valid, attn.scaling)
     return _project_back(backend, o.reshape(R, T, -1), attn.o_proj, idx.q_rows, idx.rows_on)
 
@@ -612,8 +613,10 @@ class AdaptiveDecoderMixin:
         request.plan = schedule.plan
         layers = range(first, len(self.layers))
         if decoding and S == 1:
-            # one-token steps attend over the cache's whole capacity, unfilled positions masked
-            kv_valid = F.pad(mask, (0, cache.capacity - mask.shape[1]))
+            # one-token steps that may be replayed as a CUDA graph attend over the cache's whole capacity, unfilled
+            # positions masked (the same shapes at every step); the others over the filled positions, as stock
+            replayed = settings.backend.replays_decode
+            kv_valid = F.pad(mask, (0, cache.capacity - mask.shape[1])) if replayed else mask
             x = self.decode_step(x, schedule, cos, sin, kv_valid, cache, hidden)
         else:
             x = self.final_norm(*self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache, hidden))
