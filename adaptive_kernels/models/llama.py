@@ -470,8 +470,8 @@ def positions_and_mask(x, position_ids, attention_mask, past: int, continued: Ad
     ``position_ids`` given with a mask that has the token's column count it already; given with no mask, or
     one that leaves the column out, they lack it: counted from that mask (cumsum - 1, as a generate call
     continuing the cache counts them) they lack one position, and going on from the prompt's last column
-    (the later steps of the call that made the cache) the cache's ``position_shift`` (one too, but where
-    that column is padding counted from the mask)."""
+    (the later steps of the call that made the cache) the cache's ``position_shift`` (one as well, unless
+    that column is padding and the prompt's positions were counted from the mask)."""
     B, S = x.shape[:2]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError("attention_mask: a patched model takes a 2-D padding mask [batch, tokens]")
