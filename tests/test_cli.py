@@ -405,6 +405,8 @@ def test_python_m_help():
 def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     import json
 
+    from adaptive_kernels.sweep import read_records
+
     assert main(["sweep", "--device", "cpu", "--variants", "L", "L", "--budgets", "1.0", "0.5", "1", "--new-tokens",
                  "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sweep-tiny.csv")))
@@ -413,30 +415,32 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     assert set(adaptive) == {1.0, 0.5} and {r["system"] for r in rows} >= {"stock", "ideal", "masked"}
     assert float(adaptive[0.5]["cost"]) == 0.5  # 4 prefix + 0 scheduled of 8 layers
     masked = [r for r in rows if r["system"] == "masked"]
-    assert len(masked) == 2  # prefill and decode measured (per token, a difference of medians: may be < 0 here)
-    assert all(float(r["prefill_ms"]) > 0 and math.isfinite(float(r["decode_ms_per_token"])) for r in masked)
+    assert len(masked) == 2  # prefill and decode measured
+    # per token, a difference of medians: NaN where noise made more tokens take no longer (seen on the CPU)
+    assert all(float(r["prefill_ms"]) > 0 and not math.isinf(float(r["decode_ms_per_token"])) for r in masked)
     assert {(r["dtype"], r["rank"], r["new_tokens"], r["repeats"]) for r in rows} == {("float32", "2", "1", "1")}
     assert all(r["triton"] and r["device"] for r in rows)
 
     def strict(token):
         raise AssertionError(f"{token} is not JSON")
 
-    adherence = json.loads((tmp_path / "sweep-tiny-adherence.json").read_text(), parse_constant=strict)
-    for a in adherence:
+    for name in ("sweep-tiny.json", "sweep-tiny-adherence.json", "sweep-tiny-targets.json"):
+        json.loads((tmp_path / name).read_text(), parse_constant=strict)
+    for a in read_records(tmp_path / "sweep-tiny-adherence.json"):  # null (not measured) read back as NaN
         phase = "prefill_ms" if a["phase"] == "prefill" else "decode_ms_per_token"
-        expected = float(adaptive[0.5][phase]) / float(adaptive[1.0][phase]) - 0.5
-        assert a["largest_excess"] == pytest.approx(max(expected, 0.0))
+        excesses = [float(r[phase]) / float(adaptive[1.0][phase]) - float(r["cost"]) for r in adaptive.values()]
+        assert a["largest_excess"] == pytest.approx(max(e for e in excesses if not math.isnan(e)))
     assert 0 < float(adaptive[0.5]["decode_floor_ms"]) < float(adaptive[1.0]["decode_floor_ms"])
     ideal = {float(r["budget"]): r for r in rows if r["system"] == "ideal"}
-    json.loads((tmp_path / "sweep-tiny.json").read_text(), parse_constant=strict)
-    targets = json.loads((tmp_path / "sweep-tiny-targets.json").read_text(), parse_constant=strict)
+    targets = read_records(tmp_path / "sweep-tiny-targets.json")
     assert sorted(t["budget"] for t in targets) == [0.5, 1.0]
     for t in targets:
         row = adaptive[t["budget"]]
         assert t["prefill_vs_ideal"] == pytest.approx(float(row["prefill_ms"]) / float(ideal[t["budget"]]["prefill_ms"]))
-        assert t["decode_vs_floor"] == pytest.approx(float(row["decode_ms_per_token"]) / float(row["decode_floor_ms"]))
+        assert t["decode_vs_floor"] == pytest.approx(float(row["decode_ms_per_token"]) / float(row["decode_floor_ms"]),
+                                                     nan_ok=True)
         assert t["schedule_share_of_prefill"] == pytest.approx(float(row["schedule_ms"]) / float(row["prefill_ms"]))
-        assert t["prefill_kernel_vs_ideal"] is None and t["decode_vs_compiled_stock"] is None  # CUDA only: null
+        assert math.isnan(t["prefill_kernel_vs_ideal"]) and math.isnan(t["decode_vs_compiled_stock"])  # CUDA only
     assert (tmp_path / "sweep-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "adherence L torch prefill" in printed and "decode/floor (1.3)" in printed
