@@ -800,9 +800,34 @@ def test_save_pretrained_writes_the_stock_checkpoint_and_the_scheduler(stock, tm
     again = ak.patch(loaded, "H", rank=2, scheduler=tmp_path / SCHEDULER_FILE)
     assert ak.plan(again, latency_budget=[0.6, 0.75], **inputs) == plans
     given = {k: v + 1 if k.endswith("lm_head.weight") else v for k, v in want.items()}  # a state_dict the caller gives
-    model.save_pretrained(tmp_path / "given", state_dict=given)  # is written as given
-    for name, tensor in LlavaForConditionalGeneration.from_pretrained(tmp_path / "given").state_dict().items():
+    scheduler_keys = {k: v for k, v in model.state_dict().items() if ".latency_scheduler." in k}
+    model.save_pretrained(tmp_path / "given", state_dict=given | scheduler_keys)  # as given, less the scheduler
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "given", output_loading_info=True)
+    assert scheduler_keys and not any(info.values()), info
+    for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, given[name]), name
+
+
+def test_a_save_leaves_the_model_serving_requests(stock, tmp_path, monkeypatch):
+    """While save_pretrained writes (another thread's save, say), the model stays the patched one: a request
+    made then is served, with the result it has at any other time."""
+    model = patched(stock, "H")
+    inputs = example_inputs(stock, batch_size=1, seed=18)
+    with torch.no_grad():
+        want = model(**inputs, latency_budget=0.6).logits
+    served = []
+    save_config = type(model.config).save_pretrained
+
+    def save_config_and_serve(config, save_directory, **kwargs):  # called by stock's save_pretrained, mid-save
+        save_config(config, save_directory, **kwargs)
+        with torch.no_grad():
+            served.append(model(**inputs, latency_budget=0.6).logits)
+
+    monkeypatch.setattr(type(model.config), "save_pretrained", save_config_and_serve)
+    model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert len(served) == 1 and torch.equal(served[0], want)
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path).config.architectures == [type(stock).__name__]
 
 
 def test_save_pretrained_writes_where_stock_writes_and_uploads_the_scheduler_with_push_to_hub(stock, tmp_path,

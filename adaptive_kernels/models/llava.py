@@ -176,13 +176,11 @@ def _adaptive_llava_class(stock: type) -> type:
             raise ValueError(f"push_to_hub=True: save_pretrained would upload the folder before {SCHEDULER_FILE} is "
                              "written beside it; call model.push_to_hub(repo_id), which uploads both, or upload the "
                              "folder after saving")
-        if state_dict is None:
-            state_dict = {k: v for k, v in self.state_dict().items() if "latency_scheduler" not in k.split(".")}
-        self.__class__ = stock  # the stock architecture's name in config.json
-        try:
-            result = stock.save_pretrained(self, save_directory, is_main_process, state_dict, False, *args, **kwargs)
-        finally:
-            self.__class__ = cls
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v for k, v in state_dict.items() if "latency_scheduler" not in k.split(".")}
+        as_stock = object.__new__(stock)  # this model (its very attributes) as the stock class, whose name
+        as_stock.__dict__ = self.__dict__  # config.json takes; self keeps its class for other threads' requests
+        result = stock.save_pretrained(as_stock, save_directory, is_main_process, state_dict, False, *args, **kwargs)
         if self.should_save_on_this_rank(is_main_process):  # where stock wrote its files
             save_scheduler_weights(self.model.language_model.latency_scheduler, Path(save_directory) / SCHEDULER_FILE)
         return result
