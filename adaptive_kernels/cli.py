@@ -272,9 +272,14 @@ def load(args) -> tuple:
         from transformers import LlavaForConditionalGeneration
 
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
+            model, loading = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
+                                                                           output_loading_info=True)
         except (OSError, ValueError, RuntimeError, SafetensorError) as error:
             raise OptionError(f"argument --model: cannot load {args.model} ({error})") from error
+        if missing := sorted(loading["missing_keys"]):  # transformers would fill them with random values
+            raise OptionError(f"argument --model: {args.model} lacks {len(missing)} of the model's tensors, "
+                              f"first {missing[0]}; a checkpoint with every tensor is needed")
+        model.eval()
         model.generation_config = _plain_generation_config(model.generation_config)
         name, rank = str(args.model), PAPER_RANK
     model = model.to(device=args.device, dtype=dtype)

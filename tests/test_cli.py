@@ -316,15 +316,23 @@ def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
 
 def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys):
     """Another architecture's checkpoint (LLaVA's config would fall back to 7B defaults), a config without
-    weights, and an --out that cannot be a folder are refused by name before anything is loaded or timed."""
+    weights, weights lacking a tensor (it would be random), and an --out that cannot be a folder are refused by
+    name before anything is timed."""
+    from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=64)).save_pretrained(tmp_path / "llama")
     tiny_llava().config.save_pretrained(tmp_path / "config_only")
+    tiny_llava().save_pretrained(tmp_path / "lacking")
+    weights = load_file(tmp_path / "lacking" / "model.safetensors")  # saved under transformers' legacy names
+    del weights["language_model.model.layers.0.mlp.down_proj.weight"]
+    save_file(weights, tmp_path / "lacking" / "model.safetensors", metadata={"format": "pt"})
+    lacking = "model.language_model.layers.0.mlp.down_proj.weight"  # its name in the model
     (tmp_path / "file").write_text("not a folder")
     for argv, says in ((["--model", str(tmp_path / "llama")], "holds a 'llama' model"),
                        (["--model", str(tmp_path / "config_only")], "has no weights"),
+                       (["--model", str(tmp_path / "lacking")], f"lacks 1 of the model's tensors, first {lacking}"),
                        (["--out", str(tmp_path / "file" / "out")], "argument --out: cannot make the folder")):
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, *FAST])
