@@ -277,21 +277,25 @@ class ExecutionPlan:
         if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
             raise ArgumentTypeError(f"ExecutionPlan.to: device must be a torch.device, str or int (the masks stay "
                                     f"bool), got {device!r}")
+        if torch.device(device).type == "meta":
+            raise ValueError("ExecutionPlan.to: device meta holds no values; give a device a plan can run on")
         return ExecutionPlan._valid(self.layers.to(device), self.heads.to(device), self.groups.to(device),
                                     self.shape, self.seq_len)
 
     def rows(self, index) -> "ExecutionPlan":
         """The plan of some batch rows: ``index`` is an int (one row, kept as a batch of one), a slice, or
-        a list, tensor or bool mask of rows."""
+        a list, tuple, tensor or bool mask of rows."""
         if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
             index = index.item()
+        if isinstance(index, tuple):  # rows, not a tensor index over dimensions
+            index = list(index)
         if is_integer(index):
             if not -self.batch_size <= index < self.batch_size:
                 raise ValueError(f"ExecutionPlan.rows: index {index} is out of range for {self.batch_size} rows")
             index = [int(index)]
-        elif not isinstance(index, (slice, list, tuple, torch.Tensor)):
-            raise ArgumentTypeError(f"ExecutionPlan.rows: index must be an int, a slice, or a list, tensor or bool "
-                                    f"mask of rows, got {type(index).__name__}")
+        elif not isinstance(index, (slice, list, torch.Tensor)):
+            raise ArgumentTypeError(f"ExecutionPlan.rows: index must be an int, a slice, or a list, tuple, tensor "
+                                    f"or bool mask of rows, got {type(index).__name__}")
         try:
             layers = self.layers[index]
         except (IndexError, TypeError, RuntimeError) as err:
@@ -327,8 +331,12 @@ class ExecutionPlan:
         return f"layers {on} | heads/layer {[h[i] for i in on]} | groups/layer {[g[i] for i in on]}"
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, ExecutionPlan) and torch.equal(self.layers, other.layers)
-                and torch.equal(self.heads, other.heads) and torch.equal(self.groups, other.groups))
+        """The same masks, wherever each plan is."""
+        if not isinstance(other, ExecutionPlan):
+            return False
+        other = other.to(self.layers.device)
+        return (torch.equal(self.layers, other.layers) and torch.equal(self.heads, other.heads)
+                and torch.equal(self.groups, other.groups))
 
     def __repr__(self) -> str:
         B, L, H = self.heads.shape

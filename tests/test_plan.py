@@ -120,7 +120,7 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     layers, heads, groups = _masks(B=3)
     plan = ExecutionPlan(layers, heads, groups)
     for index, picked in ((1, [1]), (-1, [2]), (torch.tensor(2), [2]), (slice(1, 3), [1, 2]), ([2, 0], [2, 0]),
-                          (torch.tensor([True, False, True]), [0, 2])):
+                          ((0, 1), [0, 1]), ((2,), [2]), (torch.tensor([True, False, True]), [0, 2])):
         part = plan.rows(index)
         assert part.batch_size == len(picked)
         for got, whole in zip((part.layers, part.heads, part.groups), (layers, heads, groups)):
@@ -138,6 +138,8 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     (lambda p: p.summary(3), ValueError, "summary: row must index one of the 3 rows"),
     (lambda p: p.summary(None), ArgumentTypeError, "summary: row"),
     (lambda p: p.to(torch.float16), ArgumentTypeError, "to: device must be a torch.device, str or int"),
+    (lambda p: p.to("meta"), ValueError, "to: device meta holds no values"),
+    (lambda p: p.rows(()), ValueError, "rows: index .* must select at least one row"),
     (lambda p: ExecutionPlan.full(2, 0, 8), ValueError, "full: num_layers must be a positive integer"),
     (lambda p: ExecutionPlan.full(2, 8, -1), ValueError, "full: num_heads must be a positive integer"),
     (lambda p: ExecutionPlan.full(2.0, 8, 8), ArgumentTypeError, "full: batch_size must be a positive integer"),
@@ -154,6 +156,13 @@ def test_plan_methods_refuse_bad_arguments_by_name(call, error, message):
     with pytest.raises(error, match=message) as refused:
         call(plan)
     assert isinstance(refused.value, TypeError) == (error is ArgumentTypeError)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: CUDA")
+def test_plans_with_the_same_masks_on_two_devices_are_equal():
+    plan = ExecutionPlan(*_masks(B=3))
+    other = ExecutionPlan(plan.layers, plan.heads, ~plan.groups)
+    assert plan == plan.to("cuda") and plan.to("cuda") == plan and plan.to("cuda") != other
 
 
 def _brute_force_flops(heads, groups, S):
