@@ -277,8 +277,6 @@ class ExecutionPlan:
         if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
             raise ArgumentTypeError(f"ExecutionPlan.to: device must be a torch.device, str or int (the masks stay "
                                     f"bool), got {device!r}")
-        if torch.device(device).type == "meta":
-            raise ValueError("ExecutionPlan.to: device meta holds no values; give a device a plan can run on")
         return ExecutionPlan._valid(self.layers.to(device), self.heads.to(device), self.groups.to(device),
                                     self.shape, self.seq_len)
 

@@ -138,7 +138,6 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     (lambda p: p.summary(3), ValueError, "summary: row must index one of the 3 rows"),
     (lambda p: p.summary(None), ArgumentTypeError, "summary: row"),
     (lambda p: p.to(torch.float16), ArgumentTypeError, "to: device must be a torch.device, str or int"),
-    (lambda p: p.to("meta"), ValueError, "to: device meta holds no values"),
     (lambda p: p.rows(()), ValueError, "rows: index .* must select at least one row"),
     (lambda p: ExecutionPlan.full(2, 0, 8), ValueError, "full: num_layers must be a positive integer"),
     (lambda p: ExecutionPlan.full(2, 8, -1), ValueError, "full: num_heads must be a positive integer"),
