@@ -21,6 +21,7 @@ import gc
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -549,12 +550,28 @@ def write_records(rows: list[Row], out_dir, stem: str) -> None:
     records = [asdict(r) for r in rows]
     write_csv(records, out / f"{stem}.csv")
     for suffix, values in (("", records), ("-adherence", budget_adherence(rows)), ("-targets", target_ratios(rows))):
-        (out / f"{stem}{suffix}.json").write_text(json.dumps(_json_safe(values), indent=1, allow_nan=False))
+        with whole_file(out / f"{stem}{suffix}.json") as f:
+            f.write(json.dumps(_json_safe(values), indent=1, allow_nan=False))
+
+
+@contextlib.contextmanager
+def whole_file(path: Path):
+    """A text file open for writing whose contents replace ``path`` at once when the block ends without error
+    (written beside it as ``<name>.part``, then renamed): a run killed mid-write, as a time limit does, or a
+    write that fails, leaves the previous file whole."""
+    part = path.with_name(f"{path.name}.part")
+    try:
+        with open(part, "w", newline="") as f:
+            yield f
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, path)
 
 
 def write_csv(records: list[dict], path: Path) -> None:
     """``records`` (dicts with the same keys) as a CSV file at ``path``, None as an empty cell (csv's way)."""
-    with open(path, "w", newline="") as f:
+    with whole_file(path) as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
         writer.writerows(records)

@@ -55,10 +55,13 @@ class ResultRows(list):
         self.write()
 
     def write(self) -> None:
+        from adaptive_kernels.sweep import whole_file  # not at import: conftest sets TRITON_INTERPRET first
+
         RESULTS.mkdir(exist_ok=True)
-        self.stem.with_suffix(".json").write_text(json.dumps(dict(info=self.info, rows=list(self)), indent=1))
+        with whole_file(self.stem.with_suffix(".json")) as f:
+            f.write(json.dumps(dict(info=self.info, rows=list(self)), indent=1))
         fields = list(self.info) + list(dict.fromkeys(k for r in self for k in r))
-        with self.stem.with_suffix(".csv").open("w", newline="") as f:
+        with whole_file(self.stem.with_suffix(".csv")) as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for r in self:

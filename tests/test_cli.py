@@ -597,6 +597,40 @@ def test_decode_is_compared_with_compiled_stock_at_full_budget_only():
     assert all(math.isnan(t["decode_vs_compiled_stock"]) for t in target_ratios(adaptive))
 
 
+def test_a_rewrite_replaces_the_file_whole(tmp_path, monkeypatch):
+    """The sweep and the benchmarks rewrite their files after each row, and a time limit may kill them at any
+    point: until a rewrite is done the previous file stays whole, and a rewrite that fails leaves it and no
+    part file."""
+    from adaptive_kernels.sweep import Row, whole_file, write_records
+
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="cut"), whole_file(path) as f:
+        f.write("new, half")
+        f.flush()
+        assert path.read_text() == "old"
+        raise RuntimeError("cut")
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
+    with whole_file(path) as f:
+        f.write("new")
+    assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]
+
+    rows = [Row(system="stock", budget=1.0, cost=1.0, prefill_ms=10.0, decode_ms_per_token=4.0, **SWEEP_ROW)]
+    write_records(rows, tmp_path, "rows")
+    names = ("rows.csv", "rows.json", "rows-adherence.json", "rows-targets.json")
+    written = {name: (tmp_path / name).read_text() for name in names}
+    writerows = csv.DictWriter.writerows
+    seen = []
+
+    def write_and_look(writer, records):  # mid-rewrite, what a reader sees
+        writerows(writer, records)
+        seen.append({name: (tmp_path / name).read_text() for name in names})
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", write_and_look)
+    write_records(rows * 2, tmp_path, "rows")
+    assert seen == [written]
+
+
 def test_records_read_back_field_for_field_with_nan_as_nan(tmp_path):
     """read_records gives back every field write_records wrote; a NaN or an infinity (not measured or not a number,
     null in the JSON) comes back as NaN, not as a number."""
