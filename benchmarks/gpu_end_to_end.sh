@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check the project owes, in one device call of at most 10 minutes, from the repository root. Stages, in
 # this order by default, each under its time limit in seconds (the variable named sets it):
-#   tests  the CUDA cases of tests/ops, tests/test_backends.py, tests/test_generation.py, tests/test_graph_safe.py
-#          and tests/test_cuda_ext.py
+#   tests  the CUDA cases of tests/ops, tests/test_backends.py, tests/test_generation.py, tests/test_graph_safe.py,
+#          tests/test_plan.py and tests/test_cuda_ext.py
 #          (TEST_SECONDS, 190)
 #   ext    the CUDA extension's GEMV next to Triton: benchmarks/gpu_cuda_ext.py --skip-tests (EXT_SECONDS, 60)
 #   sweep  adaptive-kernels sweep of the 7B-shaped model: triton rows at budget 1.0, then compiled stock, then the
@@ -65,7 +65,7 @@ for stage in "${stages[@]}"; do
     tests)  # fixed tile configs: the tests check the kernels' code; spread over the cores where pytest-xdist is there
       workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)")
       ADAPTIVE_KERNELS_AUTOTUNE=0 run_stage tests "$seconds" python3 -m pytest tests/test_cuda_ext.py \
-        tests/test_backends.py tests/test_generation.py tests/test_graph_safe.py tests/ops $workers -q -rf --tb=short -p no:cacheprovider ;;
+        tests/test_backends.py tests/test_generation.py tests/test_graph_safe.py tests/test_plan.py tests/ops $workers -q -rf --tb=short -p no:cacheprovider ;;
     ext) run_stage ext "$seconds" python3 benchmarks/gpu_cuda_ext.py --skip-tests ;;
     sweep) run_stage sweep "$seconds" python3 -m adaptive_kernels sweep --new-tokens 16 --repeats 3 ;;
     ops) run_stage ops "$seconds" python3 benchmarks/gpu_kernels.py --skip-tests \
