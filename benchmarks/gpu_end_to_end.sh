@@ -65,7 +65,8 @@ for stage in "${stages[@]}"; do
     tests)  # fixed tile configs: the tests check the kernels' code; spread over the cores where pytest-xdist is there
       workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)")
       ADAPTIVE_KERNELS_AUTOTUNE=0 run_stage tests "$seconds" python3 -m pytest tests/test_cuda_ext.py \
-        tests/test_backends.py tests/test_generation.py tests/test_graph_safe.py tests/test_plan.py tests/ops $workers -q -rf --tb=short -p no:cacheprovider ;;
+        tests/test_backends.py tests/test_generation.py tests/test_graph_safe.py tests/test_plan.py tests/ops \
+        $workers -q -rf --tb=short -p no:cacheprovider ;;
     ext) run_stage ext "$seconds" python3 benchmarks/gpu_cuda_ext.py --skip-tests ;;
     sweep) run_stage sweep "$seconds" python3 -m adaptive_kernels sweep --new-tokens 16 --repeats 3 ;;
     ops) run_stage ops "$seconds" python3 benchmarks/gpu_kernels.py --skip-tests \
