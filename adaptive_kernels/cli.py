@@ -151,18 +151,26 @@ def _check_backends(parser, option: str, backends: list, device: str, dtype: tor
 
 
 def _check_model(parser, path: Path) -> None:
-    """``parser.error`` unless ``path`` is a LLaVA checkpoint folder with weights (before loading anything)."""
+    """``parser.error`` unless ``path`` is a LLaVA checkpoint folder of a supported language model, with weights
+    (before loading anything)."""
     import json
+
+    from .models import SUPPORTED_TEXT_MODELS
 
     if not (path / "config.json").is_file():
         parser.error(f"argument --model: {path} is not a Hugging Face checkpoint folder (no config.json)")
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        config = json.loads((path / "config.json").read_text())
+        model_type = config.get("model_type")
     except (OSError, ValueError, AttributeError) as error:
         parser.error(f"argument --model: {path / 'config.json'} is not a readable config ({error})")
     if model_type != "llava":
         parser.error(f"argument --model: {path} holds a {model_type!r} model; adaptive-kernels runs LLaVA checkpoints "
                      "(model_type 'llava')")
+    text_type = (config.get("text_config") or {}).get("model_type", "llama")  # LlavaConfig's default
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        parser.error(f"argument --model: {path}'s language model is {text_type!r}; adaptive-kernels runs LLaVA "
+                     f"checkpoints whose language model is one of {sorted(SUPPORTED_TEXT_MODELS)}")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         parser.error(f"argument --model: {path} has no weights (none of {', '.join(WEIGHT_FILES)})")
 

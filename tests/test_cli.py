@@ -315,15 +315,21 @@ def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
 
 
 def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys):
-    """Another architecture's checkpoint (LLaVA's config would fall back to 7B defaults), a config without
-    weights, weights lacking a tensor (it would be random), and an --out that cannot be a folder are refused by
-    name before anything is timed."""
+    """Another architecture's checkpoint (LLaVA's config would fall back to 7B defaults), a LLaVA model of an
+    unsupported language model, a config without weights, weights lacking a tensor (it would be random), and an
+    --out that cannot be a folder are refused by name before anything is timed."""
+    import json
+
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=64)).save_pretrained(tmp_path / "llama")
     tiny_llava().config.save_pretrained(tmp_path / "config_only")
+    config = tiny_llava().config.to_dict()
+    config["text_config"]["model_type"] = "mistral"  # a LLaVA model of an unsupported language model
+    (tmp_path / "mistral").mkdir()
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps(config))
     tiny_llava().save_pretrained(tmp_path / "lacking")
     weights = load_file(tmp_path / "lacking" / "model.safetensors")  # saved under transformers' legacy names
     del weights["language_model.model.layers.0.mlp.down_proj.weight"]
@@ -332,6 +338,7 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
     (tmp_path / "file").write_text("not a folder")
     for argv, says in ((["--model", str(tmp_path / "llama")], "holds a 'llama' model"),
                        (["--model", str(tmp_path / "config_only")], "has no weights"),
+                       (["--model", str(tmp_path / "mistral")], "language model is 'mistral'; adaptive-kernels runs"),
                        (["--model", str(tmp_path / "lacking")], f"lacks 1 of the model's tensors, first {lacking}"),
                        (["--out", str(tmp_path / "file" / "out")], "argument --out: cannot make the folder")):
         with pytest.raises(SystemExit) as exit_info:
