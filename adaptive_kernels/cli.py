@@ -162,12 +162,12 @@ def _check_model(parser, path: Path) -> None:
     try:
         config = json.loads((path / "config.json").read_text())
         model_type = config.get("model_type")
+        text_type = (config.get("text_config") or {}).get("model_type", "llama")  # LlavaConfig's default
     except (OSError, ValueError, AttributeError) as error:
         parser.error(f"argument --model: {path / 'config.json'} is not a readable config ({error})")
     if model_type != "llava":
         parser.error(f"argument --model: {path} holds a {model_type!r} model; adaptive-kernels runs LLaVA checkpoints "
                      "(model_type 'llava')")
-    text_type = (config.get("text_config") or {}).get("model_type", "llama")  # LlavaConfig's default
     if text_type not in SUPPORTED_TEXT_MODELS:
         parser.error(f"argument --model: {path}'s language model is {text_type!r}; adaptive-kernels runs LLaVA "
                      f"checkpoints whose language model is one of {sorted(SUPPORTED_TEXT_MODELS)}")

@@ -330,6 +330,8 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
     config["text_config"]["model_type"] = "mistral"  # a LLaVA model of an unsupported language model
     (tmp_path / "mistral").mkdir()
     (tmp_path / "mistral" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "bad_text_config").mkdir()
+    (tmp_path / "bad_text_config" / "config.json").write_text(json.dumps({**config, "text_config": "llama"}))
     tiny_llava().save_pretrained(tmp_path / "lacking")
     weights = load_file(tmp_path / "lacking" / "model.safetensors")  # saved under transformers' legacy names
     del weights["language_model.model.layers.0.mlp.down_proj.weight"]
@@ -339,6 +341,7 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
     for argv, says in ((["--model", str(tmp_path / "llama")], "holds a 'llama' model"),
                        (["--model", str(tmp_path / "config_only")], "has no weights"),
                        (["--model", str(tmp_path / "mistral")], "language model is 'mistral'; adaptive-kernels runs"),
+                       (["--model", str(tmp_path / "bad_text_config")], "is not a readable config"),
                        (["--model", str(tmp_path / "lacking")], f"lacks 1 of the model's tensors, first {lacking}"),
                        (["--out", str(tmp_path / "file" / "out")], "argument --out: cannot make the folder")):
         with pytest.raises(SystemExit) as exit_info:
