@@ -361,9 +361,8 @@ class LayerIndices:
     after them, then v's), ``q_to_kv`` [R, nq] maps each active query head to its slot among the
     active kv heads, and ``mlp_rows`` [R, n] are the active neurons; each but ``q_to_kv`` None: every
     unit on (the dense path; a fixed-width layer lists every unit instead), and -1 pads a row with fewer
-    active units. ``rows_on`` bool [R]: in a
-    fixed-width layer (``fixed_width_schedule``), which rows execute it (the others get no output
-    bias either); else None.
+    active units. ``rows_on`` bool [R]: in a fixed-width layer (``fixed_width_schedule``), which rows
+    execute it (the others get no output bias either); else None.
     """
 
     rows: torch.Tensor | None
