@@ -115,6 +115,23 @@ def test_full_plan_gives_stock_result(stock, dtype):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_full_plan_gives_stock_result_under_autocast_on_the_torch_backend(stock, mode):
+    """torch.autocast (bfloat16 on the CPU) over the float32 model, as mixed-precision training runs it: the
+    residual stream stays float32 and the updates come out in bfloat16; the torch backend follows autocast as
+    stock does, so the logits and the loss are stock's bit for bit."""
+    inputs = example_inputs(stock, batch_size=2, seed=4, pad=[0, 3])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model, reference = patched(stock, "H", backend="torch"), copy.deepcopy(stock)
+    getattr(model, mode)(), getattr(reference, mode)()
+    real = inputs["attention_mask"].bool()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(**inputs, labels=labels)
+        got = model(**inputs, labels=labels, execution_plan=ExecutionPlan.full(2, L, H))
+    assert torch.equal(got.logits[real], want.logits[real])
+    assert torch.equal(got.loss, want.loss)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_full_plan_decodes_as_stock_bit_for_bit_on_the_torch_backend(stock, dtype):
     """Unpadded prompts: every decode step's logits equal stock's bit for bit (the torch backend's steps attend

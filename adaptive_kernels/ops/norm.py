@@ -14,15 +14,16 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
                        residual: torch.Tensor | None = None):
     """``y = weight * (h / sqrt(mean(h**2) + eps))`` over the last dim, ``h = x (+ residual)``.
 
-    x [..., D] (and residual, same shape and dtype); weight [D] -> y [..., D] in the promotion
-    of weight's and x's dtypes, or ``(y, h)`` when ``residual`` is given. Rounded as Llama's
-    RMSNorm and the model's add round: ``h`` in x's dtype, the normalised value (computed in
-    fp32) to x's dtype before the weight multiplies it.
+    x [..., D] (and residual, same shape); weight [D] -> y [..., D] in the promotion of weight's
+    and h's dtypes, or ``(y, h)`` when ``residual`` is given. Rounded as Llama's RMSNorm and the
+    model's add round: ``h`` in the promotion of x's and residual's dtypes (a half-precision update
+    added to a float32 stream under autocast is float32), the normalised value (computed in fp32)
+    to h's dtype before the weight multiplies it.
     """
     h = x if residual is None else x + residual
     h32 = h.to(torch.float32)
     normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * normed.to(x.dtype)
+    y = weight * normed.to(h.dtype)
     return y if residual is None else (y, h)
 
 

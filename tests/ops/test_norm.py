@@ -132,3 +132,19 @@ def test_torch_backend_is_llamas_rms_norm_bit_for_bit_with_random_weights(dtype,
     torch.testing.assert_close(got, want_h, rtol=0, atol=0)
     if dtype in DTYPES:  # the kernel rounds alike but sums in another order: stock's to rounding
         torch.testing.assert_close(rms_norm(x, weight, 1e-5), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("update_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_torch_backend_adds_a_half_update_to_a_float32_stream_as_llama(update_dtype):
+    """Under autocast the residual stream stays float32 while attention and MLP updates come out in half
+    precision: the sum is float32, and Llama normalises it in float32 (no rounding to the update's dtype)."""
+    gen = generator("mixed add", update_dtype)
+    update = randn(3, 5, 48, gen=gen, dtype=update_dtype)
+    stream = randn(3, 5, 48, gen=gen)
+    weight = randn(48, gen=gen, scale=0.7) + 1
+    with torch.no_grad():
+        want = stock_norm(weight, 1e-5)(stream + update)
+    got, h = get_backend("torch").rms_norm(update, weight, 1e-5, stream)
+    assert h.dtype == got.dtype == torch.float32
+    torch.testing.assert_close(h, stream + update, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
