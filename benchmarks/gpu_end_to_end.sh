@@ -32,15 +32,17 @@ status=0
 run_stage() {  # name, seconds, command...: runs it under its time limit, output to the log, and notes the verdict
   local name=$1 seconds=$2
   shift 2
-  echo "== $name ($seconds s at most, from $(( $(date +%s) - start )) s)" | tee -a "$log"
+  local began
+  began=$(date +%s)
+  printf '\n== %s (%s s at most, from %s s)\n' "$name" "$seconds" $(( began - start )) | tee -a "$log"
   local before
   before=$(wc -l <"$log")
-  timeout "$seconds" "$@" >>"$log" 2>&1
+  timeout -k 10 "$seconds" "$@" >>"$log" 2>&1  # killed 10 s after its limit if it ignores the signal
   local code=$?
   tail -n +$(( before + 1 )) "$log" | tail -3
   case $code in
-    0) verdicts+=("$name: ok in $(( $(date +%s) - start )) s") ;;
-    124) verdicts+=("$name: TIMED OUT after $seconds s"); status=1 ;;
+    0) verdicts+=("$name: ok in $(( $(date +%s) - began )) s") ;;
+    124|137) verdicts+=("$name: TIMED OUT after $seconds s"); status=1 ;;
     *) verdicts+=("$name: FAILED (exit $code; see gpu.log)"); status=1 ;;
   esac
 }
@@ -48,6 +50,12 @@ run_stage() {  # name, seconds, command...: runs it under its time limit, output
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
   'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$log"
 stages=(${STAGES:-tests ext sweep ops})
+for stage in "${stages[@]}"; do  # every name checked before any stage runs
+  case $stage in
+    tests|ext|sweep|ops|sanitize) ;;
+    *) echo "STAGES: unknown stage $stage (tests, ext, sweep, ops, sanitize)" | tee -a "$log"; exit 2 ;;
+  esac
+done
 for stage in "${stages[@]}"; do
   case $stage in
     tests) seconds=${TEST_SECONDS:-190} ;;
@@ -55,7 +63,6 @@ for stage in "${stages[@]}"; do
     sweep) seconds=${SWEEP_SECONDS:-200} ;;
     ops) seconds=${OPS_SECONDS:-60} ;;
     sanitize) seconds=${SANITIZE_SECONDS:-240} ;;
-    *) echo "unknown stage $stage (tests, ext, sweep, ops, sanitize)"; exit 2 ;;
   esac
   if [ "$stage" = "${stages[-1]}" ]; then
     left=$(( deadline - ($(date +%s) - start) ))
@@ -112,6 +119,7 @@ for path in new("sweep-*.json"):
               f"at {a['at_budget']}")
     print(targets_table(read_records(path.with_name(f"{path.stem}-targets.json"))))
 PY
+printf '%s\n' "${verdicts[@]}" >>"$log"
 tar czf "$out/results.tar.gz" $(find benchmarks/results -newer "$stamp" -type f) -C "$out" gpu.log
 echo
 printf '%s\n' "${verdicts[@]}"

@@ -36,3 +36,16 @@ def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
         names = set(packed.getnames())
     assert {"gpu.log", "benchmarks/results/sweep-tiny.csv", "benchmarks/results/sweep-tiny-targets.json",
             "benchmarks/results/sweep-tiny.png"} <= names, names
+
+
+def test_gpu_script_refuses_an_unknown_stage_before_running_any(tmp_path):
+    """A mistyped name in STAGES stops the call at once, naming it, rather than after the stages before it ran
+    (whose results the exit would then leave unreported)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STAGES": "ext sweeep",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_end_to_end.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "STAGES: unknown stage sweeep" in done.stdout
+    assert "== ext" not in (out / "gpu.log").read_text()
