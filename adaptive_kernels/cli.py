@@ -397,7 +397,7 @@ def sweep_main(argv) -> int:
     """``adaptive-kernels sweep``: the end-to-end latency-versus-budget sweep (``adaptive_kernels.sweep``)."""
     from .backends import BACKENDS
     from .plan import VARIANTS
-    from .sweep import BUDGETS, SweepIncomplete, budget_adherence, default_dtype, sweep, target_ratios, targets_table
+    from .sweep import BUDGETS, SweepIncomplete, default_dtype, report, sweep
 
     p = argparse.ArgumentParser(prog="adaptive-kernels sweep",
                                 description="Vision, prefill and per-token decode latency over budgets, next to stock "
@@ -432,15 +432,7 @@ def sweep_main(argv) -> int:
                      out_dir=args.out, threads=args.threads)
     except SweepIncomplete as incomplete:
         rows, failures = incomplete.rows, incomplete.failures
-    print(f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} {'decode ms/tok':>13} "
-          f"{'setup ms':>9} {'sched ms':>9}")
-    for r in rows:
-        print(f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6g} {r.cost:5.2f} {r.prefill_ms:10.2f} "
-              f"{r.decode_ms_per_token:13.2f} {r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}")
-    for a in budget_adherence(rows):
-        print(f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
-              f"{a['largest_excess']:+.3f} at budget {a['at_budget']}")
-    print(targets_table(target_ratios(rows)))
+    print(report(rows))
     print(f"rows, adherence, target ratios and plot (if drawn) are in {args.out}")
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)

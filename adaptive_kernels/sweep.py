@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import time
 import traceback
@@ -223,10 +224,15 @@ class SweepIncomplete(RuntimeError):
 
 
 def device_name(device: str) -> str:
-    """The GPU's name on CUDA, else the processor's (or the machine's architecture)."""
+    """The GPU's name on CUDA, else the CPU's model name (Linux), the processor's or the machine's architecture."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return platform.processor() or platform.machine() or "cpu"
+    try:
+        cpu_info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpu_info = ""
+    model_names = re.findall(r"^model name\s*:\s*(.+)$", cpu_info, flags=re.MULTILINE)
+    return model_names[0].strip() if model_names else platform.processor() or platform.machine() or "cpu"
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -539,6 +545,17 @@ def targets_table(ratios: list[dict]) -> str:
         cells = "".join(f"{r[name]:21.3f}{'!' if r[name] > bound else ' '}" for name, (_, bound) in TARGETS.items())
         lines.append(f"{r['variant']} {r['backend']:7} {r['budget']:<8g}{cells}")
     return "\n".join(lines)
+
+
+def report(rows: list[Row]) -> str:
+    """The rows as a table, then their budget adherence and their target ratios (``targets_table``)."""
+    lines = [f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} "
+             f"{'decode ms/tok':>13} {'setup ms':>9} {'sched ms':>9}"]
+    lines += [f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6g} {r.cost:5.2f} {r.prefill_ms:10.2f} "
+              f"{r.decode_ms_per_token:13.2f} {r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}" for r in rows]
+    lines += [f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
+              f"{a['largest_excess']:+.3f} at budget {a['at_budget']}" for a in budget_adherence(rows)]
+    return "\n".join(lines + [targets_table(target_ratios(rows))])
 
 
 def write_records(rows: list[Row], out_dir, stem: str) -> None:

@@ -438,6 +438,10 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     assert all(float(r["prefill_ms"]) > 0 and not math.isinf(float(r["decode_ms_per_token"])) for r in masked)
     assert {(r["dtype"], r["rank"], r["new_tokens"], r["repeats"]) for r in rows} == {("float32", "2", "1", "1")}
     assert all(r["triton"] and r["device"] for r in rows)
+    cpu_info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu_models = [line.split(":", 1)[1].strip() for line in cpu_info if line.startswith("model name")]
+    if cpu_models:  # Linux names the CPU's model (platform.processor() gives only the architecture there)
+        assert {r["device"] for r in rows} == {cpu_models[0]}
 
     def strict(token):
         raise AssertionError(f"{token} is not JSON")
