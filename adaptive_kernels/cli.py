@@ -404,10 +404,8 @@ def sweep_main(argv) -> int:
                                             "transformers, the ideal and the masked computation; a 7B-shaped model "
                                             "on CUDA, the tiny one on the CPU. Writes CSV, JSON and a PNG.")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="V",
-                   help="default: %(default)s")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="B",
-                   help="default: triton and torch on cuda, torch on cpu")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="default: %(default)s")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, help="default: triton and torch on cuda, torch on cpu")
     p.add_argument("--budgets", nargs="+", type=_budget, default=list(BUDGETS), metavar="B",
                    help="latency budgets in (0, 1]; 1.0 gives the ideal lines and adherence (default: %(default)s)")
     p.add_argument("--new-tokens", type=_positive_int, default=16, metavar="N",
