@@ -524,11 +524,11 @@ def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, 
     with torch.no_grad():
         given = DynamicCache(config=model.config.text_config)
         ids = model.generate(**inputs, max_new_tokens=2, do_sample=False, **{CACHE_KWARG: given})
-        with pytest.raises(ValueError, match="cache: this cache was given to an earlier call"):
+        with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: this cache was given to an earlier call"):
             model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, **{CACHE_KWARG: given})
         given = DynamicCache(config=model.config.text_config)
         model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
-        with pytest.raises(ValueError, match="cache: this cache was given to an earlier call"):
+        with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: this cache was given to an earlier call"):
             model(input_ids=ids[:, -1:], **{CACHE_KWARG: given})
 
 
@@ -537,10 +537,12 @@ def test_continuing_a_cache_with_another_row_count_is_refused(model, inputs):
     with torch.no_grad():
         cache = cache_of(model(**inputs, latency_budget=0.6, use_cache=True))
         for rows in (1, 3):
-            with pytest.raises(ValueError, match=f"input_ids has {rows} rows, but the cache it continues .* holds 2"):
+            refused = rf"input_ids has {rows} rows, but the cache it continues \({CACHE_KWARG}\) holds 2"
+            with pytest.raises(ValueError, match=refused):
                 model(input_ids=torch.full((rows, 1), 5), **{CACHE_KWARG: copy.deepcopy(cache)})
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-        with pytest.raises(ValueError, match="input_ids has 6 rows, but the cache it continues .* holds 2"):
+        refused = rf"input_ids has 6 rows, but the cache it continues \({CACHE_KWARG}\) holds 2"
+        with pytest.raises(ValueError, match=refused):
             model.generate(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences), num_beams=3,
                            max_new_tokens=2, **{CACHE_KWARG: out.past_key_values})
 
@@ -572,7 +574,8 @@ def test_continuing_a_cache_under_another_plan_or_budget_is_refused(model, input
                                      (by_plan, dict(execution_plan=other), "another plan"),
                                      (by_plan, dict(latency_budget=0.6), "no latency_budget")):
             name = next(iter(request))
-            with pytest.raises(ValueError, match=f"{name}: the cache this call continues .* filled under {made}"):
+            refused = rf"{name}: the cache this call continues \({CACHE_KWARG}\) was filled under {made}"
+            with pytest.raises(ValueError, match=refused):
                 go_on(first, **request)
         with ak.graph_safe(), pytest.raises(ValueError, match=r"execution_plan has layers \(3, "):  # masks unread
             three_rows = ExecutionPlan.full(3, plan.num_layers, plan.num_heads)

@@ -164,7 +164,7 @@ def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph
             same = cache.budgets is not None and resolve_budgets(given, cache.batch_size) == cache.budgets
             made = f"latency_budget {cache.budgets}" if cache.budgets else "no latency_budget (it has no latency token)"
         if not same:
-            raise ValueError(f"{name}: the cache this call continues (past_key_values) was filled under {made}, "
+            raise ValueError(f"{name}: the cache this call continues ({CACHE_FIELD}) was filled under {made}, "
                              "which it keeps for the whole request; give the same, or none, or start a new request")
         cache.agreed[name] = given
 
@@ -527,18 +527,18 @@ class AdaptiveDecoderMixin:
         use_cache = self.config.use_cache if use_cache is None else use_cache
         decoding = isinstance(cache, AdaptiveCache) and cache.length > 0
         if decoding and B != cache.batch_size:
-            raise ValueError(f"input_ids has {B} rows, but the cache it continues (past_key_values) holds "
+            raise ValueError(f"input_ids has {B} rows, but the cache it continues ({CACHE_FIELD}) holds "
                              f"{cache.batch_size}: a request continues with the rows it began with")
         if S == 0 and not decoding:
             raise ValueError("input_ids: a prompt needs at least one token")
         if cache is not None and not decoding:
             if getattr(cache, "_ak_replaced", False):
-                raise ValueError("cache: this cache was given to an earlier call, which left it empty and returned its "
-                                 "own AdaptiveCache (the output's past_key_values; generate's with "
+                raise ValueError(f"{CACHE_FIELD}: this cache was given to an earlier call, which left it empty and "
+                                 f"returned its own AdaptiveCache (the output's {CACHE_FIELD}; generate's with "
                                  "return_dict_in_generate=True): continue from that one")
             if cache.get_seq_length() > 0:
-                raise ValueError("cache: a patched model continues only the AdaptiveCache it returned, got a filled "
-                                 f"{type(cache).__name__}")
+                raise ValueError(f"{CACHE_FIELD}: a patched model continues only the AdaptiveCache it returned, got a "
+                                 f"filled {type(cache).__name__}")
             cache._ak_replaced = True  # a later call must not take it for this request's
         past = cache.length if decoding else 0
         latency_index = None  # the latency token's column, in a budget's prefill
