@@ -20,6 +20,7 @@
 # and target ratios, then each stage's verdict); exits non-zero when a stage failed or ran out of time.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/adaptive-kernels-torch-extensions}  # the csrc/ builds
 out=${OUT:-/tmp/adaptive-kernels-gpu}
 mkdir -p "$out"
 log=$out/gpu.log
@@ -42,7 +43,8 @@ run_stage() {  # name, seconds, command...: runs it under its time limit, output
   tail -n +$(( before + 1 )) "$log" | tail -3
   case $code in
     0) verdicts+=("$name: ok in $(( $(date +%s) - began )) s") ;;
-    124|137) verdicts+=("$name: TIMED OUT after $seconds s"); status=1 ;;
+    124|137) verdicts+=("$name: TIMED OUT after $seconds s"); status=1
+      rm -f "$TORCH_EXTENSIONS_DIR"/*/lock ;;  # a build cut off keeps its lock, on which later builds would wait
     *) verdicts+=("$name: FAILED (exit $code; see gpu.log)"); status=1 ;;
   esac
 }

@@ -49,3 +49,19 @@ def test_gpu_script_refuses_an_unknown_stage_before_running_any(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "STAGES: unknown stage sweeep" in done.stdout
     assert "== ext" not in (out / "gpu.log").read_text()
+
+
+def test_a_stage_cut_off_releases_the_extension_builds_lock(tmp_path):
+    """A stage killed while it built csrc/ leaves torch's build lock behind; the next stage's build would wait on it
+    until its own limit, so the script removes it."""
+    builds = tmp_path / "extensions"
+    lock = builds / "adaptive_kernels_cuda_0123456789ab" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "STAGES": "sweep ops", "SWEEP_SECONDS": "1",
+           "TORCH_EXTENSIONS_DIR": str(builds),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_end_to_end.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "sweep: TIMED OUT after 1 s" in done.stdout.splitlines(), done.stdout + done.stderr
+    assert not lock.exists()
