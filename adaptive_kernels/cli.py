@@ -231,7 +231,11 @@ def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, s
         image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        try:
+            text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        except Exception as error:  # the template is the checkpoint's own code, and may raise anything
+            raise OptionError(f"argument --model: the chat template of {path} cannot make a prompt of an image and a "
+                              f"question ({type(error).__name__}: {error})") from error
     else:
         text = f"USER: {image_token}\n{prompt} ASSISTANT:"
     try:
@@ -247,11 +251,17 @@ def _processor_inputs(path: Path, model, prompt: str, image_path: Path | None, s
 
 
 def _check_processor_inputs(path: Path, model, inputs: dict) -> None:
-    """``OptionError`` naming --model where the processor's inputs do not fit the model: images of another
-    size than its vision tower's, or another number of image tokens than the tower makes features (where
-    ``image_token_count`` can count them)."""
+    """``OptionError`` naming --model where the processor's inputs do not fit the model: token ids past its
+    vocabulary, images of another size than its vision tower's, or another number of image tokens than the
+    tower makes features (where ``image_token_count`` can count them)."""
     from .tiny import image_token_count
 
+    vocabulary = model.get_input_embeddings().num_embeddings
+    text_ids = inputs["input_ids"][inputs["input_ids"] != model.config.image_token_id]
+    outside = text_ids[(text_ids < 0) | (text_ids >= vocabulary)]
+    if outside.numel():
+        raise OptionError(f"argument --model: the tokenizer of {path} makes token id {int(outside[0])}, outside the "
+                          f"{vocabulary} ids of the model's vocabulary")
     size = model.config.vision_config.image_size
     wanted = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     pixels = inputs.get("pixel_values")
@@ -459,9 +469,13 @@ def main(argv=None) -> int:
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .models.llava import SCHEDULER_FILE
     from .sweep import device_name, write_csv
 
     model, inputs, name, default_rank = load(args)
+    saved_scheduler = None if args.model is None else args.model / SCHEDULER_FILE
+    if args.scheduler is None and saved_scheduler is not None and saved_scheduler.is_file():
+        print(f"note: {saved_scheduler} is not used: the seeded, untrained scheduler runs unless --scheduler names it")
     rank = default_rank if args.rank is None else args.rank
     heads = model.config.text_config.num_attention_heads
     if "H" in args.variants and heads % rank:

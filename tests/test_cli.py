@@ -125,12 +125,14 @@ def test_plot_is_a_png(default_run):
     assert f"wrote {out / PNG_NAME}" in printed
 
 
-def word_tokenizer():
-    """A word-level tokenizer over the tiny model's 512 ids, ``<image>`` the image token."""
+def word_tokenizer(words_past_the_model: int = 0):
+    """A word-level tokenizer over the tiny model's 512 ids, ``<image>`` the image token, and
+    ``words_past_the_model`` more words ``x0``, ``x1``... with ids from 512 on, which the model lacks."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(511)} | {"<image>": 511}
+    vocab |= {f"x{i}": 512 + i for i in range(words_past_the_model)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w1", pad_token="w0",
@@ -234,6 +236,45 @@ def test_processor_that_cannot_make_inputs_is_refused_naming_model(tmp_path, cap
     assert exit_info.value.code == 2 and "Traceback" not in err, err
     assert f"argument --model: the processor of {tmp_path / 'ckpt'} cannot make inputs" in err, err
     assert not (tmp_path / "out" / CSV_NAME).exists()
+
+
+@pytest.mark.parametrize("fault", ["chat template", "vocabulary"])
+def test_processor_that_fails_on_the_prompt_is_refused_naming_model(tmp_path, capsys, fault):
+    """A chat template that raises (one that needs a system message) and a tokenizer giving a word an id past the
+    model's vocabulary failed with a traceback (a TemplateError; an IndexError in the embedding). The job exits
+    naming --model."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    template = "{{ raise_exception('a system message is required') }}" if fault == "chat template" else None
+    processor = LlavaProcessor(CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+                               word_tokenizer(words_past_the_model=2), patch_size=7,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>", chat_template=template)
+    tiny_llava().save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "ckpt"), "--rank", "2", "--variants", "L", "--budgets", "1.0", "--prompt",
+              "w5 x1 ?", "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    wanted = ("the chat template of {} cannot make a prompt of an image and a question (TemplateError: a system "
+              "message is required)" if fault == "chat template" else
+              "the tokenizer of {} makes token id 513, outside the 512 ids of the model's vocabulary")
+    assert "argument --model: " + wanted.format(tmp_path / "ckpt") in err, err
+
+
+def test_a_scheduler_saved_beside_the_model_is_noted_when_not_used(tmp_path):
+    """A patched model's save_pretrained writes its scheduler beside the checkpoint; the job runs the seeded one
+    unless --scheduler names that file, and says so."""
+    model = ak.patch(tiny_llava(), "L", rank=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = tmp_path / "ckpt" / "latency_scheduler.safetensors"
+    _, printed = run_main(["--model", str(tmp_path / "ckpt"), "--variants", "L", "--budgets", "1.0", "--out",
+                           str(tmp_path / "out"), *FAST])
+    assert f"note: {saved} is not used" in printed
+    _, printed = run_main(["--model", str(tmp_path / "ckpt"), "--variants", "L", "--rank", "2", "--budgets", "1.0",
+                           "--scheduler", str(saved), "--out", str(tmp_path / "out2"), *FAST])
+    assert "is not used" not in printed
 
 
 def test_scheduler_file_is_used(default_run, tmp_path):
