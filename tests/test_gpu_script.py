@@ -15,11 +15,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
-    work = tmp_path / "checkout"  # a copy: the stages write under benchmarks/results/
+def checkout_copy(tmp_path: Path) -> Path:
+    """The package and benchmarks/ copied under ``tmp_path`` (the stages write under benchmarks/results/, and the
+    script puts its folder on PYTHONPATH)."""
+    work = tmp_path / "checkout"
     shutil.copytree(ROOT / "adaptive_kernels", work / "adaptive_kernels", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "benchmarks", work / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
     (work / "benchmarks" / "results").mkdir()
+    return work
+
+
+def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
+    work = checkout_copy(tmp_path)
     out = tmp_path / "out"
     # the sweep, last, takes what is left of 60 s: its first row took 8 s on a 2-core machine, its whole run longer
     env = {**os.environ, "OUT": str(out), "STAGES": "ext sweep", "DEADLINE": "60",
@@ -61,7 +68,7 @@ def test_a_stage_cut_off_releases_the_extension_builds_lock(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "STAGES": "sweep ops", "SWEEP_SECONDS": "1",
            "TORCH_EXTENSIONS_DIR": str(builds),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_end_to_end.sh")], cwd=tmp_path, env=env,
+    done = subprocess.run(["bash", "benchmarks/gpu_end_to_end.sh"], cwd=checkout_copy(tmp_path), env=env,
                           capture_output=True, text=True, timeout=300)
     assert "sweep: TIMED OUT after 1 s" in done.stdout.splitlines(), done.stdout + done.stderr
     assert not lock.exists()
