@@ -72,9 +72,7 @@ def check_launch(op: str, *tensors: torch.Tensor) -> None:
     """Clear errors for what Triton cannot run: no Triton, CPU tensors outside the interpreter, mixed devices."""
     if not HAS_TRITON:
         raise RuntimeError(f"{op}: the triton package is not installed; use backend='torch' (the PyTorch references)")
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    check_one_device(op, tensors)
     device = tensors[0].device
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{op}: Triton kernels need CUDA tensors, got {device}; set TRITON_INTERPRET=1 before "
@@ -91,13 +89,22 @@ def finite_float(op: str, name: str, value, minimum: float = -math.inf) -> float
     return float(value)
 
 
+def check_one_device(op: str, tensors) -> None:
+    """``ValueError`` naming the devices where ``tensors`` lie on more than one."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
 def check_tensors(op: str, optional: tuple[str, ...] = (), **arguments) -> None:
-    """``ArgumentTypeError`` naming the first of ``arguments`` (name=value) that is not a tensor; those
-    named in ``optional`` may be None."""
+    """``ArgumentTypeError`` naming the first of ``arguments`` (name=value) that is not a tensor (those
+    named in ``optional`` may be None), ``ValueError`` where the tensors lie on more than one device (a
+    meta one among them would send the call to the custom op's fake kernel, which returns memory unset)."""
     for name, value in arguments.items():
         if not (isinstance(value, torch.Tensor) or (value is None and name in optional)):
             accepted = "a tensor or None" if name in optional else "a tensor"
             raise ArgumentTypeError(f"{op}: {name} must be {accepted}, got {type(value).__name__}")
+    check_one_device(op, [value for value in arguments.values() if value is not None])
 
 
 def call_directly(*tensors: torch.Tensor | None) -> bool:

@@ -83,6 +83,16 @@ def test_public_ops_refuse_an_argument_that_is_not_a_tensor_by_name(name, argume
             op(**{**tensors, argument: bad}, **others)
 
 
+@pytest.mark.parametrize("name,argument", [(name, argument) for name, (_, tensors, _, _) in _valid_calls().items()
+                                           for argument in tensors])
+def test_public_ops_refuse_tensors_on_two_devices(name, argument):
+    """One argument on meta, the others on the CPU: the call went to the custom op's fake kernel, which gave back
+    uninitialised CPU memory as the result."""
+    op, tensors, others, _ = _valid_calls()[name]
+    with pytest.raises(ValueError, match=rf"{name}: all tensors must be on one device, got \['cpu', 'meta'\]"):
+        op(**{**tensors, argument: tensors[argument].to("meta")}, **others)
+
+
 def test_the_swiglu_custom_op_refuses_a_missing_up_weight():
     """torch.ops passes None on for the op's non-optional w_up: it was read as an ungated product."""
     _, tensors, _, _ = _valid_calls()["gathered_swiglu"]
