@@ -75,7 +75,7 @@ def _rms_norm_launch(x, weight, eps, residual=None):
         raise ValueError(f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
                          f"got {tuple(residual.shape)}, {residual.dtype}")
     if D > MAX_D:
-        raise ValueError(f"rms_norm: rows of at most {MAX_D} elements, got {D}; use rms_norm_reference")
+        raise ValueError(f"rms_norm: x's last dimension must be at most {MAX_D}, got {D}; use rms_norm_reference")
     out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
     h = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else out  # rows of unit stride
     if x.numel() == 0:

@@ -87,6 +87,8 @@ def test_mismatched_arguments_are_refused():
     for bad_x, bad_w in [(x.long(), randn(8, gen=gen)), (x.double(), randn(8, gen=gen)), (x, randn(8, gen=gen).double())]:
         with pytest.raises(ArgumentTypeError, match="x and weight must be float32, float16 or bfloat16"):
             rms_norm(bad_x, bad_w, 1e-6)
+    with pytest.raises(ValueError, match="x's last dimension must be at most 16384, got 16385"):  # one row in registers
+        rms_norm(torch.ones(1, 16385), torch.ones(16385), 1e-6)
 
 
 def test_eps_is_a_finite_real_number_of_any_kind():
