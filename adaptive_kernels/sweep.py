@@ -547,15 +547,20 @@ def targets_table(ratios: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def adherence_table(adherence: list[dict]) -> str:
+    """``budget_adherence`` records as lines, one per variant, backend and phase."""
+    return "\n".join(f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over "
+                     f"cost {a['largest_excess']:+.3f} at budget {a['at_budget']}" for a in adherence)
+
+
 def report(rows: list[Row]) -> str:
-    """The rows as a table, then their budget adherence and their target ratios (``targets_table``)."""
+    """The rows as a table, then their budget adherence (``adherence_table``) and their target ratios
+    (``targets_table``)."""
     lines = [f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} "
              f"{'decode ms/tok':>13} {'setup ms':>9} {'sched ms':>9}"]
     lines += [f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6g} {r.cost:5.2f} {r.prefill_ms:10.2f} "
               f"{r.decode_ms_per_token:13.2f} {r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}" for r in rows]
-    lines += [f"adherence {a['variant']} {a['backend']} {a['phase']}: largest excess of latency share over cost "
-              f"{a['largest_excess']:+.3f} at budget {a['at_budget']}" for a in budget_adherence(rows)]
-    return "\n".join(lines + [targets_table(target_ratios(rows))])
+    return "\n".join(lines + [adherence_table(budget_adherence(rows)), targets_table(target_ratios(rows))])
 
 
 def write_records(rows: list[Row], out_dir, stem: str) -> None:

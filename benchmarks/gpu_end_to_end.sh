@@ -93,7 +93,7 @@ import glob, json, os, sys
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-from adaptive_kernels.sweep import Row, plot_rows, read_records, targets_table
+from adaptive_kernels.sweep import Row, adherence_table, plot_rows, read_records, targets_table
 
 
 def new(pattern):
@@ -116,9 +116,7 @@ for path in new("sweep-*.json"):
             print(f"{r.system:8} {r.variant} {r.backend:12} {r.budget:4.2f} {r.prefill_ms:8.2f} {r.prefill_kernel_ms:8.2f} "
                   f"{r.prefill_graph_ms:8.2f}   {r.decode_ms_per_token:8.2f} {r.decode_kernel_ms:8.2f} "
                   f"{r.decode_floor_ms:8.2f}")
-    for a in read_records(path.with_name(f"{path.stem}-adherence.json")):
-        print(f"adherence {a['variant']} {a['backend']:7} {a['phase']:15} largest excess {a['largest_excess']:+.3f} "
-              f"at {a['at_budget']}")
+    print(adherence_table(read_records(path.with_name(f"{path.stem}-adherence.json"))))
     print(targets_table(read_records(path.with_name(f"{path.stem}-targets.json"))))
 PY
 printf '%s\n' "${verdicts[@]}" >>"$log"
