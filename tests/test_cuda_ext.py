@@ -3,7 +3,7 @@
 On the CPU: ``plan.compact_plan`` (the torch compaction the CUDA one must equal) against a plain
 loop and against ``plan.compile_plan``, the fake implementations and FLOP formulas, the errors, and
 the cuda backend's choice between the CUDA and Triton ops. On a GPU (``gpu`` marked, skipped elsewhere): plan compaction against its
-reference on random masks, the GEMV ops against ``gather_*_linear_reference`` for T in 1, 3, 16,
+reference on random masks, the GEMV ops against ``gather_*_linear_reference`` for T in 1, 2, 3, 8, 16,
 odd sizes, -1 padded lists and fp32/fp16/bf16, every element compared; CUDA-graph capture and no
 host synchronisation.
 """
@@ -50,8 +50,9 @@ def generator(*key) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------
 
 # (B, L, H, Hkv, head_dim, M): GQA with M % G != 0; LLaVA-7B's sizes; MQA with fewer neurons than
-# groups (empty groups); more heads than a warp has lanes
-PLAN_SHAPES = [(3, 5, 12, 4, 7, 101), (2, 3, 32, 32, 128, 11008), (1, 4, 7, 1, 5, 6), (2, 3, 100, 20, 3, 997)]
+# groups (empty groups); more heads than a warp has lanes; the most heads the CUDA compaction takes
+PLAN_SHAPES = [(3, 5, 12, 4, 7, 101), (2, 3, 32, 32, 128, 11008), (1, 4, 7, 1, 5, 6), (2, 3, 100, 20, 3, 997),
+               (1, 2, 1024, 128, 1, 3000)]
 
 
 def shape_of(H, Hkv, d, M, L) -> DecoderShape:
@@ -240,18 +241,23 @@ def check(actual, expected, dtype):
 
 
 # (D, N, counts per batch row, index kind): D = 67 (odd: element-wise loads) or 296 (8*37: 16-byte
-# loads in every dtype); an empty list row and a full one
+# loads in every dtype); an empty list row and a full one. Few outputs over a long reduction split it
+# between warps: D = 1032 gives 2 (fp16, bf16) or 4 (fp32) per output group, 4104 and 4099 (odd) 8
 ROWS_CASES = {
     "odd-runs": (67, 53, [13, 7, 0], "runs"),
     "odd-scattered": (67, 53, [53, 9, 1], "scattered"),
     "wide-runs": (296, 301, [301, 77, 0], "runs"),
     "wide-sorted": (296, 301, [150, 41], "sorted"),
     "wide-holes": (296, 301, [60, 33], "holes"),
+    "split-sorted": (1032, 45, [45, 17], "sorted"),
+    "deep-runs": (4104, 37, [37, 5, 0], "runs"),
+    "deep-odd-scattered": (4099, 37, [21, 0], "scattered"),
 }
+TOKENS = [1, 2, 3, 8, 16]  # every kernel variant (1, 2, 4, 8 and 16 tokens), one of them part-filled
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("case", list(ROWS_CASES))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("x_layout", ["contiguous", "offset-view"])
@@ -273,18 +279,38 @@ def test_gather_rows_linear(dtype, T, case, bias, x_layout):
     assert bool((y[rows[:, None, :].expand(-1, T, -1) < 0] == 0).all())
 
 
-# (D, N, counts, kind): N = 328 (8*41) gives 16-byte aligned rows, so sorted runs load wide
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("w_layout", ["column-offset", "transposed"])
+@on_gpu
+def test_gather_rows_linear_reads_any_weight_layout(dtype, w_layout):
+    """A weight sliced one column in (its rows misaligned for 16-byte loads) or stored transposed."""
+    gen = generator("rows-weight", dtype, w_layout)
+    D, N = 296, 301
+    rows = index_lists([77, 0, 301], N, gen, "runs").cuda()
+    if w_layout == "column-offset":
+        w = randn(N, D + 1, gen=gen, dtype=dtype, scale=D ** -0.5)[:, 1:]
+    else:
+        w = randn(D, N, gen=gen, dtype=dtype, scale=D ** -0.5).t()
+    for T in (1, 16):
+        x = randn(3, T, D, gen=gen, dtype=dtype)
+        check(cuda_ext.gather_rows_linear(x, w, rows), gather_rows_linear_reference(x.double(), w.double(), rows),
+              dtype)
+
+
+# (D, N, counts, kind): N = 328 (8*41) gives 16-byte aligned rows, so sorted runs load wide; lists
+# of 4104 columns split their reduction between 8 warps
 COLS_CASES = {
     "odd-runs": (67, 53, [13, 7, 0], "runs"),
     "odd-scattered": (67, 53, [53, 9, 1], "scattered"),
     "wide-sorted": (296, 328, [328, 120, 0], "sorted"),
     "wide-runs": (61, 328, [96, 40], "runs"),
     "wide-holes": (61, 328, [70, 12], "holes"),
+    "deep-sorted": (37, 4104, [4104, 1500], "sorted"),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 3, 16])
+@pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("case", list(COLS_CASES))
 @pytest.mark.parametrize("layout", ["row-major", "cols-major", "a-transposed"])
 @on_gpu
