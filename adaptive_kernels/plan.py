@@ -224,8 +224,8 @@ class ExecutionPlan:
                 f"ExecutionPlan shapes disagree: layers {tuple(layers.shape)}, heads {tuple(heads.shape)}, "
                 f"groups {tuple(groups.shape)}; heads and groups must be [B, L, ...] with layers [B, L]"
             )
-        if L == 0 or heads.shape[2] == 0:
-            raise ValueError(f"ExecutionPlan needs at least one layer and one head, got heads {tuple(heads.shape)}")
+        if B == 0 or L == 0 or heads.shape[2] == 0:
+            raise ValueError(f"ExecutionPlan needs at least one row, one layer and one head, got heads {tuple(heads.shape)}")
         if heads.shape[2] != groups.shape[2]:
             raise ValueError(f"ExecutionPlan needs as many groups as heads, got {heads.shape[2]} heads and {groups.shape[2]} groups")
         if not (layers.device == heads.device == groups.device):

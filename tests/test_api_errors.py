@@ -103,6 +103,16 @@ def test_bad_plans(model, inputs):
         check_plan(ExecutionPlan.full(2, 8, 8), 2, text_model_shape(model), torch.device("cuda"))
     with pytest.raises(ArgumentTypeError, match="execution_plan"):
         model(**inputs, execution_plan=torch.ones(2, 8, dtype=torch.bool))
+    for name, reassigned in (("layers", torch.ones(2, 8)), ("heads", torch.ones(2, 8, 8, dtype=torch.int8)),
+                             ("groups", None)):  # checked when the plan was made, and again when it runs
+        plan = ExecutionPlan.full(2, 8, 8)
+        setattr(plan, name, reassigned)
+        with pytest.raises(ArgumentTypeError, match=f"^execution_plan.{name} must be a bool tensor"):
+            model(**inputs, execution_plan=plan)
+    plan = ExecutionPlan.full(2, 8, 8)
+    plan.groups = plan.groups.to("meta")
+    with pytest.raises(ValueError, match="^execution_plan.groups is on meta"):
+        model(**inputs, execution_plan=plan)
     with pytest.raises(ValueError, match="not both"):
         model(**inputs, execution_plan=ExecutionPlan.full(2, 8, 8), latency_budget=0.5)
 

@@ -95,10 +95,11 @@ def test_plan_rejects_inconsistent_masks():
         ExecutionPlan(layers[:, :3], heads, groups)
     with pytest.raises(ValueError, match="groups"):
         ExecutionPlan(layers, heads, groups[..., :5])
-    with pytest.raises(ValueError, match="at least one layer and one head"):
-        ExecutionPlan(layers[:, :0], heads[:, :0], groups[:, :0])
-    with pytest.raises(ValueError, match="at least one layer and one head"):
-        ExecutionPlan(layers, heads[..., :0], groups[..., :0])
+    for empty in ((layers[:0], heads[:0], groups[:0]),  # no row
+                  (layers[:, :0], heads[:, :0], groups[:, :0]),  # no layer
+                  (layers, heads[..., :0], groups[..., :0])):  # no head
+        with pytest.raises(ValueError, match="at least one row, one layer and one head"):
+            ExecutionPlan(*empty)
 
 
 SHAPE = DecoderShape(num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3, head_dim=8, intermediate_size=100)

@@ -135,13 +135,20 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
     """``ValueError`` unless ``plan`` is an ExecutionPlan for this batch and decoder on ``device``."""
     if not isinstance(plan, ExecutionPlan):
         raise ArgumentTypeError(f"execution_plan must be an adaptive_kernels.ExecutionPlan, got {type(plan).__name__}")
+    masks = {"layers": plan.layers, "heads": plan.heads, "groups": plan.groups}
+    for name, mask in masks.items():  # checked when made, again here: a mask may have been reassigned since
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = f"a {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ArgumentTypeError(f"execution_plan.{name} must be a bool tensor, got {got}")
     expected = (batch_size, shape.num_layers, shape.num_heads)
     if not tuple(plan.heads.shape) == tuple(plan.groups.shape) == expected or plan.layers.shape != expected[:2]:
         raise ValueError(f"execution_plan has layers {tuple(plan.layers.shape)}, heads {tuple(plan.heads.shape)} and "
                          f"groups {tuple(plan.groups.shape)}; this model and batch need (batch, layers) = {expected[:2]} "
                          f"and (batch, layers, heads) = {expected}")
-    if plan.layers.device != device:
-        raise ValueError(f"execution_plan is on {plan.layers.device}, the model's inputs on {device}; move it with plan.to(device)")
+    for name, mask in masks.items():
+        if mask.device != device:
+            raise ValueError(f"execution_plan.{name} is on {mask.device}, the model's inputs on {device}; move the "
+                             "plan with plan.to(device)")
     return plan
 
 
