@@ -245,6 +245,9 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     except (SafetensorError, OSError) as error:
         raise ValueError(f"scheduler={path!s} is not a safetensors file written by save_scheduler ({error})") from error
     expected = _setting(scheduler)
+    if not expected.keys() & meta.keys():
+        raise ValueError(f"scheduler={path!s} holds none of the setting save_scheduler writes beside the weights "
+                         f"({', '.join(expected)}): give a file written by adaptive_kernels.save_scheduler")
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in wrong.items())

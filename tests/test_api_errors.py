@@ -526,6 +526,10 @@ def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
     for path in (tmp_path, tmp_path / "no such folder" / "s.safetensors"):
         with pytest.raises(ValueError, match=r"path=.* cannot be written"):
             ak.save_scheduler(model, path)
+    plain = tmp_path / "plain.safetensors"  # the right tensors without save_scheduler's setting
+    save_file(tensors, str(plain))
+    with pytest.raises(ValueError, match=r"scheduler=.* holds none of the setting save_scheduler writes"):
+        ak.patch(model, "L", scheduler=plain)
 
 
 def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, inputs):
