@@ -18,6 +18,12 @@
 # measured, so a stage cut off keeps what it measured. Results land in benchmarks/results/; the new ones, with the
 # whole log, are packed into $OUT/results.tar.gz. Tables are printed last (ops, extension, the sweep's adherence
 # and target ratios, then each stage's verdict); exits non-zero when a stage failed or ran out of time.
+if (( $# )); then  # configured by the variables above only: print this text, and refuse anything but --help
+  sed -n '2,/^set -uo/s/^# \{0,1\}//p' "$0"
+  [[ $* == -h || $* == --help ]] && exit 0
+  echo "gpu_end_to_end.sh takes no arguments (the variables above set it up), got: $*" >&2
+  exit 2
+fi
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/adaptive-kernels-torch-extensions}  # the csrc/ builds

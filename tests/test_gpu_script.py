@@ -72,3 +72,17 @@ def test_a_stage_cut_off_releases_the_extension_builds_lock(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert "sweep: TIMED OUT after 1 s" in done.stdout.splitlines(), done.stdout + done.stderr
     assert not lock.exists()
+
+
+def test_gpu_script_prints_its_help_and_refuses_arguments(tmp_path):
+    """It is set up by environment variables: --help prints its header, any other argument is refused; neither
+    starts a stage (it ignored arguments, so --help began the whole GPU run)."""
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    script = str(ROOT / "benchmarks" / "gpu_end_to_end.sh")
+    shown = subprocess.run(["bash", script, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("Every GPU check the project owes"), shown
+    assert "STAGES=" in shown.stdout and "SANITIZE_SECONDS" in shown.stdout and "#" not in shown.stdout
+    refused = subprocess.run(["bash", script, "tests"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "takes no arguments" in refused.stderr and "got: tests" in refused.stderr
+    assert not (tmp_path / "out").exists()
