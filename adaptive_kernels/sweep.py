@@ -260,7 +260,7 @@ def cpu_threads(threads: int | None):
 
 
 def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets=BUDGETS, new_tokens: int = 16,
-          repeats: int = 5, out_dir: str | Path = "benchmarks/results", progress: bool = True,
+          repeats: int = 3, out_dir: str | Path = "benchmarks/results", progress: bool = True,
           threads: int | None = None):
     """Run the sweep; returns the rows. Each row is written to ``out_dir`` (CSV, JSON) as soon as it is
     measured; the plot (PNG) is drawn at the end. A measurement that fails (one variant, backend and

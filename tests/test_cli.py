@@ -1084,6 +1084,23 @@ def test_sweep_subcommand_passes_its_options_to_the_sweep(tmp_path, monkeypatch,
     assert exit_info.value.code == 2 and "argument --new-tokens" in capsys.readouterr().err
 
 
+def test_sweep_subcommand_defaults_are_the_sweep_functions(tmp_path, monkeypatch):
+    """README gives `adaptive-kernels sweep` and `adaptive_kernels.sweep.sweep()` as one job: with no options
+    they measure the same variants, budgets, tokens and repeats (the function repeated 5 times, the CLI 3)."""
+    from adaptive_kernels import sweep as sweep_module
+
+    seen = []
+    def fake_sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):
+        seen.append((list(variants), backends, list(budgets), new_tokens, repeats))
+        return []
+
+    monkeypatch.setattr(sweep_module, "_sweep", fake_sweep)
+    assert main(["sweep", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    sweep_module.sweep("cpu", out_dir=tmp_path)
+    assert len(seen) == 2 and seen[0] == seen[1], seen
+    assert seen[0][0] == ["L", "H"] and seen[0][-1] == 3
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch sees no CUDA device")
 def test_cuda_without_a_cuda_device_is_refused_by_name(tmp_path, capsys):
     for argv in ([], ["sweep"]):
