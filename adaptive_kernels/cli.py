@@ -144,6 +144,9 @@ def _check_backends(parser, option: str, backends: list, device: str, dtype: tor
     """``parser.error`` for a backend that cannot run a ``dtype`` model on ``device`` (before anything is loaded)."""
     from .backends import check_backends
 
+    if "cuda" in backends and device != "cuda":  # check_backends would advise model.to('cuda'), not an option
+        parser.error(f"argument {option}: backend cuda runs CUDA kernels, but --device is {device}; give --device "
+                     "cuda on a machine with a GPU, or another backend")
     try:
         check_backends(f"argument {option}", backends, torch.device(device), dtype)
     except ValueError as refused:

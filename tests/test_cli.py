@@ -436,6 +436,19 @@ def test_triton_on_the_cpu_outside_the_interpreter_is_refused(tmp_path, capsys, 
     _check_args(parser, parser.parse_args(["--out", out, *FAST]))
 
 
+def test_the_cuda_backend_on_the_cpu_is_refused_in_the_command_lines_terms(tmp_path, capsys):
+    """The advice names --device, which the command line has (the API's refusal advises model.to('cuda'))."""
+    out = str(tmp_path / "out")
+    for argv, option in ((["--device", "cpu", "--backend", "cuda", "--out", out, *FAST], "--backend"),
+                         (["sweep", "--device", "cpu", "--backends", "torch", "cuda", "--out", out], "--backends")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"argument {option}: backend cuda runs CUDA kernels, but --device is " \
+            "cpu; give --device cuda" in err and "model.to" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_rank_need_not_divide_the_heads_for_variant_l(tmp_path):
     """--rank sizes H's units only: with L alone, a rank that does not divide the 8 heads runs."""
     rows, _ = run_main(["--rank", "3", "--variants", "L", "--budgets", "0.6", "--out", str(tmp_path), *FAST])
