@@ -84,15 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+", type=_budget, default=list(DEFAULT_BUDGETS), metavar="B",
                    help="latency budgets in (0, 1] (default: %(default)s)")
     p.add_argument("--rank", type=_positive_int,
-                   help=f"heads and MLP groups per H unit; must divide the heads (default: {TINY_RANK} for the "
-                        f"built-in 8-head model, {PAPER_RANK} with --model, which is meant for 32-head models)")
+                   help=f"heads and MLP groups per H unit; must divide the heads for variant H (default: the "
+                        f"--scheduler file's, else {TINY_RANK} for the built-in 8-head model, {PAPER_RANK} with --model, "
+                        "which is meant for 32-head models)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, metavar="N", help="default: %(default)s")
     p.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
                    help="timed generate calls per point after one warm-up; the median is reported (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, help="ops backend (default: triton on cuda, torch on cpu)")
     p.add_argument("--scheduler", type=Path, metavar="PATH",
                    help="scheduler weights (safetensors from adaptive_kernels.save_scheduler) for the one variant given "
-                        "with --variants (default: the seeded, untrained scheduler)")
+                        "with --variants; its rank and prefix layers are used (default: the seeded, untrained "
+                        "scheduler)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch CPU threads (default: 1 for the built-in tiny model on cpu, where more threads only "
                         "add contention; torch's default otherwise)")
@@ -336,7 +338,7 @@ def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repea
     return ms, outputs[-1][0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def run(model, inputs: dict, args, rank: int, name: str) -> list[dict]:
+def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int | None = None) -> list[dict]:
     """Patch, plan and time every (variant, budget); print each and return the CSV rows."""
     import transformers
 
@@ -349,7 +351,7 @@ def run(model, inputs: dict, args, rank: int, name: str) -> list[dict]:
     rows = []
     for variant in args.variants:
         try:
-            ak.patch(model, variant=variant, rank=rank, backend=args.backend,
+            ak.patch(model, variant=variant, rank=rank, num_prefix_layers=num_prefix_layers, backend=args.backend,
                      scheduler=None if args.scheduler is None else str(args.scheduler))
         except (TypeError, ValueError) as error:
             raise OptionError(f"cannot patch the model for variant {variant}: {error}") from error
@@ -471,22 +473,35 @@ def main(argv=None) -> int:
             parser.error(str(error))
 
 
+def _saved_int(setting: dict[str, str], key: str) -> int | None:
+    """``setting[key]`` as an int; None where it is missing or not a decimal integer (``ak.patch`` then refuses
+    the file by name)."""
+    value = setting.get(key, "")
+    return int(value) if value.isdigit() else None
+
+
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .models.llava import SCHEDULER_FILE
+    from .scheduler import saved_setting
     from .sweep import device_name, write_csv
 
     model, inputs, name, default_rank = load(args)
     saved_scheduler = None if args.model is None else args.model / SCHEDULER_FILE
     if args.scheduler is None and saved_scheduler is not None and saved_scheduler.is_file():
         print(f"note: {saved_scheduler} is not used: the seeded, untrained scheduler runs unless --scheduler names it")
-    rank = default_rank if args.rank is None else args.rank
+    try:  # a scheduler file's rank (where --rank is not given) and prefix: the setting its weights were trained in
+        saved = {} if args.scheduler is None else saved_setting(args.scheduler)
+    except ValueError as error:
+        parser.error(f"argument --scheduler: {error}")
+    rank = args.rank or _saved_int(saved, "rank") or default_rank
+    num_prefix_layers = _saved_int(saved, "num_prefix_layers")
     heads = model.config.text_config.num_attention_heads
     if "H" in args.variants and heads % rank:
         parser.error(f"argument --rank: {rank} does not divide the model's {heads} attention heads (variant H)")
     print(f"model {name} | device {args.device} ({device_name(args.device)}) | dtype {args.dtype} | rank {rank} | "
           f"cpu threads {torch.get_num_threads()} | prompt {inputs['input_ids'].shape[1]} tokens | "
           f"{args.max_new_tokens} new tokens | median of {args.repeats}")
-    rows = run(model, inputs, args, rank, name)
+    rows = run(model, inputs, args, rank, name, num_prefix_layers)
     write_csv(rows, args.out / CSV_NAME)
     print(f"wrote {args.out / CSV_NAME}")
     if 1.0 not in args.budgets:

@@ -231,9 +231,10 @@ def save_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
         raise ValueError(f"path={path!s} cannot be written as a file ({error})") from error
 
 
-def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
-    """Load weights saved by ``save_scheduler_weights``; a missing or unreadable file, or one for another
-    unit space, is a ``ValueError`` naming ``scheduler``."""
+def saved_setting(path) -> dict[str, str]:
+    """The setting (variant, num_layers, num_prefix_layers, num_heads, hidden_size, and rank for variant H)
+    that ``save_scheduler_weights`` recorded in the file at ``path``, as strings; empty for a safetensors file
+    without it. A missing or unreadable file is a ``ValueError`` naming ``scheduler``."""
     from safetensors import SafetensorError, safe_open
 
     _check_path(path, "scheduler")
@@ -241,9 +242,15 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
         raise ValueError(f"scheduler: no file at {path!s} (give a file written by adaptive_kernels.save_scheduler)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError) as error:
         raise ValueError(f"scheduler={path!s} is not a safetensors file written by save_scheduler ({error})") from error
+
+
+def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
+    """Load weights saved by ``save_scheduler_weights``; a missing or unreadable file, or one for another
+    unit space, is a ``ValueError`` naming ``scheduler``."""
+    meta = saved_setting(path)
     expected = _setting(scheduler)
     if not expected.keys() & meta.keys():
         raise ValueError(f"scheduler={path!s} holds none of the setting save_scheduler writes beside the weights "

@@ -294,6 +294,29 @@ def test_scheduler_file_is_used(default_run, tmp_path):
     assert rows[0]["executed_layers"] != default["executed_layers"]
 
 
+def test_a_scheduler_file_runs_in_the_setting_it_was_saved_in(tmp_path):
+    """A variant H file saved at rank 4 with 3 prefix layers runs without --rank (the built-in model's default is
+    2) and without a prefix option (the default is half the 8 layers): its plans are the patched model's."""
+    model = ak.patch(tiny_llava(), "H", rank=4, num_prefix_layers=3)
+    head = model.model.language_model.latency_scheduler.head
+    with torch.no_grad():
+        head.weight.normal_(generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "h.safetensors"
+    ak.save_scheduler(model, path)
+    budgets = ["0.9", "0.7", "0.5"]
+    rows, printed = run_main(["--variants", "H", "--budgets", *budgets, "--scheduler", str(path),
+                              "--out", str(tmp_path / "out"), *FAST])
+    assert "rank 4 |" in printed and [r["rank"] for r in rows] == ["4"] * 3
+    inputs = example_inputs(model)
+    for row, budget in zip(rows, budgets):
+        plan = ak.plan(model, latency_budget=float(budget), **inputs)
+        assert row["executed_layers"] == " ".join(map(str, plan.layers[0].nonzero().flatten().tolist()))
+        assert f"  {plan.summary()}\n" in printed  # heads and groups per executed layer
+    with pytest.raises(SystemExit) as exit_info:  # a --rank given is kept: this file is refused
+        run_main(["--variants", "H", "--rank", "2", "--scheduler", str(path), "--out", str(tmp_path / "out"), *FAST])
+    assert exit_info.value.code == 2
+
+
 def test_without_matplotlib_the_plot_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     rows, printed = run_main(["--variants", "L", "--budgets", "0.5", "--out", str(tmp_path), *FAST])
