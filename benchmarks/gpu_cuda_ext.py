@@ -92,8 +92,9 @@ def table(path: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true",
+                        help="skip tests/test_cuda_ext.py and tests/test_csrc_compiles.py after the build")
+    parser.add_argument("--skip-bench", action="store_true", help="skip the benchmark next to Triton")
     parser.add_argument("--verbose-build", action="store_true", help="show the ninja/nvcc commands")
     args = parser.parse_args()
     import torch

@@ -48,7 +48,8 @@ def table(path: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true",
+                        help="only the benchmarks: skip the GPU run of tests/ops before them")
     parser.add_argument("-k", default=None, help="pytest -k expression for the benchmarks")
     args = parser.parse_args()
     import torch

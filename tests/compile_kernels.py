@@ -151,9 +151,9 @@ def launch_row_major_gathers(dtype: torch.dtype) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY), help="compute capability x10")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY), help="compute capability x10 (default: %(default)s)")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"],
-                        choices=["bfloat16", "float16", "float32"])
+                        choices=["bfloat16", "float16", "float32"], help="default: %(default)s")
     parser.add_argument("--all-configs", action="store_true", help="compile every autotune config")
     args = parser.parse_args()
     os.environ["ADAPTIVE_KERNELS_AUTOTUNE"] = "1" if args.all_configs else "0"
