@@ -88,7 +88,8 @@ class Row:
     triton: str
     date: str
     decode_ms_per_token: float = float("nan")  # steady state: decode steps after the first two
-    decode_setup_ms: float = float("nan")  # per request, what the first two decode steps cost beyond that
+    decode_setup_ms: float = float("nan")  # per request, what the first two decode steps cost beyond that (a
+    # difference of medians: negative where setup costs less than the timings' noise, as on the CPU)
     prefill_kernel_ms: float = float("nan")  # sum of GPU kernel times of one prefill (torch.profiler)
     decode_kernel_ms: float = float("nan")  # sum of GPU kernel times per decode token, steady state (adaptive rows)
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
