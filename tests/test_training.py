@@ -266,3 +266,30 @@ def test_a_kernel_backend_trains_under_autocast_with_its_decoder_in_the_models_d
         share = 1e-4 if ".language_model." in name else 4 * torch.finfo(torch.bfloat16).eps
         torch.testing.assert_close(got, want, rtol=0, atol=share * module_largest[module] + 1e-12,
                                    msg=lambda message: f"{name}: {message}")
+
+
+def test_a_layer_no_row_runs_gets_no_gradient_and_the_rest_the_masked_computations():
+    """Under a plan, layer 5 (skipped by both rows) is not called: its parameters' gradients stay None, where
+    the masked computation's are zeros; layer 6 (skipped by one row) and every other parameter get the masked
+    computation's gradients."""
+    stock = tiny_llava(seed=21)
+    inputs = example_inputs(stock, batch_size=2, seed=22)
+    layers = torch.ones(2, 8, dtype=torch.bool)
+    layers[:, 5], layers[0, 6] = False, False
+    heads = layers[..., None].expand(2, 8, 8).clone()
+    plan = ak.ExecutionPlan(layers, heads, heads.clone())
+    model, oracle = ak.patch(copy.deepcopy(stock), "L").train(), masked_stock(stock, plan).train()
+    labels = inputs["input_ids"]
+    model(**inputs, labels=labels, execution_plan=plan).loss.backward()
+    oracle(**inputs, labels=labels).loss.backward()
+    named = dict(oracle.named_parameters())
+    for name, p in model.named_parameters():
+        if name not in named:  # the scheduler's, which a given plan does not use
+            assert p.grad is None, name
+        elif ".layers.5." in name:
+            assert p.grad is None and bool((named[name].grad == 0).all()), name
+        elif named[name].grad is None:  # the vision tower's last layer, whose output LLaVA does not read
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert model.model.language_model.layers[6].mlp.down_proj.weight.grad.abs().sum() > 0
