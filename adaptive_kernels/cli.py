@@ -338,8 +338,9 @@ def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repea
     return ms, outputs[-1][0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int | None = None) -> list[dict]:
-    """Patch, plan and time every (variant, budget); print each and return the CSV rows."""
+def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int | None) -> list[dict]:
+    """Patch (``num_prefix_layers`` None: half the layers), plan and time every (variant, budget); print each and
+    return the CSV rows."""
     import transformers
 
     import adaptive_kernels as ak
