@@ -529,6 +529,8 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
         phase = "prefill_ms" if a["phase"] == "prefill" else "decode_ms_per_token"
         excesses = [float(r[phase]) / float(adaptive[1.0][phase]) - float(r["cost"]) for r in adaptive.values()]
         assert a["largest_excess"] == pytest.approx(max(e for e in excesses if not math.isnan(e)))
+    for row in adaptive.values():  # the cached keys and values on top of the active weights
+        assert 0 < float(row["decode_weight_floor_ms"]) < float(row["decode_floor_ms"])
     assert 0 < float(adaptive[0.5]["decode_floor_ms"]) < float(adaptive[1.0]["decode_floor_ms"])
     ideal = {float(r["budget"]): r for r in rows if r["system"] == "ideal"}
     targets = read_records(tmp_path / "sweep-tiny-targets.json")
@@ -536,10 +538,12 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     for t in targets:
         row = adaptive[t["budget"]]
         assert t["prefill_vs_ideal"] == pytest.approx(float(row["prefill_ms"]) / float(ideal[t["budget"]]["prefill_ms"]))
-        assert t["decode_vs_floor"] == pytest.approx(float(row["decode_ms_per_token"]) / float(row["decode_floor_ms"]),
-                                                     nan_ok=True)
+        for floor in ("floor", "weight_floor"):
+            assert t[f"decode_vs_{floor}"] == pytest.approx(
+                float(row["decode_ms_per_token"]) / float(row[f"decode_{floor}_ms"]), nan_ok=True)
         assert t["schedule_share_of_prefill"] == pytest.approx(float(row["schedule_ms"]) / float(row["prefill_ms"]))
-        assert math.isnan(t["prefill_kernel_vs_ideal"]) and math.isnan(t["decode_vs_compiled_stock"])  # CUDA only
+        for cuda_only in ("prefill_kernel_vs_ideal", "schedule_share_of_prefill_kernels", "decode_vs_compiled_stock"):
+            assert math.isnan(t[cuda_only]), cuda_only
     assert (tmp_path / "sweep-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "adherence L torch prefill" in printed and "decode/floor (1.3)" in printed
@@ -619,7 +623,7 @@ def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
     written, must not raise, or every later row of the sweep would be lost."""
     from adaptive_kernels.sweep import Row, budget_adherence, target_ratios
 
-    common = {**SWEEP_ROW, "decode_floor_ms": 0.0}
+    common = {**SWEEP_ROW, "decode_floor_ms": 0.0, "decode_weight_floor_ms": 0.0}
     rows = [Row(system="adaptive", budget=1.0, cost=1.0, prefill_ms=0.0, decode_ms_per_token=2.0, schedule_ms=0.1,
                 **common),
             Row(system="adaptive", budget=0.5, cost=0.5, prefill_ms=1.0, decode_ms_per_token=1.5, schedule_ms=0.1,
@@ -630,7 +634,8 @@ def test_a_zero_timing_gives_nan_ratios_not_a_stopped_sweep():
     decode = next(a for a in budget_adherence(rows) if a["phase"] == "decode")
     assert decode["largest_excess"] == pytest.approx(0.25) and decode["at_budget"] == 0.5
     for t in target_ratios(rows):
-        assert math.isnan(t["decode_vs_floor"]) and (t["budget"] == 1.0 or math.isnan(t["prefill_vs_ideal"]))
+        assert math.isnan(t["decode_vs_floor"]) and math.isnan(t["decode_vs_weight_floor"])
+        assert t["budget"] == 1.0 or math.isnan(t["prefill_vs_ideal"])
         assert math.isnan(t["schedule_share_of_prefill"]) == (t["budget"] == 1.0)
 
 
@@ -881,9 +886,13 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
     config = model.config.text_config
     full = ExecutionPlan.full(1, config.num_hidden_layers, config.num_attention_heads)
     assert found["stock", 1.0].decode_floor_ms == pytest.approx(decode_floor_ms(model, full, n, bandwidth), rel=1e-12)
+    weights = decode_floor_ms(model, full, 0, bandwidth)  # no cached keys and values
+    assert found["stock", 1.0].decode_weight_floor_ms == pytest.approx(weights, rel=1e-12)
     for b in budgets:
         want = decode_floor_ms(model, plans[b], n + 1, bandwidth)
         assert found["adaptive", b].decode_floor_ms == pytest.approx(want, rel=1e-12)
+        weights = decode_floor_ms(model, plans[b], 0, bandwidth)
+        assert found["adaptive", b].decode_weight_floor_ms == pytest.approx(weights, rel=1e-12)
 
 
 def test_median_timer_warms_up_once_then_gives_the_median_of_the_timed_calls(monkeypatch):
@@ -915,8 +924,8 @@ def test_targets_table_marks_each_ratio_above_its_own_bound():
 
     from adaptive_kernels.sweep import TARGETS, targets_table
 
-    scale = [2.0, 1.0, 0.5, float("nan"), 1.5, 0.25]  # over, at, under, not measured, over, under
-    ratios = {name: bound * s for (name, (_, bound)), s in zip(TARGETS.items(), scale)}
+    scale = [2.0, 1.0, 0.5, float("nan"), 1.5, 0.25, 3.0, 0.75]  # over, at, under, not measured, over, under...
+    ratios = {name: bound * s for (name, (_, bound)), s in zip(TARGETS.items(), scale, strict=True)}
     header, line = targets_table([{"variant": "H", "backend": "torch", "budget": 0.5625, **ratios}]).splitlines()
     columns = list(re.finditer(r"(\S+) \(([\d.]+)\)", header))
     assert [c[1] for c in columns] == [label for label, _ in TARGETS.values()]
