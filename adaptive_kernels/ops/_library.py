@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import os
+import threading
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -43,6 +44,10 @@ AUTOTUNE = os.environ.get("ADAPTIVE_KERNELS_AUTOTUNE", "1") != "0"
 
 
 def _bench(fn, quantiles):
+    if torch.cuda.is_current_stream_capturing():  # do_bench synchronises, which would break the capture
+        raise RuntimeError("a Triton kernel met a new shape inside a CUDA graph capture, where it cannot be tuned: "
+                           "run the same request once before capturing it (within adaptive_kernels.graph_safe()), "
+                           "its decode steps included")
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
@@ -175,13 +180,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Triton's Autotuner keeps each call's arguments on itself (and clears them after), so two threads
+# launching one autotuned kernel at once, one of them tuning, would read each other's
+_AUTOTUNED_LAUNCH = threading.Lock()
+
+
 def launch(kernels: dict, fixed: dict, regime: str, grid, *args, **constexprs) -> None:
-    """Launch ``kernels[regime]`` (autotuned) on ``grid(meta)``; under the interpreter, the bare
-    kernel with the block sizes ``fixed[regime]``."""
+    """Launch ``kernels[regime]`` (autotuned; one thread at a time) on ``grid(meta)``; under the interpreter,
+    the bare kernel with the block sizes ``fixed[regime]``."""
     if INTERPRET:
         kernels[regime][grid(fixed[regime])](*args, **constexprs, **fixed[regime])
     else:
-        kernels[regime][grid](*args, **constexprs)
+        with _AUTOTUNED_LAUNCH:
+            kernels[regime][grid](*args, **constexprs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,12 +4,16 @@ when they must not, which arguments they refuse before anything runs, and small 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels.errors import ArgumentTypeError
+from adaptive_kernels.ops import _library
 from adaptive_kernels.ops._library import bucket, call_directly, cdiv
 from adaptive_kernels.ops.attention import head_sparse_attention
 from adaptive_kernels.ops.norm import rms_norm
@@ -118,3 +122,74 @@ def test_attention_with_no_key_value_head_has_zero_gradients():
     assert torch.equal(out, torch.zeros_like(out))
     (grad,) = torch.autograd.grad(out.sum(), q, materialize_grads=True)  # None (no gradient) as zeros
     assert torch.equal(grad, torch.zeros_like(q))
+
+
+AUTOTUNE_RACE = """
+import threading, time
+from adaptive_kernels.ops import _library, projections
+
+tuner = projections._ROWS["gemv"]  # Triton's Autotuner, shared by every thread and model
+
+
+class NoGpu:  # the launch and do_bench a GPU would run; each sleep lets the other thread in, as a GPU wait does
+    def run(self, *args, **kwargs):
+        time.sleep(0.0005)
+
+
+def bench(kernel_call, quantiles):
+    for _ in range(5):
+        kernel_call()
+        time.sleep(0.002)
+    return [1.0, 1.0, 1.0]
+
+
+tuner.fn = NoGpu()
+tuner.__dict__["do_bench"] = bench
+names = tuner.arg_names
+
+
+def call(n_bucket):
+    values = dict.fromkeys(names, 0) | {"T_BUCKET": 1, "N_BUCKET": n_bucket, "D": 4096}
+    args = [values[n] for n in names[:names.index("HAS_BIAS")]]
+    _library.launch(projections._ROWS, projections._INTERPRET_ROWS, "gemv", lambda meta: (1,), *args,
+                    HAS_BIAS=False, GATED=True, PREC="tf32")
+
+
+call(4096)  # tuned before, as an earlier request would
+errors = []
+
+
+def run(calls):
+    try:
+        for n_bucket in calls:
+            call(n_bucket)
+            time.sleep(0.001)  # the host's work between launches
+    except Exception as error:
+        errors.append(repr(error))
+
+
+threads = [threading.Thread(target=run, args=([16384],)), threading.Thread(target=run, args=([4096] * 200,))]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("errors:", errors)
+"""
+
+
+def test_threads_launching_one_autotuned_kernel_take_turns():
+    """Triton's Autotuner keeps a call's arguments on itself: one thread tuning a new shape while another launches
+    the same kernel (no GPU here: launches and timings sleep, releasing the GIL as GPU waits do) must not read the
+    other's. Run with the interpreter off, so that the package's kernels are autotuned."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "ADAPTIVE_KERNELS_AUTOTUNE": "1"}
+    done = subprocess.run([sys.executable, "-c", AUTOTUNE_RACE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("errors: []"), done.stdout + done.stderr
+
+
+def test_no_kernel_is_tuned_inside_a_cuda_graph_capture(monkeypatch):
+    """Tuning times the kernel, which synchronises and would break the capture: refused with what to do instead."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"inside a CUDA graph capture.*run the same request once before"):
+        _library._bench(lambda: None, None)
