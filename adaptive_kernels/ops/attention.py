@@ -124,7 +124,7 @@ def _combine_kernel(pm_ptr, pl_ptr, po_ptr, out_ptr, T, nq, sor, sot, soh, sod,
     tl.store(out_ptr + r * sor + h * soh + t * sot + offs_d * sod, o.to(out_ptr.dtype.element_ty), mask=dm)
 
 
-_ATTN_KEY = ["T_BUCKET", "TK_BUCKET", "HEAD_D"]
+_ATTN_KEY = ["T_BUCKET", "TK_BUCKET", "HEAD_D", "NUM_SPLITS"]
 ATTN_CONFIGS = {  # per regime, (kwargs, num_warps, num_stages)
     "few": [({"BLOCK_M": 16, "BLOCK_N": bn}, w, s) for bn, w, s in
             [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3)]],
