@@ -50,7 +50,8 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         cache.write_position = self.position
         try:
-            with torch.cuda.graph(self.graph):
+            # thread_local: another thread's work (a request's prefill, say) may not end this capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output = step(*self.inputs)
         finally:
             cache.write_position = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import threading
 
 import pytest
 import torch
@@ -182,6 +183,39 @@ def test_on_cuda_graphed_greedy_runs_ahead_with_the_ids_of_transformers_loop(sto
     ours, our_calls = generate_counting(fast, on_cuda, False, monkeypatch, **kw)
     assert torch.equal(ours, theirs)
     assert our_calls == their_calls + (stop == "eos")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_on_cuda_threads_generating_at_once_each_get_their_own_ids(stock, inputs, backend):
+    """Three threads share one patched model on CUDA, each generating with its own budgets while the others
+    prefill, tune kernels and capture decode graphs: each gets the ids it gets alone, afterwards."""
+    model = ak.patch(copy.deepcopy(stock).cuda(), "H", rank=2, backend=backend)
+    on_cuda = {k: v.cuda() for k, v in inputs.items()}
+    budgets = ([0.6, 0.9], [1.0, 0.45], [0.75, 0.75])
+
+    def generate(budget):
+        with torch.no_grad():
+            return model.generate(**on_cuda, latency_budget=budget, do_sample=False, max_new_tokens=3 * NEW_TOKENS)
+
+    start, together, failures = threading.Barrier(len(budgets)), {}, []
+
+    def run(i):
+        start.wait()
+        try:
+            together[i] = [generate(budgets[i]) for _ in range(2)]
+        except Exception as error:  # reported below, with the thread's budget
+            failures.append((budgets[i], repr(error)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(budgets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    for i, budget in enumerate(budgets):
+        alone = generate(budget)
+        assert all(torch.equal(ids, alone) for ids in together[i]), budget
 
 
 def test_late_finish_flag_reports_the_step_before():
