@@ -490,8 +490,8 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
     minus the plan's cost.
 
     A positive excess means the budget bought less speed than its share of FLOPs promised; the
-    row reports the largest excess and the budget where it occurs, over the budgets measured (NaN and
-    None where none is).
+    row reports the largest excess and the budget where it occurs, over the budgets below 1.0 measured
+    (1.0's excess is 0 by construction; NaN and None where none is).
     """
     result = []
     adaptive = [r for r in rows if r.system == "adaptive"]
@@ -503,7 +503,8 @@ def budget_adherence(rows: list[Row]) -> list[dict]:
         for phase in ("prefill_ms", "prefill_kernel_ms", "prefill_graph_ms", "decode_ms_per_token", "decode_kernel_ms"):
             if math.isnan(getattr(full, phase)):  # not measured here (kernel times: CUDA only)
                 continue
-            excesses = [(ratio(getattr(r, phase), getattr(full, phase)) - r.cost, r.budget) for r in series]
+            excesses = [(ratio(getattr(r, phase), getattr(full, phase)) - r.cost, r.budget) for r in series
+                        if r.budget != 1.0]
             measured = [e for e in excesses if not math.isnan(e[0])]  # NaN: not measured, or a 0 at 1.0
             excess, budget = max(measured) if measured else (float("nan"), None)
             result.append({"variant": variant, "backend": backend, "phase": phase.removesuffix("_ms_per_token").removesuffix("_ms"),
