@@ -184,10 +184,15 @@ class DecoderShape:
         return (2 * D * layers.double() + 2 * d * D * q + 2 * d * (D + cached) * kv + 3 * D * neurons) * element_size
 
 
-def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
+def check_bool_tensor(label: str, mask, wanted: str = "a bool tensor") -> None:
+    """``ArgumentTypeError`` (``label`` must be ``wanted``) unless ``mask`` is a bool tensor."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         what = type(mask).__name__ if not isinstance(mask, torch.Tensor) else f"a {mask.dtype} tensor"
-        raise ArgumentTypeError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {what}")
+        raise ArgumentTypeError(f"{label} must be {wanted}, got {what}")
+
+
+def _check_mask(name: str, mask, dims: int) -> torch.Tensor:
+    check_bool_tensor(f"ExecutionPlan.{name}", mask, f"a bool tensor with {dims} dims")
     if mask.dim() != dims:
         raise ValueError(f"ExecutionPlan.{name} must be a bool tensor with {dims} dims, got {mask.dim()} dims")
     if mask.is_meta:

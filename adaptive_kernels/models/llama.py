@@ -27,8 +27,8 @@ from ..graphs import DecodeGraph, capturing, runs_graph_safe
 from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
 from ..ops.rotary import rotary_reference
-from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, Schedule, UnitSpace, compact_plan, compile_plan,
-                    dense_layer, fixed_width_schedule, neuron_groups, resolve_budgets, unflatten_masks)
+from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, Schedule, UnitSpace, check_bool_tensor, compact_plan,
+                    compile_plan, dense_layer, fixed_width_schedule, neuron_groups, resolve_budgets, unflatten_masks)
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -137,9 +137,7 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
         raise ArgumentTypeError(f"execution_plan must be an adaptive_kernels.ExecutionPlan, got {type(plan).__name__}")
     masks = {"layers": plan.layers, "heads": plan.heads, "groups": plan.groups}
     for name, mask in masks.items():  # checked when made, again here: a mask may have been reassigned since
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = f"a {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ArgumentTypeError(f"execution_plan.{name} must be a bool tensor, got {got}")
+        check_bool_tensor(f"execution_plan.{name}", mask)
     expected = (batch_size, shape.num_layers, shape.num_heads)
     if not tuple(plan.heads.shape) == tuple(plan.groups.shape) == expected or plan.layers.shape != expected[:2]:
         raise ValueError(f"execution_plan has layers {tuple(plan.layers.shape)}, heads {tuple(plan.heads.shape)} and "
