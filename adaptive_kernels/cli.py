@@ -21,6 +21,7 @@ from .plan import PAPER_RANK
 from .tiny import TINY_RANK
 
 DEFAULT_BUDGETS = (1.0, 0.85, 0.6, 0.5)
+DEFAULT_PROMPT = "What is shown in this image?"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # an image processor: a tokenizer is not enough
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # ... and neither is an image processor
@@ -100,10 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "add contention; torch's default otherwise)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the built-in model's weights and of the random example inputs (default: %(default)s)")
-    p.add_argument("--prompt", default="What is shown in this image?",
-                   help="question, used only when --model has a processor (default: %(default)r)")
+    p.add_argument("--prompt", help=f"question; only with a --model that has a processor (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--image", type=Path, metavar="PATH",
-                   help="image, used only when --model has a processor (default: seeded random pixels)")
+                   help="image; only with a --model that has a processor (default: seeded random pixels)")
     p.add_argument("--out", type=Path, default=Path("adaptive_kernels_out"), metavar="DIR",
                    help="output folder for the CSV and the plot (default: ./%(default)s)")
     return p
@@ -126,11 +126,22 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"argument --{name}: no such file: {path}")
     if args.image is not None:
         _check_image(parser, args.image)
+    _check_processor_options(parser, args)
     _check_backends(parser, "--backend", [args.backend] if args.backend else [], args.device, DTYPES[args.dtype])
     for name in (CSV_NAME, PNG_NAME):
         if (args.out / name).is_dir():
             parser.error(f"argument --out: {args.out / name} is a folder, where the job writes a file")
     _check_out(parser, args.out)  # last: it makes the folder
+
+
+def _check_processor_options(parser, args: argparse.Namespace) -> None:
+    """``parser.error`` for --prompt or --image where no processor could use them: the built-in model and a
+    checkpoint without a processor take random inputs."""
+    given = [f"--{name}" for name in ("prompt", "image") if getattr(args, name) is not None]
+    if given and not (args.model is not None and _has_processor(args.model)):
+        holder = "the built-in model" if args.model is None else f"{args.model}, which has no processor,"
+        parser.error(f"argument {given[0]}: only a --model with a processor (an image processor and a tokenizer) "
+                     f"reads a question and an image; {holder} takes random inputs")
 
 
 def _resolve_device(parser, args: argparse.Namespace) -> None:
@@ -307,7 +318,8 @@ def load(args) -> tuple:
         name, rank = str(args.model), PAPER_RANK
     model = model.to(device=args.device, dtype=dtype)
     if args.model is not None and _has_processor(args.model):
-        inputs = _processor_inputs(args.model, model, args.prompt, args.image, args.seed)
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        inputs = _processor_inputs(args.model, model, prompt, args.image, args.seed)
     else:
         inputs = example_inputs(model, batch_size=1, seed=args.seed)
     return model, inputs, name, rank

@@ -180,6 +180,23 @@ def test_model_path_with_processor(tmp_path, capsys):
     assert "argument --prompt: holds the image token '<image>'" in capsys.readouterr().err
 
 
+def test_prompt_and_image_without_a_processor_are_refused(tmp_path, capsys):
+    """The built-in model and a checkpoint without a processor take random inputs: a --prompt or --image given
+    to them was ignored without a word. The job exits naming the option before anything is timed."""
+    image_module = pytest.importorskip("PIL.Image")
+    pixels = torch.randint(0, 256, (28, 28, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    image_module.fromarray(pixels.numpy()).save(tmp_path / "image.png")
+    tiny_llava().save_pretrained(tmp_path / "ckpt")  # weights only
+    for model, option, value in (([], "--prompt", "w5 ?"), ([], "--image", str(tmp_path / "image.png")),
+                                 (["--model", str(tmp_path / "ckpt")], "--prompt", "w5 ?")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*model, option, value, "--out", str(tmp_path / "out"), *FAST])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert f"argument {option}: only a --model with a processor" in err, err
+        assert not (tmp_path / "out" / CSV_NAME).exists()
+
+
 @pytest.mark.parametrize("mismatch", ["image size", "patch size"])
 def test_processor_whose_inputs_do_not_fit_the_model_is_refused_naming_model(tmp_path, capsys, mismatch):
     """A processor making 32x32 images for a 28x28 tower, or 81 image tokens (9x9 patches of 3) where the tower
