@@ -162,13 +162,15 @@ def graph_replay_ms(fn, median_ms, repeats: int) -> float:
 
 
 def kernel_ms(fn) -> float:
-    """Sum of the CUDA kernel times of one call of ``fn``, from torch.profiler: ms."""
+    """Sum of the CUDA kernel times of one call of ``fn``, from torch.profiler: ms; NaN where the profiler
+    saw no kernel time (it measured nothing)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    total = sum(e.self_device_time_total for e in prof.key_averages())
+    return total / 1e3 if total > 0 else float("nan")
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,18 +194,24 @@ def decode_floor_ms(model, execution_plan: ExecutionPlan, cached: int, bandwidth
     return (decoder + (weight.numel() + shape.hidden_size) * weight.element_size()) / bandwidth * 1e3
 
 
+def steady_per_token(longer: float, three: float, new_tokens: int) -> float:
+    """A decode token's steady-state cost from the costs of generating ``new_tokens + 3`` tokens and 3:
+    ``(longer - three) / new_tokens``; NaN where that is not positive (the noise exceeded n steps, and a
+    time per token of 0 or less measures nothing)."""
+    per_token = (longer - three) / new_tokens
+    return per_token if per_token > 0 else float("nan")
+
+
 def decode_timing(generate, new_tokens: int, median_ms, repeats: int) -> tuple[float, float]:
     """(ms per token in the steady state, per-request setup ms) of ``generate(n)`` producing n tokens.
 
     The first new token comes from prefill; the next two are the decode steps that may run eagerly
-    and capture a CUDA graph. Steady state: ``(t(n + 3) - t(3)) / n``; setup: what the two
+    and capture a CUDA graph. Steady state: ``steady_per_token(t(n + 3), t(3), n)``; setup: what the two
     decode steps after prefill cost beyond two steady ones, ``t(3) - t(1) - 2 * per_token``. Both NaN where
-    ``t(n + 3) <= t(3)``: the timer's noise exceeded n steps, and a time per token of 0 or less measures nothing.
+    the steady state is.
     """
     one, three = median_ms(lambda: generate(1), repeats), median_ms(lambda: generate(3), repeats)
-    per_token = (median_ms(lambda: generate(new_tokens + 3), repeats) - three) / new_tokens
-    if per_token <= 0:
-        return float("nan"), float("nan")
+    per_token = steady_per_token(median_ms(lambda: generate(new_tokens + 3), repeats), three, new_tokens)
     return per_token, three - one - 2 * per_token
 
 
@@ -369,7 +377,7 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, pr
 
         def timings(m, embeds=embeds, mask=mask, decode_kernels=False, graph=None, **kw) -> dict:
             """``m``'s timing fields of a Row, on ``embeds``: wall times of prefill, decode per token and decode
-            setup; on CUDA prefill's GPU kernel time, decode's when asked (``(k(n + 3) - k(3)) / n`` as in
+            setup; on CUDA prefill's GPU kernel time, decode's when asked (``steady_per_token`` as in
             ``decode_timing``), and with a ``graph`` name the prefill replayed as a CUDA graph (the prompt
             unpadded: no mask). What is not measured is NaN."""
             nan = float("nan")
@@ -388,8 +396,8 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, pr
             times["decode_ms_per_token"], times["decode_setup_ms"] = decode
             if device == "cuda" and decode_kernels:
                 try:  # a failure here costs this kernel time only, not the row's wall times
-                    times["decode_kernel_ms"] = (kernel_ms(lambda: generate(new_tokens + 3))
-                                                 - kernel_ms(lambda: generate(3))) / new_tokens
+                    times["decode_kernel_ms"] = steady_per_token(kernel_ms(lambda: generate(new_tokens + 3)),
+                                                                 kernel_ms(lambda: generate(3)), new_tokens)
                 except Exception as error:
                     traceback.print_exc()
                     failures.append(f"decode kernel time: {type(error).__name__}: {error}")
