@@ -72,9 +72,10 @@ _SCRATCH: list[torch.Tensor] = []
 
 
 def timed_us(fn, reps: int = 30) -> float:
-    """Median microseconds of ``fn`` replayed from a CUDA graph (plain calls if capture fails),
-    timed with CUDA events; before each call a 256 MiB read evicts L2 with clean lines, so that
-    weights come from memory as in a real forward pass (no dirty write-back competing)."""
+    """Median microseconds of ``fn`` replayed from a CUDA graph, timed with CUDA events; before each
+    call a 256 MiB read evicts L2 with clean lines, so that weights come from memory as in a real
+    forward pass (no dirty write-back competing). A capture that fails raises: timed as plain calls,
+    one variant of a row would carry the host's launch time and the others not."""
     if DRY:
         fn()
         start = time.perf_counter()
@@ -85,27 +86,22 @@ def timed_us(fn, reps: int = 30) -> float:
     scratch = _SCRATCH[0]
     fn()  # build, compile and autotune outside the capture
     torch.cuda.synchronize()
-    call, graph = fn, None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        call = graph.replay
-    except RuntimeError:
-        torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
     for _ in range(3):
         scratch.sum()
-        call()
+        graph.replay()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         scratch.sum()
         start.record()
-        call()
+        graph.replay()
         end.record()
     torch.cuda.synchronize()
     median_ms = statistics.median(start.elapsed_time(end) for start, end in events)
