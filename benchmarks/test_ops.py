@@ -6,8 +6,8 @@ weights, F.linear / SDPA), ``ideal`` (F.linear / SDPA on weights cut to the acti
 timing), ``copy`` (``weight[rows]`` then F.linear per call, as AdaLLaVA's reference code does).
 Each time is the median over 30 CUDA-graph replays of the variant, timed with CUDA events,
 warmed up, each after a 256 MiB read that evicts the weights from L2 (see ``timed_us``). At one
-token, ``bw_share`` is the active bytes (weights, and keys/values for attention) over the
-backend's time, as a share of the measured device-to-device copy bandwidth (bytes read +
+token, ``bw_share`` is the active bytes (weights, keys/values for attention, and for
+``add_rms_norm`` and ``rotary`` every byte read and written) over the backend's time, as a share of the measured device-to-device copy bandwidth (bytes read +
 written). The layer skips RMSNorm and RoPE. ``[cols-major]`` rows run o/down on weights re-laid
 out once by ``cols_major``, their ``dense`` too (cuBLAS on that layout, as a patched model's dense
 layers run it). ``add_rms_norm`` (residual add and RMSNorm, one kernel) and ``rotary`` (all 64 q
@@ -143,13 +143,13 @@ def op_variants(op: str, T: int, p: Plan, m: Model):
         r = torch.randn(1, T, HIDDEN, generator=m.gen, device=DEVICE).to(DTYPE)
         w = (1 + 0.1 * torch.randn(HIDDEN, generator=m.gen, device=DEVICE)).to(DTYPE)
         eager = lambda: rms_norm_reference(x, w, 1e-5, r)[0]  # noqa: E731
-        return lambda: rms_norm(x, w, 1e-5, r)[0], eager, eager, None, 4 * T * HIDDEN * es  # x, r in; y, h out
+        return lambda: rms_norm(x, w, 1e-5, r)[0], eager, eager, None, (4 * T + 1) * HIDDEN * es  # x, r, w in; y, h out
     if op == "rotary":
         qk = torch.randn(1, T, 2 * HEADS, HEAD_DIM, generator=m.gen, device=DEVICE).to(DTYPE)
         angles = torch.rand(1, T, HEAD_DIM // 2, generator=m.gen, device=DEVICE) * 6
         cos, sin = (torch.cat([f(angles)] * 2, -1).to(DTYPE) for f in (torch.cos, torch.sin))
         eager = lambda: rotary_reference(qk, cos, sin)  # noqa: E731
-        return lambda: rotary(qk, cos, sin), eager, eager, None, 2 * qk.numel() * es
+        return lambda: rotary(qk, cos, sin), eager, eager, None, (2 * qk.numel() + 2 * cos.numel()) * es  # qk in and out, cos and sin in
     raise ValueError(op)
 
 
