@@ -16,11 +16,12 @@ plans list them), in one run:
 - ``dense``: ``F.linear`` on the full weight; ``ideal``: ``F.linear`` on a weight cut to the
   active units before timing.
 
-Each time is the median over 30 calls replayed from a CUDA graph (plain calls if capture
-fails), timed with CUDA events, warmed up, each after a 256 MiB read that evicts the weights from
-L2. ``*_GBps`` is the active weight bytes over that time (for dense, the full weight's bytes);
-``cuda_bw_share`` is that of ``cuda`` as a share of the measured device-to-device copy bandwidth
-(bytes read + written); ``floor_us`` is the active bytes at that bandwidth. Rows go to
+Each time is the median over 30 calls replayed from a CUDA graph, timed with CUDA events, warmed
+up, each after a 256 MiB read that evicts the weights from L2. ``*_GBps`` is the active weight
+bytes over that time (for dense, the full weight's bytes); ``<impl>_rel_err`` is each gathered
+product's relative error against ``ideal``'s (the test fails above ``MAX_REL_ERR``, its rows
+kept); ``cuda_bw_share`` is that of ``cuda`` as a share of the measured device-to-device copy
+bandwidth (bytes read + written); ``floor_us`` is the active bytes at that bandwidth. Rows go to
 benchmarks/results/cuda_ext-<device>-<time>.{json,csv}. Skipped without CUDA.
 ``AK_CUDA_BENCH_TOKENS=1,16`` times other token counts (at most 16).
 """
@@ -52,6 +53,7 @@ PROJECTIONS = {
     "down": ("cols", 4096, 11008, 344),
 }
 IMPLS = ("cuda", "cuda_padded", "triton", "triton_cols_major", "dense", "ideal")
+MAX_REL_ERR = 2e-2  # of each gathered product against the ideal's (bf16, the norm of the difference)
 
 
 def active_list(share: float, unit: int, full: int, gen: torch.Generator) -> torch.Tensor:
@@ -109,9 +111,12 @@ def measure(projection: str) -> list[dict]:
             gen = torch.Generator().manual_seed(int(share * 1000) + T)
             fns, active, full = variants(projection, share, T, gen)
             us = {impl: timed_us(fn) for impl, fn in fns.items()}
+            ideal = fns["ideal"]().float()
+            errors = {f"{impl}_rel_err": ((fns[impl]().float() - ideal).norm() / ideal.norm()).item()
+                      for impl in fns if impl not in ("dense", "ideal")}
             row = dict(projection=projection, side=PROJECTIONS[projection][0], tokens=T, share=share,
                        out_features=PROJECTIONS[projection][1], in_features=PROJECTIONS[projection][2],
-                       active_bytes=active, copy_bw_GBps=bw / 1e9, floor_us=active / bw * 1e6)
+                       active_bytes=active, copy_bw_GBps=bw / 1e9, floor_us=active / bw * 1e6, **errors)
             for impl in IMPLS:
                 t = us.get(impl)
                 row[f"{impl}_us"] = t
@@ -140,6 +145,9 @@ def test_cuda_ext_decode_projection(benchmark, results, projection):
     for row in rows:
         results.append(row)
     benchmark.extra_info["rows"] = rows
+    wrong = {(row["tokens"], row["share"], name): error for row in rows for name, error in row.items()
+             if name.endswith("_rel_err") and not error < MAX_REL_ERR}
+    assert not wrong, f"{projection}: (tokens, share, impl) off the ideal by more than {MAX_REL_ERR}: {wrong}"
 
 
 def main() -> Path:
