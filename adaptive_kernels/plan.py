@@ -157,16 +157,18 @@ class DecoderShape:
         neurons = groups.double() @ torch.tensor(self.group_sizes, dtype=torch.float64, device=groups.device)
         return heads.sum(-1), kv.sum(-1), neurons
 
-    def layer_flops(self, heads: torch.Tensor, groups: torch.Tensor, seq_len: int) -> torch.Tensor:
+    def layer_flops(self, heads: torch.Tensor, groups: torch.Tensor, seq_len: int,
+                    causal: bool = False) -> torch.Tensor:
         """FLOPs of one layer over a prefill of ``seq_len`` tokens.
 
         ``heads`` [..., H] and ``groups`` [..., G] are masks; a key/value head runs when any of its
         query heads runs. Counts q/k/v/o and gate/up/down products and the two attention products
-        over all ``seq_len**2`` query-key pairs, as FLOP counters (and our ops' formulas) do.
+        over all ``seq_len**2`` query-key pairs, as FLOP counters (and our ops' formulas) do, or with
+        ``causal`` over the ``seq_len * (seq_len + 1) / 2`` pairs a causal mask keeps (the least work).
         """
         q, kv, neurons = self.active_counts(heads, groups)
         proj = 2 * seq_len * self.hidden_size * self.head_dim
-        pairs = seq_len * seq_len
+        pairs = seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
         attention = q * (2 * proj + 4 * self.head_dim * pairs) + kv * 2 * proj
         return attention + neurons * 3 * 2 * seq_len * self.hidden_size
 

@@ -95,6 +95,7 @@ class Row:
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
     decode_floor_ms: float = float("nan")  # the bytes a decode step must read, at the measured copy bandwidth
     decode_weight_floor_ms: float = float("nan")  # its active weights alone (issue 4's floor: no cached keys, values)
+    prefill_floor_ms: float = float("nan")  # the FLOPs a prefill must do, at the measured matrix-product rate
     prefill_graph_ms: float = float("nan")  # one prefill captured as a CUDA graph and replayed (adaptive rows:
     # the latency token, scheduler, plan and every layer inside, on fixed-width plan buffers)
 
@@ -182,6 +183,27 @@ def copy_bandwidth(device: str) -> float:
     dst.copy_(src)
     ms = statistics.median(_once_ms(lambda: dst.copy_(src), device) for _ in range(20))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """Dense matrix-product rate on ``device`` in FLOPs per second: a square product in ``dtype`` of
+    8192 on CUDA (512 on the CPU), median of 20, measured once per device and dtype."""
+    n = 8192 if device == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    ms = statistics.median(_once_ms(lambda: a @ b, device) for _ in range(20))
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def prefill_floor_ms(model, execution_plan: ExecutionPlan, seq_len: int, rate: float) -> float:
+    """The least time a prefill of row 0 of ``execution_plan`` over ``seq_len`` tokens can take: ms to do,
+    at ``rate`` (FLOPs per second), its executed layers' FLOPs (``DecoderShape.layer_flops``, attention
+    over the causal pairs only) and lm_head's over every position (a forward returns every logit)."""
+    shape = text_model_shape(model)
+    plan_flops = shape.layer_flops(execution_plan.heads[0].cpu(), execution_plan.groups[0].cpu(), seq_len, causal=True)
+    decoder = (plan_flops * execution_plan.layers[0].cpu()).sum().item()
+    return (decoder + 2 * seq_len * shape.hidden_size * model.lm_head.weight.shape[0]) / rate * 1e3
 
 
 def decode_floor_ms(model, execution_plan: ExecutionPlan, cached: int, bandwidth: float) -> float:
@@ -409,12 +431,13 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, pr
             rows.append(row)
             write_records(rows, out_dir, stem)
 
-        bandwidth = copy_bandwidth(device)
+        bandwidth, rate = copy_bandwidth(device), matmul_rate(device, dtype)
         shape = text_model_shape(model)
         full = ExecutionPlan.full(1, shape.num_layers, shape.num_heads)
         record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
                    decode_floor_ms=decode_floor_ms(model, full, embeds.shape[1], bandwidth),
                    decode_weight_floor_ms=decode_floor_ms(model, full, 0, bandwidth),
+                   prefill_floor_ms=prefill_floor_ms(model, full, embeds.shape[1], rate),
                    **timings(model, graph="stock"), **stamp))
 
         def measure(variant: str, backend: str, budget: float) -> None:
@@ -424,12 +447,14 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, pr
             p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
             latency_token = latency_embedding(model, budget)[None, None].to(embeds.dtype)
             cost = float(p.cost()[0])
+            prefill_floor = prefill_floor_ms(model, p, embeds.shape[1] + 1, rate)  # with the latency token
             times = timings(model, decode_kernels=True, graph=f"{variant} {backend} {budget}", latency_budget=budget)
             schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
             record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
                        vision_ms=vision_ms, schedule_ms=schedule,
                        decode_floor_ms=decode_floor_ms(model, p, embeds.shape[1] + 1, bandwidth),
-                       decode_weight_floor_ms=decode_floor_ms(model, p, 0, bandwidth), **times, **stamp))
+                       decode_weight_floor_ms=decode_floor_ms(model, p, 0, bandwidth),
+                       prefill_floor_ms=prefill_floor, **times, **stamp))
             unpatch(model)
             if backend != backends[0]:
                 return
@@ -450,7 +475,7 @@ def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, pr
             ideal_graph = graph_prefill_ms(f"ideal {variant} {budget}", lambda: ideal(inputs_embeds=token_embeds))
             record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
                        vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels,
-                       prefill_graph_ms=ideal_graph, **stamp))
+                       prefill_graph_ms=ideal_graph, prefill_floor_ms=prefill_floor, **stamp))
 
         def compiled_stock() -> None:
             per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
@@ -572,12 +597,13 @@ def adherence_table(adherence: list[dict]) -> str:
 
 
 def report(rows: list[Row]) -> str:
-    """The rows as a table, then their budget adherence (``adherence_table``) and their target ratios
-    (``targets_table``)."""
+    """The rows as a table (with prefill's GPU kernel time over its FLOP floor), then their budget adherence
+    (``adherence_table``) and their target ratios (``targets_table``)."""
     lines = [f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} "
-             f"{'decode ms/tok':>13} {'setup ms':>9} {'sched ms':>9}"]
+             f"{'kernels/floor':>13} {'decode ms/tok':>13} {'setup ms':>9} {'sched ms':>9}"]
     lines += [f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6g} {r.cost:5.2f} {r.prefill_ms:10.2f} "
-              f"{r.decode_ms_per_token:13.2f} {r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}" for r in rows]
+              f"{ratio(r.prefill_kernel_ms, r.prefill_floor_ms):13.2f} {r.decode_ms_per_token:13.2f} "
+              f"{r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}" for r in rows]
     return "\n".join(lines + [adherence_table(budget_adherence(rows)), targets_table(target_ratios(rows))])
 
 

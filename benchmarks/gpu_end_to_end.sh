@@ -115,13 +115,13 @@ for path in new("sweep-*.json"):
         continue
     rows = [Row(**r) for r in read_records(path)]
     plot_rows(rows, path.with_suffix(".png"))
-    print("                              prefill ms                decode ms per token")
-    print("                           wall  kernels    graph       wall  kernels    floor")
+    print("                              prefill ms                         decode ms per token")
+    print("                           wall  kernels    graph    floor       wall  kernels    floor")
     for r in rows:
         if r.system in ("stock", "ideal", "adaptive"):
             print(f"{r.system:8} {r.variant} {r.backend:12} {r.budget:4.2f} {r.prefill_ms:8.2f} {r.prefill_kernel_ms:8.2f} "
-                  f"{r.prefill_graph_ms:8.2f}   {r.decode_ms_per_token:8.2f} {r.decode_kernel_ms:8.2f} "
-                  f"{r.decode_floor_ms:8.2f}")
+                  f"{r.prefill_graph_ms:8.2f} {r.prefill_floor_ms:8.2f}   {r.decode_ms_per_token:8.2f} "
+                  f"{r.decode_kernel_ms:8.2f} {r.decode_floor_ms:8.2f}")
     print(adherence_table(read_records(path.with_name(f"{path.stem}-adherence.json"))))
     print(targets_table(read_records(path.with_name(f"{path.stem}-targets.json"))))
 PY

@@ -552,6 +552,9 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
         assert 0 < float(row["decode_weight_floor_ms"]) < float(row["decode_floor_ms"])
     assert 0 < float(adaptive[0.5]["decode_floor_ms"]) < float(adaptive[1.0]["decode_floor_ms"])
     ideal = {float(r["budget"]): r for r in rows if r["system"] == "ideal"}
+    assert 0 < float(adaptive[0.5]["prefill_floor_ms"]) < float(adaptive[1.0]["prefill_floor_ms"])
+    for budget, row in ideal.items():  # the same plan's work, on the prompt and the latency token
+        assert row["prefill_floor_ms"] == adaptive[budget]["prefill_floor_ms"]
     targets = read_records(tmp_path / "sweep-tiny-targets.json")
     assert sorted(t["budget"] for t in targets) == [0.5, 1.0]
     for t in targets:
@@ -567,6 +570,37 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "adherence L torch prefill" in printed and "decode/floor (1.3)" in printed
 
+
+
+def test_prefill_floor_is_the_plans_flops_at_the_rate_given():
+    """``prefill_floor_ms``: per executed layer the q/k/v/o products of its heads (k and v of each key/value
+    head any of its query heads uses), the gate/up/down products of its neurons and attention over the causal
+    query-key pairs, plus lm_head over every position; counted here by hand from a random plan's masks."""
+    import numpy as np
+
+    from adaptive_kernels.sweep import prefill_floor_ms
+
+    model = tiny_llava()
+    text = model.config.text_config
+    D, H, KV, M, V = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.intermediate_size, \
+        text.vocab_size
+    d, T, rate = D // H, 37, 3.5e11
+    gen = torch.Generator().manual_seed(5)
+    layers = torch.rand(1, text.num_hidden_layers, generator=gen) < 0.7
+    heads = (torch.rand(1, text.num_hidden_layers, H, generator=gen) < 0.6) & layers[..., None]
+    groups = (torch.rand(1, text.num_hidden_layers, H, generator=gen) < 0.6) & layers[..., None]
+    neurons_per_group = [len(part) for part in np.array_split(np.arange(M), H)]
+    flops = 2 * T * D * V
+    for layer in range(text.num_hidden_layers):
+        if not layers[0, layer]:
+            continue
+        on = heads[0, layer].tolist()
+        q = sum(on)
+        kv = sum(any(on[k * (H // KV):(k + 1) * (H // KV)]) for k in range(KV))
+        neurons = sum(n for n, g in zip(neurons_per_group, groups[0, layer].tolist()) if g)
+        flops += 2 * T * D * d * (2 * q + 2 * kv) + 3 * 2 * T * D * neurons + 2 * 2 * d * q * T * (T + 1) // 2
+    floor = prefill_floor_ms(model, ak.ExecutionPlan(layers, heads, groups), T, rate)
+    assert floor == pytest.approx(flops / rate * 1e3, rel=1e-12)
 
 
 def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, monkeypatch):
