@@ -36,13 +36,18 @@ def table(path: Path) -> str:
     info, rows = data["info"], data["rows"]
     lines = [f"{info['device']}  {info['date']}  torch {info['torch']}  triton {info['triton']}",
              f"{'op':<22}{'T':>4}{'share':>6}{'backend':>9}{'dense':>9}{'ideal':>9}{'copy':>9}"
-             f"{'/ideal':>8}{'/dense':>8}{'bw%':>6}   (us)"]
+             f"{'/ideal':>8}{'/dense':>8}{'peak%':>6}   (us; peak: copy bandwidth at T=1, matrix rate above)"]
     for r in rows:
+        peak = r.get("bw_share") or r.get("flop_share")
         lines.append(f"{r['op']:<22}{r['tokens']:>4}{r['share']:>6.2f}{r['backend_us']:>9.1f}{r['dense_us']:>9.1f}"
                      f"{r['ideal_us']:>9.1f}{fmt(r['copy_us'], '9.1f'):>9}{r['vs_ideal']:>8.2f}{r['vs_dense']:>8.2f}"
-                     f"{fmt(r.get('bw_share') and 100 * r['bw_share'], '6.0f'):>6}")
-    if rows and rows[0].get("copy_bw_GBps"):
-        lines.append(f"copy bandwidth (read + write): {rows[0]['copy_bw_GBps']:.0f} GB/s")
+                     f"{fmt(peak and 100 * peak, '6.0f'):>6}")
+    bandwidth = next((r["copy_bw_GBps"] for r in rows if r.get("copy_bw_GBps")), None)
+    rate = next((r["matmul_TFLOPs"] for r in rows if r.get("matmul_TFLOPs")), None)
+    if bandwidth:
+        lines.append(f"copy bandwidth (read + write): {bandwidth:.0f} GB/s")
+    if rate:
+        lines.append(f"dense bf16 matrix-product rate: {rate:.0f} TFLOP/s")
     return "\n".join(lines)
 
 

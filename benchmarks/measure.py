@@ -1,4 +1,4 @@
-"""What the op benchmarks share: run stamps, result files, graph-replayed timing, copy bandwidth."""
+"""What the op benchmarks share: run stamps, result files, graph-replayed timing, copy bandwidth and matrix rate."""
 
 from __future__ import annotations
 
@@ -114,3 +114,10 @@ def copy_bandwidth() -> float:
     from adaptive_kernels import sweep  # not at import: conftest sets TRITON_INTERPRET for dry runs first
 
     return 1e9 if DRY else sweep.copy_bandwidth("cuda")
+
+
+def matmul_rate() -> float:
+    """Dense bf16 matrix-product rate in FLOPs per second (``adaptive_kernels.sweep``'s)."""
+    from adaptive_kernels import sweep  # not at import: conftest sets TRITON_INTERPRET for dry runs first
+
+    return 1e12 if DRY else sweep.matmul_rate("cuda", torch.bfloat16)

@@ -4,15 +4,17 @@ Per op, tokens (1 and 640) and active share (1.0, 0.85, 0.6, 0.5; active heads a
 are whole units chosen at random), in one run: ``backend`` (the Triton ops), ``dense`` (full
 weights, F.linear / SDPA), ``ideal`` (F.linear / SDPA on weights cut to the active set before
 timing), ``copy`` (``weight[rows]`` then F.linear per call, as AdaLLaVA's reference code does).
-Each time is the median over 30 CUDA-graph replays of the variant, timed with CUDA events,
-warmed up, each after a 256 MiB read that evicts the weights from L2 (see ``timed_us``). At one
-token, ``bw_share`` is the active bytes (weights, keys/values for attention, and for
-``add_rms_norm`` and ``rotary`` every byte read and written) over the backend's time, as a share of the measured device-to-device copy bandwidth (bytes read +
-written). The layer skips RMSNorm and RoPE. ``[cols-major]`` rows run o/down on weights re-laid
-out once by ``cols_major``, their ``dense`` too (cuBLAS on that layout, as a patched model's dense
-layers run it). ``add_rms_norm`` (residual add and RMSNorm, one kernel) and ``rotary`` (all 64 q
-and k heads, one kernel) have no active share, so they run first and at 1.0 only: their ``dense``
-and ``ideal`` are the eager PyTorch formulas Llama runs.
+Each time is the median over 30 CUDA-graph replays of the variant, timed with CUDA events, warmed
+up, each after a 256 MiB read that evicts the weights from L2 (see ``timed_us``). At one token,
+``bw_share`` is the active bytes (weights, keys/values for attention, and for ``add_rms_norm`` and
+``rotary`` every byte read and written) over the backend's time, as a share of the measured
+device-to-device copy bandwidth (bytes read + written). At 640 tokens, ``flop_share`` is the FLOPs
+the active units must do (attention over the causal pairs) over the backend's time, as a share of
+the measured dense bf16 matrix-product rate. The layer skips RMSNorm and RoPE. ``[cols-major]``
+rows run o/down on weights re-laid out once by ``cols_major``, their ``dense`` too (cuBLAS on that
+layout, as a patched model's dense layers run it). ``add_rms_norm`` (residual add and RMSNorm, one
+kernel) and ``rotary`` (all 64 q and k heads, one kernel) have no active share, so they run first
+and at 1.0 only: their ``dense`` and ``ideal`` are the eager PyTorch formulas Llama runs.
 
 Needs CUDA (skips elsewhere); ``AK_BENCH_DRY=1`` runs tiny shapes on the CPU to check this code.
 """
@@ -28,7 +30,7 @@ from adaptive_kernels.ops.norm import rms_norm, rms_norm_reference
 from adaptive_kernels.ops.rotary import rotary, rotary_reference
 from adaptive_kernels.ops.projections import cols_major, gather_cols_linear, gather_rows_linear
 from adaptive_kernels.ops.swiglu import gathered_swiglu
-from measure import DRY, copy_bandwidth, timed_us
+from measure import DRY, copy_bandwidth, matmul_rate, timed_us
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not (CUDA or DRY), reason="the op benchmarks time GPU kernels and need CUDA "
@@ -202,6 +204,16 @@ def layer_variants(T: int, p: Plan, m: Model, cols_major_weights: bool):
     return backend, dense, ideal, copy, active
 
 
+def prefill_flops(op: str, T: int, p: Plan) -> int:
+    """The FLOPs ``op`` must do over ``T`` tokens for the plan's active units: its weight products, and for
+    attention the two products over the causal query-key pairs (the least work)."""
+    rows = {"q_proj": p.q_rows.numel(), "o_proj": p.q_rows.numel(), "swiglu": 2 * p.mlp_rows.numel(),
+            "down_proj": p.mlp_rows.numel(), "layer": 4 * p.q_rows.numel() + 3 * p.mlp_rows.numel()}
+    attention = 2 * 2 * HEAD_DIM * p.nq * T * (T + 1) // 2
+    base = op.split("[")[0]
+    return (attention if base in ("attention", "layer") else 0) + 2 * T * HIDDEN * rows.get(base, 0)
+
+
 SHARELESS_OPS = ["add_rms_norm", "rotary"]  # no active share: timed at share 1.0 only
 OPS = SHARELESS_OPS + ["q_proj", "attention", "o_proj", "o_proj[cols-major]", "swiglu", "down_proj",
                        "down_proj[cols-major]", "layer", "layer[cols-major]"]
@@ -224,6 +236,11 @@ def measure(op: str, T: int, share: float) -> dict:
         row["copy_bw_GBps"] = copy_bandwidth() / 1e9
         row["bw_share"] = active_bytes / (row["backend_us"] * 1e-6) / copy_bandwidth()
         row["ideal_bw_share"] = active_bytes / (row["ideal_us"] * 1e-6) / copy_bandwidth()
+    elif op not in SHARELESS_OPS:
+        flops = prefill_flops(op, T, p)
+        row["matmul_TFLOPs"] = matmul_rate() / 1e12
+        row["flop_share"] = flops / (row["backend_us"] * 1e-6) / matmul_rate()
+        row["ideal_flop_share"] = flops / (row["ideal_us"] * 1e-6) / matmul_rate()
     assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-4), f"{op}: backend differs from the ideal by {err:.2e}"
     return row
 
