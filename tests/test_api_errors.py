@@ -495,6 +495,25 @@ def test_other_cache_implementations_are_refused_by_name(model, inputs, implemen
                            model.generate(**inputs, latency_budget=budget, max_new_tokens=2))
 
 
+@pytest.mark.parametrize("budget", [None, 0.6])
+def test_a_static_cache_passed_to_generate_is_refused_by_name(model, inputs, budget):
+    """transformers shapes a 4-D attention mask for a StaticCache it is given: a padded batch was refused
+    naming attention_mask, which the caller gave as 2-D; an unpadded one ran, the cache unused. Both are now
+    refused naming the cache; a DynamicCache, which the model also leaves empty, is still taken."""
+    from transformers import StaticCache
+
+    padded = example_inputs(model, batch_size=2, seed=1, pad=[2, 0])
+    for given in (padded, inputs):
+        static = StaticCache(config=model.config.text_config, max_cache_len=64)
+        with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: .* takes no StaticCache"):
+            model.generate(**given, latency_budget=budget, max_new_tokens=2, **{CACHE_KWARG: static})
+    with torch.no_grad():
+        dynamic = DynamicCache(config=model.config.text_config)
+        assert torch.equal(model.generate(**padded, latency_budget=budget, max_new_tokens=2, do_sample=False,
+                                          **{CACHE_KWARG: dynamic}),
+                           model.generate(**padded, latency_budget=budget, max_new_tokens=2, do_sample=False))
+
+
 def test_attention_weights_are_refused(model, inputs):
     with pytest.raises(ValueError, match="output_attentions"):
         model(**inputs, output_attentions=True)

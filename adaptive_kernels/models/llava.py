@@ -14,7 +14,7 @@ import inspect
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import Cache, DynamicCache, LlavaForConditionalGeneration
 
 from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, check_plan, serving
 from ..cache import AdaptiveCache
@@ -131,6 +131,12 @@ def _adaptive_llava_class(stock: type) -> type:
             raise ValueError(f"cache_implementation={option('cache_implementation')!r}: a patched model keeps keys and "
                              "values in its own AdaptiveCache (executed layers and heads only, decode steps replayed "
                              "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
+        cache_name = "cache" if "cache" in kwargs else "past_key_values"
+        cache = kwargs.get(cache_name)
+        if isinstance(cache, Cache) and not isinstance(cache, (AdaptiveCache, DynamicCache)):
+            raise ValueError(f"{cache_name}: a patched model keeps keys and values in its own AdaptiveCache and takes "
+                             f"no {type(cache).__name__} (transformers would shape the attention mask for it); pass "
+                             "none, a DynamicCache, or the AdaptiveCache an earlier call returned")
         for name, given in (("latency_budget", latency_budget), ("execution_plan", execution_plan)):
             if given is not None:
                 _check_request_generation(option, name)
@@ -156,7 +162,6 @@ def _adaptive_llava_class(stock: type) -> type:
                 rows = torch.arange(execution_plan.batch_size, device=execution_plan.layers.device)
                 execution_plan = execution_plan.rows(rows.repeat_interleave(copies))
         ours = {"latency_budget": latency_budget, "execution_plan": execution_plan}
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         with cache.input_id_view() if isinstance(cache, AdaptiveCache) else contextlib.nullcontext():
             return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
 
