@@ -71,6 +71,27 @@ def test_decode_split_keys(dtype, T, splits):
     _check(dtype, *inputs, splits=splits)
 
 
+@pytest.mark.parametrize("scale", [0.05, 0.7])
+@pytest.mark.parametrize("case", ["prefill-gqa-pad", "decode-3"])
+def test_scale_other_than_the_head_dims(case, scale):
+    """``scale`` multiplies the scores whatever it is (Llama's is d**-0.5, which every other case uses): the
+    kernel and the reference against softmax attention written out per row and head."""
+    R, T, Tk, nkv, q_to_kv, pad = CASES[case]
+    q, k, v, q_to_kv, valid = _inputs(generator(case, scale), torch.float32, R, T, Tk, nq=len(q_to_kv[0]),
+                                      nkv=nkv, q_to_kv=q_to_kv, pad=pad)
+    want = torch.zeros(q.shape)
+    for r in range(R):
+        for head, slot in enumerate(q_to_kv[r].tolist()):
+            if slot < 0:
+                continue
+            seen = valid[r].cpu() & (torch.arange(Tk) <= torch.arange(Tk - T, Tk)[:, None])  # [T, Tk]
+            scores = (scale * q[r, :, head].cpu() @ k[r, slot].cpu().T).masked_fill(~seen, float("-inf"))
+            weights = scores.softmax(-1).nan_to_num()  # a query that sees no key attends to nothing
+            want[r, :, head] = weights @ v[r, slot].cpu()
+    check(head_sparse_attention(q, k, v, q_to_kv, valid, scale), want.to(q.device), torch.float32)
+    check(head_sparse_attention_reference(q, k, v, q_to_kv, valid, scale), want.to(q.device), torch.float32)
+
+
 def test_empty():
     gen = generator(1)
     q, k, v, _, valid = _inputs(gen, torch.float32, 2, 3, 5, nq=1, nkv=1, q_to_kv=[[0], [0]])
