@@ -22,7 +22,7 @@ from transformers import LlavaForConditionalGeneration
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.plan import Schedule
-from adaptive_kernels.cache import AdaptiveCache
+from adaptive_kernels.cache import CAPACITY_STEP, AdaptiveCache
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
@@ -684,6 +684,23 @@ def test_a_cache_that_grows_drops_its_graph_and_warms_up_again():
     assert cache.warm and cache.decode_graph is not None
     cache.reserve(129)
     assert not cache.warm and cache.decode_graph is None
+
+
+def test_a_cache_that_grows_keeps_every_filled_position():
+    """Growing past a capacity step moves each executed layer's filled keys and values, every position of
+    every row and head, to the new buffers; a layer no row runs stays empty. (Every long LLaVA request
+    crosses steps: 576 image tokens alone fill four and a half.)"""
+    g = torch.Generator().manual_seed(82)
+    cache = AdaptiveCache(3, None)
+    cache.reserve(CAPACITY_STEP)
+    keys, values = (torch.randn(2, 3, CAPACITY_STEP, 4, generator=g) for _ in "kv")
+    cache.append(0, keys, values)
+    cache.append(2, keys[:, :1] + 1, values[:, :1] + 1)
+    cache.length = CAPACITY_STEP
+    cache.reserve(CAPACITY_STEP + 1)
+    assert cache.capacity == 2 * CAPACITY_STEP and cache.layer(1) is None
+    assert all(torch.equal(got, want) for got, want in zip(cache.layer(0), (keys, values)))
+    assert all(torch.equal(got, want) for got, want in zip(cache.layer(2), (keys[:, :1] + 1, values[:, :1] + 1)))
 
 
 def test_reset_drops_the_buffers_the_decode_graph_and_its_warm_up():
