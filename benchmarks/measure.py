@@ -42,7 +42,8 @@ def run_info() -> dict:
 
 class ResultRows(list):
     """Rows of one run, rewritten to results/<prefix>-<device>-<time>.{json,csv} after each append,
-    so an interrupted run keeps what it measured."""
+    so an interrupted run keeps what it measured. Each CSV row carries the run's info but its tuned
+    configs (``info["autotune"]``, one per kernel and key), which only the JSON holds."""
 
     def __init__(self, prefix: str):
         super().__init__()
@@ -60,12 +61,13 @@ class ResultRows(list):
         RESULTS.mkdir(exist_ok=True)
         with whole_file(self.stem.with_suffix(".json")) as f:
             f.write(json.dumps(dict(info=self.info, rows=list(self)), indent=1))
-        fields = list(self.info) + list(dict.fromkeys(k for r in self for k in r))
+        info = {k: v for k, v in self.info.items() if k != "autotune"}
+        fields = list(info) + list(dict.fromkeys(k for r in self for k in r))
         with whole_file(self.stem.with_suffix(".csv")) as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             for r in self:
-                writer.writerow({**self.info, **r})
+                writer.writerow({**info, **r})
 
 
 _SCRATCH: list[torch.Tensor] = []
