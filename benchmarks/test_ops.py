@@ -145,13 +145,15 @@ def op_variants(op: str, T: int, p: Plan, m: Model):
         r = torch.randn(1, T, HIDDEN, generator=m.gen, device=DEVICE).to(DTYPE)
         w = (1 + 0.1 * torch.randn(HIDDEN, generator=m.gen, device=DEVICE)).to(DTYPE)
         eager = lambda: rms_norm_reference(x, w, 1e-5, r)[0]  # noqa: E731
-        return lambda: rms_norm(x, w, 1e-5, r)[0], eager, eager, None, (4 * T + 1) * HIDDEN * es  # x, r, w in; y, h out
+        moved = (4 * T + 1) * HIDDEN * es  # x, r and w in; y and h out
+        return lambda: rms_norm(x, w, 1e-5, r)[0], eager, eager, None, moved
     if op == "rotary":
         qk = torch.randn(1, T, 2 * HEADS, HEAD_DIM, generator=m.gen, device=DEVICE).to(DTYPE)
         angles = torch.rand(1, T, HEAD_DIM // 2, generator=m.gen, device=DEVICE) * 6
         cos, sin = (torch.cat([f(angles)] * 2, -1).to(DTYPE) for f in (torch.cos, torch.sin))
         eager = lambda: rotary_reference(qk, cos, sin)  # noqa: E731
-        return lambda: rotary(qk, cos, sin), eager, eager, None, (2 * qk.numel() + 2 * cos.numel()) * es  # qk in and out, cos and sin in
+        moved = (2 * qk.numel() + 2 * cos.numel()) * es  # qk in and out, cos and sin in
+        return lambda: rotary(qk, cos, sin), eager, eager, None, moved
     raise ValueError(op)
 
 
