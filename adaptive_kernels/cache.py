@@ -20,10 +20,10 @@ CAPACITY_STEP = 128
 class AdaptiveCache(Cache):
     """A transformers ``Cache`` that ``generate`` carries between steps.
 
-    ``length`` (``get_seq_length()``) counts every filled position, the latency token's included;
-    ``latency_index`` is that token's column (None when the request has none); ``position_shift`` [B] (None
-    likewise), the token's position minus the prompt's last column's: what decode positions going on from
-    that column lack (``positions_and_mask``).
+    ``length`` counts every filled position, the latency token's included (so does ``get_seq_length()``, outside
+    an ``input_id_view``); ``latency_index`` is that token's column (None when the request has none);
+    ``position_shift`` [B] (None likewise), the token's position minus the prompt's last column's: what decode
+    positions going on from that column lack (``positions_and_mask``).
     """
 
     is_compileable = False

@@ -135,7 +135,7 @@ def group_sizes(intermediate_size: int, num_groups: int) -> list[int]:
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The sizes of a Llama-family decoder that the FLOP and byte models need."""
+    """The sizes of a Llama-family decoder: what plans, index buffers and the FLOP and byte models are shaped by."""
 
     num_layers: int
     hidden_size: int

@@ -94,7 +94,7 @@ class Row:
     decode_kernel_ms: float = float("nan")  # sum of GPU kernel times per decode token, steady state (adaptive rows)
     schedule_ms: float = float("nan")  # latency encoder, scheduler head, top-n and index buffers, per request
     decode_floor_ms: float = float("nan")  # the bytes a decode step must read, at the measured copy bandwidth
-    decode_weight_floor_ms: float = float("nan")  # its active weights alone (issue 4's floor: no cached keys, values)
+    decode_weight_floor_ms: float = float("nan")  # its active weights alone (no cached keys, values)
     prefill_floor_ms: float = float("nan")  # the FLOPs a prefill must do, at the measured matrix-product rate
     prefill_graph_ms: float = float("nan")  # one prefill captured as a CUDA graph and replayed (adaptive rows:
     # the latency token, scheduler, plan and every layer inside, on fixed-width plan buffers)
@@ -140,7 +140,7 @@ def _no_garbage_collection():
 
 
 def _schedule(model, budget: float, seq_len: int):
-    """The per-request scheduling work after the prefix: latency token, head, top-n, index buffers."""
+    """The per-request scheduling work: latency token, scheduler head, top-n, index buffers."""
     lm = model.model.language_model
     settings, scheduler = lm._ak_settings, lm.latency_scheduler
     token = scheduler.latency_embedding([budget])

@@ -182,7 +182,8 @@ def _project(backend: Backend, x, linear, rows):
 
 
 def _project_back(backend: Backend, a, linear, cols, rows_on=None):
-    """``linear`` over the columns ``cols`` (None: all); with ``rows_on`` [R], rows that are off get no bias."""
+    """``linear`` over the columns ``cols`` (None: all, and the bias on every row); with ``cols`` and ``rows_on`` [R],
+rows that are off get no bias."""
     if cols is None:
         return F.linear(a, linear.weight, linear.bias)
     y = backend.cols_linear(a, linear.weight, cols)

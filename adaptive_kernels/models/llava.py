@@ -216,7 +216,7 @@ def _not_constructed(self, *args, **kwargs):
 
 
 def _mixed_class(mixin: type, stock: type) -> type:
-    """``Adaptive<stock>``: ``stock`` with ``mixin``'s forward."""
+    """``Adaptive<stock>``: ``stock`` with ``mixin``'s methods."""
     if stock not in _SUBCLASSES:
         _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (mixin, stock),
                                   {"__init__": _not_constructed, "__reduce_ex__": _reduce_ex,

@@ -117,7 +117,7 @@ def call_directly(*tensors: torch.Tensor | None) -> bool:
 
     The custom op is what ``torch.compile``, dispatch modes (``FlopCounterMode``, fake tensors) and
     autograd see; in plain eager inference none of them is there, and the dispatcher's round trip
-    through Python (about 17 us a call on a 2-core CPU, seven calls per layer) is pure host time.
+    through Python (about 17 us a call on a 2-core CPU, eight calls per layer) is pure host time.
     Meta tensors (shapes only) go through the custom op, to its fake kernel.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
