@@ -33,6 +33,13 @@ from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, Schedule, UnitSpa
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
+
+def cache_argument(kwargs: dict) -> str:
+    """The keyword a caller's cache is read from, as transformers reads it: ``cache`` where given (a
+    ``past_key_values`` beside it is ignored), else ``past_key_values``."""
+    return "cache" if "cache" in kwargs else "past_key_values"
+
+
 # the MLP activations that run as the fused SwiGLU op: torch's SiLU and the module transformers builds for
 # hidden_act="silu" (its own class, SiLUActivation, in transformers 5)
 SILU_MODULES = (torch.nn.SiLU, type(ACT2FN["silu"]))
@@ -518,9 +525,8 @@ class AdaptiveDecoderMixin:
         if misplaced:
             raise ValueError(f"{misplaced[0]} goes to the patched LLaVA model's forward or generate; its inner model "
                              "and language model take their request from there, and would run every unit")
-        cache = kwargs.pop("cache", None)
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
+        cache = kwargs.pop(cache_argument(kwargs), None)
+        kwargs.pop("past_key_values", None)  # ignored beside a cache, as transformers ignores it
         settings: Settings = self._ak_settings
         weight = self.embed_tokens.weight
         check_backend(settings.backend.name, weight.device, weight.dtype)  # the model may have moved since patch

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Cache, DynamicCache, LlavaForConditionalGeneration
 
-from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, check_plan, serving
+from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, cache_argument, check_plan, serving
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError, refusal
 from ..generation import greedy_running_ahead, runs_ahead
@@ -111,7 +111,7 @@ def _adaptive_llava_class(stock: type) -> type:
         kwargs = _by_name(positional, args, kwargs)
         check_input_devices(self, kwargs)
         lm = self.model.language_model
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = kwargs.get(cache_argument(kwargs))
         prefill = not (isinstance(cache, AdaptiveCache) and cache.length > 0)
         if latency_budget is not None and prefill and kwargs.get("labels") is not None:
             kwargs["labels"] = _pad_labels(kwargs["labels"], kwargs)
@@ -131,7 +131,7 @@ def _adaptive_llava_class(stock: type) -> type:
             raise ValueError(f"cache_implementation={option('cache_implementation')!r}: a patched model keeps keys and "
                              "values in its own AdaptiveCache (executed layers and heads only, decode steps replayed "
                              "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
-        cache_name = "cache" if "cache" in kwargs else "past_key_values"
+        cache_name = cache_argument(kwargs)
         cache = kwargs.get(cache_name)
         if isinstance(cache, Cache) and not isinstance(cache, (AdaptiveCache, DynamicCache)):
             raise ValueError(f"{cache_name}: a patched model keeps keys and values in its own AdaptiveCache and takes "
