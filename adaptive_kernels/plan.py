@@ -149,13 +149,16 @@ class DecoderShape:
         """Neurons per MLP group: G = num_heads groups."""
         return group_sizes(self.intermediate_size, self.num_heads)
 
+    def kv_heads_on(self, heads):
+        """Bool [..., Hkv] from the query-head mask ``heads`` [..., H] (torch or numpy): a key/value head is on
+        when any of its query heads is."""
+        return heads.reshape(*heads.shape[:-1], self.num_kv_heads, -1).any(-1)
+
     def active_counts(self, heads: torch.Tensor, groups: torch.Tensor) -> tuple:
         """(query heads, key/value heads, neurons) on, float64 [...], from masks ``heads`` [..., H] and
-        ``groups`` [..., G]; a key/value head is on when any of its query heads is."""
-        heads = heads.double()
-        kv = heads.unflatten(-1, (self.num_kv_heads, -1)).amax(-1)
+        ``groups`` [..., G] (``kv_heads_on``)."""
         neurons = groups.double() @ torch.tensor(self.group_sizes, dtype=torch.float64, device=groups.device)
-        return heads.sum(-1), kv.sum(-1), neurons
+        return heads.double().sum(-1), self.kv_heads_on(heads).double().sum(-1), neurons
 
     def layer_flops(self, heads: torch.Tensor, groups: torch.Tensor, seq_len: int,
                     causal: bool = False) -> torch.Tensor:
@@ -411,9 +414,8 @@ def attention_units(heads: np.ndarray, shape: DecoderShape) -> tuple:
     A key/value head is active when any of its query heads is; ``q_to_kv`` gives each active
     query head's slot among its row's active kv heads.
     """
-    R, H = heads.shape
-    per_kv = H // shape.num_kv_heads
-    kv_on = heads.reshape(R, shape.num_kv_heads, per_kv).any(-1)
+    per_kv = heads.shape[-1] // shape.num_kv_heads
+    kv_on = shape.kv_heads_on(heads)
     q_units, kv_units = active_index(heads), active_index(kv_on)
     slot = kv_on.cumsum(-1, dtype=np.int64) - 1
     q_to_kv = np.where(q_units >= 0, np.take_along_axis(slot, np.maximum(q_units // per_kv, 0), 1), -1)
@@ -497,7 +499,7 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
     if partial_attention:
         q_all, kv_all, map_all = attention_units(masks_of(heads, partial_attention), shape)
         q_heads = np.where(on, heads.sum(-1), 0).max(0).tolist()  # [L]: most heads of a running row
-        kv_heads = np.where(on, heads.reshape(B, L, shape.num_kv_heads, -1).any(-1).sum(-1), 0).max(0).tolist()
+        kv_heads = np.where(on, shape.kv_heads_on(heads).sum(-1), 0).max(0).tolist()
     if partial_mlp:
         neurons_all, neuron_size = neuron_units(masks_of(groups, partial_mlp), shape)
         neurons = np.where(on, groups @ np.array(shape.group_sizes), 0).max(0).tolist()
@@ -635,7 +637,7 @@ def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     check_compaction(plan, shape)
     B, L, H = plan.heads.shape
     d, per_kv = shape.head_dim, H // shape.num_kv_heads
-    kv_on = plan.heads.unflatten(-1, (shape.num_kv_heads, per_kv)).any(-1)
+    kv_on = shape.kv_heads_on(plan.heads)
     q_units, kv_units = active_slots(plan.heads), active_slots(kv_on)
     kv_slot = kv_on.cumsum(-1) - 1
     q_to_kv = torch.where(q_units >= 0, kv_slot.gather(-1, q_units.clamp_min(0) // per_kv), -1)
