@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from .measuring import (cpu_threads, default_dtype, device_name, make_out_dir, median_timer, pyplot, run_stamp,
+                        write_csv)
 from .plan import PAPER_RANK
 from .tiny import TINY_RANK
 
@@ -110,8 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .sweep import default_dtype
-
     args.variants, args.budgets = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.budgets))
     _resolve_device(parser, args)
     if args.dtype is None:
@@ -209,8 +208,6 @@ def _check_image(parser, path: Path) -> None:
 def _check_out(parser, out: Path) -> None:
     """Make the folder ``out``, or ``parser.error`` when it cannot be one or a file cannot be created in it
     (before anything is timed)."""
-    from .sweep import make_out_dir
-
     try:
         make_out_dir("argument --out", out)
     except ValueError as refused:
@@ -336,9 +333,7 @@ def _plain_generation_config(config):
 
 def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repeats: int, device: str):
     """``(median milliseconds, new token ids)`` of greedy generate: one warm-up, then ``repeats`` timed runs,
-    timed as the sweep times (``sweep.median_timer``)."""
-    from .sweep import median_timer
-
+    timed as the sweep times (``measuring.median_timer``)."""
     outputs = []
 
     def generate():
@@ -353,14 +348,10 @@ def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repea
 def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int | None) -> list[dict]:
     """Patch (``num_prefix_layers`` None: half the layers), plan and time every (variant, budget); print each and
     return the CSV rows."""
-    import transformers
-
     import adaptive_kernels as ak
-    from .sweep import device_name
 
     common = {"model": name, "device": args.device, "device_name": device_name(args.device), "dtype": args.dtype,
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              **run_stamp()}
     rows = []
     for variant in args.variants:
         try:
@@ -396,8 +387,6 @@ def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int 
 
 def write_plot(rows: list[dict], path: Path, title: str) -> bool:
     """Latency versus budget per variant, with the ideal line; False (and a note) without matplotlib."""
-    from .sweep import pyplot
-
     plt = pyplot("the plot")
     if plt is None:
         return False
@@ -425,7 +414,7 @@ def sweep_main(argv) -> int:
     """``adaptive-kernels sweep``: the end-to-end latency-versus-budget sweep (``adaptive_kernels.sweep``)."""
     from .backends import BACKENDS
     from .plan import VARIANTS
-    from .sweep import BUDGETS, SweepIncomplete, default_dtype, report, sweep
+    from .sweep import BUDGETS, SweepIncomplete, report, sweep
 
     p = argparse.ArgumentParser(prog="adaptive-kernels sweep",
                                 description="Vision, prefill and per-token decode latency over budgets, next to stock "
@@ -476,8 +465,6 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    from .sweep import cpu_threads
-
     tiny_on_cpu = args.model is None and args.device == "cpu"
     with cpu_threads(args.threads if args.threads is not None else 1 if tiny_on_cpu else None):  # restored after
         try:
@@ -496,7 +483,6 @@ def _saved_int(setting: dict[str, str], key: str) -> int | None:
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .models.llava import SCHEDULER_FILE
     from .scheduler import saved_setting
-    from .sweep import device_name, write_csv
 
     model, inputs, name, default_rank = load(args)
     saved_scheduler = None if args.model is None else args.model / SCHEDULER_FILE

@@ -25,15 +25,9 @@ def fmt(value, spec: str) -> str:
 
 def run_info() -> dict:
     """Device name, library versions and the date, stored with every row."""
-    import transformers
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    info = dict(device="cpu (dry run)", torch=torch.__version__, cuda=torch.version.cuda, triton=triton_version,
-                transformers=transformers.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    from adaptive_kernels.measuring import run_stamp  # not at import: conftest sets TRITON_INTERPRET first
+
+    info = dict(device="cpu (dry run)", cuda=torch.version.cuda, **run_stamp())
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, sms=props.multi_processor_count)
@@ -49,14 +43,15 @@ class ResultRows(list):
         super().__init__()
         self.info = run_info()
         slug = "dry" if DRY else self.info["device"].replace("NVIDIA ", "").replace(" ", "-")
-        self.stem = RESULTS / f"{prefix}-{slug}-{self.info['date'].replace(':', '').replace('-', '')}"
+        started = datetime.datetime.fromisoformat(self.info["date"])
+        self.stem = RESULTS / f"{prefix}-{slug}-{started:%Y%m%dT%H%M%SZ}"
 
     def append(self, row: dict) -> None:
         super().append(row)
         self.write()
 
     def write(self) -> None:
-        from adaptive_kernels.sweep import whole_file  # not at import: conftest sets TRITON_INTERPRET first
+        from adaptive_kernels.measuring import whole_file  # not at import: conftest sets TRITON_INTERPRET first
 
         RESULTS.mkdir(exist_ok=True)
         with whole_file(self.stem.with_suffix(".json")) as f:
@@ -112,14 +107,14 @@ def timed_us(fn, reps: int = 30) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes (read + written) per second (``adaptive_kernels.sweep``'s)."""
-    from adaptive_kernels import sweep  # not at import: conftest sets TRITON_INTERPRET for dry runs first
+    """Device-to-device copy bandwidth in bytes (read + written) per second (``adaptive_kernels.measuring``'s)."""
+    from adaptive_kernels import measuring  # not at import: conftest sets TRITON_INTERPRET for dry runs first
 
-    return 1e9 if DRY else sweep.copy_bandwidth("cuda")
+    return 1e9 if DRY else measuring.copy_bandwidth("cuda")
 
 
 def matmul_rate() -> float:
-    """Dense bf16 matrix-product rate in FLOPs per second (``adaptive_kernels.sweep``'s)."""
-    from adaptive_kernels import sweep  # not at import: conftest sets TRITON_INTERPRET for dry runs first
+    """Dense bf16 matrix-product rate in FLOPs per second (``adaptive_kernels.measuring``'s)."""
+    from adaptive_kernels import measuring  # not at import: conftest sets TRITON_INTERPRET for dry runs first
 
-    return 1e12 if DRY else sweep.matmul_rate("cuda", torch.bfloat16)
+    return 1e12 if DRY else measuring.matmul_rate("cuda", torch.bfloat16)

@@ -752,7 +752,8 @@ def test_a_rewrite_replaces_the_file_whole(tmp_path, monkeypatch):
     """The sweep and the benchmarks rewrite their files after each row, and a time limit may kill them at any
     point: until a rewrite is done the previous file stays whole, and a rewrite that fails leaves it and no
     part file."""
-    from adaptive_kernels.sweep import Row, whole_file, write_records
+    from adaptive_kernels.measuring import whole_file
+    from adaptive_kernels.sweep import Row, write_records
 
     path = tmp_path / "f.json"
     path.write_text("old")
@@ -813,7 +814,7 @@ def test_records_read_back_field_for_field_with_nan_as_nan(tmp_path):
 def test_copy_bandwidth_counts_the_bytes_read_and_the_bytes_written(monkeypatch):
     """copy_bandwidth is (bytes read + bytes written) / seconds of the median copy: twice the copied tensor's
     size over the median of its timed copies."""
-    from adaptive_kernels import sweep as sweep_module
+    from adaptive_kernels import measuring
 
     copied, times = [], [9.0, 0.5, 2.0, 2.0, 30.0] * 4  # median 2 ms
 
@@ -822,12 +823,12 @@ def test_copy_bandwidth_counts_the_bytes_read_and_the_bytes_written(monkeypatch)
         copied.append(fn())  # the copy's destination: as many bytes are read from the source
         return times[len(copied) - 1]
 
-    monkeypatch.setattr(sweep_module, "_once_ms", once_ms)
-    sweep_module.copy_bandwidth.cache_clear()  # measured once per device: forget any real measurement
+    monkeypatch.setattr(measuring, "_once_ms", once_ms)
+    measuring.copy_bandwidth.cache_clear()  # measured once per device: forget any real measurement
     try:
-        bandwidth = sweep_module.copy_bandwidth("cpu")
+        bandwidth = measuring.copy_bandwidth("cpu")
     finally:
-        sweep_module.copy_bandwidth.cache_clear()  # and forget this stubbed one
+        measuring.copy_bandwidth.cache_clear()  # and forget this stubbed one
     assert len(copied) == len(times)
     nbytes = copied[0].numel() * copied[0].element_size()
     assert nbytes == 64 * 2 ** 20  # 64 MiB on the CPU
@@ -893,6 +894,7 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
     from torch.utils.flop_counter import FlopCounterMode
 
     from adaptive_kernels import ExecutionPlan
+    from adaptive_kernels import measuring
     from adaptive_kernels import sweep as sweep_module
     from adaptive_kernels.sweep import decode_floor_ms, sweep
 
@@ -912,7 +914,7 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
 
     bandwidth = 1e9
     monkeypatch.setattr(sweep_module, "build_model", build_model)
-    monkeypatch.setattr(sweep_module, "_once_ms", flop_clock)
+    monkeypatch.setattr(measuring, "_once_ms", flop_clock)
     monkeypatch.setattr(sweep_module, "copy_bandwidth", lambda device: bandwidth)
     budgets = (1.0, 0.7)
     rows = sweep("cpu", variants=("L",), budgets=budgets, new_tokens=2, repeats=1, out_dir=tmp_path, progress=False)
@@ -957,9 +959,9 @@ def test_median_timer_warms_up_once_then_gives_the_median_of_the_timed_calls(mon
     import statistics
     import time
 
-    from adaptive_kernels import sweep as sweep_module
+    from adaptive_kernels import measuring
 
-    assert 20 <= sweep_module._once_ms(lambda: time.sleep(0.02), "cpu") < 2000
+    assert 20 <= measuring._once_ms(lambda: time.sleep(0.02), "cpu") < 2000
     calls, times = [], [5.0, 1.0, 4.0, 2.0, 100.0]
 
     def once_ms(fn, device):
@@ -967,8 +969,8 @@ def test_median_timer_warms_up_once_then_gives_the_median_of_the_timed_calls(mon
         fn()
         return times[len(calls) - 2]  # calls[0] is the warm-up's
 
-    monkeypatch.setattr(sweep_module, "_once_ms", once_ms)
-    assert sweep_module.median_timer("cpu")(lambda: calls.append(None), len(times)) == statistics.median(times)
+    monkeypatch.setattr(measuring, "_once_ms", once_ms)
+    assert measuring.median_timer("cpu")(lambda: calls.append(None), len(times)) == statistics.median(times)
     assert len(calls) == len(times) + 1 and gc.isenabled()
 
 
@@ -1065,9 +1067,9 @@ def test_load_builds_the_tiny_model_and_inputs_from_the_seed_in_the_dtype_given(
 def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path, monkeypatch):
     """--repeats sets the timed generate calls of each point, --threads torch's CPU threads while they run (restored
     after), a repeated budget runs once; the CSV records what ran."""
-    from adaptive_kernels import sweep as sweep_module
+    from adaptive_kernels import cli as cli_module
 
-    timed, real_timer = [], sweep_module.median_timer
+    timed, real_timer = [], cli_module.median_timer
 
     def median_timer(device):
         median_ms = real_timer(device)
@@ -1077,7 +1079,7 @@ def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path
             return median_ms(fn, repeats)
         return spy
 
-    monkeypatch.setattr(sweep_module, "median_timer", median_timer)
+    monkeypatch.setattr(cli_module, "median_timer", median_timer)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -1219,6 +1221,7 @@ def test_plots_draw_the_measured_latencies_and_the_ideal_at_full_latency_times_c
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
+    from adaptive_kernels import cli as cli_module
     from adaptive_kernels import sweep as sweep_module
     from adaptive_kernels.cli import write_plot
     from adaptive_kernels.sweep import Row, plot_rows
@@ -1235,7 +1238,8 @@ def test_plots_draw_the_measured_latencies_and_the_ideal_at_full_latency_times_c
     def lines(ax) -> dict:
         return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
 
-    monkeypatch.setattr(sweep_module, "pyplot", lambda skipped: KeepFigures())
+    for module in (cli_module, sweep_module):
+        monkeypatch.setattr(module, "pyplot", lambda skipped: KeepFigures())
     series = [(0.6, 0.5, 6.0, 3.0), (1.0, 1.0, 10.0, 4.0), (0.8, 0.75, 9.0, 3.5)]  # budget, cost, prefill, decode
     ordered = sorted(series)
     budgets = [b for b, *_ in ordered]
