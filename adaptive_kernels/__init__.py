@@ -13,7 +13,7 @@ from .backends import BACKENDS, check_backend, default_backend, get_backend
 from .errors import ArgumentTypeError, refusal
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
-from .models.llama import check_layers, lay_out_reduction_weights, stack_qkv
+from .models.llama import check_layers, lay_out_qkv, lay_out_reduction_weights
 from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, check_positive_integer, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
@@ -80,7 +80,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     unpatch(model)
     settings = Settings(units, shape, get_backend(backend_name), cuda_graphs)
     if settings.backend.kernel_layout:  # else stock's: the torch backend projects q, k, v apart, as stock does
-        stack_qkv(lm, stacked=True)
+        lay_out_qkv(lm, stacked=True)
         lay_out_reduction_weights(lm, column_major=True)
     lm.add_module("latency_scheduler", module.train(lm.training))
     lm._ak_settings = settings
@@ -95,7 +95,7 @@ def unpatch(model):
         lm = model.model.language_model
         if lm._ak_settings.backend.kernel_layout:
             lay_out_reduction_weights(lm, column_major=False)
-            stack_qkv(lm, stacked=False)
+            lay_out_qkv(lm, stacked=False)
         swap_out(model)
         del lm.latency_scheduler
         del lm._ak_settings

@@ -181,11 +181,11 @@ class AdaptiveCache(Cache):
         for l, idx in enumerate(self.schedule.layers):
             if self.keys[l] is None:
                 continue
-            if idx.rows is None:
+            if idx.batch_rows is None:
                 source = beam_idx
             else:  # the layer holds only its rows: map batch rows to their slots
                 slot = torch.full((plan.batch_size,), -1, dtype=torch.long, device=beam_idx.device)
-                slot[idx.rows] = torch.arange(idx.num_rows, device=beam_idx.device)
-                source = slot[beam_idx[idx.rows]]
+                slot[idx.batch_rows] = torch.arange(idx.num_batch_rows, device=beam_idx.device)
+                source = slot[beam_idx[idx.batch_rows]]
             for store in (self.keys, self.values):
                 store[l].copy_(store[l].index_select(0, source))

@@ -369,11 +369,11 @@ def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int 
             if budget == 1.0:
                 full_ms = ms
             layers = plan.layers[0].nonzero().flatten().tolist()
-            print(f"variant {variant}  budget {budget:g}  units {units.units(budget)}  cost {cost:.4f}  "
+            print(f"variant {variant}  budget {budget:g}  units {units.scheduled_units(budget)}  cost {cost:.4f}  "
                   f"latency {ms:.2f} ms")
             print(f"  {plan.summary()}")
             print(f"  tokens {tokens}")
-            rows.append({"variant": variant, "budget": budget, "units": units.units(budget),
+            rows.append({"variant": variant, "budget": budget, "units": units.scheduled_units(budget),
                          "executed_layers": " ".join(map(str, layers)), "cost": cost, "latency_ms": ms,
                          "ideal_ms": None, "tokens": " ".join(map(str, tokens)), "rank": rank,
                          "backend": backend, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,

@@ -203,7 +203,7 @@ def gather_cols_linear(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor
 # Plan compaction
 # ---------------------------------------------------------------------------------------------
 
-def _check_plan(plan: ExecutionPlan, shape: DecoderShape) -> None:
+def _check_compactable(plan: ExecutionPlan, shape: DecoderShape) -> None:
     check_compaction(plan, shape)
     if plan.num_heads > MAX_UNITS:
         raise ValueError(f"compact_plan takes at most {MAX_UNITS} heads and groups per layer, got {plan.num_heads}")
@@ -220,7 +220,7 @@ def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     (torch ops, several launches). The custom op ``torch.ops.adaptive_kernels.cuda_compact_plan``
     (its last output, counts [B, L, 3], is split here into the three count fields).
     """
-    _check_plan(plan, shape)
+    _check_compactable(plan, shape)
     if plan.heads.device.type != "cuda":
         raise ValueError(f"compact_plan builds the buffers on the plan's CUDA device; this plan is on "
                          f"{plan.heads.device}: move it with plan.to('cuda') or use adaptive_kernels.plan.compact_plan")

@@ -52,14 +52,14 @@ class UnitSpace:
     def prefix(self) -> int:
         return self.num_prefix_layers * self.units_per_layer
 
-    def units(self, budget: float) -> int:
+    def scheduled_units(self, budget: float) -> int:
         """Units scheduled after the prefix for one budget: ``max(0, floor(T*b) - P)``, a bin edge
         counting as reached (0.57 of 200 units is 114; 4/7 of 7 is 4)."""
         return max(0, math.floor(self.total * budget + EDGE_MARGIN) - self.prefix)
 
     def quantised(self, budget: float) -> float:
         """The latency encoder's input ``q = units / (T - P + 1)``."""
-        return self.units(budget) / (self.total - self.prefix + 1)
+        return self.scheduled_units(budget) / (self.total - self.prefix + 1)
 
 
 def is_integer(value) -> bool:
@@ -365,18 +365,19 @@ def active_index(mask: np.ndarray) -> np.ndarray:
 class LayerIndices:
     """One decoder layer's share of a plan, as the index buffers the kernels read.
 
-    ``rows``: batch rows that execute the layer (None: all rows). For those R rows, ``q_rows`` and
+    ``batch_rows``: batch rows that execute the layer (None: all rows; ``num_batch_rows`` of them). For those
+    R rows, ``q_rows`` and
     ``kv_rows`` [R, n] are the weight rows of the active query / key-value heads, ``qkv_rows``
     [R, nq*d + 2*nkv*d] the same rows of q, k and v stacked in one weight (q's rows, then k's
     after them, then v's), ``q_to_kv`` [R, nq] maps each active query head to its slot among the
     active kv heads, and ``mlp_rows`` [R, n] are the active neurons; each but ``q_to_kv`` None: every
     unit on (the dense path; a fixed-width layer lists every unit instead), and -1 pads a row with fewer
-    active units. ``rows_on`` bool [R]: in a fixed-width layer (``fixed_width_schedule``), which rows
+    active units. ``batch_rows_on`` bool [R]: in a fixed-width layer (``fixed_width_schedule``), which rows
     execute it (the others get no output bias either); else None.
     """
 
-    rows: torch.Tensor | None
-    num_rows: int
+    batch_rows: torch.Tensor | None
+    num_batch_rows: int
     q_rows: torch.Tensor | None
     kv_rows: torch.Tensor | None
     qkv_rows: torch.Tensor | None
@@ -385,7 +386,7 @@ class LayerIndices:
     num_q_heads: int
     num_kv_heads: int
     num_neurons: int
-    rows_on: torch.Tensor | None = None
+    batch_rows_on: torch.Tensor | None = None
 
 
 @dataclass
@@ -441,7 +442,7 @@ class _Units:
     size: int
 
 
-def compile_plan(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
+def listed_schedule(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
     """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request;
     the Schedule's plan is ``plan`` on ``device``.
 
@@ -474,8 +475,8 @@ def dense_layer(batch_size: int, shape: DecoderShape, device: torch.device) -> L
     shared: read-only)."""
     H = shape.num_heads
     q_to_kv = (torch.arange(H, device=device) // (H // shape.num_kv_heads)).expand(batch_size, H)
-    return LayerIndices(rows=None, num_rows=batch_size, q_rows=None, kv_rows=None, qkv_rows=None, q_to_kv=q_to_kv,
-                        mlp_rows=None, num_q_heads=H, num_kv_heads=shape.num_kv_heads,
+    return LayerIndices(batch_rows=None, num_batch_rows=batch_size, q_rows=None, kv_rows=None, qkv_rows=None,
+                        q_to_kv=q_to_kv, mlp_rows=None, num_q_heads=H, num_kv_heads=shape.num_kv_heads,
                         num_neurons=shape.intermediate_size)
 
 
@@ -520,7 +521,7 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
             specs.append(some_rows[tuple(rows)])
             continue
         listed_rows = None if R == B else _Units(np.array(rows, dtype=np.int64), 1)
-        spec = {**vars(dense_layer(R, shape, device)), "rows": listed_rows}
+        spec = {**vars(dense_layer(R, shape, device)), "batch_rows": listed_rows}
         if l in attention_start:
             a, nq, nkv = attention_start[l], q_heads[l], kv_heads[l]
             q, kv = q_all[a:a + R, :nq], kv_all[a:a + R, :nkv]
@@ -540,7 +541,7 @@ def _layer_indices(on: np.ndarray, heads: np.ndarray, groups: np.ndarray, shape:
     return [made.get(id(spec), spec) for spec in specs]
 
 
-_INDEX_FIELDS = ("rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
+_INDEX_FIELDS = ("batch_rows", "q_rows", "kv_rows", "qkv_rows", "q_to_kv", "mlp_rows")
 
 
 def _materialize(specs: list, device) -> None:
@@ -584,7 +585,7 @@ class CompactPlan(NamedTuple):
     ``q_to_kv`` [B, L, H]: each active query head's slot among the active kv heads; ``mlp_rows``
     [B, L, M]: the active neurons. ``q_count``, ``kv_count``, ``mlp_count`` [B, L]: the valid
     entries of ``q_rows``, ``kv_rows`` and ``mlp_rows``. All int64. Row ``[b, l]`` of a buffer,
-    cut to its count, is what ``compile_plan`` lists for that batch row and layer.
+    cut to its count, is what ``listed_schedule`` lists for that batch row and layer.
     """
 
     q_rows: torch.Tensor
@@ -664,8 +665,8 @@ def fixed_width_schedule(plan: ExecutionPlan, shape: DecoderShape, buffers: Comp
     kv = buffers.kv_rows
     k_rows, v_rows = (torch.where(kv >= 0, kv + offset, -1) for offset in (H * d, (H + Hkv) * d))
     qkv = torch.cat([buffers.q_rows, k_rows, v_rows], dim=-1)  # rows of the stacked q, k, v weight
-    return Schedule(plan, [LayerIndices(rows=None, num_rows=B, q_rows=buffers.q_rows[:, l], kv_rows=kv[:, l],
-                                        qkv_rows=qkv[:, l], q_to_kv=buffers.q_to_kv[:, l],
+    return Schedule(plan, [LayerIndices(batch_rows=None, num_batch_rows=B, q_rows=buffers.q_rows[:, l],
+                                        kv_rows=kv[:, l], qkv_rows=qkv[:, l], q_to_kv=buffers.q_to_kv[:, l],
                                         mlp_rows=buffers.mlp_rows[:, l], num_q_heads=H, num_kv_heads=Hkv,
-                                        num_neurons=shape.intermediate_size, rows_on=plan.layers[:, l])
+                                        num_neurons=shape.intermediate_size, batch_rows_on=plan.layers[:, l])
                            for l in range(L)])

@@ -132,7 +132,7 @@ class AdaptiveScheduler(nn.Module):
         top-n draw (``sample=True``). Either way each row has exactly its budget's units.
         """
         logits = self.head(latency_state)
-        counts = _per_row([self.units.units(b) for b in budgets], logits)
+        counts = _per_row([self.units.scheduled_units(b) for b in budgets], logits)
         if not sample:
             return self._top_n(logits.detach().float(), counts)
         if self.units.variant == "L":

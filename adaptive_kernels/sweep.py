@@ -29,7 +29,7 @@ from .measuring import (copy_bandwidth, cpu_threads, default_dtype, device_name,
                         make_out_dir, matmul_rate, median_timer, pyplot, run_stamp, whole_file, write_csv)
 from .models import text_model_shape
 from .models.llama import plan_from_masks
-from .plan import PAPER_RANK, VARIANTS, check_positive_integer, compile_plan, resolve_budgets
+from .plan import PAPER_RANK, VARIANTS, check_positive_integer, listed_schedule, resolve_budgets
 from .models.llava import prompt_embeddings
 from .sliced import mask_hooks, sliced_stock
 from .tiny import TINY_RANK, example_inputs, tiny_llava
@@ -97,7 +97,7 @@ def _schedule(model, budget: float, seq_len: int):
     settings, scheduler = lm._ak_settings, lm.latency_scheduler
     token = scheduler.latency_embedding([budget])
     masks = scheduler.select(token, [budget])  # the token's embedding stands in for its hidden state
-    return compile_plan(plan_from_masks(*masks, settings, seq_len), settings.shape, model.device)
+    return listed_schedule(plan_from_masks(*masks, settings, seq_len), settings.shape, model.device)
 
 
 def prefill_floor_ms(model, execution_plan: ExecutionPlan, seq_len: int, rate: float) -> float:

@@ -6,7 +6,7 @@ in groups) and active share (1.0, 0.85, 0.6, 0.5 of the units, chosen at random,
 plans list them), in one run:
 
 - ``cuda``: ``cuda_ext.gather_rows_linear`` / ``gather_cols_linear``, the list cut to the active
-  units (as ``plan.compile_plan`` gives it);
+  units (as ``plan.listed_schedule`` gives it);
 - ``cuda_padded``: the same op on the fixed-width list ``compact_plan`` gives (-1 up to the full
   count, as a graph-captured request would pass it);
 - ``triton``: ``adaptive_kernels.ops.projections.gather_rows_linear`` / ``gather_cols_linear``

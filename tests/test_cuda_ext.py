@@ -1,7 +1,7 @@
 """The CUDA extension (adaptive_kernels.cuda_ext, csrc/) against its PyTorch references.
 
 On the CPU: ``plan.compact_plan`` (the torch compaction the CUDA one must equal) against a plain
-loop and against ``plan.compile_plan``, the fake implementations and FLOP formulas, the errors, and
+loop and against ``plan.listed_schedule``, the fake implementations and FLOP formulas, the errors, and
 the cuda backend's choice between the CUDA and Triton ops. On a GPU (``gpu`` marked, skipped elsewhere): plan compaction against its
 reference on random masks, the GEMV ops against ``gather_*_linear_reference`` for T in 1, 2, 3, 8, 16,
 odd sizes, -1 padded lists and fp32/fp16/bf16, every element compared; CUDA-graph capture and no
@@ -23,8 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels import cuda_ext
 from adaptive_kernels.ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
-from adaptive_kernels.plan import (CompactPlan, DecoderShape, ExecutionPlan, compact_plan, compile_plan,
-                                   fixed_width_schedule, group_sizes)
+from adaptive_kernels.plan import (CompactPlan, DecoderShape, ExecutionPlan, compact_plan, fixed_width_schedule,
+                                   group_sizes, listed_schedule)
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -106,13 +106,13 @@ def test_torch_compact_plan_is_the_definition(B, L, H, Hkv, d, M):
 
 @pytest.mark.parametrize("B,L,H,Hkv,d,M", PLAN_SHAPES[:3])
 def test_torch_compact_plan_agrees_with_compile_plan(B, L, H, Hkv, d, M):
-    """Cut to its counts, each (row, layer) lists what plan.compile_plan lists for it."""
+    """Cut to its counts, each (row, layer) lists what plan.listed_schedule lists for it."""
     shape = shape_of(H, Hkv, d, M, L)
     plan = random_plan(B, L, H, generator("li", B, L, H))
     ref = compact_plan(plan, shape)
-    for l, idx in enumerate(compile_plan(plan, shape).layers):
-        for i in range(idx.num_rows):
-            b = i if idx.rows is None else int(idx.rows[i])
+    for l, idx in enumerate(listed_schedule(plan, shape).layers):
+        for i in range(idx.num_batch_rows):
+            b = i if idx.batch_rows is None else int(idx.batch_rows[i])
             nq, nkv, nm = int(ref.q_count[b, l]), int(ref.kv_count[b, l]), int(ref.mlp_count[b, l])
             dense_q = torch.arange(H * d).tolist()
             q_rows = dense_q if idx.q_rows is None else idx.q_rows[i].tolist()
@@ -132,7 +132,7 @@ def test_fixed_width_schedule_reads_the_stacked_rows_of_active_heads_only(B, L, 
     plan = random_plan(B, L, H, generator("fixed", B, L, H))
     schedule = fixed_width_schedule(plan, shape, compact_plan(plan, shape))
     for l, idx in enumerate(schedule.layers):
-        assert idx.rows is None and idx.rows_on.tolist() == plan.layers[:, l].tolist()
+        assert idx.batch_rows is None and idx.batch_rows_on.tolist() == plan.layers[:, l].tolist()
         for b in range(B):
             q_rows, kv_rows, *_ = naive_buffers(plan.heads[b, l].tolist(), plan.groups[b, l].tolist(), shape)
             k_rows, v_rows = ([v + offset if v >= 0 else -1 for v in kv_rows] for offset in (H * d, (H + Hkv) * d))
@@ -195,10 +195,10 @@ def test_the_head_limit_is_max_units_inclusive_as_in_csrc():
     for H in (cuda_ext.MAX_UNITS, cuda_ext.MAX_UNITS + 1):
         plan, shape = ExecutionPlan.full(1, 1, H), shape_of(H, H, 1, H, 1)
         if H <= cuda_ext.MAX_UNITS:
-            cuda_ext._check_plan(plan, shape)
+            cuda_ext._check_compactable(plan, shape)
         else:
             with pytest.raises(ValueError, match=f"at most {cuda_ext.MAX_UNITS} heads"):
-                cuda_ext._check_plan(plan, shape)
+                cuda_ext._check_compactable(plan, shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,38 +10,41 @@ import pytest
 import torch
 
 from adaptive_kernels.errors import ArgumentTypeError
-from adaptive_kernels.plan import DecoderShape, ExecutionPlan, UnitSpace, active_index, compile_plan, resolve_budgets
+from adaptive_kernels.plan import DecoderShape, ExecutionPlan, UnitSpace, active_index, listed_schedule, resolve_budgets
 
 
 def test_unit_counts_follow_adallava_formulas():
     L7b = UnitSpace("L", 32, 16, 32, 8)
-    assert [L7b.units(b) for b in (1.0, 0.85, 0.6, 0.5, 0.3)] == [16, 11, 3, 0, 0]
+    assert [L7b.scheduled_units(b) for b in (1.0, 0.85, 0.6, 0.5, 0.3)] == [16, 11, 3, 0, 0]
     assert L7b.quantised(0.6) == 3 / 17
     H7b = UnitSpace("H", 32, 16, 32, 8)
     assert (H7b.total, H7b.prefix) == (128, 64)
-    assert [H7b.units(b) for b in (1.0, 0.85, 0.6, 0.5, 0.4)] == [64, 44, 12, 0, 0]
+    assert [H7b.scheduled_units(b) for b in (1.0, 0.85, 0.6, 0.5, 0.4)] == [64, 44, 12, 0, 0]
     assert H7b.quantised(0.85) == 44 / 65
 
 
 def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
     space = UnitSpace("L", 10, 5, 4, 2)
-    assert space.units(0.7) == 2  # floor(7.0) - 5, not floor(6.9999998) - 5
+    assert space.scheduled_units(0.7) == 2  # floor(7.0) - 5, not floor(6.9999998) - 5
     h13b = UnitSpace("H", 40, 20, 40, 8)  # 200 units, 100 in the prefix
-    assert (h13b.units(0.57), h13b.units(0.58)) == (14, 16)  # 200 * 0.57 is 113.99999999999999 in floats
+    # 200 * 0.57 is 113.99999999999999 in floats
+    assert (h13b.scheduled_units(0.57), h13b.scheduled_units(0.58)) == (14, 16)
     odd = UnitSpace("L", 7, 3, 4, 1)
-    assert odd.units(4 / 7) == 1 and odd.units(0.5714285714285714) == 1  # a fraction and its decimal
+    # a fraction and its decimal
+    assert odd.scheduled_units(4 / 7) == 1 and odd.scheduled_units(0.5714285714285714) == 1
     for units in (UnitSpace("L", 32, 16, 32, 8), UnitSpace("H", 32, 16, 32, 8), h13b, UnitSpace("H", 7, 2, 12, 1), odd):
         for hundredths in range(1, 101):  # two-decimal budgets
             exact = Fraction(hundredths, 100) * units.total
-            assert units.units(hundredths / 100) == max(0, exact.numerator // exact.denominator - units.prefix)
+            floor = exact.numerator // exact.denominator
+            assert units.scheduled_units(hundredths / 100) == max(0, floor - units.prefix)
         for k in range(1, units.total + 1):  # budgets of k units of T, as fractions
-            assert units.units(k / units.total) == max(0, k - units.prefix)
+            assert units.scheduled_units(k / units.total) == max(0, k - units.prefix)
     (b,) = resolve_budgets(torch.tensor([0.7], dtype=torch.float32), 1)
-    assert space.units(b) == 2
+    assert space.scheduled_units(b) == 2
     written = [hundredths / 100 for hundredths in range(1, 101)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):  # a tensor's budget is the decimal written
         assert resolve_budgets(torch.tensor(written, dtype=dtype), 100) == written, dtype
-    assert h13b.units(resolve_budgets(torch.tensor(0.57, dtype=torch.float16), 1)[0]) == 14
+    assert h13b.scheduled_units(resolve_budgets(torch.tensor(0.57, dtype=torch.float16), 1)[0]) == 14
     assert resolve_budgets(torch.tensor(0.3, dtype=torch.float64), 2) == [0.3, 0.3]
 
 
@@ -60,7 +63,7 @@ def test_resolve_budgets_rejects_bad_values(bad):
 def test_numpy_scalars_count_as_the_decimal_written():
     space = UnitSpace("L", 10, 5, 4, 2)
     (b,) = resolve_budgets(np.float32(0.7), 1)
-    assert b == 0.7 and space.units(b) == 2
+    assert b == 0.7 and space.scheduled_units(b) == 2
     assert resolve_budgets([np.float64(0.25), np.float32(0.5)], 2) == [0.25, 0.5]
 
 
@@ -114,7 +117,7 @@ def test_a_plan_edited_in_place_is_checked_again_when_compiled():
     plan.layers[row, layer] = False  # its heads stay on
     shape = DecoderShape(num_layers=4, hidden_size=12, num_heads=6, num_kv_heads=3, head_dim=2, intermediate_size=18)
     with pytest.raises(ValueError, match=f"execution_plan: layer {layer} of row {row} is skipped"):
-        compile_plan(plan, shape)
+        listed_schedule(plan, shape)
 
 
 def test_rows_take_an_int_a_slice_a_list_or_a_mask():
@@ -222,7 +225,7 @@ def test_layer_indices_map_query_heads_to_compact_kv_slots():
     heads = torch.tensor([[[0, 0, 1, 1, 0, 1]], [[1, 0, 0, 0, 0, 0]]], dtype=torch.bool)
     groups = torch.tensor([[[1, 0, 0, 0, 0, 1]], [[0, 0, 0, 0, 0, 0]]], dtype=torch.bool)
     shape = DecoderShape(1, 48, 6, 3, 8, 100)
-    idx = compile_plan(ExecutionPlan(layers, heads, groups), shape).layers[0]
+    idx = listed_schedule(ExecutionPlan(layers, heads, groups), shape).layers[0]
     # row 0: q heads 2, 3, 5 -> kv heads 1, 1, 2 -> compact slots 0, 0, 1; row 1: q head 0 -> kv 0 -> slot 0
     assert idx.q_to_kv.tolist() == [[0, 0, 1], [0, -1, -1]]
     assert idx.kv_rows[0].tolist() == list(range(8, 24)) and idx.kv_rows[1].tolist() == list(range(8)) + [-1] * 8
@@ -239,7 +242,7 @@ def test_mlp_rows_list_the_neurons_of_active_groups(intermediate):
     groups = torch.rand(3, 2, 6, generator=g) < 0.5
     groups[1, 0] = True
     shape = DecoderShape(2, 48, 6, 3, 8, intermediate)
-    schedule = compile_plan(ExecutionPlan(layers, heads, groups), shape)
+    schedule = listed_schedule(ExecutionPlan(layers, heads, groups), shape)
     base, extra = divmod(intermediate, 6)
     starts = [g * base + min(g, extra) for g in range(7)]
     for l in range(2):
@@ -271,15 +274,15 @@ def test_compile_plan_lists_each_layer_rows_and_units_by_definition(seed, d, M):
     shape = DecoderShape(L, H * d, H, Hkv, d, M)
     sizes = [M // H + (g < M % H) for g in range(H)]  # the first M % H groups one neuron larger
     starts = [sum(sizes[:g]) for g in range(H)]
-    schedule = compile_plan(plan, shape)
+    schedule = listed_schedule(plan, shape)
     for l, idx in enumerate(schedule.layers):
         rows = [r for r in range(B) if plan.layers[r, l]]
         if not rows:
             assert idx is None
             continue
-        assert (idx.rows is None) == (len(rows) == B) and idx.num_rows == len(rows)
-        if idx.rows is not None:
-            assert idx.rows.tolist() == rows
+        assert (idx.batch_rows is None) == (len(rows) == B) and idx.num_batch_rows == len(rows)
+        if idx.batch_rows is not None:
+            assert idx.batch_rows.tolist() == rows
         heads, groups = plan.heads[rows, l], plan.groups[rows, l]
         assert (idx.q_rows is None) == bool(heads.all()) and (idx.mlp_rows is None) == bool(groups.all())
         for i, r in enumerate(rows):
@@ -315,11 +318,12 @@ def test_layers_run_densely_by_other_rows_keep_their_own_rows():
     layers[:, :2] = False
     layers[order[:2], 0] = layers[order[2:], 1] = True
     dense = layers[..., None].expand(B, L, H).clone()
-    schedule = compile_plan(ExecutionPlan(layers, dense, dense.clone()), DecoderShape(L, 24, H, 3, 4, 30))
+    schedule = listed_schedule(ExecutionPlan(layers, dense, dense.clone()), DecoderShape(L, 24, H, 3, 4, 30))
     for l, idx in enumerate(schedule.layers):
         rows = [r for r in range(B) if layers[r, l]]
         if rows:
-            assert idx.num_rows == len(rows) and (idx.rows is None if len(rows) == B else idx.rows.tolist() == rows)
+            assert idx.num_batch_rows == len(rows)
+            assert idx.batch_rows is None if len(rows) == B else idx.batch_rows.tolist() == rows
         else:
             assert idx is None
 
@@ -327,10 +331,10 @@ def test_layers_run_densely_by_other_rows_keep_their_own_rows():
 def test_compile_plan_moves_every_buffer_to_the_device_in_its_shape():
     plan = _mixed_plan(7, 3, 8, 6)
     shape = DecoderShape(8, 24, 6, 2, 4, 27)
-    on_cpu, on_meta = compile_plan(plan, shape).layers, compile_plan(plan, shape, device="meta").layers
+    on_cpu, on_meta = listed_schedule(plan, shape).layers, listed_schedule(plan, shape, device="meta").layers
     for a, b in zip(on_cpu, on_meta):
         assert (a is None) == (b is None)
-        for field in ("rows", "q_rows", "kv_rows", "q_to_kv", "mlp_rows") if a is not None else ():
+        for field in ("batch_rows", "q_rows", "kv_rows", "q_to_kv", "mlp_rows") if a is not None else ():
             ta, tb = getattr(a, field), getattr(b, field)
             assert (ta is None) == (tb is None), field
             assert ta is None or (tb.device.type == "meta" and tb.shape == ta.shape and tb.dtype == ta.dtype), field

@@ -46,7 +46,7 @@ def test_inference_top_n_for_h_equals_round_by_round_selection(budget):
     state = torch.randn(4, 16)
     layers, heads, groups = sched.select(state, [budget] * 4)
     logits = sched.head(state).view(4, 5, 17)
-    n = units.units(budget)
+    n = units.scheduled_units(budget)
     for row in range(4):
         ref = _rounds_reference(logits[row, :, 0], logits[row, :, 1:9], logits[row, :, 9:], n, 2)
         assert torch.equal(layers[row], ref[0]) and torch.equal(heads[row], ref[1]) and torch.equal(groups[row], ref[2])
@@ -78,7 +78,7 @@ def test_inference_top_n_breaks_ties_by_the_lower_index(variant, num_layers, num
             values = logits[row].view(K, per_layer).tolist()
             want_heads = [[False] * H for _ in range(K)]
             want_groups = [[False] * H for _ in range(K)]
-            for _ in range(units.units(budget)):
+            for _ in range(units.scheduled_units(budget)):
                 room = [l for l in range(K) if sum(want_heads[l]) < H]
                 layer = room[_best([values[l][0] for l in room], 1)[0]]
                 for want, offset in ((want_heads, 1), (want_groups, 1 + H)):
@@ -129,7 +129,7 @@ def test_gumbel_sampling_meets_the_budget_exactly_and_passes_gradients(variant):
         torch.manual_seed(seed)
         layers, heads, groups = sched.select(state, budgets, sample=True)
         for row, b in enumerate(budgets):
-            n = units.units(b)
+            n = units.scheduled_units(b)
             for mask in (layers, heads, groups):
                 assert set(mask[row].detach().unique().tolist()) <= {0.0, 1.0}, (seed, row)
             if variant == "L":

@@ -28,7 +28,7 @@ from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
 from ..ops.rotary import rotary_reference
 from ..plan import (DecoderShape, ExecutionPlan, LayerIndices, Schedule, UnitSpace, check_bool_tensor, compact_plan,
-                    compile_plan, dense_layer, fixed_width_schedule, neuron_groups, resolve_budgets, unflatten_masks)
+                    dense_layer, fixed_width_schedule, listed_schedule, neuron_groups, resolve_budgets, unflatten_masks)
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -188,15 +188,15 @@ def _project(backend: Backend, x, linear, rows):
     return backend.rows_linear(x, linear.weight, rows, linear.bias)
 
 
-def _project_back(backend: Backend, a, linear, cols, rows_on=None):
-    """``linear`` over the columns ``cols`` (None: all, and the bias on every row); with ``cols`` and ``rows_on`` [R],
-rows that are off get no bias."""
+def _project_back(backend: Backend, a, linear, cols, batch_rows_on=None):
+    """``linear`` over the columns ``cols`` (None: all, and the bias on every row); with ``cols`` and
+    ``batch_rows_on`` [R], batch rows that are off get no bias."""
     if cols is None:
         return F.linear(a, linear.weight, linear.bias)
     y = backend.cols_linear(a, linear.weight, cols)
     if linear.bias is None:
         return y
-    return y + (linear.bias if rows_on is None else rows_on[:, None, None] * linear.bias)
+    return y + (linear.bias if batch_rows_on is None else batch_rows_on[:, None, None] * linear.bias)
 
 
 def _stacked(tensors) -> torch.Tensor | None:
@@ -213,7 +213,7 @@ def _stacked(tensors) -> torch.Tensor | None:
 
 
 def stacked_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight [Nq + 2*Nkv, D], bias or None): the q, k and v projections as one, when ``stack_qkv``
+    """(weight [Nq + 2*Nkv, D], bias or None): the q, k and v projections as one, when ``lay_out_qkv``
     laid them out back to back and nothing has copied them apart since (else None). Inference
     only: None when autograd would need the separate weights."""
     linears = (attn.q_proj, attn.k_proj, attn.v_proj)
@@ -229,7 +229,7 @@ def stacked_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return None if bias is None else (weight, bias)
 
 
-def stack_qkv(decoder, stacked: bool) -> None:
+def lay_out_qkv(decoder, stacked: bool) -> None:
     """Store each layer's q, k and v weights (and biases) back to back in one tensor (at patch time,
     so one projection reads all three: ``stacked_qkv``), or in separate tensors again. Values and
     shapes are unchanged."""
@@ -305,7 +305,7 @@ def run_attention(attn, x, idx: LayerIndices, cos, sin, kv_valid, cache: Adaptiv
         k, v = cache.append(layer, k, v)
         k, v = k[:, :, :kv_valid.shape[1]], v[:, :, :kv_valid.shape[1]]  # the positions kv_valid covers
     o = backend.attention(q, k, v, idx.q_to_kv, kv_valid, attn.scaling)
-    return _project_back(backend, o.reshape(R, T, -1), attn.o_proj, idx.q_rows, idx.rows_on)
+    return _project_back(backend, o.reshape(R, T, -1), attn.o_proj, idx.q_rows, idx.batch_rows_on)
 
 
 def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
@@ -317,7 +317,7 @@ def run_mlp(mlp, x, idx: LayerIndices, backend: Backend) -> torch.Tensor:
     else:
         gate, up = _project(backend, x, mlp.gate_proj, idx.mlp_rows), _project(backend, x, mlp.up_proj, idx.mlp_rows)
         hidden = mlp.act_fn(gate) * up
-    return _project_back(backend, hidden, mlp.down_proj, idx.mlp_rows, idx.rows_on)
+    return _project_back(backend, hidden, mlp.down_proj, idx.mlp_rows, idx.batch_rows_on)
 
 
 class AdaptiveDecoderLayerMixin:
@@ -379,12 +379,12 @@ def lay_out_reduction_weights(decoder, column_major: bool) -> None:
 
 
 def plan_schedule(plan: ExecutionPlan, settings: Settings, graph_safe: bool) -> Schedule:
-    """``plan``'s Schedule: index lists built on the host (``compile_plan``), or with ``graph_safe`` the
+    """``plan``'s Schedule: index lists built on the host (``listed_schedule``), or with ``graph_safe`` the
     fixed-width one (``plan.fixed_width_schedule``) built on the plan's device with nothing read back to
     the host: in one launch of the CUDA extension under the cuda backend when the heads fit its
     ``MAX_UNITS``, else with torch ops."""
     if not graph_safe:
-        return compile_plan(plan, settings.shape)
+        return listed_schedule(plan, settings.shape)
     compaction = compact_plan
     if settings.backend.name == "cuda":
         from .. import cuda_ext
@@ -646,10 +646,10 @@ class AdaptiveDecoderMixin:
         """
         update = None
         for l, idx in zip(layer_ids, indices):
-            if idx is not None and idx.rows is None:
+            if idx is not None and idx.batch_rows is None:
                 x, update = self.layers[l](x, idx, cos, sin, kv_valid, cache, self._ak_settings, update)
             elif idx is not None:  # some rows: they take the settled hidden states, and give theirs back
-                x, update, rows = settled(x, update), None, idx.rows
+                x, update, rows = settled(x, update), None, idx.batch_rows
                 out, mlp = self.layers[l](x[rows], idx, cos[rows], sin[rows], kv_valid[rows], cache, self._ak_settings)
                 x = x.index_copy(0, rows, out + mlp)
             if hidden is not None:
