@@ -248,19 +248,21 @@ def test_hidden_states_are_the_masked_computation_layer_by_layer(stock):
     torch.testing.assert_close(chosen[-1], ours[-1], **TOL)
 
 
-def test_hidden_states_under_a_budget_are_the_masked_computation_fed_the_latency_token(stock):
-    """output_hidden_states with a budget: those of the prefix and the scheduled layers, as the masked
-    computation of the plan fed the prompt and the latency token has them."""
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_hidden_states_under_a_budget_are_the_masked_computation_fed_the_latency_token(stock, use_cache):
+    """output_hidden_states with a budget: those of the prefix and the scheduled layers, and the logits, as the
+    masked computation of the plan fed the prompt and the latency token has them, with a cache or without."""
     inputs = example_inputs(stock, batch_size=2, seed=91, pad=[0, 2])
     budgets = [0.6, 0.85]
     model = patched(stock, "H")
     plan = ak.plan(model, latency_budget=budgets, **inputs)
     with torch.no_grad():
-        ours = model(**inputs, latency_budget=budgets, output_hidden_states=True).hidden_states
+        ours = model(**inputs, latency_budget=budgets, output_hidden_states=True, use_cache=use_cache)
         embeds, mask = fed_latency_token(model, stock, inputs, budgets)
         masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
-    assert len(ours) == len(masked.hidden_states) == L + 1
-    for got, want in zip(ours, masked.hidden_states):
+    torch.testing.assert_close(ours.logits, masked.logits, **TOL)
+    assert len(ours.hidden_states) == len(masked.hidden_states) == L + 1
+    for got, want in zip(ours.hidden_states, masked.hidden_states):
         torch.testing.assert_close(got, want, **TOL)
 
 

@@ -25,7 +25,7 @@ def test_training_forward_samples_a_plan_and_trains_the_scheduler():
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == stock.config.image_token_id, -100)
 
     torch.manual_seed(0)
-    out = model(**inputs, labels=labels, latency_budget=[0.6, 0.8])
+    out = model(**inputs, labels=labels, latency_budget=[0.6, 0.8], output_hidden_states=True)
     out.loss.backward()
 
     layers, heads, groups = drawn[-1]
@@ -43,8 +43,11 @@ def test_training_forward_samples_a_plan_and_trains_the_scheduler():
     oracle = masked_stock(stock, plan)
     with torch.no_grad():
         embeds, mask = fed_latency_token(model, stock, inputs, [0.6, 0.8])
-        expected = oracle(inputs_embeds=embeds, attention_mask=mask).logits
-    torch.testing.assert_close(out.logits.detach(), expected, rtol=1e-4, atol=1e-5)
+        expected = oracle(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(out.logits.detach(), expected.logits, rtol=1e-4, atol=1e-5)
+    assert len(out.hidden_states) == len(expected.hidden_states) == 9  # the decoder's input and its 8 layers' outputs
+    for got, want in zip(out.hidden_states, expected.hidden_states):  # the sampled layers' included
+        torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_training_with_projection_biases_is_the_masked_computation():
