@@ -70,7 +70,8 @@ def stopping_tokens(model, inputs, request: dict, monkeypatch) -> list[int]:
 REQUESTS = {"budget": lambda: {"latency_budget": [0.6, 0.9]},
             "plan": lambda: {"execution_plan": ExecutionPlan.full(2, 4, 8)},
             "none": lambda: {}}
-STOPS = {"length": lambda eos: {},
+STOPS = {"length": lambda eos: {},  # the tiny model's own end-of-sequence id, which it does not reach
+         "no_eos": lambda eos: {"eos_token_id": None, "pad_token_id": None},  # no end-of-sequence criterion, no padding
          "eos": lambda eos: {"eos_token_id": eos, "pad_token_id": 0},
          "eos_after_min": lambda eos: {"eos_token_id": eos, "pad_token_id": 0, "min_new_tokens": 3}}
 
