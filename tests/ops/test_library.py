@@ -15,11 +15,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops import _library
 from adaptive_kernels.ops._library import bucket, call_directly, cdiv
-from adaptive_kernels.ops.attention import head_sparse_attention
+from adaptive_kernels.ops.attention import head_sparse_attention, head_sparse_attention_reference
 from adaptive_kernels.ops.norm import rms_norm
-from adaptive_kernels.ops.projections import gather_cols_linear, gather_rows_linear
+from adaptive_kernels.ops.projections import (gather_cols_linear, gather_cols_linear_reference, gather_rows_linear,
+                                              gather_rows_linear_reference)
 from adaptive_kernels.ops.rotary import rotary
-from adaptive_kernels.ops.swiglu import gathered_swiglu
+from adaptive_kernels.ops.swiglu import gathered_swiglu, gathered_swiglu_reference
 
 
 def test_direct_calls_only_where_nothing_watches_the_custom_op():
@@ -122,6 +123,23 @@ def test_attention_with_no_key_value_head_has_zero_gradients():
     assert torch.equal(out, torch.zeros_like(out))
     (grad,) = torch.autograd.grad(out.sum(), q, materialize_grads=True)  # None (no gradient) as zeros
     assert torch.equal(grad, torch.zeros_like(q))
+
+
+INDEX_ARGUMENTS = {"gather_rows_linear": ("rows", gather_rows_linear_reference),
+                   "gather_cols_linear": ("cols", gather_cols_linear_reference),
+                   "gathered_swiglu": ("rows", gathered_swiglu_reference),
+                   "head_sparse_attention": ("q_to_kv", head_sparse_attention_reference)}
+
+
+@pytest.mark.parametrize("name", list(INDEX_ARGUMENTS))
+def test_int32_index_lists_give_what_the_reference_gives_for_int64(name):
+    """Index lists may be int32 (INDEX_DTYPES); the package itself always passes int64."""
+    op, tensors, others, _ = _valid_calls()[name]
+    index, reference = INDEX_ARGUMENTS[name]
+    assert tensors[index].dtype == torch.int64
+    want = reference(**tensors, **others)
+    got = op(**{**tensors, index: tensors[index].to(torch.int32)}, **others)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 AUTOTUNE_RACE = """
