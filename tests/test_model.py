@@ -80,6 +80,35 @@ def test_forced_plan_matches_masked_and_sliced_stock(stock):
         assert torch.equal(tokens[row:row + 1], greedy(oracle, row_inputs(inputs, row)))
 
 
+def test_norms_swapped_for_other_modules_run_as_those_modules(stock):
+    """A decoder whose RMSNorms were swapped for other modules (as kernel libraries swap in their own; torch's
+    RMSNorm here, with other weights and eps): the patched model calls them, in prefill and decode, as the masked
+    computation of the model with the same swap does."""
+    swapped = copy.deepcopy(stock)
+    lm = swapped.model.language_model
+    g = torch.Generator().manual_seed(17)
+
+    def other_norm():
+        norm = torch.nn.RMSNorm(lm.config.hidden_size, eps=1e-2)
+        norm.weight.data.copy_(1 + torch.randn(lm.config.hidden_size, generator=g))
+        return norm
+
+    for layer in lm.layers:
+        layer.input_layernorm, layer.post_attention_layernorm = other_norm(), other_norm()
+    lm.norm = other_norm()
+    inputs = example_inputs(stock, batch_size=2, seed=19, pad=[0, 2])
+    plan = random_plan(2, seed=23)
+    model = patched(swapped, "H")
+    run = dict(n=3, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        ours, masked = model(**inputs, execution_plan=plan).logits, masked_stock(swapped, plan)(**inputs).logits
+    torch.testing.assert_close(ours, masked, **TOL)
+    ours, masked = greedy(model, inputs, execution_plan=plan, **run), greedy(masked_stock(swapped, plan), inputs, **run)
+    assert torch.equal(ours.sequences, masked.sequences)
+    for got, want in zip(ours.logits, masked.logits, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 def test_first_executed_layer_without_heads_decodes_as_masked_and_sliced_stock(stock):
     """Rows whose first executed layer runs no head, one of them left padded: decode gives the masked
     computation, and the sliced stock oracle agrees (stock caches read their length from that layer)."""
