@@ -201,11 +201,8 @@ def _adaptive_llava_class(stock: type) -> type:
                                f"the stock class in config.json) and the scheduler beside it as {SCHEDULER_FILE} "
                                "(a file for patch's scheduler=); push_to_hub=True is refused (push_to_hub uploads "
                                "both).")
-    cls = type(f"Adaptive{stock.__name__}", (stock,),
-               {"forward": forward, "generate": generate, "_sample": _sample, "save_pretrained": save_pretrained,
-                "__init__": _not_constructed, "__reduce_ex__": _reduce_ex, "_ak_stock_class": stock, "_ak_mixin": None})
-    _SUBCLASSES[stock] = cls
-    return cls
+    return _generated_class(stock, methods={"forward": forward, "generate": generate, "_sample": _sample,
+                                            "save_pretrained": save_pretrained})
 
 
 def _not_constructed(self, *args, **kwargs):
@@ -215,11 +212,12 @@ def _not_constructed(self, *args, **kwargs):
                     "load the stock model (LlavaForConditionalGeneration.from_pretrained(folder), say) and patch that")
 
 
-def _mixed_class(mixin: type, stock: type) -> type:
-    """``Adaptive<stock>``: ``stock`` with ``mixin``'s methods."""
+def _generated_class(stock: type, mixin: type | None = None, methods: dict | None = None) -> type:
+    """``Adaptive<stock>``, made once per process: ``stock`` with ``mixin``'s methods (None: none) and ``methods``
+    (name -> function), made only by ``patch`` (``_not_constructed``) and pickled as ``stock`` (``_reduce_ex``)."""
     if stock not in _SUBCLASSES:
-        _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (mixin, stock),
-                                  {"__init__": _not_constructed, "__reduce_ex__": _reduce_ex,
+        _SUBCLASSES[stock] = type(f"Adaptive{stock.__name__}", (stock,) if mixin is None else (mixin, stock),
+                                  {**(methods or {}), "__init__": _not_constructed, "__reduce_ex__": _reduce_ex,
                                    "_ak_stock_class": stock, "_ak_mixin": mixin})
     return _SUBCLASSES[stock]
 
@@ -227,7 +225,7 @@ def _mixed_class(mixin: type, stock: type) -> type:
 def _new_adaptive(mixin: type | None, stock: type):
     """An empty instance of ``stock``'s adaptive class (``mixin`` None: the LLaVA model's), made again if this
     process has not made it yet: how pickle rebuilds a patched module, whose generated class it cannot name."""
-    cls = _adaptive_llava_class(stock) if mixin is None else _mixed_class(mixin, stock)
+    cls = _adaptive_llava_class(stock) if mixin is None else _generated_class(stock, mixin)
     return cls.__new__(cls)
 
 
@@ -251,8 +249,8 @@ def swap_in(model) -> None:
     """Give the model, its language model and its decoder layers their adaptive classes."""
     lm = model.model.language_model
     for layer in lm.layers:
-        layer.__class__ = _mixed_class(AdaptiveDecoderLayerMixin, type(layer))
-    lm.__class__ = _mixed_class(AdaptiveDecoderMixin, type(lm))
+        layer.__class__ = _generated_class(type(layer), AdaptiveDecoderLayerMixin)
+    lm.__class__ = _generated_class(type(lm), AdaptiveDecoderMixin)
     model.__class__ = _adaptive_llava_class(type(model))
 
 
