@@ -508,6 +508,31 @@ def positions_and_mask(x, position_ids, attention_mask, past: int, continued: Ad
     return positions, mask
 
 
+def claim_fresh_cache(cache) -> None:
+    """A new request's ``cache`` (not an ``AdaptiveCache`` being continued): ``ValueError`` naming it where an earlier
+    call took it already (and returned its own) or it is filled; else marked taken, for later calls."""
+    if getattr(cache, "_ak_replaced", False):
+        raise ValueError(f"{CACHE_FIELD}: this cache was given to an earlier call, which left it empty and "
+                         f"returned its own AdaptiveCache (the output's {CACHE_FIELD}; generate's with "
+                         "return_dict_in_generate=True): continue from that one")
+    if cache.get_seq_length() > 0:
+        raise ValueError(f"{CACHE_FIELD}: a patched model continues only the AdaptiveCache it returned, got a "
+                         f"filled {type(cache).__name__}")
+    cache._ak_replaced = True
+
+
+def with_latency_token(x, positions, mask, token) -> tuple:
+    """The prompt followed by the latency token: ``(x [B, S+1, D], positions [B, S+1], mask [B, S+1],
+    position_shift [B])`` from the prompt's ``x`` [B, S, D], ``positions``, ``mask`` and ``token`` [B, D]. The
+    token's position is stock's for a token appended to the prompt: one past its largest, which is the last
+    column's for positions by column, the last real token's for generate's (pads at 0); ``position_shift`` is
+    that position minus the last column's, from which generate goes on."""
+    latency_position = positions.amax(dim=1) + 1
+    ones = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+    return (torch.cat([x, token[:, None]], dim=1), torch.cat([positions, latency_position[:, None]], dim=1),
+            torch.cat([mask, ones], dim=1), latency_position - positions[:, -1])
+
+
 class AdaptiveDecoderMixin:
     """Mixed into a patched model's language model class; replaces its ``forward``."""
 
@@ -544,14 +569,7 @@ class AdaptiveDecoderMixin:
         if S == 0 and not decoding:
             raise ValueError("input_ids: a prompt needs at least one token")
         if cache is not None and not decoding:
-            if getattr(cache, "_ak_replaced", False):
-                raise ValueError(f"{CACHE_FIELD}: this cache was given to an earlier call, which left it empty and "
-                                 f"returned its own AdaptiveCache (the output's {CACHE_FIELD}; generate's with "
-                                 "return_dict_in_generate=True): continue from that one")
-            if cache.get_seq_length() > 0:
-                raise ValueError(f"{CACHE_FIELD}: a patched model continues only the AdaptiveCache it returned, got a "
-                                 f"filled {type(cache).__name__}")
-            cache._ak_replaced = True  # a later call must not take it for this request's
+            claim_fresh_cache(cache)
         past = cache.length if decoding else 0
         latency_index = None  # the latency token's column, in a budget's prefill
 
@@ -572,13 +590,7 @@ class AdaptiveDecoderMixin:
         elif request.latency_budget is not None:
             budgets = resolve_budgets(request.latency_budget, B)
             token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
-            x = torch.cat([x, token[:, None]], dim=1)
-            # stock's position for a token appended to the prompt: one past its largest, which is the last
-            # column's for positions by column, the last real token's for generate's (pads at 0)
-            latency_position = positions.amax(dim=1) + 1
-            position_shift = latency_position - positions[:, -1]  # generate goes on from the prompt's last column
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=x.device)], dim=1)
-            positions = torch.cat([positions, latency_position[:, None]], dim=1)
+            x, positions, mask, position_shift = with_latency_token(x, positions, mask, token)
             latency_index = S
         else:
             full = ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads, device=x.device)
