@@ -365,15 +365,14 @@ def active_index(mask: np.ndarray) -> np.ndarray:
 class LayerIndices:
     """One decoder layer's share of a plan, as the index buffers the kernels read.
 
-    ``batch_rows``: batch rows that execute the layer (None: all rows; ``num_batch_rows`` of them). For those
-    R rows, ``q_rows`` and
-    ``kv_rows`` [R, n] are the weight rows of the active query / key-value heads, ``qkv_rows``
-    [R, nq*d + 2*nkv*d] the same rows of q, k and v stacked in one weight (q's rows, then k's
-    after them, then v's), ``q_to_kv`` [R, nq] maps each active query head to its slot among the
+    ``batch_rows``: batch rows that execute the layer (None: all rows; ``num_batch_rows`` of them). For
+    those R rows, ``q_rows`` and ``kv_rows`` [R, n] are the weight rows of the active query / key-value
+    heads, ``qkv_rows`` [R, nq*d + 2*nkv*d] the same rows of q, k and v stacked in one weight (q's rows,
+    then k's after them, then v's), ``q_to_kv`` [R, nq] maps each active query head to its slot among the
     active kv heads, and ``mlp_rows`` [R, n] are the active neurons; each but ``q_to_kv`` None: every
     unit on (the dense path; a fixed-width layer lists every unit instead), and -1 pads a row with fewer
-    active units. ``batch_rows_on`` bool [R]: in a fixed-width layer (``fixed_width_schedule``), which rows
-    execute it (the others get no output bias either); else None.
+    active units. ``batch_rows_on`` bool [R]: in a fixed-width layer (``fixed_width_schedule``), which
+    batch rows execute it (the others get no output bias either); else None.
     """
 
     batch_rows: torch.Tensor | None
