@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adaptive_kernels.plan import UnitSpace
-from adaptive_kernels.scheduler import _gumbel_top_n_units, _ranks, gumbel_pick, seeded_scheduler
+from adaptive_kernels.scheduler import _gumbel_top_n, _gumbel_top_n_units, _ranks, gumbel_pick, seeded_scheduler
 from oracles import DispatchedOps
 
 
@@ -206,6 +206,72 @@ def test_h_sampling_passes_gradients_through_the_layer_pick_and_the_head_pick(mo
     torch.testing.assert_close(layer_logits.grad, layer_ref.grad)
     torch.testing.assert_close(head_logits.grad, want_head_grad)
     assert layer_ref.grad.abs().sum() > 0
+
+
+def _soft_sample(logits, u, chosen):
+    """One round of ADALLAVA.md's sampling written out: the soft Gumbel sample over the units not ``chosen`` yet
+    (temperature 5), as a straight-through one-hot (value: the hard pick; gradient: the soft sample's). A row with
+    every unit chosen draws among all of them: its callers multiply its pick by 0."""
+    chosen = chosen & ~chosen.all(-1, keepdim=True)
+    soft = torch.softmax(((logits - torch.log(-torch.log(u))) / 5).masked_fill(chosen, float("-inf")), -1)
+    hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).float()
+    return hard + soft - soft.detach()
+
+
+def test_l_sampling_sums_straight_through_picks_over_rounds_each_with_its_gradient(monkeypatch):
+    """Variant L, noise fixed, rows drawing 3, 1 and 0 units: the plan is the sum of one straight-through pick per
+    round among the units not chosen before, and every round's soft sample passes its gradient."""
+    gen = torch.Generator().manual_seed(11)
+    logits, u, w = (torch.randn(3, 7, generator=gen), torch.rand(3, 7, generator=gen), torch.randn(3, 7, generator=gen))
+    counts = torch.tensor([3, 1, 0])
+    _fixed_noise(monkeypatch, u)
+    ours = logits.clone().requires_grad_()
+    picked = _gumbel_top_n(ours, counts)
+    (picked * w).sum().backward()
+    theirs = logits.clone().requires_grad_()
+    want = torch.zeros(3, 7)
+    for r in range(3):
+        want = want + _soft_sample(theirs, u, want.detach() > 0) * (r < counts)[:, None]
+    (want * w).sum().backward()
+    torch.testing.assert_close(picked.detach(), want.detach())  # the same one-hots, up to rounding
+    assert picked.detach().sum(-1).tolist() == [3, 1, 0]
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert theirs.grad[1].abs().sum() > 0 and not theirs.grad[2].any()
+
+
+def test_h_sampling_over_several_rounds_passes_every_rounds_gradients(monkeypatch):
+    """Variant H, noise fixed, rank 2, rows drawing 3 and 2 units: each round's layer pick (among layers with a
+    free head) times each of its rank head and group picks (among those not taken in that layer), summed over
+    rounds; a loss reaches every round's soft samples."""
+    _fixed_noise(monkeypatch, None)
+    u = lambda shape: torch.full(shape, 0.5)  # noqa: E731  the fixed noise, as the scheduler draws it
+    B, K, H, rank = 2, 3, 4, 2
+    counts = torch.tensor([3, 2])
+    gen = torch.Generator().manual_seed(13)
+    logits = [torch.randn(*shape, generator=gen) for shape in ((B, K), (B, K, H), (B, K, H))]
+    w_heads, w_groups = torch.randn(B, K, H, generator=gen), torch.randn(B, K, H, generator=gen)
+    ours = [t.clone().requires_grad_() for t in logits]
+    layers, heads, groups = _gumbel_top_n_units(*ours, counts, rank)
+    ((heads * w_heads).sum() + (groups * w_groups).sum()).backward()
+
+    theirs = [t.clone().requires_grad_() for t in logits]
+    rows = torch.arange(B)
+    want = {"layers": torch.zeros(B, K), "heads": torch.zeros(B, K, H), "groups": torch.zeros(B, K, H)}
+    for r in range(int(counts.max())):
+        active = (r < counts).float()[:, None]
+        layer = _soft_sample(theirs[0], u((B, K)), want["heads"].detach().sum(-1) >= H) * active
+        k = layer.detach().argmax(-1)
+        for name, unit_logits in (("heads", theirs[1]), ("groups", theirs[2])):
+            for _ in range(rank):
+                pick = _soft_sample(unit_logits[rows, k], u((B, H)), want[name].detach()[rows, k] > 0)
+                want[name] = want[name] + layer[..., None] * pick[:, None, :]
+        want["layers"] = torch.maximum(want["layers"], layer)
+    ((want["heads"] * w_heads).sum() + (want["groups"] * w_groups).sum()).backward()
+    for got, name in zip((layers, heads, groups), ("layers", "heads", "groups")):
+        torch.testing.assert_close(got.detach(), want[name].detach(), msg=name)  # up to rounding
+    assert heads.detach().sum((1, 2)).tolist() == [rank * 3, rank * 2]
+    for got, expected in zip(ours, theirs):
+        torch.testing.assert_close(got.grad, expected.grad)
 
 
 def test_gumbel_samples_differ_between_draws_but_not_under_one_seed():
