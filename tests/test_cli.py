@@ -19,6 +19,7 @@ import adaptive_kernels as ak
 from adaptive_kernels.cli import CSV_NAME, PNG_NAME, _check_args, build_parser, main
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models.llava import prompt_embeddings
+from adaptive_kernels.sliced import sliced_stock
 from adaptive_kernels.tiny import TINY_RANK, example_inputs, tiny_llava
 from oracles import fed_latency_token
 
@@ -49,11 +50,14 @@ def default_run(tmp_path_factory):
 
 
 def stock_greedy_with_latency_token(inputs: dict, variant: str, budget: float, n: int) -> list[int]:
-    """Greedy tokens of a stock tiny LLaVA fed the prompt's embeddings followed by the latency token."""
+    """Greedy tokens of a stock tiny LLaVA cut to the plan of ``budget`` (``sliced_stock``; at 1.0 the stock model
+    itself), fed the prompt's embeddings followed by the latency token."""
     stock = tiny_llava()
-    embeds, mask = fed_latency_token(ak.patch(copy.deepcopy(stock), variant, rank=2), stock, inputs, [budget])
+    model = ak.patch(copy.deepcopy(stock), variant, rank=TINY_RANK)
+    oracle = sliced_stock(stock, ak.plan(model, latency_budget=budget, **inputs), 0)
+    embeds, mask = fed_latency_token(model, stock, inputs, [budget])
     with torch.no_grad():
-        out = stock.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, do_sample=False)
+        out = oracle.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, do_sample=False)
     return out[0].tolist()
 
 
@@ -101,14 +105,14 @@ def test_ideal_is_the_latency_at_full_budget_times_the_cost(default_run, tmp_pat
     assert all(r["ideal_ms"] == "" for r in partial)
 
 
-def test_full_budget_tokens_equal_stock_greedy(default_run):
+def test_tokens_equal_stock_greedy_cut_to_each_plan(default_run):
+    """Every row's tokens (CSV and printed) are what stock generates cut to that budget's plan: stock itself at 1.0."""
     _, rows, printed = default_run
     inputs = example_inputs(tiny_llava())
-    for variant in "LH":
-        (row,) = [r for r in rows if r["variant"] == variant and float(r["budget"]) == 1.0]
-        expected = stock_greedy_with_latency_token(inputs, variant, 1.0, NEW_TOKENS)
+    for row in rows:
+        expected = stock_greedy_with_latency_token(inputs, row["variant"], float(row["budget"]), NEW_TOKENS)
         assert len(expected) == NEW_TOKENS
-        assert ids(row["tokens"]) == expected
+        assert ids(row["tokens"]) == expected, (row["variant"], row["budget"])
         assert f"tokens {expected}" in printed
     # and the budget matters: the prefix-only plan generates something else
     assert any(ids(r["tokens"]) != ids(rows[0]["tokens"]) for r in rows if r["variant"] == rows[0]["variant"])
