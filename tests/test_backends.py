@@ -28,7 +28,8 @@ CASES = [pytest.param("cpu", "triton", torch.float32, id="cpu-triton-fp32", mark
 CASES += [pytest.param("cuda", backend, dtype, id=f"cuda-{backend}-{str(dtype)[6:]}", marks=gpu)
           for backend in ("torch", "triton", "cuda") for dtype in (torch.float32, torch.float16, torch.bfloat16)]
 TOLERANCE = {torch.float32: dict(rtol=2e-3, atol=2e-3), torch.float16: dict(rtol=3e-2, atol=3e-2),
-             torch.bfloat16: dict(rtol=8e-2, atol=8e-2)}
+             torch.bfloat16: dict(rtol=8e-2, atol=8e-2)}  # on CUDA: TF32 products, half-precision rounding
+CPU_FP32 = dict(rtol=1e-4, atol=1e-5)  # float32 on the CPU, in Triton's interpreter too: no TF32
 
 
 def _plan(batch, layers, heads, seed, device):
@@ -51,7 +52,7 @@ def test_backend_gives_the_masked_computation(device, backend, dtype):
         reference = masked_stock(stock.float(), plan.to(device))(**{k: v.float() if v.is_floating_point() else v
                                                                      for k, v in inputs.items()}).logits
     valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(ours[valid], reference[valid], **TOLERANCE[dtype])
+    torch.testing.assert_close(ours[valid], reference[valid], **(CPU_FP32 if device == "cpu" else TOLERANCE[dtype]))
 
 
 def test_every_layer_with_a_neuron_on_runs_the_fused_swiglu(monkeypatch):
@@ -66,7 +67,7 @@ def test_every_layer_with_a_neuron_on_runs_the_fused_swiglu(monkeypatch):
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
-                                   masked_stock(stock, plan)(**inputs).logits, **TOLERANCE[torch.float32])
+                                   masked_stock(stock, plan)(**inputs).logits, **CPU_FP32)
     assert len(calls) == int(plan.groups.any(-1).any(0).sum()) > 0
 
 
@@ -91,13 +92,13 @@ def test_other_llama_shapes_give_the_masked_and_sliced_computation(sizes, backen
     run = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
-                                   masked_stock(stock, plan)(**inputs).logits, **TOLERANCE[torch.float32])
+                                   masked_stock(stock, plan)(**inputs).logits, **CPU_FP32)
         ours = model.generate(**inputs, execution_plan=plan, **run)
         for row in range(2):
             want = sliced_stock(stock, plan, row).generate(**{k: v[row:row + 1] for k, v in inputs.items()}, **run)
             assert torch.equal(ours.sequences[row:row + 1], want.sequences)
             for got, theirs in zip(ours.logits, want.logits, strict=True):
-                torch.testing.assert_close(got[row:row + 1], theirs, **TOLERANCE[torch.float32])
+                torch.testing.assert_close(got[row:row + 1], theirs, **CPU_FP32)
 
 
 def _grads(model, inputs, seed, **kw):

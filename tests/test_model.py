@@ -212,7 +212,8 @@ def test_a_budget_runs_in_the_models_half_precision(stock, dtype):
         embeds, mask = fed_latency_token(model, stock, inputs, budgets)
         masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask).logits
     assert ours.dtype == dtype and embeds.dtype == dtype
-    torch.testing.assert_close(ours[mask.bool()].float(), masked[mask.bool()].float(), rtol=3e-2, atol=3e-2)
+    tolerance = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]  # about 6 and 5 times the error seen here
+    torch.testing.assert_close(ours[mask.bool()].float(), masked[mask.bool()].float(), rtol=tolerance, atol=tolerance)
 
 
 def test_plan_leaves_the_model_as_it_was(stock):
