@@ -16,7 +16,7 @@ from adaptive_kernels.ops import runs, swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, cache_of, stock_of_shape
+from oracles import CACHE_KWARG, cache_of, fed_latency_token, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -137,20 +137,32 @@ def test_backend_trains_as_the_masked_computation(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend,dtype", CASES)
-def test_backend_generates_what_the_torch_backend_generates(device, backend, dtype):
+def test_backend_generates_what_the_torch_backend_and_sliced_stock_generate(device, backend, dtype):
+    """Greedy generate under per-row budgets: the torch backend's ids and logits, and each row's those of the stock
+    model cut to its plan, fed the prompt and the latency token."""
     if dtype != torch.float32:
         pytest.skip("greedy tokens are compared in fp32, where backends agree to rounding")
     stock = tiny_llava(seed=24, num_layers=4).to(device)
     inputs = example_inputs(stock, batch_size=2, text_tokens=5, seed=25)
     reference = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch", cuda_graphs=False)
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend)
-    kw = dict(latency_budget=[0.7, 0.9], max_new_tokens=4, do_sample=False, output_logits=True,
-              return_dict_in_generate=True)
+    budgets = [0.7, 0.9]
+    run = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        ours, theirs = model.generate(**inputs, **kw), reference.generate(**inputs, **kw)
+        ours, theirs = (m.generate(**inputs, latency_budget=budgets, **run) for m in (model, reference))
+        plan = ak.plan(model, latency_budget=budgets, **inputs)
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        sliced = [sliced_stock(stock, plan, row).generate(inputs_embeds=embeds[row:row + 1],
+                                                          attention_mask=mask[row:row + 1], **run) for row in range(2)]
+    tolerance = CPU_FP32 if device == "cpu" else dict(rtol=1e-3, atol=1e-3)
     assert torch.equal(ours.sequences, theirs.sequences)
-    for a, b in zip(ours.logits, theirs.logits):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    for a, b in zip(ours.logits, theirs.logits, strict=True):
+        torch.testing.assert_close(a, b, **tolerance)
+    S = inputs["input_ids"].shape[1]
+    for row, want in enumerate(sliced):
+        assert torch.equal(ours.sequences[row:row + 1, S:], want.sequences)
+        for a, b in zip(ours.logits, want.logits, strict=True):
+            torch.testing.assert_close(a[row:row + 1], b, **tolerance)
 
 
 def _decode_run(model, inputs: dict, case: str):
