@@ -19,7 +19,7 @@ from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from test_backends import interpreter
-from oracles import CACHE_KWARG, cache_of, stock_of_shape
+from oracles import CACHE_KWARG, cache_of, fed_latency_token, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", pytest.param("triton", marks=interpreter)]
@@ -68,8 +68,9 @@ def test_a_plan_on_fixed_width_buffers_is_the_masked_computation(backend, biases
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     """The scheduler's top-n and the plan's buffers on the device give the plan, logits and ids of the
-    usual path (host index lists), per-row budgets included. (The torch backend: the Triton kernels on
-    fixed-width buffers are checked above.)"""
+    usual path (host index lists), per-row budgets included, and the logits of the masked computation of that
+    plan fed the latency token. (The torch backend: the Triton kernels on fixed-width buffers are checked
+    above.)"""
     stock = tiny_llava(seed=74, num_layers=6)
     inputs = example_inputs(stock, batch_size=3, seed=75, pad=[2, 0, 0])
     budgets = [0.5, 0.75, 1.0]
@@ -80,9 +81,12 @@ def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     with torch.no_grad(), ak.graph_safe():
         ours = model(**inputs, latency_budget=budgets)
         ours_ids = greedy(model, inputs, latency_budget=budgets)
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        masked = masked_stock(stock, cache_of(usual).plan)(inputs_embeds=embeds, attention_mask=mask).logits
     assert cache_of(ours).plan == cache_of(usual).plan
-    valid = torch.cat([inputs["attention_mask"], torch.ones(3, 1, dtype=torch.long)], dim=1).bool()
+    valid = mask.bool()
     torch.testing.assert_close(ours.logits[valid], usual.logits[valid], **TOL)
+    torch.testing.assert_close(ours.logits[valid], masked[valid], **TOL)
     assert torch.equal(ours_ids, usual_ids)
 
 
