@@ -1,10 +1,12 @@
-"""Every Triton op is differentiable: its gradient is its PyTorch reference's, for every input that needs one."""
+"""Every Triton op, and on a GPU the CUDA extension's GEMV ops, is differentiable: its gradient is its PyTorch
+reference's, for every input that needs one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from adaptive_kernels import cuda_ext
 from adaptive_kernels.ops.attention import head_sparse_attention, head_sparse_attention_reference
 from adaptive_kernels.ops.norm import rms_norm, rms_norm_reference
 from adaptive_kernels.ops.projections import (gather_cols_linear, gather_cols_linear_reference, gather_rows_linear,
@@ -40,10 +42,19 @@ def _cases(gen):
                          dict(x=x, weight=randn(13, gen=gen), residual=randn(2, 3, 13, gen=gen)), dict(eps=1e-5),
                          ["x", "weight", "eps", "residual"]),
         "rotary": (rotary, rotary_reference, dict(x=q), dict(cos=cos, sin=sin), ["x", "cos", "sin"]),
+        "cuda_rows": (cuda_ext.gather_rows_linear, gather_rows_linear_reference,
+                      dict(x=x, weight=w, bias=randn(11, gen=gen)), dict(rows=rows), ["x", "weight", "rows", "bias"]),
+        "cuda_cols": (cuda_ext.gather_cols_linear, gather_cols_linear_reference,
+                      dict(a=randn(2, 3, 7, gen=gen), weight=w.t()),
+                      dict(cols=index_lists([7, 5], 11, gen, kind="scattered")), ["a", "weight", "cols"]),
     }
 
 
-@pytest.mark.parametrize("name", ["rows", "cols", "swiglu", "attention", "rms_norm", "add_rms_norm", "rotary"])
+CUDA_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA extension's ops take CUDA tensors only")
+
+
+@pytest.mark.parametrize("name", ["rows", "cols", "swiglu", "attention", "rms_norm", "add_rms_norm", "rotary"]
+                         + [pytest.param(name, marks=[pytest.mark.gpu, CUDA_ONLY]) for name in ("cuda_rows", "cuda_cols")])
 def test_gradient_is_the_references(name):
     gen = generator("grad", name)
     op, reference, floats, others, order = _cases(gen)[name]
