@@ -53,8 +53,8 @@ def _cases(gen):
 CUDA_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA extension's ops take CUDA tensors only")
 
 
-@pytest.mark.parametrize("name", ["rows", "cols", "swiglu", "attention", "rms_norm", "add_rms_norm", "rotary"]
-                         + [pytest.param(name, marks=[pytest.mark.gpu, CUDA_ONLY]) for name in ("cuda_rows", "cuda_cols")])
+@pytest.mark.parametrize("name", ["rows", "cols", "swiglu", "attention", "rms_norm", "add_rms_norm", "rotary"] + [
+    pytest.param(name, marks=[pytest.mark.gpu, CUDA_ONLY]) for name in ("cuda_rows", "cuda_cols")])
 def test_gradient_is_the_references(name):
     gen = generator("grad", name)
     op, reference, floats, others, order = _cases(gen)[name]
