@@ -243,8 +243,7 @@ def test_h_sampling_over_several_rounds_passes_every_rounds_gradients(monkeypatc
     """Variant H, noise fixed, rank 2, rows drawing 3 and 2 units: each round's layer pick (among layers with a
     free head) times each of its rank head and group picks (among those not taken in that layer), summed over
     rounds; a loss reaches every round's soft samples."""
-    _fixed_noise(monkeypatch, None)
-    u = lambda shape: torch.full(shape, 0.5)  # noqa: E731  the fixed noise, as the scheduler draws it
+    _fixed_noise(monkeypatch, None)  # every uniform draw 1/2
     B, K, H, rank = 2, 3, 4, 2
     counts = torch.tensor([3, 2])
     gen = torch.Generator().manual_seed(13)
@@ -259,11 +258,11 @@ def test_h_sampling_over_several_rounds_passes_every_rounds_gradients(monkeypatc
     want = {"layers": torch.zeros(B, K), "heads": torch.zeros(B, K, H), "groups": torch.zeros(B, K, H)}
     for r in range(int(counts.max())):
         active = (r < counts).float()[:, None]
-        layer = _soft_sample(theirs[0], u((B, K)), want["heads"].detach().sum(-1) >= H) * active
+        layer = _soft_sample(theirs[0], torch.full((B, K), 0.5), want["heads"].detach().sum(-1) >= H) * active
         k = layer.detach().argmax(-1)
         for name, unit_logits in (("heads", theirs[1]), ("groups", theirs[2])):
             for _ in range(rank):
-                pick = _soft_sample(unit_logits[rows, k], u((B, H)), want[name].detach()[rows, k] > 0)
+                pick = _soft_sample(unit_logits[rows, k], torch.full((B, H), 0.5), want[name].detach()[rows, k] > 0)
                 want[name] = want[name] + layer[..., None] * pick[:, None, :]
         want["layers"] = torch.maximum(want["layers"], layer)
     ((want["heads"] * w_heads).sum() + (want["groups"] * w_groups).sum()).backward()
