@@ -666,24 +666,35 @@ def test_a_crop_that_would_drop_the_latency_token_is_refused(view, argument):
 
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_cache_holds_only_executed_layers_and_heads(stock, variant):
+    """Per layer, the rows that run it and, per row, its key/value heads with a query head on, ascending: the keys
+    and values the masked computation fed the latency token caches for them."""
     model = patched(stock, variant)
     inputs = example_inputs(stock, batch_size=2, seed=9)
+    budgets, run = [0.6, 0.8], dict(max_new_tokens=3, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     with torch.no_grad():
-        out = model.generate(**inputs, latency_budget=[0.6, 0.8], max_new_tokens=3, do_sample=False,
-                             return_dict_in_generate=True)
-    cache = out["cache"] if "cache" in out.keys() else out["past_key_values"]
-    assert isinstance(cache, AdaptiveCache)
-    plan = cache.plan
+        out = model.generate(**inputs, latency_budget=budgets, **run)
+        cache = cache_of(out)
+        assert isinstance(cache, AdaptiveCache)
+        plan = cache.plan
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        masked = masked_stock(stock, plan).generate(inputs_embeds=embeds, attention_mask=mask, **run)
+    S = inputs["input_ids"].shape[1]
+    assert torch.equal(out.sequences[:, S:], masked.sequences)
     for l in range(L):
-        kv_heads = plan.heads[:, l].view(2, KV, H // KV).any(-1).sum(-1)
-        rows = plan.layers[:, l]
+        kv_on = plan.heads[:, l].view(2, KV, H // KV).any(-1)
+        rows = plan.layers[:, l].nonzero().flatten()
         stored = cache.layer(l)
-        if not rows.any():
+        if len(rows) == 0:
             assert stored is None
             continue
         keys, values = stored
-        assert keys.shape[0] == int(rows.sum()) and keys.shape[1] == int(kv_heads[rows].max())
-        assert keys.shape[2] == inputs["input_ids"].shape[1] + 1 + 2 and keys.shape == values.shape
+        assert keys.shape[0] == len(rows) and keys.shape[1] == int(kv_on[rows].sum(-1).max())
+        assert keys.shape[2] == S + 1 + 2 and keys.shape == values.shape
+        theirs = cache_of(masked).layers[l]
+        for slot, row in enumerate(rows.tolist()):
+            heads = kv_on[row].nonzero().flatten()
+            torch.testing.assert_close(keys[slot, :len(heads)], theirs.keys[row, heads], **TOL)
+            torch.testing.assert_close(values[slot, :len(heads)], theirs.values[row, heads], **TOL)
 
 
 @pytest.mark.parametrize("differs_in", ["heads", "groups", "layers", "layers only"])
