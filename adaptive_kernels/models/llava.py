@@ -153,14 +153,8 @@ def _adaptive_llava_class(stock: type) -> type:
             if execution_plan is not None:
                 check_plan(execution_plan, prompts, self.model.language_model._ak_settings.shape, self.device)
         copies = max(option("num_beams") or 1, option("num_return_sequences") or 1)
-        if copies > 1:  # generate repeats each prompt row (beams, sequences); repeat what belongs to the row with it
-            if isinstance(latency_budget, (list, tuple)):
-                latency_budget = [b for b in latency_budget for _ in range(copies)]
-            elif isinstance(latency_budget, torch.Tensor) and latency_budget.dim() == 0:
-                (latency_budget,) = resolve_budgets(latency_budget, 1)  # generate repeats tensors along dim 0
-            if isinstance(execution_plan, ExecutionPlan):
-                rows = torch.arange(execution_plan.batch_size, device=execution_plan.layers.device)
-                execution_plan = execution_plan.rows(rows.repeat_interleave(copies))
+        if copies > 1:
+            latency_budget, execution_plan = _repeated_per_sequence(latency_budget, execution_plan, copies)
         ours = {"latency_budget": latency_budget, "execution_plan": execution_plan}
         with cache.input_id_view() if isinstance(cache, AdaptiveCache) else contextlib.nullcontext():
             return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
@@ -203,6 +197,20 @@ def _adaptive_llava_class(stock: type) -> type:
                                "both).")
     return _generated_class(stock, methods={"forward": forward, "generate": generate, "_sample": _sample,
                                             "save_pretrained": save_pretrained})
+
+
+def _repeated_per_sequence(latency_budget, execution_plan, copies: int) -> tuple:
+    """``(latency_budget, execution_plan)`` for generate's ``copies`` sequences per prompt row (beams, returned
+    sequences), which it makes by repeating each row: per-row budgets and plan rows each repeated ``copies``
+    times, a 0-d tensor budget made a float (generate would repeat a tensor along its dim 0)."""
+    if isinstance(latency_budget, (list, tuple)):
+        latency_budget = [b for b in latency_budget for _ in range(copies)]
+    elif isinstance(latency_budget, torch.Tensor) and latency_budget.dim() == 0:
+        (latency_budget,) = resolve_budgets(latency_budget, 1)
+    if isinstance(execution_plan, ExecutionPlan):
+        rows = torch.arange(execution_plan.batch_size, device=execution_plan.layers.device)
+        execution_plan = execution_plan.rows(rows.repeat_interleave(copies))
+    return latency_budget, execution_plan
 
 
 def _not_constructed(self, *args, **kwargs):
