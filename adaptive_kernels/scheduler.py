@@ -248,8 +248,8 @@ def saved_setting(path) -> dict[str, str]:
 
 
 def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
-    """Load weights saved by ``save_scheduler_weights``; a missing or unreadable file, or one for another
-    unit space, is a ``ValueError`` naming ``scheduler``."""
+    """Load weights saved by ``save_scheduler_weights``; a missing or unreadable file, one for another
+    unit space, or one whose values are not finite in the model's dtype, is a ``ValueError`` naming ``scheduler``."""
     meta = saved_setting(path)
     expected = _setting(scheduler)
     if not expected.keys() & meta.keys():
@@ -265,7 +265,12 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     if wrong:
         raise ValueError(f"scheduler={path!s} does not hold this scheduler's tensors (missing, unexpected or of "
                          f"another shape: {', '.join(wrong)})")
-    scheduler.load_state_dict({k: v.to(scheduler.head.weight.dtype) for k, v in state.items()})
+    state = {k: v.to(scheduler.head.weight.dtype) for k, v in state.items()}
+    broken = sorted(k for k, v in state.items() if not v.isfinite().all())
+    if broken:
+        raise ValueError(f"scheduler={path!s} holds values that are not finite in {scheduler.head.weight.dtype} "
+                         f"(NaN, or too large for it): {', '.join(broken)}")
+    scheduler.load_state_dict(state)
 
 
 def seeded_scheduler(units: UnitSpace, hidden_size: int) -> AdaptiveScheduler:

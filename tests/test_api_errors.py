@@ -551,6 +551,25 @@ def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
         ak.patch(model, "L", scheduler=plain)
 
 
+def test_scheduler_files_with_values_not_finite_in_the_models_dtype_are_refused(tmp_path):
+    """A NaN, or a value too large for the model's float16, would make every plan's logits NaN: refused
+    naming the file and the tensor; the same large value loads into a float32 model."""
+    good = tmp_path / "good.safetensors"
+    ak.save_scheduler(ak.patch(tiny_llava(), "L"), good)
+    with safe_open(str(good), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for value, dtype in [(torch.nan, torch.float32), (1e5, torch.float16)]:
+        path = tmp_path / f"{value}.safetensors"
+        bias = tensors["head.bias"].clone()
+        bias[1] = value
+        save_file(tensors | {"head.bias": bias}, str(path), metadata=metadata)
+        model = ak.patch(tiny_llava().to(dtype), "L")
+        with pytest.raises(ValueError, match=rf"^scheduler=.*{path.name} holds values that are not finite in "
+                                             rf"{dtype} .*: head.bias$"):
+            ak.patch(model, "L", scheduler=path)
+    ak.patch(tiny_llava(), "L", scheduler=path)  # 1e5 is finite in float32
+
+
 def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, inputs):
     """Stock fills a cache it is given; a patched model returns its own AdaptiveCache instead. Continuing from
     the given one (still empty) would run the new tokens as a new prompt, so it is refused by name."""
