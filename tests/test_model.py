@@ -445,6 +445,23 @@ def test_assisted_decoding_gives_stock_logits(stock):
             torch.testing.assert_close(got, theirs, **TOL)
 
 
+def test_a_draft_model_proposes_without_the_plan_that_the_patched_model_verifies(stock):
+    """An assistant_model drafts as itself (it gets the inputs, not the plan), and the patched model verifies
+    the drafts under its plan: the ids and logits are the sliced stock model's, whether the drafts are
+    rejected (stock's whole model proposes other ids here) or accepted (the sliced model's own)."""
+    inputs = example_inputs(stock, seed=43)
+    model = patched(stock, "H")
+    plan = ak.plan(model, latency_budget=0.6, **inputs)
+    assert not plan.heads.all()
+    run = dict(n=12, eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    want = greedy(sliced_stock(stock, plan, 0), inputs, **run)
+    for draft in (copy.deepcopy(stock), sliced_stock(stock, plan, 0)):
+        ours = greedy(model, inputs, execution_plan=plan, assistant_model=draft, **run)
+        assert torch.equal(ours.sequences, want.sequences)
+        for got, theirs in zip(ours.logits, want.logits, strict=True):
+            torch.testing.assert_close(got, theirs, **TOL)
+
+
 def _units(variant: str, budget: float) -> int:
     """ADALLAVA.md's unit count, in exact rational arithmetic."""
     P = L // 2

@@ -169,6 +169,10 @@ def _adaptive_llava_class(stock: type) -> type:
                              generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer,
                              **model_kwargs)
 
+    def _get_candidate_generator(self, *args, model_kwargs, **kwargs):
+        draft_kwargs = {k: v for k, v in model_kwargs.items() if k != "execution_plan"}
+        return stock._get_candidate_generator(self, *args, model_kwargs=draft_kwargs, **kwargs)
+
     def save_pretrained(self, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, *args,
                         **kwargs):
         if push_to_hub:
@@ -191,11 +195,15 @@ def _adaptive_llava_class(stock: type) -> type:
                         "beam and returned sequence runs its prompt's); needs the cache.")
     _sample.__doc__ = (f"{stock.__name__}._sample (greedy and sampling), greedy decoding queued a step ahead where "
                        "adaptive_kernels.generation.runs_ahead admits it and CUDA graphs are on.")
+    _get_candidate_generator.__doc__ = (f"{stock.__name__}._get_candidate_generator, whose draft model (an "
+                                        "assistant_model) gets the call's inputs without the plan: the plan is "
+                                        "the verifying model's, whose layers and heads the draft need not share.")
     save_pretrained.__doc__ = (f"{stock.__name__}.save_pretrained, writing the stock checkpoint (no scheduler keys, "
                                f"the stock class in config.json) and the scheduler beside it as {SCHEDULER_FILE} "
                                "(a file for patch's scheduler=); push_to_hub=True is refused (push_to_hub uploads "
                                "both).")
     return _generated_class(stock, methods={"forward": forward, "generate": generate, "_sample": _sample,
+                                            "_get_candidate_generator": _get_candidate_generator,
                                             "save_pretrained": save_pretrained})
 
 
