@@ -443,7 +443,7 @@ class _Units:
 
 def listed_schedule(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Schedule:
     """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request;
-    the Schedule's plan is ``plan`` on ``device``.
+    the Schedule's plan is a copy of ``plan`` on ``device``, which later in-place edits of its masks do not reach.
 
     The masks reach the host in one copy (and, from the host, the device in one). Index lists are
     built, all at once, only for the layers that some row runs partially, as head and neuron-group
@@ -453,10 +453,9 @@ def listed_schedule(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sc
     """
     device = torch.device(device) if device is not None else plan.layers.device
     B, L, H = plan.heads.shape
-    flat = torch.cat([plan.layers.reshape(-1), plan.heads.reshape(-1), plan.groups.reshape(-1)]).cpu()
-    if plan.layers.device != device:
-        plan = ExecutionPlan._valid(*unflatten_masks(flat.to(device), B, L, H), plan.shape, plan.seq_len)
-    on, heads, groups = unflatten_masks(flat.numpy(), B, L, H)
+    flat = torch.cat([plan.layers.reshape(-1), plan.heads.reshape(-1), plan.groups.reshape(-1)])  # the copy
+    plan = ExecutionPlan._valid(*unflatten_masks(flat.to(device), B, L, H), plan.shape, plan.seq_len)
+    on, heads, groups = unflatten_masks(flat.cpu().numpy(), B, L, H)
     check_skipped_layers(on, heads, groups, "execution_plan")  # again: a plan's masks may be edited in place
     return Schedule(plan, _layer_indices(on, heads, groups, shape, device))
 

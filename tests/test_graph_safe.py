@@ -65,6 +65,22 @@ def test_a_plan_on_fixed_width_buffers_is_the_masked_computation(backend, biases
     assert torch.equal(ours_ids, usual)
 
 
+def test_inside_graph_safe_a_skipped_layers_units_count_as_off():
+    """Where masks cannot be read back to be checked, a plan edited in place so that a skipped layer has heads
+    and groups on runs that layer skipped: the masked computation of the plan before the edit."""
+    stock = stock_of_shape(74, num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12)
+    inputs = example_inputs(stock, batch_size=2, seed=75, pad=[2, 0])
+    plan = plan_with_skips(2, 4, 4, seed=76)  # layer 1 skipped on every row
+    valid = ExecutionPlan(plan.layers.clone(), plan.heads.clone(), plan.groups.clone())
+    plan.heads[:, 1], plan.groups[:, 1] = True, True
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1)
+    with torch.no_grad(), ak.graph_safe():
+        ours = model(**inputs, execution_plan=plan).logits
+        masked = masked_stock(stock, valid)(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], masked[real], **TOL)
+
+
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     """The scheduler's top-n and the plan's buffers on the device give the plan, logits and ids of the

@@ -445,6 +445,25 @@ def test_assisted_decoding_gives_stock_logits(stock):
             torch.testing.assert_close(got, theirs, **TOL)
 
 
+def test_a_plan_edited_in_place_after_its_prefill_changes_nothing_of_that_request(stock):
+    """The cache keeps a copy of the plan its prefill ran: the caller's later edits of the masks change neither
+    its plan nor its continuation under the original plan, the sliced stock model's."""
+    inputs = example_inputs(stock, seed=44)
+    model = patched(stock, "H")
+    plan = random_plan(1, seed=45)
+    original = ExecutionPlan(plan.layers.clone(), plan.heads.clone(), plan.groups.clone())
+    run = dict(do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        first = model.generate(**inputs, execution_plan=plan, max_new_tokens=3, return_dict_in_generate=True, **run)
+        plan.heads[:], plan.groups[:] = ~plan.heads & plan.layers[..., None], ~plan.groups & plan.layers[..., None]
+        cached = cache_of(first)
+        assert cached.plan == original and cached.plan != plan
+        ids = first.sequences
+        again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), execution_plan=original,
+                               max_new_tokens=3, **{CACHE_KWARG: cached}, **run)
+    assert torch.equal(again, greedy(sliced_stock(stock, original, 0), inputs, n=6, eos_token_id=None))
+
+
 def test_a_draft_model_proposes_without_the_plan_that_the_patched_model_verifies(stock):
     """An assistant_model drafts as itself (it gets the inputs, not the plan), and the patched model verifies
     the drafts under its plan: the ids and logits are the sliced stock model's, whether the drafts are

@@ -379,12 +379,17 @@ def lay_out_reduction_weights(decoder, column_major: bool) -> None:
 
 
 def plan_schedule(plan: ExecutionPlan, settings: Settings, graph_safe: bool) -> Schedule:
-    """``plan``'s Schedule: index lists built on the host (``listed_schedule``), or with ``graph_safe`` the
-    fixed-width one (``plan.fixed_width_schedule``) built on the plan's device with nothing read back to
-    the host: in one launch of the CUDA extension under the cuda backend when the heads fit its
+    """``plan``'s Schedule, on a copy of its masks: index lists built on the host (``listed_schedule``), or with
+    ``graph_safe`` the fixed-width one (``plan.fixed_width_schedule``) built on the plan's device with nothing
+    read back to the host: in one launch of the CUDA extension under the cuda backend when the heads fit its
     ``MAX_UNITS``, else with torch ops."""
     if not graph_safe:
         return listed_schedule(plan, settings.shape)
+    # a copy that later in-place edits of the caller's masks do not reach; the masks cannot be read back to be
+    # checked here, so a skipped layer's heads and groups are switched off rather than refused
+    on = plan.layers
+    plan = ExecutionPlan._valid(on.clone(), plan.heads & on[..., None], plan.groups & on[..., None], plan.shape,
+                                plan.seq_len)
     compaction = compact_plan
     if settings.backend.name == "cuda":
         from .. import cuda_ext
