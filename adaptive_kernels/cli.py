@@ -127,10 +127,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         _check_image(parser, args.image)
     _check_processor_options(parser, args)
     _check_backends(parser, "--backend", [args.backend] if args.backend else [], args.device, DTYPES[args.dtype])
-    for name in (CSV_NAME, PNG_NAME):
-        if (args.out / name).is_dir():
-            parser.error(f"argument --out: {args.out / name} is a folder, where the job writes a file")
-    _check_out(parser, args.out)  # last: it makes the folder
+    _check_out(parser, args.out, (CSV_NAME, PNG_NAME))  # last: it makes the folder
 
 
 def _check_processor_options(parser, args: argparse.Namespace) -> None:
@@ -205,11 +202,11 @@ def _check_image(parser, path: Path) -> None:
         parser.error(f"argument --image: {path} is not an image Pillow can read ({error})")
 
 
-def _check_out(parser, out: Path) -> None:
-    """Make the folder ``out``, or ``parser.error`` when it cannot be one or a file cannot be created in it
-    (before anything is timed)."""
+def _check_out(parser, out: Path, files) -> None:
+    """Make the folder ``out``, or ``parser.error`` when it cannot be one, a file cannot be created in it, or
+    one of ``files`` (the names the job writes there) is a folder (before anything is timed)."""
     try:
-        make_out_dir("argument --out", out)
+        make_out_dir("argument --out", out, files)
     except ValueError as refused:
         parser.error(str(refused))
 
@@ -414,7 +411,7 @@ def sweep_main(argv) -> int:
     """``adaptive-kernels sweep``: the end-to-end latency-versus-budget sweep (``adaptive_kernels.sweep``)."""
     from .backends import BACKENDS
     from .plan import VARIANTS
-    from .sweep import BUDGETS, SweepIncomplete, report, sweep
+    from .sweep import BUDGETS, SweepIncomplete, output_files, report, sweep
 
     p = argparse.ArgumentParser(prog="adaptive-kernels sweep",
                                 description="Vision, prefill and per-token decode latency over budgets, next to stock "
@@ -438,7 +435,7 @@ def sweep_main(argv) -> int:
     args.backends = None if args.backends is None else list(dict.fromkeys(args.backends))
     _resolve_device(p, args)
     _check_backends(p, "--backends", args.backends or [], args.device, default_dtype(args.device))
-    _check_out(p, args.out)
+    _check_out(p, args.out, output_files(args.device))
     if 1.0 not in args.budgets:
         print("note: budget 1.0 is not among --budgets: no ideal lines, and no adherence (both scale latency at 1.0)")
     failures = []

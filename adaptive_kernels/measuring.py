@@ -154,9 +154,10 @@ def cpu_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def make_out_dir(name: str, out_dir) -> Path:
+def make_out_dir(name: str, out_dir, files=()) -> Path:
     """Make the folder ``out_dir`` (a str or Path) and return it; ``ValueError`` naming ``name`` where it cannot
-    be one or a file cannot be created in it (before anything is timed)."""
+    be one, a file cannot be created in it, or one of ``files`` (the names the job writes there) is a folder
+    (before anything is timed)."""
     import tempfile
 
     if not isinstance(out_dir, (str, Path)):
@@ -164,6 +165,9 @@ def make_out_dir(name: str, out_dir) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name}: {out} exists and is not a folder")
+    for file in files:
+        if (out / file).is_dir():
+            raise ValueError(f"{name}: {out / file} is a folder, where the job writes a file")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -185,10 +189,10 @@ def whole_file(path: Path):
     try:
         with open(part, "w", newline="") as f:
             yield f
+        os.replace(part, path)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    os.replace(part, path)
 
 
 def write_csv(records: list[dict], path: Path) -> None:

@@ -48,15 +48,26 @@ def llava_7b_config() -> LlavaConfig:
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
+def model_name(device: str) -> str:
+    """The name of the sweep's model on ``device``: 7B-shaped on CUDA, tiny on the CPU."""
+    return "llava-1.5-7b-shaped" if device == "cuda" else "tiny"
+
+
+def output_files(device: str) -> list[str]:
+    """The files a sweep on ``device`` writes: rows (CSV, JSON), adherence, target ratios (``write_records``), plot."""
+    stem = f"sweep-{model_name(device)}"
+    return [stem + suffix for suffix in (".csv", ".json", "-adherence.json", "-targets.json", ".png")]
+
+
 def build_model(device: str, dtype: torch.dtype):
-    """The sweep's model, its name and the H rank it is patched with: 7B-shaped on CUDA (initialised on
-    the device) at the paper's rank, tiny on the CPU."""
+    """The sweep's model, its name (``model_name``) and the H rank it is patched with: 7B-shaped on CUDA
+    (initialised on the device) at the paper's rank, tiny on the CPU."""
     if device == "cuda":
         with torch.device("cuda"), torch.random.fork_rng(devices=[0]):
             torch.manual_seed(0)
             model = LlavaForConditionalGeneration(llava_7b_config()).to(dtype).eval()
-        return model, "llava-1.5-7b-shaped", PAPER_RANK
-    return tiny_llava().to(dtype), "tiny", TINY_RANK
+        return model, model_name(device), PAPER_RANK
+    return tiny_llava().to(dtype), model_name(device), TINY_RANK
 
 
 @dataclass
@@ -171,7 +182,7 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_arguments(device, variants, backends, budgets, new_tokens, repeats, threads)
-    make_out_dir("out_dir", out_dir)
+    make_out_dir("out_dir", out_dir, output_files(device))
     with cpu_threads(threads if threads is not None or device == "cuda" else 1):
         return _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress)
 

@@ -770,6 +770,11 @@ def test_a_rewrite_replaces_the_file_whole(tmp_path, monkeypatch):
     with whole_file(path) as f:
         f.write("new")
     assert path.read_text() == "new" and sorted(tmp_path.iterdir()) == [path]
+    folder = tmp_path / "a folder"  # the rename fails, after the part file was written
+    folder.mkdir()
+    with pytest.raises(OSError), whole_file(folder) as f:
+        f.write("new")
+    assert sorted(tmp_path.iterdir()) == [folder, path]
 
     rows = [Row(system="stock", budget=1.0, cost=1.0, prefill_ms=10.0, decode_ms_per_token=4.0, **SWEEP_ROW)]
     write_records(rows, tmp_path, "rows")
@@ -1148,6 +1153,29 @@ def test_sweep_refuses_an_out_dir_that_cannot_be_a_folder_before_building_the_mo
         sweep_module.sweep(device="cpu", variants=("L",), budgets=(1.0,), new_tokens=1, repeats=1, out_dir=out_dir,
                            progress=False)
     assert file.read_text() == "kept"
+
+
+@pytest.mark.parametrize("file", ["sweep-tiny.csv", "sweep-tiny.png"])
+def test_sweep_refuses_a_folder_where_it_writes_a_file_before_building_the_model(file, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The rows' CSV would fail after the first row was timed, the plot after the whole sweep: both are
+    refused up front, by the function and by the subcommand, naming the folder in the way."""
+    from adaptive_kernels import sweep as sweep_module
+
+    def build_model(device, dtype):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(sweep_module, "build_model", build_model)
+    (tmp_path / file).mkdir()
+    with pytest.raises(ValueError, match=rf"^out_dir: {tmp_path / file} is a folder, where the job writes a file"):
+        sweep_module.sweep(device="cpu", variants=("L",), budgets=(1.0,), new_tokens=1, repeats=1, out_dir=tmp_path,
+                           progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--device", "cpu", "--variants", "L", "--budgets", "1.0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert f"argument --out: {tmp_path / file} is a folder" in err, err
+    assert sorted(tmp_path.iterdir()) == [tmp_path / file]
 
 
 def test_sweep_records_and_plot_refuse_no_rows(tmp_path):
