@@ -445,7 +445,7 @@ def listed_schedule(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sc
     """Index buffers of every layer of ``plan`` on ``device`` (default: the plan's), built once per request;
     the Schedule's plan is a copy of ``plan`` on ``device``, which later in-place edits of its masks do not reach.
 
-    The masks reach the host in one copy (and, from the host, the device in one). Index lists are
+    The masks reach the host in one copy (and ``device``, where it is another, in one). Index lists are
     built, all at once, only for the layers that some row runs partially, as head and neuron-group
     units; they reach the device in one copy and are expanded to weight rows there. Layers without
     lists that run the same rows share one ``LayerIndices``. One synchronisation per request, and
@@ -453,7 +453,7 @@ def listed_schedule(plan: ExecutionPlan, shape: DecoderShape, device=None) -> Sc
     """
     device = torch.device(device) if device is not None else plan.layers.device
     B, L, H = plan.heads.shape
-    flat = torch.cat([plan.layers.reshape(-1), plan.heads.reshape(-1), plan.groups.reshape(-1)])  # the copy
+    flat = torch.cat([plan.layers.reshape(-1), plan.heads.reshape(-1), plan.groups.reshape(-1)])  # a copy of the masks
     plan = ExecutionPlan._valid(*unflatten_masks(flat.to(device), B, L, H), plan.shape, plan.seq_len)
     on, heads, groups = unflatten_masks(flat.cpu().numpy(), B, L, H)
     check_skipped_layers(on, heads, groups, "execution_plan")  # again: a plan's masks may be edited in place
