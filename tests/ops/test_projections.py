@@ -189,21 +189,33 @@ def test_padded_rows_give_zero_whatever_x_holds(T, bias):
     torch.testing.assert_close(y, gather_rows_linear_reference(x, w, rows, b), equal_nan=True, **TOL[torch.float32])
 
 
+# index lists with padded (-1) entries; a padded entry could point at column 0
+PADDED_COLUMNS = {
+    "scattered": [[3, -1, 5, -1], [-1, -1, -1, -1], [8, 2, 11, 6]],
+    # a 16-wide block that would be one aligned run of columns (0, 1, ..., 15) were its first entry not padded
+    "run but for a padded first entry": [[-1] + list(range(1, 16)), [-1] * 16],
+}
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("op", [gather_cols_linear, gather_cols_linear_reference,
                                 pytest.param(cuda_ext.gather_cols_linear, marks=pytest.mark.skipif(
                                     DEVICE != "cuda", reason="the CUDA extension's op needs a CUDA device"))],
                          ids=["triton", "reference", "cuda"])
+@pytest.mark.parametrize("case", list(PADDED_COLUMNS))
 @pytest.mark.parametrize("T", [1, 3])
-def test_padded_columns_add_nothing_whatever_the_weight_holds(op, T):
-    """Padded (-1) entries add nothing, even where the weight's unlisted columns hold inf or NaN (column 0, where
-    a padded entry could point, among them): the sum over the listed columns, taken here one column at a time."""
-    gen = generator("inf-cols", T)
-    cols = torch.tensor([[3, -1, 5, -1], [-1, -1, -1, -1], [8, 2, 11, 6]], device=DEVICE)
-    a = randn(3, T, 4, gen=gen)
+def test_padded_columns_add_nothing_whatever_the_weight_holds(op, case, T):
+    """Padded (-1) entries add nothing, even where every unlisted column of the weight holds inf, NaN or -inf
+    (column 0, where a padded entry could point, among them): the sum over the listed columns, taken here one
+    column at a time."""
+    gen = generator("inf-cols", case, T)
+    cols = torch.tensor(PADDED_COLUMNS[case], device=DEVICE)
+    a = randn(cols.shape[0], T, cols.shape[1], gen=gen)
     w = randn(D, N, gen=gen, scale=0.5)
-    w[:, 0], w[:, 1], w[:, 12] = float("inf"), float("nan"), float("-inf")  # none of them listed
-    want = torch.zeros(3, T, D, dtype=torch.float64, device=DEVICE)
+    unlisted = sorted(set(range(N)) - set(cols.flatten().tolist()))
+    w[:, unlisted] = torch.tensor([float("inf"), float("nan"), float("-inf")], device=DEVICE).repeat(
+        len(unlisted))[:len(unlisted)]
+    want = torch.zeros(cols.shape[0], T, D, dtype=torch.float64, device=DEVICE)
     for r, j in (cols >= 0).nonzero().tolist():
         want[r] += a[r, :, j, None].double() * w[:, cols[r, j]].double()
     torch.testing.assert_close(op(a, w, cols).double(), want, **TOL[torch.float32])

@@ -49,6 +49,9 @@ def test_opcheck_and_flops():
     with FlopCounterMode(display=False) as counter:
         gathered_swiglu(*args)
     assert counter.get_total_flops() == 4 * 3 * (5 + 2) * 9  # the padding of the shorter list counts 0
+    with FlopCounterMode(display=False) as counter:
+        gathered_swiglu(*args[:3], None)
+    assert counter.get_total_flops() == 4 * 3 * (2 * 11) * 9  # every neuron of both rows
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
