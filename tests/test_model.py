@@ -1037,6 +1037,27 @@ def test_the_scheduler_takes_the_models_mode(stock):
         assert {m.training for m in model.modules()} == {mode}
 
 
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_the_scheduler_reads_the_latency_tokens_state_after_the_prefix(stock, variant):
+    """ak.plan is the scheduler's top-n over the latency token's hidden state after the prefix's last layer
+    (the last position, layer P-1's output), as a stock model fed the prompt then the latency token computes
+    it; per row, a left-padded one included. (The other tests take ak.plan's plan as given.)"""
+    budgets = [0.6, 0.8, 0.7]
+    inputs = example_inputs(stock, batch_size=3, seed=83, pad=[0, 3, 0])
+    model = patched(stock, variant)
+    P = L // 2
+    with torch.no_grad():
+        plan = ak.plan(model, latency_budget=budgets, **inputs)
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        states = stock.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                            output_hidden_states=True).hidden_states
+        layers, heads, groups = model.model.language_model.latency_scheduler.select(states[P][:, -1], budgets)
+    assert plan.layers[:, :P].all() and plan.heads[:, :P].all() and plan.groups[:, :P].all()
+    assert torch.equal(plan.layers[:, P:], layers)
+    assert torch.equal(plan.heads[:, P:], heads)
+    assert torch.equal(plan.groups[:, P:], groups)
+
+
 def test_fresh_schedulers_are_seeded(stock):
     inputs = example_inputs(stock, batch_size=1, seed=14)
     torch.manual_seed(123)
@@ -1076,6 +1097,26 @@ def test_qkv_weights_copied_apart_after_patch_still_give_the_masked_computation(
     model = patched(stock, "H")
     attn = model.model.language_model.layers[2].self_attn
     attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone())
+    with torch.no_grad():
+        assert stacked_qkv(attn) is None
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **TOL)
+
+
+def test_qkv_weights_sharing_one_storage_out_of_order_give_the_masked_computation(stock):
+    """q, k and v weights re-pointed after patching to views of one storage, but not back to back in that order
+    (here q, v, k, as a fused checkpoint in another order or a state dict loaded with assign=True leaves them):
+    the layer is not stacked, and the result stays the masked computation (a stacked read would take v for k)."""
+    inputs = example_inputs(stock, batch_size=2, seed=15, pad=[0, 2])
+    plan = random_plan(2, seed=16)
+    plan.layers[:, 2] = True
+    plan.heads[:, 2], plan.groups[:, 2] = torch.arange(H) % 3 != 1, True
+    model = patched(stock, "H")
+    attn = model.model.language_model.layers[2].self_attn
+    q, k, v = (lin.weight.detach() for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+    whole = torch.cat([q, v, k])
+    nq, nkv = q.shape[0], k.shape[0]
+    attn.q_proj.weight.data, attn.v_proj.weight.data, attn.k_proj.weight.data = whole.split([nq, nkv, nkv])
     with torch.no_grad():
         assert stacked_qkv(attn) is None
         torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,

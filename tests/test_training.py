@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.sliced import masked_stock, unit_mask_hooks
-from oracles import fed_latency_token, stock_of_shape
+from oracles import cache_of, fed_latency_token, stock_of_shape
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
@@ -296,3 +296,31 @@ def test_a_layer_no_row_runs_gets_no_gradient_and_the_rest_the_masked_computatio
         else:
             torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert model.model.language_model.layers[6].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_keeps_no_cache_and_trains_long_prompts_as_without_it():
+    """A training forward with gradient checkpointing (a given plan, or none) returns no cache, as stock does,
+    since a layer recomputed in the backward pass would append its keys again; a prompt of more than half the
+    cache's first capacity (76 tokens: its recomputed keys would not fit) gives the loss and gradients of the
+    forward without checkpointing."""
+    stock = tiny_llava(seed=5, num_layers=4)
+    inputs = example_inputs(stock, batch_size=2, text_tokens=60, seed=9, pad=[0, 5])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    plan = ak.ExecutionPlan.full(2, 4, 8)
+    plan.heads[:, 3, ::3] = plan.groups[:, 2, 1::2] = False
+    for given in ({}, {"execution_plan": plan}):
+        results = []
+        for checkpointed in (False, True):
+            model = ak.patch(copy.deepcopy(stock), "H", rank=2).train()
+            if checkpointed:
+                (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            out = model(**inputs, labels=labels, use_cache=True, **given)
+            if checkpointed:
+                assert cache_of(out) is None, given.keys()
+            out.loss.backward()
+            results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+        torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
+        assert grads.keys() == grads_checkpointed.keys() and len(grads) > 0
+        for name in grads:
+            torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
