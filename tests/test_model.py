@@ -793,6 +793,24 @@ def test_reset_drops_the_buffers_the_decode_graph_and_its_warm_up():
     assert not cache.warm and cache.decode_graph is None
 
 
+def test_generate_given_a_reset_budget_cache_starts_a_new_request(stock):
+    """A cache that a budget request filled (its latency token at the prompt's end) and that was then reset holds
+    no position: generate given it counts no cached input id, feeds the whole prompt, and returns the ids a
+    fresh budget request returns; the reset cache's input-id view counts 0, not -1 for a latency token it lost."""
+    inputs = example_inputs(stock, batch_size=2, seed=43)
+    model = patched(stock, "H")
+    run = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        first = model.generate(**inputs, latency_budget=[0.6, 0.85], **run)
+        cache = cache_of(first)
+        assert cache.latency_index == inputs["input_ids"].shape[1]
+        cache.reset()
+        with cache.input_id_view():
+            assert cache.get_seq_length() == 0
+        again = model.generate(**inputs, latency_budget=[0.6, 0.85], **{CACHE_KWARG: cache}, **run)
+    assert torch.equal(again.sequences, first.sequences)
+
+
 def test_a_step_written_at_the_graph_position_is_the_eager_write():
     """Inside a CUDA-graph capture a decode step writes at ``write_position`` (a tensor the graph reads): the
     buffers it returns are those of the eager write after the filled positions."""

@@ -338,3 +338,42 @@ def test_compile_plan_moves_every_buffer_to_the_device_in_its_shape():
             ta, tb = getattr(a, field), getattr(b, field)
             assert (ta is None) == (tb is None), field
             assert ta is None or (tb.device.type == "meta" and tb.shape == ta.shape and tb.dtype == ta.dtype), field
+
+
+def test_plans_differing_in_one_unit_are_not_equal():
+    """Plan equality compares all three masks: a plan with one layer, one head or one neuron group flipped (the
+    masks still valid) differs from the original, and a copy of it, or the same masks, is equal."""
+    layers, heads, groups = _masks(B=3, L=5, H=6)
+    plan = ExecutionPlan(layers, heads, groups)
+    assert plan == ExecutionPlan(layers.clone(), heads.clone(), groups.clone()) and plan == plan.to("cpu")
+    g = torch.Generator().manual_seed(31)
+    row, layer = layers.nonzero()[torch.randint(int(layers.sum()), (1,), generator=g)].flatten().tolist()
+    unit = int(torch.randint(6, (1,), generator=g))
+    for flipped in ("heads", "groups"):
+        masks = {"layers": layers, "heads": heads.clone(), "groups": groups.clone()}
+        masks[flipped][row, layer, unit] ^= True
+        other = ExecutionPlan(**masks)
+        assert plan != other and other != plan, flipped
+    off = layers.clone()
+    skipped = (~layers).nonzero()[0].tolist()
+    off[skipped[0], skipped[1]] = True  # a layer run with no unit on: only .layers differs
+    assert plan != ExecutionPlan(off, heads, groups)
+    assert plan != "a plan" and plan != layers
+
+
+def test_cost_needs_both_shape_and_seq_len_to_weigh_by_flops():
+    """A plan given only its decoder's shape, or only a prompt length, cannot weigh units by their FLOPs: its
+    cost counts units, attention and MLP half each, exactly as a plan given neither does (no error)."""
+    layers, heads, groups = _masks(B=3, L=4, H=6)
+    by_units = ExecutionPlan(layers, heads, groups).cost()
+    for given in ({"shape": SHAPE}, {"seq_len": 21}):
+        assert torch.equal(ExecutionPlan(layers, heads, groups, **given).cost(), by_units), given
+    assert not torch.equal(ExecutionPlan(layers, heads, groups, shape=SHAPE, seq_len=21).cost(), by_units)
+
+
+def test_summary_lists_units_of_executed_layers():
+    """summary(row): the executed layers of that row, and per executed layer (in that order) its heads and groups on."""
+    layers = torch.tensor([[False, True, False, True]])
+    heads = torch.tensor([[[0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]]], dtype=torch.bool)
+    groups = torch.tensor([[[0, 0, 0], [0, 1, 1], [0, 0, 0], [0, 0, 0]]], dtype=torch.bool)
+    assert ExecutionPlan(layers, heads, groups).summary() == "layers [1, 3] | heads/layer [1, 3] | groups/layer [2, 0]"
