@@ -201,14 +201,15 @@ def test_prompt_and_image_without_a_processor_are_refused(tmp_path, capsys):
         assert not (tmp_path / "out" / CSV_NAME).exists()
 
 
-@pytest.mark.parametrize("mismatch", ["image size", "patch size"])
+@pytest.mark.parametrize("mismatch", ["image size", "more image tokens", "fewer image tokens"])
 def test_processor_whose_inputs_do_not_fit_the_model_is_refused_naming_model(tmp_path, capsys, mismatch):
-    """A processor making 32x32 images for a 28x28 tower, or 81 image tokens (9x9 patches of 3) where the tower
-    makes 16 features: the job failed in the model's first call with a traceback. It exits naming --model."""
+    """A processor making 32x32 images for a 28x28 tower, or 81 image tokens (9x9 patches of 3) or 4 (2x2 patches of
+    14) where the tower makes 16 features: the job failed in the model's first call with a traceback. It exits
+    naming --model."""
     pytest.importorskip("PIL.Image")
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    side, patch = (32, 8) if mismatch == "image size" else (28, 3)
+    side, patch = {"image size": (32, 8), "more image tokens": (28, 3), "fewer image tokens": (28, 14)}[mismatch]
     images = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     processor = LlavaProcessor(images, word_tokenizer(), patch_size=patch, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, image_token="<image>")
@@ -219,8 +220,9 @@ def test_processor_whose_inputs_do_not_fit_the_model_is_refused_naming_model(tmp
               str(tmp_path / "out"), *FAST])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err, err
-    wanted = "makes (32, 32) images, its vision tower takes (28, 28)" if mismatch == "image size" else \
-        "puts 81 image tokens in the prompt, its vision tower makes 16 features"
+    wanted = {"image size": "makes (32, 32) images, its vision tower takes (28, 28)",
+              "more image tokens": "puts 81 image tokens in the prompt, its vision tower makes 16 features",
+              "fewer image tokens": "puts 4 image tokens in the prompt, its vision tower makes 16 features"}[mismatch]
     assert f"argument --model: the processor of {tmp_path / 'ckpt'} {wanted}" in err, err
 
 
@@ -261,8 +263,8 @@ def test_processor_that_cannot_make_inputs_is_refused_naming_model(tmp_path, cap
 
 @pytest.mark.parametrize("fault", ["chat template", "vocabulary"])
 def test_processor_that_fails_on_the_prompt_is_refused_naming_model(tmp_path, capsys, fault):
-    """A chat template that raises (one that needs a system message) and a tokenizer giving a word an id past the
-    model's vocabulary failed with a traceback (a TemplateError; an IndexError in the embedding). The job exits
+    """A chat template that raises (one that needs a system message) and a tokenizer giving a word the first id past
+    the model's vocabulary failed with a traceback (a TemplateError; an IndexError in the embedding). The job exits
     naming --model."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -275,12 +277,12 @@ def test_processor_that_fails_on_the_prompt_is_refused_naming_model(tmp_path, ca
     processor.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path / "ckpt"), "--rank", "2", "--variants", "L", "--budgets", "1.0", "--prompt",
-              "w5 x1 ?", "--out", str(tmp_path / "out"), *FAST])
+              "w5 x0 ?", "--out", str(tmp_path / "out"), *FAST])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err, err
     wanted = ("the chat template of {} cannot make a prompt of an image and a question (TemplateError: a system "
               "message is required)" if fault == "chat template" else
-              "the tokenizer of {} makes token id 513, outside the 512 ids of the model's vocabulary")
+              "the tokenizer of {} makes token id 512, outside the 512 ids of the model's vocabulary")
     assert "argument --model: " + wanted.format(tmp_path / "ckpt") in err, err
 
 
@@ -387,8 +389,10 @@ def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
     jpeg = (tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # its header whole, half its pixel data
     out = str(tmp_path / "out")
-    for argv, says in ((["--image", str(junk), "--out", out], "argument --image"),
-                       (["--image", str(tmp_path / "truncated.jpg"), "--out", out], "argument --image"),
+    unreadable = "argument --image: {} is not an image Pillow can read"  # not the later "needs a processor"
+    for argv, says in ((["--image", str(junk), "--out", out], unreadable.format(junk)),
+                       (["--image", str(tmp_path / "truncated.jpg"), "--out", out],
+                        unreadable.format(tmp_path / "truncated.jpg")),
                        (["--scheduler", str(junk), "--variants", "L", "--out", out], "is not a safetensors file"),
                        (["--out", str(junk)], "argument --out")):
         with pytest.raises(SystemExit) as exit_info:
@@ -1292,3 +1296,159 @@ def test_plots_draw_the_measured_latencies_and_the_ideal_at_full_latency_times_c
     finally:
         for fig in figures:
             plt.close(fig)
+
+
+def test_the_gpu_sweep_model_has_llava_1_5_7b_shapes_in_bfloat16():
+    """DESIGN's speed setting, checked without a GPU: the CUDA sweep's model has LLaVA-1.5-7B's shapes (hidden 4096,
+    32 layers of 32 heads of 128 with as many key/value heads, MLP 11008, 576 image tokens per image) and is timed in
+    bfloat16 (float32 on the CPU); built on the meta device, so nothing is allocated."""
+    from transformers import LlavaForConditionalGeneration
+
+    from adaptive_kernels.measuring import default_dtype
+    from adaptive_kernels.sweep import llava_7b_config, model_name
+    from adaptive_kernels.tiny import image_token_count
+
+    config = llava_7b_config()
+    text = config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size) == (4096, 32, 32, 32, 11008, 32064)
+    assert text.hidden_size // text.num_attention_heads == 128
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    assert image_token_count(model) == config.image_seq_length == 576
+    assert default_dtype("cuda") == torch.bfloat16 and default_dtype("cpu") == torch.float32
+    assert model_name("cuda") == "llava-1.5-7b-shaped" and model_name("cpu") == "tiny"
+
+
+def test_matmul_rate_counts_two_flops_per_multiply_add_at_the_median_time(monkeypatch):
+    """matmul_rate is 2 n^3 FLOPs (one multiply and one add per term) over the median of the timed square products,
+    n = 512 on the CPU: the prefill floors and flop shares divide by it."""
+    from adaptive_kernels import measuring
+
+    products, times = [], [9.0, 0.5, 2.0, 2.0, 30.0] * 4  # median 2 ms, minimum 0.5 ms
+
+    def once_ms(fn, device):
+        assert device == "cpu"
+        products.append(fn())
+        return times[len(products) - 1]
+
+    monkeypatch.setattr(measuring, "_once_ms", once_ms)
+    measuring.matmul_rate.cache_clear()  # measured once per device and dtype: forget any real measurement
+    try:
+        rate = measuring.matmul_rate("cpu", torch.float32)
+    finally:
+        measuring.matmul_rate.cache_clear()  # and forget this stubbed one
+    assert len(products) == len(times)
+    (n, m) = products[0].shape
+    assert n == m == 512 and products[0].dtype == torch.float32
+    assert rate == pytest.approx(2 * n ** 3 / 2e-3, rel=1e-12)
+
+
+def test_run_stamp_records_the_installed_versions_and_the_utc_date_to_the_second():
+    """Every result row's stamp: torch's, transformers' and Triton's own installed versions (not one another's), and
+    the date as ISO 8601 in UTC (offset 0, whole seconds), taken when the stamp is made; the op benchmarks name their
+    files from it with a ``Z``."""
+    import datetime
+    import importlib.metadata
+
+    from adaptive_kernels.measuring import run_stamp
+
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    stamp = run_stamp()
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert stamp.keys() == {"torch", "transformers", "triton", "date"}
+    assert stamp["torch"] == torch.__version__
+    for name in ("transformers", "triton"):
+        assert stamp[name] == importlib.metadata.version(name), name
+    date = datetime.datetime.fromisoformat(stamp["date"])
+    assert date.utcoffset() == datetime.timedelta(0) and date.microsecond == 0, stamp["date"]
+    assert before <= date <= after
+
+
+def test_every_phase_is_held_to_its_own_measure_in_ratios_adherence_and_report():
+    """As on CUDA, where every phase is measured: each target ratio divides like by like (prefill wall time, GPU
+    kernel time and graph replay by the ideal's same measure of the same variant and budget, decode per token by its
+    own floor and by its active weights' floor, scheduling by prefill's wall and kernel time); adherence has a record
+    per measured phase, GPU kernel times and graph replays included, each the largest t(b) / t(1.0) - cost(b) below
+    1.0; the report's kernels/floor column is prefill's GPU kernel time over its FLOP floor. Fresh random timings."""
+    from adaptive_kernels.sweep import Row, budget_adherence, report, target_ratios
+
+    gen = torch.Generator().manual_seed(8111)
+
+    def ms() -> float:
+        return 1.0 + 9.0 * float(torch.rand((), generator=gen))
+
+    phases = ("prefill_ms", "prefill_kernel_ms", "prefill_graph_ms", "decode_ms_per_token", "decode_kernel_ms")
+    costs = {1.0: 1.0, 0.7: 0.6875, 0.5: 0.53125}
+    adaptive = {b: Row(system="adaptive", budget=b, cost=c, schedule_ms=ms() / 50, decode_floor_ms=ms(),
+                       decode_weight_floor_ms=ms(), prefill_floor_ms=ms(), **{p: ms() for p in phases}, **SWEEP_ROW)
+                for b, c in costs.items()}
+    ideal = {b: Row(system="ideal", budget=b, cost=c, prefill_ms=ms(), prefill_kernel_ms=ms(), prefill_graph_ms=ms(),
+                    **{**SWEEP_ROW, "backend": "transformers"}) for b, c in costs.items()}
+    rows = [*adaptive.values(), *ideal.values()]
+
+    ratios = {t["budget"]: t for t in target_ratios(rows)}
+    assert ratios.keys() == costs.keys()
+    for b, t in ratios.items():
+        a, i = adaptive[b], ideal[b]
+        want = {"prefill_vs_ideal": a.prefill_ms / i.prefill_ms,
+                "prefill_kernel_vs_ideal": a.prefill_kernel_ms / i.prefill_kernel_ms,
+                "prefill_graph_vs_ideal": a.prefill_graph_ms / i.prefill_graph_ms,
+                "decode_vs_floor": a.decode_ms_per_token / a.decode_floor_ms,
+                "decode_vs_weight_floor": a.decode_ms_per_token / a.decode_weight_floor_ms,
+                "schedule_share_of_prefill": a.schedule_ms / a.prefill_ms,
+                "schedule_share_of_prefill_kernels": a.schedule_ms / a.prefill_kernel_ms}
+        for name, value in want.items():
+            assert t[name] == pytest.approx(value, rel=1e-12), (b, name)
+
+    found = {a["phase"]: (a["largest_excess"], a["at_budget"]) for a in budget_adherence(rows)}
+    assert found.keys() == {"prefill", "prefill_kernel", "prefill_graph", "decode", "decode_kernel"}
+    for phase in phases:
+        excess = {b: getattr(r, phase) / getattr(adaptive[1.0], phase) - r.cost for b, r in adaptive.items() if b < 1}
+        worst = max(excess, key=excess.get)
+        name = phase.removesuffix("_ms_per_token").removesuffix("_ms")
+        assert found[name] == (pytest.approx(excess[worst], rel=1e-12), worst), phase
+
+    lines = report(rows).splitlines()
+    for line, row in zip(lines[1:1 + len(rows)], rows, strict=True):
+        cells = line.split()
+        assert (cells[0], float(cells[3])) == (row.system, row.budget)
+        kernels_over_floor = row.prefill_kernel_ms / row.prefill_floor_ms  # NaN for the ideal rows: no floor here
+        assert float(cells[6]) == pytest.approx(kernels_over_floor, abs=0.006, nan_ok=True), line
+
+
+def test_sweep_prefill_floors_are_each_plans_flops_over_the_tokens_it_runs(tmp_path, monkeypatch):
+    """Each row's prefill_floor_ms is prefill_floor_ms of what that row runs, at the rate measured: stock the full
+    model over the prompt, the adaptive and ideal rows their plan over the prompt and the latency token (n + 1);
+    the masked computation, which skips nothing, has none. Timed by a constant clock (the floors need no timing)."""
+    from adaptive_kernels import ExecutionPlan
+    from adaptive_kernels import measuring
+    from adaptive_kernels import sweep as sweep_module
+    from adaptive_kernels.sweep import prefill_floor_ms, sweep
+
+    built, rate = [], 3.7e11
+
+    def build_model(device, dtype):
+        built.append(tiny_llava(seed=13).to(dtype))
+        return built[-1], "tiny", TINY_RANK
+
+    monkeypatch.setattr(sweep_module, "build_model", build_model)
+    monkeypatch.setattr(measuring, "_once_ms", lambda fn, device: (fn(), 1.0)[1])
+    monkeypatch.setattr(sweep_module, "matmul_rate", lambda device, dtype: rate)
+    budgets = (1.0, 0.7)
+    rows = sweep("cpu", variants=("H",), budgets=budgets, new_tokens=1, repeats=1, out_dir=tmp_path, progress=False)
+    (model,) = built
+    inputs = example_inputs(model)
+    embeds = prompt_embeddings(model, inputs)
+    n, config = embeds.shape[1], model.config.text_config
+    patched = ak.patch(copy.deepcopy(model), "H", rank=TINY_RANK)
+    found = {(r.system, r.budget): r.prefill_floor_ms for r in rows}
+    full = ExecutionPlan.full(1, config.num_hidden_layers, config.num_attention_heads)
+    assert found["stock", 1.0] == pytest.approx(prefill_floor_ms(model, full, n, rate), rel=1e-12)
+    for b in budgets:
+        p = ak.plan(patched, latency_budget=b, inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        want = prefill_floor_ms(model, p, n + 1, rate)
+        assert found["adaptive", b] == pytest.approx(want, rel=1e-12), b
+        assert found["ideal", b] == pytest.approx(want, rel=1e-12), b
+        assert math.isnan(found["masked", b])
+    assert found["adaptive", 0.7] < found["adaptive", 1.0]
