@@ -639,3 +639,39 @@ def test_continuing_a_cache_under_another_plan_or_budget_is_refused(model, input
 def test_an_empty_prompt_is_refused(model, budget):
     with pytest.raises(ValueError, match="input_ids: a prompt needs at least one token"):
         model(input_ids=torch.zeros(1, 0, dtype=torch.long), latency_budget=budget)
+
+
+@pytest.mark.parametrize("dropped", ["variant", "num_layers", "num_prefix_layers", "num_heads", "hidden_size", "rank"])
+def test_a_scheduler_file_missing_part_of_its_setting_is_refused(tmp_path, dropped):
+    """A file whose metadata lacks one key of the setting save_scheduler writes cannot show it fits this unit
+    space: refused naming the key, the model keeping its scheduler. Rank and prefix change no tensor shape, so
+    without the check an H file of rank 2 without its rank loads into a rank-4 model and plans silently wrong."""
+    saved = tmp_path / "h2.safetensors"
+    ak.save_scheduler(ak.patch(tiny_llava(), "H", rank=2), saved)
+    with safe_open(str(saved), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    partial = tmp_path / f"without-{dropped}.safetensors"
+    save_file(tensors, str(partial), metadata={k: v for k, v in metadata.items() if k != dropped})
+    for rank in ([2, 4] if dropped == "rank" else [2]):  # the file's own setting, then (rank) another rank
+        model = ak.patch(tiny_llava(), "H", rank=rank)
+        scheduler = model.model.language_model.latency_scheduler
+        with pytest.raises(ValueError, match=rf"^scheduler=.* was saved for another setting \({dropped}: file None vs"):
+            ak.patch(model, "H", rank=rank, scheduler=partial)
+        assert model.model.language_model.latency_scheduler is scheduler
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 7])
+def test_num_prefix_layers_takes_every_value_from_0_to_layers_minus_1(prefix):
+    """README: num_prefix_layers is 0 to layers - 1 (at least one layer left to schedule). Each such prefix is
+    accepted, its layers always run, and every row's plan holds floor(T*b) units when that is at least the
+    prefix's P (else the prefix only): with 0, every layer is scheduled, even at the smallest budget."""
+    stock = tiny_llava(seed=2)
+    inputs = example_inputs(stock, batch_size=2, seed=7)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, num_prefix_layers=prefix)
+    T, P = 8 * 4, prefix * 4  # rank-2 units: 4 per layer of 8 heads
+    budgets = [0.05, 0.55]
+    plan = ak.plan(model, latency_budget=budgets, **inputs)
+    assert plan.layers[:, :prefix].all() and plan.heads[:, :prefix].all() and plan.groups[:, :prefix].all()
+    for row, b in enumerate(budgets):
+        units = max(int(T * b), P)
+        assert int(plan.heads[row].sum()) == int(plan.groups[row].sum()) == 2 * units, (prefix, b)

@@ -326,3 +326,40 @@ def test_per_row_counts_in_a_capture_copy_nothing_from_the_host(monkeypatch):
         counts = scheduler._per_row(values, torch.empty(0))
     assert counts.tolist() == values and counts.dtype == torch.int64
     assert not {"copy_", "lift_fresh", "_to_copy"} & {name.split(".")[1] for name in ops.seen}, ops.seen
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_each_row_gets_its_own_budgets_units_in_any_mix_of_budgets(variant):
+    """Batches with one, two or three distinct budgets, repeated in any order: every row's top-n (and Gumbel
+    draw) holds its own budget's units and equals that row selected alone, never another row's count."""
+    units = UnitSpace(variant, 9, 3, 6, 2)
+    sched = seeded_scheduler(units, hidden_size=12)
+    gen = torch.Generator().manual_seed(21)
+    for mix in ([0.4, 0.9], [0.9, 0.4], [1.0, 0.5, 1.0], [0.5, 0.5, 0.8, 0.8], [0.35, 0.6, 0.95], [0.7]):
+        state = torch.randn(len(mix), 12, generator=gen)
+        layers, heads, groups = sched.select(state, mix)
+        torch.manual_seed(len(mix))
+        drawn = sched.select(state, mix, sample=True)
+        for row, b in enumerate(mix):
+            n = units.scheduled_units(b)
+            want = n * (units.num_heads if variant == "L" else units.rank)  # heads (and groups) on
+            assert int(heads[row].sum()) == int(groups[row].sum()) == want, (mix, row)
+            assert int(drawn[1][row].detach().sum()) == int(drawn[2][row].detach().sum()) == want, (mix, row)
+            alone = sched.select(state[row:row + 1], [b])
+            for got, expected in zip((layers, heads, groups), alone):
+                assert torch.equal(got[row], expected[0]), (mix, row)
+
+
+def test_a_fresh_scheduler_leaves_the_global_rng_untouched():
+    """seeded_scheduler (what ak.patch uses without a file) draws its weights from its own seed 0: the same weights
+    whatever the global seed, and the caller's random stream goes on as if no scheduler had been made."""
+    units = UnitSpace("H", 7, 3, 6, 2)
+    torch.manual_seed(17)
+    want = torch.rand(5)
+    torch.manual_seed(17)
+    a = seeded_scheduler(units, hidden_size=10)
+    assert torch.equal(torch.rand(5), want)
+    torch.manual_seed(18)
+    b = seeded_scheduler(units, hidden_size=10)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
