@@ -80,6 +80,26 @@ def counted(method, runs: list, i: int):
     return call
 
 
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing on: transformers 5.2x's name for it, else the older one."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
+def loss_and_gradients(out, model) -> tuple:
+    """After ``out.loss.backward()``: the loss and each parameter's gradient, by name."""
+    return out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def same_loss_and_gradients(plain: tuple, checkpointed: tuple) -> None:
+    """``loss_and_gradients`` of a forward without and with gradient checkpointing: the same loss, and the same
+    gradients (to rounding) of the same parameters."""
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = plain, checkpointed
+    torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_checkpointed.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_loss_and_gradients():
     """Recomputing layers in the backward pass (gradient checkpointing) changes memory, not results; the
     scheduled layers of budget training (forward_masked) are recomputed too, as transformers does forward."""
@@ -93,8 +113,8 @@ def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_loss_a
         results = []
         for checkpointed in (False, True):
             model = ak.patch(copy.deepcopy(stock), "H", rank=2).train()
-            if checkpointed:  # transformers 5.2x's name, else the older one
-                (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            if checkpointed:
+                enable_checkpointing(model)
             runs = [0] * num_layers  # runs of each layer's forward_masked (the scheduled layers in budget training)
             for i, layer in enumerate(model.model.language_model.layers):
                 layer.forward_masked = counted(layer.forward_masked, runs, i)
@@ -106,12 +126,32 @@ def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_loss_a
             assert recomputed == (forward_runs if checkpointed else [0] * num_layers), (given.keys(), checkpointed)
             if "latency_budget" in given:
                 assert forward_runs == [0] * prefix + [1] * (num_layers - prefix)
-            results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-        (loss, grads), (loss_checkpointed, grads_checkpointed) = results
-        torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
-        assert grads.keys() == grads_checkpointed.keys() and len(grads) > 0
-        for name in grads:
-            torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+            results.append(loss_and_gradients(out, model))
+        same_loss_and_gradients(*results)
+
+
+def test_gradient_checkpointing_keeps_no_cache_and_trains_long_prompts_as_without_it():
+    """A training forward with gradient checkpointing (a given plan, or none) returns no cache, as stock does,
+    since a layer recomputed in the backward pass would append its keys again; a prompt of more than half the
+    cache's first capacity (76 tokens: its recomputed keys would not fit) gives the loss and gradients of the
+    forward without checkpointing."""
+    stock = tiny_llava(seed=5, num_layers=4)
+    inputs = example_inputs(stock, batch_size=2, text_tokens=60, seed=9, pad=[0, 5])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    plan = ak.ExecutionPlan.full(2, 4, 8)
+    plan.heads[:, 3, ::3] = plan.groups[:, 2, 1::2] = False
+    for given in ({}, {"execution_plan": plan}):
+        results = []
+        for checkpointed in (False, True):
+            model = ak.patch(copy.deepcopy(stock), "H", rank=2).train()
+            if checkpointed:
+                enable_checkpointing(model)
+            out = model(**inputs, labels=labels, use_cache=True, **given)
+            if checkpointed:
+                assert cache_of(out) is None, given.keys()
+            out.loss.backward()
+            results.append(loss_and_gradients(out, model))
+        same_loss_and_gradients(*results)
 
 
 @pytest.mark.parametrize("biases", [False, True], ids=["no biases", "biases"])
@@ -187,7 +227,7 @@ def test_generate_in_train_mode_is_inference(given):
     if given == "none":
         assert torch.equal(expected, stock.generate(**inputs, **settings))
     model.train()
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    enable_checkpointing(model)
     assert torch.equal(model.generate(**inputs, **kwargs, **settings), expected)
 
 
@@ -296,31 +336,3 @@ def test_a_layer_no_row_runs_gets_no_gradient_and_the_rest_the_masked_computatio
         else:
             torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert model.model.language_model.layers[6].mlp.down_proj.weight.grad.abs().sum() > 0
-
-
-def test_gradient_checkpointing_keeps_no_cache_and_trains_long_prompts_as_without_it():
-    """A training forward with gradient checkpointing (a given plan, or none) returns no cache, as stock does,
-    since a layer recomputed in the backward pass would append its keys again; a prompt of more than half the
-    cache's first capacity (76 tokens: its recomputed keys would not fit) gives the loss and gradients of the
-    forward without checkpointing."""
-    stock = tiny_llava(seed=5, num_layers=4)
-    inputs = example_inputs(stock, batch_size=2, text_tokens=60, seed=9, pad=[0, 5])
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    plan = ak.ExecutionPlan.full(2, 4, 8)
-    plan.heads[:, 3, ::3] = plan.groups[:, 2, 1::2] = False
-    for given in ({}, {"execution_plan": plan}):
-        results = []
-        for checkpointed in (False, True):
-            model = ak.patch(copy.deepcopy(stock), "H", rank=2).train()
-            if checkpointed:
-                (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-            out = model(**inputs, labels=labels, use_cache=True, **given)
-            if checkpointed:
-                assert cache_of(out) is None, given.keys()
-            out.loss.backward()
-            results.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-        (loss, grads), (loss_checkpointed, grads_checkpointed) = results
-        torch.testing.assert_close(loss_checkpointed, loss, rtol=0, atol=0)
-        assert grads.keys() == grads_checkpointed.keys() and len(grads) > 0
-        for name in grads:
-            torch.testing.assert_close(grads_checkpointed[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
