@@ -257,7 +257,8 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
                          f"({', '.join(expected)}): give a file written by adaptive_kernels.save_scheduler")
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
-        detail = ", ".join(f"{k}: file {a} vs model {b}" for k, (a, b) in wrong.items())
+        detail = ", ".join(f"{k}: file {a} vs model {b}" if a is not None else f"{k}: missing from the file, model {b}"
+                           for k, (a, b) in wrong.items())
         raise ValueError(f"scheduler={path!s} was saved for another setting ({detail})")
     state = load_file(str(path), device=str(scheduler.head.weight.device))
     own = scheduler.state_dict()
