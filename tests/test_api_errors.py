@@ -676,3 +676,17 @@ def test_num_prefix_layers_takes_every_value_from_0_to_layers_minus_1(prefix):
     for row, b in enumerate(budgets):
         units = max(int(T * b), P)
         assert int(plan.heads[row].sum()) == int(plan.groups[row].sum()) == 2 * units, (prefix, b)
+
+
+@pytest.mark.parametrize("num_layers", [1, 3, 5])
+def test_the_default_prefix_is_half_the_layers_rounded_down(num_layers):
+    """num_prefix_layers=None is floor(L / 2), which leaves a layer to schedule for every L (one layer: no
+    prefix). At the smallest budget an L plan runs the prefix only, its first L // 2 layers in every row; at
+    any budget the plans equal those of num_prefix_layers=L // 2 given by hand."""
+    stock = tiny_llava(seed=2, num_layers=num_layers)
+    inputs = example_inputs(stock, batch_size=2, seed=num_layers)
+    P = num_layers // 2
+    default = ak.plan(ak.patch(copy.deepcopy(stock), "L"), latency_budget=0.01, **inputs)
+    assert default.layers.tolist() == [[True] * P + [False] * (num_layers - P)] * 2
+    given = ak.plan(ak.patch(copy.deepcopy(stock), "L", num_prefix_layers=P), latency_budget=[0.01, 0.99], **inputs)
+    assert ak.plan(ak.patch(copy.deepcopy(stock), "L"), latency_budget=[0.01, 0.99], **inputs) == given

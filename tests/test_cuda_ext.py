@@ -488,21 +488,31 @@ def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
 
 def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeypatch):
     """Rows side: CUDA GEMV for 1 to 16 tokens, Triton above. Cols side: Triton at every length (a patched
-    model keeps o/down column-major, which the CUDA GEMV does not read)."""
+    model keeps o/down column-major, which the CUDA GEMV does not read). Each op is handed the arguments as
+    given, a projection's bias (attention_bias, mlp_bias) included."""
     from adaptive_kernels.ops import attention, norm, projections, rotary, swiglu
     calls = []
+
+    def spy(name):
+        return lambda *args: calls.append((name, args))
+
     monkeypatch.setattr(cuda_ext, "load", lambda *a, **k: None)
-    monkeypatch.setattr(cuda_ext, "gather_rows_linear", lambda *a: calls.append("cuda rows"))
-    monkeypatch.setattr(cuda_ext, "gather_cols_linear", lambda *a: calls.append("cuda cols"))
-    monkeypatch.setattr(projections, "gather_rows_linear", lambda *a: calls.append("triton rows"), raising=False)
-    monkeypatch.setattr(projections, "gather_cols_linear", lambda *a: calls.append("triton cols"), raising=False)
+    monkeypatch.setattr(cuda_ext, "gather_rows_linear", spy("cuda rows"))
+    monkeypatch.setattr(cuda_ext, "gather_cols_linear", spy("cuda cols"))
+    monkeypatch.setattr(projections, "gather_rows_linear", spy("triton rows"), raising=False)
+    monkeypatch.setattr(projections, "gather_cols_linear", spy("triton cols"), raising=False)
     backend = cuda_ext.cuda_backend()
     assert backend.name == "cuda"
-    w, idx = torch.empty(4, 8), torch.zeros(1, 2, dtype=torch.int64)
+    w, bias, idx = torch.empty(4, 8), torch.empty(4), torch.zeros(1, 2, dtype=torch.int64)
+    w_cols = projections.cols_major(w)
+    given = []
     for T in (1, 16, 17):
-        backend.rows_linear(torch.empty(1, T, 8), w, idx, None)
-        backend.cols_linear(torch.empty(1, T, 2), projections.cols_major(w), idx)
-    assert calls == ["cuda rows", "triton cols"] * 2 + ["triton rows", "triton cols"]
+        given += [(torch.empty(1, T, 8), w, idx, bias), (torch.empty(1, T, 2), w_cols, idx)]
+        backend.rows_linear(*given[-2])
+        backend.cols_linear(*given[-1])
+    assert [name for name, _ in calls] == ["cuda rows", "triton cols"] * 2 + ["triton rows", "triton cols"]
+    for (name, args), want in zip(calls, given, strict=True):
+        assert len(args) == len(want) and all(a is b for a, b in zip(args, want)), name
     assert backend.swiglu is getattr(swiglu, "gathered_swiglu", None)
     assert backend.attention is getattr(attention, "head_sparse_attention", None)
     assert backend.rms_norm is norm.rms_norm and backend.rotary is rotary.rotary
