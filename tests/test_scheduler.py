@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adaptive_kernels.plan import UnitSpace
-from adaptive_kernels.scheduler import _gumbel_top_n, _gumbel_top_n_units, _ranks, gumbel_pick, seeded_scheduler
+from adaptive_kernels.scheduler import (_gumbel_top_n, _gumbel_top_n_units, _ranks, fourier_features, gumbel_pick,
+                                        seeded_scheduler)
 from oracles import DispatchedOps
 
 
@@ -326,6 +327,24 @@ def test_per_row_counts_in_a_capture_copy_nothing_from_the_host(monkeypatch):
         counts = scheduler._per_row(values, torch.empty(0))
     assert counts.tolist() == values and counts.dtype == torch.int64
     assert not {"copy_", "lift_fresh", "_to_copy"} & {name.split(".")[1] for name in ops.seen}, ops.seen
+
+
+def test_features_made_inside_a_capture_are_not_kept(monkeypatch):
+    """A budget's Fourier features are made once and kept, but not when first made inside a CUDA-graph capture,
+    where they hold nothing until the graph is replayed: the next eager request makes them again, then keeps them."""
+    from adaptive_kernels import scheduler
+
+    made = []
+    monkeypatch.setattr(scheduler, "fourier_features", lambda q: made.append(q) or fourier_features(q))
+    sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
+    with monkeypatch.context() as capture:
+        capture.setattr(scheduler, "capturing", lambda x: True)
+        for _ in range(2):
+            sched.latency_embedding([0.7])
+        assert len(made) == 2
+    for _ in range(2):
+        sched.latency_embedding([0.7])
+    assert len(made) == 3
 
 
 @pytest.mark.parametrize("variant", ["L", "H"])
