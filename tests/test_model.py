@@ -1043,6 +1043,7 @@ def test_repatching_keeps_the_scheduler_of_the_same_units(stock):
     embedding = ak.latency_embedding(model, 0.6)
     assert ak.plan(patched(stock, "H"), latency_budget=budgets, **inputs) != trained
     ak.patch(model, "H", rank=2, cuda_graphs=False)
+    assert model.model.language_model._ak_settings.cuda_graphs is False  # the other setting holds
     assert ak.plan(model, latency_budget=budgets, **inputs) == trained
     assert torch.equal(ak.latency_embedding(model, 0.6), embedding)
     ak.patch(model, "H", rank=4)  # other units: a fresh, seeded scheduler
