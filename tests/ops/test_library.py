@@ -211,3 +211,15 @@ def test_no_kernel_is_tuned_inside_a_cuda_graph_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match=r"inside a CUDA graph capture.*run the same request once before"):
         _library._bench(lambda: None, None)
+
+
+@pytest.mark.parametrize("name", list(INDEX_ARGUMENTS))
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.uint8], ids=str)
+def test_index_lists_of_a_narrower_integer_dtype_are_refused_by_name(name, dtype):
+    """Only int64 and int32 index lists are taken (INDEX_DTYPES): a narrower integer type is refused by name before
+    anything runs (uint8 cannot even hold the -1 padding: it becomes 255, a row the kernel would read past N)."""
+    op, tensors, others, _ = _valid_calls()[name]
+    index = INDEX_ARGUMENTS[name][0]
+    refusal = rf"{name}: {index} must be int64 \(or int32\), got {dtype}"
+    with pytest.raises(ArgumentTypeError, match=refusal):
+        op(**{**tensors, index: tensors[index].to(dtype)}, **others)

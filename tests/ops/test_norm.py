@@ -150,3 +150,31 @@ def test_torch_backend_adds_a_half_update_to_a_float32_stream_as_llama(update_dt
     assert h.dtype == got.dtype == torch.float32
     torch.testing.assert_close(h, stream + update, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("shape", [(6, 37), (1, 5, 40)], ids=str)
+def test_rows_whose_last_dim_is_not_of_unit_stride_are_read_as_their_values(dtype, shape):
+    """x and residual stored column by column where [rows, D] is still a view of them (a 2-d tensor, or a leading
+    dim of 1): the kernel indexes D with unit stride, so they are copied first; every element is the reference's
+    on the contiguous values."""
+    gen = generator("column-major rows", dtype, shape)
+    x, r = (randn(*shape, gen=gen, dtype=dtype).transpose(-1, -2).contiguous().transpose(-1, -2) for _ in range(2))
+    assert x.stride(-1) != 1 and x.reshape(-1, shape[-1])._base is not None  # still a view: no copy on the way
+    w = randn(shape[-1], gen=gen, dtype=dtype, scale=0.5) + 1
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_reference(x.contiguous(), w, 1e-5), **TOL[dtype])
+    got, got_h = rms_norm(x, w, 1e-5, r)
+    want, want_h = rms_norm_reference(x.contiguous(), w, 1e-5, r.contiguous())
+    torch.testing.assert_close(got_h, want_h, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_eps_of_zero_is_accepted_and_computes_as_the_reference():
+    """eps is refused only below 0 (the documented minimum): eps=0 (and an int 0), alone and with a residual, gives
+    the reference's result for every element, as a model whose config says rms_norm_eps=0 needs."""
+    gen = generator("eps zero")
+    x, r, w = randn(3, 5, 40, gen=gen), randn(3, 5, 40, gen=gen), randn(40, gen=gen)
+    for eps in (0.0, 0):
+        torch.testing.assert_close(rms_norm(x, w, eps), rms_norm_reference(x, w, 0.0), rtol=1e-5, atol=1e-5)
+        for got, want in zip(rms_norm(x, w, eps, r), rms_norm_reference(x, w, 0.0, r)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -249,3 +249,19 @@ def test_cols_index_list_through_its_strides(T, layout):
     w = randn(D, N, gen=gen, scale=N ** -0.5)
     w = cols_major(w) if layout == "cols-major" else w
     check(gather_cols_linear(a, w, cols_view), gather_cols_linear_reference(a, w, cols), torch.float32)
+
+
+def test_flop_count_on_meta_tensors_counts_every_listed_entry():
+    """On meta tensors (shapes only, as a FLOP estimate of a big model without its weights is made) the index
+    values cannot be read: every entry of each list counts, padding included, rather than none."""
+    gen = generator("flops on meta")
+    R, T, width = 2, 5, 9
+    rows = index_lists([width, 4], N, gen, "scattered").to("meta")
+    x, w = randn(R, T, D, gen=gen).to("meta"), randn(N, D, gen=gen).to("meta")
+    a, wt = randn(R, T, width, gen=gen).to("meta"), randn(D, N, gen=gen).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        gather_rows_linear(x, w, rows)
+    assert counter.get_total_flops() == 2 * T * (R * width) * D
+    with FlopCounterMode(display=False) as counter:
+        gather_cols_linear(a, wt, rows)
+    assert counter.get_total_flops() == 2 * T * (R * width) * D
