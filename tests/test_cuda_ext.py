@@ -575,6 +575,32 @@ def test_load_without_a_toolchain_says_what_is_missing():
         cuda_ext.cuda_backend()
 
 
+def test_toolchain_problem_names_the_first_missing_piece(tmp_path, monkeypatch):
+    """Each piece the build needs, taken away in turn from a machine that has them all (faked), the headers of
+    csrc/ first: the sentence names it, and with every piece present there is no problem."""
+    from torch.utils import cpp_extension
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    sources_only = tmp_path / "csrc"
+    sources_only.mkdir()
+    for name in cuda_ext.SOURCES:
+        (sources_only / name).write_bytes((cuda_ext.CSRC / name).read_bytes())
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    assert cuda_ext.toolchain_problem() is None
+    takings = [(lambda m: m.setattr(cuda_ext, "CSRC", sources_only),
+                re.escape(f"the sources {list(cuda_ext.HEADERS)} are missing from {sources_only}")),
+               (lambda m: m.setattr(cpp_extension, "is_ninja_available", lambda: False), "ninja is not installed"),
+               (lambda m: m.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "bin")), "it has no bin/nvcc"),
+               (lambda m: m.setattr(cpp_extension, "CUDA_HOME", None), "no CUDA toolkit was found"),
+               (lambda m: m.setattr(torch.version, "cuda", None), "this torch build .* has no CUDA support")]
+    for take, says in takings:  # each taking also hides the ones before it: the earlier checks come first
+        take(monkeypatch)
+        assert re.search(says, cuda_ext.toolchain_problem()), says
+
+
 def test_an_edited_source_or_header_gets_a_fresh_build(tmp_path, monkeypatch):
     """The build folder is named after a hash of every file of csrc/ (sources and headers), so an edit to any
     of them builds afresh instead of loading a stale cached build."""
