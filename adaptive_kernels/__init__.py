@@ -50,15 +50,15 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
           backend: str | None = None, scheduler=None, cuda_graphs: bool = True):
     """Make ``model`` (a LlavaForConditionalGeneration) run AdaLLaVA plans; returns it.
 
-    Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups
-    in units of ``rank`` (which L ignores); the first ``num_prefix_layers`` (default half, rounded
-    down) always run. ``backend`` picks the ops ("torch", "triton", "cuda"; None: triton on CUDA for a
+    Per instance and idempotent. ``variant`` "L" schedules whole layers, "H" heads and MLP groups in
+    units of ``rank`` (which L ignores); the first ``num_prefix_layers`` (default half, rounded down)
+    always run. ``backend`` picks the ops ("torch", "triton", "cuda"; None: triton on CUDA for a
     float32, float16 or bfloat16 model, torch otherwise); one that cannot run the model is refused here.
-    ``scheduler`` is a safetensors file from ``save_scheduler``; without it the scheduler gets a seeded initialisation, or,
-    re-patching with the same variant, rank and prefix (another backend, say), keeps the one it has.
-    ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph, and let plain greedy
-    ``generate`` queue each step before it reads whether the last one finished (``generation.py``; the
-    same ids). False: eager steps and transformers' own loop.
+    ``scheduler`` is a safetensors file from ``save_scheduler``; without it the scheduler gets a seeded
+    initialisation, or, re-patching with the same variant, rank and prefix (another backend, say), keeps
+    the one it has. ``cuda_graphs``: on CUDA, replay each request's decode step as a CUDA graph, and let
+    plain greedy ``generate`` queue each step before it reads whether the last one finished
+    (``generation.py``; the same ids). False: eager steps and transformers' own loop.
     """
     check_llava(model)
     shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)
