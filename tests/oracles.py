@@ -20,8 +20,9 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parame
 
 
 def cache_of(output):
-    """The cache a model output returns (``cache`` in newer transformers, ``past_key_values`` before)."""
-    return output.past_key_values if "past_key_values" in output else output.cache
+    """The cache a model output returns (``cache`` in newer transformers, ``past_key_values`` before), or None
+    where it returns none (a ModelOutput leaves out fields that are None)."""
+    return output.get("past_key_values", output.get("cache"))
 
 
 def fed_latency_token(model, stock, inputs: dict, budgets) -> tuple[torch.Tensor, torch.Tensor]:
