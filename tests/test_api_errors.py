@@ -686,7 +686,9 @@ def test_the_default_prefix_is_half_the_layers_rounded_down(num_layers):
     stock = tiny_llava(seed=2, num_layers=num_layers)
     inputs = example_inputs(stock, batch_size=2, seed=num_layers)
     P = num_layers // 2
-    default = ak.plan(ak.patch(copy.deepcopy(stock), "L"), latency_budget=0.01, **inputs)
-    assert default.layers.tolist() == [[True] * P + [False] * (num_layers - P)] * 2
-    given = ak.plan(ak.patch(copy.deepcopy(stock), "L", num_prefix_layers=P), latency_budget=[0.01, 0.99], **inputs)
-    assert ak.plan(ak.patch(copy.deepcopy(stock), "L"), latency_budget=[0.01, 0.99], **inputs) == given
+    default = ak.patch(copy.deepcopy(stock), "L")
+    prefix_only = [[True] * P + [False] * (num_layers - P)] * 2
+    assert ak.plan(default, latency_budget=0.01, **inputs).layers.tolist() == prefix_only
+    given = ak.patch(copy.deepcopy(stock), "L", num_prefix_layers=P)
+    budgets = [0.01, 0.99]
+    assert ak.plan(default, latency_budget=budgets, **inputs) == ak.plan(given, latency_budget=budgets, **inputs)

@@ -213,8 +213,8 @@ def test_padded_columns_add_nothing_whatever_the_weight_holds(op, case, T):
     a = randn(cols.shape[0], T, cols.shape[1], gen=gen)
     w = randn(D, N, gen=gen, scale=0.5)
     unlisted = sorted(set(range(N)) - set(cols.flatten().tolist()))
-    w[:, unlisted] = torch.tensor([float("inf"), float("nan"), float("-inf")], device=DEVICE).repeat(
-        len(unlisted))[:len(unlisted)]
+    not_finite = torch.tensor([float("inf"), float("nan"), float("-inf")], device=DEVICE)
+    w[:, unlisted] = not_finite[torch.arange(len(unlisted)) % 3]  # inf, NaN, -inf, inf, ...
     want = torch.zeros(cols.shape[0], T, D, dtype=torch.float64, device=DEVICE)
     for r, j in (cols >= 0).nonzero().tolist():
         want[r] += a[r, :, j, None].double() * w[:, cols[r, j]].double()
