@@ -280,6 +280,35 @@ def test_the_default_backend_is_triton_only_for_cuda_models_in_a_kernel_dtype():
     assert backends.default_backend(cpu, torch.float32) == "torch"
 
 
+def test_patch_takes_the_default_backends_choice_for_the_models_device_and_dtype(monkeypatch):
+    """backend=None is default_backend's answer for the model's device and dtype (triton on CUDA in a kernel
+    dtype; on the CPU torch), asked here of a stand-in that answers triton, which the interpreter runs."""
+    monkeypatch.setattr(backends, "INTERPRET", True)
+    asked = []
+
+    def answer(device, dtype):
+        asked.append((device, dtype))
+        return "triton"
+
+    monkeypatch.setattr(ak, "default_backend", answer)
+    model = ak.patch(tiny_llava().half(), "H", rank=2)
+    assert asked == [(torch.device("cpu"), torch.float16)]
+    assert model.model.language_model._ak_settings.backend.name == "triton"
+
+
+def test_latency_embedding_is_a_value_without_autograd(model):
+    """The embedding is returned as a value, with autograd on and the encoder's weights trainable: no graph
+    to the weights (which a later backward would reach), and it converts to NumPy as it is."""
+    assert torch.is_grad_enabled()
+    scheduler = model.model.language_model.latency_scheduler
+    assert all(p.requires_grad for p in scheduler.parameters())
+    embedding = ak.latency_embedding(model, 0.6)
+    assert not embedding.requires_grad and embedding.grad_fn is None
+    with torch.no_grad():
+        want = ak.latency_embedding(model, 0.6)
+    np.testing.assert_array_equal(embedding.numpy(), want.numpy())
+
+
 def test_api_on_an_unpatched_model():
     stock = tiny_llava()
     for call in (lambda: ak.save_scheduler(stock, "x.safetensors"), lambda: ak.latency_embedding(stock, 0.5),

@@ -246,6 +246,21 @@ def test_training_with_attention_dropout_is_refused():
         assert torch.equal(model(**inputs, latency_budget=0.6).logits, expected)
 
 
+def test_plan_in_train_mode_is_the_eval_mode_plan_and_runs_without_autograd():
+    """ak.plan only plans: in train mode, with autograd on, it picks the scheduler's top-n (no Gumbel draw) as
+    in eval mode, and runs without autograd, so an attention dropout that training refuses does not stop it."""
+    stock = tiny_llava(seed=4)
+    stock.config.text_config.attention_dropout = 0.1
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    inputs = example_inputs(stock, batch_size=2, seed=11)
+    budgets = [0.6, 0.8]
+    expected = ak.plan(model, latency_budget=budgets, **inputs)
+    model.train()
+    assert torch.is_grad_enabled()
+    for _ in range(2):
+        assert ak.plan(model, latency_budget=budgets, **inputs) == expected
+
+
 @pytest.mark.parametrize("frozen", ["q_proj", "k_proj"])
 def test_a_frozen_projection_leaves_the_others_their_gradients(frozen):
     """With one of q, k, v frozen the other two still train (they are read apart, not as one stacked
