@@ -216,6 +216,27 @@ def test_a_budget_runs_in_the_models_half_precision(stock, dtype):
     torch.testing.assert_close(ours[mask.bool()].float(), masked[mask.bool()].float(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sliced_stock_runs_in_the_models_half_precision(stock, dtype):
+    """The sweep's "ideal" (sliced_stock of the model it times, bfloat16 on a GPU) in half precision: the cut model
+    keeps the model's dtype and only the executed layers, and each row gives the patched model's logits under the
+    plan (layers with no head, no neuron, nothing on; kept key/value groups with query heads off) to rounding."""
+    stock = copy.deepcopy(stock).to(dtype)
+    inputs = example_inputs(stock, batch_size=2, seed=63)
+    plan = random_plan(2, seed=65)
+    tolerance = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    with torch.no_grad():
+        ours = patched(stock, "H")(**inputs, execution_plan=plan).logits
+        for row in range(2):
+            oracle = sliced_stock(stock, plan, row)
+            assert {p.dtype for p in oracle.parameters()} == {dtype}
+            kept = int(plan.layers[row].sum())
+            assert len(oracle.model.language_model.layers) == oracle.config.text_config.num_hidden_layers == kept
+            want = oracle(**row_inputs(inputs, row)).logits
+            assert want.dtype == dtype
+            torch.testing.assert_close(ours[row:row + 1].float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
 def test_plan_leaves_the_model_as_it_was(stock):
     """ak.plan runs the decoder for a plan only, for its own call: the model's decoder called after it computes
     stock's hidden states (no request left behind)."""
