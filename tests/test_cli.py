@@ -1062,6 +1062,36 @@ def test_example_inputs_refuse_a_vision_tower_they_cannot_count_the_image_tokens
         example_inputs(model)
 
 
+def test_example_inputs_left_pad_a_row_by_the_positions_given():
+    """``pad=[.., n, ..]``: the row's first n positions are padding (id 0, mask 0), then the unpadded prompt's first
+    tokens (its last n dropped, so the image tokens stay whole); rows not padded and the image are unchanged."""
+    model = tiny_llava()
+    pads = [0, 3, 1]
+    plain = example_inputs(model, batch_size=3, seed=5)
+    padded = example_inputs(model, batch_size=3, seed=5, pad=pads)
+    S = plain["input_ids"].shape[1]
+    for row, n in enumerate(pads):
+        assert padded["attention_mask"][row].tolist() == [0] * n + [1] * (S - n)
+        assert padded["input_ids"][row, :n].tolist() == [0] * n
+        assert torch.equal(padded["input_ids"][row, n:], plain["input_ids"][row, :S - n])
+    assert torch.equal(padded["pixel_values"], plain["pixel_values"])
+
+
+def test_tiny_llava_draws_every_decoder_norm_weight_and_leaves_the_global_generator_alone():
+    """Every RMSNorm weight of the decoder, the final norm's too, is drawn in [0.5, 1.5] (not transformers' ones),
+    the same for the same seed; and building the model neither reads nor reseeds the caller's generator."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model = tiny_llava(seed=4)
+    assert torch.equal(torch.get_rng_state(), before)
+    norms = {n: w for n, w in model.model.language_model.named_parameters() if n.endswith("norm.weight")}
+    assert len(norms) == 2 * model.config.text_config.num_hidden_layers + 1 and "norm.weight" in norms
+    for name, weight in norms.items():
+        assert not torch.all(weight == 1) and 0.5 <= weight.min() and weight.max() <= 1.5, name
+    assert all(torch.equal(w, dict(tiny_llava(seed=4).model.language_model.named_parameters())[n])
+               for n, w in norms.items())
+
+
 def test_load_builds_the_tiny_model_and_inputs_from_the_seed_in_the_dtype_given():
     from adaptive_kernels.cli import load
 

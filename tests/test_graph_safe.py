@@ -16,6 +16,7 @@ import torch
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
+from adaptive_kernels.graphs import runs_graph_safe
 from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from test_backends import interpreter
@@ -109,13 +110,25 @@ def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
 def test_graph_safe_blocks_nest():
     """Leaving a graph_safe() block restores what held before it: inside an outer block a request still reads
     nothing back after an inner block ends; after the outer one it runs as usual."""
-    from adaptive_kernels.graphs import runs_graph_safe
     x = torch.zeros(1)
     assert not runs_graph_safe(x)
     with ak.graph_safe():
         with ak.graph_safe():
             assert runs_graph_safe(x)
         assert runs_graph_safe(x)
+    assert not runs_graph_safe(x)
+
+
+def test_graph_safe_ends_with_its_block_when_the_block_raises():
+    """An exception leaving a graph_safe() block (an inner one inside an outer, then the outer) restores what
+    held before that block, as leaving it normally does."""
+    x = torch.zeros(1)
+    with ak.graph_safe():
+        with pytest.raises(RuntimeError, match="inner"), ak.graph_safe():
+            raise RuntimeError("inner")
+        assert runs_graph_safe(x)
+    with pytest.raises(RuntimeError, match="outer"), ak.graph_safe():
+        raise RuntimeError("outer")
     assert not runs_graph_safe(x)
 
 
