@@ -79,6 +79,18 @@ def test_a_plan_whose_groups_were_replaced_by_another_shape_is_refused_by_name(m
             model(**inputs, execution_plan=edited)
 
 
+def test_a_plan_whose_layers_were_replaced_by_another_shape_is_refused_by_name(model, inputs):
+    """The layers mask is checked per call as the heads and groups are, inside graph_safe() too."""
+    for layers in (torch.ones(2, 7, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool),
+                   torch.ones(1, 8, dtype=torch.bool)):
+        edited = ExecutionPlan.full(2, 8, 8)
+        edited.layers = layers
+        for context in (contextlib.nullcontext, ak.graph_safe):
+            with context(), pytest.raises(ValueError, match=rf"execution_plan has layers \({layers.shape[0]}, "
+                                                             rf"{layers.shape[1]}\)"):
+                model(**inputs, execution_plan=edited)
+
+
 def test_latency_embedding_takes_one_budget(model):
     for budget in ([0.5, 0.6], torch.tensor([0.5, 0.6]), []):
         with pytest.raises(ValueError, match="budget must be one number"):
@@ -131,6 +143,11 @@ def test_unsupported_models():
         ak.patch(llava_mistral)
 
 
+class _ScaledLinear(torch.nn.Linear):  # a torch.nn.Linear subclass whose forward is not F.linear over its weight
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 class _Adapter(torch.nn.Module):  # stands for a LoRA-wrapped projection: the base layer plus a delta
     def __init__(self, base):
         super().__init__()
@@ -149,7 +166,7 @@ def test_a_model_with_fewer_layers_than_its_config_says_is_refused():
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
-@pytest.mark.parametrize("wrap", ["adapter", "float8", "pruned", "hooked"])
+@pytest.mark.parametrize("wrap", ["adapter", "float8", "pruned", "hooked", "subclass"])
 def test_projections_the_executor_cannot_read_are_refused(wrap):
     """The executor reads projection weights itself: a wrapped, quantised or hooked one would be computed wrong."""
     model = tiny_llava()
@@ -158,6 +175,8 @@ def test_projections_the_executor_cannot_read_are_refused(wrap):
         mlp.up_proj = _Adapter(mlp.up_proj)
     elif wrap == "float8":
         mlp.up_proj.to(torch.float8_e4m3fn)
+    elif wrap == "subclass":  # plain torch.nn.Linear only: a subclass may compute anything in its forward
+        mlp.up_proj.__class__ = _ScaledLinear
     elif wrap == "pruned":  # the mask is applied by a forward pre-hook
         prune.random_unstructured(mlp.up_proj, "weight", amount=0.5)
     else:
@@ -611,6 +630,19 @@ def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, 
         model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
         with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: this cache was given to an earlier call"):
             model(input_ids=ids[:, -1:], **{CACHE_KWARG: given})
+
+
+@pytest.mark.parametrize("request_", [{}, {"latency_budget": 0.6}, {"execution_plan": ExecutionPlan.full(2, 8, 8)}],
+                         ids=["none", "budget", "plan"])
+def test_a_filled_cache_the_model_did_not_return_is_refused(model, inputs, request_):
+    """A cache stock filled holds keys and values of every layer and head: the patched model would run the new
+    tokens as a new prompt beside them, so it is refused by name, whatever the request."""
+    with torch.no_grad():
+        filled = cache_of(tiny_llava(seed=2)(**inputs, use_cache=True))
+        assert isinstance(filled, DynamicCache) and filled.get_seq_length() > 0
+        with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: a patched model continues only the AdaptiveCache it "
+                                             "returned, got a filled DynamicCache"):
+            model(input_ids=torch.full((2, 1), 5), **{CACHE_KWARG: filled}, **request_)
 
 
 def test_continuing_a_cache_with_another_row_count_is_refused(model, inputs):
