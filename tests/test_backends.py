@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from transformers.activations import ACT2FN
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
@@ -99,6 +100,37 @@ def test_other_llama_shapes_give_the_masked_and_sliced_computation(sizes, backen
             assert torch.equal(ours.sequences[row:row + 1], want.sequences)
             for got, theirs in zip(ours.logits, want.logits, strict=True):
                 torch.testing.assert_close(got[row:row + 1], theirs, **CPU_FP32)
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "relu"])
+def test_an_mlp_activation_other_than_silu_is_the_masked_computation(act):
+    """A Llama config's hidden_act need not be silu: the MLP runs gate, up and that activation (not the fused
+    SwiGLU), and the forward is the masked computation."""
+    stock = stock_of_shape(54, num_heads=4, num_kv_heads=2, hidden_size=32)
+    stock.config.text_config.hidden_act = act
+    for layer in stock.model.language_model.layers:  # as a model built from that config has them
+        layer.mlp.act_fn = ACT2FN[act]
+    inputs = example_inputs(stock, batch_size=2, seed=55, pad=[0, 2])
+    plan = _plan(2, 4, 4, seed=56, device="cpu")
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **CPU_FP32)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_biases_on_some_of_q_k_v_only_are_the_masked_computation(backend):
+    """A decoder whose k and v projections have biases and whose q projection has none (a model edited by hand):
+    its q, k and v weights run as one product only with biases on all three or none; these keep their biases."""
+    stock = stock_of_shape(57, num_heads=4, num_kv_heads=2, hidden_size=32, attention_bias=True)
+    for layer in stock.model.language_model.layers:
+        layer.self_attn.q_proj.bias = None
+    inputs = example_inputs(stock, batch_size=2, seed=58, pad=[0, 2])
+    plan = _plan(2, 4, 4, seed=59, device="cpu")
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **CPU_FP32)
 
 
 def _grads(model, inputs, seed, **kw):

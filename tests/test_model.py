@@ -250,6 +250,21 @@ def test_plan_leaves_the_model_as_it_was(stock):
     torch.testing.assert_close(ours[real], want[real], **TOL)
 
 
+def test_use_cache_given_in_the_call_overrides_the_config(stock):
+    """use_cache=False in the call returns no cache, as stock returns none, though the config says use_cache=True;
+    use_cache=True in the call returns one though the config says False."""
+    inputs = example_inputs(stock, batch_size=2, seed=57, pad=[0, 2])
+    model = patched(stock, "H")
+    requests = ({}, {"execution_plan": random_plan(2, seed=58)}, {"latency_budget": 0.6})
+    with torch.no_grad():
+        assert model.config.text_config.use_cache and cache_of(stock(**inputs, use_cache=False)) is None
+        for request in requests:
+            assert cache_of(model(**inputs, use_cache=False, **request)) is None
+        model.config.text_config.use_cache = False
+        for request in requests:
+            assert isinstance(cache_of(model(**inputs, use_cache=True, **request)), AdaptiveCache)
+
+
 @pytest.mark.parametrize("request_kind", ["none", "full plan"])
 def test_a_one_token_prompt_gives_stock_logits_and_ids(stock, request_kind):
     """A prompt of one token (text only) has a decode step's shape but fills an empty cache: stock's logits and
@@ -773,6 +788,22 @@ def test_beam_reordering_keeps_each_row_within_its_plan(differs_in):
     with pytest.raises(ValueError, match="beam_idx moves rows between different plans"):
         cache.reorder_cache(torch.tensor([1, 1]))
     cache.reorder_cache(torch.tensor([0, 1]))
+
+
+def test_a_budget_prompt_that_fills_a_capacity_step_makes_room_for_its_latency_token(stock):
+    """A prompt of CAPACITY_STEP tokens under a budget fills CAPACITY_STEP + 1 positions: the prefill reserves
+    the latency token's too, and its logits are those of the masked computation fed that token."""
+    ids = torch.randint(1, 500, (2, CAPACITY_STEP), generator=torch.Generator().manual_seed(61))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    budgets = [0.6, 0.85]
+    model = patched(stock, "H")
+    plan = ak.plan(model, latency_budget=budgets, **inputs)
+    with torch.no_grad():
+        ours = model(**inputs, latency_budget=budgets)
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(ours.logits, masked, **TOL)
+    assert cache_of(ours).length == CAPACITY_STEP + 1 <= cache_of(ours).capacity
 
 
 def test_a_cache_that_grows_drops_its_graph_and_warms_up_again():
