@@ -82,6 +82,20 @@ def test_inside_graph_safe_a_skipped_layers_units_count_as_off():
     torch.testing.assert_close(ours[real], masked[real], **TOL)
 
 
+def test_a_plan_edited_in_place_after_a_graph_safe_prefill_changes_nothing_of_that_request():
+    """As on the usual path, the cache keeps a copy of the plan its prefill ran, its layers mask included: the
+    caller's later edits of the masks change neither that plan nor what a continuation is compared with."""
+    stock = tiny_llava(seed=77, num_layers=4)
+    inputs = example_inputs(stock, batch_size=2, seed=78)
+    plan = plan_with_skips(2, 4, 8, seed=79)
+    original = ExecutionPlan(plan.layers.clone(), plan.heads.clone(), plan.groups.clone())
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    with torch.no_grad(), ak.graph_safe():
+        out = model(**inputs, execution_plan=plan)
+    plan.layers[:], plan.heads[:], plan.groups[:] = ~plan.layers, ~plan.heads, ~plan.groups
+    assert cache_of(out).plan == original and cache_of(out).plan != plan
+
+
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     """The scheduler's top-n and the plan's buffers on the device give the plan, logits and ids of the
@@ -144,8 +158,9 @@ def test_a_request_inside_capture_reads_no_value_back(given):
     request = {"latency_budget": 0.6} if given == "budget" else {"execution_plan": plan_with_skips(2, 4, 8, 78).to("meta")}
     with torch.no_grad(), ak.graph_safe():
         out = model(inputs_embeds=embed(inputs["input_ids"].to("meta")), attention_mask=mask, **request)
+        # the request given again, as generate gives it at every step: checked against the cache's without a read
         step = model(inputs_embeds=embed(torch.zeros(2, 1, dtype=torch.long, device="meta")),
-                     attention_mask=torch.cat([mask, mask[:, :1]], dim=1), **{CACHE_KWARG: cache_of(out)})
+                     attention_mask=torch.cat([mask, mask[:, :1]], dim=1), **{CACHE_KWARG: cache_of(out)}, **request)
     assert cache_of(out).plan.layers.device.type == "meta"
     assert step.logits.shape == (2, 1, stock.config.text_config.vocab_size)
 
