@@ -244,6 +244,24 @@ def test_cuda_graph_decode_equals_eager_decode(backend, case, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_assisted_decoding_with_cuda_graphs_equals_it_without(backend):
+    """A draft model's tokens are verified several at a step, steps of changing lengths that a graph of one
+    token's shapes cannot hold: with cuda_graphs on they run eagerly, and give the ids and logits of it off."""
+    stock = tiny_llava(seed=28).cuda()
+    inputs = example_inputs(stock, batch_size=1, seed=29)
+    plan = _plan(1, 8, 8, seed=30, device="cuda")
+    run = dict(execution_plan=plan, assistant_model=copy.deepcopy(stock), max_new_tokens=10, do_sample=False,
+               output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        graphed, eager = (ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=graphs)
+                          .generate(**inputs, **run) for graphs in (True, False))
+    assert torch.equal(graphed.sequences, eager.sequences)
+    for x, y in zip(graphed.logits, eager.logits, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@gpu
 def test_plan_on_the_wrong_device_is_refused():
     model = ak.patch(tiny_llava().cuda(), "H", rank=2)
     inputs = example_inputs(model, batch_size=1)
