@@ -446,6 +446,48 @@ def test_a_decode_mask_that_hides_a_token_keeps_the_latency_token_in_place(stock
     torch.testing.assert_close(ours, want, **TOL)
 
 
+def test_labels_given_with_a_decode_step_under_a_budget_are_the_steps_own(stock):
+    """Only the prefill appends the latency token's -100 to a budget's labels: a step that continues the
+    cache (the budget given again) takes labels of its own tokens, whose loss is stock's over its logits."""
+    inputs = example_inputs(stock, seed=64)
+    new = torch.randint(1, 500, (1, 3), generator=torch.Generator().manual_seed(65))
+    model = patched(stock, "H")
+    with torch.no_grad():
+        cache = cache_of(model(**inputs, latency_budget=0.6, use_cache=True))
+        out = model(input_ids=new, labels=new, latency_budget=0.6, use_cache=True, **{CACHE_KWARG: cache})
+    assert out.logits.shape[:2] == new.shape
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[0, :-1].float(), new[0, 1:]))
+
+
+def test_the_latency_token_under_a_budget_adds_nothing_to_the_loss(stock):
+    """The latency token predicts nothing and nothing predicts it: a budget's loss is the mean cross-entropy of
+    its logits at the prompt's positions against the next prompt token, the padding's -100 left out."""
+    inputs = example_inputs(stock, batch_size=2, seed=68, pad=[2, 0])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    S = labels.shape[1]
+    model = patched(stock, "H")
+    with torch.no_grad():
+        out = model(**inputs, labels=labels, latency_budget=[0.6, 0.9])
+    assert out.logits.shape[1] == S + 1
+    want = F.cross_entropy(out.logits[:, :S - 1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)
+
+
+def test_labels_given_with_a_reset_budget_cache_are_a_new_prompts(stock):
+    """A reset cache holds no position, so a budget's call given it is a prefill: its labels get the latency
+    token's -100 appended, and its loss is that of the same call given no cache."""
+    inputs = example_inputs(stock, batch_size=2, seed=66, pad=[0, 2])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model = patched(stock, "H")
+    with torch.no_grad():
+        cache = cache_of(model(**inputs, latency_budget=[0.6, 0.9], use_cache=True))
+        cache.reset()
+        ours = model(**inputs, labels=labels, latency_budget=[0.6, 0.9], use_cache=True, **{CACHE_KWARG: cache})
+        fresh = model(**inputs, labels=labels, latency_budget=[0.6, 0.9])
+    torch.testing.assert_close(ours.logits, fresh.logits)
+    torch.testing.assert_close(ours.loss, fresh.loss)
+
+
 @pytest.mark.parametrize("counted", ["without the latency token", "with the latency token"])
 def test_decode_position_ids_given_by_hand_count_what_the_mask_counts(stock, counted):
     """A decode step called by hand with position_ids derived from its mask, as stock derives them (cumsum - 1):
