@@ -21,6 +21,7 @@ from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.models.llama import PROJECTIONS, check_plan
+from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
 from oracles import CACHE_KWARG, cache_of
 
@@ -496,6 +497,27 @@ def test_draft_options_left_off_let_a_budget_generate(model, inputs):
     assert torch.equal(off, plain)
 
 
+def test_a_call_without_the_cache_is_refused_under_a_budget_by_keyword_or_config():
+    """use_cache=False given by the call, as a keyword or in a GenerationConfig passed to it, is refused under a
+    budget even where the model's own default is use_cache=False too: only that default is overridden."""
+    model = ak.patch(tiny_llava(), "L", rank=2)
+    inputs = example_inputs(model, batch_size=1, seed=5)
+    model.generation_config.use_cache = False
+    with pytest.raises(ValueError, match="latency_budget needs generate's use_cache=True"):
+        model.generate(**inputs, latency_budget=0.6, max_new_tokens=2, use_cache=False)
+    with pytest.raises(ValueError, match="latency_budget needs generate's use_cache=True"):
+        model.generate(**inputs, latency_budget=0.6, generation_config=GenerationConfig(max_new_tokens=2,
+                                                                                        use_cache=False))
+
+
+def test_budget_rows_are_counted_per_prompt_with_beams_for_embedded_prompts(model, inputs):
+    """Prompts given as inputs_embeds are counted as input_ids are: one budget per prompt, before the beams."""
+    embeds = prompt_embeddings(model, inputs)
+    with pytest.raises(ValueError, match="latency_budget has 3 values but the batch has 2 rows"):
+        model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], latency_budget=[0.5, 0.6, 0.7],
+                       num_beams=2, max_new_tokens=2)
+
+
 def test_the_models_generation_defaults_count_when_the_call_gives_a_config():
     """generate fills a given GenerationConfig's unset options from the model's own: those options are checked,
     and repeated per beam, as the model's own are without a given config (they were read from the given config
@@ -518,6 +540,14 @@ def test_the_models_generation_defaults_count_when_the_call_gives_a_config():
         assert torch.equal(model.generate(**inputs, latency_budget=0.6, generation_config=given),
                            model.generate(**inputs, latency_budget=0.6, max_new_tokens=3, do_sample=False,
                                           use_cache=True))
+
+
+def test_a_guidance_scale_of_1_is_no_guidance_and_lets_a_request_generate(model, inputs):
+    """guidance_scale=1 runs no unconditional pass (transformers adds no guidance then): the same ids as without it."""
+    with torch.no_grad():
+        plain = model.generate(**inputs, latency_budget=[0.6, 0.9], max_new_tokens=3, do_sample=False)
+        one = model.generate(**inputs, latency_budget=[0.6, 0.9], max_new_tokens=3, do_sample=False, guidance_scale=1)
+    assert torch.equal(one, plain)
 
 
 @pytest.mark.parametrize("request_name", ["latency_budget", "execution_plan"])

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 import adaptive_kernels as ak
@@ -94,6 +95,33 @@ def test_running_ahead_returns_the_ids_of_transformers_loop(stock, inputs, monke
     if request_kind != "budget":  # a full plan is the stock model
         plain = {k: v for k, v in kw.items() if k not in request}
         assert torch.equal(ours, generate_counting(stock, inputs, False, monkeypatch, **plain)[0])
+
+
+def test_logits_processors_get_the_float32_scores_of_transformers_loop_from_a_bfloat16_model(stock, inputs,
+                                                                                           monkeypatch):
+    """transformers' loop hands logits processors the last position's logits cast to float32, whatever the
+    model's dtype; running ahead hands them the same scores at each step, and so picks the same ids."""
+    model = ak.patch(copy.deepcopy(stock).to(torch.bfloat16), "H", rank=2)
+    seen = {}
+
+    class Record(LogitsProcessor):
+        def __init__(self, run):
+            self.run = run
+
+        def __call__(self, input_ids, scores):
+            seen.setdefault(self.run, []).append(scores.clone())
+            return scores
+
+    kw = {"do_sample": False, "latency_budget": [0.6, 0.9]}  # the length limit stops it: no step dropped
+    theirs, _ = generate_counting(model, inputs, False, monkeypatch, logits_processor=LogitsProcessorList([Record(0)]),
+                                  **kw)
+    ours, _ = generate_counting(model, inputs, True, monkeypatch, logits_processor=LogitsProcessorList([Record(1)]),
+                                **kw)
+    assert torch.equal(ours, theirs)
+    assert len(seen[0]) == len(seen[1]) == NEW_TOKENS
+    for mine, want in zip(seen[1], seen[0]):
+        assert want.dtype == mine.dtype == torch.float32
+        assert torch.equal(mine, want)
 
 
 @pytest.mark.parametrize("option", ["return_dict_in_generate", "do_sample", "streamer", "cuda_graphs_off",
