@@ -25,6 +25,11 @@ def cache_of(output):
     return output.get("past_key_values", output.get("cache"))
 
 
+def prompt_labels(inputs: dict) -> torch.Tensor:
+    """Training labels that are the prompt itself, its padding (attention mask 0) ignored as -100: [B, S]."""
+    return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+
 def fed_latency_token(model, stock, inputs: dict, budgets) -> tuple[torch.Tensor, torch.Tensor]:
     """What a stock model is fed for a request of the patched ``model`` under ``budgets`` (one per row): the
     prompt's embeddings then the latency token -> embeds [B, S + 1, D], and the attention mask with that last

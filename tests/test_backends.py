@@ -17,7 +17,7 @@ from adaptive_kernels.ops import runs, swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, cache_of, fed_latency_token, stock_of_shape
+from oracles import CACHE_KWARG, cache_of, fed_latency_token, prompt_labels, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -135,7 +135,7 @@ def test_biases_on_some_of_q_k_v_only_are_the_masked_computation(backend):
 
 def _grads(model, inputs, seed, **kw):
     """(loss, {parameter name: gradient}) of one training step with labels = the prompt (padding ignored)."""
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = prompt_labels(inputs)
     torch.manual_seed(seed)  # the Gumbel draws of a budget
     loss = model.train()(**inputs, labels=labels, **kw).loss
     loss.backward()

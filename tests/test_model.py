@@ -28,7 +28,7 @@ from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.models.llama import stacked_qkv
 from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
-from oracles import CACHE_KWARG, WeightCopies, cache_of, fed_latency_token, stock_decode_logits
+from oracles import CACHE_KWARG, WeightCopies, cache_of, fed_latency_token, prompt_labels, stock_decode_logits
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -150,7 +150,7 @@ def test_full_plan_gives_stock_result_under_autocast_on_the_torch_backend(stock,
     residual stream stays float32 and the updates come out in bfloat16; the torch backend follows autocast as
     stock does, so the logits and the loss are stock's bit for bit."""
     inputs = example_inputs(stock, batch_size=2, seed=4, pad=[0, 3])
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = prompt_labels(inputs)
     model, reference = patched(stock, "H", backend="torch"), copy.deepcopy(stock)
     getattr(model, mode)(), getattr(reference, mode)()
     real = inputs["attention_mask"].bool()
@@ -463,7 +463,7 @@ def test_the_latency_token_under_a_budget_adds_nothing_to_the_loss(stock):
     """The latency token predicts nothing and nothing predicts it: a budget's loss is the mean cross-entropy of
     its logits at the prompt's positions against the next prompt token, the padding's -100 left out."""
     inputs = example_inputs(stock, batch_size=2, seed=68, pad=[2, 0])
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = prompt_labels(inputs)
     S = labels.shape[1]
     model = patched(stock, "H")
     with torch.no_grad():
@@ -477,7 +477,7 @@ def test_labels_given_with_a_reset_budget_cache_are_a_new_prompts(stock):
     """A reset cache holds no position, so a budget's call given it is a prefill: its labels get the latency
     token's -100 appended, and its loss is that of the same call given no cache."""
     inputs = example_inputs(stock, batch_size=2, seed=66, pad=[0, 2])
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = prompt_labels(inputs)
     model = patched(stock, "H")
     with torch.no_grad():
         cache = cache_of(model(**inputs, latency_budget=[0.6, 0.9], use_cache=True))

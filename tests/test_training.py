@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import adaptive_kernels as ak
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from adaptive_kernels.sliced import masked_stock, unit_mask_hooks
-from oracles import cache_of, fed_latency_token, stock_of_shape
+from oracles import cache_of, fed_latency_token, prompt_labels, stock_of_shape
 
 
 def test_training_forward_samples_a_plan_and_trains_the_scheduler():
@@ -137,7 +137,7 @@ def test_gradient_checkpointing_keeps_no_cache_and_trains_long_prompts_as_withou
     forward without checkpointing."""
     stock = tiny_llava(seed=5, num_layers=4)
     inputs = example_inputs(stock, batch_size=2, text_tokens=60, seed=9, pad=[0, 5])
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = prompt_labels(inputs)
     plan = ak.ExecutionPlan.full(2, 4, 8)
     plan.heads[:, 3, ::3] = plan.groups[:, 2, 1::2] = False
     for given in ({}, {"execution_plan": plan}):
