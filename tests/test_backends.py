@@ -102,6 +102,17 @@ def test_other_llama_shapes_give_the_masked_and_sliced_computation(sizes, backen
                 torch.testing.assert_close(got[row:row + 1], theirs, **CPU_FP32)
 
 
+def _assert_a_plan_is_the_masked_computation(stock, backend: str, seed: int) -> None:
+    """``stock`` (4 layers of 4 heads) patched for variant H at rank 1 on ``backend``: its forward under a random
+    plan, on two prompts of which one is padded, gives the masked computation's logits."""
+    inputs = example_inputs(stock, batch_size=2, seed=seed, pad=[0, 2])
+    plan = _plan(2, 4, 4, seed=seed + 1, device="cpu")
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **CPU_FP32)
+
+
 @pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "relu"])
 def test_an_mlp_activation_other_than_silu_is_the_masked_computation(act):
     """A Llama config's hidden_act need not be silu: the MLP runs gate, up and that activation (not the fused
@@ -110,12 +121,7 @@ def test_an_mlp_activation_other_than_silu_is_the_masked_computation(act):
     stock.config.text_config.hidden_act = act
     for layer in stock.model.language_model.layers:  # as a model built from that config has them
         layer.mlp.act_fn = ACT2FN[act]
-    inputs = example_inputs(stock, batch_size=2, seed=55, pad=[0, 2])
-    plan = _plan(2, 4, 4, seed=56, device="cpu")
-    model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend="torch")
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
-                                   masked_stock(stock, plan)(**inputs).logits, **CPU_FP32)
+    _assert_a_plan_is_the_masked_computation(stock, "torch", seed=55)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
@@ -125,12 +131,7 @@ def test_biases_on_some_of_q_k_v_only_are_the_masked_computation(backend):
     stock = stock_of_shape(57, num_heads=4, num_kv_heads=2, hidden_size=32, attention_bias=True)
     for layer in stock.model.language_model.layers:
         layer.self_attn.q_proj.bias = None
-    inputs = example_inputs(stock, batch_size=2, seed=58, pad=[0, 2])
-    plan = _plan(2, 4, 4, seed=59, device="cpu")
-    model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend=backend)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
-                                   masked_stock(stock, plan)(**inputs).logits, **CPU_FP32)
+    _assert_a_plan_is_the_masked_computation(stock, backend, seed=58)
 
 
 def _grads(model, inputs, seed, **kw):

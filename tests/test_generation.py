@@ -102,24 +102,22 @@ def test_logits_processors_get_the_float32_scores_of_transformers_loop_from_a_bf
     """transformers' loop hands logits processors the last position's logits cast to float32, whatever the
     model's dtype; running ahead hands them the same scores at each step, and so picks the same ids."""
     model = ak.patch(copy.deepcopy(stock).to(torch.bfloat16), "H", rank=2)
-    seen = {}
 
     class Record(LogitsProcessor):
-        def __init__(self, run):
-            self.run = run
+        def __init__(self):
+            self.scores = []
 
         def __call__(self, input_ids, scores):
-            seen.setdefault(self.run, []).append(scores.clone())
+            self.scores.append(scores.clone())
             return scores
 
     kw = {"do_sample": False, "latency_budget": [0.6, 0.9]}  # the length limit stops it: no step dropped
-    theirs, _ = generate_counting(model, inputs, False, monkeypatch, logits_processor=LogitsProcessorList([Record(0)]),
-                                  **kw)
-    ours, _ = generate_counting(model, inputs, True, monkeypatch, logits_processor=LogitsProcessorList([Record(1)]),
-                                **kw)
+    loop, ahead = Record(), Record()
+    theirs, _ = generate_counting(model, inputs, False, monkeypatch, logits_processor=LogitsProcessorList([loop]), **kw)
+    ours, _ = generate_counting(model, inputs, True, monkeypatch, logits_processor=LogitsProcessorList([ahead]), **kw)
     assert torch.equal(ours, theirs)
-    assert len(seen[0]) == len(seen[1]) == NEW_TOKENS
-    for mine, want in zip(seen[1], seen[0]):
+    assert len(ahead.scores) == len(loop.scores) == NEW_TOKENS
+    for mine, want in zip(ahead.scores, loop.scores):
         assert want.dtype == mine.dtype == torch.float32
         assert torch.equal(mine, want)
 

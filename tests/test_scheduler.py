@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from adaptive_kernels import scheduler
 from adaptive_kernels.plan import UnitSpace
 from adaptive_kernels.scheduler import (_gumbel_top_n, _gumbel_top_n_units, _ranks, fourier_features, gumbel_pick,
                                         seeded_scheduler)
@@ -319,8 +320,6 @@ def test_latency_embedding_follows_weight_changes():
 def test_per_row_counts_in_a_capture_copy_nothing_from_the_host(monkeypatch):
     """Rows with different budgets inside a CUDA-graph capture: each count is written by a fill that holds it. An
     indexed assignment of a Python int copies a host scalar, which a capture refuses (pageable memory)."""
-    from adaptive_kernels import scheduler
-
     monkeypatch.setattr(scheduler, "capturing", lambda x: True)
     values = [int(v) for v in torch.randint(0, 50, (5,))] + [51]
     with DispatchedOps() as ops:
@@ -332,8 +331,6 @@ def test_per_row_counts_in_a_capture_copy_nothing_from_the_host(monkeypatch):
 def test_features_made_inside_a_capture_are_not_kept(monkeypatch):
     """A budget's Fourier features are made once and kept, but not when first made inside a CUDA-graph capture,
     where they hold nothing until the graph is replayed: the next eager request makes them again, then keeps them."""
-    from adaptive_kernels import scheduler
-
     made = []
     monkeypatch.setattr(scheduler, "fourier_features", lambda q: made.append(q) or fourier_features(q))
     sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
