@@ -1,10 +1,11 @@
 """benchmarks/gpu_end_to_end.sh on the CPU: a stage that fails or runs out of time is reported and the next one
-runs, and the report (tables, redrawn plot, packed results) works, so a GPU session's one call is not lost to
-the script itself."""
+runs, and the report (tables, redrawn plot, packed results) works; and the op benchmarks its ops stage runs work at
+tiny shapes. So a GPU session's one call is not lost to the code around the measurements."""
 
 from __future__ import annotations
 
 import os
+import json
 import re
 import shutil
 import subprocess
@@ -86,3 +87,31 @@ def test_gpu_script_prints_its_help_and_refuses_arguments(tmp_path):
                              timeout=60)
     assert refused.returncode == 2 and "takes no arguments" in refused.stderr and "got: tests" in refused.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_op_benchmarks_run_dry_and_their_table_reads_them(tmp_path):
+    """``AK_BENCH_DRY=1 pytest benchmarks/test_ops.py --benchmark-only`` runs every case at tiny shapes through
+    Triton's interpreter (each compares its gathered op with the ideal), writes a row per case, and gpu_kernels'
+    table, which the GPU script prints, reads them: otherwise nothing but a GPU session would run this code."""
+    work = checkout_copy(tmp_path)
+    env = {**os.environ, "AK_BENCH_DRY": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(work)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "-q",
+                           "-p", "no:cacheprovider"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    (written,) = (work / "benchmarks" / "results").glob("ops-dry-*.json")
+    rows = json.loads(written.read_text())["rows"]
+    ops = {"add_rms_norm", "rotary", "q_proj", "attention", "o_proj", "o_proj[cols-major]", "swiglu", "down_proj",
+           "down_proj[cols-major]", "layer", "layer[cols-major]"}
+    cases = {(r["op"], r["tokens"], r["share"]) for r in rows}
+    assert len(cases) == len(rows) == 2 * 2 + 9 * 2 * 4 and {op for op, _, _ in cases} == ops, cases
+    for r in rows:
+        assert 0 <= r["rel_err_vs_ideal"] < 1e-4 and r["backend_us"] > 0 and r["ideal_us"] > 0, r
+        peak = "bw_share" if r["tokens"] == 1 else None if r["op"] in ("add_rms_norm", "rotary") else "flop_share"
+        assert peak is None or r[peak] > 0, r
+    shown = subprocess.run([sys.executable, "-c", f"import gpu_kernels; print(gpu_kernels.table("
+                            f"__import__('pathlib').Path({str(written)!r})))"], cwd=work / "benchmarks", env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("cpu (dry run)") and lines[1].startswith("op"), lines[:2]
+    assert len(lines) == 2 + len(rows) + 2, lines  # a line per row, then copy bandwidth and matrix rate
