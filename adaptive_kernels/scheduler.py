@@ -106,22 +106,24 @@ class AdaptiveScheduler(nn.Module):
     def latency_embedding(self, budgets: list[float]) -> torch.Tensor:
         """The latency token's input embedding per budget: [B, hidden].
 
-        Each quantised budget's Fourier features (they hold no weight) are computed once per device and
-        dtype, from a fill rather than a host copy, and kept: a request launches the encoder's layers only,
-        on the weights they hold now, and may be captured in a CUDA graph.
+        Each quantised budget's embedding is computed once, alone, so a row's is the one ``[budget]`` alone gives,
+        bit for bit, whatever the other rows' budgets (a batched product may round otherwise). Its Fourier features
+        (they hold no weight) are computed once per device and dtype, from a fill rather than a host copy, and
+        kept: a request launches the encoder's layers only, on the weights they hold now, and may be captured in a
+        CUDA graph.
         """
         weight = self.latency_encoder.fc1.weight
-        rows = []
-        for b in budgets:
-            key = (self.units.quantised(b), weight.device, weight.dtype)
+        keys = [(self.units.quantised(b), weight.device, weight.dtype) for b in budgets]
+        embeddings = {}
+        for key in dict.fromkeys(keys):
             features = self._features.get(key)
             if features is None:
                 q = torch.full((1,), key[0], dtype=torch.float64, device=weight.device)
                 features = fourier_features(q)[0].to(weight.dtype)
                 if not capturing(weight):  # a capture's tensors hold nothing until it is replayed
                     self._features[key] = features
-            rows.append(features)
-        return self.latency_encoder.embed(torch.stack(rows))
+            embeddings[key] = self.latency_encoder.embed(features[None])
+        return torch.cat([embeddings[key] for key in keys])
 
     def select(self, latency_state: torch.Tensor, budgets: list[float], sample: bool = False):
         """Units after the prefix from the latency token's hidden state [B, hidden].

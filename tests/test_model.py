@@ -327,6 +327,7 @@ def test_hidden_states_under_a_budget_are_the_masked_computation_fed_the_latency
         embeds, mask = fed_latency_token(model, stock, inputs, budgets)
         masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(ours.logits, masked.logits, **TOL)
+    assert torch.equal(ours.hidden_states[0], embeds)  # each row's latency token is its budget's, bit for bit
     assert len(ours.hidden_states) == len(masked.hidden_states) == L + 1
     for got, want in zip(ours.hidden_states, masked.hidden_states):
         torch.testing.assert_close(got, want, **TOL)

@@ -293,9 +293,9 @@ def test_latency_embedding_follows_weight_changes():
     in a new dtype or on another device gives the new encoder's output, never a stale one."""
     sched = seeded_scheduler(UnitSpace("H", 8, 4, 4, 2), hidden_size=16)
 
-    def fresh(budgets):
-        q = torch.tensor([sched.units.quantised(b) for b in budgets], dtype=torch.float64)
-        return sched.latency_encoder(q)
+    def fresh(budgets):  # each row's budget alone
+        return torch.cat([sched.latency_encoder(torch.tensor([sched.units.quantised(b)], dtype=torch.float64))
+                          for b in budgets])
 
     with torch.no_grad():
         budgets = [0.9, 0.6, 0.9]
