@@ -36,7 +36,7 @@ class AdaptiveCache(Cache):
         self.latency_index = latency_index
         self.position_shift = position_shift
         self.budgets: list[float] | None = None  # per row, those the plan was made from (None: a given plan, or none)
-        self.agreed: dict = {}  # request arguments of later calls found to match this request's (see check_continuation)
+        self.agreed: dict = {}  # the request's own arguments, and later calls' found to match (check_continuation)
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
@@ -541,6 +541,31 @@ def test_a_plan_edited_in_place_after_its_prefill_changes_nothing_of_that_reques
         again = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), execution_plan=original,
                                max_new_tokens=3, **{CACHE_KWARG: cached}, **run)
     assert torch.equal(again, greedy(sliced_stock(stock, original, 0), inputs, n=6, eos_token_id=None))
+
+
+@pytest.mark.parametrize("edited_after_call", [1, 2])
+def test_a_plan_edited_in_place_while_generate_runs_changes_nothing_of_that_request(stock, edited_after_call):
+    """generate passes the caller's plan again at every step: edited in place between steps (here by a logits
+    processor), right after the prefill or after a decode step, it is still that request's own plan, not another
+    to refuse, and the request runs on under its prefill's copy, as the sliced stock model does."""
+    inputs = example_inputs(stock, seed=46)
+    model = patched(stock, "H")
+    plan = random_plan(1, seed=47)
+    want = greedy(sliced_stock(stock, plan, 0), inputs, n=4, eos_token_id=None)
+
+    class EditThePlan(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == edited_after_call:
+                plan.heads[:] = ~plan.heads & plan.layers[..., None]
+            return scores
+
+    editor = EditThePlan()
+    ours = greedy(model, inputs, n=4, execution_plan=plan, eos_token_id=None,
+                  logits_processor=LogitsProcessorList([editor]))
+    assert editor.calls == 4 and torch.equal(ours, want)
 
 
 def test_a_draft_model_proposes_without_the_plan_that_the_patched_model_verifies(stock):

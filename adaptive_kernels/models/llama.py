@@ -159,9 +159,10 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
 
 def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph_safe: bool) -> None:
     """``ValueError`` when a call that continues ``cache`` asks for another plan or other budgets than the
-    request that filled it: its keys, values and plan are that request's, and would be run regardless. Each
-    given object is compared once (generate passes the same ones again at every step); where nothing may be
-    read back (``graph_safe``) a plan's shape and device are checked, not its masks."""
+    request that filled it: its keys, values and plan are that request's, and would be run regardless. The
+    objects that request was given (generate passes them again at every step) are its own, their masks edited in
+    place since or not; another is compared once; where nothing may be read back (``graph_safe``) a plan's shape
+    and device are checked, not its masks."""
     for name in ("execution_plan", "latency_budget"):
         given = getattr(request, name)
         if given is None or cache.agreed.get(name) is given:
@@ -613,6 +614,7 @@ class AdaptiveDecoderMixin:
         uncached_training = training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
         if not decoding and use_cache and not request.plan_only and not uncached_training:
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule, position_shift)
+            cache.agreed = {name: getattr(request, name) for name in ("execution_plan", "latency_budget")}
         elif not decoding:
             cache = None
         if cache is not None:
