@@ -198,10 +198,11 @@ def test_the_patched_attention_ignores_the_configs_attention_implementation(stoc
         assert torch.equal(got, stock(**inputs).logits[real])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_a_budget_runs_in_the_models_half_precision(stock, dtype):
-    """The scheduler is patched in the model's dtype: a budget on a float16 or bfloat16 model plans and runs in
-    that dtype, as the masked computation of its plan fed the prompt and the latency token."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_a_budget_runs_in_the_models_dtype(stock, dtype):
+    """The scheduler is patched in the model's dtype: a budget on a float16, bfloat16 or float64 model plans and
+    runs in that dtype, as the masked computation of its plan fed the prompt and the latency token (float64 to its
+    own rounding: no sum is made in float32)."""
     stock = copy.deepcopy(stock).to(dtype)
     inputs = example_inputs(stock, batch_size=2, seed=57, pad=[0, 2])
     budgets = [0.6, 0.85]
@@ -212,7 +213,7 @@ def test_a_budget_runs_in_the_models_half_precision(stock, dtype):
         embeds, mask = fed_latency_token(model, stock, inputs, budgets)
         masked = masked_stock(stock, plan)(inputs_embeds=embeds, attention_mask=mask).logits
     assert ours.dtype == dtype and embeds.dtype == dtype
-    tolerance = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]  # about 6 and 5 times the error seen here
+    tolerance = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}[dtype]  # 6, 5 times the half errors
     torch.testing.assert_close(ours[mask.bool()].float(), masked[mask.bool()].float(), rtol=tolerance, atol=tolerance)
 
 

@@ -4,7 +4,8 @@ columns) of a weight is read as a view of it, one product per run.
 The torch backend's projections outside graph-safe requests. They compute what the references of
 ``projections`` and ``swiglu`` define (which gather the listed rows into a copy per call), reading the
 index values on the host (on CUDA, a copy back and a synchronisation per product); the column products
-sum their runs one after another (in float32), so they agree with the references to rounding.
+sum their runs one after another (in float32, or float64 for float64), so they agree with the references to
+rounding.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ def rows_linear_by_runs(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tenso
 
 def cols_linear_by_runs(a: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``gather_cols_linear_reference(a, weight, cols)``: a [R, T, n], weight [D, N], cols [R, n] -> [R, T, D],
-    the products of each run of columns (views of ``weight``) summed in float32, rounded once."""
-    y = a.new_zeros(a.shape[0], a.shape[1], weight.shape[0], dtype=torch.float32)
+    the products of each run of columns (views of ``weight``) summed in float32 (float64 products in float64),
+    rounded once."""
+    dtype = _product_dtype(a)
+    y = a.new_zeros(a.shape[0], a.shape[1], weight.shape[0], dtype=torch.promote_types(dtype, torch.float32))
     for r, row_runs in enumerate(index_runs(cols)):
         for at, first, length in row_runs:
             y[r] += F.linear(a[r, :, at:at + length], weight[:, first:first + length])
-    return y.to(_product_dtype(a))
+    return y.to(dtype)
 
 
 def swiglu_by_runs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,

@@ -56,13 +56,15 @@ def test_products_by_runs_equal_the_references_and_their_gradients(kind, dtype):
              (cols_linear_by_runs, gather_cols_linear_reference, (a, w.t(), index)),
              (swiglu_by_runs, gathered_swiglu_reference, (x, w, w_up, index)),
              (swiglu_by_runs, gathered_swiglu_reference, (x, w, w_up, None))]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)  # float64's own
     for by_runs, reference, args in cases:
         got, want = by_runs(*args), reference(*args)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
         inputs = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
         upstream = torch.randn(want.shape, generator=gen, dtype=dtype)
         for g, h in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
-            torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g, h, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
