@@ -201,6 +201,16 @@ def test_hooks_in_a_decoder_layer_are_refused(where, hook):
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
+def test_a_hook_on_the_final_norm_is_refused():
+    """The executor runs the language model's final norm itself (the last layer's update added in its kernel), so a
+    hook there would not be called: with every unit on the logits would not be stock's."""
+    model = tiny_llava()
+    model.model.language_model.norm.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(ArgumentTypeError, match="final norm has hooks"):
+        ak.patch(model)
+    assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
+
+
 def test_hooks_put_on_projections_and_norms_after_patching_are_not_called(inputs):
     """The executor reads projection and norm weights itself: hooks put on those modules after patching are not
     called at inference, under any plan. The projections of a layer that ran every unit were called as modules,

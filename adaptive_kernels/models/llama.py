@@ -112,10 +112,11 @@ def _foreign_hooks(module) -> list:
 
 def check_layers(decoder) -> None:
     """``ArgumentTypeError`` unless every layer's projections are plain ``torch.nn.Linear`` modules with
-    float weights of 16 bits or more, and no module of a layer (the layer included) has hooks: the
-    executor reads projection weights itself and runs a layer's parts without calling them, so a
-    quantised, adapter-wrapped or hooked (``torch.nn.utils.prune``) projection would be computed wrong,
-    and a hook on a layer, its attention, MLP or norms would not be called, not refused later. ``ValueError``
+    float weights of 16 bits or more, and no module of a layer (the layer included) nor the final norm has
+    hooks: the executor reads projection weights itself and runs a layer's parts and the final norm without
+    calling them, so a quantised, adapter-wrapped or hooked (``torch.nn.utils.prune``) projection would be
+    computed wrong, and a hook on a layer, its attention, MLP or norms would not be called, not refused later.
+    ``ValueError``
     for fewer layers than the config's ``num_hidden_layers``, which plans count."""
     if len(decoder.layers) < decoder.config.num_hidden_layers:
         raise ValueError(f"model: its language model has {len(decoder.layers)} decoder layers, its config "
@@ -136,6 +137,10 @@ def check_layers(decoder) -> None:
                 raise ArgumentTypeError(
                     f"model: {where} has hooks (torch.nn.utils.prune adds one to a projection); adaptive_kernels "
                     "runs a layer's parts itself and would not call them: remove them (prune.remove) first")
+    if _foreign_hooks(decoder.norm):
+        raise ArgumentTypeError("model: the language model's final norm has hooks; adaptive_kernels runs it itself "
+                                "(adding the last layer's update in its kernel) and would not call them: remove them "
+                                "first")
 
 
 def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
