@@ -672,6 +672,20 @@ def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, 
             model(input_ids=ids[:, -1:], **{CACHE_KWARG: given})
 
 
+def test_a_call_refused_for_its_arguments_leaves_the_given_cache_free(model, inputs):
+    """A cache is taken by a call only once its request's arguments passed their checks: after a refused budget or
+    plan, the same (still empty) cache serves the corrected call, as stock's does, which then returns its own."""
+    with torch.no_grad():
+        given = DynamicCache(config=model.config.text_config)
+        for bad in ({"latency_budget": 1.5}, {"execution_plan": ExecutionPlan.full(3, 8, 8)}):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                model(**inputs, **bad, **{CACHE_KWARG: given})
+        out = model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
+        assert torch.equal(out.logits, model(**inputs, latency_budget=0.6).logits)
+        with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: this cache was given to an earlier call"):
+            model(input_ids=inputs["input_ids"][:, -1:], **{CACHE_KWARG: given})
+
+
 @pytest.mark.parametrize("request_", [{}, {"latency_budget": 0.6}, {"execution_plan": ExecutionPlan.full(2, 8, 8)}],
                          ids=["none", "budget", "plan"])
 def test_a_filled_cache_the_model_did_not_return_is_refused(model, inputs, request_):
@@ -690,11 +704,12 @@ def test_continuing_a_cache_with_another_row_count_is_refused(model, inputs):
     with torch.no_grad():
         cache = cache_of(model(**inputs, latency_budget=0.6, use_cache=True))
         for rows in (1, 3):
-            refused = rf"input_ids has {rows} rows, but the cache it continues \({CACHE_KWARG}\) holds 2"
+            refused = (rf"input_ids \(or inputs_embeds\) has {rows} rows, but the cache it continues "
+                       rf"\({CACHE_KWARG}\) holds 2")
             with pytest.raises(ValueError, match=refused):
                 model(input_ids=torch.full((rows, 1), 5), **{CACHE_KWARG: copy.deepcopy(cache)})
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-        refused = rf"input_ids has 6 rows, but the cache it continues \({CACHE_KWARG}\) holds 2"
+        refused = rf"input_ids \(or inputs_embeds\) has 6 rows, but the cache it continues \({CACHE_KWARG}\) holds 2"
         with pytest.raises(ValueError, match=refused):
             model.generate(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences), num_beams=3,
                            max_new_tokens=2, **{CACHE_KWARG: out.past_key_values})
@@ -738,7 +753,7 @@ def test_continuing_a_cache_under_another_plan_or_budget_is_refused(model, input
 
 @pytest.mark.parametrize("budget", [None, 0.6])
 def test_an_empty_prompt_is_refused(model, budget):
-    with pytest.raises(ValueError, match="input_ids: a prompt needs at least one token"):
+    with pytest.raises(ValueError, match=r"input_ids \(or inputs_embeds\): a prompt needs at least one token"):
         model(input_ids=torch.zeros(1, 0, dtype=torch.long), latency_budget=budget)
 
 

@@ -519,9 +519,9 @@ def positions_and_mask(x, position_ids, attention_mask, past: int, continued: Ad
     return positions, mask
 
 
-def claim_fresh_cache(cache) -> None:
+def check_fresh_cache(cache) -> None:
     """A new request's ``cache`` (not an ``AdaptiveCache`` being continued): ``ValueError`` naming it where an earlier
-    call took it already (and returned its own) or it is filled; else marked taken, for later calls."""
+    call took it already (and returned its own) or it is filled."""
     if getattr(cache, "_ak_replaced", False):
         raise ValueError(f"{CACHE_FIELD}: this cache was given to an earlier call, which left it empty and "
                          f"returned its own AdaptiveCache (the output's {CACHE_FIELD}; generate's with "
@@ -529,7 +529,6 @@ def claim_fresh_cache(cache) -> None:
     if cache.get_seq_length() > 0:
         raise ValueError(f"{CACHE_FIELD}: a patched model continues only the AdaptiveCache it returned, got a "
                          f"filled {type(cache).__name__}")
-    cache._ak_replaced = True
 
 
 def with_latency_token(x, positions, mask, token) -> tuple:
@@ -575,12 +574,12 @@ class AdaptiveDecoderMixin:
         use_cache = self.config.use_cache if use_cache is None else use_cache
         decoding = isinstance(cache, AdaptiveCache) and cache.length > 0
         if decoding and B != cache.batch_size:
-            raise ValueError(f"input_ids has {B} rows, but the cache it continues ({CACHE_FIELD}) holds "
-                             f"{cache.batch_size}: a request continues with the rows it began with")
+            raise ValueError(f"input_ids (or inputs_embeds) has {B} rows, but the cache it continues ({CACHE_FIELD}) "
+                             f"holds {cache.batch_size}: a request continues with the rows it began with")
         if S == 0 and not decoding:
-            raise ValueError("input_ids: a prompt needs at least one token")
+            raise ValueError("input_ids (or inputs_embeds): a prompt needs at least one token")
         if cache is not None and not decoding:
-            claim_fresh_cache(cache)
+            check_fresh_cache(cache)
         past = cache.length if decoding else 0
         latency_index = None  # the latency token's column, in a budget's prefill
 
@@ -618,6 +617,8 @@ class AdaptiveDecoderMixin:
                              "attention_dropout to 0.0, as LLaVA ships it)")
         uncached_training = training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
         if not decoding and use_cache and not request.plan_only and not uncached_training:
+            if cache is not None:  # taken once the request's arguments passed their checks: the call returns its own
+                cache._ak_replaced = True
             cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule, position_shift)
             cache.agreed = {name: getattr(request, name) for name in ("execution_plan", "latency_budget")}
         elif not decoding:
