@@ -520,12 +520,15 @@ def test_a_call_without_the_cache_is_refused_under_a_budget_by_keyword_or_config
                                                                                         use_cache=False))
 
 
-def test_budget_rows_are_counted_per_prompt_with_beams_for_embedded_prompts(model, inputs):
-    """Prompts given as inputs_embeds are counted as input_ids are: one budget per prompt, before the beams."""
+def test_budget_rows_are_counted_per_prompt_with_beams_however_the_prompt_is_given(model, inputs):
+    """Prompts given as inputs_embeds, or as generate's ``inputs`` by keyword, are counted as input_ids are: one
+    budget per prompt, before the beams."""
     embeds = prompt_embeddings(model, inputs)
-    with pytest.raises(ValueError, match="latency_budget has 3 values but the batch has 2 rows"):
-        model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], latency_budget=[0.5, 0.6, 0.7],
-                       num_beams=2, max_new_tokens=2)
+    mask = inputs["attention_mask"]
+    for prompt in ({"inputs_embeds": embeds}, {"inputs": inputs["input_ids"], "pixel_values": inputs["pixel_values"]}):
+        with pytest.raises(ValueError, match="latency_budget has 3 values but the batch has 2 rows"):
+            model.generate(**prompt, attention_mask=mask, latency_budget=[0.5, 0.6, 0.7], num_beams=2,
+                           max_new_tokens=2)
 
 
 def test_the_models_generation_defaults_count_when_the_call_gives_a_config():

@@ -145,7 +145,7 @@ def _adaptive_llava_class(stock: type) -> type:
             if models_default and not self.generation_config.use_cache:
                 kwargs["use_cache"] = True  # training checkpoints often save False: a budget needs the cache
             _check_budget_generation(option)
-        prompts = next((t.shape[0] for t in (args[0] if args else None, kwargs.get("input_ids"),
+        prompts = next((t.shape[0] for t in (args[0] if args else kwargs.get("inputs"), kwargs.get("input_ids"),
                                              kwargs.get("inputs_embeds")) if isinstance(t, torch.Tensor)), None)
         if prompts is not None:  # checked per prompt, before generate repeats the rows
             if latency_budget is not None:
