@@ -351,3 +351,44 @@ def test_a_layer_no_row_runs_gets_no_gradient_and_the_rest_the_masked_computatio
         else:
             torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert model.model.language_model.layers[6].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_trainer_checkpoints_and_resumes_as_the_readme_says(tmp_path):
+    """Hugging Face Trainer trains a patched model on batches carrying one budget per row (its column pruning
+    keeps latency_budget: forward names it) and saves checkpoints of the stock weights with the scheduler file
+    beside them; README's resume (the stock class from the folder, patch with its scheduler file, then
+    resume_from_checkpoint) ends where the uninterrupted run ends, every parameter exactly."""
+    pytest.importorskip("accelerate")  # Trainer needs it
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
+
+    from adaptive_kernels.models.llava import SCHEDULER_FILE
+
+    stock = tiny_llava(seed=8, num_layers=4)
+    rows = []
+    for i, budget in enumerate([0.6, 0.8, 1.0, 0.7] * 2):
+        inputs = example_inputs(stock, seed=20 + i)
+        rows.append({**{k: v[0] for k, v in inputs.items()}, "labels": prompt_labels(inputs)[0],
+                     "latency_budget": budget})
+
+    def collate(batch):
+        return {k: torch.tensor([row[k] for row in batch]) if k == "latency_budget" else
+                torch.stack([row[k] for row in batch]) for k in batch[0]}
+
+    def train(model, folder, **resume):
+        arguments = TrainingArguments(output_dir=str(tmp_path / folder), max_steps=4, save_steps=2,
+                                      per_device_train_batch_size=2, learning_rate=1e-3, lr_scheduler_type="constant",
+                                      use_cpu=True, report_to="none", seed=0, disable_tqdm=True)
+        Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collate).train(**resume)
+        return dict(model.named_parameters())
+
+    whole = train(ak.patch(copy.deepcopy(stock), "H", rank=2), "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    with safe_open(checkpoint / "model.safetensors", "pt") as weights:
+        assert not any("latency_scheduler" in key for key in weights.keys())
+    resumed = ak.patch(LlavaForConditionalGeneration.from_pretrained(checkpoint), "H", rank=2,
+                       scheduler=checkpoint / SCHEDULER_FILE)
+    resumed = train(resumed, "resumed", resume_from_checkpoint=str(checkpoint))
+    assert resumed.keys() == whole.keys() and any("latency_scheduler" in name for name in whole)
+    for name, parameter in whole.items():
+        assert torch.equal(resumed[name], parameter), name
