@@ -36,9 +36,11 @@ def median_timer(device: str):
 
 
 def _once_ms(fn, device: str) -> float:
-    """Wall time of one call of ``fn``: ms (between CUDA events on CUDA)."""
+    """Wall time of one call of ``fn``: ms (between CUDA events on CUDA, from an idle device: a start queued behind
+    earlier work, a warm-up's say, would miss the host time the call spent meanwhile)."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
         start.record()
         fn()
         end.record()

@@ -987,6 +987,29 @@ def test_median_timer_warms_up_once_then_gives_the_median_of_the_timed_calls(mon
     assert len(calls) == len(times) + 1 and gc.isenabled()
 
 
+def test_a_cuda_timed_call_starts_on_an_idle_device(monkeypatch):
+    """The device is synchronised before the start event is recorded: queued behind earlier work (the warm-up's
+    last kernels), the start would miss the host time the call spent meanwhile. The events are faked here."""
+    from adaptive_kernels import measuring
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return 3.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: log.append("synchronize"))
+    assert measuring._once_ms(lambda: log.append("call"), "cuda") == 3.0
+    assert log == ["synchronize", "record", "call", "record", "synchronize"]
+
+
 def test_targets_table_marks_each_ratio_above_its_own_bound():
     """Each cell sits under its own ratio's header, its number ending where the header does, and is marked ``!`` when above that ratio's bound only: not at
     the bound, not below it, not when not measured (NaN)."""
