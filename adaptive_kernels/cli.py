@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"heads and MLP groups per H unit; must divide the heads for variant H (default: the "
                         f"--scheduler file's, else {TINY_RANK} for the built-in 8-head model, {PAPER_RANK} with --model, "
                         "which is meant for 32-head models)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=16, metavar="N", help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, metavar="N",
+                   help="tokens each timed generate makes, an end of sequence held off (default: %(default)s)")
     p.add_argument("--repeats", type=_positive_int, default=5, metavar="N",
                    help="timed generate calls per point after one warm-up; the median is reported (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, help="ops backend (default: triton on cuda, torch on cpu)")
@@ -329,14 +330,15 @@ def _plain_generation_config(config):
 
 
 def time_generate(model, inputs: dict, budget: float, max_new_tokens: int, repeats: int, device: str):
-    """``(median milliseconds, new token ids)`` of greedy generate: one warm-up, then ``repeats`` timed runs,
-    timed as the sweep times (``measuring.median_timer``)."""
+    """``(median milliseconds, new token ids)`` of greedy generate of exactly ``max_new_tokens`` tokens (an end of
+    sequence held off, so that every budget times as many): one warm-up, then ``repeats`` timed runs, timed as the
+    sweep times (``measuring.median_timer``)."""
     outputs = []
 
     def generate():
         with torch.no_grad():
             outputs.append(model.generate(**inputs, latency_budget=budget, max_new_tokens=max_new_tokens,
-                                          do_sample=False))
+                                          min_new_tokens=max_new_tokens, do_sample=False))
 
     ms = median_timer(device)(generate, repeats)
     return ms, outputs[-1][0, inputs["input_ids"].shape[1]:].tolist()

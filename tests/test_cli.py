@@ -57,7 +57,8 @@ def stock_greedy_with_latency_token(inputs: dict, variant: str, budget: float, n
     oracle = sliced_stock(stock, ak.plan(model, latency_budget=budget, **inputs), 0)
     embeds, mask = fed_latency_token(model, stock, inputs, [budget])
     with torch.no_grad():
-        out = oracle.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, do_sample=False)
+        out = oracle.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False)
     return out[0].tolist()
 
 
@@ -116,6 +117,19 @@ def test_tokens_equal_stock_greedy_cut_to_each_plan(default_run):
         assert f"tokens {expected}" in printed
     # and the budget matters: the prefix-only plan generates something else
     assert any(ids(r["tokens"]) != ids(rows[0]["tokens"]) for r in rows if r["variant"] == rows[0]["variant"])
+
+
+def test_each_timed_generate_makes_its_tokens_an_end_of_sequence_held_off():
+    """Budgets are timed at equal work: an end of sequence (here the token greedy makes first) stops no timed
+    generate early, which would have set the latency of a short answer beside that of a long one."""
+    from adaptive_kernels.cli import time_generate
+
+    model = ak.patch(tiny_llava(), "L", rank=TINY_RANK)
+    inputs = example_inputs(model)
+    _, free = time_generate(model, inputs, 1.0, 5, 1, "cpu")
+    model.generation_config.eos_token_id = free[0]
+    _, held = time_generate(model, inputs, 1.0, 5, 1, "cpu")
+    assert len(held) == 5 and free[0] not in held
 
 
 def test_plot_is_a_png(default_run):
