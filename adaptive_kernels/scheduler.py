@@ -136,7 +136,7 @@ class AdaptiveScheduler(nn.Module):
         logits = self.head(latency_state)
         counts = _per_row([self.units.scheduled_units(b) for b in budgets], logits)
         if not sample:
-            return self._top_n(logits.detach().float(), counts)
+            return self._top_n(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), counts)
         if self.units.variant == "L":
             return _whole_layers(_gumbel_top_n(logits, counts), self.units.num_heads)
         layer_logits, head_logits, group_logits = self._per_layer(logits)

@@ -379,3 +379,26 @@ def test_a_fresh_scheduler_leaves_the_global_rng_untouched():
     b = seeded_scheduler(units, hidden_size=10)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("variant", ["L", "H"])
+def test_a_float64_scheduler_ranks_its_logits_in_float64(variant):
+    """Inference's top-n orders logits in the scheduler's precision (float32 at least): float64 logits 1e-12 apart,
+    equal once rounded to float32, go by value, not by index as a tie does."""
+    sched = seeded_scheduler(UnitSpace(variant, 8, 4, 8, 2), hidden_size=16).double()
+    close = torch.tensor([0.5, 0.5 + 1e-12, 0.5 + 2e-12], dtype=torch.float64)
+    if variant == "L":
+        bias, budget = torch.cat([close, torch.tensor([-1.0], dtype=torch.float64)]), 6 / 8  # two layers
+    else:  # scheduled layer 0 first, its heads and groups 0 to 2 close: one unit of two heads and two groups
+        bias = torch.full((4, 17), -1.0, dtype=torch.float64)
+        bias[0, 0], bias[0, 1:4], bias[0, 9:12] = 1.0, close, close
+        bias, budget = bias.flatten(), 17 / 32
+    with torch.no_grad():
+        sched.head.weight.zero_()
+        sched.head.bias.copy_(bias)
+        layers, heads, groups = sched.select(torch.zeros(1, 16, dtype=torch.float64), [budget])
+    if variant == "L":
+        assert layers[0].tolist() == [False, True, True, False]
+    else:
+        assert layers[0].tolist() == [True, False, False, False]
+        assert heads[0, 0].nonzero().flatten().tolist() == groups[0, 0].nonzero().flatten().tolist() == [1, 2]
