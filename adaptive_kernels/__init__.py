@@ -126,10 +126,12 @@ def latency_embedding(model, budget) -> torch.Tensor:
 
 
 def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
-    """The ExecutionPlan the scheduler picks for ``inputs`` at ``latency_budget``, without generating.
+    """The ExecutionPlan the scheduler picks for ``inputs`` at ``latency_budget``, without generating: the one
+    ``generate`` runs for them.
 
     Only the prefix layers and the scheduler run. ``inputs`` are the model's (input_ids,
-    attention_mask, pixel_values, ...).
+    attention_mask, pixel_values, ...); without ``position_ids`` the positions are counted from the attention
+    mask, as generate counts them (so a padded row plans as it would unpadded).
     """
     lm = _patched_decoder(model)
     if latency_budget is None:
@@ -137,6 +139,9 @@ def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
     if inputs.pop("execution_plan", None) is not None:
         raise ValueError("plan makes the plan a latency_budget picks; it takes no execution_plan")
     check_input_devices(model, inputs)
+    mask = inputs.get("attention_mask")
+    if inputs.get("position_ids") is None and isinstance(mask, torch.Tensor):
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     with serving(lm, Request(latency_budget=latency_budget, plan_only=True)) as request, torch.no_grad():
         model.model(**(inputs | {"use_cache": False}))  # the plan needs no cache
     return request.plan

@@ -634,6 +634,23 @@ def test_batch_rows_get_what_they_get_alone(stock):
         assert torch.equal(batch_tokens[row, -5:], tokens[0, -5:])
 
 
+def test_plan_reads_the_latency_token_as_generate_runs_it(stock):
+    """ak.plan counts positions from the attention mask, as generate does, so its scheduler reads the latency
+    token's state that generate's does, bit for bit, and picks generate's plan: counted by column, a right-padded
+    row's token sat past its padding, and a left-padded row's positions were shifted (rounding otherwise)."""
+    model = patched(stock, "H")
+    inputs = example_inputs(stock, batch_size=3, seed=72, pad=[0, 2, 0])
+    inputs["input_ids"][2, -3:], inputs["attention_mask"][2, -3:] = 0, 0  # right padding
+    scheduler = model.model.language_model.latency_scheduler
+    states, select = [], scheduler.select
+    scheduler.select = lambda state, *args, **kw: states.append(state.clone()) or select(state, *args, **kw)
+    plan = ak.plan(model, latency_budget=[0.6, 0.7, 0.8], **inputs)
+    with torch.no_grad():
+        out = model.generate(**inputs, latency_budget=[0.6, 0.7, 0.8], max_new_tokens=1, do_sample=False,
+                             return_dict_in_generate=True)
+    assert len(states) == 2 and torch.equal(states[0], states[1]) and cache_of(out).plan == plan
+
+
 def test_right_padded_rows_put_the_latency_token_after_their_real_tokens(stock):
     """Right-padded prompts under per-row budgets: each row gives the sliced stock model's generate on its
     prompt then the latency token (positions counted from the mask: the token at the row's real length, not
