@@ -32,9 +32,11 @@ def index_runs(index: torch.Tensor) -> list[list[tuple[int, int, int]]]:
 
 
 def _product_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of ``F.linear`` on ``x``: autocast's where it is on for x's device, else x's."""
+    """The dtype of ``F.linear`` on ``x``: autocast's where it is on for x's device, else x's (autocast leaves
+    float64 alone)."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    casts = torch.is_autocast_enabled(device) and x.dtype != torch.float64
+    return torch.get_autocast_dtype(device) if casts else x.dtype
 
 
 def _rows_linear(x, weight, bias, runs: list, width: int) -> torch.Tensor:

@@ -97,17 +97,21 @@ def test_half_precision_column_products_by_runs_sum_in_float32():
     assert error.square().mean().sqrt() <= bound.square().mean().sqrt()
 
 
-def test_products_by_runs_under_autocast_give_autocasts_dtype():
-    """As F.linear and the references: bfloat16 products of float32 inputs under CPU autocast."""
-    gen = generator("autocast by runs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_products_by_runs_under_autocast_give_autocasts_dtype(dtype):
+    """As F.linear and the references: bfloat16 products of float32 inputs under CPU autocast, and float64 ones of
+    float64 inputs, which autocast leaves alone."""
+    gen = generator("autocast by runs", dtype)
     index = index_lists([7, 3], N, gen, "runs", unit=3)
-    x, w, w_up, a = randn(2, 3, D, gen=gen), randn(N, D, gen=gen), randn(N, D, gen=gen), randn(2, 3, 7, gen=gen)
+    x, a = randn(2, 3, D, gen=gen, dtype=dtype), randn(2, 3, 7, gen=gen, dtype=dtype)
+    w, w_up = randn(N, D, gen=gen, dtype=dtype), randn(N, D, gen=gen, dtype=dtype)
+    product, tol = (torch.bfloat16, 4e-2) if dtype == torch.float32 else (torch.float64, 1e-12)
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         for got, want in ((rows_linear_by_runs(x, w, index), gather_rows_linear_reference(x, w, index)),
                           (cols_linear_by_runs(a, w.t(), index), gather_cols_linear_reference(a, w.t(), index)),
                           (swiglu_by_runs(x, w, w_up, index), gathered_swiglu_reference(x, w, w_up, index))):
-            assert got.dtype == want.dtype == torch.bfloat16
-            torch.testing.assert_close(got.float(), want.float(), atol=4e-2, rtol=4e-2)
+            assert got.dtype == want.dtype == product
+            torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol)
 
 
 def test_products_by_runs_copy_no_weight():
