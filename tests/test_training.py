@@ -382,7 +382,10 @@ def test_trainer_checkpoints_and_resumes_as_the_readme_says(tmp_path):
         Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collate).train(**resume)
         return dict(model.named_parameters())
 
-    whole = train(ak.patch(copy.deepcopy(stock), "H", rank=2), "whole")
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    untrained = model.model.language_model.latency_scheduler.head.weight.detach().clone()
+    whole = train(model, "whole")
+    assert not torch.equal(untrained, model.model.language_model.latency_scheduler.head.weight)  # budgets reached it
     checkpoint = tmp_path / "whole" / "checkpoint-2"
     with safe_open(checkpoint / "model.safetensors", "pt") as weights:
         assert not any("latency_scheduler" in key for key in weights.keys())
