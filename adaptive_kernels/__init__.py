@@ -127,7 +127,7 @@ def latency_embedding(model, budget) -> torch.Tensor:
 
 def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
     """The ExecutionPlan the scheduler picks for ``inputs`` at ``latency_budget``, without generating: the one
-    ``generate`` runs for them.
+    ``generate`` runs for them, given their attention mask.
 
     Only the prefix layers and the scheduler run. ``inputs`` are the model's (input_ids,
     attention_mask, pixel_values, ...); without ``position_ids`` the positions are counted from the attention
