@@ -113,8 +113,10 @@ def measure(projection: str) -> list[dict]:
             us = {impl: timed_us(fn) for impl, fn in fns.items()}
             ideal = fns["ideal"]().float()
             errors = {}
-            for impl in [impl for impl in fns if impl not in ("dense", "ideal")]:
-                out = fns[impl]().float()  # a padded rows list gives an output column per entry, 0 at its -1s
+            for impl, fn in fns.items():
+                if impl in ("dense", "ideal"):
+                    continue
+                out = fn().float()  # a padded rows list gives an output column per entry, 0 at its -1s
                 want = F.pad(ideal, (0, out.shape[-1] - ideal.shape[-1]))
                 errors[f"{impl}_rel_err"] = ((out - want).norm() / ideal.norm()).item()
             row = dict(projection=projection, side=PROJECTIONS[projection][0], tokens=T, share=share,

@@ -4,8 +4,8 @@ tiny shapes. So a GPU session's one call is not lost to the code around the meas
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -108,8 +108,8 @@ def test_op_benchmarks_run_dry_and_their_table_reads_them(tmp_path):
         assert 0 <= r["rel_err_vs_ideal"] < 1e-4 and r["backend_us"] > 0 and r["ideal_us"] > 0, r
         peak = "bw_share" if r["tokens"] == 1 else None if r["op"] in ("add_rms_norm", "rotary") else "flop_share"
         assert peak is None or r[peak] > 0, r
-    shown = subprocess.run([sys.executable, "-c", f"import gpu_kernels; print(gpu_kernels.table("
-                            f"__import__('pathlib').Path({str(written)!r})))"], cwd=work / "benchmarks", env=env,
+    shown = subprocess.run([sys.executable, "-c", f"import gpu_kernels, pathlib; print(gpu_kernels.table("
+                            f"pathlib.Path({str(written)!r})))"], cwd=work / "benchmarks", env=env,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()

@@ -116,8 +116,7 @@ def check_layers(decoder) -> None:
     hooks: the executor reads projection weights itself and runs a layer's parts and the final norm without
     calling them, so a quantised, adapter-wrapped or hooked (``torch.nn.utils.prune``) projection would be
     computed wrong, and a hook on a layer, its attention, MLP or norms would not be called, not refused later.
-    ``ValueError``
-    for fewer layers than the config's ``num_hidden_layers``, which plans count."""
+    ``ValueError`` for fewer layers than the config's ``num_hidden_layers``, which plans count."""
     if len(decoder.layers) < decoder.config.num_hidden_layers:
         raise ValueError(f"model: its language model has {len(decoder.layers)} decoder layers, its config "
                          f"num_hidden_layers={decoder.config.num_hidden_layers}; plans count the config's layers, so "
