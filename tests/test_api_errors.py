@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -36,13 +37,20 @@ def inputs(model):
     return example_inputs(model, batch_size=2, seed=1)
 
 
-@pytest.mark.parametrize("budget", [0.0, 1.01, -0.5, float("nan"), [0.5], [0.5, 0.6, 0.7], torch.tensor([0.5, 2.0])])
-def test_bad_budgets(model, inputs, budget):
-    with pytest.raises(ValueError, match=r"latency_budget.*(\(0, 1\]|rows)"):
+IN_RANGE = r"latency_budget must lie in \(0, 1\]"
+PER_ROW = r"latency_budget has \d values but the batch has 2 rows; give one float or one per row"
+
+
+@pytest.mark.parametrize("budget,message", [(0.0, IN_RANGE), (1.01, IN_RANGE), (-0.5, IN_RANGE),
+                                            (float("nan"), IN_RANGE), ([0.5], PER_ROW), ([0.5, 0.6, 0.7], PER_ROW),
+                                            (torch.tensor([0.5, 2.0]), IN_RANGE)])
+def test_bad_budgets(model, inputs, budget, message):
+    """forward, generate and ak.plan refuse alike, naming latency_budget and what it accepts."""
+    with pytest.raises(ValueError, match=message):
         model(**inputs, latency_budget=budget)
-    with pytest.raises(ValueError, match="latency_budget"):
+    with pytest.raises(ValueError, match=message):
         model.generate(**inputs, latency_budget=budget, max_new_tokens=2)
-    with pytest.raises(ValueError, match="latency_budget"):
+    with pytest.raises(ValueError, match=message):
         ak.plan(model, latency_budget=budget, **inputs)
 
 
@@ -243,25 +251,33 @@ def test_the_output_capturing_hooks_of_transformers_do_not_stop_patch():
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"variant": "X"}, "variant"), ({"variant": "H", "rank": 3}, "rank"),
-                                         ({"rank": 0}, "rank"), ({"num_prefix_layers": 8}, "num_prefix_layers"),
-                                         ({"num_prefix_layers": -1}, "num_prefix_layers"),
-                                         ({"backend": "jax"}, "backend"), ({"backend": "cuda"}, "backend='cuda'")])
-def test_bad_patch_options(kwargs, name):
-    with pytest.raises(ValueError, match=name) as refused:
+ACCEPTED = {"variant": "variant must be one of ('L', 'H')", "rank": "rank must be a positive integer",
+            "num_prefix_layers": "num_prefix_layers must be an integer in [0, 7]",
+            "backend": "backend must be one of ('torch', 'triton', 'cuda') or None",
+            "cuda_graphs": "cuda_graphs must be True or False"}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"variant": "X"}, ACCEPTED["variant"]), ({"variant": "H", "rank": 3}, "rank must divide the 8 attention heads"),
+    ({"rank": 0}, ACCEPTED["rank"]), ({"num_prefix_layers": 8}, ACCEPTED["num_prefix_layers"]),
+    ({"num_prefix_layers": -1}, ACCEPTED["num_prefix_layers"]), ({"backend": "jax"}, ACCEPTED["backend"]),
+    ({"backend": "cuda"}, "backend='cuda' runs CUDA kernels, but the model is on cpu")])
+def test_bad_patch_options(kwargs, message):
+    """A value out of range: a ValueError that names the argument and what it accepts."""
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
         ak.patch(tiny_llava(), **kwargs)
     assert not isinstance(refused.value, TypeError)  # a value out of range, not a wrong type
 
 
-@pytest.mark.parametrize("kwargs,name", [({"variant": 1}, "variant"), ({"rank": "2"}, "rank"), ({"rank": 2.0}, "rank"),
-                                         ({"rank": True}, "rank"), ({"num_prefix_layers": "3"}, "num_prefix_layers"),
-                                         ({"num_prefix_layers": True}, "num_prefix_layers"),
-                                         ({"backend": 3}, "backend"), ({"cuda_graphs": 1}, "cuda_graphs"),
-                                         ({"cuda_graphs": None}, "cuda_graphs")])
-def test_patch_options_of_a_wrong_type(kwargs, name):
-    """README: an argument of the wrong type raises ArgumentTypeError (a TypeError and a ValueError)."""
+@pytest.mark.parametrize("kwargs", [{"variant": 1}, {"rank": "2"}, {"rank": 2.0}, {"rank": True},
+                                    {"num_prefix_layers": "3"}, {"num_prefix_layers": True}, {"backend": 3},
+                                    {"cuda_graphs": 1}, {"cuda_graphs": None}])
+def test_patch_options_of_a_wrong_type(kwargs):
+    """README: an argument of the wrong type raises ArgumentTypeError (a TypeError and a ValueError), naming the
+    argument and what it accepts."""
     model = tiny_llava()
-    with pytest.raises(ArgumentTypeError, match=name):
+    [name] = kwargs
+    with pytest.raises(ArgumentTypeError, match=re.escape(ACCEPTED[name])):
         ak.patch(model, **kwargs)
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 

@@ -28,9 +28,9 @@ interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or no
 CASES = [pytest.param("cpu", "triton", torch.float32, id="cpu-triton-fp32", marks=interpreter)]
 CASES += [pytest.param("cuda", backend, dtype, id=f"cuda-{backend}-{str(dtype)[6:]}", marks=gpu)
           for backend in ("torch", "triton", "cuda") for dtype in (torch.float32, torch.float16, torch.bfloat16)]
-TOLERANCE = {torch.float32: dict(rtol=2e-3, atol=2e-3), torch.float16: dict(rtol=3e-2, atol=3e-2),
-             torch.bfloat16: dict(rtol=8e-2, atol=8e-2)}  # on CUDA: TF32 products, half-precision rounding
+FP32_CASES = [case for case in CASES if case.values[2] == torch.float32]
 CPU_FP32 = dict(rtol=1e-4, atol=1e-5)  # float32 on the CPU, in Triton's interpreter too: no TF32
+CUDA_FP32 = dict(rtol=2e-3, atol=2e-3)  # float32 on CUDA: our kernels' products in TF32
 
 
 def _plan(batch, layers, heads, seed, device):
@@ -50,10 +50,17 @@ def test_backend_gives_the_masked_computation(device, backend, dtype):
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend)
     with torch.no_grad():
         ours = model(**inputs, execution_plan=plan).logits.float()
-        reference = masked_stock(stock.float(), plan.to(device))(**{k: v.float() if v.is_floating_point() else v
-                                                                     for k, v in inputs.items()}).logits
+        stock_in_dtype = masked_stock(stock, plan)(**inputs).logits.float()
+        reference = masked_stock(stock.float(), plan)(**{k: v.float() if v.is_floating_point() else v
+                                                         for k, v in inputs.items()}).logits
     valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(ours[valid], reference[valid], **(CPU_FP32 if device == "cpu" else TOLERANCE[dtype]))
+    ours, stock_in_dtype, reference = ours[valid], stock_in_dtype[valid], reference[valid]
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, reference, **(CPU_FP32 if device == "cpu" else CUDA_FP32))
+    else:  # within a few times the rounding of the stock model's own masked computation in that dtype: the
+        # logits are below 1 and one skipped neuron group moves them by about 0.04, so no fixed bar serves
+        stock_error = (stock_in_dtype - reference).abs().max()
+        assert (ours - reference).abs().max() <= 4 * stock_error + 2e-3, stock_error
 
 
 def test_every_layer_with_a_neuron_on_runs_the_fused_swiglu(monkeypatch):
@@ -143,12 +150,11 @@ def _grads(model, inputs, seed, **kw):
     return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("device,backend,dtype", CASES)
+@pytest.mark.parametrize("device,backend,dtype", FP32_CASES)
 def test_backend_trains_as_the_masked_computation(device, backend, dtype):
     """Gradients through the kernels (their backward is their reference's) equal the masked stock model's,
-    under a given plan (every layer through the ops) and, against the torch backend, under a budget (prefix)."""
-    if dtype != torch.float32:
-        pytest.skip("gradients are compared in fp32")
+    under a given plan (every layer through the ops) and, against the torch backend, under a budget (prefix).
+    In fp32 only."""
     stock = tiny_llava(seed=30, num_layers=4).to(device)
     inputs = example_inputs(stock, batch_size=2, text_tokens=5, seed=31, pad=[0, 2])
     plan = _plan(2, 4, 8, seed=32, device=device)
@@ -169,12 +175,10 @@ def test_backend_trains_as_the_masked_computation(device, backend, dtype):
         torch.testing.assert_close(grads[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("device,backend,dtype", CASES)
+@pytest.mark.parametrize("device,backend,dtype", FP32_CASES)
 def test_backend_generates_what_the_torch_backend_and_sliced_stock_generate(device, backend, dtype):
     """Greedy generate under per-row budgets: the torch backend's ids and logits, and each row's those of the stock
-    model cut to its plan, fed the prompt and the latency token."""
-    if dtype != torch.float32:
-        pytest.skip("greedy tokens are compared in fp32, where backends agree to rounding")
+    model cut to its plan, fed the prompt and the latency token. In fp32, where backends agree to rounding."""
     stock = tiny_llava(seed=24, num_layers=4).to(device)
     inputs = example_inputs(stock, batch_size=2, text_tokens=5, seed=25)
     reference = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch", cuda_graphs=False)

@@ -364,27 +364,28 @@ def test_without_matplotlib_the_plot_is_skipped(tmp_path, monkeypatch):
     assert (tmp_path / "sweep" / "sweep-tiny.csv").exists() and not (tmp_path / "sweep" / "sweep-tiny.png").exists()
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--budgets", "1.5"], "--budgets"),
-    (["--budgets", "nan"], "--budgets"),
-    (["--budgets", "0"], "--budgets"),
-    (["--variants", "X"], "--variants"),
-    (["--rank", "3"], "--rank"),
-    (["--rank", "0"], "--rank"),
-    (["--repeats", "0"], "--repeats"),
-    (["--threads", "0"], "--threads"),
-    (["--seed", "-1"], "--seed"),
-    (["--seed", str(2 ** 32)], "--seed"),
-    (["--model", "/nonexistent/llava"], "--model"),
-    (["--scheduler", "/nonexistent.safetensors", "--variants", "L"], "--scheduler"),
-    (["--scheduler", __file__], "--scheduler"),  # two variants for one scheduler file
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "1.5"], "--budgets: budget must be a number in (0, 1]"),
+    (["--budgets", "nan"], "--budgets: budget must be a number in (0, 1]"),
+    (["--budgets", "0"], "--budgets: budget must be a number in (0, 1]"),
+    (["--variants", "X"], "--variants: invalid choice: 'X' (choose from"),
+    (["--rank", "3"], "--rank: 3 does not divide the model's 8 attention heads"),
+    (["--rank", "0"], "--rank: must be a positive integer"),
+    (["--repeats", "0"], "--repeats: must be a positive integer"),
+    (["--threads", "0"], "--threads: must be a positive integer"),
+    (["--seed", "-1"], "--seed: must be an integer in [0, 4294967295]"),
+    (["--seed", str(2 ** 32)], "--seed: must be an integer in [0, 4294967295]"),
+    (["--model", "/nonexistent/llava"], "--model: /nonexistent/llava is not a Hugging Face checkpoint folder"),
+    (["--scheduler", "/nonexistent.safetensors", "--variants", "L"], "--scheduler: no such file"),
+    (["--scheduler", __file__], "--scheduler: a scheduler file holds one variant's weights; pass a single --variants"),
 ])
-def test_bad_arguments_exit_nonzero_naming_the_argument(argv, named, tmp_path, capsys):
+def test_bad_arguments_exit_nonzero_naming_the_argument(argv, message, tmp_path, capsys):
+    """A nonzero exit, and an error that names the argument and what it accepts, before anything is written."""
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--out", str(tmp_path), *FAST])
     assert exit_info.value.code not in (0, None)
     err = capsys.readouterr().err
-    assert f"argument {named}" in err, err
+    assert f"argument {message}" in err, err
     assert not (tmp_path / CSV_NAME).exists()
 
 
@@ -984,11 +985,13 @@ def test_median_timer_warms_up_once_then_gives_the_median_of_the_timed_calls(mon
     the median of their times. A timed call reads in ms."""
     import gc
     import statistics
-    import time
 
     from adaptive_kernels import measuring
 
-    assert 20 <= measuring._once_ms(lambda: time.sleep(0.02), "cpu") < 2000
+    calls, clock = [], iter([3.0, 3.25])  # perf_counter before and after the call: 250 ms
+    monkeypatch.setattr(measuring.time, "perf_counter", lambda: next(clock))
+    assert measuring._once_ms(lambda: calls.append(None), "cpu") == pytest.approx(250.0) and len(calls) == 1
+    monkeypatch.undo()
     calls, times = [], [5.0, 1.0, 4.0, 2.0, 100.0]
 
     def once_ms(fn, device):

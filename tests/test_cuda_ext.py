@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import zlib
 
 import pytest
 import torch
@@ -24,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from adaptive_kernels import cuda_ext
 from adaptive_kernels.ops.projections import gather_cols_linear_reference, gather_rows_linear_reference
 from adaptive_kernels.plan import (CompactPlan, DecoderShape, ExecutionPlan, compact_plan, fixed_width_schedule,
-                                   group_sizes, listed_schedule)
+                                   listed_schedule)
+from ops._util import check, generator, index_lists, randn
 
 CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
@@ -36,13 +36,6 @@ def on_gpu(test):
         test = mark(test)
     return test
 DTYPES = [pytest.param(dt, id=str(dt).removeprefix("torch.")) for dt in (torch.float32, torch.float16, torch.bfloat16)]
-TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
-       torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
-
-
-def generator(*key) -> torch.Generator:
-    """A CPU generator seeded from the test's parameters."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +69,8 @@ def naive_buffers(heads: list[bool], groups: list[bool], shape: DecoderShape):
     per_kv = H // Hkv
     q_heads = [h for h in range(H) if heads[h]]
     kv_heads = [k for k in range(Hkv) if any(heads[k * per_kv:(k + 1) * per_kv])]
-    sizes = group_sizes(M, len(groups))
+    G = len(groups)
+    sizes = [M // G + (g < M % G) for g in range(G)]  # the first M % G groups one neuron larger
     starts = [sum(sizes[:g]) for g in range(len(groups))]
     q_rows = [h * d + i for h in q_heads for i in range(d)]
     kv_rows = [k * d + i for k in kv_heads for i in range(d)]
@@ -205,41 +199,6 @@ def test_the_head_limit_is_max_units_inclusive_as_in_csrc():
 # Gathered projections
 # ---------------------------------------------------------------------------------------------
 
-def index_lists(counts, N, gen, kind, unit=8, width=None) -> torch.Tensor:
-    """int64 [len(counts), width]: row r holds counts[r] distinct indices into range(N), then -1.
-
-    "runs": whole units of ``unit`` consecutive indices (aligned to ``unit``), units in random
-    order; "sorted": such units in ascending order (as plans list them); "scattered": a random
-    sample in random order; "holes": ascending, with -1 entries in between.
-    """
-    width = max(counts) if width is None else width
-    out = torch.full((len(counts), width), -1, dtype=torch.int64)
-    for r, c in enumerate(counts):
-        if kind in ("runs", "sorted"):
-            units = torch.randperm(-(-N // unit), generator=gen)
-            if kind == "sorted":  # enough units for c indices (the last unit may be short), ascending
-                sizes = torch.clamp(N - units * unit, max=unit)
-                units = units[:int((sizes.cumsum(0) < c).sum()) + 1].sort().values
-            idx = torch.cat([torch.arange(u * unit, min(N, u * unit + unit)) for u in units.tolist()])[:c]
-            out[r, :c] = idx
-        elif kind == "scattered":
-            out[r, :c] = torch.randperm(N, generator=gen)[:c]
-        else:
-            idx = torch.randperm(N, generator=gen)[:c].sort().values
-            slots = torch.randperm(width, generator=gen)[:c].sort().values
-            out[r, slots] = idx
-    return out
-
-
-def randn(*shape, gen, dtype, scale=1.0) -> torch.Tensor:
-    return (torch.randn(*shape, generator=gen) * scale).to(device="cuda", dtype=dtype)
-
-
-def check(actual, expected, dtype):
-    assert actual.dtype == dtype and actual.shape == expected.shape
-    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
-
-
 # (D, N, counts per batch row, index kind): D = 67 (odd: element-wise loads) or 296 (8*37: 16-byte
 # loads in every dtype); an empty list row and a full one. Few outputs over a long reduction split it
 # between warps: D = 1032 gives 2 (fp16, bf16) or 4 (fp32) per output group, 4104 and 4099 (odd) 8
@@ -266,7 +225,7 @@ def test_gather_rows_linear(dtype, T, case, bias, x_layout):
     gen = generator("rows", dtype, T, case, bias, x_layout)
     D, N, counts, kind = ROWS_CASES[case]
     R = len(counts)
-    rows = index_lists(counts, N, gen, kind, width=max(counts) + (kind == "holes") * 9).cuda()
+    rows = index_lists(counts, N, gen, kind, unit=8, width=max(counts) + (kind == "holes") * 9).cuda()
     if x_layout == "contiguous":
         x = randn(R, T, D, gen=gen, dtype=dtype)
     else:  # a view one element in: every row of x misaligned for 16-byte loads
@@ -286,7 +245,7 @@ def test_gather_rows_linear_reads_any_weight_layout(dtype, w_layout):
     """A weight sliced one column in (its rows misaligned for 16-byte loads) or stored transposed."""
     gen = generator("rows-weight", dtype, w_layout)
     D, N = 296, 301
-    rows = index_lists([77, 0, 301], N, gen, "runs").cuda()
+    rows = index_lists([77, 0, 301], N, gen, "runs", unit=8).cuda()
     if w_layout == "column-offset":
         w = randn(N, D + 1, gen=gen, dtype=dtype, scale=D ** -0.5)[:, 1:]
     else:
@@ -318,7 +277,7 @@ def test_gather_cols_linear(dtype, T, case, layout):
     gen = generator("cols", dtype, T, case, layout)
     D, N, counts, kind = COLS_CASES[case]
     R = len(counts)
-    cols = index_lists(counts, N, gen, kind, width=max(counts) + (kind == "holes") * 9).cuda()
+    cols = index_lists(counts, N, gen, kind, unit=8, width=max(counts) + (kind == "holes") * 9).cuda()
     n = cols.shape[1]
     if layout == "a-transposed":
         a = randn(R, n, T, gen=gen, dtype=dtype).transpose(1, 2)
@@ -337,7 +296,7 @@ def test_strided_weights_int32_lists_and_empty_lists():
     gen = generator("misc")
     big = randn(2 * 301, 296, gen=gen, dtype=torch.bfloat16)
     w = big[1::2]  # every other row, one row in: rows stay 16-byte aligned
-    rows = index_lists([40, 17], 301, gen, "runs")
+    rows = index_lists([40, 17], 301, gen, "runs", unit=8)
     x = randn(2, 3, 296, gen=gen, dtype=torch.bfloat16)
     ref = gather_rows_linear_reference(x.double(), w.double(), rows.cuda())
     check(cuda_ext.gather_rows_linear(x, w, rows.int().cuda()), ref, torch.bfloat16)
@@ -357,7 +316,7 @@ def test_gemv_ops_are_captured_in_a_cuda_graph_without_host_sync():
     gen = generator("graph-gemv")
     x = randn(2, 1, 296, gen=gen, dtype=torch.float16)
     w = randn(301, 296, gen=gen, dtype=torch.float16, scale=0.05)
-    rows = index_lists([77, 150], 301, gen, "sorted").cuda()
+    rows = index_lists([77, 150], 301, gen, "sorted", unit=8).cuda()
     w_o = randn(296, 301, gen=gen, dtype=torch.float16, scale=0.05)
     cuda_ext.gather_cols_linear(cuda_ext.gather_rows_linear(x, w, rows), w_o, rows)
     torch.cuda.synchronize()
@@ -378,7 +337,7 @@ def test_gemv_ops_are_captured_in_a_cuda_graph_without_host_sync():
 @on_gpu
 def test_opcheck():
     gen = generator("opcheck")
-    rows = index_lists([5, 3], 11, gen, "runs").cuda()
+    rows = index_lists([5, 3], 11, gen, "runs", unit=8).cuda()
     x, w, b = randn(2, 3, 9, gen=gen, dtype=torch.float32), randn(11, 9, gen=gen, dtype=torch.float32), \
         randn(11, gen=gen, dtype=torch.float32)
     ops = torch.ops.adaptive_kernels
@@ -477,7 +436,7 @@ def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
     backend = cuda_ext.cuda_backend()
     gen = generator("backend")
     w, w_o = randn(301, 296, gen=gen, dtype=torch.bfloat16, scale=0.05), randn(296, 301, gen=gen, dtype=torch.bfloat16)
-    rows = index_lists([150, 77], 301, gen, "sorted").cuda()
+    rows = index_lists([150, 77], 301, gen, "sorted", unit=8).cuda()
     for T in (1, 16, 17, 40):
         x = randn(2, T, 296, gen=gen, dtype=torch.bfloat16)
         h = backend.rows_linear(x, w, rows)

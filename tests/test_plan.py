@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -54,9 +55,16 @@ def test_resolve_budgets_accepts_floats_lists_and_tensors():
     assert resolve_budgets(torch.tensor([0.25, 0.75]), 2) == [0.25, 0.75]
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), float("inf"), [0.5, 1.2], [0.5], torch.tensor([[0.5, 0.5]])])
-def test_resolve_budgets_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match="latency_budget"):
+RANGE = "must lie in (0, 1]"
+
+
+@pytest.mark.parametrize("bad,message", [(0.0, RANGE), (-0.1, RANGE), (1.5, RANGE), (float("nan"), RANGE),
+                                         (float("inf"), RANGE), ([0.5, 1.2], RANGE),
+                                         ([0.5], "has 1 values but the batch has 2 rows"),
+                                         (torch.tensor([[0.5, 0.5]]), "must be a float or a 1-D tensor")])
+def test_resolve_budgets_rejects_bad_values(bad, message):
+    """Each refusal names latency_budget and what it accepts: a value in (0, 1], one per row, a 1-D tensor."""
+    with pytest.raises(ValueError, match=re.escape(f"latency_budget {message}")):
         resolve_budgets(bad, 2)
 
 

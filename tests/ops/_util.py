@@ -26,20 +26,29 @@ def randn(*shape, gen, dtype=torch.float32, scale=1.0):
 
 
 def index_lists(counts, N, gen, kind="runs", unit=5, width=None):
-    """int64 [len(counts), width]: row r holds counts[r] distinct indices into range(N), -1 after.
+    """int64 [len(counts), width] on DEVICE: row r holds counts[r] distinct indices into range(N), -1 after.
 
     kind "runs": whole units of ``unit`` consecutive indices in random order of units (the last
-    unit may be cut); "shifted": 3, 4, ..., N-1, 0, 1, 2; "scattered": a random sample in random order; "all": range(N) in order.
+    unit may be cut); "sorted": such units in ascending order (as plans list them); "shifted": 3, 4, ...,
+    N-1, 0, 1, 2; "scattered": a random sample in random order; "holes": ascending, with -1 entries in
+    between; "all": range(N) in order.
     """
     width = max(counts) if width is None else width
     out = torch.full((len(counts), width), -1, dtype=torch.int64)
     for r, c in enumerate(counts):
+        if kind == "holes":
+            idx = torch.randperm(N, generator=gen)[:c].sort().values
+            out[r, torch.randperm(width, generator=gen)[:c].sort().values] = idx
+            continue
         if kind == "all":
             idx = torch.arange(N)[:c]
         elif kind == "shifted":  # one long run starting off any alignment, wrapping around
             idx = torch.arange(N).roll(-3)[:c]
-        elif kind == "runs":
+        elif kind in ("runs", "sorted"):
             units = torch.randperm(-(-N // unit), generator=gen)
+            if kind == "sorted":  # enough units for c indices (the last unit may be short), ascending
+                sizes = torch.clamp(N - units * unit, max=unit)
+                units = units[:int((sizes.cumsum(0) < c).sum()) + 1].sort().values
             idx = torch.cat([torch.arange(u * unit, min(N, u * unit + unit)) for u in units.tolist()])[:c]
         else:
             idx = torch.randperm(N, generator=gen)[:c]
