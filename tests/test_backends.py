@@ -315,3 +315,40 @@ def test_triton_backend_lays_out_reduction_weights_once_and_unpatch_restores_the
     ak.unpatch(model)
     for (name, a), (_, b) in zip(model.named_parameters(), stock.named_parameters()):
         assert a.is_contiguous() and torch.equal(a, b), name
+
+
+def _layout(model) -> list:
+    """Per decoder layer: whether q, k and v share one storage back to back, and o's and down's strides."""
+    out = []
+    for layer in model.model.language_model.layers:
+        attn = layer.self_attn
+        q, k, v = (lin.weight for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+        one = (q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+               and k.storage_offset() == q.numel() and v.storage_offset() == q.numel() + k.numel())
+        out.append((one, attn.o_proj.weight.stride(), layer.mlp.down_proj.weight.stride()))
+    return out
+
+
+def _storage_bytes(model) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}.values())
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copy_of_a_triton_patched_model_keeps_its_layout_and_size(how, tmp_path):
+    """A copy keeps each layer's q, k and v in one tensor (one projection reads them) and o and down column by
+    column, in as many bytes as the original: deepcopy copied q, k and v apart, and pickle wrote their whole
+    stacked tensor once for each, so the copy held it three times."""
+    import pickle
+    stock = tiny_llava(seed=28, num_layers=2)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="triton")
+    if how == "deepcopy":
+        copied = copy.deepcopy(model)
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(model))
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        copied = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert _layout(copied) == _layout(model) and all(one for one, *_ in _layout(model))
+    assert _storage_bytes(copied) == _storage_bytes(model)
+    for (name, a), (_, b) in zip(copied.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name

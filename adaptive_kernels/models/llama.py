@@ -245,6 +245,8 @@ def lay_out_qkv(decoder, stacked: bool) -> None:
             if any(p is None for p in params):
                 continue
             if stacked:
+                if _stacked([p.data for p in params]) is not None:
+                    continue  # already one tensor (a copy torch.load rebuilt, say)
                 whole = torch.cat([p.data for p in params])
                 for p, part in zip(params, whole.split([p.shape[0] for p in params])):
                     p.data = part
