@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -15,16 +16,23 @@ from adaptive_kernels.scheduler import (_gumbel_top_n, _gumbel_top_n_units, _ran
 from oracles import DispatchedOps
 
 
-def test_latency_encoder_follows_the_formula():
-    units = UnitSpace("L", 32, 16, 32, 8)
-    sched = seeded_scheduler(units, hidden_size=24).double()
-    budget = 0.85
-    q = (math.floor(32 * 0.85) - 16) / (32 - 16 + 1)
+@pytest.mark.parametrize("variant,rank", [("L", 1), ("H", 4)])
+def test_latency_encoder_follows_the_formula(variant, rank):
+    """ADALLAVA.md's encoder written out, for several budgets at once: one below the prefix's share, bin edges a
+    float product misses (0.57 of 200 units is 114), and 1.0. 50 layers, 25 in the prefix, 16 heads."""
+    sched = seeded_scheduler(UnitSpace(variant, 50, 25, 16, rank), hidden_size=24).double()
+    per_layer = 1 if variant == "L" else 16 // rank
+    T, P = 50 * per_layer, 25 * per_layer
+    budgets = [0.3, 0.57, 0.7, 0.85, 1.0]
     f = 1.0 / 10000 ** (np.arange(128) / 128)
-    feats = torch.tensor(np.concatenate([np.sin(2 * np.pi * q * f), np.cos(2 * np.pi * q * f)]))[None]
-    enc = sched.latency_encoder
-    expected = enc.fc2(torch.nn.functional.gelu(enc.fc1(torch.nn.functional.layer_norm(feats, (256,), enc.norm.weight, enc.norm.bias))))
-    torch.testing.assert_close(sched.latency_embedding([budget]), expected)
+    rows = []
+    for b in budgets:
+        q = max(0, math.floor(Fraction(str(b)) * T) - P) / (T - P + 1)
+        rows.append(np.concatenate([np.sin(2 * np.pi * q * f), np.cos(2 * np.pi * q * f)]))
+    enc, F = sched.latency_encoder, torch.nn.functional
+    expected = enc.fc2(F.gelu(enc.fc1(F.layer_norm(torch.tensor(np.stack(rows)), (256,), enc.norm.weight,
+                                                     enc.norm.bias))))
+    torch.testing.assert_close(sched.latency_embedding(budgets), expected)
 
 
 def _rounds_reference(layer_logits, head_logits, group_logits, n, r):
