@@ -1,10 +1,14 @@
 """The CUDA C++ extension (csrc/): decode-regime gathered projections and plan compaction on the device.
 
+The cuda backend runs the gathered-rows GEMV for its decode steps' row-gathered products (q, k and v) and the plan
+compaction, and Triton for the rest (``cuda_backend``); the gathered-columns GEMV here is benchmarked against
+Triton's, which reads o and down in that backend.
+
 Importing this module needs no GPU and no compiler: it defines the operators
 ``adaptive_kernels::cuda_gather_rows_linear``, ``::cuda_gather_cols_linear`` and
 ``::cuda_compact_plan`` (schemas, fake implementations for ``torch.compile``, FLOP formulas) in
 Python. Their CUDA implementations live in csrc/ and are compiled with ninja on first use
-(``load()``, called by every public function here and by ``cuda_backend()``) through
+(``load()``, called by each op wrapper here and by ``cuda_backend()``) through
 ``torch.utils.cpp_extension.load``; the build is cached under ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``) in a folder named after a hash of the sources, so later runs reuse
 it and an edited source gets a fresh build. Without a CUDA toolchain ``load()`` raises a
@@ -216,14 +220,16 @@ def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
     plan.heads [B, L, H], plan.groups [B, L, G] (G MLP groups of M // G neurons, the first M % G
     one more; M = shape.intermediate_size) -> ``CompactPlan``: q_rows [B, L, H*d], kv_rows
     [B, L, Hkv*d], q_to_kv [B, L, H], mlp_rows [B, L, M], counts [B, L] each. Reads nothing back
-    to the host, so it may run inside CUDA-graph capture. Same result as ``adaptive_kernels.plan.compact_plan``
-    (torch ops, several launches). The custom op ``torch.ops.adaptive_kernels.cuda_compact_plan``
-    (its last output, counts [B, L, 3], is split here into the three count fields).
+    to the host, so it may run inside CUDA-graph capture. Same result as ``compact_plan`` of the module
+    ``adaptive_kernels.plan`` (torch ops, several launches). The custom op
+    ``torch.ops.adaptive_kernels.cuda_compact_plan`` (its last output, counts [B, L, 3], is split here into the three
+    count fields).
     """
     _check_compactable(plan, shape)
     if plan.heads.device.type != "cuda":
         raise ValueError(f"compact_plan builds the buffers on the plan's CUDA device; this plan is on "
-                         f"{plan.heads.device}: move it with plan.to('cuda') or use adaptive_kernels.plan.compact_plan")
+                         f"{plan.heads.device}: move it with plan.to('cuda'), or use the torch one "
+                         f"(from adaptive_kernels.plan import compact_plan)")
     load()
     q_rows, kv_rows, q_to_kv, mlp_rows, counts = torch.ops.adaptive_kernels.cuda_compact_plan(
         plan.heads, plan.groups, shape.head_dim, shape.num_kv_heads, shape.intermediate_size)

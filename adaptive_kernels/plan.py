@@ -5,6 +5,10 @@ groups run. Budgets turn into whole schedulable units exactly as ADALLAVA.md def
 ``units = max(0, floor(T * b) - P)`` with T the units of the whole decoder and P those of the
 always-on prefix. The product is floored with a margin far above float error and far below a unit,
 so that a budget on a bin edge lands on it (in floats, 200 * 0.57 gives 113.99999999999999).
+
+A plan also compiles into the index buffers the kernels read: per-request index lists built on the host
+(``listed_schedule``), or fixed-width buffers built on the plan's device with nothing read back
+(``compact_plan``, ``fixed_width_schedule``).
 """
 
 from __future__ import annotations

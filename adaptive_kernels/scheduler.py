@@ -108,9 +108,9 @@ class AdaptiveScheduler(nn.Module):
 
         Each quantised budget's embedding is computed once, alone, so a row's is the one ``[budget]`` alone gives,
         bit for bit, whatever the other rows' budgets (a batched product may round otherwise). Its Fourier features
-        (they hold no weight) are computed once per device and dtype, from a fill rather than a host copy, and
-        kept: a request launches the encoder's layers only, on the weights they hold now, and may be captured in a
-        CUDA graph.
+        (they hold no weight) are computed once per quantised budget, device and dtype, from a fill rather than a
+        host copy, and kept: a request launches the encoder's layers only, on the weights they hold now, and may be
+        captured in a CUDA graph.
         """
         weight = self.latency_encoder.fc1.weight
         keys = [(self.units.quantised(b), weight.device, weight.dtype) for b in budgets]

@@ -6,8 +6,8 @@
   and an oracle in tests.
 - ``masked_stock``: the masked computation of ADALLAVA.md, by hooks: a skipped head's attention
   output times 0 before o_proj, a skipped neuron's ``act(gate)*up`` times 0 before down_proj, a
-  skipped layer's update times 0. Every weight is read: the no-skipping baseline in benchmarks,
-  and an oracle in tests.
+  skipped layer's update times 0. Every weight is read: an oracle in tests; its hooks
+  (``mask_hooks``, on the model itself) are the sweep's no-skipping baseline.
 """
 
 from __future__ import annotations

@@ -20,25 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from measure import RESULTS, fmt
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cmd: list[str]) -> tuple[int, str]:
-    """Run ``cmd`` in the repository root, echoing its output; (exit status, its last non-empty line)."""
-    print("$", " ".join(cmd), flush=True)
-    start = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    last = ""
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-            if line.strip():
-                last = line.strip()
-    print(f"-> exit {proc.returncode} after {time.time() - start:.0f} s", flush=True)
-    return proc.returncode, last
+from measure import RESULTS, ROOT, fmt, newest_result, run
 
 
 def environment() -> str:
@@ -122,12 +104,7 @@ def main() -> int:
             code, last = run([sys.executable, "benchmarks/test_cuda_ext.py"])
         summary.append(f"benchmark: exit {code}: {last}")
         rc |= code
-        new = sorted(set(RESULTS.glob("cuda_ext-*.json")) - before)
-        result = new[-1] if new else None
-        out = os.environ.get("OUT")
-        if result is not None and out:
-            for f in (result, result.with_suffix(".csv")):
-                shutil.copy(f, out)
+        result = newest_result("cuda_ext", before)
     print("\n" + "\n".join(summary))
     if result is not None:
         print(table(result))

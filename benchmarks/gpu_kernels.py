@@ -10,25 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from measure import RESULTS, fmt
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cmd: list[str], **env) -> int:
-    print("$", " ".join(cmd), flush=True)
-    start = time.time()
-    rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
-    print(f"-> exit {rc} after {time.time() - start:.0f} s", flush=True)
-    return rc
-
+from measure import RESULTS, fmt, newest_result, run
 
 
 def table(path: Path) -> str:
@@ -64,20 +49,16 @@ def main() -> int:
     rc = 0
     if not args.skip_tests:  # fixed tile configs: the tests check the kernels' code, quickly
         rc |= run([sys.executable, "-m", "pytest", "tests/ops", "-q", "-p", "no:cacheprovider"],
-                  ADAPTIVE_KERNELS_AUTOTUNE="0")
+                  ADAPTIVE_KERNELS_AUTOTUNE="0")[0]
     before = set(RESULTS.glob("ops-*.json"))
     bench = [sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "-q", "-p",
              "no:cacheprovider", "--benchmark-columns=median"]
-    rc |= run(bench + (["-k", args.k] if args.k else []))
-    new = sorted(set(RESULTS.glob("ops-*.json")) - before)
-    if not new:
+    rc |= run(bench + (["-k", args.k] if args.k else []))[0]
+    result = newest_result("ops", before)
+    if result is None:
         print("no benchmark results were written")
         return rc or 1
-    out = os.environ.get("OUT")
-    if out:
-        for f in (new[-1], new[-1].with_suffix(".csv")):
-            shutil.copy(f, out)
-    print("\n" + table(new[-1]))
+    print("\n" + table(result))
     return rc
 
 

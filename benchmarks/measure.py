@@ -6,12 +6,15 @@ import csv
 import datetime
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 # AK_BENCH_DRY=1 on a machine without CUDA: tiny shapes through Triton's interpreter, plain timers,
 # to check the benchmark code itself
@@ -21,6 +24,35 @@ DRY = os.environ.get("AK_BENCH_DRY") == "1" and not torch.cuda.is_available()
 def fmt(value, spec: str) -> str:
     """``value`` formatted by ``spec``; "-" for None (a number not measured)."""
     return "-" if value is None else format(value, spec)
+
+
+def run(cmd: list[str], **env) -> tuple[int, str]:
+    """Run ``cmd`` in the repository root (on PYTHONPATH), with ``env`` added to the environment, echoing its
+    output: (exit status, its last non-empty line)."""
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env}
+    last = ""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            if line.strip():
+                last = line.strip()
+    print(f"-> exit {proc.returncode} after {time.time() - start:.0f} s", flush=True)
+    return proc.returncode, last
+
+
+def newest_result(prefix: str, before: set) -> Path | None:
+    """The newest results/<prefix>-*.json not in ``before`` (None: none was written since), copied with its CSV
+    into $OUT when that is set."""
+    new = sorted(set(RESULTS.glob(f"{prefix}-*.json")) - before)
+    if not new:
+        return None
+    if os.environ.get("OUT"):
+        for f in (new[-1], new[-1].with_suffix(".csv")):
+            shutil.copy(f, os.environ["OUT"])
+    return new[-1]
 
 
 def run_info() -> dict:

@@ -115,3 +115,27 @@ def test_op_benchmarks_run_dry_and_their_table_reads_them(tmp_path):
     lines = shown.stdout.splitlines()
     assert lines[0].startswith("cpu (dry run)") and lines[1].startswith("op"), lines[:2]
     assert len(lines) == 2 + len(rows) + 2, lines  # a line per row, then copy bandwidth and matrix rate
+
+
+def test_the_gpu_scripts_runner_and_result_finder(tmp_path, monkeypatch, capsys):
+    """benchmarks/measure.py's ``run`` (what gpu_kernels.py and gpu_cuda_ext.py launch their stages with) echoes the
+    command's output and returns its exit status and last line, with the extra environment given; ``newest_result``
+    gives the newest result file the run wrote and copies it, with its CSV, into $OUT."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import measure
+
+    script = "import os; print('first'); print(os.environ['EXTRA']); print(); raise SystemExit(3)"
+    assert measure.run([sys.executable, "-c", script], EXTRA="last words") == (3, "last words")
+    assert "first\nlast words\n" in capsys.readouterr().out
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir(), out.mkdir()
+    monkeypatch.setattr(measure, "RESULTS", results)
+    monkeypatch.setenv("OUT", str(out))
+    for name in ("ops-a-1", "cuda_ext-a-3"):
+        (results / f"{name}.json").write_text("{}"), (results / f"{name}.csv").write_text("")
+    before = set(results.glob("ops-*.json"))
+    assert measure.newest_result("ops", before) is None and not list(out.iterdir())
+    for name in ("ops-a-2", "ops-a-3"):
+        (results / f"{name}.json").write_text("{}"), (results / f"{name}.csv").write_text("")
+    assert measure.newest_result("ops", before) == results / "ops-a-3.json"
+    assert sorted(p.name for p in out.iterdir()) == ["ops-a-3.csv", "ops-a-3.json"]

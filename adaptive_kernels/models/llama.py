@@ -193,7 +193,7 @@ def _project(backend: Backend, x, linear, rows):
     return backend.rows_linear(x, linear.weight, rows, linear.bias)
 
 
-def _project_back(backend: Backend, a, linear, cols, batch_rows_on=None):
+def _project_back(backend: Backend, a, linear, cols, batch_rows_on):
     """``linear`` over the columns ``cols`` (None: all, and the bias on every row); with ``cols`` and
     ``batch_rows_on`` [R], batch rows that are off get no bias."""
     if cols is None:
@@ -416,12 +416,12 @@ def plan_from_masks(layers, heads, groups, settings: Settings, seq_len: int) -> 
 
 
 def run_sampled_layers(layers, x, masks, variant: str, cos, sin, kv_valid, shape: DecoderShape,
-                       hidden: list | None = None):
+                       hidden: list | None):
     """The scheduled layers in training: the masked computation under a Gumbel-sampled plan ``masks``
     (layers [B, K], heads [B, K, H], groups [B, K, H]), differentiable in them as ADALLAVA.md defines:
     variant L multiplies each layer's whole update by its layer mask, H each head's and neuron's output by
     theirs (a layer none of whose units is picked still passes gradients to them). ``hidden``: a list that
-    receives x after each layer."""
+    receives x after each layer, or None."""
     layer_on, heads_on, groups_on = masks
     if variant == "L":  # every unit on; the biases belong to the update that layer_on multiplies
         heads_on, groups_on, bias_on = torch.ones_like(heads_on), torch.ones_like(groups_on), torch.ones_like(layer_on)
