@@ -13,6 +13,7 @@ from transformers.activations import ACT2FN
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.graphs import DecodeGraph
+from adaptive_kernels.models.llama import lay_out_qkv
 from adaptive_kernels.ops import runs, swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
@@ -317,10 +318,11 @@ def test_triton_backend_lays_out_reduction_weights_once_and_unpatch_restores_the
         assert a.is_contiguous() and torch.equal(a, b), name
 
 
-def _layout(model) -> list:
-    """Per decoder layer: whether q, k and v share one storage back to back, and o's and down's strides."""
+def _layout(lm) -> list:
+    """Per decoder layer of the language model ``lm``: whether q, k and v share one storage back to back, and o's
+    and down's strides."""
     out = []
-    for layer in model.model.language_model.layers:
+    for layer in lm.layers:
         attn = layer.self_attn
         q, k, v = (lin.weight for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
         one = (q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
@@ -329,26 +331,32 @@ def _layout(model) -> list:
     return out
 
 
-def _storage_bytes(model) -> int:
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}.values())
+def _storage_bytes(module) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in module.state_dict().values()}
+               .values())
 
 
+@pytest.mark.parametrize("part", ["model", "language model"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
-def test_a_copy_of_a_triton_patched_model_keeps_its_layout_and_size(how, tmp_path):
-    """A copy keeps each layer's q, k and v in one tensor (one projection reads them) and o and down column by
-    column, in as many bytes as the original: deepcopy copied q, k and v apart, and pickle wrote their whole
-    stacked tensor once for each, so the copy held it three times."""
+def test_a_copy_of_a_triton_patched_model_keeps_its_layout_and_size(how, part, tmp_path):
+    """A copy of the model, or of its language model alone, keeps each layer's q, k and v in one tensor (one
+    projection reads them) and o and down column by column, in as many bytes as the original: deepcopy copied q,
+    k and v apart, and pickle wrote their whole stacked tensor once for each, so the copy held it three times."""
     import pickle
-    stock = tiny_llava(seed=28, num_layers=2)
-    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="triton")
+    model = ak.patch(tiny_llava(seed=28, num_layers=2), "H", rank=2, backend="triton")
+    original = model if part == "model" else model.model.language_model
     if how == "deepcopy":
-        copied = copy.deepcopy(model)
+        copied = copy.deepcopy(original)
     elif how == "pickle":
-        copied = pickle.loads(pickle.dumps(model))
+        copied = pickle.loads(pickle.dumps(original))
     else:
-        torch.save(model, tmp_path / "model.pt")
-        copied = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert _layout(copied) == _layout(model) and all(one for one, *_ in _layout(model))
-    assert _storage_bytes(copied) == _storage_bytes(model)
-    for (name, a), (_, b) in zip(copied.state_dict().items(), model.state_dict().items(), strict=True):
+        torch.save(original, tmp_path / "module.pt")
+        copied = torch.load(tmp_path / "module.pt", weights_only=False)
+    lms = [m if part == "language model" else m.model.language_model for m in (original, copied)]
+    assert _layout(lms[1]) == _layout(lms[0]) and all(one for one, *_ in _layout(lms[0]))
+    assert _storage_bytes(copied) == _storage_bytes(original)
+    for (name, a), (_, b) in zip(copied.state_dict().items(), original.state_dict().items(), strict=True):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    pointers = [p.data_ptr() for p in lms[1].parameters()]
+    lay_out_qkv(lms[1], stacked=True)  # already one tensor per layer: left as it is
+    assert [p.data_ptr() for p in lms[1].parameters()] == pointers

@@ -119,14 +119,17 @@ def test_op_benchmarks_run_dry_and_their_table_reads_them(tmp_path):
 
 def test_the_gpu_scripts_runner_and_result_finder(tmp_path, monkeypatch, capsys):
     """benchmarks/measure.py's ``run`` (what gpu_kernels.py and gpu_cuda_ext.py launch their stages with) echoes the
-    command's output and returns its exit status and last line, with the extra environment given; ``newest_result``
-    gives the newest result file the run wrote and copies it, with its CSV, into $OUT."""
+    command's output (bytes that are not UTF-8 replaced) and returns its exit status and last line; the command
+    runs with the repository first on PYTHONPATH and the extra environment given. ``newest_result`` gives the
+    newest result file the run wrote, copied with its CSV into $OUT where that is set."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import measure
 
-    script = "import os; print('first'); print(os.environ['EXTRA']); print(); raise SystemExit(3)"
+    script = ("import os, sys; print('first'); sys.stdout.flush(); sys.stdout.buffer.write(b'caf\\xe9\\n'); "
+              "print(os.environ['PYTHONPATH'].split(os.pathsep)[0]); print(os.environ['EXTRA']); print(); "
+              "raise SystemExit(3)")
     assert measure.run([sys.executable, "-c", script], EXTRA="last words") == (3, "last words")
-    assert "first\nlast words\n" in capsys.readouterr().out
+    assert f"first\ncaf\ufffd\n{ROOT}\nlast words\n" in capsys.readouterr().out  # bytes not UTF-8 replaced
     results, out = tmp_path / "results", tmp_path / "out"
     results.mkdir(), out.mkdir()
     monkeypatch.setattr(measure, "RESULTS", results)
@@ -139,3 +142,6 @@ def test_the_gpu_scripts_runner_and_result_finder(tmp_path, monkeypatch, capsys)
         (results / f"{name}.json").write_text("{}"), (results / f"{name}.csv").write_text("")
     assert measure.newest_result("ops", before) == results / "ops-a-3.json"
     assert sorted(p.name for p in out.iterdir()) == ["ops-a-3.csv", "ops-a-3.json"]
+    monkeypatch.delenv("OUT")  # without $OUT the result stays where it is
+    (results / "ops-a-4.json").write_text("{}"), (results / "ops-a-4.csv").write_text("")
+    assert measure.newest_result("ops", before) == results / "ops-a-4.json" and len(list(out.iterdir())) == 2

@@ -966,20 +966,21 @@ def test_a_step_written_at_the_graph_position_is_the_eager_write():
 
 
 def _counted_layer_flops(model, **kwargs) -> list[int]:
-    """Each decoder layer's FLOPs as ``FlopCounterMode`` counts them in one forward (0 for a layer not called)."""
+    """Each decoder layer's matrix-product FLOPs (mm, addmm) as ``FlopCounterMode`` counts them in one forward (0
+    for a layer not called); attention's, which the CPU's SDPA may or may not report, are left out."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**kwargs)
     counted = [0] * L
     for name, ops in counter.get_flop_counts().items():
         if match := re.search(r"language_model\.layers\.(\d+)$", name):
-            counted[int(match[1])] = sum(ops.values())
+            counted[int(match[1])] = sum(n for op, n in ops.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm))
     return counted
 
 
 def _product_flops(config, heads: torch.Tensor, groups: torch.Tensor, tokens: int) -> int:
     """One layer's matrix-product FLOPs over ``tokens``, written out from the masks [H] and [G]: q and o per
     query head on, k and v per key/value head with a query head on, gate, up and down per neuron on (the
-    first M % G groups one neuron larger). Attention's own products are left out: SDPA on the CPU counts 0."""
+    first M % G groups one neuron larger). Attention's own products are left out."""
     D, d, H = config.hidden_size, config.head_dim, config.num_attention_heads
     M, kv_heads = config.intermediate_size, config.num_key_value_heads
     sizes = [M // H + (g < M % H) for g in range(H)]

@@ -547,6 +547,13 @@ def with_latency_token(x, positions, mask, token) -> tuple:
 class AdaptiveDecoderMixin:
     """Mixed into a patched model's language model class; replaces its ``forward``."""
 
+    def __setstate__(self, state):
+        """The state a copy (deepcopy, pickle) restores, with each layer's q, k and v weights in one tensor again
+        under the kernel backends: a copy holds them apart (pickle writes their stacked tensor once for each)."""
+        super().__setstate__(state)
+        if self._ak_settings.backend.kernel_layout:
+            lay_out_qkv(self, stacked=True)
+
     @on_the_model_device
     @in_the_model_dtype
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,

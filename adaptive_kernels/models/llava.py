@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from transformers import Cache, DynamicCache, LlavaForConditionalGeneration
 
-from .llama import (AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, cache_argument, check_plan, lay_out_qkv,
-                    serving)
+from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, cache_argument, check_plan, serving
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError, refusal
 from ..generation import greedy_running_ahead, runs_ahead
@@ -203,18 +202,9 @@ def _adaptive_llava_class(stock: type) -> type:
                                f"the stock class in config.json) and the scheduler beside it as {SCHEDULER_FILE} "
                                "(a file for patch's scheduler=); push_to_hub=True is refused (push_to_hub uploads "
                                "both).")
-    def __setstate__(self, state):
-        stock.__setstate__(self, state)
-        lm = self.model.language_model
-        if lm._ak_settings.backend.kernel_layout:
-            lay_out_qkv(lm, stacked=True)
-
-    __setstate__.__doc__ = ("The state a copy (deepcopy, pickle) restores, with each layer's q, k and v weights in one "
-                            "tensor again: a copy holds them apart (pickle even writes their whole stacked tensor "
-                            "once for each of the three).")
     return _generated_class(stock, methods={"forward": forward, "generate": generate, "_sample": _sample,
                                             "_get_candidate_generator": _get_candidate_generator,
-                                            "save_pretrained": save_pretrained, "__setstate__": __setstate__})
+                                            "save_pretrained": save_pretrained})
 
 
 def _repeated_per_sequence(latency_budget, execution_plan, copies: int) -> tuple:
