@@ -276,7 +276,7 @@ def _regime(T: int) -> str:
 
 
 def check_rows_launch(op, x, weight, rows, bias=None, weight2=None) -> None:
-    """The launch and argument checks of ``_rows_launch`` (weight2: SwiGLU's up projection)."""
+    """The launch and argument checks of ``rows_launch`` (weight2: SwiGLU's up projection)."""
     check_launch(op, *[t for t in (x, weight, rows, bias, weight2) if t is not None])
     if weight2 is None:
         check_gather_args(op, "x", x, weight, "rows", rows, bias)
@@ -287,7 +287,7 @@ def check_rows_launch(op, x, weight, rows, bias=None, weight2=None) -> None:
                              f"got {tuple(weight2.shape)}, {weight2.dtype}")
 
 
-def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
+def rows_launch(op, x, weight, rows, bias=None, weight2=None):
     """Shared launcher of gather_rows_linear and gathered_swiglu (weight2: the up projection)."""
     check_rows_launch(op, x, weight, rows, bias, weight2)
     R, T, D = x.shape
@@ -314,7 +314,7 @@ def _rows_launch(op, x, weight, rows, bias=None, weight2=None):
 @torch.library.custom_op("adaptive_kernels::gather_rows_linear", mutates_args=())
 def _gather_rows_linear_op(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _rows_launch("gather_rows_linear", x, weight, rows, bias)
+    return rows_launch("gather_rows_linear", x, weight, rows, bias)
 
 
 @_gather_rows_linear_op.register_fake
@@ -400,7 +400,7 @@ def gather_rows_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     """
     check_tensors("gather_rows_linear", ("bias",), x=x, weight=weight, rows=rows, bias=bias)
     if call_directly(x, weight, bias):
-        return _rows_launch("gather_rows_linear", x, weight, rows, bias)
+        return rows_launch("gather_rows_linear", x, weight, rows, bias)
     return torch.ops.adaptive_kernels.gather_rows_linear(x, weight, rows, bias)
 
 

@@ -30,7 +30,7 @@ def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
 from ._library import active_count, call_directly, check_tensors, differentiate_by_reference  # noqa: E402
-from .projections import _rows_launch, check_rows_launch  # noqa: E402
+from .projections import rows_launch, check_rows_launch  # noqa: E402
 
 DECODE_TOKENS = 16
 """Tokens per row up to which every-neuron SwiGLU runs as the fused Triton kernel (a GEMV at one token, tiles of
@@ -41,10 +41,10 @@ against 77 us for cuBLAS's two products and two elementwise kernels."""
 def _swiglu_launch(x, w_gate, w_up, rows):
     check_tensors("gathered_swiglu", w_up=w_up)  # the custom op passes a None w_up on, which would mean ungated
     if rows is not None:
-        return _rows_launch("gathered_swiglu", x, w_gate, rows, None, w_up)
+        return rows_launch("gathered_swiglu", x, w_gate, rows, None, w_up)
     every = torch.arange(w_gate.shape[0], device=x.device).expand(x.shape[0], -1)
     if x.shape[1] <= DECODE_TOKENS:
-        return _rows_launch("gathered_swiglu", x, w_gate, every, None, w_up)
+        return rows_launch("gathered_swiglu", x, w_gate, every, None, w_up)
     check_rows_launch("gathered_swiglu", x, w_gate, every, None, w_up)  # the kernel's errors, then
     return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)  # cuBLAS's products, the faster over many tokens
 
