@@ -195,6 +195,29 @@ def test_projections_the_executor_cannot_read_are_refused(wrap):
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
+@pytest.mark.parametrize("part,name", [("self_attn", "q_proj"), ("mlp", "down_proj")])
+def test_a_projection_swapped_in_after_patch_is_refused_by_the_next_request(part, name):
+    """An adapter's wrapper put in after patch (as peft injects one) was read as its base weight alone, its delta
+    silently lost: each request's prefill now refuses it as patch does. A plain Linear swapped in runs, with its
+    own weights."""
+    stock = tiny_llava(seed=2)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    inputs = example_inputs(model, batch_size=2, seed=1)
+    parent = model.model.language_model.layers[1].get_submodule(part)
+    base = getattr(parent, name)
+    setattr(parent, name, _Adapter(base))
+    for request in (lambda: model(**inputs, latency_budget=0.6), lambda: model.generate(**inputs, max_new_tokens=2),
+                    lambda: ak.plan(model, latency_budget=0.6, **inputs)):
+        with pytest.raises(ArgumentTypeError, match=f"layer 1's {part}.{name} is a _Adapter"):
+            request()
+    replacement = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)  # random weights
+    setattr(parent, name, replacement)
+    setattr(stock.model.language_model.layers[1].get_submodule(part), name, copy.deepcopy(replacement))
+    with torch.no_grad():
+        ours = model(**inputs, execution_plan=ExecutionPlan.full(2, 8, 8)).logits
+        assert torch.equal(ours, stock(**inputs).logits)
+
+
 @pytest.mark.parametrize("where,hook", [("", "register_forward_hook"), ("self_attn", "register_forward_pre_hook"),
                                         ("mlp", "register_forward_hook"),
                                         ("post_attention_layernorm", "register_full_backward_hook")])
