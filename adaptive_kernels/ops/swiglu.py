@@ -30,7 +30,7 @@ def gathered_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
 from ._library import active_count, call_directly, check_tensors, differentiate_by_reference  # noqa: E402
-from .projections import rows_launch, check_rows_launch  # noqa: E402
+from .projections import check_rows_launch, rows_launch  # noqa: E402
 
 DECODE_TOKENS = 16
 """Tokens per row up to which every-neuron SwiGLU runs as the fused Triton kernel (a GEMV at one token, tiles of
