@@ -131,17 +131,22 @@ def test_the_gpu_scripts_runner_and_result_finder(tmp_path, monkeypatch, capsys)
     assert measure.run([sys.executable, "-c", script], EXTRA="last words") == (3, "last words")
     assert f"first\ncaf\ufffd\n{ROOT}\nlast words\n" in capsys.readouterr().out  # bytes not UTF-8 replaced
     results, out = tmp_path / "results", tmp_path / "out"
-    results.mkdir(), out.mkdir()
+    for folder in (results, out):
+        folder.mkdir()
     monkeypatch.setattr(measure, "RESULTS", results)
     monkeypatch.setenv("OUT", str(out))
-    for name in ("ops-a-1", "cuda_ext-a-3"):
-        (results / f"{name}.json").write_text("{}"), (results / f"{name}.csv").write_text("")
+
+    def write_results(*names):
+        for name in names:
+            for suffix in (".json", ".csv"):
+                (results / name).with_suffix(suffix).write_text("")
+
+    write_results("ops-a-1", "cuda_ext-a-3")
     before = set(results.glob("ops-*.json"))
     assert measure.newest_result("ops", before) is None and not list(out.iterdir())
-    for name in ("ops-a-2", "ops-a-3"):
-        (results / f"{name}.json").write_text("{}"), (results / f"{name}.csv").write_text("")
+    write_results("ops-a-2", "ops-a-3")
     assert measure.newest_result("ops", before) == results / "ops-a-3.json"
     assert sorted(p.name for p in out.iterdir()) == ["ops-a-3.csv", "ops-a-3.json"]
     monkeypatch.delenv("OUT")  # without $OUT the result stays where it is
-    (results / "ops-a-4.json").write_text("{}"), (results / "ops-a-4.csv").write_text("")
+    write_results("ops-a-4")
     assert measure.newest_result("ops", before) == results / "ops-a-4.json" and len(list(out.iterdir())) == 2
