@@ -284,7 +284,8 @@ ACCEPTED = {"variant": "variant must be one of ('L', 'H')", "rank": "rank must b
     ({"variant": "X"}, ACCEPTED["variant"]), ({"variant": "H", "rank": 3}, "rank must divide the 8 attention heads"),
     ({"rank": 0}, ACCEPTED["rank"]), ({"num_prefix_layers": 8}, ACCEPTED["num_prefix_layers"]),
     ({"num_prefix_layers": -1}, ACCEPTED["num_prefix_layers"]), ({"backend": "jax"}, ACCEPTED["backend"]),
-    ({"backend": "cuda"}, "backend='cuda' runs CUDA kernels, but the model is on cpu")])
+    pytest.param({"backend": "cuda"}, "backend='cuda' runs CUDA kernels, but the model is on cpu",
+                 marks=pytest.mark.triton)])
 def test_bad_patch_options(kwargs, message):
     """A value out of range: a ValueError that names the argument and what it accepts."""
     with pytest.raises(ValueError, match=re.escape(message)) as refused:
@@ -306,6 +307,18 @@ def test_patch_options_of_a_wrong_type(kwargs):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_kernel_backend_without_the_triton_package_is_refused_at_patch_time(monkeypatch, backend):
+    """Where triton is missing (pip installs it on Linux only) the kernel backends are refused by name, before
+    anything changed."""
+    monkeypatch.setattr(backends, "HAS_TRITON", False)
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=re.escape(f"backend='{backend}' needs the triton package, which is not "
+                                                   "installed; use backend='torch'")):
+        ak.patch(model, backend=backend)
+    assert type(model) is LlavaForConditionalGeneration
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_a_kernel_backend_refuses_a_dtype_its_kernels_do_not_take(backend):
     model = tiny_llava().double()
     with pytest.raises(ValueError, match=f"backend='{backend}' computes in float32, float16 or bfloat16.*float64"):
@@ -313,12 +326,14 @@ def test_a_kernel_backend_refuses_a_dtype_its_kernels_do_not_take(backend):
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
+@pytest.mark.triton
 def test_triton_on_the_cpu_outside_the_interpreter_is_refused_at_patch_time(monkeypatch):
     monkeypatch.setattr(backends, "INTERPRET", False)
     with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET=1"):
         ak.patch(tiny_llava(), backend="triton")
 
 
+@pytest.mark.triton
 def test_triton_in_bfloat16_on_the_cpu_is_refused_at_patch_time(monkeypatch):
     """Triton's interpreter computes bfloat16 wrong (DESIGN.md): refused rather than run to wrong tokens."""
     monkeypatch.setattr(backends, "INTERPRET", True)
@@ -328,6 +343,7 @@ def test_triton_in_bfloat16_on_the_cpu_is_refused_at_patch_time(monkeypatch):
     assert type(model) is LlavaForConditionalGeneration
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype,message", [(torch.bfloat16, "bfloat16 arithmetic is wrong"),
                                            (torch.float64, "computes in float32, float16 or bfloat16")])
 def test_a_triton_model_moved_to_a_dtype_it_cannot_run_is_refused_at_the_next_call(monkeypatch, dtype, message):
@@ -342,13 +358,17 @@ def test_a_triton_model_moved_to_a_dtype_it_cannot_run_is_refused_at_the_next_ca
         model.generate(**inputs, latency_budget=0.6, max_new_tokens=2)
 
 
-def test_the_default_backend_is_triton_only_for_cuda_models_in_a_kernel_dtype():
+@pytest.mark.parametrize("has_triton", [True, False], ids=["triton installed", "triton missing"])
+def test_the_default_backend_is_triton_only_for_cuda_models_in_a_kernel_dtype_where_triton_is_installed(
+        monkeypatch, has_triton):
+    monkeypatch.setattr(backends, "HAS_TRITON", has_triton)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert backends.default_backend(cuda, torch.bfloat16) == ("triton" if backends.HAS_TRITON else "torch")
+    assert backends.default_backend(cuda, torch.bfloat16) == ("triton" if has_triton else "torch")
     assert backends.default_backend(cuda, torch.float64) == "torch"
     assert backends.default_backend(cpu, torch.float32) == "torch"
 
 
+@pytest.mark.triton
 def test_patch_takes_the_default_backends_choice_for_the_models_device_and_dtype(monkeypatch):
     """backend=None is default_backend's answer for the model's device and dtype (triton on CUDA in a kernel
     dtype; on the CPU torch), asked here of a stand-in that answers triton, which the interpreter runs."""

@@ -303,6 +303,7 @@ def test_each_backend_is_made_of_its_own_ops(monkeypatch):
         assert getattr(torch_backend, field) is op, field
 
 
+@pytest.mark.triton
 def test_triton_backend_lays_out_reduction_weights_once_and_unpatch_restores_them():
     stock = tiny_llava(seed=28, num_layers=2)
     model = copy.deepcopy(stock)
@@ -336,6 +337,7 @@ def _storage_bytes(module) -> int:
                .values())
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("part", ["model", "language model"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_a_copy_of_a_triton_patched_model_keeps_its_layout_and_size(how, part, tmp_path):

@@ -486,6 +486,7 @@ def test_unloadable_weights_and_output_files_that_are_folders_exit_naming_the_op
         assert says in err and "Traceback" not in err, err
 
 
+@pytest.mark.triton
 def test_triton_on_the_cpu_outside_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("adaptive_kernels.backends.INTERPRET", False)
     out = str(tmp_path / "out")
@@ -1416,11 +1417,12 @@ def test_matmul_rate_counts_two_flops_per_multiply_add_at_the_median_time(monkey
 
 
 def test_run_stamp_records_the_installed_versions_and_the_utc_date_to_the_second():
-    """Every result row's stamp: torch's, transformers' and Triton's own installed versions (not one another's), and
-    the date as ISO 8601 in UTC (offset 0, whole seconds), taken when the stamp is made; the op benchmarks name their
-    files from it with a ``Z``."""
+    """Every result row's stamp: torch's, transformers' and Triton's own installed versions (not one another's; "not
+    installed" for a missing triton), and the date as ISO 8601 in UTC (offset 0, whole seconds), taken when the stamp
+    is made; the op benchmarks name their files from it with a ``Z``."""
     import datetime
     import importlib.metadata
+    import importlib.util
 
     from adaptive_kernels.measuring import run_stamp
 
@@ -1429,8 +1431,9 @@ def test_run_stamp_records_the_installed_versions_and_the_utc_date_to_the_second
     after = datetime.datetime.now(datetime.timezone.utc)
     assert stamp.keys() == {"torch", "transformers", "triton", "date"}
     assert stamp["torch"] == torch.__version__
-    for name in ("transformers", "triton"):
-        assert stamp[name] == importlib.metadata.version(name), name
+    assert stamp["transformers"] == importlib.metadata.version("transformers")
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert stamp["triton"] == (importlib.metadata.version("triton") if has_triton else "not installed")
     date = datetime.datetime.fromisoformat(stamp["date"])
     assert date.utcoffset() == datetime.timedelta(0) and date.microsecond == 0, stamp["date"]
     assert before <= date <= after

@@ -13,6 +13,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,6 +91,7 @@ def test_gpu_script_prints_its_help_and_refuses_arguments(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.triton
 def test_op_benchmarks_run_dry_and_their_table_reads_them(tmp_path):
     """``AK_BENCH_DRY=1 pytest benchmarks/test_ops.py --benchmark-only`` runs every case at tiny shapes through
     Triton's interpreter (each compares its gathered op with the ideal), writes a row per case, and gpu_kernels'

@@ -1085,6 +1085,7 @@ def test_scheduler_weights_survive_save_and_load(stock, tmp_path):
     patched(stock, "L", rank=2, scheduler=l_path)  # L ignores rank, so its files fit any
 
 
+@pytest.mark.triton
 def test_save_pretrained_writes_the_stock_checkpoint_and_the_scheduler(stock, tmp_path):
     """A patched model saves what the stock one would (its class in config.json, every stock tensor, nothing
     else), whatever layout patching gave its weights, and its scheduler beside it for patch's scheduler=."""
@@ -1262,6 +1263,7 @@ def test_fresh_schedulers_are_seeded(stock):
     assert a == b
 
 
+@pytest.mark.triton
 def test_patch_stacks_qkv_weights_and_unpatch_separates_them(stock):
     """For the Triton backend (one gathered product over q, k and v); the torch backend keeps stock's tensors."""
     model = copy.deepcopy(stock)

@@ -286,6 +286,7 @@ def test_a_frozen_projection_leaves_the_others_their_gradients(frozen):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.triton
 def test_a_kernel_backend_trains_under_autocast_with_its_decoder_in_the_models_dtype():
     """torch.autocast (bfloat16 on the CPU) over a float32 model, as mixed-precision training runs it, with a
     dense layer in the plan (products by F.linear, which autocast casts): the triton backend runs the decoder

@@ -14,6 +14,8 @@ from adaptive_kernels.ops.attention import (_attention_launch, head_sparse_atten
 
 from ._util import DEVICE, DTYPE_PARAMS, check, generator, randn
 
+pytestmark = pytest.mark.triton
+
 d = 24  # not a power of two
 
 

@@ -16,7 +16,8 @@ from adaptive_kernels.ops.swiglu import gathered_swiglu, gathered_swiglu_referen
 
 from ._util import DEVICE, check, generator, index_lists, randn
 
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="sets the interpreter's tiles; a GPU runs the autotuner")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(DEVICE != "cpu", reason="sets the interpreter's tiles; a GPU runs the autotuner")]
 
 TOKENS = {"gemv": 1, "few": 5, "many": 37}  # a count each regime takes
 D, N = 600, 300  # above the largest reduction tile (512) and output tile (256), divisible by neither

@@ -16,6 +16,8 @@ from adaptive_kernels.ops.swiglu import gathered_swiglu, gathered_swiglu_referen
 
 from ._util import DEVICE, generator, index_lists, randn
 
+pytestmark = pytest.mark.triton
+
 
 def _cases(gen):
     """name -> (op, reference, float inputs (all get gradients), other arguments, argument order)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -106,6 +107,18 @@ def test_the_swiglu_custom_op_refuses_a_missing_up_weight():
 
 
 @pytest.mark.parametrize("name", list(_valid_calls()))
+def test_public_ops_without_the_triton_package_point_to_the_torch_backend(monkeypatch, name):
+    """Where triton is missing (pip installs it on Linux only), each op says so by name rather than failing in its
+    launch."""
+    monkeypatch.setattr(_library, "HAS_TRITON", False)
+    op, tensors, others, _ = _valid_calls()[name]
+    with pytest.raises(RuntimeError, match=re.escape(f"{name}: the triton package is not installed; use "
+                                                     "backend='torch' (the PyTorch references)")):
+        op(**tensors, **others)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(_valid_calls()))
 def test_public_ops_on_meta_tensors_give_the_shapes_of_a_real_call(name):
     """Meta tensors go to the custom op's fake kernel (they reached the Triton launch and failed there)."""
     op, tensors, others, _ = _valid_calls()[name]
@@ -115,6 +128,7 @@ def test_public_ops_on_meta_tensors_give_the_shapes_of_a_real_call(name):
         assert got.is_meta and (got.shape, got.dtype) == (want.shape, want.dtype)
 
 
+@pytest.mark.triton
 def test_attention_with_no_key_value_head_has_zero_gradients():
     """With no kv head every output is 0 and made of no input: backward failed on its missing graph."""
     q = torch.randn(2, 3, 4, 8, requires_grad=True)
@@ -131,6 +145,7 @@ INDEX_ARGUMENTS = {"gather_rows_linear": ("rows", gather_rows_linear_reference),
                    "head_sparse_attention": ("q_to_kv", head_sparse_attention_reference)}
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", list(INDEX_ARGUMENTS))
 def test_int32_index_lists_give_what_the_reference_gives_for_int64(name):
     """Index lists may be int32 (INDEX_DTYPES); the package itself always passes int64."""
@@ -213,6 +228,7 @@ def test_no_kernel_is_tuned_inside_a_cuda_graph_capture(monkeypatch):
         _library._bench(lambda: None, None)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", list(INDEX_ARGUMENTS))
 @pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.uint8], ids=str)
 def test_index_lists_of_a_narrower_integer_dtype_are_refused_by_name(name, dtype):

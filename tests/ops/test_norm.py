@@ -11,7 +11,7 @@ from adaptive_kernels.backends import get_backend
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops.norm import rms_norm, rms_norm_reference
 
-from ._util import DTYPE_PARAMS, DTYPES, TOL, generator, randn
+from ._util import DTYPE_PARAMS, TOL, generator, randn
 
 
 def stock_norm(weight: torch.Tensor, eps: float) -> LlamaRMSNorm:
@@ -32,6 +32,7 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("shape", [(1, 1, 37), (3, 5, 64), (2, 7, 300)], ids=str)
 @pytest.mark.parametrize("residual", [None, "contiguous", "rows apart", "transposed"])
@@ -56,6 +57,7 @@ def test_rms_norm_is_llamas_rms_norm(dtype, shape, residual, layout):
     torch.testing.assert_close(got, ref if r is None else ref[0])
 
 
+@pytest.mark.triton
 def test_fp32_weight_on_half_rows_promotes_like_llama():
     gen = generator("promote")
     x, weight = randn(2, 3, 40, gen=gen, dtype=torch.float16), randn(40, gen=gen)
@@ -66,6 +68,7 @@ def test_fp32_weight_on_half_rows_promotes_like_llama():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.triton
 def test_weight_through_its_stride():
     """A weight that is a strided view (every other element of a bigger one) is read in place."""
     gen = generator("strided weight")
@@ -75,6 +78,7 @@ def test_weight_through_its_stride():
     torch.testing.assert_close(rms_norm(x, weight, 1e-6), want)
 
 
+@pytest.mark.triton
 def test_mismatched_arguments_are_refused():
     gen = generator("bad")
     x = randn(2, 8, gen=gen)
@@ -91,6 +95,7 @@ def test_mismatched_arguments_are_refused():
         rms_norm(torch.ones(1, 16385), torch.ones(16385), 1e-6)
 
 
+@pytest.mark.triton
 def test_eps_is_a_finite_real_number_of_any_kind():
     """A NumPy eps computes as the float (it failed inside the kernel); a tensor, None, nan, inf or a negative
     eps is refused by name."""
@@ -104,6 +109,7 @@ def test_eps_is_a_finite_real_number_of_any_kind():
             rms_norm(x, w, eps)
 
 
+@pytest.mark.triton
 def test_opcheck():
     gen = generator("opcheck")
     x, r, w = randn(2, 3, 24, gen=gen), randn(2, 3, 24, gen=gen), randn(24, gen=gen)
@@ -132,8 +138,6 @@ def test_torch_backend_is_llamas_rms_norm_bit_for_bit_with_random_weights(dtype,
     got, h = torch_norm(x, weight, 1e-5, r)
     torch.testing.assert_close(h, x + r, rtol=0, atol=0)
     torch.testing.assert_close(got, want_h, rtol=0, atol=0)
-    if dtype in DTYPES:  # the kernel rounds alike but sums in another order: stock's to rounding
-        torch.testing.assert_close(rms_norm(x, weight, 1e-5), want, **TOL[dtype])
 
 
 @pytest.mark.parametrize("update_dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -152,6 +156,7 @@ def test_torch_backend_adds_a_half_update_to_a_float32_stream_as_llama(update_dt
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("shape", [(6, 37), (1, 5, 40)], ids=str)
 def test_rows_whose_last_dim_is_not_of_unit_stride_are_read_as_their_values(dtype, shape):
@@ -169,6 +174,7 @@ def test_rows_whose_last_dim_is_not_of_unit_stride_are_read_as_their_values(dtyp
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.triton
 def test_eps_of_zero_is_accepted_and_computes_as_the_reference():
     """eps is refused only below 0 (the documented minimum): eps=0 (and an int 0), alone and with a residual, gives
     the reference's result for every element, as a model whose config says rms_norm_eps=0 needs."""

@@ -25,6 +25,7 @@ CASES = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("T", [1, 3, 37])
 @pytest.mark.parametrize("case", list(CASES))
@@ -43,6 +44,7 @@ def test_gather_rows_linear(dtype, T, case, bias):
     check(y, ref, dtype)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("T", [1, 3, 37])
 @pytest.mark.parametrize("case", list(CASES))
@@ -62,6 +64,7 @@ def test_gather_cols_linear(dtype, T, case, layout):
     check(y, gather_cols_linear_reference(a.float(), w.float(), cols), dtype)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("split", [2, 3])
 def test_gather_cols_linear_split(monkeypatch, dtype, split):
@@ -74,6 +77,7 @@ def test_gather_cols_linear_split(monkeypatch, dtype, split):
     check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a.float(), w.float(), cols), dtype)
 
 
+@pytest.mark.triton
 def test_empty_index_lists():
     gen = generator(1)
     x = randn(2, 3, D, gen=gen)
@@ -84,6 +88,7 @@ def test_empty_index_lists():
     assert y.shape == (2, 3, D) and bool((y == 0).all())
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("T", [1, 3])
 def test_weight_through_strides(T):
     """A weight that is a strided view (every other row, or every other column, of a bigger one) is read in
@@ -100,6 +105,7 @@ def test_weight_through_strides(T):
     check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a, w, cols), torch.float32)
 
 
+@pytest.mark.triton
 def test_bad_arguments_are_refused_by_name():
     gen = generator("bad")
     x, w, b = randn(2, 3, D, gen=gen), randn(N, D, gen=gen), randn(N, gen=gen)
@@ -118,6 +124,7 @@ def test_bad_arguments_are_refused_by_name():
             gather_cols_linear(*args)
 
 
+@pytest.mark.triton
 def test_opcheck():
     gen = generator(3)
     rows = index_lists([5, 3], 11, gen, "runs")
@@ -127,6 +134,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.adaptive_kernels.gather_cols_linear.default, (randn(2, 3, 5, gen=gen), randn(9, 11, gen=gen), rows))
 
 
+@pytest.mark.triton
 def test_flop_count():
     gen = generator(4)
     R, T, n = 2, 3, 7
@@ -155,6 +163,7 @@ ALMOST_RUNS = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("case", list(ALMOST_RUNS))
 def test_gather_cols_linear_almost_runs(dtype, case):
@@ -169,6 +178,7 @@ def test_gather_cols_linear_almost_runs(dtype, case):
     check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a.float(), w.float(), cols), dtype)
 
 
+@pytest.mark.triton
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -198,7 +208,8 @@ PADDED_COLUMNS = {
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
-@pytest.mark.parametrize("op", [gather_cols_linear, gather_cols_linear_reference,
+@pytest.mark.parametrize("op", [pytest.param(gather_cols_linear, marks=pytest.mark.triton),
+                                gather_cols_linear_reference,
                                 pytest.param(cuda_ext.gather_cols_linear, marks=pytest.mark.skipif(
                                     DEVICE != "cuda", reason="the CUDA extension's op needs a CUDA device"))],
                          ids=["triton", "reference", "cuda"])
@@ -221,6 +232,7 @@ def test_padded_columns_add_nothing_whatever_the_weight_holds(op, case, T):
     torch.testing.assert_close(op(a, w, cols).double(), want, **TOL[torch.float32])
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("T", [1, 5, 37])
 def test_rows_weight_and_index_list_through_their_strides(T):
     """A weight stored column by column (its last dim not of unit stride, a transposed view) and an index list that
@@ -236,6 +248,7 @@ def test_rows_weight_and_index_list_through_their_strides(T):
     check(gather_rows_linear(x, w, rows_view, b), gather_rows_linear_reference(x, w, rows, b), torch.float32)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("layout", ["row-major", "cols-major"])
 def test_cols_index_list_through_its_strides(T, layout):

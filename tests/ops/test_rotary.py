@@ -11,6 +11,8 @@ from adaptive_kernels.ops.rotary import rotary, rotary_reference
 
 from ._util import DTYPE_PARAMS, generator, randn
 
+pytestmark = pytest.mark.triton
+
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("R,T,nh,d", [(1, 1, 3, 8), (2, 5, 7, 24), (3, 4, 70, 6), (1, 2, 131, 4)])  # 131: two head blocks

@@ -10,6 +10,8 @@ from adaptive_kernels.ops.swiglu import gathered_swiglu, gathered_swiglu_referen
 
 from ._util import DEVICE, DTYPE_PARAMS, check, generator, index_lists, randn
 
+pytestmark = pytest.mark.triton
+
 D, M = 67, 59
 CASES = {
     "mixed-runs": ([14, 6, 0], "runs"),
