@@ -14,7 +14,8 @@ from .errors import ArgumentTypeError, refusal
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
 from .models.llama import check_layers, lay_out_qkv, lay_out_reduction_weights
-from .models.llava import check_input_devices, check_llava, is_patched, swap_in, swap_out
+from .models.llava import (check_input_devices, check_llava, has_patched_decoder, is_patched, patched_language_model,
+                           swap_in, swap_out)
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, check_positive_integer, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
@@ -61,13 +62,16 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     (``generation.py``; the same ids). False: eager steps and transformers' own loop.
     """
     check_llava(model)
+    if has_patched_decoder(model) and not is_patched(model):
+        raise ValueError("model.model.language_model is patched already, as part of another model that shares it; "
+                         "unpatch that model first, or give this one a language model of its own")
     shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)
     lm = model.model.language_model
     check_layers(lm)
     if not isinstance(cuda_graphs, bool):
         raise ArgumentTypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)
-    same_units = is_patched(model) and lm._ak_settings.units == units and scheduler is None
+    same_units = has_patched_decoder(model) and lm._ak_settings.units == units and scheduler is None
     if same_units and (lm._ak_settings.backend.name, lm._ak_settings.cuda_graphs) == (backend_name, cuda_graphs):
         return model
     if same_units:
@@ -91,14 +95,16 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
 def unpatch(model):
     """Restore the stock behaviour of a patched model exactly (a stock model is returned as is)."""
     check_llava(model)
-    if is_patched(model):
-        lm = model.model.language_model
+    if not is_patched(model):
+        return model
+    lm = model.model.language_model
+    if has_patched_decoder(model):  # else an unpatched one was set in its place after patch: nothing to restore there
         if lm._ak_settings.backend.kernel_layout:
             lay_out_reduction_weights(lm, column_major=False)
             lay_out_qkv(lm, stacked=False)
-        swap_out(model)
         del lm.latency_scheduler
         del lm._ak_settings
+    swap_out(model)
     return model
 
 
@@ -106,7 +112,7 @@ def _patched_decoder(model):
     check_llava(model)
     if not is_patched(model):
         raise ValueError("model is not patched; call adaptive_kernels.patch(model) first")
-    return model.model.language_model
+    return patched_language_model(model)
 
 
 def save_scheduler(model, path) -> None:

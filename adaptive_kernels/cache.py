@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import Cache
 
+from .plan import DecoderShape
+
 CAPACITY_STEP = 128
 
 
@@ -30,8 +32,9 @@ class AdaptiveCache(Cache):
     is_croppable = True  # crop() takes back rejected draft tokens (assisted decoding)
 
     def __init__(self, num_layers: int, latency_index: int | None, schedule=None,
-                 position_shift: torch.Tensor | None = None):
+                 position_shift: torch.Tensor | None = None, decoder_shape: DecoderShape | None = None):
         super().__init__(layers=[])
+        self.decoder_shape = decoder_shape  # the shape of the decoder that fills it (None: not known)
         self.schedule = schedule  # set once the plan is known (after the prefix, with a budget)
         self.latency_index = latency_index
         self.position_shift = position_shift

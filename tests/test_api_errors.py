@@ -813,6 +813,72 @@ def test_continuing_a_cache_under_another_plan_or_budget_is_refused(model, input
                   **{CACHE_KWARG: copy.deepcopy(by_plan.past_key_values)})
 
 
+@pytest.mark.parametrize("sizes", [dict(num_layers=6), dict(num_layers=5, num_heads=4, num_kv_heads=2, hidden_size=32,
+                                                              intermediate_size=90)], ids=["fewer layers", "narrower"])
+def test_continuing_a_cache_that_a_decoder_of_another_shape_filled_is_refused(sizes):
+    """One model continuing another's cache: with fewer layers in either, the layers the cache lacked were silently
+    not run; with other widths it failed in a reshape. Refused naming the cache and both shapes, either way round."""
+    model = ak.patch(tiny_llava(seed=9), "H", rank=2)
+    other = ak.patch(tiny_llava(seed=10, **sizes), "H", rank=2)
+    for filler, continuer in ((other, model), (model, other)):
+        inputs = example_inputs(filler, batch_size=1, seed=11)
+        with torch.no_grad():
+            cache = cache_of(filler(**inputs, latency_budget=0.6))
+        shapes = [text_model_shape(m) for m in (filler, continuer)]
+        refused = (rf"^\w+: the cache this call continues was filled by a decoder of another shape "
+                   rf"\({re.escape(str(shapes[0]))}\) than this model's \({re.escape(str(shapes[1]))}\)")
+        with torch.no_grad(), pytest.raises(ValueError, match=refused):
+            continuer(input_ids=torch.full((1, 1), 5), attention_mask=torch.ones(1, cache.length + 1, dtype=torch.long),
+                      **{CACHE_KWARG: cache})
+
+
+def test_patching_a_model_that_shares_an_already_patched_language_model_is_refused_before_anything_changed():
+    """A second LLaVA model given a patched model's language model: patching it failed in its class swap after
+    setting its own settings and scheduler on the shared language model, so the first model ran other plans."""
+    first = ak.patch(tiny_llava(seed=5), "H", rank=2, num_prefix_layers=4)
+    inputs = example_inputs(first, batch_size=1, seed=6)
+    with torch.no_grad():
+        before = first(**inputs, latency_budget=0.6)
+    second = tiny_llava(seed=5)
+    second.model.language_model = first.model.language_model
+    with pytest.raises(ValueError, match=re.escape("model.model.language_model is patched already, as part of another "
+                                                   "model that shares it; unpatch that model first")):
+        ak.patch(second, "L", num_prefix_layers=2)
+    assert type(second) is LlavaForConditionalGeneration
+    with torch.no_grad():
+        after = first(**inputs, latency_budget=0.6)
+    assert cache_of(after).plan == cache_of(before).plan
+    assert torch.equal(after.logits, before.logits)
+
+
+def test_a_patched_model_whose_language_model_was_replaced_by_a_stock_one_refuses_requests_until_patched(tmp_path):
+    """A stock language model set in place of the patched one ran every unit whatever the budget, ak.plan returned
+    None, and generate and unpatch failed on a missing attribute. Requests are refused by name; patching again
+    patches it, and unpatch gives stock."""
+    stock = tiny_llava(seed=7)
+    inputs = example_inputs(stock, batch_size=1, seed=8)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    replaced = re.escape("model.model.language_model was replaced by an unpatched one after patch; call "
+                         "adaptive_kernels.patch(model) again")
+    model.model.language_model = copy.deepcopy(stock.model.language_model)
+    for call in (lambda: model(**inputs, latency_budget=0.6), lambda: model(**inputs),
+                 lambda: model.generate(**inputs, latency_budget=0.6, max_new_tokens=2),
+                 lambda: ak.plan(model, 0.6, **inputs), lambda: ak.save_scheduler(model, tmp_path / "s.safetensors"),
+                 lambda: model.save_pretrained(tmp_path / "ckpt")):
+        with torch.no_grad(), pytest.raises(ValueError, match=replaced):
+            call()
+    assert not any(tmp_path.iterdir())  # refused before writing
+    ak.patch(model, "H", rank=2)
+    with torch.no_grad():
+        want = ak.patch(copy.deepcopy(stock), "H", rank=2)(**inputs, latency_budget=0.6).logits
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, want)
+    model.model.language_model = copy.deepcopy(stock.model.language_model)
+    ak.unpatch(model)
+    assert type(model) is LlavaForConditionalGeneration
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock(**inputs).logits)
+
+
 @pytest.mark.parametrize("budget", [None, 0.6])
 def test_an_empty_prompt_is_refused(model, budget):
     with pytest.raises(ValueError, match=r"input_ids \(or inputs_embeds\): a prompt needs at least one token"):

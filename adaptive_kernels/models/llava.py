@@ -110,7 +110,7 @@ def _adaptive_llava_class(stock: type) -> type:
     def forward(self, *args, latency_budget=None, execution_plan=None, **kwargs):
         kwargs = _by_name(positional, args, kwargs)
         check_input_devices(self, kwargs)
-        lm = self.model.language_model
+        lm = patched_language_model(self)
         cache = kwargs.get(cache_argument(kwargs))
         prefill = not (isinstance(cache, AdaptiveCache) and cache.length > 0)
         if latency_budget is not None and prefill and kwargs.get("labels") is not None:
@@ -119,6 +119,7 @@ def _adaptive_llava_class(stock: type) -> type:
             return stock.forward(self, **kwargs)
 
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
+        settings = patched_language_model(self)._ak_settings
         check_input_devices(self, dict(zip(("inputs",), args)) | kwargs)
         configs = (kwargs.get("generation_config"), self.generation_config)
 
@@ -151,7 +152,7 @@ def _adaptive_llava_class(stock: type) -> type:
             if latency_budget is not None:
                 latency_budget = resolve_budgets(latency_budget, prompts)
             if execution_plan is not None:
-                check_plan(execution_plan, prompts, self.model.language_model._ak_settings.shape, self.device)
+                check_plan(execution_plan, prompts, settings.shape, self.device)
         copies = max(option("num_beams") or 1, option("num_return_sequences") or 1)
         if copies > 1:
             latency_budget, execution_plan = _repeated_per_sequence(latency_budget, execution_plan, copies)
@@ -179,13 +180,14 @@ def _adaptive_llava_class(stock: type) -> type:
             raise ValueError(f"push_to_hub=True: save_pretrained would upload the folder before {SCHEDULER_FILE} is "
                              "written beside it; call model.push_to_hub(repo_id), which uploads both, or upload the "
                              "folder after saving")
+        scheduler = patched_language_model(self).latency_scheduler
         state_dict = self.state_dict() if state_dict is None else state_dict
         state_dict = {k: v for k, v in state_dict.items() if "latency_scheduler" not in k.split(".")}
         as_stock = object.__new__(stock)  # this model (its very attributes) as the stock class, whose name
         as_stock.__dict__ = self.__dict__  # config.json takes; self keeps its class for other threads' requests
         result = stock.save_pretrained(as_stock, save_directory, is_main_process, state_dict, False, *args, **kwargs)
         if self.should_save_on_this_rank(is_main_process):  # where stock wrote its files
-            save_scheduler_weights(self.model.language_model.latency_scheduler, Path(save_directory) / SCHEDULER_FILE)
+            save_scheduler_weights(scheduler, Path(save_directory) / SCHEDULER_FILE)
         return result
 
     forward.__signature__ = _extended_signature(stock.forward)
@@ -254,6 +256,21 @@ def is_patched(model) -> bool:
     return hasattr(type(model), "_ak_stock_class")
 
 
+def has_patched_decoder(model) -> bool:
+    """Whether ``model``'s language model is patched: with ``model``, or, where ``model`` is stock, as part of
+    another model that shares it."""
+    return isinstance(model.model.language_model, AdaptiveDecoderMixin)
+
+
+def patched_language_model(model):
+    """The language model of the patched ``model``: ``ValueError`` where an unpatched one was set in its place after
+    patching (it would run every unit, whatever the request asked)."""
+    if not has_patched_decoder(model):
+        raise ValueError("model.model.language_model was replaced by an unpatched one after patch; call "
+                         "adaptive_kernels.patch(model) again to patch it")
+    return model.model.language_model
+
+
 def check_llava(model) -> None:
     """``ArgumentTypeError`` unless ``model`` is a LlavaForConditionalGeneration (patched or not)."""
     if not isinstance(model, LlavaForConditionalGeneration):
@@ -271,11 +288,13 @@ def swap_in(model) -> None:
 
 
 def swap_out(model) -> None:
-    """Restore the stock classes."""
+    """Restore the stock classes: the model's, and its language model's and decoder layers' unless an unpatched
+    language model was set in place of the patched one."""
     lm = model.model.language_model
-    for layer in lm.layers:
-        layer.__class__ = layer._ak_stock_class
-    lm.__class__ = lm._ak_stock_class
+    if has_patched_decoder(model):
+        for layer in lm.layers:
+            layer.__class__ = layer._ak_stock_class
+        lm.__class__ = lm._ak_stock_class
     model.__class__ = model._ak_stock_class
 
 
