@@ -765,6 +765,22 @@ def test_compiled_forward_gives_the_eager_result(stock):
                                        rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_the_language_model_returns_a_tuple_where_stock_does(stock, how):
+    """return_dict=False, or a text config whose return_dict is False, makes stock's language model return a tuple;
+    the patched one returned its output object, which code unpacking the tuple took for the hidden state."""
+    model, reference = patched(stock, "H"), copy.deepcopy(stock)
+    ids = example_inputs(stock, batch_size=2, seed=41)["input_ids"]
+    if how == "config":
+        for m in (model, reference):
+            m.model.language_model.config.return_dict = False
+    given = {"return_dict": False} if how == "argument" else {}
+    with torch.no_grad():
+        ours, theirs = (m.model.language_model(input_ids=ids, **given) for m in (model, reference))
+    assert type(ours) is type(theirs) is tuple and len(ours) == len(theirs)
+    assert torch.equal(ours[0], theirs[0])
+
+
 def test_cache_answers_the_cache_api_or_refuses(stock):
     """The transformers Cache methods an AdaptiveCache inherits (and cannot serve from stock layers) answer
     for the compact cache, or refuse by name: a reset cache starts a new request, as a reset stock one does."""

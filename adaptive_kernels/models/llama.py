@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.utils import can_return_tuple
 
 from ..backends import Backend, check_backend
 from ..cache import AdaptiveCache
@@ -570,6 +571,7 @@ class AdaptiveDecoderMixin:
         if self._ak_settings.backend.kernel_layout:
             lay_out_qkv(self, stacked=True)
 
+    @can_return_tuple
     @on_the_model_device
     @in_the_model_dtype
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, use_cache=None,
