@@ -14,8 +14,8 @@ from .errors import ArgumentTypeError, refusal
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
 from .models.llama import check_layers, lay_out_qkv, lay_out_reduction_weights
-from .models.llava import (check_input_devices, check_llava, has_patched_decoder, is_patched, patched_language_model,
-                           swap_in, swap_out)
+from .models.llava import (check_input_devices, check_llava, check_no_forward_of_its_own, has_patched_decoder,
+                           is_patched, patched_language_model, swap_in, swap_out)
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, check_positive_integer, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
@@ -65,9 +65,10 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     if has_patched_decoder(model) and not is_patched(model):
         raise ValueError("model.model.language_model is patched already, as part of another model that shares it; "
                          "unpatch that model first, or give this one a language model of its own")
+    check_no_forward_of_its_own(model)
     shape, variant, rank, prefix, backend_name = _options(model, variant, rank, num_prefix_layers, backend)
     lm = model.model.language_model
-    check_layers(lm)
+    check_layers(lm, shape)
     if not isinstance(cuda_graphs, bool):
         raise ArgumentTypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     units = UnitSpace(variant, shape.num_layers, prefix, shape.num_heads, rank)

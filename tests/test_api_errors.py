@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import re
 
@@ -216,6 +217,106 @@ def test_a_projection_swapped_in_after_patch_is_refused_by_the_next_request(part
     with torch.no_grad():
         ours = model(**inputs, execution_plan=ExecutionPlan.full(2, 8, 8)).logits
         assert torch.equal(ours, stock(**inputs).logits)
+
+
+def _prune_layer_2(model, what: str) -> tuple[str, tuple]:
+    """Layer 2 cut to half its neurons, or half its query and key/value heads, as structured pruning leaves it (plain
+    Linear layers of other sizes, or weights of other shapes set in place, both of which stock runs); returns the
+    first projection changed, in PROJECTIONS' order, and its new weight shape."""
+    config = model.config.text_config
+    D, M, d = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads // 2 * d, config.num_key_value_heads // 2 * d
+    sizes = ({"self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+              "self_attn.o_proj": (D, q)} if what == "heads" else
+             {"mlp.gate_proj": (M // 2, D), "mlp.up_proj": (M // 2, D), "mlp.down_proj": (D, M // 2)})
+    layer = model.model.language_model.layers[2]
+    for path, (rows, cols) in sizes.items():
+        part, name = path.split(".")
+        if what == "neurons in place":
+            layer.get_submodule(path).weight.data = torch.randn(rows, cols)
+        else:
+            setattr(layer.get_submodule(part), name, torch.nn.Linear(cols, rows, bias=False))
+    return next(iter(sizes.items()))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("what", ["neurons", "heads", "neurons in place"])
+def test_a_layer_pruned_to_other_sizes_is_refused_at_patch_and_by_the_next_request(what, backend):
+    """Plans count heads and neurons by the config, the same in every layer. A layer pruned after patch ran plans
+    past the ends of its weights (Triton read outside them, torch failed in a broadcast), and all units on in one of
+    fewer heads failed in a reshape: refused at patch and by every request, naming the layer and both shapes."""
+    model = tiny_llava(seed=12)
+    path, shape = _prune_layer_2(model, what)
+    pruned = re.escape(f"model: layer 2's {path} weight is {shape}, but the config's sizes")
+    with pytest.raises(ValueError, match=pruned):
+        ak.patch(model, "H", rank=2, backend=backend)
+    assert type(model) is LlavaForConditionalGeneration
+    model = ak.patch(tiny_llava(seed=12), "H", rank=2, backend=backend)
+    _prune_layer_2(model, what)
+    inputs = example_inputs(model, batch_size=1, seed=13)
+    for request in (lambda: model(**inputs), lambda: model(**inputs, latency_budget=0.6),
+                    lambda: ak.plan(model, latency_budget=0.6, **inputs)):
+        with torch.no_grad(), pytest.raises(ValueError, match=pruned):
+            request()
+
+
+def test_a_stock_layer_appended_past_the_configs_count_after_patch_runs_nowhere_as_in_stock():
+    """Stock runs the config's num_hidden_layers layers; one appended after patch is not run, nor refused."""
+    stock = tiny_llava(seed=17)
+    inputs = example_inputs(stock, batch_size=1, seed=18)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    with torch.no_grad():
+        want = model(**inputs, latency_budget=0.6).logits
+        for m in (model, stock):
+            m.model.language_model.layers.append(copy.deepcopy(stock.model.language_model.layers[0]))
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, want)
+        assert torch.equal(model(**inputs).logits, stock(**inputs).logits)
+
+
+def test_a_decoder_layer_replaced_by_a_stock_one_after_patch_is_refused_until_patched_again():
+    """A stock layer set in place of a patched one failed with a TypeError from its forward (where a plan ran the
+    layer), and unpatch then failed half done, leaving a model neither patch nor unpatch took. Requests are refused
+    naming the layer; unpatch gives stock, and patching again the patched model."""
+    stock = tiny_llava(seed=14)
+    inputs = example_inputs(stock, batch_size=1, seed=15)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    model.model.language_model.layers[2] = copy.deepcopy(stock.model.language_model.layers[2])
+    replaced = re.escape("model: layer 2 of the language model was replaced by an unpatched LlamaDecoderLayer after "
+                         "patch; unpatch the model and patch it again")
+    for request in (lambda: model(**inputs), lambda: model(**inputs, latency_budget=0.6),
+                    lambda: model.generate(**inputs, latency_budget=0.6, max_new_tokens=2)):
+        with torch.no_grad(), pytest.raises(ValueError, match=replaced):
+            request()
+    ak.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock(**inputs).logits)
+        ak.patch(model, "H", rank=2)
+        want = ak.patch(copy.deepcopy(stock), "H", rank=2)(**inputs, latency_budget=0.6).logits
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, want)
+
+
+@pytest.mark.parametrize("how,where", [("cpu_offload", "model"), ("dispatch_model", "model"),
+                                       ("by hand", "model.model.language_model.layers.1")])
+def test_a_model_with_forwards_of_its_instances_is_refused_at_patch_time(how, where, tmp_path):
+    """accelerate's hooks are no registered hooks: it sets a forward on each instance it dispatches or offloads,
+    which ran in place of the patched classes' (a TypeError from a stock layer's forward, the budget reported
+    misplaced), or left the executor reading weights still on the meta device."""
+    model = tiny_llava(seed=16, num_layers=4)
+    if how == "cpu_offload":
+        pytest.importorskip("accelerate").cpu_offload(model, execution_device=torch.device("cpu"))
+    elif how == "dispatch_model":
+        kept = ("model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
+                "model.language_model.norm", "model.language_model.rotary_emb", "lm_head")
+        device_map = {name: "cpu" for name in kept} | {f"model.language_model.layers.{i}": "cpu" if i < 2 else "disk"
+                                                      for i in range(4)}
+        pytest.importorskip("accelerate").dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
+    else:
+        layer = model.model.language_model.layers[1]
+        layer.forward = functools.partial(type(layer).forward, layer)
+    with pytest.raises(ArgumentTypeError, match=re.escape(f"model: {where} has a forward of its own (accelerate sets "
+                                                          "one on the modules it dispatches or offloads)")):
+        ak.patch(model, "H", rank=2)
+    assert type(model) is LlavaForConditionalGeneration
 
 
 @pytest.mark.parametrize("where,hook", [("", "register_forward_hook"), ("self_attn", "register_forward_pre_hook"),

@@ -101,6 +101,13 @@ _PROJECTION_PATHS = tuple(tuple(path.split(".")) for path in PROJECTIONS)  # (pa
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def projection_shapes(shape: DecoderShape) -> tuple:
+    """Per projection (in ``PROJECTIONS``' order) the [out, in] shape of its weight in a decoder of ``shape``."""
+    D, M = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return (q, D), (kv, D), (kv, D), (D, q), (M, D), (M, D), (D, M)
+
+
 OUTPUT_CAPTURING = "transformers.utils.output_capturing"  # its hooks record outputs only for a stock forward
 
 
@@ -112,19 +119,20 @@ def _foreign_hooks(module) -> list:
     return [hook for hook in hooks if getattr(hook, "__module__", None) != OUTPUT_CAPTURING]
 
 
-def check_layers(decoder) -> None:
+def check_layers(decoder, shape: DecoderShape) -> None:
     """``ArgumentTypeError`` unless every layer's projections are plain ``torch.nn.Linear`` modules with
     float weights of 16 bits or more, and no module of a layer (the layer included) nor the final norm has
     hooks: the executor reads projection weights itself and runs a layer's parts and the final norm without
     calling them, so a quantised, adapter-wrapped or hooked (``torch.nn.utils.prune``) projection would be
     computed wrong, and a hook on a layer, its attention, MLP or norms would not be called, not refused later.
-    ``ValueError`` for fewer layers than the config's ``num_hidden_layers``, which plans count."""
+    ``ValueError`` for fewer layers than the config's ``num_hidden_layers``, which plans count, and for a weight of
+    another shape than a decoder of ``shape`` has (plans and index lists count its heads and neurons)."""
     if len(decoder.layers) < decoder.config.num_hidden_layers:
         raise ValueError(f"model: its language model has {len(decoder.layers)} decoder layers, its config "
                          f"num_hidden_layers={decoder.config.num_hidden_layers}; plans count the config's layers, so "
                          "set num_hidden_layers to the layers there are")
     for l, layer in enumerate(decoder.layers):
-        for name in PROJECTIONS:
+        for name, expected in zip(PROJECTIONS, projection_shapes(shape)):
             module = layer.get_submodule(name)
             weight = getattr(module, "weight", None)
             if type(module) is not torch.nn.Linear or getattr(weight, "dtype", None) not in WEIGHT_DTYPES:
@@ -133,6 +141,11 @@ def check_layers(decoder) -> None:
                     f"weights; adaptive_kernels reads projection weights itself and takes plain torch.nn.Linear "
                     f"layers with weights in {[str(d) for d in WEIGHT_DTYPES]} (no quantised or adapter-wrapped ones: "
                     f"merge an adapter into the weights first)")
+            if tuple(weight.shape) != expected:
+                raise ValueError(f"model: layer {l}'s {name} weight is {tuple(weight.shape)}, but the config's sizes "
+                                 f"({shape}) make it {expected}; plans and index lists count heads and neurons by "
+                                 "the config, the same in every layer, so every layer must have those sizes (patch "
+                                 "again after changing them)")
         for name, module in layer.named_modules():
             if _foreign_hooks(module):
                 where = f"layer {l}'s {name}" if name else f"layer {l}"
@@ -145,14 +158,21 @@ def check_layers(decoder) -> None:
                                 "first")
 
 
-def recheck_projections(decoder) -> None:
-    """``check_layers``' refusal of a projection that is no plain ``torch.nn.Linear``, for one swapped in since
-    patch (an adapter's wrapper, say), of which the executor would read the weight alone. Reads the module dicts:
-    cheap enough for every request (20 to 30 us for 32 layers on a 2-core CPU)."""
-    for layer in decoder.layers:
-        for part, name in _PROJECTION_PATHS:
-            if type(layer._modules[part]._modules[name]) is not torch.nn.Linear:
-                check_layers(decoder)
+def recheck_layers(decoder) -> None:
+    """For layers edited since patch: ``ValueError`` for a layer that is not the patched class (a stock layer set
+    in its place), and ``check_layers``' refusals of a projection that is no plain ``torch.nn.Linear`` (an adapter's
+    wrapper, say, of which the executor would read the weight alone) or whose weight has another shape (a pruned
+    one, past whose end the executor would read). Reads the module dicts: cheap enough for every request."""
+    shape = decoder._ak_settings.shape
+    expected = projection_shapes(shape)
+    for l, layer in enumerate(decoder.layers[:shape.num_layers]):  # those past the config's count never run
+        if not isinstance(layer, AdaptiveDecoderLayerMixin):
+            raise ValueError(f"model: layer {l} of the language model was replaced by an unpatched "
+                             f"{type(layer).__name__} after patch; unpatch the model and patch it again")
+        for (part, name), want in zip(_PROJECTION_PATHS, expected):
+            module = layer._modules[part]._modules[name]
+            if type(module) is not torch.nn.Linear or module._parameters["weight"].shape != want:
+                check_layers(decoder, shape)
 
 
 def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
@@ -600,7 +620,7 @@ class AdaptiveDecoderMixin:
         use_cache = self.config.use_cache if use_cache is None else use_cache
         decoding = isinstance(cache, AdaptiveCache) and cache.length > 0
         if not decoding:  # a request's prefill
-            recheck_projections(self)
+            recheck_layers(self)
         if decoding and B != cache.batch_size:
             raise ValueError(f"input_ids (or inputs_embeds) has {B} rows, but the cache it continues ({CACHE_FIELD}) "
                              f"holds {cache.batch_size}: a request continues with the rows it began with")

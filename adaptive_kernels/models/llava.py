@@ -278,6 +278,21 @@ def check_llava(model) -> None:
                                 f"Llama-family language model; got {type(model).__name__}")
 
 
+def check_no_forward_of_its_own(model) -> None:
+    """``ArgumentTypeError`` where the model, its inner model or a module of its language model has a ``forward`` of
+    its instance: accelerate sets one on each module it dispatches or offloads (``dispatch_model``, ``cpu_offload``,
+    a ``device_map`` over several devices), and it would run in place of the patched class's."""
+    lm = model.model.language_model
+    modules = [("model", model), ("model.model", model.model)]
+    modules += [(f"model.model.language_model.{name}".rstrip("."), module) for name, module in lm.named_modules()]
+    for name, module in modules:
+        if "forward" in vars(module):
+            raise ArgumentTypeError(f"model: {name} has a forward of its own (accelerate sets one on the modules it "
+                                    "dispatches or offloads); adaptive_kernels runs the patched classes' forward and "
+                                    "reads the language model's weights itself, so it takes a model on one device, "
+                                    "nothing offloaded (device_map='cuda', say)")
+
+
 def swap_in(model) -> None:
     """Give the model, its language model and its decoder layers their adaptive classes."""
     lm = model.model.language_model
@@ -288,12 +303,13 @@ def swap_in(model) -> None:
 
 
 def swap_out(model) -> None:
-    """Restore the stock classes: the model's, and its language model's and decoder layers' unless an unpatched
-    language model was set in place of the patched one."""
+    """Restore the stock classes of the model, its language model and its decoder layers, leaving those that an
+    unpatched module was set in place of since patching."""
     lm = model.model.language_model
     if has_patched_decoder(model):
         for layer in lm.layers:
-            layer.__class__ = layer._ak_stock_class
+            if isinstance(layer, AdaptiveDecoderLayerMixin):
+                layer.__class__ = layer._ak_stock_class
         lm.__class__ = lm._ak_stock_class
     model.__class__ = model._ak_stock_class
 
