@@ -165,7 +165,7 @@ def recheck_layers(decoder) -> None:
     one, past whose end the executor would read). Reads the module dicts: cheap enough for every request."""
     shape = decoder._ak_settings.shape
     expected = projection_shapes(shape)
-    for l, layer in enumerate(decoder.layers[:shape.num_layers]):  # those past the config's count never run
+    for l, layer in zip(range(shape.num_layers), decoder.layers):  # those past the config's count never run
         if not isinstance(layer, AdaptiveDecoderLayerMixin):
             raise ValueError(f"model: layer {l} of the language model was replaced by an unpatched "
                              f"{type(layer).__name__} after patch; unpatch the model and patch it again")
