@@ -31,17 +31,17 @@ class AdaptiveCache(Cache):
     is_compileable = False
     is_croppable = True  # crop() takes back rejected draft tokens (assisted decoding)
 
-    def __init__(self, num_layers: int, latency_index: int | None, schedule=None,
-                 position_shift: torch.Tensor | None = None, decoder_shape: DecoderShape | None = None):
+    def __init__(self, decoder_shape: DecoderShape, latency_index: int | None, schedule=None,
+                 position_shift: torch.Tensor | None = None):
         super().__init__(layers=[])
-        self.decoder_shape = decoder_shape  # the shape of the decoder that fills it (None: not known)
+        self.decoder_shape = decoder_shape  # of the decoder that fills it, and that alone continues it
         self.schedule = schedule  # set once the plan is known (after the prefix, with a budget)
         self.latency_index = latency_index
         self.position_shift = position_shift
         self.budgets: list[float] | None = None  # per row, those the plan was made from (None: a given plan, or none)
         self.agreed: dict = {}  # the request's own arguments, and later calls' found to match (check_continuation)
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.keys: list[torch.Tensor | None] = [None] * decoder_shape.num_layers
+        self.values: list[torch.Tensor | None] = [None] * decoder_shape.num_layers
         self.length = 0
         self.capacity = 0
         self.write_position: torch.Tensor | None = None  # set while a CUDA graph is captured

@@ -24,8 +24,8 @@ from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.plan import Schedule
 from adaptive_kernels.cache import CAPACITY_STEP, AdaptiveCache
 from adaptive_kernels.models import text_model_shape
-from adaptive_kernels.tiny import example_inputs, tiny_llava
-from adaptive_kernels.models.llama import stacked_qkv
+from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
+from adaptive_kernels.models.llama import decoder_shape, stacked_qkv
 from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from oracles import CACHE_KWARG, WeightCopies, cache_of, fed_latency_token, prompt_labels, stock_decode_logits
@@ -41,6 +41,11 @@ def stock():
 
 def patched(stock, variant="L", **kw):
     return ak.patch(copy.deepcopy(stock), variant, rank=kw.pop("rank", 2), **kw)
+
+
+def decoder_with(num_layers: int):
+    """The tiny model's DecoderShape with ``num_layers`` layers, for caches made by hand."""
+    return decoder_shape(tiny_llava_config(num_layers=num_layers).text_config)
 
 
 def random_plan(batch: int, seed: int) -> ExecutionPlan:
@@ -814,7 +819,7 @@ def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(vie
     """20 filled positions, the latency token at 10: crop(-k) forgets the last k; crop(n > 0) keeps n as
     get_seq_length counts them, so in an input_id_view n input ids, with the latency token if it is among them;
     asked to forget more than it holds, it forgets them all."""
-    cache = AdaptiveCache(2, latency_index=10)
+    cache = AdaptiveCache(decoder_with(2), latency_index=10)
     cache.length = 20
     if view:
         with cache.input_id_view():
@@ -830,7 +835,7 @@ def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(vie
 def test_a_crop_that_would_drop_the_latency_token_is_refused(view, argument):
     """The prompt kept without the latency token it was planned from: a continuation ran its new tokens one
     position late under a plan no token had made (2e-2 off the request), and the cache miscounted after."""
-    cache = AdaptiveCache(2, latency_index=10)
+    cache = AdaptiveCache(decoder_with(2), latency_index=10)
     cache.length = 20
     with cache.input_id_view() if view else contextlib.nullcontext():
         with pytest.raises(ValueError, match="crop: keeping .* would drop the latency token .* at least 11"):
@@ -886,7 +891,7 @@ def test_beam_reordering_keeps_each_row_within_its_plan(differs_in):
         masks["heads"][:, 1] = masks["groups"][:, 1] = False
     else:
         masks[differs_in][1, 1, 0] = False
-    cache = AdaptiveCache(2, None, Schedule(ExecutionPlan(**masks), [None, None]))
+    cache = AdaptiveCache(decoder_with(2), None, Schedule(ExecutionPlan(**masks), [None, None]))
     with pytest.raises(ValueError, match="beam_idx moves rows between different plans"):
         cache.reorder_cache(torch.tensor([1, 1]))
     cache.reorder_cache(torch.tensor([0, 1]))
@@ -910,7 +915,7 @@ def test_a_budget_prompt_that_fills_a_capacity_step_makes_room_for_its_latency_t
 
 def test_a_cache_that_grows_drops_its_graph_and_warms_up_again():
     """New buffers (and kernel specialisations) for a larger capacity: one eager step before a new capture."""
-    cache = AdaptiveCache(2, None)
+    cache = AdaptiveCache(decoder_with(2), None)
     cache.reserve(100)
     cache.warm, cache.decode_graph = True, object()
     cache.reserve(128)  # still fits
@@ -924,7 +929,7 @@ def test_a_cache_that_grows_keeps_every_filled_position():
     every row and head, to the new buffers; a layer no row runs stays empty. (Every long LLaVA request
     crosses steps: 576 image tokens alone fill four and a half.)"""
     g = torch.Generator().manual_seed(82)
-    cache = AdaptiveCache(3, None)
+    cache = AdaptiveCache(decoder_with(3), None)
     cache.reserve(CAPACITY_STEP)
     keys, values = (torch.randn(2, 3, CAPACITY_STEP, 4, generator=g) for _ in "kv")
     cache.append(0, keys, values)
@@ -938,7 +943,7 @@ def test_a_cache_that_grows_keeps_every_filled_position():
 
 def test_reset_drops_the_buffers_the_decode_graph_and_its_warm_up():
     """A reset cache starts a new request: its buffers are freed and no graph captured on them is replayed."""
-    cache = AdaptiveCache(2, None)
+    cache = AdaptiveCache(decoder_with(2), None)
     cache.reserve(200)
     cache.append(0, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
     cache.length, cache.warm, cache.decode_graph = 5, True, object()
@@ -969,7 +974,7 @@ def test_a_step_written_at_the_graph_position_is_the_eager_write():
     """Inside a CUDA-graph capture a decode step writes at ``write_position`` (a tensor the graph reads): the
     buffers it returns are those of the eager write after the filled positions."""
     g = torch.Generator().manual_seed(81)
-    eager, graphed = AdaptiveCache(1, None), AdaptiveCache(1, None)
+    eager, graphed = AdaptiveCache(decoder_with(1), None), AdaptiveCache(decoder_with(1), None)
     prompt, step = ([torch.randn(2, 3, T, 4, generator=g) for _ in "kv"] for T in (13, 1))
     for cache in (eager, graphed):
         cache.reserve(14)

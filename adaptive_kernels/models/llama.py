@@ -200,7 +200,7 @@ def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph
     objects that request was given (generate passes them again at every step) are its own, their masks edited in
     place since or not; another is compared once; where nothing may be read back (``graph_safe``) a plan's shape
     and device are checked, not its masks. Also when ``cache`` was filled by a decoder of another ``shape``."""
-    if cache.decoder_shape not in (None, shape):
+    if cache.decoder_shape != shape:
         raise ValueError(f"{CACHE_FIELD}: the cache this call continues was filled by a decoder of another shape "
                          f"({cache.decoder_shape}) than this model's ({shape}); a cache continues the model that "
                          "filled it")
@@ -667,7 +667,7 @@ class AdaptiveDecoderMixin:
         if not decoding and use_cache and not request.plan_only and not uncached_training:
             if cache is not None:  # taken once the request's arguments passed their checks: the call returns its own
                 cache._ak_replaced = True
-            cache = AdaptiveCache(settings.shape.num_layers, latency_index, schedule, position_shift, settings.shape)
+            cache = AdaptiveCache(settings.shape, latency_index, schedule, position_shift)
             cache.agreed = {name: getattr(request, name) for name in ("execution_plan", "latency_budget")}
         elif not decoding:
             cache = None
