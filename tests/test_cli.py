@@ -981,6 +981,75 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
         assert found["adaptive", b].decode_weight_floor_ms == pytest.approx(weights, rel=1e-12)
 
 
+def test_the_cuda_sweep_fills_every_gpu_timing_on_a_cpu_made_to_pass_for_cuda(tmp_path, monkeypatch):
+    """The sweep's CUDA-only work, run on the CPU with the device's timers faked by a clock that counts FLOPs:
+    GPU kernel times of every prefill and of the adaptive rows' decode, each prefill captured as one graph
+    (stock, adaptive and ideal rows; the masked rows are not captured), compiled stock's decode (here stock
+    generate with a static cache, uncompiled) measured after the first budget's rows and before the others', and
+    every target ratio that these give. A graph capture that fails costs only that timing: the sweep goes on, the
+    row keeps its other timings, and the failure is named at the end."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adaptive_kernels import measuring
+    from adaptive_kernels import sweep as sweep_module
+    from adaptive_kernels.sweep import SweepIncomplete, sweep, target_ratios
+
+    def flops(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e6
+
+    captures = []
+
+    def graph_replay_ms(fn, median_ms, repeats):
+        captures.append(None)
+        if len(captures) == 3:  # stock's, L's at 1.0, then its ideal's
+            raise RuntimeError("planted capture failure")
+        return flops(fn) / 2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sweep_module, "build_model", lambda device, dtype: (tiny_llava().to(dtype), "tiny", TINY_RANK))
+    monkeypatch.setattr(sweep_module, "default_dtype", lambda device: torch.float32)
+    monkeypatch.setattr(sweep_module, "device_name", lambda device: "faked CUDA device")
+    monkeypatch.setattr(sweep_module, "copy_bandwidth", lambda device: 1e9)
+    monkeypatch.setattr(sweep_module, "matmul_rate", lambda device, dtype: 1e12)
+    monkeypatch.setattr(measuring, "_once_ms", lambda fn, device: flops(fn))
+    monkeypatch.setattr(sweep_module, "kernel_ms", lambda fn: flops(fn) / 4)
+    monkeypatch.setattr(sweep_module, "graph_replay_ms", graph_replay_ms)
+    budgets = (1.0, 0.7)
+    with pytest.raises(SweepIncomplete) as incomplete:
+        sweep("cuda", variants=("L",), backends=("torch",), budgets=budgets, new_tokens=2, repeats=1, out_dir=tmp_path,
+              progress=False)
+    assert incomplete.value.failures == ["ideal L 1.0 prefill as a CUDA graph: RuntimeError: planted capture failure"]
+    rows = incomplete.value.rows
+    assert [(r.system, r.budget) for r in rows] == [("stock", 1.0), ("adaptive", 1.0), ("masked", 1.0), ("ideal", 1.0),
+                                                    ("stock-static-compiled", 1.0), ("adaptive", 0.7), ("masked", 0.7),
+                                                    ("ideal", 0.7)]
+    assert len(captures) == 5 and {r.device for r in rows} == {"faked CUDA device"}
+
+    def measured(value) -> bool:
+        return math.isfinite(value) and value > 0
+
+    for r in rows:
+        assert measured(r.prefill_ms) == (r.system != "stock-static-compiled"), r
+        assert measured(r.prefill_kernel_ms) == (r.system != "stock-static-compiled"), r
+        assert measured(r.prefill_graph_ms) == (r.system in ("stock", "adaptive", "ideal")
+                                                and (r.system, r.budget) != ("ideal", 1.0)), r
+        assert measured(r.decode_kernel_ms) == (r.system == "adaptive"), r
+        assert measured(r.decode_ms_per_token) == (r.system != "ideal"), r
+        if r.system in ("stock", "adaptive", "ideal") and measured(r.prefill_graph_ms):
+            assert r.prefill_graph_ms == pytest.approx(2 * r.prefill_kernel_ms)  # the clocks count the same prefill
+    for ratios in target_ratios(rows):
+        at_full = ratios["budget"] == 1.0
+        for name, value in ratios.items():
+            if name in ("variant", "backend", "budget"):
+                continue
+            assert measured(value) == (not (name == "prefill_graph_vs_ideal" and at_full)
+                                       and (name != "decode_vs_compiled_stock" or at_full)), (name, ratios)
+    written = sweep_module.read_records(tmp_path / "sweep-tiny-targets.json")
+    assert len(written) == len(budgets) and math.isfinite(written[0]["decode_vs_compiled_stock"])
+
+
 def test_median_timer_warms_up_once_then_gives_the_median_of_the_timed_calls(monkeypatch):
     """One untimed warm-up call, then ``repeats`` timed ones, each with garbage collection off (and on again after);
     the median of their times. A timed call reads in ms."""
