@@ -222,149 +222,174 @@ def _check_names(name: str, values, accepted: tuple) -> None:
             f"{name} must be a non-empty list or tuple of distinct names from {accepted}, got {values!r}")
 
 
+COMPILED_STOCK = "stock-static-compiled"
+"""The job of ``job_order`` that times compiled stock's decode (CUDA), beside the plans' (variant, backend, budget)."""
+
+
+def job_order(device: str, variants, backends, budgets) -> list:
+    """The sweep's jobs in the order run: the plans' (variant, backend, budget) of the first backend at the first
+    budget, then on CUDA ``COMPILED_STOCK`` (compiling takes a while), then the other plans. A run cut off by its
+    time limit still has the comparisons at the first budget (1.0 by default)."""
+    jobs = [(variant, backend, budget) for backend in backends for variant in variants for budget in budgets]
+    first = [job for job in jobs if job[1] == backends[0] and job[2] == budgets[0]]
+    return first + ([COMPILED_STOCK] if device == "cuda" else []) + [job for job in jobs if job not in first]
+
+
 def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):
+    """``sweep`` past its checks: the stock row, then every job of ``job_order``, then the plot; the rows, or
+    ``SweepIncomplete`` where a job failed."""
     from tqdm.auto import tqdm
 
-    dtype = default_dtype(device)
     backends = backends or (("triton", "torch") if device == "cuda" else ("torch",))
-    model, name, rank = build_model(device, dtype)
-    stem = f"sweep-{name}"
-    inputs = example_inputs(model, batch_size=1, text_tokens=64 if device == "cuda" else 12)
-    median_ms = median_timer(device)
-    stamp = dict(model=name, device=device_name(device), dtype=str(dtype).removeprefix("torch."), rank=rank,
-                 new_tokens=new_tokens, repeats=repeats, **run_stamp())
-
     with torch.no_grad():
-        vision_ms = median_ms(lambda: model.model.get_image_features(pixel_values=inputs["pixel_values"]), repeats)
-        embeds = prompt_embeddings(model, inputs)
-        mask = inputs["attention_mask"]
-        failures: list[str] = []
+        run = _SweepRun(device, new_tokens, repeats, out_dir)
+        run.measure_stock()
+        for job in tqdm(job_order(device, variants, backends, budgets), desc="sweep", disable=not progress):
+            if job == COMPILED_STOCK:
+                run.attempt(job, run.measure_compiled_stock)
+            else:  # the stock references of each plan once, with its first backend
+                run.attempt(" ".join(map(str, job)), run.measure_plan, *job, job[1] == backends[0])
+    plot_rows(run.rows, Path(out_dir) / f"{run.stem}.png")
+    if run.failures:
+        raise SweepIncomplete(run.rows, run.failures)
+    return run.rows
 
-        def graph_prefill_ms(name: str, fn) -> float:
-            """``graph_replay_ms`` of ``fn`` on CUDA (NaN elsewhere); a capture that fails is a failure of the
-            sweep, named ``name``, and NaN, the job's other timings kept."""
-            if device != "cuda":
-                return float("nan")
-            try:
-                return graph_replay_ms(fn, median_ms, repeats)
-            except Exception as error:
-                traceback.print_exc()
-                failures.append(f"{name} prefill as a CUDA graph: {type(error).__name__}: {error}")
-                return float("nan")
 
-        def timings(m, embeds=embeds, mask=mask, decode_kernels=False, graph=None, **kw) -> dict:
-            """``m``'s timing fields of a Row, on ``embeds``: wall times of prefill, decode per token and decode
-            setup; on CUDA prefill's GPU kernel time, decode's when asked (``steady_per_token`` as in
-            ``decode_timing``), and with a ``graph`` name the prefill replayed as a CUDA graph (the prompt
-            unpadded: no mask). What is not measured is NaN."""
-            nan = float("nan")
-            times = dict(prefill_kernel_ms=nan, decode_kernel_ms=nan, prefill_graph_ms=nan)
-            times["prefill_ms"] = median_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw), repeats)
-            if device == "cuda":
-                times["prefill_kernel_ms"] = kernel_ms(lambda: m(inputs_embeds=embeds, attention_mask=mask, **kw))
-            if graph is not None:
-                times["prefill_graph_ms"] = graph_prefill_ms(graph, lambda: m(inputs_embeds=embeds, **kw))
-            gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
+class _SweepRun:
+    """One sweep's model (``build_model``), prompt, timers and hardware rates, and what it has measured: ``rows``,
+    each written as measured (an interrupted run keeps them), and ``failures``, each job's that failed."""
 
-            def generate(n: int):
-                return m.generate(**gen, max_new_tokens=n, min_new_tokens=n)
+    def __init__(self, device: str, new_tokens: int, repeats: int, out_dir):
+        dtype = default_dtype(device)
+        self.model, name, self.rank = build_model(device, dtype)
+        self.device, self.new_tokens, self.repeats, self.out_dir = device, new_tokens, repeats, out_dir
+        self.stem = f"sweep-{name}"
+        inputs = example_inputs(self.model, batch_size=1, text_tokens=64 if device == "cuda" else 12)
+        self.median_ms = median_timer(device)
+        self.stamp = dict(model=name, device=device_name(device), dtype=str(dtype).removeprefix("torch."),
+                          rank=self.rank, new_tokens=new_tokens, repeats=repeats, **run_stamp())
+        self.vision_ms = self.median_ms(lambda: self.model.model.get_image_features(pixel_values=inputs["pixel_values"]),
+                                        repeats)
+        self.embeds, self.mask = prompt_embeddings(self.model, inputs), inputs["attention_mask"]
+        self.bandwidth, self.rate = copy_bandwidth(device), matmul_rate(device, dtype)
+        self.rows: list[Row] = []
+        self.failures: list[str] = []
 
-            decode = decode_timing(generate, new_tokens, median_ms, repeats)  # warms up first
-            times["decode_ms_per_token"], times["decode_setup_ms"] = decode
-            if device == "cuda" and decode_kernels:
-                try:  # a failure here costs this kernel time only, not the row's wall times
-                    times["decode_kernel_ms"] = steady_per_token(kernel_ms(lambda: generate(new_tokens + 3)),
-                                                                 kernel_ms(lambda: generate(3)), new_tokens)
-                except Exception as error:
-                    traceback.print_exc()
-                    failures.append(f"decode kernel time: {type(error).__name__}: {error}")
+    def record(self, **fields) -> None:
+        """A row of ``fields`` with the run's vision time and stamp, written at once."""
+        self.rows.append(Row(vision_ms=self.vision_ms, **fields, **self.stamp))
+        write_records(self.rows, self.out_dir, self.stem)
+
+    def attempt(self, name: str, job, *args) -> None:
+        """``job(*args)``; where it fails, its traceback is printed, the failure is named ``name`` in ``failures``,
+        and the model is unpatched (stock again for the next job; a no-op where the failure left it stock)."""
+        try:
+            job(*args)
+        except Exception as error:
+            traceback.print_exc()
+            self.failures.append(f"{name}: {type(error).__name__}: {error}")
+            unpatch(self.model)
+
+    def floors(self, execution_plan: ExecutionPlan, tokens: int) -> dict:
+        """The floor fields of a Row for row 0 of ``execution_plan`` run over ``tokens`` positions: decode's with
+        those cached and with its weights alone, prefill's (``decode_floor_ms``, ``prefill_floor_ms``)."""
+        return dict(decode_floor_ms=decode_floor_ms(self.model, execution_plan, tokens, self.bandwidth),
+                    decode_weight_floor_ms=decode_floor_ms(self.model, execution_plan, 0, self.bandwidth),
+                    prefill_floor_ms=prefill_floor_ms(self.model, execution_plan, tokens, self.rate))
+
+    def prefill_times(self, m, embeds, mask, graph: str | None = None, **kw) -> dict:
+        """The prefill fields of a Row for ``m(inputs_embeds=embeds, attention_mask=mask, **kw)``: its wall time; on
+        CUDA its GPU kernel time and, given a ``graph`` name, its replay as one CUDA graph (the prompt unpadded: no
+        mask; a capture that fails is a failure named ``graph``, the other timings kept). NaN where not measured."""
+        def prefill():
+            return m(inputs_embeds=embeds, attention_mask=mask, **kw)
+
+        nan = float("nan")
+        times = dict(prefill_ms=self.median_ms(prefill, self.repeats), prefill_kernel_ms=nan, prefill_graph_ms=nan)
+        if self.device != "cuda":
             return times
-
-        rows: list[Row] = []
-
-        def record(row: Row) -> None:  # written as measured, so that an interrupted run keeps its rows
-            rows.append(row)
-            write_records(rows, out_dir, stem)
-
-        bandwidth, rate = copy_bandwidth(device), matmul_rate(device, dtype)
-        shape = text_model_shape(model)
-        full = ExecutionPlan.full(1, shape.num_layers, shape.num_heads)
-        record(Row(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0, vision_ms=vision_ms,
-                   decode_floor_ms=decode_floor_ms(model, full, embeds.shape[1], bandwidth),
-                   decode_weight_floor_ms=decode_floor_ms(model, full, 0, bandwidth),
-                   prefill_floor_ms=prefill_floor_ms(model, full, embeds.shape[1], rate),
-                   **timings(model, graph="stock"), **stamp))
-
-        def measure(variant: str, backend: str, budget: float) -> None:
-            """The adaptive row of one plan; with the first backend also the stock references of the plan,
-            fed the prompt and a latency token."""
-            patch(model, variant, rank=rank, backend=backend)
-            p = plan(model, latency_budget=budget, inputs_embeds=embeds, attention_mask=mask)
-            latency_token = latency_embedding(model, budget)[None, None].to(embeds.dtype)
-            cost = float(p.cost()[0])
-            prefill_floor = prefill_floor_ms(model, p, embeds.shape[1] + 1, rate)  # with the latency token
-            times = timings(model, decode_kernels=True, graph=f"{variant} {backend} {budget}", latency_budget=budget)
-            schedule = median_ms(lambda: _schedule(model, budget, embeds.shape[1] + 1), repeats)
-            record(Row(system="adaptive", variant=variant, backend=backend, budget=budget, cost=cost,
-                       vision_ms=vision_ms, schedule_ms=schedule,
-                       decode_floor_ms=decode_floor_ms(model, p, embeds.shape[1] + 1, bandwidth),
-                       decode_weight_floor_ms=decode_floor_ms(model, p, 0, bandwidth),
-                       prefill_floor_ms=prefill_floor, **times, **stamp))
-            unpatch(model)
-            if backend != backends[0]:
-                return
-            token_embeds = torch.cat([embeds, latency_token], 1)
-            token_mask = torch.cat([mask, mask[:, :1]], 1)
-            handles = mask_hooks(model, p)
+        times["prefill_kernel_ms"] = kernel_ms(prefill)
+        if graph is not None:
             try:
-                times = timings(model, token_embeds, token_mask)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            record(Row(system="masked", variant=variant, backend="transformers", budget=budget, cost=cost,
-                       vision_ms=vision_ms, **times, **stamp))
-            ideal = sliced_stock(model, p, 0)
-            prefill = median_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask), repeats)
-            ideal_kernels = (kernel_ms(lambda: ideal(inputs_embeds=token_embeds, attention_mask=token_mask))
-                             if device == "cuda" else float("nan"))
-            ideal_graph = graph_prefill_ms(f"ideal {variant} {budget}", lambda: ideal(inputs_embeds=token_embeds))
-            record(Row(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
-                       vision_ms=vision_ms, prefill_ms=prefill, prefill_kernel_ms=ideal_kernels,
-                       prefill_graph_ms=ideal_graph, prefill_floor_ms=prefill_floor, **stamp))
-
-        def compiled_stock() -> None:
-            per_token, setup = _compiled_stock_decode(model, embeds, mask, new_tokens, median_ms, repeats)
-            record(Row(system="stock-static-compiled", variant="-", backend="transformers", budget=1.0, cost=1.0,
-                       vision_ms=vision_ms, prefill_ms=float("nan"), decode_ms_per_token=per_token,
-                       decode_setup_ms=setup, **stamp))
-
-        def attempt(name: str, job, *args) -> None:
-            try:
-                job(*args)
+                times["prefill_graph_ms"] = graph_replay_ms(lambda: m(inputs_embeds=embeds, **kw), self.median_ms,
+                                                            self.repeats)
             except Exception as error:
                 traceback.print_exc()
-                failures.append(f"{name}: {type(error).__name__}: {error}")
-                unpatch(model)  # stock again for the next job (a no-op where the failure left it stock)
+                self.failures.append(f"{graph} prefill as a CUDA graph: {type(error).__name__}: {error}")
+        return times
 
-        # the first backend's rows at the first budget, then compiled stock (CUDA; compiling takes a while), then
-        # the rest: a run cut off by its time limit still has the comparisons at that budget (1.0 by default)
-        jobs = [(variant, backend, budget) for backend in backends for variant in variants for budget in budgets]
-        first = [job for job in jobs if job[1] == backends[0] and job[2] == budgets[0]]
-        bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)
-        for job in first:
-            attempt(" ".join(map(str, job)), measure, *job)
-            bar.update()
-        if device == "cuda":
-            attempt("stock-static-compiled", compiled_stock)
-        for job in jobs:
-            if job not in first:
-                attempt(" ".join(map(str, job)), measure, *job)
-                bar.update()
-        bar.close()
-    plot_rows(rows, Path(out_dir) / f"{stem}.png")
-    if failures:
-        raise SweepIncomplete(rows, failures)
-    return rows
+    def decode_times(self, m, embeds, mask, kernels: bool = False, **kw) -> dict:
+        """The decode fields of a Row for ``m.generate`` from ``embeds``: wall ms per token in the steady state and
+        per-request setup (``decode_timing``); on CUDA with ``kernels`` the GPU kernel time per token
+        (``steady_per_token`` of kernel times: a failure there costs that time only). NaN where not measured."""
+        gen = dict(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kw)
+
+        def generate(n: int):
+            return m.generate(**gen, max_new_tokens=n, min_new_tokens=n)
+
+        per_token, setup = decode_timing(generate, self.new_tokens, self.median_ms, self.repeats)  # warms up first
+        times = dict(decode_ms_per_token=per_token, decode_setup_ms=setup, decode_kernel_ms=float("nan"))
+        if self.device == "cuda" and kernels:
+            try:
+                times["decode_kernel_ms"] = steady_per_token(kernel_ms(lambda: generate(self.new_tokens + 3)),
+                                                             kernel_ms(lambda: generate(3)), self.new_tokens)
+            except Exception as error:
+                traceback.print_exc()
+                self.failures.append(f"decode kernel time: {type(error).__name__}: {error}")
+        return times
+
+    def measure_stock(self) -> None:
+        """Stock transformers (eager) fed the prompt, with the full model's floors."""
+        shape = text_model_shape(self.model)
+        full = ExecutionPlan.full(1, shape.num_layers, shape.num_heads)
+        self.record(system="stock", variant="-", backend="transformers", budget=1.0, cost=1.0,
+                    **self.floors(full, self.embeds.shape[1]),
+                    **self.prefill_times(self.model, self.embeds, self.mask, graph="stock"),
+                    **self.decode_times(self.model, self.embeds, self.mask))
+
+    def measure_compiled_stock(self) -> None:
+        """Stock transformers' decode with a static cache and torch.compile (``_compiled_stock_decode``)."""
+        per_token, setup = _compiled_stock_decode(self.model, self.embeds, self.mask, self.new_tokens, self.median_ms,
+                                                  self.repeats)
+        self.record(system=COMPILED_STOCK, variant="-", backend="transformers", budget=1.0, cost=1.0,
+                    prefill_ms=float("nan"), decode_ms_per_token=per_token, decode_setup_ms=setup)
+
+    def measure_plan(self, variant: str, backend: str, budget: float, references: bool) -> None:
+        """The adaptive row of ``variant`` patched with ``backend`` at ``budget``, its floors those of its plan over
+        the prompt and the latency token; with ``references`` also the plan's stock references
+        (``measure_references``)."""
+        model, tokens = self.model, self.embeds.shape[1] + 1
+        patch(model, variant, rank=self.rank, backend=backend)
+        p = plan(model, latency_budget=budget, inputs_embeds=self.embeds, attention_mask=self.mask)
+        latency_token = latency_embedding(model, budget)[None, None].to(self.embeds.dtype)
+        times = {**self.prefill_times(model, self.embeds, self.mask, graph=f"{variant} {backend} {budget}",
+                                      latency_budget=budget),
+                 **self.decode_times(model, self.embeds, self.mask, kernels=True, latency_budget=budget)}
+        schedule = self.median_ms(lambda: _schedule(model, budget, tokens), self.repeats)
+        self.record(system="adaptive", variant=variant, backend=backend, budget=budget, cost=float(p.cost()[0]),
+                    schedule_ms=schedule, **self.floors(p, tokens), **times)
+        unpatch(model)
+        if references:
+            self.measure_references(variant, budget, p, latency_token)
+
+    def measure_references(self, variant: str, budget: float, execution_plan: ExecutionPlan, latency_token) -> None:
+        """The stock references of ``execution_plan`` (``variant``'s at ``budget``), fed the prompt and
+        ``latency_token`` [1, 1, D]: the masked computation, and the ideal, a prefill reference with the plan's
+        prefill floor."""
+        model, cost = self.model, float(execution_plan.cost()[0])
+        embeds = torch.cat([self.embeds, latency_token], 1)
+        mask = torch.cat([self.mask, self.mask[:, :1]], 1)
+        handles = mask_hooks(model, execution_plan)
+        try:
+            times = {**self.prefill_times(model, embeds, mask), **self.decode_times(model, embeds, mask)}
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.record(system="masked", variant=variant, backend="transformers", budget=budget, cost=cost, **times)
+        ideal = sliced_stock(model, execution_plan, 0)
+        self.record(system="ideal", variant=variant, backend="transformers", budget=budget, cost=cost,
+                    prefill_floor_ms=prefill_floor_ms(model, execution_plan, embeds.shape[1], self.rate),
+                    **self.prefill_times(ideal, embeds, mask, graph=f"ideal {variant} {budget}"))
 
 
 def ratio(a: float, b: float) -> float:
