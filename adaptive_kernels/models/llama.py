@@ -613,46 +613,21 @@ class AdaptiveDecoderMixin:
         check_backend(settings.backend.name, weight.device, weight.dtype)  # the model may have moved since patch
         request = current_request(self)
         wanted_hidden = hidden_states_requested(kwargs, self.config)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x, decoding = self.embed_new_tokens(input_ids, inputs_embeds, cache)
         B, S = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        decoding = isinstance(cache, AdaptiveCache) and cache.length > 0
-        if not decoding:  # a request's prefill
-            recheck_layers(self)
-        if decoding and B != cache.batch_size:
-            raise ValueError(f"input_ids (or inputs_embeds) has {B} rows, but the cache it continues ({CACHE_FIELD}) "
-                             f"holds {cache.batch_size}: a request continues with the rows it began with")
-        if S == 0 and not decoding:
-            raise ValueError("input_ids (or inputs_embeds): a prompt needs at least one token")
-        if cache is not None and not decoding:
-            check_fresh_cache(cache)
         past = cache.length if decoding else 0
-        latency_index = None  # the latency token's column, in a budget's prefill
-
         positions, mask = positions_and_mask(x, position_ids, attention_mask, past, cache if decoding else None)
 
         # within graph_safe() or a CUDA-graph capture nothing may wait for the device: plans become fixed-width
         # schedules
         graph_safe = runs_graph_safe(x)
-        budgets, schedule, position_shift = None, None, None
-        if decoding:
-            check_continuation(cache, request, settings.shape, graph_safe)
-            schedule = cache.schedule
-        elif request.execution_plan is not None and request.latency_budget is not None:
-            raise ValueError("give latency_budget or execution_plan, not both")
-        elif request.execution_plan is not None:
-            schedule = plan_schedule(check_plan(request.execution_plan, B, settings.shape, x.device), settings,
-                                     graph_safe)
-        elif request.latency_budget is not None:
-            budgets = resolve_budgets(request.latency_budget, B)
+        schedule, budgets = self.first_schedule(request, cache if decoding else None, B, x.device, graph_safe)
+        latency_index, position_shift = None, None  # the latency token's column, and generate's shift past it
+        if budgets is not None:  # the scheduler plans from the hidden state of the latency token, after the prompt
             token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
             x, positions, mask, position_shift = with_latency_token(x, positions, mask, token)
             latency_index = S
-        else:
-            full = ExecutionPlan.full(B, settings.shape.num_layers, settings.shape.num_heads, device=x.device)
-            schedule = Schedule(full, [dense_layer(B, settings.shape, x.device)] * settings.shape.num_layers)
 
         # no cache for a plan-only call, nor in training that samples its plan or recomputes layers in the
         # backward pass (gradient checkpointing: a recomputed layer would append its keys again). Training is
@@ -677,24 +652,21 @@ class AdaptiveDecoderMixin:
         hidden = [x] if wanted_hidden is not False else None
 
         first = 0
-        if schedule is None:  # a budget: the prefix runs dense on every row, then the scheduler plans
-            P = settings.units.num_prefix_layers
-            x = settled(*self.run_layers(x, range(P), [dense_layer(B, settings.shape, x.device)] * P, cos, sin, mask,
-                                         cache, hidden))
+        if schedule is None:  # a budget: the plan comes after the prefix
+            first = settings.units.num_prefix_layers
             sampled = training and not request.plan_only
-            masks = self.latency_scheduler.select(x[:, -1], budgets, sample=sampled)
+            x, masks = self.prefix_and_masks(x, budgets, cos, sin, mask, cache, hidden, sampled)
             request.plan = plan_from_masks(*masks, settings, x.shape[1])
             if request.plan_only:
                 return BaseModelOutputWithPast(last_hidden_state=x)
             if sampled:
-                x = self.norm(run_sampled_layers(self.layers[P:], x, masks, settings.units.variant, cos, sin, mask,
+                x = self.norm(run_sampled_layers(self.layers[first:], x, masks, settings.units.variant, cos, sin, mask,
                                                  settings.shape, hidden))
                 return BaseModelOutputWithPast(last_hidden_state=x,
                                                hidden_states=hidden_states_output(hidden, x, wanted_hidden))
             schedule = plan_schedule(request.plan, settings, graph_safe)
             if cache is not None:
                 cache.schedule, cache.budgets = schedule, budgets
-            first = P
         request.plan = schedule.plan
         layers = range(first, len(self.layers))
         if decoding and S == 1:
@@ -709,6 +681,57 @@ class AdaptiveDecoderMixin:
             cache.length = past + x.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
                                        hidden_states=hidden_states_output(hidden, x, wanted_hidden))
+
+    def embed_new_tokens(self, input_ids, inputs_embeds, cache) -> tuple[torch.Tensor, bool]:
+        """The new tokens' embeddings [B, S, D], and whether they continue ``cache`` (an ``AdaptiveCache`` an
+        earlier call filled: decoding) or begin a request. ``ValueError`` for both or neither of ``input_ids``
+        and ``inputs_embeds``, for rows other than the continued cache's, and for a prompt of no tokens; a new
+        request's layers and cache are checked (``recheck_layers``, ``check_fresh_cache``)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
+        if isinstance(cache, AdaptiveCache) and cache.length > 0:
+            if B != cache.batch_size:
+                raise ValueError(f"input_ids (or inputs_embeds) has {B} rows, but the cache it continues "
+                                 f"({CACHE_FIELD}) holds {cache.batch_size}: a request continues with the rows it "
+                                 "began with")
+            return x, True
+        recheck_layers(self)
+        if S == 0:
+            raise ValueError("input_ids (or inputs_embeds): a prompt needs at least one token")
+        if cache is not None:
+            check_fresh_cache(cache)
+        return x, False
+
+    def first_schedule(self, request: Request, continued: AdaptiveCache | None, batch_size: int, device,
+                       graph_safe: bool) -> tuple[Schedule | None, list | None]:
+        """``(schedule, budgets)`` a call starts from: the schedule of the cache it ``continued`` (checked against
+        the ``request``, ``check_continuation``), of the request's ``execution_plan``, or of every unit (no
+        request), with budgets None; for a ``latency_budget``, None and the budgets [B], the scheduler planning
+        after the prefix. ``graph_safe``: plans become fixed-width schedules (``plan_schedule``)."""
+        shape = self._ak_settings.shape
+        if continued is not None:
+            check_continuation(continued, request, shape, graph_safe)
+            return continued.schedule, None
+        if request.execution_plan is not None and request.latency_budget is not None:
+            raise ValueError("give latency_budget or execution_plan, not both")
+        if request.execution_plan is not None:
+            plan = check_plan(request.execution_plan, batch_size, shape, device)
+            return plan_schedule(plan, self._ak_settings, graph_safe), None
+        if request.latency_budget is not None:
+            return None, resolve_budgets(request.latency_budget, batch_size)
+        full = ExecutionPlan.full(batch_size, shape.num_layers, shape.num_heads, device=device)
+        return Schedule(full, [dense_layer(batch_size, shape, device)] * shape.num_layers), None
+
+    def prefix_and_masks(self, x, budgets, cos, sin, kv_valid, cache, hidden, sample: bool) -> tuple:
+        """A budget's prefill up to its plan: the prefix layers dense on every row of ``x`` [B, S, D], then the
+        scheduler's masks from the last position's (the latency token's) hidden state, Gumbel-sampled with
+        ``sample``: ``(x after the prefix, (layers [B, K], heads [B, K, H], groups [B, K, H]))``."""
+        P, shape = self._ak_settings.units.num_prefix_layers, self._ak_settings.shape
+        dense = [dense_layer(x.shape[0], shape, x.device)] * P
+        x = settled(*self.run_layers(x, range(P), dense, cos, sin, kv_valid, cache, hidden))
+        return x, self.latency_scheduler.select(x[:, -1], budgets, sample=sample)
 
     def run_layers(self, x, layer_ids, indices, cos, sin, kv_valid, cache, hidden):
         """Layers ``layer_ids`` with their ``LayerIndices`` (None: no row runs it), each on its rows;
