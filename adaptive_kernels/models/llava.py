@@ -61,6 +61,54 @@ def _by_name(names: list[str], args: tuple, kwargs: dict) -> dict:
     return given | kwargs
 
 
+def generate_option(kwargs: dict, model_config):
+    """``option(name)``: the value of a generate option in a call given ``kwargs``, as generate merges them: the
+    keyword, else the value in the ``generation_config`` given, else in the model's (``model_config``); None
+    where none sets it."""
+    configs = (kwargs.get("generation_config"), model_config)
+
+    def option(name: str):
+        if name in kwargs:
+            return kwargs[name]
+        return next((v for v in (getattr(c, name, None) for c in configs) if v is not None), None)
+    return option
+
+
+def _check_generation_cache(option, kwargs: dict) -> None:
+    """``ValueError`` for a generate call (its ``kwargs``, ``option``: ``generate_option``) that sets a
+    cache_implementation other than dynamic, or passes a cache that is neither a DynamicCache (left empty) nor an
+    AdaptiveCache."""
+    if option("cache_implementation") not in (None, "dynamic"):
+        raise ValueError(f"cache_implementation={option('cache_implementation')!r}: a patched model keeps keys and "
+                         "values in its own AdaptiveCache (executed layers and heads only, decode steps replayed "
+                         "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
+    cache_name = cache_argument(kwargs)
+    cache = kwargs.get(cache_name)
+    if isinstance(cache, Cache) and not isinstance(cache, (AdaptiveCache, DynamicCache)):
+        raise ValueError(f"{cache_name}: a patched model keeps keys and values in its own AdaptiveCache and takes "
+                         f"no {type(cache).__name__} (transformers would shape the attention mask for it); pass "
+                         "none, a DynamicCache, or the AdaptiveCache an earlier call returned")
+
+
+def _request_per_sequence(args: tuple, kwargs: dict, option, latency_budget, execution_plan, shape,
+                          device) -> tuple:
+    """``(latency_budget, execution_plan)`` of a generate call (``args``, ``kwargs``; ``option``:
+    ``generate_option``) checked against its prompts' count (where its inputs give it) for a decoder of
+    ``shape`` on ``device``, before generate repeats the rows; then repeated for its beams and returned
+    sequences (``_repeated_per_sequence``)."""
+    prompts = next((t.shape[0] for t in (args[0] if args else kwargs.get("inputs"), kwargs.get("input_ids"),
+                                         kwargs.get("inputs_embeds")) if isinstance(t, torch.Tensor)), None)
+    if prompts is not None:
+        if latency_budget is not None:
+            latency_budget = resolve_budgets(latency_budget, prompts)
+        if execution_plan is not None:
+            check_plan(execution_plan, prompts, shape, device)
+    copies = max(option("num_beams") or 1, option("num_return_sequences") or 1)
+    if copies > 1:
+        return _repeated_per_sequence(latency_budget, execution_plan, copies)
+    return latency_budget, execution_plan
+
+
 def _check_request_generation(option, name: str) -> None:
     """``ValueError`` for generate options that would run part of a request (``name``: its latency_budget or
     execution_plan) outside it (``option(name)``: the call's value)."""
@@ -121,42 +169,20 @@ def _adaptive_llava_class(stock: type) -> type:
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
         settings = patched_language_model(self)._ak_settings
         check_input_devices(self, dict(zip(("inputs",), args)) | kwargs)
-        configs = (kwargs.get("generation_config"), self.generation_config)
-
-        def option(name):  # as generate merges them: the keyword, else the given config's value, else the model's
-            if name in kwargs:
-                return kwargs[name]
-            return next((v for v in (getattr(c, name, None) for c in configs) if v is not None), None)
-
-        if option("cache_implementation") not in (None, "dynamic"):
-            raise ValueError(f"cache_implementation={option('cache_implementation')!r}: a patched model keeps keys and "
-                             "values in its own AdaptiveCache (executed layers and heads only, decode steps replayed "
-                             "as CUDA graphs on it) and takes no other cache implementation; leave it unset")
-        cache_name = cache_argument(kwargs)
-        cache = kwargs.get(cache_name)
-        if isinstance(cache, Cache) and not isinstance(cache, (AdaptiveCache, DynamicCache)):
-            raise ValueError(f"{cache_name}: a patched model keeps keys and values in its own AdaptiveCache and takes "
-                             f"no {type(cache).__name__} (transformers would shape the attention mask for it); pass "
-                             "none, a DynamicCache, or the AdaptiveCache an earlier call returned")
+        option = generate_option(kwargs, self.generation_config)
+        _check_generation_cache(option, kwargs)
         for name, given in (("latency_budget", latency_budget), ("execution_plan", execution_plan)):
             if given is not None:
                 _check_request_generation(option, name)
         if latency_budget is not None:
-            models_default = "use_cache" not in kwargs and getattr(configs[0], "use_cache", None) is None
-            if models_default and not self.generation_config.use_cache:
+            call_sets = "use_cache" in kwargs or getattr(kwargs.get("generation_config"), "use_cache", None) is not None
+            if not call_sets and not self.generation_config.use_cache:
                 kwargs["use_cache"] = True  # training checkpoints often save False: a budget needs the cache
             _check_budget_generation(option)
-        prompts = next((t.shape[0] for t in (args[0] if args else kwargs.get("inputs"), kwargs.get("input_ids"),
-                                             kwargs.get("inputs_embeds")) if isinstance(t, torch.Tensor)), None)
-        if prompts is not None:  # checked per prompt, before generate repeats the rows
-            if latency_budget is not None:
-                latency_budget = resolve_budgets(latency_budget, prompts)
-            if execution_plan is not None:
-                check_plan(execution_plan, prompts, settings.shape, self.device)
-        copies = max(option("num_beams") or 1, option("num_return_sequences") or 1)
-        if copies > 1:
-            latency_budget, execution_plan = _repeated_per_sequence(latency_budget, execution_plan, copies)
+        latency_budget, execution_plan = _request_per_sequence(args, kwargs, option, latency_budget, execution_plan,
+                                                               settings.shape, self.device)
         ours = {"latency_budget": latency_budget, "execution_plan": execution_plan}
+        cache = kwargs.get(cache_argument(kwargs))
         with cache.input_id_view() if isinstance(cache, AdaptiveCache) else contextlib.nullcontext():
             return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
 
