@@ -31,9 +31,10 @@ def graph_safe():
         _GRAPH_SAFE.reset(token)
 
 
-def capturing(x: torch.Tensor) -> bool:
-    """Whether ``x`` is on CUDA and the current stream is recording a graph."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+def capturing(on: torch.Tensor | torch.device) -> bool:
+    """Whether ``on`` (a tensor, or a device) is on CUDA and the current stream is recording a graph."""
+    device = on.device if isinstance(on, torch.Tensor) else torch.device(on)
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def runs_graph_safe(x: torch.Tensor) -> bool:

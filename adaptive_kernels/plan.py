@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import ArgumentTypeError, refusal
+from .graphs import capturing
 
 VARIANTS = ("L", "H")
 PAPER_RANK = 8  # the paper's H rank, meant for 32-head (7B) decoders: 4 units per layer
@@ -471,10 +472,17 @@ def unflatten_masks(flat, B: int, L: int, H: int) -> tuple:
     return layers.reshape(B, L), heads.reshape(B, L, H), groups.reshape(B, L, H)
 
 
-@functools.lru_cache(maxsize=64)
 def dense_layer(batch_size: int, shape: DecoderShape, device: torch.device) -> LayerIndices:
     """The ``LayerIndices`` of a layer that every row of the batch runs with every unit on (cached and
-    shared: read-only)."""
+    shared: read-only). Inside a CUDA-graph capture they are made afresh, not cached: a tensor made there holds
+    its values only once the graph replays, and a later eager call would read it before."""
+    if capturing(device):
+        return _dense_layer.__wrapped__(batch_size, shape, device)
+    return _dense_layer(batch_size, shape, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_layer(batch_size: int, shape: DecoderShape, device: torch.device) -> LayerIndices:
     H = shape.num_heads
     q_to_kv = (torch.arange(H, device=device) // (H // shape.num_kv_heads)).expand(batch_size, H)
     return LayerIndices(batch_rows=None, num_batch_rows=batch_size, q_rows=None, kv_rows=None, qkv_rows=None,

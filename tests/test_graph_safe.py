@@ -17,6 +17,7 @@ import torch
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.graphs import runs_graph_safe
+from adaptive_kernels.plan import DecoderShape, dense_layer
 from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from test_backends import interpreter
@@ -213,3 +214,43 @@ def test_a_whole_request_is_one_cuda_graph(backend):
     assert plan == want_plan
     for got, want in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_a_dense_layer_made_while_capturing_is_not_cached(monkeypatch):
+    """The caching rule of the test below, on the CPU with a capture faked: buffers made while capturing are new at
+    every call and not kept; the first call after the capture makes the cached ones. A real capture asks of a
+    tensor's or device's CUDA stream (``capturing``)."""
+    import importlib
+
+    from adaptive_kernels import graphs
+
+    plan_module = importlib.import_module("adaptive_kernels.plan")  # the package's name plan is the function
+
+    shape = DecoderShape(num_layers=2, hidden_size=24, num_heads=6, num_kv_heads=2, head_dim=4, intermediate_size=30)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(plan_module, "capturing", lambda device: True, raising=False)
+    captured = [dense_layer(11, shape, cpu) for _ in range(2)]
+    monkeypatch.undo()
+    eager = dense_layer(11, shape, cpu)
+    assert len({id(layer) for layer in [*captured, eager]}) == 3 and dense_layer(11, shape, cpu) is eager
+    assert torch.equal(eager.q_to_kv, (torch.arange(6) // 3).expand(11, 6))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert graphs.capturing(torch.device("cuda")) and graphs.capturing("cuda:1")
+    assert not graphs.capturing(cpu) and not graphs.capturing(torch.zeros(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_index_buffers_made_inside_a_capture_are_not_kept_for_later_calls():
+    """A tensor made inside a capture holds its values only once the graph replays: a dense layer's buffers, first
+    made there (a batch size no request warmed up), are not cached, and the eager call after the capture (no replay
+    yet) makes and reads its own."""
+    shape = DecoderShape(num_layers=2, hidden_size=24, num_heads=6, num_kv_heads=2, head_dim=4, intermediate_size=30)
+    device = torch.device("cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = dense_layer(13, shape, device)
+    eager = dense_layer(13, shape, device)
+    assert eager.q_to_kv is not captured.q_to_kv
+    assert eager is dense_layer(13, shape, device)  # cached outside a capture
+    assert torch.equal(eager.q_to_kv.cpu(), (torch.arange(6) // 3).expand(13, 6))
