@@ -49,6 +49,8 @@ class AdaptiveCache(Cache):
         self.warm = False  # a one-token step has run eagerly (kernels compiled)
         self.counting_input_ids = False  # see input_id_view
         self._ak_replaced = False  # given to a prefill, which returned another cache: not to be continued
+        self.replayed: torch.Tensor | None = None  # made in a caller's CUDA-graph capture: see record_captured
+        self._captured = None  # (length, capacity, keys, values) as the capture left them
 
     @property
     def plan(self):
@@ -102,6 +104,7 @@ class AdaptiveCache(Cache):
         self.keys, self.values = [None] * len(self.keys), [None] * len(self.values)
         self.length = self.capacity = 0
         self.decode_graph, self.warm, self._ak_replaced = None, False, False
+        self.replayed = self._captured = None
 
     @property
     def batch_size(self) -> int:
@@ -131,6 +134,28 @@ class AdaptiveCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("AdaptiveCache cannot select rows: each row's plan and compact heads were fixed at "
                                   "prefill; run the rows you want as their own request")
+
+    def record_captured(self, device: torch.device) -> None:
+        """Called at the end of each call inside a caller's CUDA-graph capture that fills this cache: the state a
+        replay leaves, to which ``catch_up`` returns. Every replay rewrites the cache from its first position,
+        which Python does not see: the first such call also makes a flag on ``device`` that each replay sets and
+        ``catch_up`` clears."""
+        if self.replayed is None:
+            self.replayed = torch.empty(1, dtype=torch.bool, device=device)
+            self.replayed.fill_(True)
+        self._captured = (self.length, self.capacity, list(self.keys), list(self.values))
+
+    def catch_up(self) -> None:
+        """Before an eager call continues a cache made in a capture: where the graph replayed since the last
+        such call, the cache goes back to the state the capture left (its length, and the buffers the replay
+        rewrote, where the calls since moved it to larger ones). Reads the flag back to the host."""
+        if not self.replayed.item():
+            return
+        self.replayed.fill_(False)
+        self.length, capacity, keys, values = self._captured
+        if capacity != self.capacity:  # a decode graph captured since read the larger buffers
+            self.decode_graph, self.warm = None, False
+        self.capacity, self.keys, self.values = capacity, list(keys), list(values)
 
     def reserve(self, positions: int) -> None:
         """Make room for ``positions`` filled positions, moving every layer to larger buffers if needed."""

@@ -9,10 +9,14 @@ raises. On a GPU one graph holds a whole request.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
@@ -216,6 +220,102 @@ def test_a_whole_request_is_one_cuda_graph(backend):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
+class CpuGraph(TorchDispatchMode):
+    """A CUDA graph's semantics on the CPU: while ``capture()`` lasts, the package takes its capture path (its
+    ``capturing`` is True) and every aten op is recorded with the tensors it read and wrote; ``replay()`` runs the
+    ops again on those tensors and copies what they return into the tensors the capture returned. As in a CUDA
+    graph, Python ran once, at capture: its decisions and host values stay as they were then."""
+
+    MODULES = ("adaptive_kernels.graphs", "adaptive_kernels.plan", "adaptive_kernels.scheduler",
+               "adaptive_kernels.models.llama")
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops, self.monkeypatch = [], monkeypatch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("a value read back to the host inside the capture")
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+    @contextlib.contextmanager
+    def capture(self):
+        with self.monkeypatch.context() as patched:
+            for name in self.MODULES:
+                patched.setattr(importlib.import_module(name), "capturing", lambda on: True)
+            with self:
+                yield
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            again = func(*args, **kwargs)
+            for new, old in zip(tree_flatten(again)[0], tree_flatten(out)[0]):
+                if isinstance(old, torch.Tensor) and new is not old:
+                    old.copy_(new)
+
+
+@pytest.mark.parametrize("steps", [3, 12], ids=["within-capacity", "past-capacity"])
+def test_a_cache_made_in_a_capture_continues_each_replays_prompt(steps, monkeypatch):
+    """A captured prefill, replayed for one prompt after another, each replay continued eagerly: every replay
+    rewrites the cache from its first position, and the steps after it continue that replay's prompt (its plan,
+    its keys and values, its length), as an eager request of that prompt does; also where the steps before moved
+    the cache to larger buffers than the graph writes (capacity step 8 here)."""
+    monkeypatch.setattr(importlib.import_module("adaptive_kernels.cache"), "CAPACITY_STEP", 8)
+    stock = tiny_llava(seed=81, num_layers=4)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    embed = model.model.language_model.embed_tokens
+    prompts = [embed(example_inputs(stock, batch_size=1, seed=seed)["input_ids"]).detach() for seed in (82, 83)]
+
+    def continued(out):
+        logits, cache = [out.logits[:, -1]], cache_of(out)
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            logits.append(model(inputs_embeds=embed(token), **{CACHE_KWARG: cache}).logits[:, -1])
+        return cache.plan, torch.stack(logits)
+
+    with torch.no_grad():
+        static = prompts[0].clone()
+        graph = CpuGraph(monkeypatch)
+        with graph.capture():
+            out = model(inputs_embeds=static, latency_budget=0.6)
+        for prompt in (prompts[0], prompts[1], prompts[0]):
+            static.copy_(prompt)
+            graph.replay()
+            plan, logits = continued(out)
+            with ak.graph_safe():  # the same fixed-width path, eagerly
+                want_plan, want_logits = continued(model(inputs_embeds=prompt.clone(), latency_budget=0.6))
+            assert plan == want_plan
+            torch.testing.assert_close(logits, want_logits)
+
+
+def test_a_cache_filled_outside_a_capture_is_not_continued_inside_one(monkeypatch):
+    """A decode step captured on a cache an eager prefill filled would, at each replay, write the position it was
+    captured at: refused, naming the cache."""
+    stock = tiny_llava(seed=84, num_layers=4)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    inputs = example_inputs(stock, batch_size=1, seed=85)
+    with torch.no_grad():
+        cache = cache_of(model(**inputs, latency_budget=0.6))
+        step = model.model.language_model.embed_tokens(inputs["input_ids"][:, -1:])
+        with pytest.raises(ValueError, match=f"{CACHE_KWARG}: a cache filled outside a CUDA-graph capture"):
+            with CpuGraph(monkeypatch).capture():
+                model(inputs_embeds=step, **{CACHE_KWARG: cache})
+
+
+def test_a_budget_tensor_off_the_cpu_is_refused_where_nothing_may_be_read_back():
+    """Within graph_safe() (or a capture) a budget tensor on a device would be read back to plan: refused, naming
+    the argument and what is accepted. (The meta device stands for CUDA here; outside graph_safe a meta budget is
+    refused for holding no values.)"""
+    model = ak.patch(tiny_llava(seed=89, num_layers=4), "H", rank=2, backend="torch")
+    inputs = example_inputs(model, batch_size=1, seed=90)
+    with torch.no_grad(), ak.graph_safe():
+        with pytest.raises(ValueError, match="latency_budget: a tensor on meta is read back .* give floats or a CPU"):
+            model(**inputs, latency_budget=torch.tensor(0.6, device="meta"))
+        model(**inputs, latency_budget=torch.tensor(0.6))  # on the CPU: read without waiting for a device
+
+
 def test_a_dense_layer_made_while_capturing_is_not_cached(monkeypatch):
     """The caching rule of the test below, on the CPU with a capture faked: buffers made while capturing are new at
     every call and not kept; the first call after the capture makes the cached ones. A real capture asks of a
@@ -254,3 +354,40 @@ def test_index_buffers_made_inside_a_capture_are_not_kept_for_later_calls():
     assert eager.q_to_kv is not captured.q_to_kv
     assert eager is dense_layer(13, shape, device)  # cached outside a capture
     assert torch.equal(eager.q_to_kv.cpu(), (torch.arange(6) // 3).expand(13, 6))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_captured_prefill_continues_each_replays_prompt_on_the_gpu(backend):
+    """A prefill at a budget captured as one CUDA graph and replayed for one prompt after another, each replay
+    continued by eager decode steps (themselves replayed as the model's own decode graphs): each continues that
+    replay's prompt as an eager request of it does."""
+    stock = tiny_llava(seed=86, num_layers=6).cuda()
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend)
+    embed = model.model.language_model.embed_tokens
+    prompts = [embed(example_inputs(stock, batch_size=1, seed=seed)["input_ids"].cuda()).detach() for seed in (87, 88)]
+
+    def continued(out):
+        logits, cache = [out.logits[:, -1]], cache_of(out)
+        for _ in range(4):
+            token = logits[-1].argmax(-1, keepdim=True)
+            logits.append(model(inputs_embeds=embed(token), **{CACHE_KWARG: cache}).logits[:, -1])
+        return cache.plan, torch.stack(logits)
+
+    with torch.no_grad():
+        static = prompts[0].clone()
+        with ak.graph_safe():
+            continued(model(inputs_embeds=static, latency_budget=0.6))  # compiles and tunes the kernels
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(inputs_embeds=static, latency_budget=0.6)
+        for prompt in (prompts[0], prompts[1], prompts[0]):
+            static.copy_(prompt)
+            graph.replay()
+            plan, logits = continued(out)
+            with ak.graph_safe():
+                want_plan, want_logits = continued(model(inputs_embeds=prompt.clone(), latency_budget=0.6))
+            assert plan == want_plan
+            torch.testing.assert_close(logits, want_logits, rtol=2e-3, atol=2e-3)

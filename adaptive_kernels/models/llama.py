@@ -611,9 +611,10 @@ class AdaptiveDecoderMixin:
         settings: Settings = self._ak_settings
         weight = self.embed_tokens.weight
         check_backend(settings.backend.name, weight.device, weight.dtype)  # the model may have moved since patch
+        in_capture = capturing(weight)
         request = current_request(self)
         wanted_hidden = hidden_states_requested(kwargs, self.config)
-        x, decoding = self.embed_new_tokens(input_ids, inputs_embeds, cache)
+        x, decoding = self.embed_new_tokens(input_ids, inputs_embeds, cache, in_capture)
         B, S = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         past = cache.length if decoding else 0
@@ -679,19 +680,30 @@ class AdaptiveDecoderMixin:
             x = self.final_norm(*self.run_layers(x, layers, schedule.layers[first:], cos, sin, mask, cache, hidden))
         if cache is not None:
             cache.length = past + x.shape[1]
+            if in_capture:
+                cache.record_captured(x.device)
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
                                        hidden_states=hidden_states_output(hidden, x, wanted_hidden))
 
-    def embed_new_tokens(self, input_ids, inputs_embeds, cache) -> tuple[torch.Tensor, bool]:
+    def embed_new_tokens(self, input_ids, inputs_embeds, cache, in_capture: bool) -> tuple[torch.Tensor, bool]:
         """The new tokens' embeddings [B, S, D], and whether they continue ``cache`` (an ``AdaptiveCache`` an
         earlier call filled: decoding) or begin a request. ``ValueError`` for both or neither of ``input_ids``
-        and ``inputs_embeds``, for rows other than the continued cache's, and for a prompt of no tokens; a new
-        request's layers and cache are checked (``recheck_layers``, ``check_fresh_cache``)."""
+        and ``inputs_embeds``, for rows other than the continued cache's, for a cache filled outside a CUDA-graph
+        capture continued ``in_capture``, and for a prompt of no tokens; a cache made in a capture is continued
+        eagerly from its latest replay (``AdaptiveCache.catch_up``); a new request's layers and cache are checked
+        (``recheck_layers``, ``check_fresh_cache``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
         if isinstance(cache, AdaptiveCache) and cache.length > 0:
+            if in_capture and cache.replayed is None:
+                raise ValueError(f"{CACHE_FIELD}: a cache filled outside a CUDA-graph capture is continued inside "
+                                 "one, whose replays would each write the position captured; a patched model replays "
+                                 "its decode steps as CUDA graphs itself, or capture the whole request, prefill "
+                                 "included")
+            if not in_capture and cache.replayed is not None:
+                cache.catch_up()
             if B != cache.batch_size:
                 raise ValueError(f"input_ids (or inputs_embeds) has {B} rows, but the cache it continues "
                                  f"({CACHE_FIELD}) holds {cache.batch_size}: a request continues with the rows it "
@@ -720,7 +732,12 @@ class AdaptiveDecoderMixin:
             plan = check_plan(request.execution_plan, batch_size, shape, device)
             return plan_schedule(plan, self._ak_settings, graph_safe), None
         if request.latency_budget is not None:
-            return None, resolve_budgets(request.latency_budget, batch_size)
+            budget = request.latency_budget
+            if graph_safe and isinstance(budget, torch.Tensor) and budget.device.type != "cpu":
+                raise ValueError(f"latency_budget: a tensor on {budget.device} is read back to the host to plan, which a "
+                                 "request within graph_safe() or a CUDA-graph capture may not do; give floats or a CPU "
+                                 "tensor (a capture keeps the budgets it was captured with)")
+            return None, resolve_budgets(budget, batch_size)
         full = ExecutionPlan.full(batch_size, shape.num_layers, shape.num_heads, device=device)
         return Schedule(full, [dense_layer(batch_size, shape, device)] * shape.num_layers), None
 
