@@ -190,7 +190,7 @@ def test_a_whole_request_is_one_cuda_graph(backend):
     as one CUDA graph and replayed on another prompt of the same length: that prompt's plan, logits and
     tokens as an eager request gives them."""
     stock = tiny_llava(seed=78, num_layers=6).cuda()
-    first, second = (example_inputs(stock, batch_size=2, seed=seed) for seed in (79, 80))
+    first, second = (example_inputs(stock, batch_size=2, seed=seed) for seed in (79, 81))  # other plans
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend)
     embed = model.model.language_model.embed_tokens
     mask = first["attention_mask"]
@@ -207,7 +207,7 @@ def test_a_whole_request_is_one_cuda_graph(backend):
 
     with torch.no_grad():
         with ak.graph_safe():
-            request(prompt)  # compiles and tunes the kernels at the fixed widths, fills the scheduler's memo
+            first_plan, _ = request(prompt)  # compiles and tunes the kernels at the fixed widths, fills the memo
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -215,7 +215,7 @@ def test_a_whole_request_is_one_cuda_graph(backend):
         prompt.copy_(embed(second["input_ids"]))
         graph.replay()
         want_plan, want_logits = request(prompt.clone())
-    assert plan == want_plan
+    assert plan == want_plan != first_plan
     for got, want in zip(logits, want_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
@@ -263,10 +263,10 @@ def test_a_cache_made_in_a_capture_continues_each_replays_prompt(steps, monkeypa
     its keys and values, its length), as an eager request of that prompt does; also where the steps before moved
     the cache to larger buffers than the graph writes (capacity step 8 here)."""
     monkeypatch.setattr(importlib.import_module("adaptive_kernels.cache"), "CAPACITY_STEP", 8)
-    stock = tiny_llava(seed=81, num_layers=4)
+    stock = tiny_llava(seed=81, num_layers=6)
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
     embed = model.model.language_model.embed_tokens
-    prompts = [embed(example_inputs(stock, batch_size=1, seed=seed)["input_ids"]).detach() for seed in (82, 83)]
+    prompts = [embed(example_inputs(stock, batch_size=1, seed=seed)["input_ids"]).detach() for seed in (82, 86)]
 
     def continued(out):
         logits, cache = [out.logits[:, -1]], cache_of(out)
@@ -280,6 +280,7 @@ def test_a_cache_made_in_a_capture_continues_each_replays_prompt(steps, monkeypa
         graph = CpuGraph(monkeypatch)
         with graph.capture():
             out = model(inputs_embeds=static, latency_budget=0.6)
+        plans = []
         for prompt in (prompts[0], prompts[1], prompts[0]):
             static.copy_(prompt)
             graph.replay()
@@ -288,6 +289,43 @@ def test_a_cache_made_in_a_capture_continues_each_replays_prompt(steps, monkeypa
                 want_plan, want_logits = continued(model(inputs_embeds=prompt.clone(), latency_budget=0.6))
             assert plan == want_plan
             torch.testing.assert_close(logits, want_logits)
+            plans.append(copy.deepcopy(plan))
+    assert plans[0] == plans[2] != plans[1]  # the prompts' plans differ
+
+
+def test_a_whole_request_captured_replays_another_prompt_on_the_cpu(monkeypatch):
+    """The GPU test of a whole request as one graph, on the CPU's stand-in for a CUDA graph: a budget's prefill
+    (per-row budgets, a padded row) and three greedy decode steps captured, with nothing read back, and replayed
+    on another prompt of the same length give that prompt's plan and logits as an eager request does."""
+    stock = tiny_llava(seed=91, num_layers=6)
+    first, second = (example_inputs(stock, batch_size=2, seed=seed, pad=[0, 2]) for seed in (92, 96))  # other plans
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    embed = model.model.language_model.embed_tokens
+    mask = first["attention_mask"]
+
+    def request(embeds):
+        out = model(inputs_embeds=embeds, attention_mask=mask, latency_budget=[0.6, 0.9])
+        logits, cache, seen = [out.logits], cache_of(out), mask
+        for _ in range(3):
+            token = logits[-1][:, -1].argmax(-1, keepdim=True)
+            seen = torch.cat([seen, seen[:, :1]], dim=1)
+            logits.append(model(inputs_embeds=embed(token), attention_mask=seen, **{CACHE_KWARG: cache}).logits)
+        return cache.plan, logits
+
+    with torch.no_grad():
+        prompt = embed(first["input_ids"]).detach().clone()
+        graph = CpuGraph(monkeypatch)
+        with graph.capture():
+            plan, logits = request(prompt)
+        captured_plan, captured = copy.deepcopy(plan), [l.clone() for l in logits]  # the first prompt's
+        prompt.copy_(embed(second["input_ids"]))
+        graph.replay()
+        with ak.graph_safe():
+            want_plan, want_logits = request(prompt.clone())
+    assert plan == want_plan != captured_plan
+    for got, want, before in zip(logits, want_logits, captured, strict=True):
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(before, want)  # the replay changed them
 
 
 def test_a_cache_filled_outside_a_capture_is_not_continued_inside_one(monkeypatch):
@@ -383,6 +421,7 @@ def test_a_captured_prefill_continues_each_replays_prompt_on_the_gpu(backend):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = model(inputs_embeds=static, latency_budget=0.6)
+        plans = []
         for prompt in (prompts[0], prompts[1], prompts[0]):
             static.copy_(prompt)
             graph.replay()
@@ -391,3 +430,5 @@ def test_a_captured_prefill_continues_each_replays_prompt_on_the_gpu(backend):
                 want_plan, want_logits = continued(model(inputs_embeds=prompt.clone(), latency_budget=0.6))
             assert plan == want_plan
             torch.testing.assert_close(logits, want_logits, rtol=2e-3, atol=2e-3)
+            plans.append(copy.deepcopy(plan))
+    assert plans[0] == plans[2] != plans[1]  # the prompts' plans differ
