@@ -31,6 +31,11 @@ def graph_safe():
         _GRAPH_SAFE.reset(token)
 
 
+def capturable(x: torch.Tensor) -> bool:
+    """Whether work on ``x`` can be captured as a CUDA graph: ``x`` is on a CUDA device."""
+    return x.is_cuda
+
+
 def capturing(on: torch.Tensor | torch.device) -> bool:
     """Whether ``on`` (a tensor, or a device) is on CUDA and the current stream is recording a graph."""
     device = on.device if isinstance(on, torch.Tensor) else torch.device(on)

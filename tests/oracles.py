@@ -1,15 +1,18 @@
 """The tests' references and recorders: stock transformers step by step and at Llama shapes beside
 tiny_llava's (the stock models of a plan itself, masked and sliced, are in adaptive_kernels.sliced, which
-uses none of the executor's code), and dispatch modes that record the ops a call runs."""
+uses none of the executor's code), dispatch modes that record the ops a call runs, and one that stands in for a
+CUDA graph on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves
 from transformers import LlamaModel, LlavaForConditionalGeneration
 
 import adaptive_kernels as ak
@@ -110,3 +113,47 @@ class DispatchedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+class CpuGraph(TorchDispatchMode):
+    """A CUDA graph's semantics on the CPU: while ``capture()`` lasts, the package takes its capture path (its
+    ``capturing`` is True) and every aten op is recorded with the tensors it read and wrote; ``replay()`` runs the
+    ops again on those tensors and copies what they return into the tensors the capture returned. As in a CUDA
+    graph, Python ran once, at capture: its decisions and host values stay as they were then."""
+
+    MODULES = ("adaptive_kernels.graphs", "adaptive_kernels.plan", "adaptive_kernels.scheduler",
+               "adaptive_kernels.models.llama")
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops, self.monkeypatch = [], monkeypatch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("a value read back to the host inside the capture")
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+    @contextlib.contextmanager
+    def capture(self):
+        with self.monkeypatch.context() as patched:
+            for name in self.MODULES:
+                patched.setattr(importlib.import_module(name), "capturing", lambda on: True)
+            with self:
+                yield
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            again = func(*args, **kwargs)
+            for new, old in zip(tree_flatten(again)[0], tree_flatten(out)[0]):
+                if isinstance(old, torch.Tensor) and new is not old:
+                    old.copy_(new)
+
+
+def cpu_decode_graphs(monkeypatch) -> None:
+    """The package's own decode graphs (``graphs.DecodeGraph``) made on the CPU: CUDA graphs made and captured as
+    ``CpuGraph``s, and work on CPU tensors counted as capturable."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: CpuGraph(monkeypatch))
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **options: graph.capture())
+    monkeypatch.setattr(importlib.import_module("adaptive_kernels.models.llama"), "capturable", lambda x: True)

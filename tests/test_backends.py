@@ -4,6 +4,7 @@ CUDA-graph decode gives the eager result."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -18,7 +19,7 @@ from adaptive_kernels.ops import runs, swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, cache_of, fed_latency_token, prompt_labels, stock_of_shape
+from oracles import CACHE_KWARG, cache_of, cpu_decode_graphs, fed_latency_token, prompt_labels, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -223,6 +224,32 @@ def _decode_run(model, inputs: dict, case: str):
     return ids, logits
 
 
+def _graph_decode_is_eager_decode(stock, case: str, backend: str, monkeypatch, tolerance: dict,
+                                  **backend_changes) -> int:
+    """Asserts that ``_decode_run`` of ``case`` gives the ids of cuda_graphs off with it on, and the logits within
+    ``tolerance``, for ``stock`` patched with ``backend`` (its ``Backend`` fields changed by ``backend_changes``);
+    returns how many decode steps were graph replays (with graphs off: asserted none)."""
+    inputs = example_inputs(stock, batch_size=2, seed=27, text_tokens=109 if case == "past_capacity" else 12)
+    graphed, eager = (ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=graphs)
+                      for graphs in (True, False))
+    for model in (graphed, eager):
+        settings = model.model.language_model._ak_settings
+        settings.backend = dataclasses.replace(settings.backend, **backend_changes)
+    replays = []
+    replay = DecodeGraph.replay
+    monkeypatch.setattr(DecodeGraph, "replay", lambda self, *args: replays.append(1) or replay(self, *args))
+    with torch.no_grad():
+        a, a_logits = _decode_run(graphed, inputs, case)
+        graphed_replays = len(replays)
+        b, b_logits = _decode_run(eager, inputs, case)
+    assert len(replays) == graphed_replays  # eager: never
+    assert torch.equal(a, b)
+    assert len(a_logits) == len(b_logits)
+    for x, y in zip(a_logits, b_logits):
+        torch.testing.assert_close(x, y, **tolerance)
+    return graphed_replays
+
+
 @gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("case", ["greedy", "beams", "hidden", "past_capacity"])
@@ -231,22 +258,20 @@ def test_cuda_graph_decode_equals_eager_decode(backend, case, monkeypatch):
     reordered in place); eager steps collecting hidden states between graphed ones; a cache that
     outgrows its 128 positions mid-decode (126 after prefill: a new graph, after an eager step). The torch
     backend, whose products read their weight runs on the host, decodes eagerly either way."""
-    stock = tiny_llava(seed=26).cuda()
-    inputs = example_inputs(stock, batch_size=2, seed=27, text_tokens=109 if case == "past_capacity" else 12)
-    graphed = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=True)
-    eager = ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=False)
-    replays = []
-    replay = DecodeGraph.replay
-    monkeypatch.setattr(DecodeGraph, "replay", lambda self, *args: replays.append(1) or replay(self, *args))
-    with torch.no_grad():
-        a, a_logits = _decode_run(graphed, inputs, case)
-        graphed_replays = len(replays)
-        b, b_logits = _decode_run(eager, inputs, case)
-    assert (graphed_replays == 0) == (backend == "torch") and len(replays) == graphed_replays  # eager: never
-    assert torch.equal(a, b)
-    assert len(a_logits) == len(b_logits)
-    for x, y in zip(a_logits, b_logits):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    replays = _graph_decode_is_eager_decode(tiny_llava(seed=26).cuda(), case, backend, monkeypatch,
+                                            dict(rtol=0, atol=0))
+    assert (replays == 0) == (backend == "torch")
+
+
+@pytest.mark.parametrize("case", ["greedy", "beams", "hidden", "past_capacity"])
+def test_graph_decode_equals_eager_decode_on_the_cpu(case, monkeypatch):
+    """The test above on the CPU: the model's decode graphs captured and replayed through the tests' stand-in
+    for a CUDA graph (``cpu_decode_graphs``), on the torch backend made to replay its steps (as the kernel
+    backends do) with graphs on and off. Replayed steps give the eager ids, and logits to the CPU's rounding
+    (its products may round otherwise on the graph's own copies of the inputs), in each case."""
+    cpu_decode_graphs(monkeypatch)
+    replays = _graph_decode_is_eager_decode(tiny_llava(seed=26), case, "torch", monkeypatch, {}, replays_decode=True)
+    assert replays > 0
 
 
 @gpu
@@ -265,6 +290,28 @@ def test_assisted_decoding_with_cuda_graphs_equals_it_without(backend):
     assert torch.equal(graphed.sequences, eager.sequences)
     for x, y in zip(graphed.logits, eager.logits, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_assisted_decoding_with_graphs_equals_it_without_on_the_cpu(monkeypatch):
+    """The test above on the CPU's stand-in for a CUDA graph (``cpu_decode_graphs``), on the torch backend made to
+    replay its steps: a draft model's steps of changing lengths run eagerly beside the graphs, with the ids of
+    graphs off, and logits to the CPU's rounding."""
+    cpu_decode_graphs(monkeypatch)
+    stock = tiny_llava(seed=28)
+    inputs = example_inputs(stock, batch_size=1, seed=29)
+    run = dict(execution_plan=_plan(1, 8, 8, seed=30, device="cpu"), assistant_model=copy.deepcopy(stock),
+               max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    outputs = []
+    for graphs in (True, False):
+        model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch", cuda_graphs=graphs)
+        settings = model.model.language_model._ak_settings
+        settings.backend = dataclasses.replace(settings.backend, replays_decode=True)
+        with torch.no_grad():
+            outputs.append(model.generate(**inputs, **run))
+    graphed, eager = outputs
+    assert torch.equal(graphed.sequences, eager.sequences)
+    for x, y in zip(graphed.logits, eager.logits, strict=True):
+        torch.testing.assert_close(x, y)
 
 
 @gpu

@@ -9,14 +9,11 @@ raises. On a GPU one graph holds a whole request.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
@@ -25,7 +22,7 @@ from adaptive_kernels.plan import DecoderShape, dense_layer
 from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from test_backends import interpreter
-from oracles import CACHE_KWARG, cache_of, fed_latency_token, stock_of_shape
+from oracles import CACHE_KWARG, CpuGraph, cache_of, fed_latency_token, stock_of_shape
 
 CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", pytest.param("triton", marks=interpreter)]
@@ -46,6 +43,19 @@ def plan_with_skips(batch: int, layers: int, heads: int, seed: int) -> Execution
 def greedy(model, inputs, **request):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None, **request)
+
+
+def whole_request(model, embeds, mask):
+    """A request that reads nothing back: a prefill of ``embeds`` [2, S, D] (padding ``mask``) at budgets 0.6 and
+    0.9, then three greedy decode steps; ``(plan, logits of each call)``."""
+    embed = model.model.language_model.embed_tokens
+    out = model(inputs_embeds=embeds, attention_mask=mask, latency_budget=[0.6, 0.9])
+    logits, cache, seen = [out.logits], cache_of(out), mask
+    for _ in range(3):
+        token = logits[-1][:, -1].argmax(-1, keepdim=True)
+        seen = torch.cat([seen, seen[:, :1]], dim=1)
+        logits.append(model(inputs_embeds=embed(token), attention_mask=seen, **{CACHE_KWARG: cache}).logits)
+    return cache.plan, logits
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,13 +207,7 @@ def test_a_whole_request_is_one_cuda_graph(backend):
     prompt = embed(first["input_ids"]).detach().clone()
 
     def request(embeds):
-        out = model(inputs_embeds=embeds, attention_mask=mask, latency_budget=[0.6, 0.9])
-        logits, cache, seen = [out.logits], cache_of(out), mask
-        for _ in range(3):
-            token = logits[-1][:, -1].argmax(-1, keepdim=True)
-            seen = torch.cat([seen, seen[:, :1]], dim=1)
-            logits.append(model(inputs_embeds=embed(token), attention_mask=seen, **{CACHE_KWARG: cache}).logits)
-        return cache.plan, logits
+        return whole_request(model, embeds, mask)
 
     with torch.no_grad():
         with ak.graph_safe():
@@ -220,40 +224,34 @@ def test_a_whole_request_is_one_cuda_graph(backend):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
-class CpuGraph(TorchDispatchMode):
-    """A CUDA graph's semantics on the CPU: while ``capture()`` lasts, the package takes its capture path (its
-    ``capturing`` is True) and every aten op is recorded with the tensors it read and wrote; ``replay()`` runs the
-    ops again on those tensors and copies what they return into the tensors the capture returned. As in a CUDA
-    graph, Python ran once, at capture: its decisions and host values stay as they were then."""
+def continued_greedy(model, out, steps: int) -> tuple:
+    """``steps`` eager greedy decode steps (batch 1, no mask) continuing the cache of a prefill's output ``out``:
+    ``(plan, last-position logits of the prefill and of each step)``."""
+    embed = model.model.language_model.embed_tokens
+    logits, cache = [out.logits[:, -1]], cache_of(out)
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        logits.append(model(inputs_embeds=embed(token), **{CACHE_KWARG: cache}).logits[:, -1])
+    return cache.plan, torch.stack(logits)
 
-    MODULES = ("adaptive_kernels.graphs", "adaptive_kernels.plan", "adaptive_kernels.scheduler",
-               "adaptive_kernels.models.llama")
 
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.ops, self.monkeypatch = [], monkeypatch
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise RuntimeError("a value read back to the host inside the capture")
-        out = func(*args, **(kwargs or {}))
-        self.ops.append((func, args, kwargs or {}, out))
-        return out
-
-    @contextlib.contextmanager
-    def capture(self):
-        with self.monkeypatch.context() as patched:
-            for name in self.MODULES:
-                patched.setattr(importlib.import_module(name), "capturing", lambda on: True)
-            with self:
-                yield
-
-    def replay(self):
-        for func, args, kwargs, out in self.ops:
-            again = func(*args, **kwargs)
-            for new, old in zip(tree_flatten(again)[0], tree_flatten(out)[0]):
-                if isinstance(old, torch.Tensor) and new is not old:
-                    old.copy_(new)
+def check_replays_continued(model, graph, static, out, prompts: list, steps: int, tolerance: dict) -> None:
+    """Replays ``graph``, a captured prefill at budget 0.6 of ``static`` (its output ``out``), for the first of two
+    ``prompts``, the second, then the first again, each replay continued by ``continued_greedy``; asserts each gives
+    the plan and logits (within ``tolerance``) of an eager request of that prompt on the same fixed-width path, and
+    that the two prompts' plans differ."""
+    plans = []
+    for prompt in (prompts[0], prompts[1], prompts[0]):
+        static.copy_(prompt)
+        graph.replay()
+        plan, logits = continued_greedy(model, out, steps)
+        with ak.graph_safe():
+            want_plan, want_logits = continued_greedy(model, model(inputs_embeds=prompt.clone(), latency_budget=0.6),
+                                                      steps)
+        assert plan == want_plan
+        torch.testing.assert_close(logits, want_logits, **tolerance)
+        plans.append(copy.deepcopy(plan))
+    assert plans[0] == plans[2] != plans[1]  # the prompts' plans differ
 
 
 @pytest.mark.parametrize("steps", [3, 12], ids=["within-capacity", "past-capacity"])
@@ -268,29 +266,12 @@ def test_a_cache_made_in_a_capture_continues_each_replays_prompt(steps, monkeypa
     embed = model.model.language_model.embed_tokens
     prompts = [embed(example_inputs(stock, batch_size=1, seed=seed)["input_ids"]).detach() for seed in (82, 86)]
 
-    def continued(out):
-        logits, cache = [out.logits[:, -1]], cache_of(out)
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            logits.append(model(inputs_embeds=embed(token), **{CACHE_KWARG: cache}).logits[:, -1])
-        return cache.plan, torch.stack(logits)
-
     with torch.no_grad():
         static = prompts[0].clone()
         graph = CpuGraph(monkeypatch)
         with graph.capture():
             out = model(inputs_embeds=static, latency_budget=0.6)
-        plans = []
-        for prompt in (prompts[0], prompts[1], prompts[0]):
-            static.copy_(prompt)
-            graph.replay()
-            plan, logits = continued(out)
-            with ak.graph_safe():  # the same fixed-width path, eagerly
-                want_plan, want_logits = continued(model(inputs_embeds=prompt.clone(), latency_budget=0.6))
-            assert plan == want_plan
-            torch.testing.assert_close(logits, want_logits)
-            plans.append(copy.deepcopy(plan))
-    assert plans[0] == plans[2] != plans[1]  # the prompts' plans differ
+        check_replays_continued(model, graph, static, out, prompts, steps, {})
 
 
 def test_a_whole_request_captured_replays_another_prompt_on_the_cpu(monkeypatch):
@@ -304,13 +285,7 @@ def test_a_whole_request_captured_replays_another_prompt_on_the_cpu(monkeypatch)
     mask = first["attention_mask"]
 
     def request(embeds):
-        out = model(inputs_embeds=embeds, attention_mask=mask, latency_budget=[0.6, 0.9])
-        logits, cache, seen = [out.logits], cache_of(out), mask
-        for _ in range(3):
-            token = logits[-1][:, -1].argmax(-1, keepdim=True)
-            seen = torch.cat([seen, seen[:, :1]], dim=1)
-            logits.append(model(inputs_embeds=embed(token), attention_mask=seen, **{CACHE_KWARG: cache}).logits)
-        return cache.plan, logits
+        return whole_request(model, embeds, mask)
 
     with torch.no_grad():
         prompt = embed(first["input_ids"]).detach().clone()
@@ -406,29 +381,12 @@ def test_a_captured_prefill_continues_each_replays_prompt_on_the_gpu(backend):
     embed = model.model.language_model.embed_tokens
     prompts = [embed(example_inputs(stock, batch_size=1, seed=seed)["input_ids"].cuda()).detach() for seed in (87, 88)]
 
-    def continued(out):
-        logits, cache = [out.logits[:, -1]], cache_of(out)
-        for _ in range(4):
-            token = logits[-1].argmax(-1, keepdim=True)
-            logits.append(model(inputs_embeds=embed(token), **{CACHE_KWARG: cache}).logits[:, -1])
-        return cache.plan, torch.stack(logits)
-
     with torch.no_grad():
         static = prompts[0].clone()
         with ak.graph_safe():
-            continued(model(inputs_embeds=static, latency_budget=0.6))  # compiles and tunes the kernels
+            continued_greedy(model, model(inputs_embeds=static, latency_budget=0.6), 4)  # compiles, tunes kernels
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = model(inputs_embeds=static, latency_budget=0.6)
-        plans = []
-        for prompt in (prompts[0], prompts[1], prompts[0]):
-            static.copy_(prompt)
-            graph.replay()
-            plan, logits = continued(out)
-            with ak.graph_safe():
-                want_plan, want_logits = continued(model(inputs_embeds=prompt.clone(), latency_budget=0.6))
-            assert plan == want_plan
-            torch.testing.assert_close(logits, want_logits, rtol=2e-3, atol=2e-3)
-            plans.append(copy.deepcopy(plan))
-    assert plans[0] == plans[2] != plans[1]  # the prompts' plans differ
+        check_replays_continued(model, graph, static, out, prompts, 4, dict(rtol=2e-3, atol=2e-3))

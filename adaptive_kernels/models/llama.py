@@ -24,7 +24,7 @@ from transformers.utils import can_return_tuple
 from ..backends import Backend, check_backend
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError
-from ..graphs import DecodeGraph, capturing, runs_graph_safe
+from ..graphs import DecodeGraph, capturable, capturing, runs_graph_safe
 from ..ops.attention import head_sparse_attention_reference
 from ..ops.projections import cols_major
 from ..ops.rotary import rotary_reference
@@ -786,7 +786,7 @@ class AdaptiveDecoderMixin:
             return self.final_norm(*self.run_layers(x, range(len(self.layers)), schedule.layers, cos, sin, kv_valid,
                                                     cache, hidden))
 
-        use_graph = (self._ak_settings.cuda_graphs and self._ak_settings.backend.replays_decode and x.is_cuda
+        use_graph = (self._ak_settings.cuda_graphs and self._ak_settings.backend.replays_decode and capturable(x)
                      and not torch.is_grad_enabled() and hidden is None
                      and not capturing(x))  # within a caller's capture: recorded there
         if not use_graph or not cache.warm:
