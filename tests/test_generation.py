@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import threading
 
 import pytest
@@ -17,8 +18,9 @@ from transformers.generation.streamers import BaseStreamer
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan, generation
+from adaptive_kernels.graphs import DecodeGraph
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, DispatchedOps, cache_of
+from oracles import CACHE_KWARG, DispatchedOps, cache_of, cpu_decode_graphs
 
 NEW_TOKENS = 8
 HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
@@ -194,6 +196,22 @@ def test_decode_steps_read_nothing_back_but_the_late_flag(stock, inputs, monkeyp
     assert flag_reads["steps"] == 3 + 3 + NEW_TOKENS  # ... and it is the flag's
 
 
+def check_graphed_run_ahead(fast, plain, inputs, stop: str, monkeypatch, replayed: bool) -> None:
+    """Asserts that greedy generate of ``fast`` (cuda_graphs on, running ahead) gives the ids of ``plain``'s
+    (cuda_graphs off: transformers' loop over eager steps) at budgets 0.6 and 0.9, with one forward more where the
+    rows stop early (``stop``), and that some of its decode steps were graph replays or, where not ``replayed``
+    (the torch backend on CUDA), none."""
+    request = {"latency_budget": [0.6, 0.9]}
+    kw = {"do_sample": False, **request, **STOPS[stop](stopping_tokens(plain, inputs, request, monkeypatch))}
+    theirs, their_calls = generate_counting(plain, inputs, False, monkeypatch, **kw)
+    replays = []
+    replay = DecodeGraph.replay
+    monkeypatch.setattr(DecodeGraph, "replay", lambda self, *args: replays.append(1) or replay(self, *args))
+    ours, our_calls = generate_counting(fast, inputs, True, monkeypatch, **kw)
+    assert torch.equal(ours, theirs)
+    assert our_calls == their_calls + (stop == "eos") and bool(replays) == replayed
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("stop", ["length", "eos"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -203,13 +221,20 @@ def test_on_cuda_graphed_greedy_runs_ahead_with_the_ids_of_transformers_loop(sto
     transformers' loop over eager steps (cuda_graphs=False)."""
     fast = ak.patch(copy.deepcopy(stock).cuda(), "H", rank=2, backend=backend)
     plain = ak.patch(copy.deepcopy(stock).cuda(), "H", rank=2, backend=backend, cuda_graphs=False)
-    on_cuda = {k: v.cuda() for k, v in inputs.items()}
-    request = {"latency_budget": [0.6, 0.9]}
-    kw = {"do_sample": False, **request, **STOPS[stop](stopping_tokens(plain, on_cuda, request, monkeypatch))}
-    theirs, their_calls = generate_counting(plain, on_cuda, False, monkeypatch, **kw)
-    ours, our_calls = generate_counting(fast, on_cuda, False, monkeypatch, **kw)
-    assert torch.equal(ours, theirs)
-    assert our_calls == their_calls + (stop == "eos")
+    check_graphed_run_ahead(fast, plain, {k: v.cuda() for k, v in inputs.items()}, stop, monkeypatch,
+                            replayed=backend != "torch")
+
+
+@pytest.mark.parametrize("stop", ["length", "eos"])
+def test_graphed_greedy_runs_ahead_with_the_ids_of_transformers_loop_on_the_cpu(stock, inputs, monkeypatch, stop):
+    """The test above on the CPU: running ahead there, decode graphs captured and replayed through the tests'
+    stand-in for a CUDA graph (``cpu_decode_graphs``), on the torch backend made to replay its steps."""
+    cpu_decode_graphs(monkeypatch)
+    fast = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    settings = fast.model.language_model._ak_settings
+    settings.backend = dataclasses.replace(settings.backend, replays_decode=True)
+    plain = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch", cuda_graphs=False)
+    check_graphed_run_ahead(fast, plain, inputs, stop, monkeypatch, replayed=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
