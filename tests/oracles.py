@@ -6,6 +6,7 @@ CUDA graph on the CPU."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 
@@ -149,6 +150,14 @@ class CpuGraph(TorchDispatchMode):
             for new, old in zip(tree_flatten(again)[0], tree_flatten(out)[0]):
                 if isinstance(old, torch.Tensor) and new is not old:
                     old.copy_(new)
+
+
+def replaying_decode_steps(model):
+    """``model`` (patched), its backend made to replay one-token decode steps as CUDA graphs, as the kernel backends
+    do: the torch backend's, on the CPU's stand-in for a graph (``cpu_decode_graphs``)."""
+    settings = model.model.language_model._ak_settings
+    settings.backend = dataclasses.replace(settings.backend, replays_decode=True)
+    return model
 
 
 def cpu_decode_graphs(monkeypatch) -> None:

@@ -4,7 +4,6 @@ CUDA-graph decode gives the eager result."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 
 import pytest
@@ -19,7 +18,8 @@ from adaptive_kernels.ops import runs, swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, cache_of, cpu_decode_graphs, fed_latency_token, prompt_labels, stock_of_shape
+from oracles import (CACHE_KWARG, cache_of, cpu_decode_graphs, fed_latency_token, prompt_labels, replaying_decode_steps,
+                     stock_of_shape)
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -225,16 +225,16 @@ def _decode_run(model, inputs: dict, case: str):
 
 
 def _graph_decode_is_eager_decode(stock, case: str, backend: str, monkeypatch, tolerance: dict,
-                                  **backend_changes) -> int:
+                                  replaying: bool = False) -> int:
     """Asserts that ``_decode_run`` of ``case`` gives the ids of cuda_graphs off with it on, and the logits within
-    ``tolerance``, for ``stock`` patched with ``backend`` (its ``Backend`` fields changed by ``backend_changes``);
-    returns how many decode steps were graph replays (with graphs off: asserted none)."""
+    ``tolerance``, for ``stock`` patched with ``backend`` (with ``replaying``: made to replay its decode steps,
+    ``replaying_decode_steps``); returns how many decode steps were graph replays (with graphs off: asserted
+    none)."""
     inputs = example_inputs(stock, batch_size=2, seed=27, text_tokens=109 if case == "past_capacity" else 12)
     graphed, eager = (ak.patch(copy.deepcopy(stock), "H", rank=2, backend=backend, cuda_graphs=graphs)
                       for graphs in (True, False))
-    for model in (graphed, eager):
-        settings = model.model.language_model._ak_settings
-        settings.backend = dataclasses.replace(settings.backend, **backend_changes)
+    if replaying:
+        graphed, eager = replaying_decode_steps(graphed), replaying_decode_steps(eager)
     replays = []
     replay = DecodeGraph.replay
     monkeypatch.setattr(DecodeGraph, "replay", lambda self, *args: replays.append(1) or replay(self, *args))
@@ -270,7 +270,7 @@ def test_graph_decode_equals_eager_decode_on_the_cpu(case, monkeypatch):
     backends do) with graphs on and off. Replayed steps give the eager ids, and logits to the CPU's rounding
     (its products may round otherwise on the graph's own copies of the inputs), in each case."""
     cpu_decode_graphs(monkeypatch)
-    replays = _graph_decode_is_eager_decode(tiny_llava(seed=26), case, "torch", monkeypatch, {}, replays_decode=True)
+    replays = _graph_decode_is_eager_decode(tiny_llava(seed=26), case, "torch", monkeypatch, {}, replaying=True)
     assert replays > 0
 
 
@@ -303,9 +303,7 @@ def test_assisted_decoding_with_graphs_equals_it_without_on_the_cpu(monkeypatch)
                max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
     outputs = []
     for graphs in (True, False):
-        model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch", cuda_graphs=graphs)
-        settings = model.model.language_model._ak_settings
-        settings.backend = dataclasses.replace(settings.backend, replays_decode=True)
+        model = replaying_decode_steps(ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch", cuda_graphs=graphs))
         with torch.no_grad():
             outputs.append(model.generate(**inputs, **run))
     graphed, eager = outputs

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import threading
 
 import pytest
@@ -20,7 +19,7 @@ import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan, generation
 from adaptive_kernels.graphs import DecodeGraph
 from adaptive_kernels.tiny import example_inputs, tiny_llava
-from oracles import CACHE_KWARG, DispatchedOps, cache_of, cpu_decode_graphs
+from oracles import CACHE_KWARG, DispatchedOps, cache_of, cpu_decode_graphs, replaying_decode_steps
 
 NEW_TOKENS = 8
 HOST_READS = {"aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
@@ -230,9 +229,7 @@ def test_graphed_greedy_runs_ahead_with_the_ids_of_transformers_loop_on_the_cpu(
     """The test above on the CPU: running ahead there, decode graphs captured and replayed through the tests'
     stand-in for a CUDA graph (``cpu_decode_graphs``), on the torch backend made to replay its steps."""
     cpu_decode_graphs(monkeypatch)
-    fast = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
-    settings = fast.model.language_model._ak_settings
-    settings.backend = dataclasses.replace(settings.backend, replays_decode=True)
+    fast = replaying_decode_steps(ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch"))
     plain = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch", cuda_graphs=False)
     check_graphed_run_ahead(fast, plain, inputs, stop, monkeypatch, replayed=True)
 
