@@ -49,8 +49,8 @@ class AdaptiveCache(Cache):
         self.warm = False  # a one-token step has run eagerly (kernels compiled)
         self.counting_input_ids = False  # see input_id_view
         self._ak_replaced = False  # given to a prefill, which returned another cache: not to be continued
-        self.replayed: torch.Tensor | None = None  # made in a caller's CUDA-graph capture: see record_captured
-        self._captured = None  # (length, capacity, keys, values) as the capture left them
+        self.replayed_call: torch.Tensor | None = None  # made in a caller's CUDA-graph capture: see record_captured
+        self._captured: list = []  # per call captured: (length, capacity, keys, values) as it left them
 
     @property
     def plan(self):
@@ -104,7 +104,7 @@ class AdaptiveCache(Cache):
         self.keys, self.values = [None] * len(self.keys), [None] * len(self.values)
         self.length = self.capacity = 0
         self.decode_graph, self.warm, self._ak_replaced = None, False, False
-        self.replayed = self._captured = None
+        self.replayed_call, self._captured = None, []
 
     @property
     def batch_size(self) -> int:
@@ -137,23 +137,26 @@ class AdaptiveCache(Cache):
 
     def record_captured(self, device: torch.device) -> None:
         """Called at the end of each call inside a caller's CUDA-graph capture that fills this cache: the state a
-        replay leaves, to which ``catch_up`` returns. Every replay rewrites the cache from its first position,
-        which Python does not see: the first such call also makes a flag on ``device`` that each replay sets and
-        ``catch_up`` clears."""
-        if self.replayed is None:
-            self.replayed = torch.empty(1, dtype=torch.bool, device=device)
-            self.replayed.fill_(True)
-        self._captured = (self.length, self.capacity, list(self.keys), list(self.values))
+        replay of that call leaves, to which ``catch_up`` returns. Replays rewrite the cache, which Python does
+        not see: each such call also numbers itself in a flag on ``device`` (made by the first), which its
+        replays set and ``catch_up`` reads and clears, so that the call replayed last, in whichever graph, is the
+        one continued."""
+        self._captured.append((self.length, self.capacity, list(self.keys), list(self.values)))
+        if self.replayed_call is None:
+            self.replayed_call = torch.empty(1, dtype=torch.long, device=device)
+        self.replayed_call.fill_(len(self._captured))
 
     def catch_up(self) -> None:
-        """Before an eager call continues a cache made in a capture: where the graph replayed since the last
-        such call, the cache goes back to the state the capture left (its length, and the buffers the replay
-        rewrote, where the calls since moved it to larger ones). Reads the flag back to the host."""
-        if not self.replayed.item():
+        """Before an eager call continues a cache made in a capture: where a graph replayed since the last such
+        call, the cache goes back to the state the call replayed last left (its length, and the buffers it wrote,
+        where the calls since moved the cache to larger ones). Reads the flag back to the host (before a CUDA graph's
+        first replay it holds what its memory held: a number of no call is taken as no replay)."""
+        call = int(self.replayed_call.item())
+        if not 0 < call <= len(self._captured):
             return
-        self.replayed.fill_(False)
-        self.length, capacity, keys, values = self._captured
-        if capacity != self.capacity:  # a decode graph captured since read the larger buffers
+        self.replayed_call.fill_(0)
+        self.length, capacity, keys, values = self._captured[call - 1]
+        if capacity != self.capacity:  # a decode graph captured since read other buffers
             self.decode_graph, self.warm = None, False
         self.capacity, self.keys, self.values = capacity, list(keys), list(values)
 

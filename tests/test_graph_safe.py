@@ -274,6 +274,42 @@ def test_a_cache_made_in_a_capture_continues_each_replays_prompt(steps, monkeypa
         check_replays_continued(model, graph, static, out, prompts, steps, {})
 
 
+def test_a_cache_continued_in_a_second_capture_goes_on_from_the_graph_replayed_last(monkeypatch):
+    """A prefill at a budget captured in one graph and a decode step continuing its cache in another: eager steps
+    after replaying both continue the step, and after replaying the prefill's graph alone continue the prompt, as
+    eager requests of the replayed prompt do (whose plans differ, asserted)."""
+    stock = tiny_llava(seed=81, num_layers=6)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    embed = model.model.language_model.embed_tokens
+    prompts = [embed(example_inputs(stock, batch_size=1, seed=seed)["input_ids"]).detach() for seed in (82, 86)]
+    token = embed(torch.tensor([[5]])).detach()
+
+    def stepped(out):
+        return model(inputs_embeds=token, **{CACHE_KWARG: cache_of(out)})
+
+    with torch.no_grad():
+        static = prompts[0].clone()
+        prefill, step = CpuGraph(monkeypatch), CpuGraph(monkeypatch)
+        with prefill.capture():
+            out = model(inputs_embeds=static, latency_budget=0.6)
+        with step.capture():
+            out_of_step = stepped(out)
+        plans = []
+        for prompt, with_step in ((prompts[1], True), (prompts[0], False), (prompts[1], False), (prompts[0], True)):
+            static.copy_(prompt)
+            prefill.replay()
+            if with_step:
+                step.replay()
+            plan, logits = continued_greedy(model, out_of_step if with_step else out, 3)
+            with ak.graph_safe():
+                want = model(inputs_embeds=prompt.clone(), latency_budget=0.6)
+                want_plan, want_logits = continued_greedy(model, stepped(want) if with_step else want, 3)
+            assert plan == want_plan
+            torch.testing.assert_close(logits, want_logits)
+            plans.append(copy.deepcopy(plan))
+        assert plans[0] == plans[2] != plans[1] == plans[3]
+
+
 def test_a_whole_request_captured_replays_another_prompt_on_the_cpu(monkeypatch):
     """The GPU test of a whole request as one graph, on the CPU's stand-in for a CUDA graph: a budget's prefill
     (per-row budgets, a padded row) and three greedy decode steps captured, with nothing read back, and replayed

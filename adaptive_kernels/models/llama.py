@@ -697,12 +697,12 @@ class AdaptiveDecoderMixin:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
         if isinstance(cache, AdaptiveCache) and cache.length > 0:
-            if in_capture and cache.replayed is None:
+            if in_capture and cache.replayed_call is None:
                 raise ValueError(f"{CACHE_FIELD}: a cache filled outside a CUDA-graph capture is continued inside "
                                  "one, whose replays would each write the position captured; a patched model replays "
                                  "its decode steps as CUDA graphs itself, or capture the whole request, prefill "
                                  "included")
-            if not in_capture and cache.replayed is not None:
+            if not in_capture and cache.replayed_call is not None:
                 cache.catch_up()
             if B != cache.batch_size:
                 raise ValueError(f"input_ids (or inputs_embeds) has {B} rows, but the cache it continues "
