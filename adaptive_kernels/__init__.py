@@ -13,7 +13,7 @@ from .backends import BACKENDS, check_backend, default_backend, get_backend
 from .errors import ArgumentTypeError, refusal
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
-from .models.llama import check_layers, lay_out_qkv, lay_out_reduction_weights
+from .models.llama import check_layers, checked_scheduler, lay_out_qkv, lay_out_reduction_weights
 from .models.llava import (check_input_devices, check_llava, check_no_forward_of_its_own, has_patched_decoder,
                            is_patched, patched_language_model, swap_in, swap_out)
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, check_positive_integer, is_integer, resolve_budgets
@@ -118,7 +118,7 @@ def _patched_decoder(model):
 
 def save_scheduler(model, path) -> None:
     """Save the latency encoder and scheduler weights of a patched model (safetensors)."""
-    save_scheduler_weights(_patched_decoder(model).latency_scheduler, path)
+    save_scheduler_weights(checked_scheduler(_patched_decoder(model)), path)
 
 
 def latency_embedding(model, budget) -> torch.Tensor:
@@ -129,7 +129,7 @@ def latency_embedding(model, budget) -> torch.Tensor:
                          "latency_embedding once per budget")
     (value,) = resolve_budgets(budget, 1, name="budget")
     with torch.no_grad():
-        return _patched_decoder(model).latency_scheduler.latency_embedding([value])[0]
+        return checked_scheduler(_patched_decoder(model)).latency_embedding([value])[0]
 
 
 def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:

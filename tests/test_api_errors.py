@@ -295,6 +295,67 @@ def test_a_decoder_layer_replaced_by_a_stock_one_after_patch_is_refused_until_pa
         assert torch.equal(model(**inputs, latency_budget=0.6).logits, want)
 
 
+@pytest.mark.parametrize("edit", ["layers deleted", "config's count lowered"])
+def test_layers_counted_otherwise_after_patch_are_refused_until_patched_again(edit):
+    """Plans and index lists count the layers patched: layers deleted after patch were silently not run where a
+    plan ran them, and a text config's num_hidden_layers lowered after patch (stock then runs that many layers) was
+    ignored. Requests are refused naming the counts; unpatch gives stock, and patching again the patched model of
+    the layers counted."""
+    stock = tiny_llava(seed=16)
+    inputs = example_inputs(stock, batch_size=1, seed=17)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    for m in (model, stock):
+        if edit == "layers deleted":
+            del m.model.language_model.layers[6:]
+        else:
+            m.config.text_config.num_hidden_layers = 6
+    refused = ("has 6 decoder layers, its config num_hidden_layers=8" if edit == "layers deleted" else
+               re.escape("model: its text config gives DecoderShape(num_layers=6, ") + ".* but it was patched at "
+               + re.escape("DecoderShape(num_layers=8, ") + ".*unpatch the model and patch it again")
+    plan = ExecutionPlan.full(1, 8, 8)
+    for request in (lambda: model(**inputs), lambda: model(**inputs, latency_budget=0.6),
+                    lambda: model(**inputs, execution_plan=plan),
+                    lambda: model.generate(**inputs, latency_budget=0.6, max_new_tokens=2)):
+        with torch.no_grad(), pytest.raises(ValueError, match=refused):
+            request()
+    ak.unpatch(model)
+    for m in (model, stock):  # both counts 6 from here
+        del m.model.language_model.layers[6:]
+        m.config.text_config.num_hidden_layers = 6
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock(**inputs).logits)
+        ak.patch(model, "H", rank=2)
+        want = ak.patch(copy.deepcopy(stock), "H", rank=2)(**inputs, latency_budget=0.6).logits
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, want)
+
+
+def test_a_scheduler_left_on_the_meta_device_is_refused_naming_what_to_do(tmp_path):
+    """A model patched on the meta device, then loaded from a stock checkpoint (which holds no scheduler weights),
+    kept its scheduler there: a budget failed deep in torch, latency_embedding returned a meta tensor, and
+    save_pretrained failed after writing the model's shards. Each use of the scheduler is refused naming both
+    devices, before anything is written; patched again with a saved scheduler, the model gives what a model patched
+    after loading does."""
+    stock = tiny_llava(seed=18)
+    inputs = example_inputs(stock, batch_size=1, seed=19)
+    loaded_first = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    ak.save_scheduler(loaded_first, tmp_path / "scheduler.safetensors")
+    with pytest.importorskip("accelerate").init_empty_weights():  # the parameters on meta, the buffers not
+        model = LlavaForConditionalGeneration(stock.config).eval()
+    ak.patch(model, "H", rank=2)
+    model.load_state_dict(stock.state_dict(), strict=False, assign=True)
+    refused = re.escape("model: its latency scheduler is on meta, its weights on cpu")
+    for use in (lambda: model(**inputs, latency_budget=0.6), lambda: ak.plan(model, latency_budget=0.6, **inputs),
+                lambda: model.generate(**inputs, latency_budget=0.6, max_new_tokens=2),
+                lambda: ak.latency_embedding(model, 0.6), lambda: ak.save_scheduler(model, tmp_path / "again"),
+                lambda: model.save_pretrained(tmp_path / "checkpoint")):
+        with torch.no_grad(), pytest.raises(ValueError, match=refused):
+            use()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scheduler.safetensors"]
+    ak.patch(model, "H", rank=2, scheduler=tmp_path / "scheduler.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, loaded_first(**inputs, latency_budget=0.6).logits)
+
+
 @pytest.mark.parametrize("how,where", [("cpu_offload", "model"), ("dispatch_model", "model"),
                                        ("by hand", "model.model.language_model.layers.1")])
 def test_a_model_with_forwards_of_its_instances_is_refused_at_patch_time(how, where, tmp_path):

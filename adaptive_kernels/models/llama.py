@@ -159,11 +159,18 @@ def check_layers(decoder, shape: DecoderShape) -> None:
 
 
 def recheck_layers(decoder) -> None:
-    """For layers edited since patch: ``ValueError`` for a layer that is not the patched class (a stock layer set
-    in its place), and ``check_layers``' refusals of a projection that is no plain ``torch.nn.Linear`` (an adapter's
-    wrapper, say, of which the executor would read the weight alone) or whose weight has another shape (a pruned
-    one, past whose end the executor would read). Reads the module dicts: cheap enough for every request."""
+    """For a decoder edited since patch: ``ValueError`` for a text config whose sizes are no longer those patched
+    (its ``num_hidden_layers`` lowered, say), for fewer layers than patched, for a layer that is not the patched
+    class (a stock layer set in its place), and ``check_layers``' refusals of a projection that is no plain
+    ``torch.nn.Linear`` (an adapter's wrapper, say, of which the executor would read the weight alone) or whose
+    weight has another shape (a pruned one, past whose end the executor would read). Reads the module dicts: cheap
+    enough for every request."""
     shape = decoder._ak_settings.shape
+    if decoder_shape(decoder.config) != shape:
+        raise ValueError(f"model: its text config gives {decoder_shape(decoder.config)}, but it was patched at {shape}; "
+                         "plans and index lists count the sizes patched: unpatch the model and patch it again")
+    if len(decoder.layers) < shape.num_layers:
+        check_layers(decoder, shape)  # refuses fewer layers than the config counts
     expected = projection_shapes(shape)
     for l, layer in zip(range(shape.num_layers), decoder.layers):  # those past the config's count never run
         if not isinstance(layer, AdaptiveDecoderLayerMixin):
@@ -173,6 +180,18 @@ def recheck_layers(decoder) -> None:
             module = layer._modules[part]._modules[name]
             if type(module) is not torch.nn.Linear or module._parameters["weight"].shape != want:
                 check_layers(decoder, shape)
+
+
+def checked_scheduler(decoder):
+    """A patched decoder's latency scheduler; ``ValueError`` unless it is on the device of the decoder's weights (a
+    model patched on the meta device, then loaded from a checkpoint without the scheduler's weights, keeps it there)."""
+    scheduler, device = decoder.latency_scheduler, decoder.embed_tokens.weight.device
+    if scheduler.head.weight.device != device:
+        raise ValueError(f"model: its latency scheduler is on {scheduler.head.weight.device}, its weights on {device}: "
+                         "it was patched before they were loaded, from a checkpoint without the scheduler's weights; "
+                         "patch it again with scheduler= a save_scheduler file, or unpatch and patch it again for a "
+                         "seeded scheduler")
+    return scheduler
 
 
 def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device) -> ExecutionPlan:
@@ -626,7 +645,7 @@ class AdaptiveDecoderMixin:
         schedule, budgets = self.first_schedule(request, cache if decoding else None, B, x.device, graph_safe)
         latency_index, position_shift = None, None  # the latency token's column, and generate's shift past it
         if budgets is not None:  # the scheduler plans from the hidden state of the latency token, after the prompt
-            token = self.latency_scheduler.latency_embedding(budgets).to(x.dtype)
+            token = checked_scheduler(self).latency_embedding(budgets).to(x.dtype)
             x, positions, mask, position_shift = with_latency_token(x, positions, mask, token)
             latency_index = S
 

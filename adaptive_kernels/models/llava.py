@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import Cache, DynamicCache, LlavaForConditionalGeneration
 
-from .llama import AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, cache_argument, check_plan, serving
+from .llama import (AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, cache_argument, check_plan, checked_scheduler,
+                    serving)
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError, refusal
 from ..generation import greedy_running_ahead, runs_ahead
@@ -206,7 +207,7 @@ def _adaptive_llava_class(stock: type) -> type:
             raise ValueError(f"push_to_hub=True: save_pretrained would upload the folder before {SCHEDULER_FILE} is "
                              "written beside it; call model.push_to_hub(repo_id), which uploads both, or upload the "
                              "folder after saving")
-        scheduler = patched_language_model(self).latency_scheduler
+        scheduler = checked_scheduler(patched_language_model(self))
         state_dict = self.state_dict() if state_dict is None else state_dict
         state_dict = {k: v for k, v in state_dict.items() if "latency_scheduler" not in k.split(".")}
         as_stock = object.__new__(stock)  # this model (its very attributes) as the stock class, whose name
