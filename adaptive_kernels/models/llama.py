@@ -187,10 +187,10 @@ def checked_scheduler(decoder):
     model patched on the meta device, then loaded from a checkpoint without the scheduler's weights, keeps it there)."""
     scheduler, device = decoder.latency_scheduler, decoder.embed_tokens.weight.device
     if scheduler.head.weight.device != device:
-        raise ValueError(f"model: its latency scheduler is on {scheduler.head.weight.device}, its weights on {device}: "
-                         "it was patched before they were loaded, from a checkpoint without the scheduler's weights; "
-                         "patch it again with scheduler= a save_scheduler file, or unpatch and patch it again for a "
-                         "seeded scheduler")
+        raise ValueError(f"model: its latency scheduler is on {scheduler.head.weight.device}, its weights on {device}. "
+                         "Move the whole model to one device; where it was patched before its weights were loaded, from "
+                         "a checkpoint without the scheduler's, patch it again with scheduler= a save_scheduler file, or "
+                         "unpatch and patch it again for a seeded scheduler")
     return scheduler
 
 
