@@ -80,20 +80,27 @@ def check_positive_integer(name: str, value) -> None:
 
 
 def _budget_value(value, name: str) -> float:
-    """One budget as a Python float: a real number, not a bool; a numpy scalar by its shortest decimal."""
+    """One budget as a Python float: a real number, not a bool; a numpy scalar as ``_held_budget`` reads it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a float in (0, 1] or one per batch row, got {value!r}")
-    return float(str(value)) if isinstance(value, np.floating) else float(value)
+    return _held_budget(float(value), float(str(value))) if isinstance(value, np.floating) else float(value)
 
 
-def _written_decimal(value: float, dtype: torch.dtype) -> float:
-    """The shortest decimal that ``dtype`` stores as ``value``: what the caller wrote (a float32 0.7 is
-    0.69999998..., a float16 0.57 is 0.5698...); ``value`` itself where there is none (NaN, infinities)."""
+def _shortest_decimal(value: float, dtype: torch.dtype) -> float:
+    """The shortest decimal that ``dtype`` stores as ``value`` (a float32 0.7 holds 0.69999998...); ``value`` itself
+    where there is none (NaN, infinities)."""
     for digits in range(1, 10):  # 9 significant digits tell every float32 apart
         decimal = float(f"{value:.{digits}g}")
         if torch.tensor(decimal, dtype=dtype).item() == value:
             return decimal
     return value
+
+
+def _held_budget(value: float, decimal: float) -> float:
+    """The budget a low-precision number holding ``value`` stands for, ``decimal`` being the shortest one written
+    that it holds: the larger of the two. A float32 0.7 (0.69999998...) buys the units of 0.7, its bin edge, and a
+    float16 17/32, itself an edge of 32 units, those of 17/32, not of its decimal 0.531."""
+    return max(value, decimal)
 
 
 def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget") -> list[float]:
@@ -113,7 +120,7 @@ def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget
             raise ArgumentTypeError(f"{name} must be a real-valued tensor, got {latency_budget.dtype}")
         values = latency_budget.detach().cpu().reshape(-1).tolist()
         if latency_budget.dtype != torch.float64:
-            values = [_written_decimal(v, latency_budget.dtype) for v in values]
+            values = [_held_budget(v, _shortest_decimal(v, latency_budget.dtype)) for v in values]
         if latency_budget.dim() == 0:
             values = values * batch_size
     elif isinstance(latency_budget, (list, tuple)):

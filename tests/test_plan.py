@@ -43,10 +43,31 @@ def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
     (b,) = resolve_budgets(torch.tensor([0.7], dtype=torch.float32), 1)
     assert space.scheduled_units(b) == 2
     written = [hundredths / 100 for hundredths in range(1, 101)]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # a tensor's budget is the decimal written
-        assert resolve_budgets(torch.tensor(written, dtype=dtype), 100) == written, dtype
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # a tensor's budget is the decimal written where the tensor holds less, else what it holds
+        held = torch.tensor(written, dtype=dtype).tolist()
+        assert resolve_budgets(torch.tensor(written, dtype=dtype), 100) == list(map(max, written, held)), dtype
     assert h13b.scheduled_units(resolve_budgets(torch.tensor(0.57, dtype=torch.float16), 1)[0]) == 14
     assert resolve_budgets(torch.tensor(0.3, dtype=torch.float64), 2) == [0.3, 0.3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "numpy float16"])
+def test_a_half_precision_budget_on_a_bin_edge_buys_that_edges_units(dtype):
+    """Budgets of whole units, k/T, that a half-precision tensor holds exactly (ADALLAVA's training grids k/32 and
+    k/128 among them) count k units, as the same Python floats do. Read as their shortest decimals (17/32 in float16
+    is 0.531), 30 of the 7B H grid's bfloat16 budgets lost a unit."""
+    for units in (UnitSpace("L", 32, 16, 32, 8), UnitSpace("H", 32, 16, 32, 8), UnitSpace("H", 8, 4, 8, 2)):
+        edges = [k / units.total for k in range(1, units.total + 1)]
+        if dtype == "numpy float16":
+            held = [np.float16(b) for b in edges]
+            resolved = resolve_budgets(held, len(held))
+        else:
+            held = torch.tensor(edges, dtype=dtype).tolist()
+            resolved = resolve_budgets(torch.tensor(edges, dtype=dtype), len(edges))
+        exact = [k for k, (b, h) in enumerate(zip(edges, held), 1) if float(h) == b]
+        assert len(exact) >= units.total // 2  # the grid points at and above 0.5 at least
+        for k in exact:
+            assert units.scheduled_units(resolved[k - 1]) == max(0, k - units.prefix), (units, k)
 
 
 def test_resolve_budgets_accepts_floats_lists_and_tensors():
