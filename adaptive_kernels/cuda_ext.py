@@ -37,6 +37,7 @@ __all__ = ["DECODE_MAX_TOKENS", "compact_plan", "cuda_backend",
            "gather_cols_linear", "gather_rows_linear", "load", "toolchain_problem"]
 
 DECODE_MAX_TOKENS = 16
+MAX_BATCH_ROWS = 65535  # the GEMV grid's y dimension: one block row per batch row
 """Tokens per batch row up to which the cuda backend runs the GEMV kernels (above: the Triton ops)."""
 MAX_UNITS = 1024
 """Most heads (and groups) per layer that ``compact_plan`` takes (csrc's kMaxUnits)."""
@@ -159,12 +160,13 @@ def load(verbose: bool = False) -> None:
 def _check_gemv(op: str, act_name: str, act, weight, index_name: str, index, bias=None) -> None:
     """Clear errors, naming the argument, for what the GEMV kernels cannot take; checked here, before
     the extension is called (its own checks only guard direct ``torch.ops`` calls): the arguments of any
-    gathered product (``check_gather_args``: one device among them), at most ``DECODE_MAX_TOKENS`` tokens,
-    CUDA tensors."""
+    gathered product (``check_gather_args``: one device among them), at most ``DECODE_MAX_TOKENS`` tokens and
+    ``MAX_BATCH_ROWS`` rows, CUDA tensors."""
     check_gather_args(op, act_name, act, weight, index_name, index, bias)
-    if act.shape[1] > DECODE_MAX_TOKENS:
-        raise ValueError(f"{op}: the GEMV kernels take at most {DECODE_MAX_TOKENS} tokens per row ({act_name}.shape[1]), "
-                         f"got {act.shape[1]}; the Triton ops (adaptive_kernels.ops.projections) take any number")
+    for dim, what, most in ((1, "tokens per row", DECODE_MAX_TOKENS), (0, "batch rows", MAX_BATCH_ROWS)):
+        if act.shape[dim] > most:
+            raise ValueError(f"{op}: the GEMV kernels take at most {most} {what} ({act_name}.shape[{dim}]), got "
+                             f"{act.shape[dim]}; the Triton ops (adaptive_kernels.ops.projections) take any number")
     tensors = {act_name: act, "weight": weight, index_name: index} | ({} if bias is None else {"bias": bias})
     if any(t.device.type != "cuda" for t in tensors.values()):
         where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
@@ -244,7 +246,7 @@ def cuda_backend():
     """The ``"cuda"`` ``backends.Backend``: the CUDA GEMV kernels in the decode regime, Triton elsewhere.
 
     ``rows_linear`` calls ``gather_rows_linear`` of this module for 1 to ``DECODE_MAX_TOKENS``
-    tokens per row. Everything else runs the Triton ops: ``cols_linear`` too, as a patched model keeps
+    tokens per row (and up to ``MAX_BATCH_ROWS`` rows). Everything else runs the Triton ops: ``cols_linear`` too, as a patched model keeps
     the o/down weights column-major, which Triton reads fastest (this module's ``gather_cols_linear``
     reads row-major ones), and ``swiglu``, ``attention``, ``rms_norm`` and ``rotary``. Builds csrc/ on
     the first call (``load``), so a missing toolchain is reported here, before any request.
@@ -255,7 +257,7 @@ def cuda_backend():
     triton = get_backend("triton")
 
     def rows_linear(x, weight, rows, bias=None):
-        if x.shape[1] <= DECODE_MAX_TOKENS:
+        if x.shape[1] <= DECODE_MAX_TOKENS and x.shape[0] <= MAX_BATCH_ROWS:
             return gather_rows_linear(x, weight, rows, bias)
         return triton.rows_linear(x, weight, rows, bias)
 

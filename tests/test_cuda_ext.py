@@ -374,6 +374,9 @@ BAD_GEMV_CALLS = {  # what is wrong -> (call, error type, message pattern); CPU 
                       ValueError, "one list per row of a \\(1\\)"),
     "cpu tensors": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2], w.t(), rows), ValueError,
                     "the GEMV kernels take CUDA tensors, got a on cpu"),
+    "too many rows": (lambda x, w, rows: cuda_ext.gather_rows_linear(x[:, :1].expand(65536, -1, -1), w,
+                                                                     rows.expand(65536, -1)), ValueError,
+                      "at most 65535 batch rows \\(x.shape\\[0\\]\\), got 65536"),
 }
 
 
