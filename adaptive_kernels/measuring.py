@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
-import functools
 import gc
 import importlib.metadata
 import os
@@ -89,10 +88,9 @@ def kernel_ms(fn) -> float:
     return total / 1e3 if total > 0 else float("nan")
 
 
-@functools.lru_cache(maxsize=None)
 def copy_bandwidth(device: str) -> float:
     """Copy bandwidth on ``device`` in bytes (read + written) per second: 1 GiB copied on CUDA (64 MiB on
-    the CPU), median of 20, measured once per device."""
+    the CPU), median of 20, measured at each call (on the CPU it depends on the threads set)."""
     src = torch.empty(2 ** (28 if device == "cuda" else 24), device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -100,10 +98,9 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-@functools.lru_cache(maxsize=None)
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
     """Dense matrix-product rate on ``device`` in FLOPs per second: a square product in ``dtype`` of
-    8192 on CUDA (512 on the CPU), median of 20, measured once per device and dtype."""
+    8192 on CUDA (512 on the CPU), median of 20, measured at each call (on the CPU it depends on the threads set)."""
     n = 8192 if device == "cuda" else 512
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     a @ b

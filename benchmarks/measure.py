@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import json
 import os
 import shutil
@@ -139,15 +140,19 @@ def timed_us(fn, reps: int = 30) -> float:
     return median_ms * 1e3
 
 
+@functools.cache
 def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes (read + written) per second (``adaptive_kernels.measuring``'s)."""
+    """Device-to-device copy bandwidth in bytes (read + written) per second (``adaptive_kernels.measuring``'s),
+    measured once per benchmark session."""
     from adaptive_kernels import measuring  # not at import: conftest sets TRITON_INTERPRET for dry runs first
 
     return 1e9 if DRY else measuring.copy_bandwidth("cuda")
 
 
+@functools.cache
 def matmul_rate() -> float:
-    """Dense bf16 matrix-product rate in FLOPs per second (``adaptive_kernels.measuring``'s)."""
+    """Dense bf16 matrix-product rate in FLOPs per second (``adaptive_kernels.measuring``'s), measured once per
+    benchmark session."""
     from adaptive_kernels import measuring  # not at import: conftest sets TRITON_INTERPRET for dry runs first
 
     return 1e12 if DRY else measuring.matmul_rate("cuda", torch.bfloat16)

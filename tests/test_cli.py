@@ -853,15 +853,14 @@ def test_copy_bandwidth_counts_the_bytes_read_and_the_bytes_written(monkeypatch)
         return times[len(copied) - 1]
 
     monkeypatch.setattr(measuring, "_once_ms", once_ms)
-    measuring.copy_bandwidth.cache_clear()  # measured once per device: forget any real measurement
-    try:
-        bandwidth = measuring.copy_bandwidth("cpu")
-    finally:
-        measuring.copy_bandwidth.cache_clear()  # and forget this stubbed one
+    bandwidth = measuring.copy_bandwidth("cpu")
     assert len(copied) == len(times)
     nbytes = copied[0].numel() * copied[0].element_size()
     assert nbytes == 64 * 2 ** 20  # 64 MiB on the CPU
     assert bandwidth == pytest.approx(2 * nbytes / 2e-3)
+    copied.clear()
+    times[:] = [t / 2 for t in times]  # measured again at each call (a sweep's own threads), not kept
+    assert measuring.copy_bandwidth("cpu") == pytest.approx(2 * bandwidth)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -1474,15 +1473,14 @@ def test_matmul_rate_counts_two_flops_per_multiply_add_at_the_median_time(monkey
         return times[len(products) - 1]
 
     monkeypatch.setattr(measuring, "_once_ms", once_ms)
-    measuring.matmul_rate.cache_clear()  # measured once per device and dtype: forget any real measurement
-    try:
-        rate = measuring.matmul_rate("cpu", torch.float32)
-    finally:
-        measuring.matmul_rate.cache_clear()  # and forget this stubbed one
+    rate = measuring.matmul_rate("cpu", torch.float32)
     assert len(products) == len(times)
     (n, m) = products[0].shape
     assert n == m == 512 and products[0].dtype == torch.float32
     assert rate == pytest.approx(2 * n ** 3 / 2e-3, rel=1e-12)
+    products.clear()
+    times[:] = [t / 2 for t in times]  # measured again at each call (a sweep's own threads), not kept
+    assert measuring.matmul_rate("cpu", torch.float32) == pytest.approx(2 * rate, rel=1e-12)
 
 
 def test_run_stamp_records_the_installed_versions_and_the_utc_date_to_the_second():
