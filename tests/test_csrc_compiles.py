@@ -2,7 +2,9 @@
 compiler, and the linked library registers a CUDA kernel under every operator cuda_ext.py defines.
 
 Nothing runs on a GPU: this catches syntax, type and schema errors where there is no GPU. Each
-check is skipped, saying why, when its compiler (nvcc on PATH, a host C++ compiler) is missing.
+check is skipped, saying why, when its compiler (nvcc on PATH, a host C++ compiler) is missing; with
+ADAPTIVE_KERNELS_REQUIRE_COMPILERS=1 (as CI sets it) it fails instead, so a CI machine without them cannot pass
+unchecked.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ NVCC = shutil.which("nvcc")
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 TIMEOUT = 120  # seconds per file; each takes under 20 s on 2 cores
 TORCH_INCLUDES = [f"-I{p}" for p in cpp_extension.include_paths()]
+REQUIRED = os.environ.get("ADAPTIVE_KERNELS_REQUIRE_COMPILERS") == "1"
+
+
+def _missing(why: str) -> None:
+    """Skip the check for what is missing, or fail it where the compilers are required."""
+    (pytest.fail if REQUIRED else pytest.skip)(why)
 
 
 def _run(cmd: list[str]) -> None:
@@ -62,14 +70,14 @@ def test_sources_are_there():
 @pytest.mark.parametrize("name", CU_SOURCES)
 def test_cuda_source_compiles(name, build_dir):
     if NVCC is None:
-        pytest.skip("nvcc is not on PATH: the CUDA sources are compile-checked only where a CUDA toolkit is installed")
+        _missing("nvcc is not on PATH: the CUDA sources are compile-checked only where a CUDA toolkit is installed")
     assert _cuda_object(name, build_dir).stat().st_size > 0
 
 
 @pytest.mark.parametrize("name", CPP_SOURCES)
 def test_binding_source_compiles(name, build_dir):
     if CXX is None:
-        pytest.skip("no host C++ compiler (c++ or g++) on PATH")
+        _missing("no host C++ compiler (c++ or g++) on PATH")
     assert _cxx_object(name, build_dir).stat().st_size > 0
 
 
@@ -90,7 +98,7 @@ def test_library_links_and_registers_every_operator(build_dir):
     the schema cuda_ext.py defines (the dispatcher refuses a mismatch at load time)."""
     cudart = _cudart_dir()
     if NVCC is None or CXX is None or cudart is None:
-        pytest.skip("needs nvcc, a host C++ compiler and libcudart to link csrc/")
+        _missing("needs nvcc, a host C++ compiler and libcudart to link csrc/")
     objects = [_cuda_object(n, build_dir) for n in CU_SOURCES] + [_cxx_object(n, build_dir) for n in CPP_SOURCES]
     library = build_dir / "adaptive_kernels_cuda.so"
     torch_lib = Path(torch.__file__).parent / "lib"
