@@ -83,7 +83,9 @@ def _budget_value(value, name: str) -> float:
     """One budget as a Python float: a real number, not a bool; a numpy scalar as ``_held_budget`` reads it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name} must be a float in (0, 1] or one per batch row, got {value!r}")
-    return _held_budget(float(value), float(str(value))) if isinstance(value, np.floating) else float(value)
+    if isinstance(value, np.floating):
+        return _held_budget(float(value), float(str(value)), sixteen_bits=value.dtype.itemsize < 4)
+    return float(value)
 
 
 def _shortest_decimal(value: float, dtype: torch.dtype) -> float:
@@ -96,11 +98,12 @@ def _shortest_decimal(value: float, dtype: torch.dtype) -> float:
     return value
 
 
-def _held_budget(value: float, decimal: float) -> float:
-    """The budget a low-precision number holding ``value`` stands for, ``decimal`` being the shortest one written
-    that it holds: the larger of the two. A float32 0.7 (0.69999998...) buys the units of 0.7, its bin edge, and a
-    float16 17/32, itself an edge of 32 units, those of 17/32, not of its decimal 0.531."""
-    return max(value, decimal)
+def _held_budget(value: float, decimal: float, sixteen_bits: bool) -> float:
+    """The budget that a number narrower than float64, holding ``value`` and written shortest as ``decimal``,
+    stands for: in 32 bits ``decimal`` (a float32 0.7 holds 0.69999998... and buys the units of 0.7, a bin edge);
+    in 16, whose decimals are coarse, the larger of the two (a float16 17/32, an edge of 32 units that it holds
+    exactly, buys its own units, not those of its decimal 0.531)."""
+    return max(value, decimal) if sixteen_bits else decimal
 
 
 def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget") -> list[float]:
@@ -120,7 +123,8 @@ def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget
             raise ArgumentTypeError(f"{name} must be a real-valued tensor, got {latency_budget.dtype}")
         values = latency_budget.detach().cpu().reshape(-1).tolist()
         if latency_budget.dtype != torch.float64:
-            values = [_held_budget(v, _shortest_decimal(v, latency_budget.dtype)) for v in values]
+            dtype = latency_budget.dtype
+            values = [_held_budget(v, _shortest_decimal(v, dtype), dtype.itemsize < 4) for v in values]
         if latency_budget.dim() == 0:
             values = values * batch_size
     elif isinstance(latency_budget, (list, tuple)):

@@ -43,8 +43,10 @@ def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
     (b,) = resolve_budgets(torch.tensor([0.7], dtype=torch.float32), 1)
     assert space.scheduled_units(b) == 2
     written = [hundredths / 100 for hundredths in range(1, 101)]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # a tensor's budget is the decimal written where the tensor holds less, else what it holds
+    # a float32 tensor's budget is the decimal written; a 16-bit one's that where the tensor holds less, else what
+    # it holds
+    assert resolve_budgets(torch.tensor(written, dtype=torch.float32), 100) == written
+    for dtype in (torch.float16, torch.bfloat16):
         held = torch.tensor(written, dtype=dtype).tolist()
         assert resolve_budgets(torch.tensor(written, dtype=dtype), 100) == list(map(max, written, held)), dtype
     assert h13b.scheduled_units(resolve_budgets(torch.tensor(0.57, dtype=torch.float16), 1)[0]) == 14
