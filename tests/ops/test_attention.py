@@ -65,9 +65,11 @@ def test_head_sparse_attention(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("T,splits", [(1, 4), (3, 2)])
+@pytest.mark.parametrize("T,splits", [(1, 4), (3, 2), (1, 8), (2, 16)])
 def test_decode_split_keys(dtype, T, splits):
-    """Decode with the keys split over programs and merged by the second kernel."""
+    """Decode with the keys split over programs and merged by the second kernel: also into as many splits as an
+    H100 takes (up to 16; the interpreter's 4 multiprocessors never ask for more than 4), most of them holding no
+    key here (300 keys, 64 per split)."""
     gen = generator(dtype, T, splits)
     inputs = _inputs(gen, dtype, 2, T, 300, nq=3, nkv=2, q_to_kv=[[0, 1, 1], [1, -1, -1]], pad=[0, 290])
     _check(dtype, *inputs, splits=splits)
