@@ -82,8 +82,8 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     module = module.to(device=model.device, dtype=lm.embed_tokens.weight.dtype)
     if scheduler is not None:
         load_scheduler_weights(module, scheduler)  # before anything changes: a bad file leaves the model as it was
+    settings = Settings(units, shape, get_backend(backend_name), cuda_graphs)  # so too a build of csrc/ that fails
     unpatch(model)
-    settings = Settings(units, shape, get_backend(backend_name), cuda_graphs)
     if settings.backend.kernel_layout:  # else stock's: the torch backend projects q, k, v apart, as stock does
         lay_out_qkv(lm, stacked=True)
         lay_out_reduction_weights(lm, column_major=True)
@@ -145,6 +145,10 @@ def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
         raise ValueError("latency_budget is required: a float in (0, 1] or one per batch row")
     if inputs.pop("execution_plan", None) is not None:
         raise ValueError("plan makes the plan a latency_budget picks; it takes no execution_plan")
+    for name in ("past_key_values", "cache"):
+        if inputs.get(name) is not None:
+            raise ValueError(f"{name}: plan makes a new request's plan and continues no cache (the plan a cache runs "
+                             "is its .plan)")
     check_input_devices(model, inputs)
     mask = inputs.get("attention_mask")
     if inputs.get("position_ids") is None and isinstance(mask, torch.Tensor):

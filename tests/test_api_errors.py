@@ -356,6 +356,59 @@ def test_a_scheduler_left_on_the_meta_device_is_refused_naming_what_to_do(tmp_pa
         assert torch.equal(model(**inputs, latency_budget=0.6).logits, loaded_first(**inputs, latency_budget=0.6).logits)
 
 
+def test_a_backend_that_fails_to_build_leaves_the_patched_model_as_it_was(monkeypatch):
+    """patch unpatched the model before building the backend asked for (backend="cuda" compiles csrc/ there, which
+    fails without a CUDA toolchain): the model was left stock, its scheduler lost. The backend is built first."""
+    stock = tiny_llava(seed=20)
+    inputs = example_inputs(stock, batch_size=1, seed=21)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    with torch.no_grad():
+        model.model.language_model.latency_scheduler.head.weight.mul_(3)  # trained, say
+        want = model(**inputs, latency_budget=0.6).logits
+
+    def failing_build(name):
+        raise RuntimeError(f"backend={name!r}: no CUDA toolchain")
+
+    monkeypatch.setattr(ak, "get_backend", failing_build)
+    with pytest.raises(RuntimeError, match="no CUDA toolchain"):
+        ak.patch(model, "H", rank=2, cuda_graphs=False)  # the same units: a re-patch that keeps the scheduler
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, want)
+
+
+def test_a_refused_continuation_leaves_the_cache_as_it_was():
+    """A call continuing a cache with a plan equal to the cache's and another budget was refused, but the plan was
+    kept as agreed: edited in place later, it was no longer compared, and a call with it ran the cache's plan. The
+    cache keeps what a call agrees to only where the whole call agrees."""
+    model = ak.patch(tiny_llava(seed=22), "H", rank=2)
+    inputs = example_inputs(model, batch_size=2, seed=23)
+    with torch.no_grad():
+        out = model(**inputs, latency_budget=0.6)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        cache = cache_of(out)
+        mine = copy.deepcopy(cache.plan)  # equal to the cache's
+        with pytest.raises(ValueError, match=r"latency_budget: the cache this call continues .* latency_budget \[0.6"):
+            model(input_ids=token, execution_plan=mine, latency_budget=0.9, **{CACHE_KWARG: cache})
+        mine.layers[:, -1], mine.heads[:, -1], mine.groups[:, -1] = True, True, True  # now another plan
+        assert mine != cache.plan
+        with pytest.raises(ValueError, match="execution_plan: the cache this call continues .* another plan"):
+            model(input_ids=token, execution_plan=mine, **{CACHE_KWARG: cache})
+
+
+def test_plan_refuses_a_cache_and_leaves_it_as_it_was():
+    """ak.plan given a filled cache continued it: it wrote the given tokens into it and returned the cache's plan.
+    A plan is a new request's: refused, naming the argument, the cache untouched."""
+    model = ak.patch(tiny_llava(seed=24), "H", rank=2)
+    inputs = example_inputs(model, batch_size=1, seed=25)
+    with torch.no_grad():
+        cache = cache_of(model(**inputs, latency_budget=0.6))
+    length, keys = cache.length, [k.clone() for k in cache.keys if k is not None]
+    with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: plan makes a new request's plan and continues no cache"):
+        ak.plan(model, latency_budget=0.6, **inputs, **{CACHE_KWARG: cache})
+    assert cache.length == length
+    assert all(torch.equal(a, b) for a, b in zip(keys, [k for k in cache.keys if k is not None], strict=True))
+
+
 @pytest.mark.parametrize("how,where", [("cpu_offload", "model"), ("dispatch_model", "model"),
                                        ("by hand", "model.model.language_model.layers.1")])
 def test_a_model_with_forwards_of_its_instances_is_refused_at_patch_time(how, where, tmp_path):

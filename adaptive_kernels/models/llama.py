@@ -223,6 +223,7 @@ def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph
         raise ValueError(f"{CACHE_FIELD}: the cache this call continues was filled by a decoder of another shape "
                          f"({cache.decoder_shape}) than this model's ({shape}); a cache continues the model that "
                          "filled it")
+    agreed = {}  # kept only where the whole request agrees with the cache's
     for name in ("execution_plan", "latency_budget"):
         given = getattr(request, name)
         if given is None or cache.agreed.get(name) is given:
@@ -239,7 +240,8 @@ def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph
         if not same:
             raise ValueError(f"{name}: the cache this call continues ({CACHE_FIELD}) was filled under {made}, "
                              "which it keeps for the whole request; give the same, or none, or start a new request")
-        cache.agreed[name] = given
+        agreed[name] = given
+    cache.agreed.update(agreed)
 
 
 def _project(backend: Backend, x, linear, rows):
