@@ -13,7 +13,7 @@ from .backends import BACKENDS, check_backend, default_backend, get_backend
 from .errors import ArgumentTypeError, refusal
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
-from .models.llama import check_layers, checked_scheduler, lay_out_qkv, lay_out_reduction_weights
+from .models.llama import PROJECTIONS, check_layers, checked_scheduler, lay_out_qkv, lay_out_reduction_weights
 from .models.llava import (check_input_devices, check_llava, check_no_forward_of_its_own, has_patched_decoder,
                            is_patched, patched_language_model, swap_in, swap_out)
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, check_positive_integer, is_integer, resolve_budgets
@@ -101,12 +101,25 @@ def unpatch(model):
     lm = model.model.language_model
     if has_patched_decoder(model):  # else an unpatched one was set in its place after patch: nothing to restore there
         if lm._ak_settings.backend.kernel_layout:
+            _check_laid_out_projections(lm)
             lay_out_reduction_weights(lm, column_major=False)
             lay_out_qkv(lm, stacked=False)
         del lm.latency_scheduler
         del lm._ak_settings
     swap_out(model)
     return model
+
+
+def _check_laid_out_projections(lm) -> None:
+    """``ValueError`` naming a projection that is no longer a plain ``torch.nn.Linear`` (an adapter's wrapper set
+    after patch, say), whose weight ``unpatch`` could not put back in stock's layout: refused before any layer is."""
+    for l, layer in enumerate(lm.layers):
+        for name in PROJECTIONS:
+            module = layer.get_submodule(name)
+            if type(module) is not torch.nn.Linear:
+                raise ValueError(f"model: layer {l}'s {name} was replaced by a {type(module).__name__} after patch; "
+                                 "unpatch puts the kernel backend's weight layout back to stock's in the patched "
+                                 "Linear layers: set them back (merge an adapter into the weights) and unpatch again")
 
 
 def _patched_decoder(model):

@@ -356,6 +356,29 @@ def test_a_scheduler_left_on_the_meta_device_is_refused_naming_what_to_do(tmp_pa
         assert torch.equal(model(**inputs, latency_budget=0.6).logits, loaded_first(**inputs, latency_budget=0.6).logits)
 
 
+@pytest.mark.triton
+def test_unpatch_refuses_a_projection_wrapped_after_patch_before_changing_any_layer():
+    """The kernel backends lay weights out at patch; unpatch lays them back. With a projection wrapped after patch
+    (as an adapter library does) it failed half-way on an AttributeError, o and down of the layers before put back,
+    q, k and v still stacked. Refused before any layer changes, naming the projection; unwrapped, unpatch gives
+    stock."""
+    stock = tiny_llava(seed=26)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="triton")
+    layers = model.model.language_model.layers
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    down = layers[7].mlp.down_proj
+    layers[7].mlp.down_proj = torch.nn.Sequential(down)
+    with pytest.raises(ValueError, match=re.escape("model: layer 7's mlp.down_proj was replaced by a Sequential")):
+        ak.unpatch(model)
+    layers[7].mlp.down_proj = down
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].stride() == stride for k, (v, stride) in before.items())
+    ak.unpatch(model)
+    inputs = example_inputs(stock, batch_size=1, seed=27)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock(**inputs).logits)
+
+
 def test_a_backend_that_fails_to_build_leaves_the_patched_model_as_it_was(monkeypatch):
     """patch unpatched the model before building the backend asked for (backend="cuda" compiles csrc/ there, which
     fails without a CUDA toolchain): the model was left stock, its scheduler lost. The backend is built first."""
