@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import re
@@ -980,6 +981,30 @@ def test_a_call_refused_for_its_arguments_leaves_the_given_cache_free(model, inp
         for bad in ({"latency_budget": 1.5}, {"execution_plan": ExecutionPlan.full(3, 8, 8)}):
             with pytest.raises(ValueError, match=next(iter(bad))):
                 model(**inputs, **bad, **{CACHE_KWARG: given})
+        out = model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
+        assert torch.equal(out.logits, model(**inputs, latency_budget=0.6).logits)
+        with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: this cache was given to an earlier call"):
+            model(input_ids=inputs["input_ids"][:, -1:], **{CACHE_KWARG: given})
+
+
+def test_a_call_that_fails_mid_prefill_leaves_the_given_cache_free():
+    """A given cache was marked taken before the layers ran, so a prefill failing in them (out of memory, an
+    interrupt) left the caller's still-empty cache refused as given to an earlier call that returned its own, which
+    none did. It is marked once a call returns its own."""
+    model = ak.patch(tiny_llava(seed=28), "H", rank=2)
+    inputs = example_inputs(model, batch_size=1, seed=29)
+    settings = model.model.language_model._ak_settings
+    working = settings.backend
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (planted)")
+
+    given = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        settings.backend = dataclasses.replace(working, attention=out_of_memory)
+        with pytest.raises(RuntimeError, match="planted"):
+            model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
+        settings.backend = working
         out = model(**inputs, latency_budget=0.6, **{CACHE_KWARG: given})
         assert torch.equal(out.logits, model(**inputs, latency_budget=0.6).logits)
         with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: this cache was given to an earlier call"):

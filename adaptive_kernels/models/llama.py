@@ -661,9 +661,9 @@ class AdaptiveDecoderMixin:
                              "dropout, so a patched model trains only without it (set the text config's "
                              "attention_dropout to 0.0, as LLaVA ships it)")
         uncached_training = training and (budgets is not None or getattr(self, "gradient_checkpointing", False))
+        replaced = None  # the caller's cache, where this call returns its own: marked so once it does
         if not decoding and use_cache and not request.plan_only and not uncached_training:
-            if cache is not None:  # taken once the request's arguments passed their checks: the call returns its own
-                cache._ak_replaced = True
+            replaced = cache
             cache = AdaptiveCache(settings.shape, latency_index, schedule, position_shift)
             cache.agreed = {name: getattr(request, name) for name in ("execution_plan", "latency_budget")}
         elif not decoding:
@@ -703,6 +703,8 @@ class AdaptiveDecoderMixin:
             cache.length = past + x.shape[1]
             if in_capture:
                 cache.record_captured(x.device)
+        if replaced is not None:  # a call that failed before here leaves the caller's cache as it was
+            replaced._ak_replaced = True
         return BaseModelOutputWithPast(last_hidden_state=x, **{CACHE_FIELD: cache},
                                        hidden_states=hidden_states_output(hidden, x, wanted_hidden))
 
