@@ -76,7 +76,7 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     if same_units and (lm._ak_settings.backend.name, lm._ak_settings.cuda_graphs) == (backend_name, cuda_graphs):
         return model
     if same_units:
-        module = lm.latency_scheduler  # a re-patch over the same units, with no file given, keeps its scheduler
+        module = checked_scheduler(lm)  # a re-patch over the same units, with no file given, keeps its scheduler
     else:
         module = seeded_scheduler(units, shape.hidden_size)
     module = module.to(device=model.device, dtype=lm.embed_tokens.weight.dtype)

@@ -348,7 +348,8 @@ def test_a_scheduler_left_on_the_meta_device_is_refused_naming_what_to_do(tmp_pa
     for use in (lambda: model(**inputs, latency_budget=0.6), lambda: ak.plan(model, latency_budget=0.6, **inputs),
                 lambda: model.generate(**inputs, latency_budget=0.6, max_new_tokens=2),
                 lambda: ak.latency_embedding(model, 0.6), lambda: ak.save_scheduler(model, tmp_path / "again"),
-                lambda: model.save_pretrained(tmp_path / "checkpoint")):
+                lambda: model.save_pretrained(tmp_path / "checkpoint"),
+                lambda: ak.patch(model, "H", rank=2, cuda_graphs=False)):  # a re-patch keeps its scheduler
         with torch.no_grad(), pytest.raises(ValueError, match=refused):
             use()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scheduler.safetensors"]
