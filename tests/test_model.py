@@ -26,6 +26,7 @@ from adaptive_kernels.cache import CAPACITY_STEP, AdaptiveCache
 from adaptive_kernels.models import text_model_shape
 from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
 from adaptive_kernels.models.llama import decoder_shape, stacked_qkv
+from adaptive_kernels.models import llava as llava_module
 from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from oracles import CACHE_KWARG, WeightCopies, cache_of, fed_latency_token, prompt_labels, stock_decode_logits
@@ -1193,6 +1194,44 @@ def test_save_pretrained_writes_where_stock_writes_and_uploads_the_scheduler_wit
     monkeypatch.setattr(LlavaForConditionalGeneration, "_upload_modified_files", upload)
     model.push_to_hub("me/model")
     assert SCHEDULER_FILE in uploaded["me/model"] and "model.safetensors" in uploaded["me/model"], uploaded
+
+
+@pytest.mark.parametrize("failing", ["scheduler file", "folder in the way", "stock's files"])
+def test_save_pretrained_writes_the_checkpoint_and_its_scheduler_or_neither(stock, tmp_path, monkeypatch, failing):
+    """save_pretrained wrote stock's files, then the scheduler: where that failed (a full disk, a folder of its
+    name), the folder held new weights beside no scheduler or an earlier save's, which patch(scheduler=) then
+    loaded. The scheduler is written first, under another name: where it cannot be, nothing is written (refused
+    naming save_directory); where stock's files fail, the folder keeps its earlier scheduler and no partial one."""
+    folder = tmp_path / "ckpt"
+    model = patched(stock, "H")
+    model.save_pretrained(folder)
+    earlier = (folder / SCHEDULER_FILE).read_bytes()
+    weights = sorted(p.name for p in folder.iterdir())
+    with torch.no_grad():
+        model.model.language_model.latency_scheduler.head.weight.add_(1)  # trained since
+    for name in weights:
+        (folder / name).unlink()
+    if failing == "scheduler file":
+        def full_disk(scheduler, path):
+            raise ValueError(f"path={path} cannot be written as a file (no space left on device, planted)")
+        monkeypatch.setattr(llava_module, "save_scheduler_weights", full_disk)
+        refused = f"save_directory={folder}: {SCHEDULER_FILE} cannot be written there, so nothing was saved"
+    elif failing == "folder in the way":
+        (folder / SCHEDULER_FILE).mkdir()
+        refused = f"save_directory={folder}: {SCHEDULER_FILE} cannot be written there, so nothing was saved"
+    else:
+        def full_disk(*args, **kwargs):
+            raise OSError("no space left on device (planted)")
+        monkeypatch.setattr(LlavaForConditionalGeneration, "save_pretrained", full_disk)
+        (folder / SCHEDULER_FILE).write_bytes(earlier)
+        refused = "planted"
+    with pytest.raises((ValueError, OSError), match=re.escape(refused)):
+        model.save_pretrained(folder)
+    left = sorted(p.name for p in folder.iterdir())
+    if failing == "stock's files":
+        assert left == [SCHEDULER_FILE] and (folder / SCHEDULER_FILE).read_bytes() == earlier
+    else:
+        assert left == ([SCHEDULER_FILE] if failing == "folder in the way" else [])
 
 
 def test_the_generated_classes_are_not_built_or_loaded_themselves(stock, tmp_path):

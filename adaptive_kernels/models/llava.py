@@ -203,6 +203,9 @@ def _adaptive_llava_class(stock: type) -> type:
 
     def save_pretrained(self, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, *args,
                         **kwargs):
+        """Stock's checkpoint of this model (its class and tensors, the scheduler's left out), and the scheduler
+        beside it as ``SCHEDULER_FILE``: written first under another name, so that where it cannot be written
+        nothing is, and named so once stock's files are."""
         if push_to_hub:
             raise ValueError(f"push_to_hub=True: save_pretrained would upload the folder before {SCHEDULER_FILE} is "
                              "written beside it; call model.push_to_hub(repo_id), which uploads both, or upload the "
@@ -212,9 +215,27 @@ def _adaptive_llava_class(stock: type) -> type:
         state_dict = {k: v for k, v in state_dict.items() if "latency_scheduler" not in k.split(".")}
         as_stock = object.__new__(stock)  # this model (its very attributes) as the stock class, whose name
         as_stock.__dict__ = self.__dict__  # config.json takes; self keeps its class for other threads' requests
-        result = stock.save_pretrained(as_stock, save_directory, is_main_process, state_dict, False, *args, **kwargs)
-        if self.should_save_on_this_rank(is_main_process):  # where stock wrote its files
-            save_scheduler_weights(scheduler, Path(save_directory) / SCHEDULER_FILE)
+        pending = None  # the scheduler, written first (where it cannot be, nothing is), named once stock's files are
+        folder = Path(save_directory)
+        if self.should_save_on_this_rank(is_main_process) and not folder.is_file():  # stock refuses a file
+            folder.mkdir(parents=True, exist_ok=True)
+            pending = folder / f".{SCHEDULER_FILE}.partial"
+            try:
+                if (folder / SCHEDULER_FILE).is_dir():
+                    raise ValueError(f"{folder / SCHEDULER_FILE} is a folder")
+                save_scheduler_weights(scheduler, pending)
+            except ValueError as error:
+                raise ValueError(f"save_directory={save_directory!s}: {SCHEDULER_FILE} cannot be written there, so "
+                                 f"nothing was saved ({error})") from error
+        try:
+            result = stock.save_pretrained(as_stock, save_directory, is_main_process, state_dict, False, *args,
+                                           **kwargs)
+        except BaseException:
+            if pending is not None:
+                pending.unlink(missing_ok=True)
+            raise
+        if pending is not None:
+            pending.replace(folder / SCHEDULER_FILE)
         return result
 
     forward.__signature__ = _extended_signature(stock.forward)
