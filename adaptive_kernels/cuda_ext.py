@@ -245,11 +245,11 @@ def compact_plan(plan: ExecutionPlan, shape: DecoderShape) -> CompactPlan:
 def cuda_backend():
     """The ``"cuda"`` ``backends.Backend``: the CUDA GEMV kernels in the decode regime, Triton elsewhere.
 
-    ``rows_linear`` calls ``gather_rows_linear`` of this module for 1 to ``DECODE_MAX_TOKENS``
-    tokens per row (and up to ``MAX_BATCH_ROWS`` rows). Everything else runs the Triton ops: ``cols_linear`` too, as a patched model keeps
-    the o/down weights column-major, which Triton reads fastest (this module's ``gather_cols_linear``
-    reads row-major ones), and ``swiglu``, ``attention``, ``rms_norm`` and ``rotary``. Builds csrc/ on
-    the first call (``load``), so a missing toolchain is reported here, before any request.
+    ``rows_linear`` calls ``gather_rows_linear`` of this module for 1 to ``DECODE_MAX_TOKENS`` tokens per row
+    (and up to ``MAX_BATCH_ROWS`` rows). Everything else runs the Triton ops: ``cols_linear`` too, as a
+    patched model keeps the o/down weights column-major, which Triton reads fastest (this module's
+    ``gather_cols_linear`` reads row-major ones), and ``swiglu``, ``attention``, ``rms_norm`` and ``rotary``.
+    Builds csrc/ on the first call (``load``), so a missing toolchain is reported here, before any request.
     """
     from .backends import get_backend
 

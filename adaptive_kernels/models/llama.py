@@ -166,9 +166,10 @@ def recheck_layers(decoder) -> None:
     weight has another shape (a pruned one, past whose end the executor would read). Reads the module dicts: cheap
     enough for every request."""
     shape = decoder._ak_settings.shape
-    if decoder_shape(decoder.config) != shape:
-        raise ValueError(f"model: its text config gives {decoder_shape(decoder.config)}, but it was patched at {shape}; "
-                         "plans and index lists count the sizes patched: unpatch the model and patch it again")
+    configured = decoder_shape(decoder.config)
+    if configured != shape:
+        raise ValueError(f"model: its text config gives {configured}, but it was patched at {shape}; plans and "
+                         "index lists count the sizes patched: unpatch the model and patch it again")
     if len(decoder.layers) < shape.num_layers:
         check_layers(decoder, shape)  # refuses fewer layers than the config counts
     expected = projection_shapes(shape)
@@ -187,10 +188,10 @@ def checked_scheduler(decoder):
     model patched on the meta device, then loaded from a checkpoint without the scheduler's weights, keeps it there)."""
     scheduler, device = decoder.latency_scheduler, decoder.embed_tokens.weight.device
     if scheduler.head.weight.device != device:
-        raise ValueError(f"model: its latency scheduler is on {scheduler.head.weight.device}, its weights on {device}. "
-                         "Move the whole model to one device; where it was patched before its weights were loaded, from "
-                         "a checkpoint without the scheduler's, patch it again with scheduler= a save_scheduler file, or "
-                         "unpatch and patch it again for a seeded scheduler")
+        raise ValueError(f"model: its latency scheduler is on {scheduler.head.weight.device}, its weights on "
+                         f"{device}. Move the whole model to one device; where it was patched before its weights "
+                         "were loaded, from a checkpoint without the scheduler's, patch it again with scheduler= a "
+                         "save_scheduler file, or unpatch and patch it again for a seeded scheduler")
     return scheduler
 
 

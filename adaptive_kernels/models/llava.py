@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import Cache, DynamicCache, LlavaForConditionalGeneration
 
-from .llama import (AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, cache_argument, check_plan, checked_scheduler,
-                    serving)
+from .llama import (AdaptiveDecoderLayerMixin, AdaptiveDecoderMixin, Request, cache_argument, check_plan,
+                    checked_scheduler, serving)
 from ..cache import AdaptiveCache
 from ..errors import ArgumentTypeError, refusal
 from ..generation import greedy_running_ahead, runs_ahead
