@@ -37,8 +37,10 @@ __all__ = ["DECODE_MAX_TOKENS", "compact_plan", "cuda_backend",
            "gather_cols_linear", "gather_rows_linear", "load", "toolchain_problem"]
 
 DECODE_MAX_TOKENS = 16
-MAX_BATCH_ROWS = 65535  # the GEMV grid's y dimension: one block row per batch row
 """Tokens per batch row up to which the cuda backend runs the GEMV kernels (above: the Triton ops)."""
+MAX_BATCH_ROWS = 65535
+"""Batch rows up to which the cuda backend runs the GEMV kernels (above: the Triton ops): the limit of their
+grid's y dimension, one block row per batch row."""
 MAX_UNITS = 1024
 """Most heads (and groups) per layer that ``compact_plan`` takes (csrc's kMaxUnits)."""
 
