@@ -310,15 +310,28 @@ def test_hidden_states_are_the_masked_computation_layer_by_layer(stock):
     with torch.no_grad():
         ours = model(**inputs, execution_plan=plan, output_hidden_states=True).hidden_states
         masked = masked_stock(stock, plan)(**inputs, output_hidden_states=True).hidden_states
-        # an index selection (transformers 5.2x), on the merged embeddings: the vision tower does not take one
-        chosen = model(inputs_embeds=prompt_embeddings(stock, inputs), attention_mask=inputs["attention_mask"],
-                       execution_plan=plan, output_hidden_states=[1, -1]).hidden_states
     assert len(ours) == len(masked) == L + 1
     for got, want in zip(ours, masked):
         torch.testing.assert_close(got, want, **TOL)
-    assert chosen[0] is None and chosen[2:-1] == (None,) * (L - 2)
-    torch.testing.assert_close(chosen[1], ours[1], **TOL)
-    torch.testing.assert_close(chosen[-1], ours[-1], **TOL)
+
+
+@pytest.mark.parametrize("selection", [[1, -1], [0, L - 1, L + 3], [L, 2], 3, (2,)])
+def test_hidden_states_selected_by_index_are_those_stock_selects(stock, selection):
+    """output_hidden_states as indices: the states the installed transformers keeps (5.2x: of all states, negative
+    ones from the end; earlier: of the layers' outputs), the others None, each the masked computation's. On the
+    merged embeddings: stock's vision tower does not take a selection."""
+    inputs = example_inputs(stock, batch_size=2, seed=23, pad=[0, 3])
+    plan = random_plan(2, seed=29)
+    request = dict(inputs_embeds=prompt_embeddings(stock, inputs), attention_mask=inputs["attention_mask"],
+                   output_hidden_states=selection)
+    with torch.no_grad():
+        ours = patched(stock, "H")(**request, execution_plan=plan).hidden_states
+        masked = masked_stock(stock, plan)(**request).hidden_states
+    assert [h is None for h in ours] == [h is None for h in masked]
+    assert any(h is not None for h in masked)
+    for got, want in zip(ours, masked):
+        if want is not None:
+            torch.testing.assert_close(got, want, **TOL)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -507,17 +508,28 @@ def hidden_states_requested(kwargs: dict, config):
     return kwargs.get("output_hidden_states", config.output_hidden_states) or False
 
 
+# transformers 5.2x reads an index selection of hidden states as indices into all of them, the decoder's input
+# first, negative ones too; earlier 5.x, which lacks this helper, as indices of layers whose outputs are kept
+SELECTS_FROM_ALL_STATES = hasattr(importlib.import_module(OUTPUT_CAPTURING), "resolve_hidden_states_indices")
+
+
 def hidden_states_output(collected: list | None, last: torch.Tensor, selection) -> tuple | None:
     """transformers' ``hidden_states`` from what was ``collected`` (None: nothing was asked for): the
-    decoder's input, then each layer's output, the last one replaced by ``last`` (after the final
-    norm); with an index selection (an int or a list, as transformers 5.2x takes), the others are None."""
+    decoder's input, then each layer's output, the last one replaced by ``last`` (after the final norm).
+    An index ``selection`` keeps those the installed transformers keeps, the others None: under 5.2x, an
+    int or a list of indices into all states, negative ones counted from the end, others ignored; under
+    earlier 5.x, a list of layers whose outputs are kept (no decoder input; the last normed only where kept),
+    an int meaning all."""
     if collected is None:
         return None
     states = collected[:-1] + [last]
-    if selection is True:
+    if selection is True or not (SELECTS_FROM_ALL_STATES or isinstance(selection, (list, tuple, set))):
         return tuple(states)
-    chosen = {i % len(states) for i in ([selection] if isinstance(selection, int) else selection)}
-    return tuple(h if i in chosen else None for i, h in enumerate(states))
+    if SELECTS_FROM_ALL_STATES:
+        count = len(states)
+        chosen = {i % count for i in ([selection] if isinstance(selection, int) else selection) if -count <= i < count}
+        return tuple(h if i in chosen else None for i, h in enumerate(states))
+    return tuple(h if i in selection else None for i, h in enumerate(states[1:]))
 
 
 def on_the_model_device(forward):
