@@ -530,6 +530,28 @@ def test_decode_position_ids_given_by_hand_count_what_the_mask_counts(stock, cou
     torch.testing.assert_close(ours, want, **TOL)
 
 
+def test_a_budget_cache_lacks_the_ids_past_its_length_less_the_latency_token(stock):
+    """README's slice for continuing a budget request by hand: the cache holds the latency token, so the caller's
+    ids it lacks start at get_seq_length() - 1; fed those with the caller's mask (as long as the ids), the model
+    gives the sliced stock model's logits on the prompt, the latency token and every id after the prompt."""
+    inputs = example_inputs(stock, seed=64)
+    S = inputs["input_ids"].shape[1]
+    model = patched(stock, "H")
+    with torch.no_grad():
+        out = model.generate(**inputs, latency_budget=0.6, max_new_tokens=3, do_sample=False, eos_token_id=None,
+                             return_dict_in_generate=True)
+        cache = cache_of(out)
+        ids = torch.cat([out.sequences, torch.randint(1, 500, (1, 2), generator=torch.Generator().manual_seed(65))], 1)
+        mask = torch.ones_like(ids)
+        lacking = ids[:, cache.get_seq_length() - 1:]
+        ours = model(input_ids=lacking, attention_mask=mask, **{CACHE_KWARG: cache}).logits
+        embeds = torch.cat([prompt_embeddings(stock, inputs), ak.latency_embedding(model, 0.6)[None, None],
+                            stock.model.language_model.embed_tokens(ids[:, S:])], 1)
+        want = sliced_stock(stock, cache.plan, 0)(inputs_embeds=embeds).logits[:, -lacking.shape[1]:]
+    assert lacking.shape[1] == 3  # the last generated id, never fed, and the caller's two
+    torch.testing.assert_close(ours, want, **TOL)
+
+
 def test_assisted_decoding_gives_stock_logits(stock):
     """Prompt lookup proposes draft tokens that the model verifies; rejected ones are cropped from the cache."""
     inputs = example_inputs(stock, text_tokens=20, seed=41)
