@@ -98,6 +98,18 @@ def test_running_ahead_returns_the_ids_of_transformers_loop(stock, inputs, monke
         assert torch.equal(ours, generate_counting(stock, inputs, False, monkeypatch, **plain)[0])
 
 
+@pytest.mark.parametrize("request_kind", list(REQUESTS))
+def test_use_cache_none_is_generate_left_to_its_default(stock, inputs, monkeypatch, request_kind):
+    """use_cache=None given to generate reads as unset, as forward reads it: the ids of a call without it, with every
+    unit on those of stock's default (cached) generate. It failed on the second step's mask."""
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    kw = {"do_sample": False, **REQUESTS[request_kind]()}
+    ours, _ = generate_counting(model, inputs, False, monkeypatch, use_cache=None, **kw)
+    assert torch.equal(ours, generate_counting(model, inputs, False, monkeypatch, **kw)[0])
+    if request_kind != "budget":
+        assert torch.equal(ours, generate_counting(stock, inputs, False, monkeypatch, do_sample=False)[0])
+
+
 def test_logits_processors_get_the_float32_scores_of_transformers_loop_from_a_bfloat16_model(stock, inputs,
                                                                                            monkeypatch):
     """transformers' loop hands logits processors the last position's logits cast to float32, whatever the

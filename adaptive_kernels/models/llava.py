@@ -170,6 +170,9 @@ def _adaptive_llava_class(stock: type) -> type:
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
         settings = patched_language_model(self)._ak_settings
         check_input_devices(self, dict(zip(("inputs",), args)) | kwargs)
+        if "use_cache" in kwargs and kwargs["use_cache"] is None:
+            # unset, as forward reads it: stock's generate would feed every step the whole sequence and a cache
+            del kwargs["use_cache"]
         option = generate_option(kwargs, self.generation_config)
         _check_generation_cache(option, kwargs)
         for name, given in (("latency_budget", latency_budget), ("execution_plan", execution_plan)):
