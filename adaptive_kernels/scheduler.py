@@ -251,7 +251,8 @@ def saved_setting(path) -> dict[str, str]:
 
 def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     """Load weights saved by ``save_scheduler_weights``; a missing or unreadable file, one for another
-    unit space, or one whose values are not finite in the model's dtype, is a ``ValueError`` naming ``scheduler``."""
+    unit space, or one whose values are not floating point or not finite in the model's dtype, is a ``ValueError``
+    naming ``scheduler``."""
     meta = saved_setting(path)
     expected = _setting(scheduler)
     if not expected.keys() & meta.keys():
@@ -268,6 +269,9 @@ def load_scheduler_weights(scheduler: AdaptiveScheduler, path) -> None:
     if wrong:
         raise ValueError(f"scheduler={path!s} does not hold this scheduler's tensors (missing, unexpected or of "
                          f"another shape: {', '.join(wrong)})")
+    not_float = sorted(f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point())
+    if not_float:
+        raise ValueError(f"scheduler={path!s} holds tensors that are not floating point: {', '.join(not_float)}")
     state = {k: v.to(scheduler.head.weight.dtype) for k, v in state.items()}
     broken = sorted(k for k, v in state.items() if not v.isfinite().all())
     if broken:

@@ -961,6 +961,25 @@ def test_scheduler_files_with_values_not_finite_in_the_models_dtype_are_refused(
     ak.patch(tiny_llava(), "L", scheduler=path)  # 1e5 is finite in float32
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_scheduler_files_with_tensors_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    """Integer or bool weights (no save_scheduler writes them) were cast to the model's dtype and loaded: refused
+    naming the file and the tensor, the model's scheduler left as it was."""
+    good = tmp_path / "good.safetensors"
+    ak.save_scheduler(ak.patch(tiny_llava(), "L"), good)
+    with safe_open(str(good), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path / "integers.safetensors"
+    save_file(tensors | {"head.bias": torch.ones_like(tensors["head.bias"], dtype=dtype)}, str(path), metadata=metadata)
+    model = ak.patch(tiny_llava(seed=3), "L")
+    before = {k: v.clone() for k, v in model.model.language_model.latency_scheduler.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^scheduler=.*{path.name} holds tensors that are not floating point: "
+                                         rf"head.bias \({dtype}\)$"):
+        ak.patch(model, "L", scheduler=path)
+    after = model.model.language_model.latency_scheduler.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_cache_left_empty_by_an_earlier_call_is_refused_when_continued(model, inputs):
     """Stock fills a cache it is given; a patched model returns its own AdaptiveCache instead. Continuing from
     the given one (still empty) would run the new tokens as a new prompt, so it is refused by name."""
