@@ -45,6 +45,13 @@ def _budget(text: str) -> float:
     return value
 
 
+def _folder(text: str) -> Path:
+    """A folder path; an empty one (which Path reads as the current folder) is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a folder, got an empty path")
+    return Path(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -106,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help=f"question; only with a --model that has a processor (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--image", type=Path, metavar="PATH",
                    help="image; only with a --model that has a processor (default: seeded random pixels)")
-    p.add_argument("--out", type=Path, default=Path("adaptive_kernels_out"), metavar="DIR",
+    p.add_argument("--out", type=_folder, default=Path("adaptive_kernels_out"), metavar="DIR",
                    help="output folder for the CSV and the plot (default: ./%(default)s)")
     return p
 
@@ -297,13 +304,14 @@ def load(args) -> tuple:
     if args.model is None:
         model, name, rank = tiny_llava(seed=args.seed), f"tiny_llava(seed={args.seed})", TINY_RANK
     else:
+        from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
         from safetensors import SafetensorError
         from transformers import LlavaForConditionalGeneration
 
         try:
             model, loading = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype,
                                                                            output_loading_info=True)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, StrictDataclassError) as error:
             raise OptionError(f"argument --model: cannot load {args.model} ({error})") from error
         if missing := sorted(loading["missing_keys"]):  # transformers would fill them with random values
             raise OptionError(f"argument --model: {args.model} lacks {len(missing)} of the model's tensors, "
@@ -311,6 +319,10 @@ def load(args) -> tuple:
         model.eval()
         model.generation_config = _plain_generation_config(model.generation_config)
         name, rank = str(args.model), PAPER_RANK
+    vocab, image_token = model.config.text_config.vocab_size, model.config.image_token_id
+    if not 0 <= image_token < vocab:
+        raise OptionError(f"argument --model: the image token id of {name}, {image_token}, is outside its vocabulary "
+                          f"[0, {vocab}): its prompts cannot be embedded")
     model = model.to(device=args.device, dtype=dtype)
     if args.model is not None and _has_processor(args.model):
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
@@ -357,7 +369,8 @@ def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int 
             ak.patch(model, variant=variant, rank=rank, num_prefix_layers=num_prefix_layers, backend=args.backend,
                      scheduler=None if args.scheduler is None else str(args.scheduler))
         except (TypeError, ValueError) as error:
-            raise OptionError(f"cannot patch the model for variant {variant}: {error}") from error
+            scheduler = "" if args.scheduler is None else f" with --scheduler {args.scheduler} (its saved setting)"
+            raise OptionError(f"cannot patch the model for variant {variant}{scheduler}: {error}") from error
         units = model.model.language_model._ak_settings.units
         backend = model.model.language_model._ak_settings.backend.name
         full_ms = None
@@ -430,7 +443,7 @@ def sweep_main(argv) -> int:
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="torch CPU threads (default: 1 on cpu, where the tiny model's timings are otherwise "
                         "contention noise; torch's default on cuda)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
+    p.add_argument("--out", type=_folder, default=Path("benchmarks/results"), metavar="DIR",
                    help="output folder (default: ./%(default)s)")
     args = p.parse_args(argv)
     args.variants, args.budgets = list(dict.fromkeys(args.variants)), list(dict.fromkeys(args.budgets))
@@ -476,7 +489,7 @@ def _saved_int(setting: dict[str, str], key: str) -> int | None:
     """``setting[key]`` as an int; None where it is missing or not a decimal integer (``ak.patch`` then refuses
     the file by name)."""
     value = setting.get(key, "")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isdecimal() else None
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -491,11 +504,13 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         saved = {} if args.scheduler is None else saved_setting(args.scheduler)
     except ValueError as error:
         parser.error(f"argument --scheduler: {error}")
-    rank = args.rank or _saved_int(saved, "rank") or default_rank
+    saved_rank = _saved_int(saved, "rank")
+    rank = args.rank or saved_rank or default_rank
     num_prefix_layers = _saved_int(saved, "num_prefix_layers")
     heads = model.config.text_config.num_attention_heads
     if "H" in args.variants and heads % rank:
-        parser.error(f"argument --rank: {rank} does not divide the model's {heads} attention heads (variant H)")
+        given = "--rank:" if args.rank or not saved_rank else "--scheduler: its saved rank,"
+        parser.error(f"argument {given} {rank} does not divide the model's {heads} attention heads (variant H)")
     print(f"model {name} | device {args.device} ({device_name(args.device)}) | dtype {args.dtype} | rank {rank} | "
           f"cpu threads {torch.get_num_threads()} | prompt {inputs['input_ids'].shape[1]} tokens | "
           f"{args.max_new_tokens} new tokens | median of {args.repeats}")

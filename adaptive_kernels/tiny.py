@@ -46,14 +46,16 @@ def image_token_count(model) -> int:
 
 
 def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int = 0, pad: list[int] | None = None) -> dict:
-    """Random prompts: two text tokens, the image tokens (``image_token_count``), then the rest of the text.
+    """Random prompts: two text tokens, the image tokens (``image_token_count``), then the rest of the text
+    (ids in [1, vocab_size), the image token's excepted).
 
     ``pad`` gives the number of left-padding positions per row (default none).
     """
     config = model.config
     image_tokens = image_token_count(model)
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, config.image_token_id, (batch_size, text_tokens), generator=g)
+    text = torch.randint(1, config.text_config.vocab_size - 1, (batch_size, text_tokens), generator=g)
+    text += text >= config.image_token_id  # past the image token's id
     ids = torch.cat([text[:, :2], torch.full((batch_size, image_tokens), config.image_token_id), text[:, 2:]], dim=1)
     mask = torch.ones_like(ids)
     for row, n in enumerate(pad or []):

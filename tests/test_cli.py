@@ -240,6 +240,46 @@ def test_processor_whose_inputs_do_not_fit_the_model_is_refused_naming_model(tmp
     assert f"argument --model: the processor of {tmp_path / 'ckpt'} {wanted}" in err, err
 
 
+def test_malformed_checkpoints_and_scheduler_settings_exit_naming_the_option(tmp_path, capsys):
+    """A config field of the wrong type (transformers raises an error that is no ValueError), an image token id
+    outside the vocabulary, a scheduler file whose saved rank does not divide the heads or is no decimal
+    integer, and an empty --out: each exits 2 naming the option, without a traceback."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for name, edit in (("eps_as_text", {"rms_norm_eps": "1e-6"}), ("image_token_past_vocab", None)):
+        tiny_llava().save_pretrained(tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        if edit is None:
+            config["image_token_id"] = config["text_config"]["vocab_size"]
+        else:
+            config["text_config"].update(edit)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    good = tmp_path / "good.safetensors"
+    ak.save_scheduler(ak.patch(tiny_llava(), "H", rank=TINY_RANK), good)
+    with safe_open(str(good), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for rank in ("3", "\u00b2"):  # a superscript two, which str.isdigit() takes and int() does not
+        save_file(tensors, str(tmp_path / f"rank_{ord(rank)}.safetensors"), metadata=metadata | {"rank": rank})
+    out = str(tmp_path / "out")
+    for argv, says in ((["--model", str(tmp_path / "eps_as_text"), "--out", out], "argument --model: cannot load"),
+                       (["--model", str(tmp_path / "image_token_past_vocab"), "--out", out],
+                        "argument --model: the image token id of"),
+                       (["--scheduler", str(tmp_path / "rank_51.safetensors"), "--variants", "H", "--out", out],
+                        "argument --scheduler: its saved rank, 3 does not divide the model's 8 attention heads"),
+                       (["--scheduler", str(tmp_path / "rank_178.safetensors"), "--variants", "H", "--out", out],
+                        "with --scheduler"),
+                       (["--out", ""], "argument --out: must name a folder, got an empty path")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, *FAST])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / CSV_NAME).exists()
+
+
 def test_checkpoint_generation_settings_are_not_used(default_run, tmp_path):
     """The job decodes plain greedy whatever the checkpoint's generation_config.json says: beam search and a
     repetition penalty there leave the ids those of the built-in model with the same weights."""
@@ -1170,6 +1210,18 @@ def test_example_inputs_refuse_a_vision_tower_they_cannot_count_the_image_tokens
     del model.model.vision_tower.embeddings.num_positions  # as a tower with no position table would be
     with pytest.raises(ValueError, match="^model: cannot count the image tokens"):
         example_inputs(model)
+
+
+@pytest.mark.parametrize("image_token_id", [0, 1, 200, 511])
+def test_example_inputs_draw_text_ids_from_the_whole_vocabulary_but_the_image_tokens(image_token_id):
+    """Text ids lie in [1, vocab_size) and never equal the image token's, wherever that id lies (at 1 the draw
+    failed; past 1 it was drawn below the image token only)."""
+    model = tiny_llava()
+    model.config.image_token_id = image_token_id
+    ids = example_inputs(model, batch_size=64, text_tokens=20)["input_ids"]
+    text = ids[ids != image_token_id]
+    assert (ids == image_token_id).sum() == 64 * 16 and text.numel() == 64 * 20
+    assert text.min() >= 1 and text.max() < 512 and (image_token_id != 200 or text.max() > 200)
 
 
 def test_example_inputs_left_pad_a_row_by_the_positions_given():
