@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -346,6 +348,42 @@ def test_each_backend_is_made_of_its_own_ops(monkeypatch):
     for field, op in (("attention", attention.head_sparse_attention_reference), ("rms_norm", norm.rms_norm_reference),
                       ("rotary", rotary.rotary_reference)):
         assert getattr(torch_backend, field) is op, field
+
+
+@interpreter
+@pytest.mark.triton
+def test_threads_sharing_a_model_in_the_interpreter_each_get_what_they_get_alone():
+    """Triton's interpreter holds a running kernel's grid and its patched language in module-level state: threads
+    sharing a model on the triton backend failed with the interpreter's errors ('x >= grid_dim[0]'). One launch at a
+    time, each call gives what it gives alone."""
+    model = ak.patch(tiny_llava(seed=31, num_layers=4, hidden_size=32, intermediate_size=48, num_heads=4,
+                                num_kv_heads=2), "H", rank=2, backend="triton")
+    inputs = example_inputs(model, text_tokens=4, seed=32)
+    budgets = [0.5, 0.9, 1.0]
+    with torch.no_grad():
+        alone = {b: model(**inputs, latency_budget=b).logits for b in budgets}
+    start, results = threading.Barrier(len(budgets)), []
+
+    def repeat(budget):
+        start.wait()
+        for _ in range(2):
+            try:
+                with torch.no_grad():
+                    results.append(torch.equal(model(**inputs, latency_budget=budget).logits, alone[budget]))
+            except Exception as error:  # recorded: an error raised in a thread would not fail the test
+                results.append(repr(error))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads switch within each launch
+    try:
+        threads = [threading.Thread(target=repeat, args=(b,)) for b in budgets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert results == [True] * 2 * len(budgets), results
 
 
 @pytest.mark.triton

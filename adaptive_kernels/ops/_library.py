@@ -185,11 +185,25 @@ def cdiv(a: int, b: int) -> int:
 _AUTOTUNED_LAUNCH = threading.Lock()
 
 
+# Triton's interpreter runs a kernel with triton.language patched and its grid in module-level state, so two
+# threads interpreting kernels at once would read each other's
+_INTERPRETED_LAUNCH = threading.Lock()
+
+
+def run(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; under the interpreter, one launch at a time across threads."""
+    if INTERPRET:
+        with _INTERPRETED_LAUNCH:
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def launch(kernels: dict, fixed: dict, regime: str, grid, *args, **constexprs) -> None:
     """Launch ``kernels[regime]`` (autotuned; one thread at a time) on ``grid(meta)``; under the interpreter,
     the bare kernel with the block sizes ``fixed[regime]``."""
     if INTERPRET:
-        kernels[regime][grid(fixed[regime])](*args, **constexprs, **fixed[regime])
+        run(kernels[regime], grid(fixed[regime]), *args, **constexprs, **fixed[regime])
     else:
         with _AUTOTUNED_LAUNCH:
             kernels[regime][grid](*args, **constexprs)

@@ -44,7 +44,7 @@ from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 from ..errors import ArgumentTypeError  # noqa: E402
 from ._library import (FLOAT_DTYPES, INDEX_DTYPES, active_count, autotune, bucket, call_directly, cdiv,  # noqa: E402
                        check_launch, check_tensors, differentiate_by_reference, dot_precision, finite_float, jit,
-                       launch, num_sms, tl)
+                       launch, num_sms, run, tl)
 
 
 
@@ -201,8 +201,8 @@ def _attention_launch(q, k, v, q_to_kv, kv_valid, scale, splits=None):
     consts = dict(HEAD_D=d, NUM_SPLITS=splits, PREC=dot_precision(q.dtype), BLOCK_D=block_d)
     launch(_ATTN, _INTERPRET_ATTN, regime, grid, *args, **consts)
     if splits > 1:
-        _combine_kernel[(R * nq * T,)](pm, pl, po, out, T, nq, *out.stride(), HEAD_D=d, NUM_SPLITS=splits,
-                                       BLOCK_D=block_d)
+        run(_combine_kernel, (R * nq * T,), pm, pl, po, out, T, nq, *out.stride(), HEAD_D=d, NUM_SPLITS=splits,
+            BLOCK_D=block_d)
     return out
 
 

@@ -33,7 +33,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 from ..errors import ArgumentTypeError  # noqa: E402
 from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, check_tensors,  # noqa: E402
-                       differentiate_by_reference, finite_float, jit, tl, unit_last_stride)
+                       differentiate_by_reference, finite_float, jit, run, tl, unit_last_stride)
 
 MAX_D = 16384
 
@@ -82,9 +82,9 @@ def _rms_norm_launch(x, weight, eps, residual=None):
         return out, h
     xr, outr, hr = _rows(x), out.view(-1, D), h.view(-1, D)
     rr = _rows(residual) if residual is not None else xr
-    _rms_norm_kernel[(xr.shape[0],)](xr, rr, weight, outr, hr, D, eps, xr.stride(0), rr.stride(0), weight.stride(0),
-                                     outr.stride(0), hr.stride(0), HAS_RESIDUAL=residual is not None,
-                                     BLOCK_D=max(16, bucket(D)), num_warps=8 if D > 2048 else 4)
+    run(_rms_norm_kernel, (xr.shape[0],), xr, rr, weight, outr, hr, D, eps, xr.stride(0), rr.stride(0),
+        weight.stride(0), outr.stride(0), hr.stride(0), HAS_RESIDUAL=residual is not None,
+        BLOCK_D=max(16, bucket(D)), num_warps=8 if D > 2048 else 4)
     return out, h
 
 

@@ -82,7 +82,7 @@ def check_gather_args(op: str, act_name: str, act, weight, index_name: str, inde
 from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
 from ._library import (active_count, autotune, bucket, call_directly, cdiv, check_launch,  # noqa: E402
-                       differentiate_by_reference, dot_precision, jit, launch, num_sms, tl)
+                       differentiate_by_reference, dot_precision, jit, launch, num_sms, run, tl)
 
 
 @jit
@@ -355,7 +355,7 @@ def _cols_launch(a, weight, cols):
             ALIGN=16 // weight.element_size() if weight.stride(1) == 1 else 1, SPLIT_J=split,
             PREC=dot_precision(a.dtype))
     if split > 1:
-        _sum_splits_kernel[(cdiv(out.numel(), 1024),)](ws, out, out.numel(), SPLIT_J=split, BLOCK=1024)
+        run(_sum_splits_kernel, (cdiv(out.numel(), 1024),), ws, out, out.numel(), SPLIT_J=split, BLOCK=1024)
     return out
 
 

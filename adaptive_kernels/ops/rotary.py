@@ -27,7 +27,7 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 from ..errors import ArgumentTypeError  # noqa: E402
 from ._library import (FLOAT_DTYPES, bucket, call_directly, cdiv, check_launch, check_tensors,  # noqa: E402
-                       differentiate_by_reference, jit, tl, unit_last_stride)
+                       differentiate_by_reference, jit, run, tl, unit_last_stride)
 
 
 @jit
@@ -78,10 +78,9 @@ def _rotary_launch(x, cos, sin):
     block_half = max(16, bucket(half))
     block_h = max(1, min(bucket(NH), 2048 // block_half))  # tiles of at most 2048 pairs
     grid = (R * T, cdiv(NH, block_h))
-    _rotary_kernel[grid](x, cos, sin, out, T, NH, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
-                         cos.stride(1), sin.stride(0), sin.stride(1), *out.stride()[:3],
-                         BLOCK_H=block_h, BLOCK_HALF=block_half,
-                         enable_fp_fusion=False)  # else the GPU compiler fuses a product into the sum (one rounding)
+    run(_rotary_kernel, grid, x, cos, sin, out, T, NH, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
+        cos.stride(1), sin.stride(0), sin.stride(1), *out.stride()[:3], BLOCK_H=block_h, BLOCK_HALF=block_half,
+        enable_fp_fusion=False)  # else the GPU compiler fuses a product into the sum (one rounding)
     return out
 
 
