@@ -14,8 +14,8 @@ from .errors import ArgumentTypeError, refusal
 from .graphs import graph_safe
 from .models import Request, Settings, serving, text_model_shape
 from .models.llama import PROJECTIONS, check_layers, checked_scheduler, lay_out_qkv, lay_out_reduction_weights
-from .models.llava import (check_input_devices, check_llava, check_no_forward_of_its_own, has_patched_decoder,
-                           is_patched, patched_language_model, swap_in, swap_out)
+from .models.llava import (changing, check_input_devices, check_llava, check_no_forward_of_its_own,
+                           has_patched_decoder, is_patched, patched_language_model, swap_in, swap_out, unchanged)
 from .plan import PAPER_RANK, VARIANTS, ExecutionPlan, UnitSpace, check_positive_integer, is_integer, resolve_budgets
 from .scheduler import load_scheduler_weights, save_scheduler_weights, seeded_scheduler
 
@@ -83,21 +83,29 @@ def patch(model, variant: str = "L", *, rank: int = PAPER_RANK, num_prefix_layer
     if scheduler is not None:
         load_scheduler_weights(module, scheduler)  # before anything changes: a bad file leaves the model as it was
     settings = Settings(units, shape, get_backend(backend_name), cuda_graphs)  # so too a build of csrc/ that fails
-    unpatch(model)
-    if settings.backend.kernel_layout:  # else stock's: the torch backend projects q, k, v apart, as stock does
-        lay_out_qkv(lm, stacked=True)
-        lay_out_reduction_weights(lm, column_major=True)
-    lm.add_module("latency_scheduler", module.train(lm.training))
-    lm._ak_settings = settings
-    swap_in(model)
+    with changing(model):
+        _restore_stock(model)
+        if settings.backend.kernel_layout:  # else stock's: the torch backend projects q, k, v apart, as stock does
+            lay_out_qkv(lm, stacked=True)
+            lay_out_reduction_weights(lm, column_major=True)
+        lm.add_module("latency_scheduler", module.train(lm.training))
+        lm._ak_settings = settings
+        swap_in(model)
     return model
 
 
 def unpatch(model):
     """Restore the stock behaviour of a patched model exactly (a stock model is returned as is)."""
     check_llava(model)
+    with changing(model):
+        _restore_stock(model)
+    return model
+
+
+def _restore_stock(model) -> None:
+    """``unpatch``'s work on a model (a stock one is left as it is)."""
     if not is_patched(model):
-        return model
+        return
     lm = model.model.language_model
     if has_patched_decoder(model):  # else an unpatched one was set in its place after patch: nothing to restore there
         if lm._ak_settings.backend.kernel_layout:
@@ -107,7 +115,6 @@ def unpatch(model):
         del lm.latency_scheduler
         del lm._ak_settings
     swap_out(model)
-    return model
 
 
 def _check_laid_out_projections(lm) -> None:
@@ -166,6 +173,7 @@ def plan(model, latency_budget=None, **inputs) -> ExecutionPlan:
     mask = inputs.get("attention_mask")
     if inputs.get("position_ids") is None and isinstance(mask, torch.Tensor):
         inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    with serving(lm, Request(latency_budget=latency_budget, plan_only=True)) as request, torch.no_grad():
+    with unchanged(model), serving(lm, Request(latency_budget=latency_budget, plan_only=True)) as request, \
+            torch.no_grad():
         model.model(**(inputs | {"use_cache": False}))  # the plan needs no cache
     return request.plan

@@ -768,6 +768,52 @@ def test_threads_sharing_a_model_each_run_their_own_request(stock):
     assert not wrong, wrong
 
 
+@pytest.mark.parametrize("where", ["another thread", "a hook"])
+@pytest.mark.parametrize("change", ["unpatch", "patch L"])
+@pytest.mark.parametrize("call", ["forward", "generate", "ak.plan"])
+def test_a_request_that_a_patch_or_unpatch_overlaps_is_refused(stock, call, change, where):
+    """A patch or unpatch while a request ran (here while its vision tower ran) changed the layers under it: the
+    request gave stock's result, or one of two plans mixed, without a word. It is refused; the change holds."""
+    model = patched(stock, "H")
+    inputs = example_inputs(stock, seed=12)
+    apply = {"unpatch": lambda: ak.unpatch(model), "patch L": lambda: ak.patch(model, "L")}[change]
+    requests = {"forward": lambda: model(**inputs, latency_budget=0.6),
+                "generate": lambda: model.generate(**inputs, latency_budget=0.6, max_new_tokens=2),
+                "ak.plan": lambda: ak.plan(model, latency_budget=0.6, **inputs)}
+    reached, changed = threading.Event(), threading.Event()
+
+    def in_the_request(*_):
+        if where == "a hook":
+            apply()
+        else:
+            reached.set()
+            changed.wait(timeout=60)
+
+    def other_thread():
+        reached.wait(timeout=60)
+        apply()
+        changed.set()
+
+    handle = model.model.vision_tower.register_forward_hook(in_the_request)
+    thread = threading.Thread(target=other_thread)
+    if where == "another thread":
+        thread.start()
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="^model: patched or unpatched while this request ran"):
+            requests[call]()
+    finally:
+        handle.remove()
+        reached.set()
+        if where == "another thread":
+            thread.join()
+    assert llava_module.is_patched(model) == (change == "patch L")
+    if change == "patch L":
+        assert model.model.language_model._ak_settings.units.variant == "L"
+        with torch.no_grad():
+            assert torch.equal(model(**inputs, latency_budget=0.6).logits,
+                               patched(stock, "L")(**inputs, latency_budget=0.6).logits)
+
+
 def test_skipped_layers_are_never_called(stock):
     model = patched(stock, "L")
     inputs = example_inputs(stock, batch_size=1, seed=8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from pathlib import Path
 
 import torch
@@ -164,7 +165,7 @@ def _adaptive_llava_class(stock: type) -> type:
         prefill = not (isinstance(cache, AdaptiveCache) and cache.length > 0)
         if latency_budget is not None and prefill and kwargs.get("labels") is not None:
             kwargs["labels"] = _pad_labels(kwargs["labels"], kwargs)
-        with serving(lm, Request(latency_budget=latency_budget, execution_plan=execution_plan)):
+        with unchanged(self), serving(lm, Request(latency_budget=latency_budget, execution_plan=execution_plan)):
             return stock.forward(self, **kwargs)
 
     def generate(self, *args, latency_budget=None, execution_plan=None, **kwargs):
@@ -187,7 +188,7 @@ def _adaptive_llava_class(stock: type) -> type:
                                                                settings.shape, self.device)
         ours = {"latency_budget": latency_budget, "execution_plan": execution_plan}
         cache = kwargs.get(cache_argument(kwargs))
-        with cache.input_id_view() if isinstance(cache, AdaptiveCache) else contextlib.nullcontext():
+        with unchanged(self), cache.input_id_view() if isinstance(cache, AdaptiveCache) else contextlib.nullcontext():
             return stock.generate(self, *args, **kwargs, **{k: v for k, v in ours.items() if v is not None})
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
@@ -342,6 +343,43 @@ def check_no_forward_of_its_own(model) -> None:
                                     "dispatches or offloads); adaptive_kernels runs the patched classes' forward and "
                                     "reads the language model's weights itself, so it takes a model on one device, "
                                     "nothing offloaded (device_map='cuda', say)")
+
+
+_CHANGES = weakref.WeakKeyDictionary()  # model -> patch and unpatch calls begun and ended on it (odd: one runs)
+
+
+@contextlib.contextmanager
+def changing(model):
+    """Within the block ``model`` is being patched or unpatched: requests that overlap it are refused
+    (``unchanged``)."""
+    _CHANGES[model] = _CHANGES.get(model, 0) + 1
+    try:
+        yield
+    finally:
+        _CHANGES[model] += 1
+
+
+@contextlib.contextmanager
+def unchanged(model):
+    """Run the block, a request of ``model``; ``ValueError`` where a patch or unpatch of it overlaps the block (in
+    another thread, or called from a hook), in place of what the block returns or raises: it changes the layers in
+    place, so the request would run parts of two models."""
+    before = _CHANGES.get(model, 0)
+    if before % 2:
+        raise _overlapped()
+    try:
+        yield
+    except Exception as error:
+        if _CHANGES.get(model, 0) != before:
+            raise _overlapped() from error
+        raise
+    if _CHANGES.get(model, 0) != before:
+        raise _overlapped()
+
+
+def _overlapped() -> ValueError:
+    return ValueError("model: patched or unpatched while this request ran on it (in another thread, or from a hook), "
+                      "which changes its layers in place; patch and unpatch between requests")
 
 
 def swap_in(model) -> None:
