@@ -16,6 +16,7 @@ import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan
 from adaptive_kernels.graphs import DecodeGraph
 from adaptive_kernels.models.llama import lay_out_qkv
+from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.ops import runs, swiglu
 from adaptive_kernels.ops._library import HAS_TRITON
 from adaptive_kernels.sliced import masked_stock, sliced_stock
@@ -348,6 +349,37 @@ def test_each_backend_is_made_of_its_own_ops(monkeypatch):
     for field, op in (("attention", attention.head_sparse_attention_reference), ("rms_norm", norm.rms_norm_reference),
                       ("rotary", rotary.rotary_reference)):
         assert getattr(torch_backend, field) is op, field
+
+
+@interpreter
+@pytest.mark.triton
+@pytest.mark.parametrize("narrower", [torch.float16, torch.bfloat16])
+def test_inputs_embeds_of_a_narrower_dtype_run_on_a_kernel_backend_as_their_values_in_the_models(narrower):
+    """float16 or bfloat16 inputs_embeds for a float32 model, which stock promotes: the triton backend's kernels
+    refused the mixed dtypes (in its rotary op, naming nothing given). They run as the same values in float32, with
+    stock's rotary tables (made in their dtype), and agree with stock to the rounding stock applies to the first
+    norm's output (to the embeddings' dtype)."""
+    stock = tiny_llava(seed=33, num_layers=4)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="triton")
+    inputs = example_inputs(stock, batch_size=2, seed=34)
+    embeds = prompt_embeddings(stock, inputs).to(narrower)
+    plan = _plan(2, 4, 8, seed=35, device="cpu")
+    with torch.no_grad():
+        for given, reference in (({}, stock), ({"execution_plan": plan}, masked_stock(stock, plan))):
+            ours = model(inputs_embeds=embeds, **given).logits
+            want = reference(inputs_embeds=embeds).logits
+            torch.testing.assert_close(ours, want, rtol=0, atol=1e-2 if narrower == torch.bfloat16 else 1e-3)
+            assert (ours - want).abs().max() > 0  # the rounding, there to be tolerated
+
+
+@interpreter
+@pytest.mark.triton
+def test_inputs_embeds_wider_than_the_model_are_refused_on_a_kernel_backend_naming_them():
+    model = ak.patch(tiny_llava(seed=33, num_layers=4).half(), "H", rank=2, backend="triton")
+    embeds = torch.randn(1, 5, 64)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^inputs_embeds: torch.float32, where the model's weights "
+                                                         r"are torch.float16: the triton backend's kernels"):
+        model(inputs_embeds=embeds)
 
 
 @interpreter

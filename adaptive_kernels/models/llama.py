@@ -532,6 +532,21 @@ def hidden_states_output(collected: list | None, last: torch.Tensor, selection) 
     return tuple(h if i in selection else None for i, h in enumerate(states[1:]))
 
 
+def in_the_weights_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
+                         backend: str) -> tuple:
+    """The decoder input and its rotary tables as a kernel ``backend`` takes them, in the weights' ``dtype`` (its
+    kernels compute in one): the same values where they hold a narrower float (``inputs_embeds`` in float16 for a
+    float32 model; stock computes in ``dtype`` from there too, but rounds the first norm's output to the input's
+    dtype, so they agree to that rounding), else ``ValueError`` naming inputs_embeds. The torch backend takes them
+    as they are, as stock does."""
+    if x.dtype == dtype or backend == "torch":
+        return x, cos, sin
+    if torch.promote_types(x.dtype, dtype) == dtype:
+        return x.to(dtype), cos.to(dtype), sin.to(dtype)
+    raise ValueError(f"inputs_embeds: {x.dtype}, where the model's weights are {dtype}: the {backend} backend's "
+                     f"kernels compute in one dtype; give them in {dtype}, or patch with backend='torch'")
+
+
 def on_the_model_device(forward):
     """``forward`` run with the model's CUDA device current: Triton launches and CUDA-graph capture
     use the current device, which need not be the model's (a model on cuda:1)."""
@@ -685,6 +700,7 @@ class AdaptiveDecoderMixin:
             cache.reserve(past + x.shape[1])
         cos, sin = self.rotary_emb(x, positions)
         hidden = [x] if wanted_hidden is not False else None
+        x, cos, sin = in_the_weights_dtype(x, cos, sin, weight.dtype, settings.backend.name)
 
         first = 0
         if schedule is None:  # a budget: the plan comes after the prefix
