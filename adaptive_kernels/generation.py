@@ -45,13 +45,23 @@ def runs_ahead(model, input_ids: torch.Tensor, generation_config, synced_gpus: b
                model_kwargs: dict) -> bool:
     """Whether a ``_sample`` call can run ahead: greedy, on a device of ``RUN_AHEAD_DEVICES``, with a
     cache, and nothing that sees the queued step before it is dropped (returned scores or cache, a cache
-    the caller keeps, a streamer, synchronised GPUs, an assistant, a compiled forward)."""
+    the caller keeps, a streamer, synchronised GPUs, an assistant, a compiled forward, a rotary embedding
+    whose state a step changes)."""
     kept_cache = any(getattr(model_kwargs.get(name), "_is_user_defined", False)
                      for name in ("cache", "past_key_values"))
     return (input_ids.device.type in RUN_AHEAD_DEVICES and not generation_config.do_sample
             and not generation_config.return_dict_in_generate and model_kwargs.get("use_cache", True)
             and not kept_cache and streamer is None and not synced_gpus and not generation_config.is_assistant
-            and not model._valid_auto_compile_criteria(model_kwargs, generation_config))
+            and not model._valid_auto_compile_criteria(model_kwargs, generation_config)
+            and not rope_keeps_state(model.model.language_model.rotary_emb))
+
+
+def rope_keeps_state(rotary) -> bool:
+    """Whether a call of the ``rotary`` embedding changes what later calls get: dynamic NTK scaling grows its
+    frequencies with the longest sequence it has seen, so a queued step that is then dropped would leave them
+    grown for the next request."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    return any("dynamic" in kind for kind in (rope_type.values() if isinstance(rope_type, dict) else [rope_type]))
 
 
 def greedy_running_ahead(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config,

@@ -12,13 +12,13 @@ import threading
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 import adaptive_kernels as ak
 from adaptive_kernels import ExecutionPlan, generation
 from adaptive_kernels.graphs import DecodeGraph
-from adaptive_kernels.tiny import example_inputs, tiny_llava
+from adaptive_kernels.tiny import example_inputs, tiny_llava, tiny_llava_config
 from oracles import CACHE_KWARG, DispatchedOps, cache_of, cpu_decode_graphs, replaying_decode_steps
 
 NEW_TOKENS = 8
@@ -96,6 +96,35 @@ def test_running_ahead_returns_the_ids_of_transformers_loop(stock, inputs, monke
     if request_kind != "budget":  # a full plan is the stock model
         plain = {k: v for k, v in kw.items() if k not in request}
         assert torch.equal(ours, generate_counting(stock, inputs, False, monkeypatch, **plain)[0])
+
+
+def test_a_dynamic_rope_model_leaves_its_rotary_frequencies_as_stock_does(monkeypatch):
+    """Dynamic NTK scaling grows the rotary frequencies with the longest sequence a call has seen. Running ahead,
+    the step queued after every row stopped, then dropped, grew them one position past stock's, for the next
+    request too. Such a model decodes in transformers' loop: its frequencies, and the next request's logits, are
+    stock's."""
+    config = tiny_llava_config(num_layers=2)
+    config.text_config.max_position_embeddings = 24
+    config.text_config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        stock = LlavaForConditionalGeneration(config).eval()
+    inputs = example_inputs(stock, text_tokens=6)  # 22 positions: decoding goes past the 24 the scaling starts at
+    prompt = inputs["input_ids"].shape[1]
+    probe, _ = generate_counting(stock, inputs, False, monkeypatch, do_sample=False, eos_token_id=None)
+    new = probe[0, prompt:].tolist()
+    eos = next(token for k, token in enumerate(new) if k >= 3 and token not in new[:k])  # stops at 26 or more
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    kw = {"do_sample": False, "eos_token_id": eos, "pad_token_id": 0}
+    ours, _ = generate_counting(model, inputs, True, monkeypatch, **kw)
+    theirs, _ = generate_counting(stock, inputs, False, monkeypatch, **kw)
+    assert torch.equal(ours, theirs) and prompt + 3 < ours.shape[1] < prompt + NEW_TOKENS
+    ours_rope, their_rope = model.model.language_model.rotary_emb, stock.model.language_model.rotary_emb
+    assert ours_rope.max_seq_len_cached == their_rope.max_seq_len_cached
+    assert torch.equal(ours_rope.inv_freq, their_rope.inv_freq)
+    following = example_inputs(stock, text_tokens=8, seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(**following).logits, stock(**following).logits)
 
 
 @pytest.mark.parametrize("request_kind", list(REQUESTS))
