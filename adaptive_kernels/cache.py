@@ -19,6 +19,13 @@ from .plan import DecoderShape
 CAPACITY_STEP = 128
 
 
+def _buffer(like: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Zeros [R, heads, capacity, d] for ``like``'s keys or values [R, heads, T, d], written in place by later calls:
+    a normal tensor even under ``torch.inference_mode`` (an inference tensor could not be written outside it)."""
+    with torch.inference_mode(False):
+        return like.new_zeros(*like.shape[:2], capacity, like.shape[3])
+
+
 class AdaptiveCache(Cache):
     """A transformers ``Cache`` that ``generate`` carries between steps.
 
@@ -143,7 +150,8 @@ class AdaptiveCache(Cache):
         one continued."""
         self._captured.append((self.length, self.capacity, list(self.keys), list(self.values)))
         if self.replayed_call is None:
-            self.replayed_call = torch.empty(1, dtype=torch.long, device=device)
+            with torch.inference_mode(False):  # written by later calls, which may run outside inference mode
+                self.replayed_call = torch.empty(1, dtype=torch.long, device=device)
         self.replayed_call.fill_(len(self._captured))
 
     def catch_up(self) -> None:
@@ -168,7 +176,7 @@ class AdaptiveCache(Cache):
         for store in (self.keys, self.values):
             for l, old in enumerate(store):
                 if old is not None:
-                    store[l] = old.new_zeros(*old.shape[:2], self.capacity, old.shape[3])
+                    store[l] = _buffer(old, self.capacity)
                     store[l][:, :, :self.length] = old[:, :, :self.length]
         # a graph was captured against the old buffers; the new capacity may need other kernel
         # specialisations, which compile in an eager step (never inside a capture)
@@ -183,8 +191,7 @@ class AdaptiveCache(Cache):
         """
         T = keys.shape[2]
         if self.keys[layer] is None:
-            self.keys[layer] = keys.new_zeros(*keys.shape[:2], self.capacity, keys.shape[3])
-            self.values[layer] = values.new_zeros(*values.shape[:2], self.capacity, values.shape[3])
+            self.keys[layer], self.values[layer] = _buffer(keys, self.capacity), _buffer(values, self.capacity)
         k, v = self.keys[layer], self.values[layer]
         if self.write_position is not None:
             k.index_copy_(2, self.write_position, keys)

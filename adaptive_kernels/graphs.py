@@ -51,8 +51,9 @@ class DecodeGraph:
     """A captured ``step(*inputs) -> output`` whose cache writes go to ``cache.write_position``."""
 
     def __init__(self, step, inputs: tuple, cache):
-        self.inputs = tuple(t.clone() for t in inputs)
-        self.position = torch.tensor([cache.length], device=inputs[0].device)
+        with torch.inference_mode(False):  # written at each replay, which may run outside inference mode
+            self.inputs = tuple(t.clone() for t in inputs)
+            self.position = torch.tensor([cache.length], device=inputs[0].device)
         self.graph = torch.cuda.CUDAGraph()
         cache.write_position = self.position
         try:

@@ -495,7 +495,8 @@ def dense_layer(batch_size: int, shape: DecoderShape, device: torch.device) -> L
 @functools.lru_cache(maxsize=64)
 def _dense_layer(batch_size: int, shape: DecoderShape, device: torch.device) -> LayerIndices:
     H = shape.num_heads
-    q_to_kv = (torch.arange(H, device=device) // (H // shape.num_kv_heads)).expand(batch_size, H)
+    with torch.inference_mode(False):  # kept for later requests, which may save it for backward
+        q_to_kv = (torch.arange(H, device=device) // (H // shape.num_kv_heads)).expand(batch_size, H)
     return LayerIndices(batch_rows=None, num_batch_rows=batch_size, q_rows=None, kv_rows=None, qkv_rows=None,
                         q_to_kv=q_to_kv, mlp_rows=None, num_q_heads=H, num_kv_heads=shape.num_kv_heads,
                         num_neurons=shape.intermediate_size)

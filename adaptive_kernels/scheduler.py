@@ -118,8 +118,9 @@ class AdaptiveScheduler(nn.Module):
         for key in dict.fromkeys(keys):
             features = self._features.get(key)
             if features is None:
-                q = torch.full((1,), key[0], dtype=torch.float64, device=weight.device)
-                features = fourier_features(q)[0].to(weight.dtype)
+                with torch.inference_mode(False):  # kept for later requests, which may save it for backward
+                    q = torch.full((1,), key[0], dtype=torch.float64, device=weight.device)
+                    features = fourier_features(q)[0].to(weight.dtype)
                 if not capturing(weight):  # a capture's tensors hold nothing until it is replayed
                     self._features[key] = features
             embeddings[key] = self.latency_encoder.embed(features[None])

@@ -145,11 +145,12 @@ class CpuGraph(TorchDispatchMode):
                 yield
 
     def replay(self):
-        for func, args, kwargs, out in self.ops:
-            again = func(*args, **kwargs)
-            for new, old in zip(tree_flatten(again)[0], tree_flatten(out)[0]):
-                if isinstance(old, torch.Tensor) and new is not old:
-                    old.copy_(new)
+        with torch.inference_mode():  # a CUDA graph replays kernels, which no autograd or inference-mode rule sees
+            for func, args, kwargs, out in self.ops:
+                again = func(*args, **kwargs)
+                for new, old in zip(tree_flatten(again)[0], tree_flatten(out)[0]):
+                    if isinstance(old, torch.Tensor) and new is not old:
+                        old.copy_(new)
 
 
 def replaying_decode_steps(model):

@@ -374,6 +374,31 @@ def test_inputs_embeds_of_a_narrower_dtype_run_on_a_kernel_backend_as_their_valu
 
 @interpreter
 @pytest.mark.triton
+def test_training_after_a_dense_layer_ran_under_inference_mode_is_a_fresh_models():
+    """The index list of a layer every row runs whole is kept for later requests; made by a request under
+    torch.inference_mode, it was an inference tensor, which a training step after it (on a kernel backend, whose
+    ops keep their inputs for backward) could not save. It is made as a normal tensor: the loss and gradients are a
+    fresh model's."""
+    stock = tiny_llava(seed=36, num_layers=2)
+    inputs = example_inputs(stock, seed=37)
+    plan = ExecutionPlan.full(1, 2, 8)
+
+    def trained(model):
+        model.train()
+        loss = model(**inputs, labels=inputs["input_ids"], execution_plan=plan).loss
+        loss.backward()
+        return loss.detach(), model.model.language_model.layers[1].self_attn.q_proj.weight.grad
+
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="triton")
+    with torch.inference_mode():
+        model(**inputs, execution_plan=plan)
+    (loss, grad), (fresh_loss, fresh_grad) = trained(model), trained(ak.patch(copy.deepcopy(stock), "H", rank=2,
+                                                                               backend="triton"))
+    assert torch.equal(loss, fresh_loss) and torch.equal(grad, fresh_grad)
+
+
+@interpreter
+@pytest.mark.triton
 def test_inputs_embeds_wider_than_the_model_are_refused_on_a_kernel_backend_naming_them():
     model = ak.patch(tiny_llava(seed=33, num_layers=4).half(), "H", rank=2, backend="triton")
     embeds = torch.randn(1, 5, 64)

@@ -29,7 +29,8 @@ from adaptive_kernels.models.llama import decoder_shape, stacked_qkv
 from adaptive_kernels.models import llava as llava_module
 from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
-from oracles import CACHE_KWARG, WeightCopies, cache_of, fed_latency_token, prompt_labels, stock_decode_logits
+from oracles import (CACHE_KWARG, WeightCopies, cache_of, cpu_decode_graphs, fed_latency_token, prompt_labels,
+                     replaying_decode_steps, stock_decode_logits)
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -812,6 +813,57 @@ def test_a_request_that_a_patch_or_unpatch_overlaps_is_refused(stock, call, chan
         with torch.no_grad():
             assert torch.equal(model(**inputs, latency_budget=0.6).logits,
                                patched(stock, "L")(**inputs, latency_budget=0.6).logits)
+
+
+@pytest.mark.parametrize("first", ["generate", "ak.plan", "latency_embedding", "graph_safe"])
+def test_training_after_a_request_under_inference_mode_is_a_fresh_models(stock, first):
+    """A budget's Fourier features, kept for later requests, were made as inference tensors by a request under
+    torch.inference_mode, which training at that budget after it could not save for backward (stock trains after
+    the same). They are made as normal tensors: the loss and the scheduler's gradients are a fresh model's."""
+    inputs = example_inputs(stock, batch_size=2, seed=13)
+    requests = {"generate": lambda m: m.generate(**inputs, latency_budget=0.6, max_new_tokens=2),
+                "ak.plan": lambda m: ak.plan(m, latency_budget=0.6, **inputs),
+                "latency_embedding": lambda m: ak.latency_embedding(m, 0.6)}
+
+    def trained(model):
+        model.train()
+        torch.manual_seed(14)  # the same sampled plan
+        loss = model(**inputs, labels=prompt_labels(inputs), latency_budget=0.6).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.model.language_model.latency_scheduler.parameters()]
+
+    model = patched(stock, "H")
+    with torch.inference_mode():
+        if first == "graph_safe":
+            with ak.graph_safe():
+                model(**inputs, latency_budget=0.6)
+        else:
+            requests[first](model)
+    (loss, grads), (fresh_loss, fresh_grads) = trained(model), trained(patched(stock, "H"))
+    assert torch.equal(loss, fresh_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, fresh_grads, strict=True))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_cache_filled_under_inference_mode_is_continued_outside_it(stock, monkeypatch, graphs):
+    """Its key and value buffers (and, with decode steps replayed as graphs, the graph's inputs) were inference
+    tensors, which a later call outside inference mode could not write, where stock's DynamicCache continues.
+    Continued past its capacity, it gives the ids of the request run whole outside inference mode."""
+    if graphs:
+        cpu_decode_graphs(monkeypatch)
+    model = patched(stock, "H")
+    if graphs:
+        replaying_decode_steps(model)
+    inputs = example_inputs(stock, seed=15)
+    run = dict(latency_budget=0.6, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    with torch.inference_mode():
+        first = model.generate(**inputs, max_new_tokens=3, **run)
+    more = CAPACITY_STEP - first.sequences.shape[1] + 4
+    with torch.no_grad():
+        continued = model.generate(input_ids=first.sequences, attention_mask=torch.ones_like(first.sequences),
+                                   max_new_tokens=more, **{CACHE_KWARG: cache_of(first)}, **run)
+        whole = model.generate(**inputs, max_new_tokens=3 + more, **run)
+    assert torch.equal(continued.sequences, whole.sequences)
 
 
 def test_skipped_layers_are_never_called(stock):
