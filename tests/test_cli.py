@@ -38,6 +38,15 @@ def run_main(argv: list[str]) -> tuple[list[dict], str]:
         return list(csv.DictReader(f)), printed.getvalue()
 
 
+def exits_naming(capsys, argv: list[str], says: str) -> None:
+    """``main(argv)`` (run fast on the CPU) exits 2, its error holding ``says`` and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *FAST])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
 def ids(text: str) -> list[int]:
     return [int(t) for t in text.split()]
 
@@ -272,11 +281,7 @@ def test_malformed_checkpoints_and_scheduler_settings_exit_naming_the_option(tmp
                        (["--scheduler", str(tmp_path / "rank_178.safetensors"), "--variants", "H", "--out", out],
                         "with --scheduler"),
                        (["--out", ""], "argument --out: must name a folder, got an empty path")):
-        with pytest.raises(SystemExit) as exit_info:
-            main([*argv, *FAST])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert says in err and "Traceback" not in err, err
+        exits_naming(capsys, argv, says)
     assert not (tmp_path / "out" / CSV_NAME).exists()
 
 
@@ -450,11 +455,7 @@ def test_unreadable_files_exit_nonzero_before_any_timing(tmp_path, capsys):
                         unreadable.format(tmp_path / "truncated.jpg")),
                        (["--scheduler", str(junk), "--variants", "L", "--out", out], "is not a safetensors file"),
                        (["--out", str(junk)], "argument --out")):
-        with pytest.raises(SystemExit) as exit_info:
-            main([*argv, *FAST])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert says in err and "Traceback" not in err, err
+        exits_naming(capsys, argv, says)
     assert not (tmp_path / "out" / CSV_NAME).exists()
 
 
@@ -488,11 +489,7 @@ def test_checkpoint_folders_that_cannot_run_exit_before_loading(tmp_path, capsys
                        (["--model", str(tmp_path / "bad_text_config")], "is not a readable config"),
                        (["--model", str(tmp_path / "lacking")], f"lacks 1 of the model's tensors, first {lacking}"),
                        (["--out", str(tmp_path / "file" / "out")], "argument --out: cannot make the folder")):
-        with pytest.raises(SystemExit) as exit_info:
-            main([*argv, *FAST])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert says in err and "Traceback" not in err, err
+        exits_naming(capsys, argv, says)
     with pytest.raises(SystemExit):
         main(["sweep", "--out", str(tmp_path / "file" / "out")])
     assert "argument --out: cannot make the folder" in capsys.readouterr().err
@@ -519,11 +516,7 @@ def test_unloadable_weights_and_output_files_that_are_folders_exit_naming_the_op
     (tmp_path / "out" / CSV_NAME).mkdir(parents=True)
     for argv, says in ((["--model", str(tmp_path / "ckpt")], "argument --model: cannot load"),
                        (["--out", str(tmp_path / "out")], f"argument --out: {tmp_path / 'out' / CSV_NAME} is a folder")):
-        with pytest.raises(SystemExit) as exit_info:
-            main([*argv, *FAST])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert says in err and "Traceback" not in err, err
+        exits_naming(capsys, argv, says)
 
 
 @pytest.mark.triton
