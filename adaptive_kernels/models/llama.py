@@ -523,12 +523,14 @@ def hidden_states_output(collected: list | None, last: torch.Tensor, selection) 
     if collected is None:
         return None
     states = collected[:-1] + [last]
-    if selection is True or not (SELECTS_FROM_ALL_STATES or isinstance(selection, (list, tuple, set))):
+    if selection is True:
         return tuple(states)
     if SELECTS_FROM_ALL_STATES:
         count = len(states)
         chosen = {i % count for i in ([selection] if isinstance(selection, int) else selection) if -count <= i < count}
         return tuple(h if i in chosen else None for i, h in enumerate(states))
+    if not isinstance(selection, (list, tuple, set)):  # an int, say: all of them
+        return tuple(states)
     return tuple(h if i in selection else None for i, h in enumerate(states[1:]))
 
 
