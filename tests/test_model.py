@@ -821,9 +821,14 @@ def test_training_after_a_request_under_inference_mode_is_a_fresh_models(stock, 
     torch.inference_mode, which training at that budget after it could not save for backward (stock trains after
     the same). They are made as normal tensors: the loss and the scheduler's gradients are a fresh model's."""
     inputs = example_inputs(stock, batch_size=2, seed=13)
+
+    def within_graph_safe(model):
+        with ak.graph_safe():
+            model(**inputs, latency_budget=0.6)
+
     requests = {"generate": lambda m: m.generate(**inputs, latency_budget=0.6, max_new_tokens=2),
                 "ak.plan": lambda m: ak.plan(m, latency_budget=0.6, **inputs),
-                "latency_embedding": lambda m: ak.latency_embedding(m, 0.6)}
+                "latency_embedding": lambda m: ak.latency_embedding(m, 0.6), "graph_safe": within_graph_safe}
 
     def trained(model):
         model.train()
@@ -834,11 +839,7 @@ def test_training_after_a_request_under_inference_mode_is_a_fresh_models(stock, 
 
     model = patched(stock, "H")
     with torch.inference_mode():
-        if first == "graph_safe":
-            with ak.graph_safe():
-                model(**inputs, latency_budget=0.6)
-        else:
-            requests[first](model)
+        requests[first](model)
     (loss, grads), (fresh_loss, fresh_grads) = trained(model), trained(patched(stock, "H"))
     assert torch.equal(loss, fresh_loss)
     assert all(torch.equal(a, b) for a, b in zip(grads, fresh_grads, strict=True))
