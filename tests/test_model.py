@@ -867,6 +867,32 @@ def test_a_cache_filled_under_inference_mode_is_continued_outside_it(stock, monk
     assert torch.equal(continued.sequences, whole.sequences)
 
 
+@pytest.mark.parametrize("variant, request_kind", [("L", "budgets"), ("H", "budgets"), ("L", "plan")])
+def test_a_cache_of_rows_on_different_layers_filled_under_inference_mode_is_continued_with_grad(stock, variant,
+                                                                                                request_kind):
+    """Where the rows of a batch run different layers, the cache keeps the list of the rows each layer runs; made
+    under torch.inference_mode it was an inference tensor, which a call continuing the cache outside it with grad
+    on (torch's default; stock's DynamicCache continues there) saves for backward and could not. It is a normal
+    tensor: the step's logits are those of the request run whole outside inference mode."""
+    model = patched(stock, variant)
+    inputs = example_inputs(stock, batch_size=2, seed=16)
+    request = dict(latency_budget=[0.5, 0.9])
+    if request_kind == "plan":
+        plan = ExecutionPlan.full(2, L, H)
+        for mask in (plan.layers, plan.heads, plan.groups):
+            mask[0, 5:] = False
+        request = dict(execution_plan=plan)
+
+    def next_step(first):
+        ids = first.logits[:, -1:].argmax(-1)
+        mask = torch.ones(2, first.logits.shape[1] + 1, dtype=torch.long)
+        return model(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: cache_of(first)}, **request).logits
+
+    with torch.inference_mode():
+        first = model(**inputs, use_cache=True, **request)
+    assert torch.equal(next_step(first), next_step(model(**inputs, use_cache=True, **request)))
+
+
 def test_skipped_layers_are_never_called(stock):
     model = patched(stock, "L")
     inputs = example_inputs(stock, batch_size=1, seed=8)

@@ -445,11 +445,12 @@ def lay_out_reduction_weights(decoder, column_major: bool) -> None:
             linear.weight.data = cols_major(w) if column_major else w.contiguous()
 
 
+@torch.inference_mode(False)  # a cache keeps it for later calls, which may save its index lists for backward
 def plan_schedule(plan: ExecutionPlan, settings: Settings, graph_safe: bool) -> Schedule:
     """``plan``'s Schedule, on a copy of its masks: index lists built on the host (``listed_schedule``), or with
     ``graph_safe`` the fixed-width one (``plan.fixed_width_schedule``) built on the plan's device with nothing
     read back to the host: in one launch of the CUDA extension under the cuda backend when the heads fit its
-    ``MAX_UNITS``, else with torch ops."""
+    ``MAX_UNITS``, else with torch ops. Its tensors are normal ones even under ``torch.inference_mode``."""
     if not graph_safe:
         return listed_schedule(plan, settings.shape)
     # a copy that later in-place edits of the caller's masks do not reach; the masks cannot be read back to be
