@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import Cache
 
+from .graphs import capturing
 from .plan import DecoderShape
 
 CAPACITY_STEP = 128
@@ -57,6 +58,7 @@ class AdaptiveCache(Cache):
         self.counting_input_ids = False  # see input_id_view
         self._ak_replaced = False  # given to a prefill, which returned another cache: not to be continued
         self.replayed_call: torch.Tensor | None = None  # made in a caller's CUDA-graph capture: see record_captured
+        self.last_call_captured = False  # whether the call that wrote it last ran in a capture, rather than eagerly
         self._captured: list = []  # per call captured: (length, capacity, keys, values) as it left them
 
     @property
@@ -72,7 +74,9 @@ class AdaptiveCache(Cache):
         return [False] * len(self.keys)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Filled positions; in an ``input_id_view``, those of the caller's tokens (the latency token's not)."""
+        """Filled positions (those the call replayed last left, for a cache made in a capture: ``catch_up``); in an
+        ``input_id_view``, those of the caller's tokens (the latency token's not)."""
+        self.catch_up()
         has_latency_token = self.latency_index is not None and self.length > self.latency_index
         return self.length - (self.counting_input_ids and has_latency_token)
 
@@ -92,6 +96,7 @@ class AdaptiveCache(Cache):
         ``get_seq_length`` counts). Buffers keep their memory; later steps overwrite what was forgotten.
         ``ValueError`` for a crop that would keep a budget request's prompt without its latency token (the plan
         was made from it); cropping every position is allowed (the next call starts a new request)."""
+        self.catch_up()
         if tokens_to_remove <= 0:
             keep = max(self.length + tokens_to_remove, 0)
         else:
@@ -111,7 +116,7 @@ class AdaptiveCache(Cache):
         self.keys, self.values = [None] * len(self.keys), [None] * len(self.values)
         self.length = self.capacity = 0
         self.decode_graph, self.warm, self._ak_replaced = None, False, False
-        self.replayed_call, self._captured = None, []
+        self.replayed_call, self._captured, self.last_call_captured = None, [], False
 
     @property
     def batch_size(self) -> int:
@@ -149,22 +154,26 @@ class AdaptiveCache(Cache):
         replays set and ``catch_up`` reads and clears, so that the call replayed last, in whichever graph, is the
         one continued."""
         self._captured.append((self.length, self.capacity, list(self.keys), list(self.values)))
+        self.last_call_captured = True
         if self.replayed_call is None:
             with torch.inference_mode(False):  # written by later calls, which may run outside inference mode
                 self.replayed_call = torch.empty(1, dtype=torch.long, device=device)
         self.replayed_call.fill_(len(self._captured))
 
     def catch_up(self) -> None:
-        """Before an eager call continues a cache made in a capture: where a graph replayed since the last such
-        call, the cache goes back to the state the call replayed last left (its length, and the buffers it wrote,
-        where the calls since moved the cache to larger ones). Reads the flag back to the host (before a CUDA graph's
-        first replay it holds what its memory held: a number of no call is taken as no replay)."""
+        """Before an eager call or a count of positions, for a cache made in a capture: where a graph replayed since
+        the last one, the cache goes back to the state the call replayed last left (its length, and the buffers it
+        wrote, where the calls since moved the cache to others). Reads the flag back to the host (before a CUDA
+        graph's first replay it holds what its memory held: a number of no call is taken as no replay); does
+        nothing inside a capture, or for a cache made outside one."""
+        if self.replayed_call is None or capturing(self.replayed_call):
+            return
         call = int(self.replayed_call.item())
         if not 0 < call <= len(self._captured):
             return
         self.replayed_call.fill_(0)
         self.length, capacity, keys, values = self._captured[call - 1]
-        if capacity != self.capacity:  # a decode graph captured since read other buffers
+        if any(now is not then for now, then in zip(self.keys, keys)):  # a decode graph captured since read others
             self.decode_graph, self.warm = None, False
         self.capacity, self.keys, self.values = capacity, list(keys), list(values)
 

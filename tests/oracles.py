@@ -122,8 +122,8 @@ class CpuGraph(TorchDispatchMode):
     ops again on those tensors and copies what they return into the tensors the capture returned. As in a CUDA
     graph, Python ran once, at capture: its decisions and host values stay as they were then."""
 
-    MODULES = ("adaptive_kernels.graphs", "adaptive_kernels.plan", "adaptive_kernels.scheduler",
-               "adaptive_kernels.models.llama")
+    MODULES = ("adaptive_kernels.cache", "adaptive_kernels.graphs", "adaptive_kernels.plan",
+               "adaptive_kernels.scheduler", "adaptive_kernels.models.llama")
 
     def __init__(self, monkeypatch):
         super().__init__()

@@ -22,7 +22,8 @@ from adaptive_kernels.plan import DecoderShape, dense_layer
 from adaptive_kernels.sliced import masked_stock
 from adaptive_kernels.tiny import example_inputs, tiny_llava
 from test_backends import interpreter
-from oracles import CACHE_KWARG, CpuGraph, cache_of, fed_latency_token, stock_of_shape
+from oracles import (CACHE_KWARG, CpuGraph, cache_of, cpu_decode_graphs, fed_latency_token, replaying_decode_steps,
+                     stock_of_shape)
 
 CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", pytest.param("triton", marks=interpreter)]
@@ -310,6 +311,80 @@ def test_a_cache_continued_in_a_second_capture_goes_on_from_the_graph_replayed_l
         assert plans[0] == plans[2] != plans[1] == plans[3]
 
 
+def test_a_cache_made_in_a_capture_counts_the_positions_of_the_call_replayed_last(monkeypatch):
+    """After eager steps on a captured prefill's cache, a replay of the prefill for another prompt takes the cache
+    back to that prefill: ``get_seq_length()`` counts its positions (not the earlier steps'), and generate, which
+    slices the ids it is given by that count, continues the replayed prompt as it continues an eager request's."""
+    stock = tiny_llava(seed=81, num_layers=6)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    embed = model.model.language_model.embed_tokens
+    prompts = [example_inputs(stock, batch_size=1, seed=seed)["input_ids"] for seed in (82, 86)]
+    step = embed(prompts[0][:, -1:]).detach()
+
+    def continued(out, ids):
+        """Four greedy tokens generate adds to ``ids`` (the prompt and the first token), continuing ``out``'s cache."""
+        ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), latency_budget=0.6,
+                              max_new_tokens=4, do_sample=False, eos_token_id=None,
+                              **{CACHE_KWARG: cache_of(out)})[:, ids.shape[1]:]
+
+    with torch.no_grad():
+        static = embed(prompts[0]).detach().clone()
+        graph = CpuGraph(monkeypatch)
+        with graph.capture():
+            out = model(inputs_embeds=static, latency_budget=0.6)
+        for _ in range(3):
+            model(inputs_embeds=step, **{CACHE_KWARG: cache_of(out)})
+        static.copy_(embed(prompts[1]))
+        graph.replay()
+        with ak.graph_safe():
+            want = model(inputs_embeds=embed(prompts[1]), latency_budget=0.6)
+        assert cache_of(out).get_seq_length() == cache_of(want).get_seq_length() == prompts[1].shape[1] + 1
+        assert torch.equal(continued(out, prompts[1]), continued(want, prompts[1]))
+
+
+def test_an_eager_step_after_replays_drops_a_decode_graph_of_other_buffers(monkeypatch):
+    """Two captured calls can leave caches of one capacity in different buffers: a prefill's graph (capacity 8
+    here), then decode steps' past it (16). A request that replays the prefill's alone and decodes past 8 moves the
+    cache to new buffers, on which the model captures its decode graph; replaying both graphs then takes the cache
+    back to the steps' buffers, and the eager steps after it run on those, not on the decode graph of the others:
+    each step's logits are an eager request's."""
+    monkeypatch.setattr(importlib.import_module("adaptive_kernels.cache"), "CAPACITY_STEP", 8)
+    cpu_decode_graphs(monkeypatch)
+    stock = tiny_llava(seed=81, num_layers=4)
+    model = replaying_decode_steps(ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch"))
+    embed = model.model.language_model.embed_tokens
+    prompts = [embed(torch.randint(1, 400, (1, 6), generator=torch.Generator().manual_seed(seed))).detach()
+               for seed in (82, 86)]
+
+    def decoded(out, steps: int):
+        """The output of ``steps`` greedy decode steps continuing ``out``'s cache."""
+        for _ in range(steps):
+            out = model(inputs_embeds=embed(out.logits[:, -1:].argmax(-1)), **{CACHE_KWARG: cache_of(out)})
+        return out
+
+    with torch.no_grad():
+        static = prompts[0].clone()
+        prefill, steps = CpuGraph(monkeypatch), CpuGraph(monkeypatch)
+        with prefill.capture():
+            out = model(inputs_embeds=static, latency_budget=0.6)  # 7 positions: capacity 8
+        with steps.capture():
+            last = decoded(out, 3)  # 10 positions: capacity 16
+        static.copy_(prompts[1])
+        prefill.replay()
+        continued_greedy(model, out, 6)  # past 8 on buffers of its own, a decode graph captured on them
+        assert cache_of(out).decode_graph is not None
+        static.copy_(prompts[0])
+        prefill.replay()
+        steps.replay()
+        _, logits = continued_greedy(model, last, 4)
+        monkeypatch.undo()
+        with ak.graph_safe():
+            _, want = continued_greedy(model, decoded(model(inputs_embeds=prompts[0].clone(), latency_budget=0.6),
+                                                      3), 4)
+    torch.testing.assert_close(logits, want)
+
+
 def test_a_whole_request_captured_replays_another_prompt_on_the_cpu(monkeypatch):
     """The GPU test of a whole request as one graph, on the CPU's stand-in for a CUDA graph: a budget's prefill
     (per-row budgets, a padded row) and three greedy decode steps captured, with nothing read back, and replayed
@@ -339,30 +414,47 @@ def test_a_whole_request_captured_replays_another_prompt_on_the_cpu(monkeypatch)
         assert not torch.allclose(before, want)  # the replay changed them
 
 
-def test_a_cache_filled_outside_a_capture_is_not_continued_inside_one(monkeypatch):
-    """A decode step captured on a cache an eager prefill filled would, at each replay, write the position it was
-    captured at: refused, naming the cache."""
+@pytest.mark.parametrize("eager_before", ["prefill", "a step after the capture", "a step, then a replay"])
+def test_a_cache_that_an_eager_call_wrote_last_is_not_continued_inside_a_capture(monkeypatch, eager_before):
+    """A decode step captured on a cache an eager call wrote last would, at each replay, write the position it was
+    captured at, after positions only that eager call wrote (an eager prefill's; or an eager step's after a
+    captured prefill, where Python counts the step's position even when the prefill's graph replayed since):
+    refused, naming the cache."""
     stock = tiny_llava(seed=84, num_layers=4)
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
     inputs = example_inputs(stock, batch_size=1, seed=85)
+    embed = model.model.language_model.embed_tokens
+    step = embed(inputs["input_ids"][:, -1:]).detach()
     with torch.no_grad():
-        cache = cache_of(model(**inputs, latency_budget=0.6))
-        step = model.model.language_model.embed_tokens(inputs["input_ids"][:, -1:])
-        with pytest.raises(ValueError, match=f"{CACHE_KWARG}: a cache filled outside a CUDA-graph capture"):
+        if eager_before == "prefill":
+            cache = cache_of(model(**inputs, latency_budget=0.6))
+        else:
+            prefill = CpuGraph(monkeypatch)
+            with prefill.capture():
+                cache = cache_of(model(inputs_embeds=embed(inputs["input_ids"]), latency_budget=0.6))
+            model(inputs_embeds=step, **{CACHE_KWARG: cache})
+            if eager_before == "a step, then a replay":
+                prefill.replay()
+        with pytest.raises(ValueError, match=f"{CACHE_KWARG}: a cache that an eager call wrote last"):
             with CpuGraph(monkeypatch).capture():
                 model(inputs_embeds=step, **{CACHE_KWARG: cache})
 
 
 def test_a_budget_tensor_off_the_cpu_is_refused_where_nothing_may_be_read_back():
-    """Within graph_safe() (or a capture) a budget tensor on a device would be read back to plan: refused, naming
-    the argument and what is accepted. (The meta device stands for CUDA here; outside graph_safe a meta budget is
-    refused for holding no values.)"""
+    """Within graph_safe() (or a capture) a budget tensor on a device would be read back to plan, or to compare
+    with the budget of the request a call continues: refused, naming the argument and what is accepted. (The meta
+    device stands for CUDA here; outside graph_safe a meta budget is refused for holding no values.)"""
     model = ak.patch(tiny_llava(seed=89, num_layers=4), "H", rank=2, backend="torch")
     inputs = example_inputs(model, batch_size=1, seed=90)
+    refused = "latency_budget: a tensor on meta is read back .* give floats or a CPU"
     with torch.no_grad(), ak.graph_safe():
-        with pytest.raises(ValueError, match="latency_budget: a tensor on meta is read back .* give floats or a CPU"):
+        with pytest.raises(ValueError, match=refused):
             model(**inputs, latency_budget=torch.tensor(0.6, device="meta"))
-        model(**inputs, latency_budget=torch.tensor(0.6))  # on the CPU: read without waiting for a device
+        out = model(**inputs, latency_budget=torch.tensor(0.6))  # on the CPU: read without waiting for a device
+        step = dict(input_ids=inputs["input_ids"][:, -1:], **{CACHE_KWARG: cache_of(out)})
+        with pytest.raises(ValueError, match=refused):
+            model(**step, latency_budget=torch.tensor(0.6, device="meta"))
+        model(**step, latency_budget=torch.tensor(0.6))
 
 
 def test_a_dense_layer_made_while_capturing_is_not_cached(monkeypatch):

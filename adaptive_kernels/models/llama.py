@@ -215,6 +215,16 @@ def check_plan(plan, batch_size: int, shape: DecoderShape, device: torch.device)
     return plan
 
 
+def host_budgets(budget, batch_size: int, graph_safe: bool) -> list[float]:
+    """``resolve_budgets`` of a ``latency_budget``; ``ValueError`` for a tensor off the CPU where nothing may be read
+    back to the host (``graph_safe``)."""
+    if graph_safe and isinstance(budget, torch.Tensor) and budget.device.type != "cpu":
+        raise ValueError(f"latency_budget: a tensor on {budget.device} is read back to the host to plan, which a "
+                         "request within graph_safe() or a CUDA-graph capture may not do; give floats or a CPU "
+                         "tensor (a capture keeps the budgets it was captured with)")
+    return resolve_budgets(budget, batch_size)
+
+
 def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph_safe: bool) -> None:
     """``ValueError`` when a call that continues ``cache`` asks for another plan or other budgets than the
     request that filled it: its keys, values and plan are that request's, and would be run regardless. The
@@ -237,7 +247,7 @@ def check_continuation(cache: AdaptiveCache, request, shape: DecoderShape, graph
             same = given == cache.plan
             made = "another plan"
         else:
-            same = cache.budgets is not None and resolve_budgets(given, cache.batch_size) == cache.budgets
+            same = cache.budgets is not None and host_budgets(given, cache.batch_size, graph_safe) == cache.budgets
             made = f"latency_budget {cache.budgets}" if cache.budgets else "no latency_budget (it has no latency token)"
         if not same:
             raise ValueError(f"{name}: the cache this call continues ({CACHE_FIELD}) was filled under {made}, "
@@ -743,22 +753,23 @@ class AdaptiveDecoderMixin:
     def embed_new_tokens(self, input_ids, inputs_embeds, cache, in_capture: bool) -> tuple[torch.Tensor, bool]:
         """The new tokens' embeddings [B, S, D], and whether they continue ``cache`` (an ``AdaptiveCache`` an
         earlier call filled: decoding) or begin a request. ``ValueError`` for both or neither of ``input_ids``
-        and ``inputs_embeds``, for rows other than the continued cache's, for a cache filled outside a CUDA-graph
-        capture continued ``in_capture``, and for a prompt of no tokens; a cache made in a capture is continued
-        eagerly from its latest replay (``AdaptiveCache.catch_up``); a new request's layers and cache are checked
+        and ``inputs_embeds``, for rows other than the continued cache's, for a cache that an eager call wrote last
+        continued ``in_capture``, and for a prompt of no tokens; a cache made in a capture is continued eagerly from
+        its latest replay (``AdaptiveCache.catch_up``); a new request's layers and cache are checked
         (``recheck_layers``, ``check_fresh_cache``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
         if isinstance(cache, AdaptiveCache) and cache.length > 0:
-            if in_capture and cache.replayed_call is None:
-                raise ValueError(f"{CACHE_FIELD}: a cache filled outside a CUDA-graph capture is continued inside "
-                                 "one, whose replays would each write the position captured; a patched model replays "
-                                 "its decode steps as CUDA graphs itself, or capture the whole request, prefill "
-                                 "included")
-            if not in_capture and cache.replayed_call is not None:
-                cache.catch_up()
+            if in_capture and not cache.last_call_captured:
+                raise ValueError(f"{CACHE_FIELD}: a cache that an eager call wrote last (filled it, or continued it) "
+                                 "is continued inside a CUDA-graph capture, whose replays would each write the "
+                                 "position captured, after positions only that eager call wrote; a patched model "
+                                 "replays its decode steps as CUDA graphs itself, or capture the whole request, "
+                                 "prefill included, and continue it in captures before any eager call")
+            cache.catch_up()
+            cache.last_call_captured = in_capture
             if B != cache.batch_size:
                 raise ValueError(f"input_ids (or inputs_embeds) has {B} rows, but the cache it continues "
                                  f"({CACHE_FIELD}) holds {cache.batch_size}: a request continues with the rows it "
@@ -787,12 +798,7 @@ class AdaptiveDecoderMixin:
             plan = check_plan(request.execution_plan, batch_size, shape, device)
             return plan_schedule(plan, self._ak_settings, graph_safe), None
         if request.latency_budget is not None:
-            budget = request.latency_budget
-            if graph_safe and isinstance(budget, torch.Tensor) and budget.device.type != "cpu":
-                raise ValueError(f"latency_budget: a tensor on {budget.device} is read back to the host to plan, which a "
-                                 "request within graph_safe() or a CUDA-graph capture may not do; give floats or a CPU "
-                                 "tensor (a capture keeps the budgets it was captured with)")
-            return None, resolve_budgets(budget, batch_size)
+            return None, host_budgets(request.latency_budget, batch_size, graph_safe)
         full = ExecutionPlan.full(batch_size, shape.num_layers, shape.num_heads, device=device)
         return Schedule(full, [dense_layer(batch_size, shape, device)] * shape.num_layers), None
 
