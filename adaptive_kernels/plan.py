@@ -320,6 +320,10 @@ class ExecutionPlan:
         elif not isinstance(index, (slice, list, torch.Tensor)):
             raise ArgumentTypeError(f"ExecutionPlan.rows: index must be an int, a slice, or a list, tuple, tensor "
                                     f"or bool mask of rows, got {type(index).__name__}")
+        if isinstance(index, list) and not (all(map(is_integer, index))
+                                            or all(isinstance(i, (bool, np.bool_)) for i in index)):
+            raise ArgumentTypeError(f"ExecutionPlan.rows: a list or tuple of rows holds ints, or bools (a mask), "
+                                    f"got {index!r}")
         try:
             layers = self.layers[index]
         except (IndexError, TypeError, RuntimeError) as err:
@@ -336,6 +340,7 @@ class ExecutionPlan:
         their analytic FLOPs (projections and attention at that prompt length); otherwise every
         head and every group of a layer weighs the same and attention and MLP halves count equally.
         """
+        self._check_values("cost")
         heads, groups = self.heads.cpu(), self.groups.cpu()
         if self.shape is None or self.seq_len is None:
             per_layer = 0.5 * heads.double().mean(-1) + 0.5 * groups.double().mean(-1)
@@ -349,6 +354,7 @@ class ExecutionPlan:
         if not is_integer(row) or not -self.batch_size <= row < self.batch_size:
             raise refusal(is_integer(row))(
                 f"ExecutionPlan.summary: row must index one of the {self.batch_size} rows, got {row!r}")
+        self._check_values("summary")
         on = self.layers[row].nonzero().flatten().tolist()
         h = self.heads[row].sum(-1).tolist()
         g = self.groups[row].sum(-1).tolist()
@@ -358,13 +364,22 @@ class ExecutionPlan:
         """The same masks, wherever each plan is."""
         if not isinstance(other, ExecutionPlan):
             return False
+        self._check_values("==")
+        other._check_values("==")
         other = other.to(self.layers.device)
         return (torch.equal(self.layers, other.layers) and torch.equal(self.heads, other.heads)
                 and torch.equal(self.groups, other.groups))
 
+    def _check_values(self, method: str) -> None:
+        """``ValueError`` for a plan on the meta device (a request's there, say), whose masks hold no values."""
+        if self.layers.is_meta:
+            raise ValueError(f"ExecutionPlan {method}: this plan is on the meta device, whose masks hold no values; "
+                             "only its shapes can be read")
+
     def __repr__(self) -> str:
         B, L, H = self.heads.shape
-        return f"ExecutionPlan(batch={B}, layers={L}, heads={H}, executed layers per row={self.layers.sum(-1).tolist()})"
+        executed = "unknown (on meta)" if self.layers.is_meta else self.layers.sum(-1).tolist()
+        return f"ExecutionPlan(batch={B}, layers={L}, heads={H}, executed layers per row={executed})"
 
 
 def active_index(mask: np.ndarray) -> np.ndarray:

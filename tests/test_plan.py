@@ -155,11 +155,22 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     layers, heads, groups = _masks(B=3)
     plan = ExecutionPlan(layers, heads, groups)
     for index, picked in ((1, [1]), (-1, [2]), (torch.tensor(2), [2]), (slice(1, 3), [1, 2]), ([2, 0], [2, 0]),
-                          ((0, 1), [0, 1]), ((2,), [2]), (torch.tensor([True, False, True]), [0, 2])):
+                          ((0, 1), [0, 1]), ((2,), [2]), (torch.tensor([True, False, True]), [0, 2]),
+                          ([True, False, True], [0, 2]), ([np.int64(1)], [1])):
         part = plan.rows(index)
         assert part.batch_size == len(picked)
         for got, whole in zip((part.layers, part.heads, part.groups), (layers, heads, groups)):
             assert torch.equal(got, whole[picked])
+
+
+def test_a_plans_repr_counts_its_executed_layers_and_a_meta_plans_its_shapes_only():
+    layers, heads, groups = _masks(B=3)
+    plan = ExecutionPlan(layers, heads, groups)
+    B, L, H = heads.shape
+    assert repr(plan) == (f"ExecutionPlan(batch={B}, layers={L}, heads={H}, "
+                          f"executed layers per row={[int(n) for n in layers.sum(-1)]})")
+    assert repr(plan.to("meta")) == (f"ExecutionPlan(batch={B}, layers={L}, heads={H}, "
+                                     "executed layers per row=unknown (on meta))")
 
 
 @pytest.mark.parametrize("call,error,message", [
@@ -170,6 +181,13 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     (lambda p: p.rows("0"), ArgumentTypeError, "rows: index must be an int"),
     (lambda p: p.rows(1.0), ArgumentTypeError, "rows: index must be an int"),
     (lambda p: p.rows(None), ArgumentTypeError, "rows: index must be an int"),
+    (lambda p: p.rows([1.5]), ArgumentTypeError, r"rows: a list or tuple of rows holds ints, .* got \[1.5\]"),
+    (lambda p: p.rows((0, 2.9)), ArgumentTypeError, r"rows: a list or tuple of rows holds ints, .* got \[0, 2.9\]"),
+    (lambda p: p.rows([True, 1]), ArgumentTypeError, "rows: a list or tuple of rows holds ints, or bools"),
+    (lambda p: p.to("meta").cost(), ValueError, "ExecutionPlan cost: this plan is on the meta device"),
+    (lambda p: p.to("meta").summary(), ValueError, "ExecutionPlan summary: this plan is on the meta device"),
+    (lambda p: p == p.to("meta"), ValueError, "ExecutionPlan ==: this plan is on the meta device"),
+    (lambda p: p.to("meta") == p, ValueError, "ExecutionPlan ==: this plan is on the meta device"),
     (lambda p: p.summary(3), ValueError, "summary: row must index one of the 3 rows"),
     (lambda p: p.summary(None), ArgumentTypeError, "summary: row"),
     (lambda p: p.to(torch.float16), ArgumentTypeError, "to: device must be a torch.device, str or int"),
