@@ -101,13 +101,15 @@ class AdaptiveCache(Cache):
             keep = max(self.length + tokens_to_remove, 0)
         else:
             keep = tokens_to_remove
-            if self.counting_input_ids and self.latency_index is not None and keep > self.latency_index:
-                keep += 1  # the latency token sits among the positions kept
+            if self.counting_input_ids and self.latency_index is not None and keep >= self.latency_index:
+                keep += 1  # the latency token follows the prompt's ids kept
             keep = min(self.length, keep)
         if self.latency_index is not None and 0 < keep <= self.latency_index:
-            raise ValueError(f"crop: keeping {keep} of {self.length} cached positions would drop the latency token "
-                             f"(position {self.latency_index}, after the prompt) that this request's plan was made "
-                             f"from; keep at least {self.latency_index + 1}, or crop every position for a new request")
+            counted = "input ids" if self.counting_input_ids else "positions"  # the same below the token
+            raise ValueError(f"crop: keeping {keep} of {self.get_seq_length()} cached {counted} would drop the latency "
+                             f"token (position {self.latency_index}, after the prompt) that this request's plan was "
+                             f"made from; keep at least {self.latency_index + 1 - self.counting_input_ids}, or crop "
+                             "every position for a new request")
         self.length = keep
 
     def reset(self) -> None:

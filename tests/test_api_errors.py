@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import logging
 import re
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch.nn.utils import prune
 from safetensors.torch import save_file
 from transformers import (DynamicCache, GenerationConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           LlavaForConditionalGeneration, MistralConfig)
+from transformers.utils import logging as hf_logging
 
 import adaptive_kernels as ak
 from adaptive_kernels import backends
@@ -786,6 +788,32 @@ def test_a_budget_overrides_a_model_default_without_the_cache():
         model.generation_config.use_cache = False
         assert torch.equal(model.generate(**inputs, latency_budget=0.6, max_new_tokens=4, do_sample=False), want)
     assert model.generation_config.use_cache is False  # left as it was
+
+
+def test_a_budget_overriding_the_model_default_warns_of_no_argument_beside_a_given_config():
+    """The cache a budget needs is turned on in the GenerationConfig the call gives, not by a keyword beside it, of
+    which transformers would warn ("Passing generation_config together with generation-related arguments") though
+    the caller passed none; the given config is left as it was."""
+    model = ak.patch(tiny_llava(), "L", rank=2)
+    inputs = example_inputs(model, batch_size=1, seed=5)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False)
+    given = config.to_dict()
+    with torch.no_grad():
+        want = model.generate(**inputs, latency_budget=0.6, generation_config=config)
+    model.generation_config.use_cache = False
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    hf_logging.warning_once.cache_clear()  # said once per process
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        with torch.no_grad():
+            got = model.generate(**inputs, latency_budget=0.6, generation_config=config)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert torch.equal(got, want)
+    assert not [message for message in warned if "generation_config" in message], warned
+    assert config.to_dict() == given
 
 
 @pytest.mark.parametrize("option", [dict(prompt_lookup_num_tokens=3), dict(prompt_lookup_num_tokens=0),

@@ -975,7 +975,8 @@ def test_cache_answers_the_cache_api_or_refuses(stock):
 
 @pytest.mark.parametrize("view,argument,kept_positions", [
     (False, -3, 17), (False, 0, 20), (False, 12, 12), (False, 50, 20), (False, -9, 11),
-    (True, -3, 17), (True, 15, 16), (True, 11, 12), (True, 50, 20), (False, -25, 0), (True, -25, 0)])
+    (True, -3, 17), (True, 15, 16), (True, 11, 12), (True, 10, 11), (True, 50, 20), (False, -25, 0),
+    (True, -25, 0)])
 def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(view, argument, kept_positions):
     """20 filled positions, the latency token at 10: crop(-k) forgets the last k; crop(n > 0) keeps n as
     get_seq_length counts them, so in an input_id_view n input ids, with the latency token if it is among them;
@@ -992,14 +993,17 @@ def test_cache_crop_forgets_the_last_positions_or_keeps_as_many_as_it_counts(vie
     assert cache.length == kept_positions
 
 
-@pytest.mark.parametrize("view,argument", [(False, -10), (False, -15), (False, 10), (False, 3), (True, 10), (True, 5)])
+@pytest.mark.parametrize("view,argument", [(False, -10), (False, -15), (False, 10), (False, 3), (True, -10),
+                                           (True, 9), (True, 5)])
 def test_a_crop_that_would_drop_the_latency_token_is_refused(view, argument):
     """The prompt kept without the latency token it was planned from: a continuation ran its new tokens one
-    position late under a plan no token had made (2e-2 off the request), and the cache miscounted after."""
+    position late under a plan no token had made (2e-2 off the request), and the cache miscounted after. The
+    refusal counts as get_seq_length does: positions, or in an input_id_view input ids."""
     cache = AdaptiveCache(decoder_with(2), latency_index=10)
     cache.length = 20
+    counted = "19 cached input ids .* at least 10" if view else "20 cached positions .* at least 11"
     with cache.input_id_view() if view else contextlib.nullcontext():
-        with pytest.raises(ValueError, match="crop: keeping .* would drop the latency token .* at least 11"):
+        with pytest.raises(ValueError, match=f"crop: keeping .* of {counted}"):
             cache.crop(argument)
     assert cache.length == 20  # left as it was
 

@@ -10,6 +10,7 @@ and hands them to the adaptive decoder for the duration of the call.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import weakref
 from pathlib import Path
@@ -66,12 +67,11 @@ def _by_name(names: list[str], args: tuple, kwargs: dict) -> dict:
 def generate_option(kwargs: dict, model_config):
     """``option(name)``: the value of a generate option in a call given ``kwargs``, as generate merges them: the
     keyword, else the value in the ``generation_config`` given, else in the model's (``model_config``); None
-    where none sets it."""
-    configs = (kwargs.get("generation_config"), model_config)
-
+    where none sets it; read as ``kwargs`` stand when asked."""
     def option(name: str):
         if name in kwargs:
             return kwargs[name]
+        configs = (kwargs.get("generation_config"), model_config)
         return next((v for v in (getattr(c, name, None) for c in configs) if v is not None), None)
     return option
 
@@ -181,8 +181,13 @@ def _adaptive_llava_class(stock: type) -> type:
                 _check_request_generation(option, name)
         if latency_budget is not None:
             call_sets = "use_cache" in kwargs or getattr(kwargs.get("generation_config"), "use_cache", None) is not None
-            if not call_sets and not self.generation_config.use_cache:
-                kwargs["use_cache"] = True  # training checkpoints often save False: a budget needs the cache
+            if not call_sets and not self.generation_config.use_cache:  # training checkpoints often save False
+                given = kwargs.get("generation_config")  # set there, so that no keyword is passed beside it
+                if given is None:
+                    kwargs["use_cache"] = True
+                else:
+                    kwargs["generation_config"] = copy.deepcopy(given)
+                    kwargs["generation_config"].use_cache = True
             _check_budget_generation(option)
         latency_budget, execution_plan = _request_per_sequence(args, kwargs, option, latency_budget, execution_plan,
                                                                settings.shape, self.device)
