@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import re
 
@@ -912,6 +913,10 @@ def test_other_cache_implementations_are_refused_by_name(model, inputs, implemen
         assert torch.equal(model.generate(**inputs, latency_budget=budget, max_new_tokens=2,
                                           cache_implementation="dynamic"),
                            model.generate(**inputs, latency_budget=budget, max_new_tokens=2))
+        # a keyword overrides the config given, None included, as generate merges them: the default cache
+        assert torch.equal(model.generate(**inputs, latency_budget=budget, generation_config=config,
+                                          cache_implementation=None),
+                           model.generate(**inputs, latency_budget=budget, max_new_tokens=2))
 
 
 @pytest.mark.parametrize("budget", [None, 0.6])
@@ -922,10 +927,12 @@ def test_a_static_cache_passed_to_generate_is_refused_by_name(model, inputs, bud
     from transformers import StaticCache
 
     padded = example_inputs(model, batch_size=2, seed=1, pad=[2, 0])
-    for given in (padded, inputs):
+    # where models take `cache`, a past_key_values=None beside it is ignored, as transformers' deprecate_kwarg does
+    beside = [{}, {"past_key_values": None}] if CACHE_KWARG == "cache" else [{}]
+    for given, extra in itertools.product((padded, inputs), beside):
         static = StaticCache(config=model.config.text_config, max_cache_len=64)
         with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: .* takes no StaticCache"):
-            model.generate(**given, latency_budget=budget, max_new_tokens=2, **{CACHE_KWARG: static})
+            model.generate(**given, latency_budget=budget, max_new_tokens=2, **{CACHE_KWARG: static}, **extra)
     with torch.no_grad():
         dynamic = DynamicCache(config=model.config.text_config)
         assert torch.equal(model.generate(**padded, latency_budget=budget, max_new_tokens=2, do_sample=False,
@@ -1065,12 +1072,14 @@ def test_a_call_that_fails_mid_prefill_leaves_the_given_cache_free():
 def test_a_filled_cache_the_model_did_not_return_is_refused(model, inputs, request_):
     """A cache stock filled holds keys and values of every layer and head: the patched model would run the new
     tokens as a new prompt beside them, so it is refused by name, whatever the request."""
+    stock = tiny_llava(seed=2)
     with torch.no_grad():
-        filled = cache_of(tiny_llava(seed=2)(**inputs, use_cache=True))
-        assert isinstance(filled, DynamicCache) and filled.get_seq_length() > 0
-        with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: a patched model continues only the AdaptiveCache it "
-                                             "returned, got a filled DynamicCache"):
-            model(input_ids=torch.full((2, 1), 5), **{CACHE_KWARG: filled}, **request_)
+        for filled in (cache_of(stock(**inputs, use_cache=True)),
+                       cache_of(stock.model.language_model(input_ids=inputs["input_ids"][:, :1], use_cache=True))):
+            assert isinstance(filled, DynamicCache) and filled.get_seq_length() > 0
+            with pytest.raises(ValueError, match=f"^{CACHE_KWARG}: a patched model continues only the AdaptiveCache "
+                                                 "it returned, got a filled DynamicCache"):
+                model(input_ids=torch.full((2, 1), 5), **{CACHE_KWARG: filled}, **request_)
 
 
 def test_continuing_a_cache_with_another_row_count_is_refused(model, inputs):

@@ -151,6 +151,18 @@ def test_full_plan_gives_stock_result(stock, dtype):
     assert torch.equal(greedy(model, inputs, execution_plan=full), greedy(stock, inputs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_narrower_inputs_embeds_give_stock_result_on_the_torch_backend(stock, dtype):
+    """Half-precision inputs_embeds into the float32 model: the torch backend keeps them as given, as stock does
+    (promoting where they meet the weights), so the logits are stock's bit for bit; the kernel backends cast them
+    to the weights' dtype first (test_backends)."""
+    embeds = stock.model.language_model.embed_tokens(example_inputs(stock, batch_size=2, seed=9)["input_ids"])
+    embeds = embeds.detach().to(dtype)
+    model = patched(stock, "H", backend="torch")
+    with torch.no_grad():
+        assert torch.equal(model(inputs_embeds=embeds).logits, stock(inputs_embeds=embeds).logits)
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_full_plan_gives_stock_result_under_autocast_on_the_torch_backend(stock, mode):
     """torch.autocast (bfloat16 on the CPU) over the float32 model, as mixed-precision training runs it: the

@@ -46,6 +46,10 @@ def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
     # a float32 tensor's budget is the decimal written; a 16-bit one's that where the tensor holds less, else what
     # it holds
     assert resolve_budgets(torch.tensor(written, dtype=torch.float32), 100) == written
+    # a NumPy float32 scalar too: 12/13 held in 32 bits lies above the edge, its decimal below it
+    decimal = float(str(np.float32(12 / 13)))
+    assert decimal < 12 / 13 < float(np.float32(12 / 13))
+    assert resolve_budgets(np.float32(12 / 13), 1) == resolve_budgets(torch.tensor(12 / 13), 1) == [decimal]
     for dtype in (torch.float16, torch.bfloat16):
         held = torch.tensor(written, dtype=dtype).tolist()
         assert resolve_budgets(torch.tensor(written, dtype=dtype), 100) == list(map(max, written, held)), dtype
