@@ -381,7 +381,7 @@ def run(model, inputs: dict, args, rank: int, name: str, num_prefix_layers: int 
             if budget == 1.0:
                 full_ms = ms
             layers = plan.layers[0].nonzero().flatten().tolist()
-            print(f"variant {variant}  budget {budget:g}  units {units.scheduled_units(budget)}  cost {cost:.4f}  "
+            print(f"variant {variant}  budget {budget!r}  units {units.scheduled_units(budget)}  cost {cost:.4f}  "
                   f"latency {ms:.2f} ms")
             print(f"  {plan.summary()}")
             print(f"  tokens {tokens}")

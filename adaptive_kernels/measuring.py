@@ -164,9 +164,10 @@ def make_out_dir(name: str, out_dir, files=()) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name}: {out} exists and is not a folder")
-    for file in files:
-        if (out / file).is_dir():
-            raise ValueError(f"{name}: {out / file} is a folder, where the job writes a file")
+    for file in files:  # each written as <file>.part first (whole_file)
+        for written in (out / file, out / f"{file}.part"):
+            if written.is_dir():
+                raise ValueError(f"{name}: {written} is a folder, where the job writes a file")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -466,7 +466,7 @@ def targets_table(ratios: list[dict]) -> str:
     lines = [f"{'ratio (bound)':18}" + "".join(f"{f'{label} ({bound})':>21} " for label, bound in TARGETS.values())]
     for r in ratios:
         cells = "".join(f"{r[name]:21.3f}{'!' if r[name] > bound else ' '}" for name, (_, bound) in TARGETS.items())
-        lines.append(f"{r['variant']} {r['backend']:7} {r['budget']:<8g}{cells}")
+        lines.append(f"{r['variant']} {r['backend']:7} {r['budget']!r:<8}{cells}")
     return "\n".join(lines)
 
 
@@ -481,7 +481,7 @@ def report(rows: list[Row]) -> str:
     (``adherence_table``) and their target ratios (``targets_table``)."""
     lines = [f"{'system':22} {'var':3} {'backend':12} {'budget':>6} {'cost':>5} {'prefill ms':>10} "
              f"{'kernels/floor':>13} {'decode ms/tok':>13} {'setup ms':>9} {'sched ms':>9}"]
-    lines += [f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget:6g} {r.cost:5.2f} {r.prefill_ms:10.2f} "
+    lines += [f"{r.system:22} {r.variant:3} {r.backend:12} {r.budget!r:>6} {r.cost:5.2f} {r.prefill_ms:10.2f} "
               f"{ratio(r.prefill_kernel_ms, r.prefill_floor_ms):13.2f} {r.decode_ms_per_token:13.2f} "
               f"{r.decode_setup_ms:9.2f} {r.schedule_ms:9.2f}" for r in rows]
     return "\n".join(lines + [adherence_table(budget_adherence(rows)), targets_table(target_ratios(rows))])

@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from .plan import is_integer
+
 IMAGE_TOKEN_ID = 511
 TINY_RANK = 2  # the H rank for the tiny model: 4 units in its 8 heads
 
 
 def tiny_llava_config(num_layers: int = 8, num_heads: int = 8, num_kv_heads: int = 4, hidden_size: int = 64,
                       intermediate_size: int = 172, vocab_size: int = 512) -> LlavaConfig:
-    """A LLaVA-1.5-shaped config at toy sizes: 16 image tokens from a 28x28 image in 7x7 patches."""
+    """A LLaVA-1.5-shaped config at toy sizes: 16 image tokens from a 28x28 image in 7x7 patches. ``ValueError``
+    for sizes a Llama decoder cannot run (heads that do not divide the hidden size, or key/value heads the heads)."""
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(f"tiny_llava_config: num_heads must divide hidden_size and num_kv_heads num_heads, got "
+                         f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}")
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=28, patch_size=7, projection_dim=32)
     text = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
@@ -49,8 +55,13 @@ def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int 
     """Random prompts: two text tokens, the image tokens (``image_token_count``), then the rest of the text
     (ids in [1, vocab_size), the image token's excepted).
 
-    ``pad`` gives the number of left-padding positions per row (default none).
+    ``pad`` gives the number of left-padding positions per row (default none), each at most ``text_tokens - 2``:
+    a row padded by n drops its last n tokens, the image's kept (``ValueError`` otherwise).
     """
+    pad = list(pad or [])
+    if len(pad) > batch_size or not all(is_integer(n) and 0 <= n <= text_tokens - 2 for n in pad):
+        raise ValueError(f"pad: at most one count per row ({batch_size}), each an int in [0, text_tokens - 2 = "
+                         f"{text_tokens - 2}], got {pad!r}")
     config = model.config
     image_tokens = image_token_count(model)
     g = torch.Generator().manual_seed(seed)
@@ -58,7 +69,7 @@ def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int 
     text += text >= config.image_token_id  # past the image token's id
     ids = torch.cat([text[:, :2], torch.full((batch_size, image_tokens), config.image_token_id), text[:, 2:]], dim=1)
     mask = torch.ones_like(ids)
-    for row, n in enumerate(pad or []):
+    for row, n in enumerate(pad):
         if n:
             ids[row] = torch.cat([torch.zeros(n, dtype=ids.dtype), ids[row, :-n]])
             mask[row, :n] = 0

@@ -108,9 +108,9 @@ def test_ideal_is_the_latency_at_full_budget_times_the_cost(default_run, tmp_pat
         for r in mine:
             assert float(r["ideal_ms"]) == pytest.approx(float(full["latency_ms"]) * float(r["cost"]), rel=1e-12)
         assert any(float(r["cost"]) < 1 for r in mine)  # the ideal falls below the latency at 1.0 somewhere
-    partial, printed = run_main(["--variants", "L", "--budgets", "0.999", "0.5", "--out", str(tmp_path), *FAST])
-    assert [float(r["budget"]) for r in partial] == [0.999, 0.5]
-    assert "budget 0.999 " in printed  # as given, not rounded to 1.00
+    partial, printed = run_main(["--variants", "L", "--budgets", "0.9999999", "0.5", "--out", str(tmp_path), *FAST])
+    assert [float(r["budget"]) for r in partial] == [0.9999999, 0.5]
+    assert "budget 0.9999999 " in printed  # as given, not rounded to 1.00 or 1
     assert "note: budget 1.0 is not among --budgets" in printed and "note:" not in default_run[2]
     assert all(r["ideal_ms"] == "" for r in partial)
 
@@ -514,8 +514,11 @@ def test_unloadable_weights_and_output_files_that_are_folders_exit_naming_the_op
     tiny_llava().save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not safetensors" * 8)
     (tmp_path / "out" / CSV_NAME).mkdir(parents=True)
+    (tmp_path / "part" / f"{CSV_NAME}.part").mkdir(parents=True)  # where it is written first
     for argv, says in ((["--model", str(tmp_path / "ckpt")], "argument --model: cannot load"),
-                       (["--out", str(tmp_path / "out")], f"argument --out: {tmp_path / 'out' / CSV_NAME} is a folder")):
+                       (["--out", str(tmp_path / "out")], f"argument --out: {tmp_path / 'out' / CSV_NAME} is a folder"),
+                       (["--out", str(tmp_path / "part")],
+                        f"argument --out: {tmp_path / 'part' / CSV_NAME}.part is a folder")):
         exits_naming(capsys, argv, says)
 
 
@@ -1230,6 +1233,23 @@ def test_example_inputs_left_pad_a_row_by_the_positions_given():
         assert padded["input_ids"][row, :n].tolist() == [0] * n
         assert torch.equal(padded["input_ids"][row, n:], plain["input_ids"][row, :S - n])
     assert torch.equal(padded["pixel_values"], plain["pixel_values"])
+
+
+@pytest.mark.parametrize("pad", [[11], [-1], [0.5], [0, 0]])
+def test_example_inputs_refuse_padding_that_would_cut_the_image_or_name_no_row(pad):
+    """A row padded by n drops its last n tokens: past the text after the image (10 of the 12 here) the image
+    tokens were cut, and the model failed on features and tokens that do not match, naming nothing given."""
+    refused = r"pad: at most one count per row \(1\), each an int in \[0, text_tokens - 2 = 10\]"
+    with pytest.raises(ValueError, match=refused):
+        example_inputs(tiny_llava(num_layers=2), batch_size=1, text_tokens=12, pad=pad)
+
+
+@pytest.mark.parametrize("sizes", [dict(num_heads=2), dict(num_kv_heads=3), dict(hidden_size=60)])
+def test_tiny_llava_refuses_sizes_a_llama_decoder_cannot_run(sizes):
+    """Heads that do not divide the hidden size, or key/value heads that do not divide the heads (the default 4 of
+    them under 2 heads, say), built a model whose first forward failed in broadcasting, naming no size."""
+    with pytest.raises(ValueError, match="tiny_llava_config: num_heads must divide hidden_size and num_kv_heads"):
+        tiny_llava(**sizes)
 
 
 def test_tiny_llava_draws_every_decoder_norm_weight_and_leaves_the_global_generator_alone():

@@ -31,7 +31,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # Triton: one program per row, the whole row in registers (D up to 16384).
 # ---------------------------------------------------------------------------------------------
 
-from ..errors import ArgumentTypeError  # noqa: E402
+from ..errors import ArgumentTypeError, refusal  # noqa: E402
 from ._library import (FLOAT_DTYPES, bucket, call_directly, check_launch, check_tensors,  # noqa: E402
                        differentiate_by_reference, finite_float, jit, run, tl, unit_last_stride)
 
@@ -72,8 +72,8 @@ def _rms_norm_launch(x, weight, eps, residual=None):
     if tuple(weight.shape) != (D,):
         raise ValueError(f"rms_norm: weight must be [{D}] (x's last size), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
-                         f"got {tuple(residual.shape)}, {residual.dtype}")
+        raise refusal(residual.dtype == x.dtype)(f"rms_norm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
+                                                 f"got {tuple(residual.shape)}, {residual.dtype}")
     if D > MAX_D:
         raise ValueError(f"rms_norm: x's last dimension must be at most {MAX_D}, got {D}; use rms_norm_reference")
     out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ArgumentTypeError
+from ..errors import ArgumentTypeError, refusal
 from ._library import FLOAT_DTYPES, INDEX_DTYPES, check_tensors
 
 
@@ -283,8 +283,9 @@ def check_rows_launch(op, x, weight, rows, bias=None, weight2=None) -> None:
     else:
         check_gather_args(op, "x", x, weight, "rows", rows, weight_name="w_gate")
         if weight2.shape != weight.shape or weight2.dtype != weight.dtype:
-            raise ValueError(f"{op}: w_up must match w_gate ({tuple(weight.shape)}, {weight.dtype}), "
-                             f"got {tuple(weight2.shape)}, {weight2.dtype}")
+            raise refusal(weight2.dtype == weight.dtype)(
+                f"{op}: w_up must match w_gate ({tuple(weight.shape)}, {weight.dtype}), got {tuple(weight2.shape)}, "
+                f"{weight2.dtype}")
 
 
 def rows_launch(op, x, weight, rows, bias=None, weight2=None):

@@ -82,8 +82,11 @@ def test_weight_through_its_stride():
 def test_mismatched_arguments_are_refused():
     gen = generator("bad")
     x = randn(2, 8, gen=gen)
-    with pytest.raises(ValueError, match="residual must match x"):
+    with pytest.raises(ArgumentTypeError, match="residual must match x"):  # another dtype, as weight's
         rms_norm(x, randn(8, gen=gen), 1e-6, randn(2, 8, gen=gen, dtype=torch.float16))
+    with pytest.raises(ValueError, match="residual must match x") as refused:  # another shape
+        rms_norm(x, randn(8, gen=gen), 1e-6, randn(2, 7, gen=gen))
+    assert not isinstance(refused.value, TypeError)
     with pytest.raises(ValueError, match=r"weight must be \[8\]"):
         rms_norm(x, randn(7, gen=gen), 1e-6)
     with pytest.raises(ValueError, match="x must be .* got a 0-d tensor"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops.swiglu import gathered_swiglu, gathered_swiglu_reference
 
 from ._util import DEVICE, DTYPE_PARAMS, check, generator, index_lists, randn
@@ -81,6 +82,9 @@ def test_bad_arguments_are_refused_without_a_list(T):
                           ((x, wg[:, :-1], wu[:, :-1]), "w_gate must be")]:
         with pytest.raises(ValueError, match=message):
             gathered_swiglu(*args, None)
+    for weights in ((wg, wu.half()), (wg.half(), wu)):  # another dtype in either weight: a type error alike
+        with pytest.raises(ArgumentTypeError, match="w_up must match w_gate|w_gate must have x's dtype"):
+            gathered_swiglu(x, *weights, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
