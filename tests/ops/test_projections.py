@@ -79,6 +79,18 @@ def test_gather_cols_linear_split(monkeypatch, dtype, split):
 
 
 @pytest.mark.triton
+def test_gather_cols_linear_split_sums_outputs_past_one_block(monkeypatch):
+    """The split's fp32 partials are summed by programs of 1024 outputs each: 3 rows of 600 outputs (1800, not a
+    multiple of 1024) need a second program, which covers the rest only in part."""
+    monkeypatch.setattr(projections, "_split_columns", lambda *args: 2)
+    gen = generator("sum past one block")
+    cols = index_lists([N, 40, 0], N, gen, "runs")
+    a = randn(3, 1, N, gen=gen)
+    w = cols_major(randn(600, N, gen=gen, scale=N ** -0.5))
+    check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a, w, cols), torch.float32)
+
+
+@pytest.mark.triton
 def test_empty_index_lists():
     gen = generator(1)
     x = randn(2, 3, D, gen=gen)
