@@ -154,13 +154,15 @@ def cpu_threads(threads: int | None):
 
 
 def make_out_dir(name: str, out_dir, files=()) -> Path:
-    """Make the folder ``out_dir`` (a str or Path) and return it; ``ValueError`` naming ``name`` where it cannot
-    be one, a file cannot be created in it, or one of ``files`` (the names the job writes there) is a folder
-    (before anything is timed)."""
+    """Make the folder ``out_dir`` (a str or Path) and return it; ``ValueError`` naming ``name`` where it is an
+    empty str (which Path reads as the current folder), cannot be a folder, a file cannot be created in it, or one
+    of ``files`` (the names the job writes there) is a folder (before anything is timed)."""
     import tempfile
 
     if not isinstance(out_dir, (str, Path)):
         raise ArgumentTypeError(f"{name} must be a str or Path of a folder, got {out_dir!r}")
+    if isinstance(out_dir, str) and not out_dir:
+        raise ValueError(f"{name}: an empty path names no folder")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name}: {out} exists and is not a folder")

@@ -251,18 +251,23 @@ def test_processor_whose_inputs_do_not_fit_the_model_is_refused_naming_model(tmp
 
 def test_malformed_checkpoints_and_scheduler_settings_exit_naming_the_option(tmp_path, capsys):
     """A config field of the wrong type (transformers raises an error that is no ValueError), an image token id
-    outside the vocabulary, a scheduler file whose saved rank does not divide the heads or is no decimal
-    integer, and an empty --out: each exits 2 naming the option, without a traceback."""
+    outside the vocabulary (past it or negative), a scheduler file whose saved rank does not divide the heads or is
+    no decimal integer, a --rank that does not divide them beside a scheduler saved at one that does (the --rank
+    given is the one named, not the file), and an empty --out: each exits 2 naming the option, without a
+    traceback."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    for name, edit in (("eps_as_text", {"rms_norm_eps": "1e-6"}), ("image_token_past_vocab", None)):
+    for name, edit in (("eps_as_text", {"rms_norm_eps": "1e-6"}), ("image_token_past_vocab", None),
+                       ("image_token_negative", -3)):
         tiny_llava().save_pretrained(tmp_path / name)
         config = json.loads((tmp_path / name / "config.json").read_text())
         if edit is None:
             config["image_token_id"] = config["text_config"]["vocab_size"]
+        elif isinstance(edit, int):
+            config["image_token_id"] = edit
         else:
             config["text_config"].update(edit)
         (tmp_path / name / "config.json").write_text(json.dumps(config))
@@ -276,10 +281,15 @@ def test_malformed_checkpoints_and_scheduler_settings_exit_naming_the_option(tmp
     for argv, says in ((["--model", str(tmp_path / "eps_as_text"), "--out", out], "argument --model: cannot load"),
                        (["--model", str(tmp_path / "image_token_past_vocab"), "--out", out],
                         "argument --model: the image token id of"),
+                       (["--model", str(tmp_path / "image_token_negative"), "--out", out],
+                        f"argument --model: the image token id of {tmp_path / 'image_token_negative'}, -3, is outside "
+                        "its vocabulary [0, 512)"),
                        (["--scheduler", str(tmp_path / "rank_51.safetensors"), "--variants", "H", "--out", out],
                         "argument --scheduler: its saved rank, 3 does not divide the model's 8 attention heads"),
                        (["--scheduler", str(tmp_path / "rank_178.safetensors"), "--variants", "H", "--out", out],
                         "with --scheduler"),
+                       (["--scheduler", str(good), "--variants", "H", "--rank", "3", "--out", out],
+                        "argument --rank: 3 does not divide the model's 8 attention heads (variant H)"),
                        (["--out", ""], "argument --out: must name a folder, got an empty path")):
         exits_naming(capsys, argv, says)
     assert not (tmp_path / "out" / CSV_NAME).exists()
@@ -696,6 +706,38 @@ def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, mo
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stock.state_dict().values()))
 
 
+def test_each_plans_stock_references_are_measured_once_with_the_first_backend(tmp_path, monkeypatch):
+    """With two backends every (variant, backend, budget) plan is measured, and the stock references of each
+    variant's plan at each budget (masked, ideal) once, with the first backend given (here triton): with every
+    backend they were measured, and written as rows, twice. The run is faked: only the sweep's job loop runs."""
+    from adaptive_kernels import sweep as sweep_module
+
+    measured = []
+
+    class Run:
+        def __init__(self, device, new_tokens, repeats, out_dir):
+            assert (device, new_tokens, repeats, out_dir) == ("cpu", 2, 1, tmp_path)
+            self.rows, self.failures, self.stem = [], [], "sweep-faked"
+
+        def measure_stock(self):
+            measured.append("stock")
+
+        def attempt(self, name, job, *args):
+            job(*args)
+
+        def measure_plan(self, variant, backend, budget, references):
+            measured.append((variant, backend, budget, references))
+
+    monkeypatch.setattr(sweep_module, "_SweepRun", Run)
+    monkeypatch.setattr(sweep_module, "plot_rows", lambda rows, path: None)
+    variants, backends, budgets = ("H", "L"), ("triton", "torch"), (0.6, 1.0, 0.8)
+    assert sweep_module._sweep("cpu", variants, backends, budgets, 2, 1, tmp_path, False) == []
+    assert measured[0] == "stock"
+    plans = measured[1:]
+    assert sorted(p[:3] for p in plans) == sorted((v, be, b) for v in variants for be in backends for b in budgets)
+    assert sorted(p[:3] for p in plans if p[3]) == sorted((v, "triton", b) for v in variants for b in budgets)
+
+
 SWEEP_ROW = dict(model="m", variant="L", backend="torch", vision_ms=1.0, device="cpu", dtype="float32", rank=2,
                  new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
 
@@ -788,6 +830,46 @@ def test_decode_timing_is_nan_where_more_tokens_did_not_take_longer(longer_minus
     assert math.isnan(per_token) and math.isnan(setup_ms)
 
 
+def test_decode_times_on_cuda_give_the_steady_kernel_time_per_token_and_a_positive_setup(monkeypatch):
+    """_SweepRun.decode_times with faked clocks: a generated token costs 1.5 ms of wall time and 0.25 ms of kernels,
+    and the 2nd and 3rd tokens 3 ms and 1.25 ms more, once. decode_kernel_ms is the steady kernel time per token,
+    from generate(n + 3) and generate(3) (from generate(1), the first steps' extra kernels counted in it, it read
+    0.54); decode_setup_ms is what the first two decode steps cost beyond two steady ones, +3 (not -3); on the CPU
+    no kernel time is taken."""
+    from adaptive_kernels import sweep as sweep_module
+
+    asked = []
+
+    class Model:
+        def generate(self, inputs_embeds, attention_mask, do_sample, max_new_tokens, min_new_tokens):
+            assert (inputs_embeds, attention_mask, do_sample, min_new_tokens) == ("embeds", "mask", False,
+                                                                                  max_new_tokens)
+            asked.append(max_new_tokens)
+
+    def median_ms(fn, repeats):
+        assert repeats == 2
+        fn()
+        return 12.0 + 1.5 * asked[-1] + (3.0 if asked[-1] >= 3 else 0.0)
+
+    def kernel_ms(fn):
+        fn()
+        return 2.0 + 0.25 * asked[-1] + (1.25 if asked[-1] >= 3 else 0.0)
+
+    monkeypatch.setattr(sweep_module, "kernel_ms", kernel_ms)
+    run = object.__new__(sweep_module._SweepRun)  # its clocks and settings only: no model built
+    run.device, run.new_tokens, run.repeats, run.median_ms, run.failures = "cuda", 6, 2, median_ms, []
+    times = run.decode_times(Model(), "embeds", "mask", kernels=True)
+    assert times.keys() == {"decode_ms_per_token", "decode_setup_ms", "decode_kernel_ms"}
+    assert times["decode_ms_per_token"] == pytest.approx(1.5, rel=1e-12)
+    assert times["decode_setup_ms"] == pytest.approx(3.0, rel=1e-12)
+    assert times["decode_kernel_ms"] == pytest.approx(0.25, rel=1e-12)
+    assert sorted(set(asked)) == [1, 3, 9] and run.failures == []
+    run.device = "cpu"
+    monkeypatch.setattr(sweep_module, "kernel_ms", lambda fn: pytest.fail("kernel time taken on the cpu"))
+    times = run.decode_times(Model(), "embeds", "mask", kernels=True)
+    assert times["decode_setup_ms"] == pytest.approx(3.0, rel=1e-12) and math.isnan(times["decode_kernel_ms"])
+
+
 def test_decode_is_compared_with_compiled_stock_at_full_budget_only():
     """decode_vs_compiled_stock is adaptive decode per token over compiled stock's at budget 1.0 (both full
     models), and NaN at every other budget; NaN throughout without a compiled stock row."""
@@ -810,8 +892,8 @@ def test_decode_is_compared_with_compiled_stock_at_full_budget_only():
 
 def test_a_rewrite_replaces_the_file_whole(tmp_path, monkeypatch):
     """The sweep and the benchmarks rewrite their files after each row, and a time limit may kill them at any
-    point: until a rewrite is done the previous file stays whole, and a rewrite that fails leaves it and no
-    part file."""
+    point: until a rewrite is done the previous file stays whole, and a rewrite that fails, or is interrupted
+    (Ctrl-C, a KeyboardInterrupt, which is no Exception), leaves it and no part file."""
     from adaptive_kernels.measuring import whole_file
     from adaptive_kernels.sweep import Row, write_records
 
@@ -822,6 +904,12 @@ def test_a_rewrite_replaces_the_file_whole(tmp_path, monkeypatch):
         f.flush()
         assert path.read_text() == "old"
         raise RuntimeError("cut")
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
+    with pytest.raises(KeyboardInterrupt), whole_file(path) as f:
+        f.write("new, interrupted")
+        f.flush()
+        assert (tmp_path / "f.json.part").read_text() == "new, interrupted"
+        raise KeyboardInterrupt
     assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]
     with whole_file(path) as f:
         f.write("new")
@@ -1133,6 +1221,41 @@ def test_a_cuda_timed_call_starts_on_an_idle_device(monkeypatch):
     assert log == ["synchronize", "record", "call", "record", "synchronize"]
 
 
+def test_kernel_ms_reads_the_profilers_microseconds_as_ms_and_nan_where_it_saw_no_kernel(monkeypatch):
+    """kernel_ms sums the profiler's self_device_time_total, which is in microseconds, as ms: kernels of 1200, 300
+    and 45 us read 1.545 ms (not 0.001545); a profile with no kernel time measured nothing and reads NaN, not 0 ms,
+    which a ratio would take as infinitely fast. The profiler is faked: no GPU needed."""
+    import types
+
+    import torch.profiler
+
+    from adaptive_kernels import measuring
+
+    kernels, log = [], []
+
+    class Profile:
+        def __init__(self, activities):
+            assert activities == [torch.profiler.ProfilerActivity.CUDA]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [types.SimpleNamespace(self_device_time_total=us) for us in kernels]
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: log.append("synchronize"))
+    kernels[:] = [1200.0, 300.0, 45.0]
+    assert measuring.kernel_ms(lambda: log.append("call")) == pytest.approx(1.545, rel=1e-12)
+    assert log == ["call", "synchronize"]  # the kernels done before the profile ends
+    for no_kernel_time in ([], [0.0, 0.0]):
+        kernels[:] = no_kernel_time
+        assert math.isnan(measuring.kernel_ms(lambda: None)), no_kernel_time
+
+
 def test_targets_table_marks_each_ratio_above_its_own_bound():
     """Each cell sits under its own ratio's header, its number ending where the header does, and is marked ``!`` when above that ratio's bound only: not at
     the bound, not below it, not when not measured (NaN)."""
@@ -1155,6 +1278,20 @@ def test_targets_table_marks_each_ratio_above_its_own_bound():
         want = ratios[name[label]]
         assert (math.isnan(value) and math.isnan(want)) or value == pytest.approx(want, abs=1e-3), (label, cell)
         assert marked == (want > float(bound)), (label, cell)
+
+
+def test_report_prints_each_budget_as_given_in_its_rows_and_its_targets():
+    """The sweep's report, its rows and its targets table, prints a budget as given (repr), as the main job does:
+    with '{:g}' 0.9999999 printed as 1, which reads as the full model, and 0.1 + 0.2 as 0.3."""
+    from adaptive_kernels.sweep import Row, report
+
+    budgets = {1.0: (1.0, 20.0), 0.9999999: (0.9375, 19.0), 0.1 + 0.2: (0.5, 11.0)}  # budget: cost, prefill ms
+    rows = [Row(system="adaptive", budget=b, cost=c, prefill_ms=p, **SWEEP_ROW) for b, (c, p) in budgets.items()]
+    lines = report(rows).splitlines()
+    for line, (b, (c, p)) in zip(lines[1:4], budgets.items(), strict=True):
+        assert line.split()[:6] == ["adaptive", "L", "torch", repr(b), f"{c:.2f}", f"{p:.2f}"], line
+    targets = [line.split()[:3] for line in lines if line.startswith("L torch ")]
+    assert targets == [["L", "torch", "1.0"], ["L", "torch", "0.9999999"], ["L", "torch", "0.30000000000000004"]]
 
 
 def test_prefill_is_compared_with_the_ideal_of_its_own_variant_and_budget():
@@ -1211,13 +1348,16 @@ def test_example_inputs_refuse_a_vision_tower_they_cannot_count_the_image_tokens
 @pytest.mark.parametrize("image_token_id", [0, 1, 200, 511])
 def test_example_inputs_draw_text_ids_from_the_whole_vocabulary_but_the_image_tokens(image_token_id):
     """Text ids lie in [1, vocab_size) and never equal the image token's, wherever that id lies (at 1 the draw
-    failed; past 1 it was drawn below the image token only)."""
+    failed; past 1 it was drawn below the image token only); the top text id, 511 (510 where 511 is the image
+    token's), is drawn too: 20,480 draws of about 510 ids leave any one out with odds near e^-40."""
     model = tiny_llava()
     model.config.image_token_id = image_token_id
-    ids = example_inputs(model, batch_size=64, text_tokens=20)["input_ids"]
+    ids = example_inputs(model, batch_size=1024, text_tokens=20)["input_ids"]
     text = ids[ids != image_token_id]
-    assert (ids == image_token_id).sum() == 64 * 16 and text.numel() == 64 * 20
-    assert text.min() >= 1 and text.max() < 512 and (image_token_id != 200 or text.max() > 200)
+    assert (ids == image_token_id).sum() == 1024 * 16 and text.numel() == 1024 * 20
+    drawn, allowed = set(text.tolist()), set(range(1, 512)) - {image_token_id}
+    assert drawn <= allowed and max(drawn) == max(allowed) == (510 if image_token_id == 511 else 511)
+    assert image_token_id != 200 or {199, 201} <= drawn  # either side of the image token's id
 
 
 def test_example_inputs_left_pad_a_row_by_the_positions_given():
@@ -1332,6 +1472,7 @@ def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path
     ({"variants": ("L", "L")}, "variants", ValueError),
     ({"budgets": (0.5, 1.0, 0.5)}, "budgets", ValueError),
     ({"out_dir": None}, "out_dir", ArgumentTypeError),
+    ({"out_dir": ""}, "out_dir", ValueError),  # Path("") is the current folder: the results would land there
 ])
 def test_sweep_refuses_bad_arguments_before_building_the_model(bad, named, error, tmp_path, monkeypatch):
     from adaptive_kernels import sweep as sweep_module
@@ -1364,11 +1505,13 @@ def test_sweep_refuses_an_out_dir_that_cannot_be_a_folder_before_building_the_mo
     assert file.read_text() == "kept"
 
 
-@pytest.mark.parametrize("file", ["sweep-tiny.csv", "sweep-tiny.png"])
+@pytest.mark.parametrize("file", ["sweep-tiny.csv", "sweep-tiny.json", "sweep-tiny-adherence.json",
+                                  "sweep-tiny-targets.json", "sweep-tiny.png"])
 def test_sweep_refuses_a_folder_where_it_writes_a_file_before_building_the_model(file, tmp_path, monkeypatch,
                                                                                   capsys):
-    """The rows' CSV would fail after the first row was timed, the plot after the whole sweep: both are
-    refused up front, by the function and by the subcommand, naming the folder in the way."""
+    """The records (rows as CSV and JSON, adherence, target ratios) would fail after the first row was timed, the
+    plot after the whole sweep: each is refused up front, by the function and by the subcommand, naming the
+    folder in the way."""
     from adaptive_kernels import sweep as sweep_module
 
     def build_model(device, dtype):
@@ -1385,6 +1528,35 @@ def test_sweep_refuses_a_folder_where_it_writes_a_file_before_building_the_model
     assert exit_info.value.code == 2 and "Traceback" not in err, err
     assert f"argument --out: {tmp_path / file} is a folder" in err, err
     assert sorted(tmp_path.iterdir()) == [tmp_path / file]
+
+
+@pytest.mark.parametrize("case", ["empty", "a cuda file's name"])
+def test_sweep_subcommand_refuses_an_out_its_own_files_cannot_be_written_in_before_sweeping(case, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """`adaptive-kernels sweep --out ""` (Path("") is the current folder, where the results landed) and, on CUDA
+    (faked here), an --out holding a folder named as a file the CUDA sweep writes (the 7B-shaped model's names, not
+    the tiny one's the CPU's checks use) exit 2 naming --out, as the main job does, before the sweep starts (replaced
+    here by one that fails)."""
+    from adaptive_kernels import sweep as sweep_module
+
+    def started(*args, **kwargs):
+        raise AssertionError("the sweep started")
+
+    monkeypatch.setattr(sweep_module, "_sweep", started)
+    monkeypatch.chdir(tmp_path)  # where an empty --out would write
+    if case == "empty":
+        argv, says, kept = ["--device", "cpu", "--out", ""], "argument --out: must name a folder, got an empty path", []
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        (tmp_path / "sweep-llava-1.5-7b-shaped.csv").mkdir()
+        argv, kept = ["--device", "cuda", "--out", str(tmp_path)], [tmp_path / "sweep-llava-1.5-7b-shaped.csv"]
+        says = f"argument --out: {kept[0]} is a folder, where the job writes a file"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert says in err, err
+    assert sorted(tmp_path.iterdir()) == kept
 
 
 def test_sweep_records_and_plot_refuse_no_rows(tmp_path):
