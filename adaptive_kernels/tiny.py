@@ -65,8 +65,10 @@ def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int 
     config = model.config
     image_tokens = image_token_count(model)
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(1, config.text_config.vocab_size - 1, (batch_size, text_tokens), generator=g)
-    text += text >= config.image_token_id  # past the image token's id
+    vocab_size, image_token_id = config.text_config.vocab_size, config.image_token_id
+    among_text = 1 <= image_token_id < vocab_size  # an id the text's range holds, to be stepped over
+    text = torch.randint(1, vocab_size - among_text, (batch_size, text_tokens), generator=g)
+    text += among_text & (text >= image_token_id)  # past the image token's id
     ids = torch.cat([text[:, :2], torch.full((batch_size, image_tokens), config.image_token_id), text[:, 2:]], dim=1)
     mask = torch.ones_like(ids)
     for row, n in enumerate(pad):
