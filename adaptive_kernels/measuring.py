@@ -166,8 +166,8 @@ def make_out_dir(name: str, out_dir, files=()) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{name}: {out} exists and is not a folder")
-    for file in files:  # each written as <file>.part first (whole_file)
-        for written in (out / file, out / f"{file}.part"):
+    for file in files:
+        for written in (out / file, part_file(out / file)):
             if written.is_dir():
                 raise ValueError(f"{name}: {written} is a folder, where the job writes a file")
     try:
@@ -182,12 +182,17 @@ def make_out_dir(name: str, out_dir, files=()) -> Path:
     return out
 
 
+def part_file(path: Path) -> Path:
+    """Where ``whole_file`` writes ``path`` before it renames it: ``<name>.part`` beside it."""
+    return path.with_name(f"{path.name}.part")
+
+
 @contextlib.contextmanager
 def whole_file(path: Path):
     """A text file open for writing whose contents replace ``path`` at once when the block ends without error
     (written beside it as ``<name>.part``, then renamed): a run killed mid-write, as a time limit does, or a
     write that fails, leaves the previous file whole."""
-    part = path.with_name(f"{path.name}.part")
+    part = part_file(path)
     try:
         with open(part, "w", newline="") as f:
             yield f
