@@ -227,12 +227,14 @@ COMPILED_STOCK = "stock-static-compiled"
 
 
 def job_order(device: str, variants, backends, budgets) -> list:
-    """The sweep's jobs in the order run: the plans' (variant, backend, budget) of the first backend at the first
-    budget, then on CUDA ``COMPILED_STOCK`` (compiling takes a while), then the other plans. A run cut off by its
-    time limit still has the comparisons at the first budget (1.0 by default)."""
-    jobs = [(variant, backend, budget) for backend in backends for variant in variants for budget in budgets]
-    first = [job for job in jobs if job[1] == backends[0] and job[2] == budgets[0]]
-    return first + ([COMPILED_STOCK] if device == "cuda" else []) + [job for job in jobs if job not in first]
+    """The sweep's jobs in the order run: each backend's plans budget by budget, every variant at a budget before
+    the next budget, the first backend first; on CUDA ``COMPILED_STOCK`` (compiling takes a while) after the first
+    budget. A run cut off by its time limit still has the comparisons at the first budget (1.0 by default), and
+    then every variant at each budget it reached."""
+    jobs = [(variant, backend, budget) for backend in backends for budget in budgets for variant in variants]
+    if device != "cuda":
+        return jobs
+    return jobs[:len(variants)] + [COMPILED_STOCK] + jobs[len(variants):]
 
 
 def _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):

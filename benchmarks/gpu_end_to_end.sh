@@ -2,18 +2,21 @@
 # Every GPU check the project owes, in one device call of at most 10 minutes, from the repository root. Stages, in
 # this order by default, each under its time limit in seconds (the variable named sets it):
 #   tests  the CUDA cases of tests/ops, tests/test_backends.py, tests/test_generation.py, tests/test_graph_safe.py,
-#          tests/test_plan.py and tests/test_cuda_ext.py
-#          (TEST_SECONDS, 190)
-#   ext    the CUDA extension's GEMV next to Triton: benchmarks/gpu_cuda_ext.py --skip-tests (EXT_SECONDS, 60)
-#   sweep  adaptive-kernels sweep of the 7B-shaped model: triton rows at budget 1.0, then compiled stock, then the
-#          rest (SWEEP_SECONDS, 200)
+#          tests/test_plan.py and tests/test_cuda_ext.py, each test's verdict logged as it ends (TEST_SECONDS, 190)
+#   sweep  adaptive-kernels sweep of the 7B-shaped model: triton rows at budget 1.0, then compiled stock, then
+#          both variants at 0.5, 0.7, 0.9, 0.6 and 0.8 (the curve's range first), then the torch backend's rows
+#          (SWEEP_SECONDS, 200)
 #   ops    the Triton op rows not measured on a GPU yet: benchmarks/gpu_kernels.py --skip-tests -k OPS_FILTER
 #          (OPS_SECONDS, 60)
+#   ext    the CUDA extension's GEMV next to Triton: benchmarks/gpu_cuda_ext.py --skip-tests (its kernels are
+#          unchanged since their H100 rows of 2026-11-24; EXT_SECONDS, 30)
 #   sanitize  not in the default stages (a second call's work, on a machine whose runtime runs compute-sanitizer):
 #          memcheck, then racecheck, over the GPU tests of tests/test_cuda_ext.py: the extension's kernels have
 #          only been compiled, never run, before a GPU session (SANITIZE_SECONDS, 240)
-# The last stage run takes instead the time left before DEADLINE (seconds from the start, 480), 30 s at least: a
-# device session's 15 minutes include the machine's start, and this leaves room for one short rerun.
+# Each stage may run until the sum of its own and the earlier stages' limits, counted from the start: time a stage
+# leaves unused goes to the next, and the default stages end by 480 s (a device session's 15 minutes include the
+# machine's start, and this leaves room for one short rerun). A stage out of time gets SIGINT (pytest then prints
+# its summary), and SIGKILL 10 s later.
 # STAGES="tests sweep" runs some of them, in the order given. The sweep and the benchmarks write each row as it is
 # measured, so a stage cut off keeps what it measured. Results land in benchmarks/results/; the new ones, with the
 # whole log, are packed into $OUT/results.tar.gz. Tables are printed last (ops, extension, the sweep's adherence
@@ -32,7 +35,7 @@ mkdir -p "$out"
 log=$out/gpu.log
 start=$(date +%s)
 stamp=$(mktemp)  # results newer than this are this run's
-deadline=${DEADLINE:-480}
+scheduled=0  # seconds from the start by which the stages so far are to end
 verdicts=()
 status=0
 
@@ -44,7 +47,7 @@ run_stage() {  # name, seconds, command...: runs it under its time limit, output
   printf '\n== %s (%s s at most, from %s s)\n' "$name" "$seconds" $(( began - start )) | tee -a "$log"
   local before
   before=$(wc -l <"$log")
-  timeout -k 10 "$seconds" "$@" >>"$log" 2>&1  # killed 10 s after its limit if it ignores the signal
+  timeout -s INT -k 10 "$seconds" "$@" >>"$log" 2>&1  # killed 10 s after its limit if it ignores the signal
   local code=$?
   tail -n +$(( before + 1 )) "$log" | tail -3
   case $code in
@@ -57,35 +60,35 @@ run_stage() {  # name, seconds, command...: runs it under its time limit, output
 
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
   'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$log"
-stages=(${STAGES:-tests ext sweep ops})
+stages=(${STAGES:-tests sweep ops ext})
 for stage in "${stages[@]}"; do  # every name checked before any stage runs
   case $stage in
-    tests|ext|sweep|ops|sanitize) ;;
-    *) echo "STAGES: unknown stage $stage (tests, ext, sweep, ops, sanitize)" | tee -a "$log"; exit 2 ;;
+    tests|sweep|ops|ext|sanitize) ;;
+    *) echo "STAGES: unknown stage $stage (tests, sweep, ops, ext, sanitize)" | tee -a "$log"; exit 2 ;;
   esac
 done
 for stage in "${stages[@]}"; do
   case $stage in
     tests) seconds=${TEST_SECONDS:-190} ;;
-    ext) seconds=${EXT_SECONDS:-60} ;;
     sweep) seconds=${SWEEP_SECONDS:-200} ;;
     ops) seconds=${OPS_SECONDS:-60} ;;
+    ext) seconds=${EXT_SECONDS:-30} ;;
     sanitize) seconds=${SANITIZE_SECONDS:-240} ;;
   esac
-  if [ "$stage" = "${stages[-1]}" ]; then
-    left=$(( deadline - ($(date +%s) - start) ))
-    seconds=$(( left > 30 ? left : 30 ))
-  fi
+  scheduled=$(( scheduled + seconds ))
+  left=$(( scheduled - ($(date +%s) - start) ))
+  seconds=$(( left > 1 ? left : 1 ))
   case $stage in
     tests)  # fixed tile configs: the tests check the kernels' code; spread over the cores where pytest-xdist is there
       workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(nproc)")
       ADAPTIVE_KERNELS_AUTOTUNE=0 run_stage tests "$seconds" python3 -m pytest tests/test_cuda_ext.py \
         tests/test_backends.py tests/test_generation.py tests/test_graph_safe.py tests/test_plan.py tests/ops \
-        $workers -q -rf --tb=short -p no:cacheprovider ;;
-    ext) run_stage ext "$seconds" python3 benchmarks/gpu_cuda_ext.py --skip-tests ;;
-    sweep) run_stage sweep "$seconds" python3 -m adaptive_kernels sweep --new-tokens 16 --repeats 3 ;;
+        $workers -v -rf --tb=short -p no:cacheprovider ;;
+    sweep) run_stage sweep "$seconds" python3 -m adaptive_kernels sweep --new-tokens 16 --repeats 3 \
+             --budgets 1.0 0.5 0.7 0.9 0.6 0.8 ;;
     ops) run_stage ops "$seconds" python3 benchmarks/gpu_kernels.py --skip-tests \
            -k "${OPS_FILTER:-add_rms_norm or rotary or cols-major}" ;;
+    ext) run_stage ext "$seconds" python3 benchmarks/gpu_cuda_ext.py --skip-tests ;;
     sanitize) PATH=$PATH:/usr/local/cuda/bin run_stage sanitize "$seconds" bash -c 'for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 1 python3 -m pytest tests/test_cuda_ext.py -m gpu -q \
           -p no:cacheprovider || exit 1; done' ;;

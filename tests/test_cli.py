@@ -1104,6 +1104,20 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
         assert found["adaptive", b].decode_weight_floor_ms == pytest.approx(weights, rel=1e-12)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sweep_jobs_run_every_variant_at_a_budget_before_the_next_budget(device):
+    """A sweep cut off by its time limit has each variant at the budgets it reached (it had one variant's whole
+    curve and none of the other's): the first backend's plans budget by budget, on CUDA compiled stock after the
+    first budget, then the next backend's; each job once."""
+    from adaptive_kernels.sweep import COMPILED_STOCK, job_order
+
+    compiled = [COMPILED_STOCK] if device == "cuda" else []
+    expected = [("L", "triton", 1.0), ("H", "triton", 1.0), *compiled, ("L", "triton", 0.5), ("H", "triton", 0.5),
+                ("L", "triton", 0.8), ("H", "triton", 0.8), ("L", "torch", 1.0), ("H", "torch", 1.0),
+                ("L", "torch", 0.5), ("H", "torch", 0.5), ("L", "torch", 0.8), ("H", "torch", 0.8)]
+    assert job_order(device, ("L", "H"), ("triton", "torch"), (1.0, 0.5, 0.8)) == expected
+
+
 def test_the_cuda_sweep_fills_every_gpu_timing_on_a_cpu_made_to_pass_for_cuda(tmp_path, monkeypatch):
     """The sweep's CUDA-only work, run on the CPU with the device's timers faked by a clock that counts FLOPs:
     GPU kernel times of every prefill and of the adaptive rows' decode, each prefill captured as one graph

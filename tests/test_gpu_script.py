@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -31,8 +32,9 @@ def checkout_copy(tmp_path: Path) -> Path:
 def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
     work = checkout_copy(tmp_path)
     out = tmp_path / "out"
-    # the sweep, last, takes what is left of 60 s: its first row took 8 s on a 2-core machine, its whole run longer
-    env = {**os.environ, "OUT": str(out), "STAGES": "ext sweep", "DEADLINE": "60",
+    # the sweep takes what the extension's stage left of their 60 s: its first row took 8 s on a 2-core machine, its
+    # whole run longer
+    env = {**os.environ, "OUT": str(out), "STAGES": "ext sweep", "EXT_SECONDS": "30", "SWEEP_SECONDS": "30",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(["bash", "benchmarks/gpu_end_to_end.sh"], cwd=work, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -41,6 +43,8 @@ def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
     verdicts = done.stdout.strip().splitlines()[-2:]
     assert verdicts[0] == "ext: FAILED (exit 1; see gpu.log)", report
     assert re.fullmatch(r"sweep: (TIMED OUT after \d+ s|ok in \d+ s)", verdicts[1]), report
+    limit, began = map(int, re.search(r"== sweep \((\d+) s at most, from (\d+) s\)", done.stdout).groups())
+    assert 60 <= limit + began <= 61, report  # the time the extension's stage left went to the sweep
     assert "ratio (bound)" in done.stdout and "decode ms per token" in done.stdout, report
     with tarfile.open(out / "results.tar.gz") as packed:
         names = set(packed.getnames())
@@ -75,6 +79,30 @@ def test_a_stage_cut_off_releases_the_extension_builds_lock(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert "sweep: TIMED OUT after 1 s" in done.stdout.splitlines(), done.stdout + done.stderr
     assert not lock.exists()
+
+
+def test_a_stage_out_of_time_gets_sigint_first(tmp_path):
+    """A stage out of time gets SIGINT, on which pytest still logs its summary (which tests failed), where SIGTERM
+    ended it with nothing logged. pytest here is a stand-in that logs the signal; the script is started with SIGINT
+    at its default, as a shell in the foreground starts it."""
+    stand_in = tmp_path / "bin" / "python3"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m pytest" ]; then
+  trap 'echo "pytest stand-in: SIGINT"; exit 2' INT
+  while :; do sleep 0.1; done
+fi
+exec {sys.executable} "$@"
+""")
+    stand_in.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "STAGES": "tests", "TEST_SECONDS": "5",
+           "PATH": f"{stand_in.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", "benchmarks/gpu_end_to_end.sh"], cwd=checkout_copy(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert re.search(r"^tests: TIMED OUT after \d s$", done.stdout, re.M), done.stdout + done.stderr
+    assert "pytest stand-in: SIGINT" in (out / "gpu.log").read_text()
 
 
 def test_gpu_script_prints_its_help_and_refuses_arguments(tmp_path):
