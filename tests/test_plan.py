@@ -305,6 +305,20 @@ def test_mlp_rows_list_the_neurons_of_active_groups(intermediate):
             assert rows[r].tolist() == expected + [-1] * (rows.shape[1] - len(expected))
 
 
+@pytest.mark.parametrize("intermediate, num_groups", [(96, 6), (100, 6), (45, 4), (5, 8)])
+def test_the_masked_references_neuron_mask_follows_the_partition(intermediate, num_groups):
+    """The masked and sliced references (sliced.py) take each group's neurons from the partition the executor's
+    index lists use; against the method's own rule, written out here (the first M % G groups hold one neuron more),
+    so a wrong partition cannot pass as both the result and its reference."""
+    from adaptive_kernels.sliced import neuron_mask
+
+    groups = torch.rand(3, 2, num_groups, generator=torch.Generator().manual_seed(intermediate)) < 0.5
+    base, extra = divmod(intermediate, num_groups)
+    group_of = [next(g for g in range(num_groups) if n < (g + 1) * base + min(g + 1, extra))
+                for n in range(intermediate)]
+    assert neuron_mask(groups, intermediate).tolist() == groups[..., group_of].tolist()
+
+
 def _mixed_plan(seed: int, B: int, L: int, H: int) -> ExecutionPlan:
     """Per (row, layer) one of: skipped, dense, partial heads and groups, or nothing on but the layer."""
     g = torch.Generator().manual_seed(seed)
