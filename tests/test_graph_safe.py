@@ -41,9 +41,19 @@ def plan_with_skips(batch: int, layers: int, heads: int, seed: int) -> Execution
     return ExecutionPlan(on, h, gr)
 
 
+SCORED = dict(output_logits=True, return_dict_in_generate=True)  # greedy's ids with every step's logits
+
+
 def greedy(model, inputs, **request):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None, **request)
+
+
+def assert_same_decode(ours, reference):
+    """Two ``greedy(..., **SCORED)`` outputs give the same new ids, and each step's logits agree."""
+    assert torch.equal(ours.sequences[:, -4:], reference.sequences[:, -4:])
+    for step, (got, expected) in enumerate(zip(ours.logits, reference.logits, strict=True)):
+        torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"decode step {step}: {m}")
 
 
 def whole_request(model, embeds, mask):
@@ -63,23 +73,23 @@ def whole_request(model, embeds, mask):
 @pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "biased"])
 def test_a_plan_on_fixed_width_buffers_is_the_masked_computation(backend, biases):
     """Every layer runs at full width on every row, padded entries reading nothing; a row's skipped layer
-    (all units off) leaves it unchanged, projection biases included. Its decode gives the usual path's ids."""
+    (all units off) leaves it unchanged, projection biases included. Its decode steps give the masked
+    computation's logits and ids."""
     stock = stock_of_shape(71, num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12, attention_bias=biases,
                            mlp_bias=biases)
     inputs = example_inputs(stock, batch_size=2, seed=72, pad=[0, 3])
     plan = plan_with_skips(2, 4, 4, seed=73)
     model = ak.patch(copy.deepcopy(stock), "H", rank=1, backend=backend)
-    # the usual path's ids (compact index lists, skipped layers not called), on the torch backend: the
-    # backends' agreement is tests/test_backends.py's, and the interpreter is slow
-    usual = greedy(ak.patch(copy.deepcopy(stock), "H", rank=1, backend="torch"), inputs, execution_plan=plan)
     with torch.no_grad(), ak.graph_safe():
         ours = model(**inputs, execution_plan=plan)
+        ours_decode = greedy(model, inputs, execution_plan=plan, **SCORED)
+    masked_decode = greedy(masked_stock(stock, plan), inputs, **SCORED)
+    with torch.no_grad():
         masked = masked_stock(stock, plan)(**inputs).logits
-        ours_ids = greedy(model, inputs, execution_plan=plan)
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(ours.logits[valid], masked[valid], **TOL)
     assert ours.logits[~valid].isfinite().all()
-    assert torch.equal(ours_ids, usual)
+    assert_same_decode(ours_decode, masked_decode)
 
 
 def test_inside_graph_safe_a_skipped_layers_units_count_as_off():
@@ -127,14 +137,17 @@ def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     usual_ids = greedy(model, inputs, latency_budget=budgets)
     with torch.no_grad(), ak.graph_safe():
         ours = model(**inputs, latency_budget=budgets)
-        ours_ids = greedy(model, inputs, latency_budget=budgets)
+        ours_decode = greedy(model, inputs, latency_budget=budgets, **SCORED)
         embeds, mask = fed_latency_token(model, stock, inputs, budgets)
         masked = masked_stock(stock, cache_of(usual).plan)(inputs_embeds=embeds, attention_mask=mask).logits
+    masked_decode = greedy(masked_stock(stock, cache_of(usual).plan), dict(inputs_embeds=embeds, attention_mask=mask),
+                           **SCORED)
     assert cache_of(ours).plan == cache_of(usual).plan
     valid = mask.bool()
     torch.testing.assert_close(ours.logits[valid], usual.logits[valid], **TOL)
     torch.testing.assert_close(ours.logits[valid], masked[valid], **TOL)
-    assert torch.equal(ours_ids, usual_ids)
+    assert torch.equal(ours_decode.sequences, usual_ids)
+    assert_same_decode(ours_decode, masked_decode)
 
 
 def test_graph_safe_blocks_nest():
