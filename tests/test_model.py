@@ -1204,7 +1204,8 @@ def test_counted_flops_are_the_plans_products(stock):
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_plan_cost_is_the_share_of_flops_spent(stock, variant):
     """``cost()`` of ``ak.plan``'s plan: the counted products plus attention over all query-key pairs of the
-    prompt and latency token, 4 * head_dim * tokens**2 per query head on, over the same for every unit on."""
+    prompt and latency token, 4 * head_dim * tokens**2 per query head on, over the same for every unit on; the
+    plan the request runs, its cache's, costs the same."""
     model, config = patched(stock, variant), stock.config.text_config
     inputs = example_inputs(stock, batch_size=1, seed=10)
     tokens = inputs["input_ids"].shape[1] + 1
@@ -1218,6 +1219,9 @@ def test_plan_cost_is_the_share_of_flops_spent(stock, variant):
         spent = sum(_counted_layer_flops(model, **inputs, latency_budget=budget))
         spent += sum(attention_flops(plan.heads[0, l]) for l in range(L))
         assert float(plan.cost()[0]) == pytest.approx(spent / full, rel=1e-12), budget
+        with torch.no_grad():
+            ran = cache_of(model(**inputs, latency_budget=budget)).plan
+        assert ran == plan and torch.equal(ran.cost(), plan.cost()), budget
 
 
 def test_decode_bytes_are_the_cut_weights_and_the_compact_cache(stock):

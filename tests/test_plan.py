@@ -57,6 +57,34 @@ def test_bin_edges_are_exact_for_python_floats_and_float32_tensors():
     assert resolve_budgets(torch.tensor(0.3, dtype=torch.float64), 2) == [0.3, 0.3]
 
 
+def test_a_budget_just_below_an_edge_buys_the_units_below_it():
+    """The tolerance that keeps floats' rounding of k/T on its edge is far under 1e-7: a budget that much under an
+    edge of 200 units stays under it (counted here with exact fractions)."""
+    space = UnitSpace("L", 200, 0, 8, 2)
+    for b in (0.57 - 1e-7, 0.5 - 2e-7, 1 - 1e-7):
+        exact = Fraction(b) * 200
+        assert space.scheduled_units(b) == exact.numerator // exact.denominator, b
+
+
+def test_a_float32_budget_whose_shortest_decimal_has_eight_digits_buys_that_decimals_units():
+    """A float32 16/29 holds less than the edge 16/29 of 29 units; its shortest decimal, 0.55172414, eight
+    significant digits, reaches it and buys 16 units, as the Python float 16/29 does."""
+    held = torch.tensor(16 / 29, dtype=torch.float32).item()
+    (b,) = resolve_budgets(torch.tensor(16 / 29, dtype=torch.float32), 1)
+    assert held < 16 / 29 <= b == 0.55172414
+    assert UnitSpace("L", 29, 0, 8, 2).scheduled_units(b) == 16
+
+
+def test_a_plan_refuses_groups_of_other_rows_or_layers_even_where_they_broadcast():
+    """heads and groups are [B, L, H] with layers [B, L]: a [B, 1, H] or [1, L, H] mask is refused, not broadcast."""
+    layers, heads = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 3, 4, dtype=torch.bool)
+    for groups in (torch.ones(2, 1, 4, dtype=torch.bool), torch.ones(1, 3, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="ExecutionPlan shapes disagree"):
+            ExecutionPlan(layers, heads, groups)
+        with pytest.raises(ValueError, match="ExecutionPlan shapes disagree"):
+            ExecutionPlan(layers, groups, heads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "numpy float16"])
 def test_a_half_precision_budget_on_a_bin_edge_buys_that_edges_units(dtype):
     """Budgets of whole units, k/T, that a half-precision tensor holds exactly (ADALLAVA's training grids k/32 and
@@ -444,3 +472,10 @@ def test_summary_lists_units_of_executed_layers():
     heads = torch.tensor([[[0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]]], dtype=torch.bool)
     groups = torch.tensor([[[0, 0, 0], [0, 1, 1], [0, 0, 0], [0, 0, 0]]], dtype=torch.bool)
     assert ExecutionPlan(layers, heads, groups).summary() == "layers [1, 3] | heads/layer [1, 3] | groups/layer [2, 0]"
+    second_layers = torch.tensor([[True, False, True, False]])
+    second_heads = torch.tensor([[[1, 1, 1], [0, 0, 0], [1, 0, 1], [0, 0, 0]]], dtype=torch.bool)
+    second_groups = torch.tensor([[[1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 0, 0]]], dtype=torch.bool)
+    two_rows = ExecutionPlan(torch.cat([layers, second_layers]), torch.cat([heads, second_heads]),
+                             torch.cat([groups, second_groups]))
+    assert two_rows.summary(-1) == two_rows.summary(1) == "layers [0, 2] | heads/layer [3, 2] | groups/layer [1, 3]"
+    assert two_rows.summary(-2) == two_rows.summary(0) == ExecutionPlan(layers, heads, groups).summary()

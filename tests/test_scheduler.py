@@ -164,6 +164,22 @@ def test_a_gumbel_pick_draws_each_available_unit_as_often_as_softmax_says():
     torch.testing.assert_close(picks.mean(0), want, rtol=0, atol=0.005)  # about 11 standard deviations
 
 
+def test_a_gumbel_pick_of_a_row_with_nothing_available_is_zeros_and_a_zero_draw_is_finite(monkeypatch):
+    """A row with nothing available picks nothing, in value and gradient; a uniform draw of exactly 0 (torch.rand
+    can give it) still picks one available unit, with a finite gradient."""
+    logits = torch.randn(2, 5, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    available = torch.tensor([[True, False, True, False, False], [False] * 5])
+    picked = gumbel_pick(logits, available)
+    picked.sum().backward()
+    assert torch.equal(picked[1], torch.zeros(5)) and torch.equal(logits.grad[1], torch.zeros(5))
+    assert picked[0].sum() == 1 and picked[0][~available[0]].sum() == 0
+    _fixed_noise(monkeypatch, torch.zeros(2, 5))
+    logits.grad = None
+    picked = gumbel_pick(logits, available)
+    picked.sum().backward()
+    assert picked.isfinite().all() and picked[0].sum() == 1 and logits.grad.isfinite().all()
+
+
 def _fixed_noise(monkeypatch, u: torch.Tensor | None) -> None:
     """The scheduler's uniform draws replaced: ``u`` (None: 1/2 everywhere, a noise that softmax shifts away)."""
     monkeypatch.setattr(torch, "rand_like", lambda like, dtype=None: (torch.full_like(like, 0.5) if u is None else u)
