@@ -396,13 +396,15 @@ def test_beam_search_matches_sliced_stock_row_by_row(stock):
             torch.testing.assert_close(ours.sequences_scores[2 * row:2 * row + 2], alone.sequences_scores, **TOL)
 
 
-@pytest.mark.parametrize("variant,budget,text_tokens,steps",
-                         [("L", 0.6, 12, 4), ("H", 0.6, 12, 4), ("H", 0.85, 12, 4), ("L", 1.0, 12, 4),
-                          ("H", 0.6, 105, 10),  # 121 prompt tokens: decode outgrows the cache's first 128 positions
-                          ("H", 0.6, 112, 3)])  # 128 prompt tokens: the latency token is the 129th position
-def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, text_tokens, steps):
+@pytest.mark.parametrize("variant,budget,text_tokens,steps,prefix",
+                         [("L", 0.6, 12, 4, None), ("H", 0.6, 12, 4, None), ("H", 0.85, 12, 4, None),
+                          ("L", 1.0, 12, 4, None),
+                          ("H", 0.6, 105, 10, None),  # 121 prompt tokens: decode outgrows the cache's first 128
+                          ("H", 0.6, 112, 3, None),  # 128 prompt tokens: the latency token is the 129th position
+                          ("L", 0.5, 12, 4, 1), ("H", 0.6, 12, 4, 0), ("H", 0.9, 12, 4, 6)])  # other prefixes
+def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, text_tokens, steps, prefix):
     inputs = example_inputs(stock, batch_size=1, seed=7, text_tokens=text_tokens)
-    model = patched(stock, variant)
+    model = patched(stock, variant, **({} if prefix is None else {"num_prefix_layers": prefix}))
     plan = ak.plan(model, latency_budget=budget, **inputs)
     with torch.no_grad():
         prefill = model(**inputs, latency_budget=budget).logits
@@ -1473,15 +1475,16 @@ def test_the_scheduler_takes_the_models_mode(stock):
         assert {m.training for m in model.modules()} == {mode}
 
 
-@pytest.mark.parametrize("variant", ["L", "H"])
-def test_the_scheduler_reads_the_latency_tokens_state_after_the_prefix(stock, variant):
+@pytest.mark.parametrize("variant,prefix", [("L", None), ("H", None), ("L", 1), ("H", 0), ("H", 6), ("L", 5)])
+def test_the_scheduler_reads_the_latency_tokens_state_after_the_prefix(stock, variant, prefix):
     """ak.plan is the scheduler's top-n over the latency token's hidden state after the prefix's last layer
-    (the last position, layer P-1's output), as a stock model fed the prompt then the latency token computes
-    it; per row, a left-padded one included. (The other tests take ak.plan's plan as given.)"""
-    budgets = [0.6, 0.8, 0.7]
+    (the last position, layer P-1's output; with no prefix its input embedding), as a stock model fed the prompt
+    then the latency token computes it; per row, a left-padded one included, for the default prefix (half the
+    layers) and others. (The other tests take ak.plan's plan as given.)"""
+    budgets = [0.6, 0.8, 0.95]
     inputs = example_inputs(stock, batch_size=3, seed=83, pad=[0, 3, 0])
-    model = patched(stock, variant)
-    P = L // 2
+    model = patched(stock, variant, **({} if prefix is None else {"num_prefix_layers": prefix}))
+    P = L // 2 if prefix is None else prefix
     with torch.no_grad():
         plan = ak.plan(model, latency_budget=budgets, **inputs)
         embeds, mask = fed_latency_token(model, stock, inputs, budgets)
