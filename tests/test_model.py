@@ -33,7 +33,7 @@ from oracles import (CACHE_KWARG, WeightCopies, cache_of, cpu_decode_graphs, fed
                      replaying_decode_steps, stock_decode_logits)
 
 L, H, KV = 8, 8, 4
-TOL = dict(rtol=1e-4, atol=1e-5)
+TOL = dict(rtol=1e-5, atol=2e-6)  # float32: sums in another order than stock's differ by about 1e-7
 
 
 @pytest.fixture(scope="module")
