@@ -396,15 +396,18 @@ def test_beam_search_matches_sliced_stock_row_by_row(stock):
             torch.testing.assert_close(ours.sequences_scores[2 * row:2 * row + 2], alone.sequences_scores, **TOL)
 
 
-@pytest.mark.parametrize("variant,budget,text_tokens,steps,prefix",
-                         [("L", 0.6, 12, 4, None), ("H", 0.6, 12, 4, None), ("H", 0.85, 12, 4, None),
-                          ("L", 1.0, 12, 4, None),
-                          ("H", 0.6, 105, 10, None),  # 121 prompt tokens: decode outgrows the cache's first 128
-                          ("H", 0.6, 112, 3, None),  # 128 prompt tokens: the latency token is the 129th position
-                          ("L", 0.5, 12, 4, 1), ("H", 0.6, 12, 4, 0), ("H", 0.9, 12, 4, 6)])  # other prefixes
-def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, text_tokens, steps, prefix):
+@pytest.mark.parametrize("variant,budget,text_tokens,steps,options",
+                         [("L", 0.6, 12, 4, {}), ("H", 0.6, 12, 4, {}), ("H", 0.85, 12, 4, {}), ("L", 1.0, 12, 4, {}),
+                          ("H", 0.6, 105, 10, {}),  # 121 prompt tokens: decode outgrows the cache's first 128
+                          ("H", 0.6, 112, 3, {}),  # 128 prompt tokens: the latency token is the 129th position
+                          ("L", 0.5, 12, 4, {"num_prefix_layers": 1}), ("H", 0.6, 12, 4, {"num_prefix_layers": 0}),
+                          ("H", 0.9, 12, 4, {"num_prefix_layers": 6}),
+                          ("H", 0.7, 12, 4, {"rank": 1}), ("H", 0.7, 12, 4, {"rank": 4})])
+def test_budget_matches_sliced_stock_fed_latency_token(stock, variant, budget, text_tokens, steps, options):
+    """A budget's prefill and decode logits are those of the stock model cut to ``ak.plan``'s plan and fed the
+    latency token; at the default prefix (half the layers) and rank (2) and others."""
     inputs = example_inputs(stock, batch_size=1, seed=7, text_tokens=text_tokens)
-    model = patched(stock, variant, **({} if prefix is None else {"num_prefix_layers": prefix}))
+    model = patched(stock, variant, **options)
     plan = ak.plan(model, latency_budget=budget, **inputs)
     with torch.no_grad():
         prefill = model(**inputs, latency_budget=budget).logits
