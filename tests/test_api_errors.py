@@ -439,7 +439,7 @@ def test_plan_refuses_a_cache_and_leaves_it_as_it_was():
 
 
 @pytest.mark.parametrize("how,where", [("cpu_offload", "model"), ("dispatch_model", "model"),
-                                       ("by hand", "model.model.language_model.layers.1")])
+                                       ("by hand", "model.model.language_model.layers.1"), ("by hand", "model.model")])
 def test_a_model_with_forwards_of_its_instances_is_refused_at_patch_time(how, where, tmp_path):
     """accelerate's hooks are no registered hooks: it sets a forward on each instance it dispatches or offloads,
     which ran in place of the patched classes' (a TypeError from a stock layer's forward, the budget reported
@@ -454,8 +454,8 @@ def test_a_model_with_forwards_of_its_instances_is_refused_at_patch_time(how, wh
                                                       for i in range(4)}
         pytest.importorskip("accelerate").dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
     else:
-        layer = model.model.language_model.layers[1]
-        layer.forward = functools.partial(type(layer).forward, layer)
+        module = model.get_submodule(where.removeprefix("model").removeprefix("."))
+        module.forward = functools.partial(type(module).forward, module)
     with pytest.raises(ArgumentTypeError, match=re.escape(f"model: {where} has a forward of its own (accelerate sets "
                                                           "one on the modules it dispatches or offloads)")):
         ak.patch(model, "H", rank=2)
@@ -850,14 +850,17 @@ def test_a_call_without_the_cache_is_refused_under_a_budget_by_keyword_or_config
 
 
 def test_budget_rows_are_counted_per_prompt_with_beams_however_the_prompt_is_given(model, inputs):
-    """Prompts given as inputs_embeds, or as generate's ``inputs`` by keyword, are counted as input_ids are: one
-    budget per prompt, before the beams."""
+    """Prompts given as inputs_embeds, as generate's ``inputs`` by keyword, or positionally, are counted as input_ids
+    are: one budget per prompt, before the beams."""
     embeds = prompt_embeddings(model, inputs)
     mask = inputs["attention_mask"]
     for prompt in ({"inputs_embeds": embeds}, {"inputs": inputs["input_ids"], "pixel_values": inputs["pixel_values"]}):
         with pytest.raises(ValueError, match="latency_budget has 3 values but the batch has 2 rows"):
             model.generate(**prompt, attention_mask=mask, latency_budget=[0.5, 0.6, 0.7], num_beams=2,
                            max_new_tokens=2)
+    with pytest.raises(ValueError, match="latency_budget has 3 values but the batch has 2 rows"):
+        model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=mask,
+                       latency_budget=[0.5, 0.6, 0.7], num_beams=2, max_new_tokens=2)
 
 
 def test_the_models_generation_defaults_count_when_the_call_gives_a_config():
@@ -884,12 +887,16 @@ def test_the_models_generation_defaults_count_when_the_call_gives_a_config():
                                           use_cache=True))
 
 
-def test_a_guidance_scale_of_1_is_no_guidance_and_lets_a_request_generate(model, inputs):
-    """guidance_scale=1 runs no unconditional pass (transformers adds no guidance then): the same ids as without it."""
+def test_a_guidance_scale_of_1_is_no_guidance_and_lets_a_request_generate(model, inputs, monkeypatch):
+    """guidance_scale=1 runs no unconditional pass (transformers adds no guidance then): the same ids as without it;
+    so does guidance_scale=None given over a model default of 2, which the call's None overrides, as in stock."""
     with torch.no_grad():
         plain = model.generate(**inputs, latency_budget=[0.6, 0.9], max_new_tokens=3, do_sample=False)
         one = model.generate(**inputs, latency_budget=[0.6, 0.9], max_new_tokens=3, do_sample=False, guidance_scale=1)
-    assert torch.equal(one, plain)
+        monkeypatch.setattr(model.generation_config, "guidance_scale", 2.0)
+        none = model.generate(**inputs, latency_budget=[0.6, 0.9], max_new_tokens=3, do_sample=False,
+                              guidance_scale=None)
+    assert torch.equal(one, plain) and torch.equal(none, plain)
 
 
 @pytest.mark.parametrize("request_name", ["latency_budget", "execution_plan"])

@@ -507,9 +507,12 @@ def test_the_latency_token_under_a_budget_adds_nothing_to_the_loss(stock):
     model = patched(stock, "H")
     with torch.no_grad():
         out = model(**inputs, labels=labels, latency_budget=[0.6, 0.9])
+        embedded = model(inputs_embeds=prompt_embeddings(stock, inputs), attention_mask=inputs["attention_mask"],
+                         labels=labels, latency_budget=[0.6, 0.9])  # the prompt as embeddings, the same labels
     assert out.logits.shape[1] == S + 1
     want = F.cross_entropy(out.logits[:, :S - 1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
+    torch.testing.assert_close(embedded.loss, want, **TOL)
 
 
 def test_labels_given_with_a_reset_budget_cache_are_a_new_prompts(stock):
@@ -1321,6 +1324,16 @@ def test_save_pretrained_writes_the_stock_checkpoint_and_the_scheduler(stock, tm
     assert scheduler_keys and not any(info.values()), info
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, given[name]), name
+
+
+def test_a_save_to_a_files_path_does_what_stock_does(stock, tmp_path):
+    """Stock's save_pretrained given a file's path logs that it should be a folder and returns; so does a patched
+    model's, leaving the file and its folder as they were (no scheduler file beside it)."""
+    path = tmp_path / "a file"
+    for model in (copy.deepcopy(stock), patched(stock, "H")):
+        path.write_text("kept")
+        model.save_pretrained(path)
+        assert path.read_text() == "kept" and [p.name for p in tmp_path.iterdir()] == ["a file"]
 
 
 def test_a_save_leaves_the_model_serving_requests(stock, tmp_path, monkeypatch):
