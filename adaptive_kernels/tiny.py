@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from .plan import is_integer
+from .plan import check_positive_integer, is_integer
 
 IMAGE_TOKEN_ID = 511
 TINY_RANK = 2  # the H rank for the tiny model: 4 units in its 8 heads
@@ -13,8 +13,16 @@ TINY_RANK = 2  # the H rank for the tiny model: 4 units in its 8 heads
 
 def tiny_llava_config(num_layers: int = 8, num_heads: int = 8, num_kv_heads: int = 4, hidden_size: int = 64,
                       intermediate_size: int = 172, vocab_size: int = 512) -> LlavaConfig:
-    """A LLaVA-1.5-shaped config at toy sizes: 16 image tokens from a 28x28 image in 7x7 patches. ``ValueError``
-    for sizes a Llama decoder cannot run (heads that do not divide the hidden size, or key/value heads the heads)."""
+    """A LLaVA-1.5-shaped config at toy sizes: 16 image tokens from a 28x28 image in 7x7 patches, the image token
+    ``IMAGE_TOKEN_ID``. ``ValueError`` naming the size for sizes that are not positive integers, a vocabulary
+    without the image token's id, or sizes a Llama decoder cannot run (heads that do not divide the hidden size, or
+    key/value heads the heads)."""
+    sizes = dict(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, hidden_size=hidden_size,
+                 intermediate_size=intermediate_size, vocab_size=vocab_size)
+    for name, value in sizes.items():
+        check_positive_integer(name, value)
+    if vocab_size <= IMAGE_TOKEN_ID:
+        raise ValueError(f"vocab_size must exceed the image token's id {IMAGE_TOKEN_ID}, got {vocab_size}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"tiny_llava_config: num_heads must divide hidden_size and num_kv_heads num_heads, got "
                          f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads}")

@@ -7,6 +7,7 @@ import copy
 import csv
 import io
 import math
+import re
 import struct
 import subprocess
 import sys
@@ -1398,12 +1399,24 @@ def test_example_inputs_refuse_padding_that_would_cut_the_image_or_name_no_row(p
         example_inputs(tiny_llava(num_layers=2), batch_size=1, text_tokens=12, pad=pad)
 
 
-@pytest.mark.parametrize("sizes", [dict(num_heads=2), dict(num_kv_heads=3), dict(hidden_size=60)])
-def test_tiny_llava_refuses_sizes_a_llama_decoder_cannot_run(sizes):
+DIVIDE = "tiny_llava_config: num_heads must divide hidden_size and num_kv_heads"
+
+
+@pytest.mark.parametrize("sizes, refused", [
+    (dict(num_heads=2), DIVIDE), (dict(num_kv_heads=3), DIVIDE), (dict(hidden_size=60), DIVIDE),
+    (dict(num_heads=0), "num_heads must be a positive integer, got 0"),
+    (dict(num_kv_heads=0), "num_kv_heads must be a positive integer, got 0"),
+    (dict(num_layers=-1), "num_layers must be a positive integer, got -1"),
+    (dict(vocab_size=511), "vocab_size must exceed the image token's id 511, got 511"),
+])
+def test_tiny_llava_refuses_sizes_a_llama_decoder_cannot_run(sizes, refused):
     """Heads that do not divide the hidden size, or key/value heads that do not divide the heads (the default 4 of
-    them under 2 heads, say), built a model whose first forward failed in broadcasting, naming no size."""
-    with pytest.raises(ValueError, match="tiny_llava_config: num_heads must divide hidden_size and num_kv_heads"):
+    them under 2 heads, say), built a model whose first forward failed in broadcasting, naming no size; no heads
+    failed in a ZeroDivisionError, and a vocabulary without the image token's id built a model that its own
+    example inputs failed in an IndexError."""
+    with pytest.raises(ValueError, match=re.escape(refused)):
         tiny_llava(**sizes)
+
 
 
 def test_tiny_llava_draws_every_decoder_norm_weight_and_leaves_the_global_generator_alone():
