@@ -181,16 +181,17 @@ def sweep(device: str | None = None, variants=("L", "H"), backends=None, budgets
     torch's default on CUDA). Bad arguments are refused up front (``_check_arguments``, ``make_out_dir``)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_arguments(device, variants, backends, budgets, new_tokens, repeats, threads)
+    budgets = _check_arguments(device, variants, backends, budgets, new_tokens, repeats, threads)
     make_out_dir("out_dir", out_dir, output_files(device))
     with cpu_threads(threads if threads is not None or device == "cuda" else 1):
         return _sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress)
 
 
-def _check_arguments(device, variants, backends, budgets, new_tokens: int, repeats: int, threads) -> None:
-    """``ValueError`` naming the argument unless ``device`` is "cpu" or "cuda" (one torch sees), ``variants``
-    a non-empty list or tuple of distinct names from ``VARIANTS``, ``backends`` None or such a list of names
-    from ``BACKENDS`` that can run the sweep's model on ``device``, ``budgets`` a non-empty list or tuple of
+def _check_arguments(device, variants, backends, budgets, new_tokens: int, repeats: int, threads) -> list[float]:
+    """``budgets`` as Python floats, as ``resolve_budgets`` reads them (a numpy float32 0.6 is 0.6), so that rows
+    hold plain numbers. ``ValueError`` naming the argument unless ``device`` is "cpu" or "cuda" (one torch sees),
+    ``variants`` a non-empty list or tuple of distinct names from ``VARIANTS``, ``backends`` None or such a list of
+    names from ``BACKENDS`` that can run the sweep's model on ``device``, ``budgets`` a non-empty list or tuple of
     distinct budgets in (0, 1], ``new_tokens`` and ``repeats`` positive integers, and ``threads`` None or a
     positive integer (``ArgumentTypeError``, a ``ValueError`` too, for a value of another type)."""
     if device not in ("cpu", "cuda"):
@@ -204,13 +205,14 @@ def _check_arguments(device, variants, backends, budgets, new_tokens: int, repea
     if not isinstance(budgets, (list, tuple)) or not budgets:
         raise refusal(isinstance(budgets, (list, tuple)))(
             f"budgets must be a non-empty list or tuple of floats in (0, 1], got {budgets!r}")
-    resolve_budgets(budgets, len(budgets), "budgets")
-    if len(set(budgets)) < len(budgets):
+    resolved = resolve_budgets(budgets, len(budgets), "budgets")
+    if len(set(resolved)) < len(resolved):
         raise ValueError(f"budgets must be distinct, got {budgets!r}")
     check_positive_integer("new_tokens", new_tokens)
     check_positive_integer("repeats", repeats)
     if threads is not None:
         check_positive_integer("threads", threads)
+    return resolved
 
 
 def _check_names(name: str, values, accepted: tuple) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -707,21 +708,26 @@ def test_a_failed_sweep_measurement_costs_only_its_own_rows(tmp_path, capsys, mo
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), stock.state_dict().values()))
 
 
-def test_each_plans_stock_references_are_measured_once_with_the_first_backend(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device, given", [("cpu", ("triton", "torch")), ("cuda", None)])
+def test_each_plans_stock_references_are_measured_once_with_the_first_backend(device, given, tmp_path, monkeypatch):
     """With two backends every (variant, backend, budget) plan is measured, and the stock references of each
     variant's plan at each budget (masked, ideal) once, with the first backend given (here triton): with every
-    backend they were measured, and written as rows, twice. The run is faked: only the sweep's job loop runs."""
+    backend they were measured, and written as rows, twice. On CUDA with no backends given those are triton, then
+    torch (issue 4), and compiled stock is measured once. The run is faked: only the sweep's job loop runs."""
     from adaptive_kernels import sweep as sweep_module
 
     measured = []
 
     class Run:
-        def __init__(self, device, new_tokens, repeats, out_dir):
-            assert (device, new_tokens, repeats, out_dir) == ("cpu", 2, 1, tmp_path)
+        def __init__(self, device_, new_tokens, repeats, out_dir):
+            assert (device_, new_tokens, repeats, out_dir) == (device, 2, 1, tmp_path)
             self.rows, self.failures, self.stem = [], [], "sweep-faked"
 
         def measure_stock(self):
             measured.append("stock")
+
+        def measure_compiled_stock(self):
+            measured.append("compiled stock")
 
         def attempt(self, name, job, *args):
             job(*args)
@@ -732,9 +738,9 @@ def test_each_plans_stock_references_are_measured_once_with_the_first_backend(tm
     monkeypatch.setattr(sweep_module, "_SweepRun", Run)
     monkeypatch.setattr(sweep_module, "plot_rows", lambda rows, path: None)
     variants, backends, budgets = ("H", "L"), ("triton", "torch"), (0.6, 1.0, 0.8)
-    assert sweep_module._sweep("cpu", variants, backends, budgets, 2, 1, tmp_path, False) == []
-    assert measured[0] == "stock"
-    plans = measured[1:]
+    assert sweep_module._sweep(device, variants, given, budgets, 2, 1, tmp_path, False) == []
+    assert measured[0] == "stock" and measured.count("compiled stock") == (device == "cuda")
+    plans = [m for m in measured[1:] if m != "compiled stock"]
     assert sorted(p[:3] for p in plans) == sorted((v, be, b) for v in variants for be in backends for b in budgets)
     assert sorted(p[:3] for p in plans if p[3]) == sorted((v, "triton", b) for v in variants for b in budgets)
 
@@ -1043,7 +1049,9 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
     plan) less below 1.0. The masked and ideal rows carry their adaptive row's budget and plan cost (an L plan at
     0.7 costs 0.625); decode floors count the cached prompt, plus the latency token where it is fed; the ideal, a
     prefill reference, has no decode timing; every row is stamped with new_tokens and repeats; the first budget
-    is measured first."""
+    is measured first. The references' prompts are the prompt and the latency token of their budget, each time
+    they are fed one (the masked computation's prefill and generate, the ideal's prefill). A budget given as a numpy
+    float32 is read as written (its rows were lost, each failing to be written as JSON)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from adaptive_kernels import ExecutionPlan
@@ -1051,14 +1059,28 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
     from adaptive_kernels import sweep as sweep_module
     from adaptive_kernels.sweep import decode_floor_ms, sweep
 
-    built, forward_budgets = [], []
+    built, forward_budgets, reference_prompts = [], [], []
+
+    def record_inputs(module, args, kwargs):
+        """The budget of each patched forward (a float, or generate's one per row); the prompt of each stock
+        reference's, with the budget last seen."""
+        budget = kwargs.get("latency_budget")
+        if budget is not None:
+            forward_budgets.append(budget)
+        elif kwargs.get("inputs_embeds") is not None:  # the stock row's prompt before any budget
+            last = float(np.ravel(forward_budgets[-1])[0]) if forward_budgets else None
+            reference_prompts.append((last, kwargs["inputs_embeds"].clone()))
 
     def build_model(device, dtype):
         model = tiny_llava().to(dtype)
-        model.register_forward_pre_hook(lambda m, args, kwargs: forward_budgets.append(kwargs.get("latency_budget")),
-                                        with_kwargs=True)
+        model.register_forward_pre_hook(record_inputs, with_kwargs=True)
         built.append(model)
         return model, "tiny", TINY_RANK
+
+    def sliced_stock_recorded(*args):
+        ideal = sliced_stock(*args)
+        ideal.register_forward_pre_hook(record_inputs, with_kwargs=True)
+        return ideal
 
     def flop_clock(fn, device) -> float:
         with FlopCounterMode(display=False) as counter:
@@ -1069,8 +1091,10 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
     monkeypatch.setattr(sweep_module, "build_model", build_model)
     monkeypatch.setattr(measuring, "_once_ms", flop_clock)
     monkeypatch.setattr(sweep_module, "copy_bandwidth", lambda device: bandwidth)
+    monkeypatch.setattr(sweep_module, "sliced_stock", sliced_stock_recorded)
     budgets = (1.0, 0.7)
-    rows = sweep("cpu", variants=("L",), budgets=budgets, new_tokens=2, repeats=1, out_dir=tmp_path, progress=False)
+    rows = sweep("cpu", variants=("L",), budgets=(1.0, np.float32(0.7)), new_tokens=2, repeats=1, out_dir=tmp_path,
+                 progress=False)
     assert {(r.new_tokens, r.repeats) for r in rows} == {(2, 1)}
     assert [r.budget for r in rows if r.system == "adaptive"] == list(budgets)
     assert forward_budgets.count(0.7) == forward_budgets.count(1.0) > 0  # the same timings, each at its own budget
@@ -1087,6 +1111,12 @@ def test_sweep_rows_time_each_plan_and_carry_its_budget_cost_and_floor(tmp_path,
              for b in budgets}
     cost = {b: float(p.cost()[0]) for b, p in plans.items()}
     assert cost[0.7] != 0.7  # the cost, not the budget, is what the references carry
+    # the stock row's prompt, as the sweep made it (on one thread: it differs from embeds in rounding)
+    stock_prompt = next(p for budget, p in reference_prompts if budget is None)
+    for b in budgets:
+        fed = [p for budget, p in reference_prompts if budget == b]
+        want = torch.cat([stock_prompt, ak.latency_embedding(patched, b)[None, None]], 1)
+        assert len(fed) >= 3 and all(torch.equal(p, want) for p in fed), b
     found = {(r.system, r.budget): r for r in rows}
     assert found.keys() == {("stock", 1.0)} | {(s, b) for s in ("adaptive", "masked", "ideal") for b in budgets}
     for b in budgets:
@@ -1449,9 +1479,11 @@ def test_load_builds_the_tiny_model_and_inputs_from_the_seed_in_the_dtype_given(
     assert not torch.equal(expected["input_ids"], example_inputs(want)["input_ids"])
 
 
-def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads_given, threads", [(["--threads", "2"], 2), ([], 1)])
+def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(threads_given, threads, tmp_path, monkeypatch):
     """--repeats sets the timed generate calls of each point, --threads torch's CPU threads while they run (restored
-    after), a repeated budget runs once; the CSV records what ran."""
+    after; without it one thread, for the built-in model on the CPU), a repeated budget runs once; the CSV records
+    what ran."""
     from adaptive_kernels import cli as cli_module
 
     timed, real_timer = [], cli_module.median_timer
@@ -1469,13 +1501,13 @@ def test_repeats_threads_and_budgets_given_reach_the_timing_and_the_csv(tmp_path
     torch.set_num_threads(3)
     try:
         rows, printed = run_main(["--variants", "L", "--budgets", "0.5", "0.5", "--out", str(tmp_path), *FAST,
-                                  "--repeats", "2", "--threads", "2"])
+                                  "--repeats", "2", *threads_given])
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
-    assert timed == [(2, 2)]
+    assert timed == [(2, threads)]
     assert [(r["budget"], r["repeats"], r["max_new_tokens"]) for r in rows] == [("0.5", "2", str(NEW_TOKENS))]
-    assert "cpu threads 2 |" in printed
+    assert f"cpu threads {threads} |" in printed
 
 
 @pytest.mark.parametrize("bad, named, error", [
