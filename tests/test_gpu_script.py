@@ -4,6 +4,8 @@ tiny shapes. So a GPU session's one call is not lost to the code around the meas
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -48,8 +50,14 @@ def test_gpu_script_reports_failed_and_cut_stages(tmp_path):
     assert "ratio (bound)" in done.stdout and "decode ms per token" in done.stdout, report
     with tarfile.open(out / "results.tar.gz") as packed:
         names = set(packed.getnames())
+        sweep_csv = packed.extractfile("benchmarks/results/sweep-tiny.csv").read().decode()
     assert {"gpu.log", "benchmarks/results/sweep-tiny.csv", "benchmarks/results/sweep-tiny-targets.json",
             "benchmarks/results/sweep-tiny.png"} <= names, names
+    # budget 1.0 first, which the ideal line and adherence need, then each budget for both variants
+    measured = [(r["variant"], float(r["budget"])) for r in csv.DictReader(io.StringIO(sweep_csv))
+                if r["system"] == "adaptive"]
+    order = [(variant, b) for b in (1.0, 0.5, 0.7, 0.9, 0.6, 0.8) for variant in ("L", "H")]
+    assert measured and measured == order[:len(measured)], measured
 
 
 def test_gpu_script_refuses_an_unknown_stage_before_running_any(tmp_path):
@@ -125,12 +133,21 @@ def test_op_benchmarks_run_dry_and_their_table_reads_them(tmp_path):
     Triton's interpreter (each compares its gathered op with the ideal), writes a row per case, and gpu_kernels'
     table, which the GPU script prints, reads them: otherwise nothing but a GPU session would run this code."""
     work = checkout_copy(tmp_path)
-    env = {**os.environ, "AK_BENCH_DRY": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(work)}
+    # without TRITON_INTERPRET, which a dry run sets itself (benchmarks/conftest.py) where no GPU runs the kernels
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "AK_BENCH_DRY": "1",
+           "PYTHONPATH": str(work)}
     done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "--benchmark-only", "-q",
                            "-p", "no:cacheprovider"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     (written,) = (work / "benchmarks" / "results").glob("ops-dry-*.json")
-    rows = json.loads(written.read_text())["rows"]
+    record = json.loads(written.read_text())
+    rows = record["rows"]
+    with open(written.with_suffix(".csv"), newline="") as f:  # the run's info on every row, its tuned configs not
+        csv_rows = list(csv.DictReader(f))
+    assert "autotune" in record["info"] and "autotune" not in csv_rows[0], csv_rows[0].keys()
+    info = {k: "" if v is None else str(v) for k, v in record["info"].items() if k != "autotune"}  # None: empty
+    assert [{k: r[k] for k in info} for r in csv_rows] == [info] * len(rows)
+    assert [r["op"] for r in csv_rows] == [r["op"] for r in rows]
     ops = {"add_rms_norm", "rotary", "q_proj", "attention", "o_proj", "o_proj[cols-major]", "swiglu", "down_proj",
            "down_proj[cols-major]", "layer", "layer[cols-major]"}
     cases = {(r["op"], r["tokens"], r["share"]) for r in rows}
