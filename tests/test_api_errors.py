@@ -952,6 +952,20 @@ def test_attention_weights_are_refused(model, inputs):
         model(**inputs, output_attentions=True)
 
 
+def test_attention_weights_asked_for_in_the_config_are_refused():
+    """output_attentions set in the text config (eager attention: transformers refuses it beside SDPA), where stock
+    returns attention weights: refused as in the call (the patched model returned none)."""
+    stock = tiny_llava(seed=3, num_layers=2)
+    stock.set_attn_implementation("eager")
+    stock.config.text_config.output_attentions = True
+    inputs = example_inputs(stock, seed=4)
+    with torch.no_grad():
+        assert len(stock(**inputs).attentions) == 2
+        model = ak.patch(stock, "H", rank=2)
+        with pytest.raises(ValueError, match="output_attentions"):
+            model(**inputs)
+
+
 def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
     """A missing, unreadable or mismatched file, or no path at all, is refused naming the argument; a
     patched model that is re-patched with such a file stays as it was."""

@@ -146,6 +146,17 @@ def test_biases_on_some_of_q_k_v_only_are_the_masked_computation(backend):
     _assert_a_plan_is_the_masked_computation(stock, backend, seed=58)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_a_bias_on_the_up_projection_alone_is_the_masked_computation(backend):
+    """An MLP whose up projection has a bias and whose gate projection has none (edited by hand): gate, up and the
+    activation run apart (the fused SwiGLU takes no bias), and the up projection keeps its bias."""
+    stock = stock_of_shape(62, num_heads=4, num_kv_heads=2, hidden_size=32)
+    for layer in stock.model.language_model.layers:
+        up = layer.mlp.up_proj
+        up.bias = torch.nn.Parameter(torch.randn(up.out_features, generator=torch.Generator().manual_seed(63)) / 2)
+    _assert_a_plan_is_the_masked_computation(stock, backend, seed=64)
+
+
 def _grads(model, inputs, seed, **kw):
     """(loss, {parameter name: gradient}) of one training step with labels = the prompt (padding ignored)."""
     labels = prompt_labels(inputs)

@@ -285,12 +285,13 @@ def test_use_cache_given_in_the_call_overrides_the_config(stock):
             assert isinstance(cache_of(model(**inputs, use_cache=True, **request)), AdaptiveCache)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("request_kind", ["none", "full plan"])
-def test_a_one_token_prompt_gives_stock_logits_and_ids(stock, request_kind):
+def test_a_one_token_prompt_gives_stock_logits_and_ids(stock, request_kind, backend):
     """A prompt of one token (text only) has a decode step's shape but fills an empty cache: stock's logits and
-    greedy ids."""
+    greedy ids (a kernel backend's first decode step attends over the cache's whole capacity)."""
     ids = torch.randint(1, 500, (2, 1), generator=torch.Generator().manual_seed(53))
-    model = patched(stock, "H")
+    model = patched(stock, "H", backend=backend)
     plan = {"none": {}, "full plan": {"execution_plan": ExecutionPlan.full(2, L, H)}}[request_kind]
     run = dict(n=4, return_dict_in_generate=True, output_logits=True)
     ours, theirs = greedy(model, {"input_ids": ids}, **plan, **run), greedy(stock, {"input_ids": ids}, **run)
