@@ -181,8 +181,8 @@ def test_keys_out_of_sight_may_score_far_higher(dtype, case, splits):
 
 @pytest.mark.parametrize("T", [1, 3, 37])
 def test_head_dim_through_its_stride(T):
-    """q, k and v whose head dim is not of unit stride (each stored with the head dim outermost of its last two):
-    read through their strides."""
+    """q, k and v whose head dim is not of unit stride (each stored with the head dim outermost of its last two),
+    and kv_valid every other column of a wider mask whose columns between are False: read through their strides."""
     gen = generator("head dim stride", T)
     R, Tk, nq, nkv = 2, 45, 3, 2
     q = randn(R, T, d, nq, gen=gen).transpose(2, 3)
@@ -190,6 +190,8 @@ def test_head_dim_through_its_stride(T):
     v = randn(R, nkv, d, Tk, gen=gen).transpose(2, 3)
     assert q.stride(3) == nq and k.stride(3) == Tk and v.stride(3) == Tk
     q_to_kv = torch.tensor([[0, 1, 1], [1, -1, 0]], device=DEVICE)
-    valid = torch.ones(R, Tk, dtype=torch.bool, device=DEVICE)
+    wide = torch.zeros(R, 2 * Tk, dtype=torch.bool, device=DEVICE)
+    wide[:, ::2] = True
+    valid = wide[:, ::2]
     valid[1, :6] = False
     _check(torch.float32, q, k, v, q_to_kv, valid)

@@ -58,20 +58,24 @@ CUDA_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA extension's op
 @pytest.mark.parametrize("name", ["rows", "cols", "swiglu", "attention", "rms_norm", "add_rms_norm", "rotary"] + [
     pytest.param(name, marks=[pytest.mark.gpu, CUDA_ONLY]) for name in ("cuda_rows", "cuda_cols")])
 def test_gradient_is_the_references(name):
+    """With every float input needing a gradient, and with each alone (a bias or one weight trained, the rest
+    frozen): an op that asked only some inputs whether they need one launched without autograd, and the one
+    trained got no gradient."""
     gen = generator("grad", name)
     op, reference, floats, others, order = _cases(gen)[name]
 
-    def run(fn):
-        leaves = {n: t.detach().clone().requires_grad_() for n, t in floats.items()}
+    def run(fn, needing: set):
+        leaves = {n: t.detach().clone().requires_grad_(n in needing) for n, t in floats.items()}
         out = fn(*[leaves.get(n, others.get(n)) for n in order])
         outs = out if isinstance(out, tuple) else (out,)
         weights = [randn(*o.shape, gen=generator("weights", name, i)) for i, o in enumerate(outs)]
         sum((o * w).sum() for o, w in zip(outs, weights)).backward()
-        return outs, {n: t.grad for n, t in leaves.items()}
+        return outs, {n: leaves[n].grad for n in needing}
 
-    (got_out, got_grads), (want_out, want_grads) = run(op), run(reference)
-    for a, b in zip(got_out, want_out):
-        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
-    for n in floats:
-        assert got_grads[n] is not None and torch.count_nonzero(want_grads[n]) > 0, n
-        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=2e-4, atol=2e-4, msg=n)
+    for needing in [set(floats)] + [{n} for n in floats]:
+        (got_out, got_grads), (want_out, want_grads) = run(op, needing), run(reference, needing)
+        for a, b in zip(got_out, want_out):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+        for n in needing:
+            assert got_grads[n] is not None and torch.count_nonzero(want_grads[n]) > 0, (n, needing)
+            torch.testing.assert_close(got_grads[n], want_grads[n], rtol=2e-4, atol=2e-4, msg=f"{n} of {needing}")

@@ -99,6 +99,17 @@ def test_mismatched_arguments_are_refused():
 
 
 @pytest.mark.triton
+def test_the_widest_row_held_in_registers_is_normed():
+    """D = 16384, the most the kernel takes (one row in registers), runs with a residual: Llama's RMSNorm."""
+    gen = generator("widest row")
+    x, residual, weight = randn(2, 16384, gen=gen), randn(2, 16384, gen=gen), randn(16384, gen=gen)
+    y, h = rms_norm(x, weight, 1e-6, residual)
+    with torch.no_grad():
+        torch.testing.assert_close(h, x + residual, rtol=0, atol=0)
+        torch.testing.assert_close(y, stock_norm(weight, 1e-6)(x + residual), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
 def test_eps_is_a_finite_real_number_of_any_kind():
     """A NumPy eps computes as the float (it failed inside the kernel); a tensor, None, nan, inf or a negative
     eps is refused by name."""
