@@ -155,12 +155,18 @@ def test_full_plan_gives_stock_result(stock, dtype):
 def test_narrower_inputs_embeds_give_stock_result_on_the_torch_backend(stock, dtype):
     """Half-precision inputs_embeds into the float32 model: the torch backend keeps them as given, as stock does
     (promoting where they meet the weights), so the logits are stock's bit for bit; the kernel backends cast them
-    to the weights' dtype first (test_backends)."""
+    to the weights' dtype first (test_backends). Under a budget the latency token joins the prompt in its dtype:
+    the masked stock model fed both in that dtype."""
     embeds = stock.model.language_model.embed_tokens(example_inputs(stock, batch_size=2, seed=9)["input_ids"])
     embeds = embeds.detach().to(dtype)
     model = patched(stock, "H", backend="torch")
+    budget = 0.6
     with torch.no_grad():
         assert torch.equal(model(inputs_embeds=embeds).logits, stock(inputs_embeds=embeds).logits)
+        plan = ak.plan(model, latency_budget=budget, inputs_embeds=embeds)
+        token = ak.latency_embedding(model, budget).to(dtype).expand(2, 1, -1)
+        want = masked_stock(stock, plan)(inputs_embeds=torch.cat([embeds, token], 1)).logits
+        torch.testing.assert_close(model(inputs_embeds=embeds, latency_budget=budget).logits, want, **TOL)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
