@@ -386,6 +386,23 @@ def test_returned_sequences_run_their_prompts_budget_or_plan(stock):
             assert torch.equal(copies[0::2], alone) and torch.equal(copies[1::2], alone), given
 
 
+def test_layers_some_rows_run_whole_or_in_part_each_run_their_own_units(stock):
+    """Rows 0 and 1 run layers 2, 4 and 5 and row 2 none of them: layer 2 with some of row 1's units off, layers 4 and
+    5 whole. Layers that the same rows run whole share their index lists; a layer in part must not hand its lists to
+    one run whole: the masked computation."""
+    inputs = example_inputs(stock, batch_size=3, seed=33, pad=[0, 2, 0])
+    layers, heads, groups = (torch.ones(3, L, dtype=torch.bool), torch.ones(3, L, H, dtype=torch.bool),
+                             torch.ones(3, L, H, dtype=torch.bool))
+    for layer in (2, 4, 5):
+        layers[2, layer] = heads[2, layer] = groups[2, layer] = False
+    heads[1, 2, :5] = groups[1, 2, ::2] = False
+    plan = ExecutionPlan(layers, heads, groups)
+    model = patched(stock, "H")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, **TOL)
+
+
 def test_beam_search_matches_sliced_stock_row_by_row(stock):
     """Beams of a prompt share its plan; the cache is reordered per layer over the rows that run it."""
     inputs = example_inputs(stock, batch_size=3, seed=29, pad=[0, 3, 0])
