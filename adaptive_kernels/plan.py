@@ -326,7 +326,7 @@ class ExecutionPlan:
                                     f"got {index!r}")
         try:
             layers = self.layers[index]
-        except (IndexError, TypeError, RuntimeError) as err:
+        except (IndexError, TypeError, ValueError, RuntimeError) as err:  # ValueError: a slice's negative step
             message = f"ExecutionPlan.rows: index {index!r} does not select rows of {self.batch_size}: {err}"
             raise ValueError(message) from None
         if layers.dim() != 2 or len(layers) == 0:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from adaptive_kernels.errors import ArgumentTypeError
-from adaptive_kernels.plan import DecoderShape, ExecutionPlan, UnitSpace, active_index, listed_schedule, resolve_budgets
+from adaptive_kernels.plan import (DecoderShape, ExecutionPlan, UnitSpace, active_index, compact_plan, listed_schedule,
+                                  resolve_budgets)
 
 
 def test_unit_counts_follow_adallava_formulas():
@@ -107,6 +108,7 @@ def test_a_half_precision_budget_on_a_bin_edge_buys_that_edges_units(dtype):
 def test_resolve_budgets_accepts_floats_lists_and_tensors():
     assert resolve_budgets(0.6, 3) == [0.6, 0.6, 0.6]
     assert resolve_budgets([0.5, 1], 2) == [0.5, 1.0]
+    assert resolve_budgets((0.5, 1), 2) == [0.5, 1.0]
     assert resolve_budgets(torch.tensor([0.25, 0.75]), 2) == [0.25, 0.75]
 
 
@@ -149,11 +151,11 @@ def _masks(B=2, L=4, H=6):
 
 def test_plan_rejects_inconsistent_masks():
     layers, heads, groups = _masks()
-    skipped = (~layers).nonzero()[0]
+    row, layer = next((r, l) for r, l in (~layers).nonzero().tolist() if r != l)  # told apart in the message
     for on_in_skipped in ("heads", "groups"):  # a unit on in a skipped layer, of either kind
         masks = {"heads": heads.clone(), "groups": groups.clone()}
-        masks[on_in_skipped][skipped[0], skipped[1], 0] = True
-        with pytest.raises(ValueError, match="skipped"):
+        masks[on_in_skipped][row, layer, 0] = True
+        with pytest.raises(ValueError, match=f"layer {layer} of row {row} is skipped but has heads or groups on"):
             ExecutionPlan(layers, **masks)
     with pytest.raises(ValueError, match="bool"):
         ExecutionPlan(layers.int(), heads, groups)
@@ -188,7 +190,8 @@ def test_rows_take_an_int_a_slice_a_list_or_a_mask():
     plan = ExecutionPlan(layers, heads, groups)
     for index, picked in ((1, [1]), (-1, [2]), (torch.tensor(2), [2]), (slice(1, 3), [1, 2]), ([2, 0], [2, 0]),
                           ((0, 1), [0, 1]), ((2,), [2]), (torch.tensor([True, False, True]), [0, 2]),
-                          ([True, False, True], [0, 2]), ([np.int64(1)], [1])):
+                          ([True, False, True], [0, 2]), ([np.int64(1)], [1]),
+                          (list(np.array([1, 0, 1]) > 0), [0, 2])):  # numpy bools
         part = plan.rows(index)
         assert part.batch_size == len(picked)
         for got, whole in zip((part.layers, part.heads, part.groups), (layers, heads, groups)):
@@ -210,6 +213,9 @@ def test_a_plans_repr_counts_its_executed_layers_and_a_meta_plans_its_shapes_onl
     (lambda p: p.rows([5]), ValueError, "rows: index .* does not select rows of 3"),
     (lambda p: p.rows([]), ValueError, "rows: index .* must select at least one row"),
     (lambda p: p.rows(slice(5, 9)), ValueError, "must select at least one row"),
+    (lambda p: p.rows(slice(None, None, -1)), ValueError, r"rows: index slice\(None, None, -1\) does not select rows"),
+    (lambda p: compact_plan((p.layers, p.heads, p.groups), SHAPE), ArgumentTypeError,
+     "plan must be an ExecutionPlan, got tuple"),
     (lambda p: p.rows("0"), ArgumentTypeError, "rows: index must be an int"),
     (lambda p: p.rows(1.0), ArgumentTypeError, "rows: index must be an int"),
     (lambda p: p.rows(None), ArgumentTypeError, "rows: index must be an int"),
