@@ -449,7 +449,7 @@ def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
 
 
 def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeypatch):
-    """Rows side: CUDA GEMV for 1 to 16 tokens, Triton above. Cols side: Triton at every length (a patched
+    """Rows side: CUDA GEMV for 1 to 16 tokens and up to 65535 rows, Triton otherwise. Cols side: Triton at every length (a patched
     model keeps o/down column-major, which the CUDA GEMV does not read). Each op is handed the arguments as
     given, a projection's bias (attention_bias, mlp_bias) included."""
     from adaptive_kernels.ops import attention, norm, projections, rotary, swiglu
@@ -478,6 +478,9 @@ def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeyp
     assert backend.swiglu is getattr(swiglu, "gathered_swiglu", None)
     assert backend.attention is getattr(attention, "head_sparse_attention", None)
     assert backend.rms_norm is norm.rms_norm and backend.rotary is rotary.rotary
+    for R, op in ((cuda_ext.MAX_BATCH_ROWS, "cuda rows"), (cuda_ext.MAX_BATCH_ROWS + 1, "triton rows")):
+        backend.rows_linear(torch.empty(R, 1, 8), w, idx)  # one token a row, but more rows than the GEMV's grid takes
+        assert calls[-1][0] == op, R
 
 
 def test_fake_implementations_give_shapes_and_dtypes():
@@ -525,6 +528,9 @@ def test_cpu_tensors_are_refused_by_name():
     with pytest.raises(ValueError, match="cuda_gather_cols_linear runs on CUDA tensors only"):
         torch.ops.adaptive_kernels.cuda_gather_cols_linear(torch.randn(1, 1, 2), torch.randn(3, 4),
                                                            torch.zeros(1, 2, dtype=torch.int64))
+    heads = torch.ones(1, 2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="cuda_compact_plan runs on CUDA tensors only"):
+        torch.ops.adaptive_kernels.cuda_compact_plan(heads, heads, 3, 2, 10)
 
 
 def test_load_without_a_toolchain_says_what_is_missing():
