@@ -449,9 +449,9 @@ def test_cuda_backend_matches_the_references_both_sides_of_16_tokens():
 
 
 def test_cuda_backend_uses_the_cuda_ops_up_to_16_tokens_and_triton_above(monkeypatch):
-    """Rows side: CUDA GEMV for 1 to 16 tokens and up to 65535 rows, Triton otherwise. Cols side: Triton at every length (a patched
-    model keeps o/down column-major, which the CUDA GEMV does not read). Each op is handed the arguments as
-    given, a projection's bias (attention_bias, mlp_bias) included."""
+    """Rows side: CUDA GEMV for 1 to 16 tokens and up to 65535 rows, Triton otherwise. Cols side: Triton at every
+    length (a patched model keeps o/down column-major, which the CUDA GEMV does not read). Each op is handed the
+    arguments as given, a projection's bias (attention_bias, mlp_bias) included."""
     from adaptive_kernels.ops import attention, norm, projections, rotary, swiglu
     calls = []
 
