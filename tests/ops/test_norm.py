@@ -59,13 +59,21 @@ def test_rms_norm_is_llamas_rms_norm(dtype, shape, residual, layout):
 
 @pytest.mark.triton
 def test_fp32_weight_on_half_rows_promotes_like_llama():
+    """The normed rows come out in float32, as Llama's norm gives them; with a residual the sum (the residual
+    stream) stays in the rows' half precision."""
     gen = generator("promote")
     x, weight = randn(2, 3, 40, gen=gen, dtype=torch.float16), randn(40, gen=gen)
+    residual = randn(2, 3, 40, gen=gen, dtype=torch.float16)
     with torch.no_grad():
         want = stock_norm(weight, 1e-6)(x)
+        want_summed = stock_norm(weight, 1e-6)(x + residual)
     got = rms_norm(x, weight, 1e-6)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+    y, h = rms_norm(x, weight, 1e-6, residual)
+    assert (y.dtype, h.dtype) == (torch.float32, torch.float16)
+    torch.testing.assert_close(h, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(y, want_summed)
 
 
 @pytest.mark.triton

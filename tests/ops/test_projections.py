@@ -79,6 +79,20 @@ def test_gather_cols_linear_split(monkeypatch, dtype, split):
 
 
 @pytest.mark.triton
+def test_gather_cols_linear_split_partials_stay_float32_until_summed(monkeypatch):
+    """Half-precision inputs split over 4 programs whose partial sums (about +-51200) cancel to 3: kept in float32
+    until summed, the result is exact; rounded to float16 each (its step there is 32) they summed to 0."""
+    monkeypatch.setattr(projections, "_split_columns", lambda *args: 4)
+    n = 1024
+    w = torch.full((16, n), 200.0, dtype=torch.float16, device=DEVICE)
+    w[:, n // 2:] = -200.0
+    w[:, 0] = 203.0
+    a, cols = torch.ones(1, 1, n, dtype=torch.float16, device=DEVICE), torch.arange(n, device=DEVICE)[None]
+    y = gather_cols_linear(a, cols_major(w), cols)
+    assert torch.equal(y, torch.full((1, 1, 16), 3.0, dtype=torch.float16, device=DEVICE))
+
+
+@pytest.mark.triton
 def test_gather_cols_linear_split_sums_outputs_past_one_block(monkeypatch):
     """The split's fp32 partials are summed by programs of 1024 outputs each: 3 rows of 600 outputs (1800, not a
     multiple of 1024) need a second program, which covers the rest only in part."""
@@ -248,16 +262,16 @@ def test_padded_columns_add_nothing_whatever_the_weight_holds(op, case, T):
 @pytest.mark.triton
 @pytest.mark.parametrize("T", [1, 5, 37])
 def test_rows_weight_and_index_list_through_their_strides(T):
-    """A weight stored column by column (its last dim not of unit stride, a transposed view) and an index list that
-    is a strided view (every other entry of a wider one) are each read through their own strides."""
+    """A weight stored column by column (its last dim not of unit stride, a transposed view), an index list and a
+    bias that are strided views (every other entry of wider ones) are each read through their own strides."""
     gen = generator("rows strides", T)
     rows = index_lists([N, 23, 7], N, gen, "scattered")
     rows_view = torch.stack([rows, torch.full_like(rows, 1)], -1)[..., 0]  # stride 2; the skipped entries are 1
     assert rows_view.stride(1) == 2
     x = randn(3, T, D, gen=gen)
     w = cols_major(randn(N, D, gen=gen, scale=D ** -0.5))
-    b = randn(N, gen=gen)
-    assert w.stride() == (1, N)
+    b = randn(2 * N, gen=gen)[::2]
+    assert w.stride() == (1, N) and b.stride() == (2,)
     check(gather_rows_linear(x, w, rows_view, b), gather_rows_linear_reference(x, w, rows, b), torch.float32)
 
 

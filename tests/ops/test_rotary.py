@@ -51,7 +51,8 @@ def test_bad_arguments_are_refused():
         rotary(x[0], cos, sin)
     with pytest.raises(ValueError, match=r"x must be \[R, T, heads, d\], got \(1, 2, 1, 3, 4\)"):
         rotary(x[:, :, None], cos, sin)
-    for args in [(x, cos.half(), sin), (x.double(), cos.double(), sin.double()), (x.int(), cos.int(), sin.int())]:
+    for args in [(x, cos.half(), sin), (x.half(), cos.half(), sin), (x.double(), cos.double(), sin.double()),
+                 (x.int(), cos.int(), sin.int())]:
         with pytest.raises(ArgumentTypeError, match="x, cos and sin must share one dtype of float32, float16 or bf"):
             rotary(*args)
 
