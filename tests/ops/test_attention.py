@@ -182,14 +182,16 @@ def test_keys_out_of_sight_may_score_far_higher(dtype, case, splits):
 @pytest.mark.parametrize("T", [1, 3, 37])
 def test_head_dim_through_its_stride(T):
     """q, k and v whose head dim is not of unit stride (each stored with the head dim outermost of its last two),
-    and kv_valid every other column of a wider mask whose columns between are False: read through their strides."""
+    q_to_kv stored head by head, and kv_valid every other column of a wider mask whose columns between are False:
+    read through their strides."""
     gen = generator("head dim stride", T)
     R, Tk, nq, nkv = 2, 45, 3, 2
     q = randn(R, T, d, nq, gen=gen).transpose(2, 3)
     k = randn(R, nkv, d, Tk, gen=gen).transpose(2, 3)
     v = randn(R, nkv, d, Tk, gen=gen).transpose(2, 3)
     assert q.stride(3) == nq and k.stride(3) == Tk and v.stride(3) == Tk
-    q_to_kv = torch.tensor([[0, 1, 1], [1, -1, 0]], device=DEVICE)
+    q_to_kv = torch.tensor([[0, 1], [1, -1], [1, 0]], device=DEVICE).t()  # its head dim of stride 2
+    assert q_to_kv.stride() == (1, 2)
     wide = torch.zeros(R, 2 * Tk, dtype=torch.bool, device=DEVICE)
     wide[:, ::2] = True
     valid = wide[:, ::2]

@@ -118,14 +118,30 @@ def test_public_ops_without_the_triton_package_point_to_the_torch_backend(monkey
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(_valid_calls()))
-def test_public_ops_on_meta_tensors_give_the_shapes_of_a_real_call(name):
-    """Meta tensors go to the custom op's fake kernel (they reached the Triton launch and failed there)."""
+def test_public_ops_on_meta_tensors_give_the_shapes_of_a_real_call(name, dtype):
+    """Meta tensors go to the custom op's fake kernel (they reached the Triton launch and failed there), which
+    gives the real call's shapes and dtypes."""
     op, tensors, others, _ = _valid_calls()[name]
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     real = op(**tensors, **others)
     meta = op(**{k: v.to("meta") for k, v in tensors.items()}, **others)
     for got, want in zip(meta if isinstance(meta, tuple) else (meta,), real if isinstance(real, tuple) else (real,)):
         assert got.is_meta and (got.shape, got.dtype) == (want.shape, want.dtype)
+
+
+@pytest.mark.triton
+def test_cpu_tensors_outside_the_interpreter_are_refused_naming_the_way_out():
+    """Without TRITON_INTERPRET a Triton op on CPU tensors is refused by name (it failed deep in Triton's launch),
+    pointing to the interpreter and to the torch backend."""
+    code = ("import torch; from adaptive_kernels.ops.projections import gather_rows_linear; "
+            "gather_rows_linear(torch.randn(1, 2, 8), torch.randn(4, 8), torch.tensor([[0, 2]]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and ("ValueError: gather_rows_linear: Triton kernels need CUDA tensors, got cpu; "
+                                     "set TRITON_INTERPRET=1") in done.stderr, done.stderr[-2000:]
+    assert "backend='torch'" in done.stderr
 
 
 @pytest.mark.triton

@@ -119,16 +119,17 @@ def test_empty_index_lists():
 @pytest.mark.parametrize("T", [1, 3])
 def test_weight_through_strides(T):
     """A weight that is a strided view (every other row, or every other column, of a bigger one) is read in
-    place; the columns include runs longer than a block, which one token loads wide on a unit-stride weight."""
+    place, as is an activation of every other column; the columns include runs longer than a block, which one
+    token loads wide on a unit-stride weight."""
     gen = generator(2, T)
     rows = index_lists([9, 4], N, gen, "scattered")
     x = randn(2, T, D, gen=gen)
     w = randn(2 * N, D, gen=gen)[::2]
     check(gather_rows_linear(x, w, rows), gather_rows_linear_reference(x, w, rows), torch.float32)
     cols = index_lists([N, 20], N, gen, "all")
-    a = randn(2, T, N, gen=gen)
+    a = randn(2, T, 2 * N, gen=gen)[..., ::2]  # and an activation of every other column too
     w = randn(D, 2 * N, gen=gen, scale=N ** -0.5)[:, ::2]
-    assert w.stride() == (2 * N, 2)
+    assert w.stride() == (2 * N, 2) and a.stride(-1) == 2
     check(gather_cols_linear(a, w, cols), gather_cols_linear_reference(a, w, cols), torch.float32)
 
 
@@ -139,6 +140,7 @@ def test_bad_arguments_are_refused_by_name():
     rows = index_lists([4, 2], N, gen)
     for args, message in [((x[0], w, rows), "x must be 3-D"), ((x, w[:, :-1], rows), "weight must be"),
                           ((x, w, rows[:1]), "rows must hold one list per row of x"),
+                          ((x, w, rows[:, 0]), r"x must be 3-D, weight and rows 2-D; got .* rows \(2,\)"),
                           ((x, w, rows.float()), "rows must be int64"),
                           ((x, w.half(), rows), "weight must have x's dtype"),
                           ((x, w, rows, b[:-1]), "bias must be"), ((x, w, rows, b.half()), "bias must have x's dtype")]:
