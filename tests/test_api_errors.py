@@ -201,24 +201,25 @@ def test_projections_the_executor_cannot_read_are_refused(wrap):
     assert type(model) is LlavaForConditionalGeneration  # refused before anything changed
 
 
+@pytest.mark.parametrize("layer", [1, 7])  # the last one too
 @pytest.mark.parametrize("part,name", [("self_attn", "q_proj"), ("mlp", "down_proj")])
-def test_a_projection_swapped_in_after_patch_is_refused_by_the_next_request(part, name):
+def test_a_projection_swapped_in_after_patch_is_refused_by_the_next_request(part, name, layer):
     """An adapter's wrapper put in after patch (as peft injects one) was read as its base weight alone, its delta
     silently lost: each request's prefill now refuses it as patch does. A plain Linear swapped in runs, with its
     own weights."""
     stock = tiny_llava(seed=2)
     model = ak.patch(copy.deepcopy(stock), "H", rank=2)
     inputs = example_inputs(model, batch_size=2, seed=1)
-    parent = model.model.language_model.layers[1].get_submodule(part)
+    parent = model.model.language_model.layers[layer].get_submodule(part)
     base = getattr(parent, name)
     setattr(parent, name, _Adapter(base))
     for request in (lambda: model(**inputs, latency_budget=0.6), lambda: model.generate(**inputs, max_new_tokens=2),
                     lambda: ak.plan(model, latency_budget=0.6, **inputs)):
-        with pytest.raises(ArgumentTypeError, match=f"layer 1's {part}.{name} is a _Adapter"):
+        with pytest.raises(ArgumentTypeError, match=f"layer {layer}'s {part}.{name} is a _Adapter"):
             request()
     replacement = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)  # random weights
     setattr(parent, name, replacement)
-    setattr(stock.model.language_model.layers[1].get_submodule(part), name, copy.deepcopy(replacement))
+    setattr(stock.model.language_model.layers[layer].get_submodule(part), name, copy.deepcopy(replacement))
     with torch.no_grad():
         ours = model(**inputs, execution_plan=ExecutionPlan.full(2, 8, 8)).logits
         assert torch.equal(ours, stock(**inputs).logits)
@@ -734,8 +735,23 @@ def test_arguments_passed_by_position_are_read_as_by_name(model, inputs):
         assert torch.equal(model(*positional, latency_budget=[0.6, 0.8]).loss, by_name)
     with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
         model(inputs["input_ids"], input_ids=inputs["input_ids"], latency_budget=0.6)
-    with pytest.raises(TypeError, match="positional arguments"):
-        model(*positional, *[None] * 10, latency_budget=0.6)
+    slots = [p for p in inspect.signature(LlavaForConditionalGeneration.forward).parameters.values()][1:]
+    slots = [p for p in slots if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for extra in (1, 10):  # one more than stock's forward takes, or ten
+        with pytest.raises(TypeError, match="positional arguments"):
+            model(*positional, *[None] * (len(slots) - len(positional) + extra), latency_budget=0.6)
+
+
+def test_the_language_model_refuses_ids_and_embeddings_together_as_stock(model):
+    """Called directly, the patched language model takes exactly one of input_ids and inputs_embeds, as stock's."""
+    lm, stock_lm = model.model.language_model, tiny_llava(seed=2).model.language_model
+    ids = torch.tensor([[5, 6, 7]])
+    embeds = stock_lm.embed_tokens(ids).detach()
+    for given in ({"input_ids": ids, "inputs_embeds": embeds}, {}):
+        with pytest.raises(ValueError, match="exactly one of input_ids"):
+            stock_lm(**given)
+        with pytest.raises(ValueError, match="give exactly one of input_ids or inputs_embeds"):
+            lm(**given)
 
 
 def test_numpy_integers_are_integers(model, inputs):

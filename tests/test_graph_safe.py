@@ -124,6 +124,21 @@ def test_a_plan_edited_in_place_after_a_graph_safe_prefill_changes_nothing_of_th
     assert cache_of(out).plan == original and cache_of(out).plan != plan
 
 
+def test_a_decode_step_given_another_plan_of_the_same_shape_inside_graph_safe_runs_the_caches():
+    """Inside graph_safe, where the masks may not be read back to compare them, a step continuing a cache and given
+    another plan of the same shape runs as the cache's plan (README): the step given no plan, not a refusal."""
+    model = ak.patch(tiny_llava(seed=80, num_layers=4), "H", rank=2, backend="torch")
+    inputs = example_inputs(model, seed=81)
+    prefill_plan, other = plan_with_skips(1, 4, 8, seed=82), plan_with_skips(1, 4, 8, seed=83)
+    assert other != prefill_plan
+    with torch.no_grad(), ak.graph_safe():
+        out = model(**inputs, execution_plan=prefill_plan)
+        token = out.logits[:, -1:].argmax(-1)
+        want = model(input_ids=token, **{CACHE_KWARG: copy.deepcopy(cache_of(out))}).logits
+        got = model(input_ids=token, execution_plan=other, **{CACHE_KWARG: cache_of(out)}).logits
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("variant", ["L", "H"])
 def test_a_budget_inside_capture_picks_the_usual_plan_and_output(variant):
     """The scheduler's top-n and the plan's buffers on the device give the plan, logits and ids of the

@@ -386,6 +386,21 @@ def test_returned_sequences_run_their_prompts_budget_or_plan(stock):
             assert torch.equal(copies[0::2], alone) and torch.equal(copies[1::2], alone), given
 
 
+def test_a_request_serves_its_own_model_only(stock):
+    """A hook on model A's projector calls patched model B's language model while A serves a budget: B serves no
+    request there (every unit on, no latency token), as stock B."""
+    a, b = patched(stock, "L"), patched(tiny_llava(seed=3), "L")
+    stock_b = tiny_llava(seed=3).model.language_model
+    embeds = torch.randn(1, 5, stock_b.config.hidden_size, generator=torch.Generator().manual_seed(34))
+    seen = []
+    a.model.multi_modal_projector.register_forward_pre_hook(
+        lambda module, args: seen.append(b.model.language_model(inputs_embeds=embeds).last_hidden_state))
+    with torch.no_grad():
+        a(**example_inputs(stock, seed=35), latency_budget=0.5)
+        (got,) = seen
+        torch.testing.assert_close(got, stock_b(inputs_embeds=embeds).last_hidden_state, **TOL)
+
+
 def test_layers_some_rows_run_whole_or_in_part_each_run_their_own_units(stock):
     """Rows 0 and 1 run layers 2, 4 and 5 and row 2 none of them: layer 2 with some of row 1's units off, layers 4 and
     5 whole. Layers that the same rows run whole share their index lists; a layer in part must not hand its lists to
