@@ -735,8 +735,8 @@ def test_arguments_passed_by_position_are_read_as_by_name(model, inputs):
         assert torch.equal(model(*positional, latency_budget=[0.6, 0.8]).loss, by_name)
     with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
         model(inputs["input_ids"], input_ids=inputs["input_ids"], latency_budget=0.6)
-    slots = [p for p in inspect.signature(LlavaForConditionalGeneration.forward).parameters.values()][1:]
-    slots = [p for p in slots if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    slots = [p for p in list(inspect.signature(LlavaForConditionalGeneration.forward).parameters.values())[1:]
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for extra in (1, 10):  # one more than stock's forward takes, or ten
         with pytest.raises(TypeError, match="positional arguments"):
             model(*positional, *[None] * (len(slots) - len(positional) + extra), latency_budget=0.6)

@@ -1448,7 +1448,6 @@ def test_tiny_llava_refuses_sizes_a_llama_decoder_cannot_run(sizes, refused):
         tiny_llava(**sizes)
 
 
-
 def test_tiny_llava_draws_every_decoder_norm_weight_and_leaves_the_global_generator_alone():
     """Every RMSNorm weight of the decoder, the final norm's too, is drawn in [0.5, 1.5] (not transformers' ones),
     the same for the same seed; and building the model neither reads nor reseeds the caller's generator."""
