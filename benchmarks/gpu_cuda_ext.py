@@ -110,6 +110,7 @@ def main() -> int:
         print(table(result))
     elif not args.skip_bench:
         print("no benchmark results were written")
+        rc |= 1
     return rc
 
 
