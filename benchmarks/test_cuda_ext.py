@@ -13,7 +13,8 @@ plans list them), in one run:
   on the same weight; for the column side also
   ``triton_cols_major``: the Triton op on the column-major copy a patched model keeps (the layout
   each backend reads o/down in decides which one the ``cuda`` backend uses there);
-- ``dense``: ``F.linear`` on the full weight; ``ideal``: ``F.linear`` on a weight cut to the
+- ``dense``: ``F.linear`` on the full weight (on the column side its input is the active one in the
+  full width, zeros elsewhere: the masked computation); ``ideal``: ``F.linear`` on a weight cut to the
   active units before timing.
 
 Each time is the median over 30 calls replayed from a CUDA graph, timed with CUDA events, warmed
@@ -54,12 +55,13 @@ PROJECTIONS = {
 }
 IMPLS = ("cuda", "cuda_padded", "triton", "triton_cols_major", "dense", "ideal")
 MAX_REL_ERR = 2e-2  # of each gathered product against the ideal's (bf16, the norm of the difference)
+DEVICE = "cuda" if CUDA else "cpu"  # on the CPU the tests build the variants to check this code, and time nothing
 
 
 def active_list(share: float, unit: int, full: int, gen: torch.Generator) -> torch.Tensor:
-    """Rows (or columns) of round(32 * share) units picked at random, ascending: int64 [n] on CUDA."""
+    """Rows (or columns) of round(32 * share) units picked at random, ascending: int64 [n] on ``DEVICE``."""
     units = torch.randperm(UNITS, generator=gen)[:round(UNITS * share)].sort().values
-    return torch.cat([torch.arange(u * unit, min(full, (u + 1) * unit)) for u in units.tolist()]).cuda()
+    return torch.cat([torch.arange(u * unit, min(full, (u + 1) * unit)) for u in units.tolist()]).to(DEVICE)
 
 
 def variants(projection: str, share: float, T: int, gen: torch.Generator) -> tuple[dict, int, int]:
@@ -67,16 +69,16 @@ def variants(projection: str, share: float, T: int, gen: torch.Generator) -> tup
     from adaptive_kernels import cuda_ext
 
     side, out_f, in_f, unit = PROJECTIONS[projection]
-    W = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(device="cuda", dtype=DTYPE)
+    W = (torch.randn(out_f, in_f, generator=gen) * 0.02).to(device=DEVICE, dtype=DTYPE)
     full = out_f if side == "rows" else in_f
     idx = active_list(share, unit, full, gen)
     n = idx.numel()
     lists = idx[None]
-    padded = torch.full((1, full), -1, dtype=torch.int64, device="cuda")
+    padded = torch.full((1, full), -1, dtype=torch.int64, device=DEVICE)
     padded[0, :n] = idx
     es = W.element_size()
     if side == "rows":
-        x = (torch.randn(1, T, in_f, generator=gen)).to(device="cuda", dtype=DTYPE)
+        x = (torch.randn(1, T, in_f, generator=gen)).to(device=DEVICE, dtype=DTYPE)
         cut = W[idx].contiguous()
         fns = dict(cuda=lambda: cuda_ext.gather_rows_linear(x, W, lists),
                    cuda_padded=lambda: cuda_ext.gather_rows_linear(x, W, padded),
@@ -84,10 +86,10 @@ def variants(projection: str, share: float, T: int, gen: torch.Generator) -> tup
                    dense=lambda: F.linear(x, W), ideal=lambda: F.linear(x, cut))
         active = n * in_f * es
     else:
-        a = (torch.randn(1, T, n, generator=gen)).to(device="cuda", dtype=DTYPE)
-        a_padded = torch.zeros(1, T, full, device="cuda", dtype=DTYPE)
+        a = (torch.randn(1, T, n, generator=gen)).to(device=DEVICE, dtype=DTYPE)
+        a_padded = torch.zeros(1, T, full, device=DEVICE, dtype=DTYPE)
         a_padded[..., :n] = a
-        a_full = (torch.randn(1, T, in_f, generator=gen)).to(device="cuda", dtype=DTYPE)
+        a_full = torch.zeros(1, T, in_f, device=DEVICE, dtype=DTYPE).index_copy(-1, idx, a)  # the masked input
         cut = W[:, idx].contiguous()
         W_cols_major = cols_major(W)
         fns = dict(cuda=lambda: cuda_ext.gather_cols_linear(a, W, lists),
@@ -97,6 +99,28 @@ def variants(projection: str, share: float, T: int, gen: torch.Generator) -> tup
                    dense=lambda: F.linear(a_full, W), ideal=lambda: F.linear(a, cut))
         active = out_f * n * es
     return fns, active, out_f * in_f * es
+
+
+def row_of(projection: str, T: int, share: float, us: dict, errors: dict, active: int, full: int,
+           bandwidth: float) -> dict:
+    """One projection's row at ``T`` tokens and ``share``: ``us`` the median microseconds per implementation (of
+    ``IMPLS``; ``triton_cols_major`` on the column side only), ``errors`` the ``<impl>_rel_err`` of the gathered
+    ones, ``active`` and ``full`` the active and whole weight bytes, ``bandwidth`` the copy bandwidth in bytes
+    (read + written) per second."""
+    side, out_features, in_features, _ = PROJECTIONS[projection]
+    row = dict(projection=projection, side=side, tokens=T, share=share, out_features=out_features,
+               in_features=in_features, active_bytes=active, copy_bw_GBps=bandwidth / 1e9,
+               floor_us=active / bandwidth * 1e6, **errors)
+    for impl in IMPLS:
+        t = us.get(impl)
+        row[f"{impl}_us"] = t
+        row[f"{impl}_GBps"] = None if t is None else (full if impl == "dense" else active) / (t * 1e-6) / 1e9
+    row["cuda_bw_share"] = row["cuda_GBps"] * 1e9 / bandwidth
+    row["cuda_vs_ideal"] = us["cuda"] / us["ideal"]
+    row["cuda_vs_dense"] = us["cuda"] / us["dense"]
+    row["cuda_vs_triton"] = us["cuda"] / us["triton"]
+    row["cuda_vs_triton_cols_major"] = us["cuda"] / us["triton_cols_major"] if "triton_cols_major" in us else None
+    return row
 
 
 def measure(projection: str) -> list[dict]:
@@ -119,19 +143,7 @@ def measure(projection: str) -> list[dict]:
                 out = fn().float()  # a padded rows list gives an output column per entry, 0 at its -1s
                 want = F.pad(ideal, (0, out.shape[-1] - ideal.shape[-1]))
                 errors[f"{impl}_rel_err"] = ((out - want).norm() / ideal.norm()).item()
-            row = dict(projection=projection, side=PROJECTIONS[projection][0], tokens=T, share=share,
-                       out_features=PROJECTIONS[projection][1], in_features=PROJECTIONS[projection][2],
-                       active_bytes=active, copy_bw_GBps=bw / 1e9, floor_us=active / bw * 1e6, **errors)
-            for impl in IMPLS:
-                t = us.get(impl)
-                row[f"{impl}_us"] = t
-                row[f"{impl}_GBps"] = None if t is None else (full if impl == "dense" else active) / (t * 1e-6) / 1e9
-            row["cuda_bw_share"] = row["cuda_GBps"] * 1e9 / bw
-            row["cuda_vs_ideal"] = us["cuda"] / us["ideal"]
-            row["cuda_vs_dense"] = us["cuda"] / us["dense"]
-            row["cuda_vs_triton"] = us["cuda"] / us["triton"]
-            row["cuda_vs_triton_cols_major"] = us["cuda"] / us["triton_cols_major"] if "triton_cols_major" in us else None
-            rows.append(row)
+            rows.append(row_of(projection, T, share, us, errors, active, full, bw))
             del fns
     return rows
 

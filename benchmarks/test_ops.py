@@ -2,7 +2,8 @@
 
 Per op, tokens (1 and 640) and active share (1.0, 0.85, 0.6, 0.5; active heads and MLP groups
 are whole units chosen at random), in one run: ``backend`` (the Triton ops), ``dense`` (full
-weights, F.linear / SDPA), ``ideal`` (F.linear / SDPA on weights cut to the active set before
+weights, F.linear / SDPA; o and down get the active inputs in the full width, zeros elsewhere: the
+masked computation), ``ideal`` (F.linear / SDPA on weights cut to the active set before
 timing), ``copy`` (``weight[rows]`` then F.linear per call, as AdaLLaVA's reference code does).
 Each time is the median over 30 CUDA-graph replays of the variant, timed with CUDA events, warmed
 up, each after a 256 MiB read that evicts the weights from L2 (see ``timed_us``). At one token,
@@ -129,7 +130,7 @@ def op_variants(op: str, T: int, p: Plan, m: Model):
         full, w, w_cm, cut, idx, cols = ((HIDDEN, m.o, m.o_cm, p.o, p.q_idx, p.q_rows) if op.startswith("o_proj")
                                          else (MLP, m.down, m.down_cm, p.down, p.mlp_idx, p.mlp_rows))
         a = torch.randn(1, T, cols.numel(), generator=m.gen, device=DEVICE).to(DTYPE)
-        af = torch.randn(1, T, full, generator=m.gen, device=DEVICE).to(DTYPE)
+        af = torch.zeros(1, T, full, device=DEVICE, dtype=DTYPE).index_copy(-1, cols, a)  # inactive inputs 0
         W = w_cm if "cols-major" in op else w
         return (lambda: gather_cols_linear(a, W, idx), lambda: F.linear(af, W), lambda: F.linear(a, cut),
                 lambda: F.linear(a, w[:, cols]), cols.numel() * HIDDEN * es)
