@@ -121,7 +121,7 @@ def resolve_budgets(latency_budget, batch_size: int, name: str = "latency_budget
             raise ValueError(f"{name} must be a float or a 1-D tensor, got shape {tuple(latency_budget.shape)}")
         if latency_budget.dtype == torch.bool or latency_budget.is_complex():
             raise ArgumentTypeError(f"{name} must be a real-valued tensor, got {latency_budget.dtype}")
-        values = latency_budget.detach().cpu().reshape(-1).tolist()
+        values = [float(v) for v in latency_budget.detach().cpu().reshape(-1).tolist()]  # integer dtypes too
         if latency_budget.dtype != torch.float64:
             dtype = latency_budget.dtype
             values = [_held_budget(v, _shortest_decimal(v, dtype), dtype.itemsize < 4) for v in values]
@@ -329,7 +329,10 @@ class ExecutionPlan:
         except (IndexError, TypeError, ValueError, RuntimeError) as err:  # ValueError: a slice's negative step
             message = f"ExecutionPlan.rows: index {index!r} does not select rows of {self.batch_size}: {err}"
             raise ValueError(message) from None
-        if layers.dim() != 2 or len(layers) == 0:
+        if layers.dim() != 2:
+            raise ValueError(f"ExecutionPlan.rows: index {index!r} must pick rows along one dimension (an index of "
+                             f"shape [n], or a mask of the {self.batch_size} rows)")
+        if len(layers) == 0:
             raise ValueError(f"ExecutionPlan.rows: index {index!r} must select at least one row")
         return ExecutionPlan(layers, self.heads[index], self.groups[index], shape=self.shape, seq_len=self.seq_len)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from .errors import refusal
 from .plan import check_positive_integer, is_integer
 
 IMAGE_TOKEN_ID = 511
@@ -60,12 +61,16 @@ def image_token_count(model) -> int:
 
 
 def example_inputs(model, batch_size: int = 1, text_tokens: int = 12, seed: int = 0, pad: list[int] | None = None) -> dict:
-    """Random prompts: two text tokens, the image tokens (``image_token_count``), then the rest of the text
-    (ids in [1, vocab_size), the image token's excepted).
+    """``batch_size`` random prompts (at least 1) of ``text_tokens`` text tokens (0 or more; a count that is not
+    one is refused naming it): two text tokens, the image tokens (``image_token_count``), then the rest of the
+    text (ids in [1, vocab_size), the image token's excepted).
 
     ``pad`` gives the number of left-padding positions per row (default none), each at most ``text_tokens - 2``:
     a row padded by n drops its last n tokens, the image's kept (``ValueError`` otherwise).
     """
+    check_positive_integer("batch_size", batch_size)
+    if not is_integer(text_tokens) or text_tokens < 0:
+        raise refusal(is_integer(text_tokens))(f"text_tokens must be a non-negative integer, got {text_tokens!r}")
     pad = list(pad or [])
     if len(pad) > batch_size or not all(is_integer(n) and 0 <= n <= text_tokens - 2 for n in pad):
         raise ValueError(f"pad: at most one count per row ({batch_size}), each an int in [0, text_tokens - 2 = "
