@@ -1011,8 +1011,12 @@ def test_unreadable_scheduler_files_are_refused_by_name(tmp_path):
             ak.save_scheduler(model, path)
     plain = tmp_path / "plain.safetensors"  # the right tensors without save_scheduler's setting
     save_file(tensors, str(plain))
-    with pytest.raises(ValueError, match=r"scheduler=.* holds none of the setting save_scheduler writes"):
-        ak.patch(model, "L", scheduler=plain)
+    foreign = tmp_path / "foreign.safetensors"  # with metadata of its own, as safetensors' and transformers' savers
+    save_file(tensors, str(foreign), metadata={"format": "pt"})
+    for path in (plain, foreign):
+        with pytest.raises(ValueError, match=r"scheduler=.* holds none of the setting save_scheduler writes"):
+            ak.patch(model, "L", scheduler=path)
+        assert model.model.language_model.latency_scheduler is scheduler
 
 
 def test_scheduler_files_with_values_not_finite_in_the_models_dtype_are_refused(tmp_path):

@@ -22,7 +22,7 @@ from adaptive_kernels.cli import CSV_NAME, PNG_NAME, _check_args, build_parser, 
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.models.llava import prompt_embeddings
 from adaptive_kernels.sliced import sliced_stock
-from adaptive_kernels.tiny import TINY_RANK, example_inputs, tiny_llava
+from adaptive_kernels.tiny import TINY_RANK, example_inputs, image_token_count, tiny_llava
 from oracles import fed_latency_token
 
 BUDGETS = (1.0, 0.85, 0.6, 0.5)
@@ -1420,6 +1420,32 @@ def test_example_inputs_left_pad_a_row_by_the_positions_given():
     assert torch.equal(padded["pixel_values"], plain["pixel_values"])
 
 
+def test_example_inputs_pad_a_row_by_up_to_text_tokens_less_two_keeping_the_image_whole():
+    """The bound on ``pad`` is inclusive: a row padded by ``text_tokens - 2`` drops all the text after the image,
+    its two leading text tokens and every image token kept; odd sizes."""
+    model = tiny_llava(num_layers=2)
+    for text_tokens in (2, 3, 7):
+        n = text_tokens - 2
+        plain = example_inputs(model, batch_size=2, text_tokens=text_tokens, seed=text_tokens)
+        padded = example_inputs(model, batch_size=2, text_tokens=text_tokens, seed=text_tokens, pad=[n, 0])
+        S = plain["input_ids"].shape[1]
+        assert padded["attention_mask"][0].tolist() == [0] * n + [1] * (S - n)
+        assert padded["input_ids"][0].tolist() == [0] * n + plain["input_ids"][0, :S - n].tolist()
+        assert int((padded["input_ids"][0] == model.config.image_token_id).sum()) == image_token_count(model)
+        assert torch.equal(padded["input_ids"][1], plain["input_ids"][1])
+
+
+@pytest.mark.parametrize("sizes", [dict(batch_size=0), dict(batch_size=-1), dict(batch_size=1.5),
+                                   dict(text_tokens=-1), dict(text_tokens=2.0)])
+def test_example_inputs_refuse_sizes_that_are_not_counts_naming_them(sizes):
+    """A batch of no rows or of a negative or fractional count, and a negative or fractional text length, are
+    refused naming the argument, as tiny_llava refuses its sizes (a batch of 0 rows was returned, -1 rows was
+    blamed on ``pad``, the others failed inside torch.randint)."""
+    (name, value), = sizes.items()
+    with pytest.raises(ValueError, match=f"^{name} must be a (positive|non-negative) integer, got {value}$"):
+        example_inputs(tiny_llava(num_layers=2), **sizes)
+
+
 @pytest.mark.parametrize("pad", [[11], [-1], [0.5], [0, 0]])
 def test_example_inputs_refuse_padding_that_would_cut_the_image_or_name_no_row(pad):
     """A row padded by n drops its last n tokens: past the text after the image (10 of the 12 here) the image
@@ -1741,7 +1767,6 @@ def test_the_gpu_sweep_model_has_llava_1_5_7b_shapes_in_bfloat16():
 
     from adaptive_kernels.measuring import default_dtype
     from adaptive_kernels.sweep import llava_7b_config, model_name
-    from adaptive_kernels.tiny import image_token_count
 
     config = llava_7b_config()
     text = config.text_config

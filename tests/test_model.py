@@ -752,6 +752,35 @@ def test_plan_reads_the_latency_token_as_generate_runs_it(stock):
     assert len(states) == 2 and torch.equal(states[0], states[1]) and cache_of(out).plan == plan
 
 
+def test_plan_reads_position_ids_given_rather_than_counting_the_mask(stock):
+    """ak.plan counts positions from the mask only without ``position_ids``: given ones (increasing, with gaps)
+    place the prompt, and the latency token one past the prompt's last. Its scheduler reads the latency token's
+    state as a stock model fed those positions computes it (not the mask's positions', which differ), and its plan
+    is that state's top-n."""
+    model = patched(stock, "H")
+    inputs = example_inputs(stock, batch_size=3, seed=19)
+    S, P = inputs["input_ids"].shape[1], model.model.language_model.latency_scheduler.units.num_prefix_layers
+    position_ids = torch.randint(1, 18, (3, S), generator=torch.Generator().manual_seed(23)).cumsum(-1)
+    budgets = [0.6, 0.75, 0.9]
+    scheduler = model.model.language_model.latency_scheduler
+    states, select = [], scheduler.select
+    scheduler.select = lambda state, *args, **kw: states.append(state.clone()) or select(state, *args, **kw)
+    with torch.no_grad():
+        plan = ak.plan(model, latency_budget=budgets, position_ids=position_ids, **inputs)
+        embeds, mask = fed_latency_token(model, stock, inputs, budgets)
+        want = {}
+        for name, positions in (("given", torch.cat([position_ids, position_ids[:, -1:] + 1], 1)),
+                                ("counted", torch.arange(S + 1).expand(3, -1))):
+            want[name] = stock.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                                    output_hidden_states=True).hidden_states[P][:, -1]
+        layers, heads, groups = select(want["given"], budgets)
+    (state,) = states
+    torch.testing.assert_close(state, want["given"], rtol=1e-5, atol=2e-6)
+    assert (want["given"] - want["counted"]).abs().max() > 1e-4  # the positions matter to the state
+    assert plan.layers[:, :P].all() and torch.equal(plan.layers[:, P:], layers)
+    assert torch.equal(plan.heads[:, P:], heads) and torch.equal(plan.groups[:, P:], groups)
+
+
 def test_right_padded_rows_put_the_latency_token_after_their_real_tokens(stock):
     """Right-padded prompts under per-row budgets: each row gives the sliced stock model's generate on its
     prompt then the latency token (positions counted from the mask: the token at the row's real length, not

@@ -76,6 +76,31 @@ def test_a_float32_budget_whose_shortest_decimal_has_eight_digits_buys_that_deci
     assert UnitSpace("L", 29, 0, 8, 2).scheduled_units(b) == 16
 
 
+def test_a_float32_budget_is_its_shortest_decimal_however_many_digits_it_needs():
+    """A float32 tensor's budgets are the shortest decimals that float32 reads back as the values held (NumPy's repr
+    of a float32 is that decimal), for random budgets; and an edge k/T (T < 400) that a float32 holds below and its
+    shortest decimal, of nine significant digits, reaches buys its k units."""
+    held = torch.rand(400, generator=torch.Generator().manual_seed(11), dtype=torch.float64).clamp_min(1e-3)
+    held = held.to(torch.float32)
+    assert resolve_budgets(held, 400) == [float(str(np.float32(v))) for v in held.tolist()]
+    shortest = {(k, T): str(np.float32(k / T)) for T in range(2, 400) for k in range(1, T)}
+    nine_digit_edges = [(k, T) for (k, T), decimal in shortest.items()
+                        if float(np.float32(k / T)) < k / T <= float(decimal) and len(decimal.lstrip("0.")) == 9]
+    assert nine_digit_edges
+    for k, T in nine_digit_edges[:50]:
+        (b,) = resolve_budgets(torch.tensor([k / T], dtype=torch.float32), 1)
+        assert UnitSpace("L", T, 0, 8, 2).scheduled_units(b) == k, (k, T)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_an_integer_tensor_budget_resolves_to_python_floats(dtype):
+    """resolve_budgets gives one Python float per row whatever the tensor's dtype: an integer tensor of ones gives
+    1.0 (the narrow integer dtypes gave the int 1), which buys every unit."""
+    resolved = resolve_budgets(torch.ones(2, dtype=dtype), 2)
+    assert resolved == [1.0, 1.0] and all(type(b) is float for b in resolved), resolved
+    assert UnitSpace("H", 8, 4, 8, 2).scheduled_units(resolved[0]) == 16
+
+
 def test_a_plan_refuses_groups_of_other_rows_or_layers_even_where_they_broadcast():
     """heads and groups are [B, L, H] with layers [B, L]: a [B, 1, H] or [1, L, H] mask is refused, not broadcast."""
     layers, heads = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 3, 4, dtype=torch.bool)
@@ -230,6 +255,8 @@ def test_a_plans_repr_counts_its_executed_layers_and_a_meta_plans_its_shapes_onl
     (lambda p: p.summary(None), ArgumentTypeError, "summary: row"),
     (lambda p: p.to(torch.float16), ArgumentTypeError, "to: device must be a torch.device, str or int"),
     (lambda p: p.rows(()), ValueError, "rows: index .* must select at least one row"),
+    (lambda p: p.rows(torch.tensor([[0, 1]])), ValueError, r"(?s)rows: index .* must pick rows along one dimension"),
+    (lambda p: p.rows(p.layers), ValueError, r"(?s)rows: index .* a mask of the 3 rows\)"),
     (lambda p: ExecutionPlan.full(2, 0, 8), ValueError, "full: num_layers must be a positive integer"),
     (lambda p: ExecutionPlan.full(2, 8, -1), ValueError, "full: num_heads must be a positive integer"),
     (lambda p: ExecutionPlan.full(2.0, 8, 8), ArgumentTypeError, "full: batch_size must be a positive integer"),
@@ -238,6 +265,10 @@ def test_a_plans_repr_counts_its_executed_layers_and_a_meta_plans_its_shapes_onl
     (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, seq_len=7.0), ArgumentTypeError, "seq_len must be None"),
     (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=(4, 8)), ArgumentTypeError, "shape must be None or a Dec"),
     (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=dataclasses.replace(SHAPE, num_layers=5)), ValueError,
+     "DecoderShape of 4 layers and 6 heads"),
+    (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=dataclasses.replace(SHAPE, num_heads=3)), ValueError,
+     "DecoderShape of 4 layers and 6 heads"),
+    (lambda p: ExecutionPlan(p.layers, p.heads, p.groups, shape=dataclasses.replace(SHAPE, num_heads=8)), ValueError,
      "DecoderShape of 4 layers and 6 heads")])
 def test_plan_methods_refuse_bad_arguments_by_name(call, error, message):
     """They raised IndexError or torch's errors, returned plans of no rows, or made float masks (a later
@@ -256,14 +287,27 @@ def test_plans_with_the_same_masks_on_two_devices_are_equal():
     assert plan == plan.to("cuda") and plan.to("cuda") == plan and plan.to("cuda") != other
 
 
-def _brute_force_flops(heads, groups, S):
-    """Per-layer FLOPs by direct count: each q head's q/o product and attention, each kv head's k/v, each neuron's three products."""
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: CUDA")
+def test_a_plan_refuses_masks_on_two_devices_whichever_is_elsewhere():
+    """layers, heads and groups must share one device: a plan with any one of them on another is refused, naming
+    the masks."""
+    layers, heads, groups = _masks(B=2, L=4, H=6)
+    for masks in ((layers, heads, groups.cuda()), (layers, heads.cuda(), groups), (layers.cuda(), heads, groups)):
+        with pytest.raises(ValueError, match=r"ExecutionPlan.layers, .heads and .groups must be on one device"):
+            ExecutionPlan(*masks)
+
+
+def _brute_force_flops(heads, groups, S, causal=False):
+    """Per-layer FLOPs by direct count: each q head's q/o product and attention (over every query-key pair, or with
+    ``causal`` the pairs (i, j) with j <= i), each kv head's k/v, each neuron's three products."""
     D, d = SHAPE.hidden_size, SHAPE.head_dim
     sizes = [17, 17, 17, 17, 16, 16]
+    pairs = sum(1 for i in range(S) for j in range(S) if j <= i or not causal)
     total = 0
     for h in range(6):
         if heads[h]:
-            total += 2 * (2 * S * D * d) + 2 * (2 * S * S * d)
+            total += 2 * (2 * S * D * d) + 2 * (2 * pairs * d)
     for kv in range(3):
         if heads[2 * kv] or heads[2 * kv + 1]:
             total += 2 * (2 * S * D * d)
@@ -281,6 +325,18 @@ def test_cost_weighs_units_by_flops():
         spent = sum(_brute_force_flops(heads[b, l].tolist(), groups[b, l].tolist(), 21) for l in range(4))
         assert plan.cost()[b].item() == pytest.approx(spent / full, rel=1e-12)
     assert ExecutionPlan.full(2, 4, 6).cost().tolist() == [1.0, 1.0]
+
+
+def test_causal_layer_flops_count_the_pairs_a_causal_mask_keeps():
+    """layer_flops(causal=True), what the sweep's prefill floor counts, against the count pair by pair, for random
+    masks at odd prompt lengths."""
+    layers, heads, groups = _masks(B=3, L=4, H=6)
+    for S in (1, 2, 7, 21):
+        got = SHAPE.layer_flops(heads, groups, S, causal=True)
+        for b in range(3):
+            for l in range(4):
+                assert got[b, l].item() == _brute_force_flops(heads[b, l].tolist(), groups[b, l].tolist(), S,
+                                                              causal=True), (S, b, l)
 
 
 def test_moved_and_selected_plans_keep_the_shape_their_cost_is_weighed_by():
