@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import importlib.metadata
 import io
+import json
 import math
 import re
 import struct
@@ -574,6 +576,82 @@ def test_processor_needs_an_image_processor_and_a_tokenizer(tmp_path):
     assert not _has_processor(tmp_path)
     word_tokenizer().save_pretrained(tmp_path)
     assert _has_processor(tmp_path)
+
+
+def test_a_folder_where_the_plot_goes_is_refused_before_any_timing(tmp_path, capsys):
+    """The plot is written after every budget was timed: a folder in its place is refused up front, naming --out,
+    as one in the CSV's place is."""
+    (tmp_path / "out" / PNG_NAME).mkdir(parents=True)
+    exits_naming(capsys, ["--out", str(tmp_path / "out")], f"argument --out: {tmp_path / 'out' / PNG_NAME} is a folder")
+    assert not (tmp_path / "out" / CSV_NAME).exists()
+
+
+@pytest.mark.parametrize("refused", [["--scheduler", "{tmp}/none.safetensors", "--variants", "L"],
+                                     ["--image", "{tmp}/none.png"], ["--prompt", "what?"],
+                                     ["--scheduler", "{tmp}/junk", "--variants", "L", "--image", "{tmp}/junk"]])
+def test_refused_options_leave_no_output_folder(refused, tmp_path, capsys):
+    """The output folder is made last of the checks: an option refused (a missing file, a prompt without a
+    processor, an unreadable image) leaves no --out folder behind."""
+    (tmp_path / "junk").write_bytes(b"neither an image nor safetensors\n" * 4)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*(a.format(tmp=tmp_path) for a in refused), "--out", str(out), *FAST])
+    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_checkpoint_on_the_cpu_keeps_torchs_threads(tmp_path, monkeypatch):
+    """Without --threads only the built-in tiny model on the CPU runs on one thread; a --model there keeps torch's
+    default (--threads' help). The job itself is faked: only its thread setting is looked at."""
+    from adaptive_kernels import cli as cli_module
+
+    tiny_llava().save_pretrained(tmp_path / "ckpt")
+    seen = []
+    monkeypatch.setattr(cli_module, "_main", lambda parser, args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for argv in (["--model", str(tmp_path / "ckpt")], [], ["--model", str(tmp_path / "ckpt"), "--threads", "2"]):
+            assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3, 1, 2]
+
+
+def test_variant_h_takes_a_rank_of_all_the_heads(tmp_path):
+    """--rank must divide the attention heads for variant H (8 here, 4 key/value heads): 8, one unit per layer, runs;
+    its plans hold whole layers' heads."""
+    rows, printed = run_main(["--variants", "H", "--rank", "8", "--budgets", "0.6", "--out", str(tmp_path), *FAST])
+    assert [(r["variant"], r["rank"]) for r in rows] == [("H", "8")] and "rank 8 |" in printed
+
+
+def test_a_checkpoint_whose_text_config_omits_its_model_type_runs_as_llama(tmp_path):
+    """LlavaConfig reads a text_config without model_type as llama: such a checkpoint is a supported one, and its
+    tokens are the built-in model's with the same weights."""
+    tiny_llava().save_pretrained(tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["text_config"]["model_type"]
+    config_file.write_text(json.dumps(config))
+    argv = ["--rank", "2", "--variants", "L", "--budgets", "1.0", *FAST]
+    rows, _ = run_main(["--model", str(tmp_path / "ckpt"), *argv, "--out", str(tmp_path / "out")])
+    builtin, _ = run_main([*argv, "--out", str(tmp_path / "builtin")])
+    assert len(rows) == 1 and rows[0]["tokens"] == builtin[0]["tokens"]
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cuda", "bfloat16")])
+def test_the_default_dtype_is_float32_on_the_cpu_and_bfloat16_on_cuda(device, dtype, tmp_path, monkeypatch):
+    """--dtype's help: the model is timed in bfloat16 on cuda and in float32 on the cpu unless told; the job gets
+    that dtype (a --dtype given is kept). CUDA is faked and the job itself too: only its arguments are looked at."""
+    from adaptive_kernels import cli as cli_module
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(cli_module, "_main", lambda parser, args: seen.append(args.dtype) or 0)
+    for given in ([], ["--dtype", "float16"]):
+        assert main(["--device", device, "--backend", "torch", *given, "--out", str(tmp_path / "out")]) == 0
+    assert seen == [dtype, "float16"]
 
 
 def test_python_m_help():
@@ -1358,6 +1436,36 @@ def test_prefill_is_compared_with_the_ideal_of_its_own_variant_and_budget():
             assert math.isnan(found[key]), key
 
 
+def test_prefill_is_compared_with_the_ideal_not_the_masked_row_of_its_budget():
+    """The masked computation has the same variant, budget and cost as the ideal; prefill_vs_ideal (wall, kernels,
+    graph) divides by the ideal row's whatever order the rows come in (sorted by system, say, masked after ideal)."""
+    from adaptive_kernels.sweep import Row, target_ratios
+
+    gen = torch.Generator().manual_seed(99)
+
+    def ms() -> float:
+        return 1.0 + 9.0 * float(torch.rand((), generator=gen))
+
+    def timed() -> dict:
+        return dict(prefill_ms=ms(), prefill_kernel_ms=ms(), prefill_graph_ms=ms())
+
+    ref = {**SWEEP_ROW, "backend": "transformers"}
+    budgets = {1.0: 1.0, 0.7: 0.6875}
+    adaptive = {b: Row(system="adaptive", budget=b, cost=c, **timed(), **SWEEP_ROW) for b, c in budgets.items()}
+    ideal = {b: Row(system="ideal", budget=b, cost=c, **timed(), **ref) for b, c in budgets.items()}
+    masked = {b: Row(system="masked", budget=b, cost=c, **timed(), **ref) for b, c in budgets.items()}
+    stock = Row(system="stock", budget=1.0, cost=1.0, **timed(), **{**ref, "variant": "L"})
+    for rows in ([*adaptive.values(), *ideal.values(), *masked.values(), stock],
+                 [stock, *masked.values(), *ideal.values(), *adaptive.values()]):
+        found = {t["budget"]: t for t in target_ratios(rows)}
+        assert found.keys() == budgets.keys()
+        for b, t in found.items():
+            for name, field in (("prefill_vs_ideal", "prefill_ms"), ("prefill_kernel_vs_ideal", "prefill_kernel_ms"),
+                                ("prefill_graph_vs_ideal", "prefill_graph_ms")):
+                want = getattr(adaptive[b], field) / getattr(ideal[b], field)
+                assert t[name] == pytest.approx(want, rel=1e-12), (b, name)
+
+
 def test_adherence_needs_the_latency_at_budget_one():
     """Without budget 1.0 there is no latency to take shares of: no adherence rows (and no error while the sweep
     writes its records)."""
@@ -1643,6 +1751,60 @@ def test_sweep_subcommand_refuses_an_out_its_own_files_cannot_be_written_in_befo
     assert sorted(tmp_path.iterdir()) == kept
 
 
+@pytest.fixture
+def faked_sweep(monkeypatch):
+    """``sweep``'s checks and set-up run, its measuring (``_sweep``) is faked: it records torch's CPU threads."""
+    from adaptive_kernels import sweep as sweep_module
+
+    seen = []
+
+    def fake_sweep(device, variants, backends, budgets, new_tokens, repeats, out_dir, progress):
+        seen.append(torch.get_num_threads())
+        return []
+
+    def build_model(device, dtype):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(sweep_module, "_sweep", fake_sweep)
+    monkeypatch.setattr(sweep_module, "build_model", build_model)
+    return sweep_module.sweep, seen
+
+
+def test_sweep_on_cuda_leaves_torchs_threads_unless_told(faked_sweep, tmp_path, monkeypatch):
+    """``threads`` None: 1 on the CPU, torch's default (the threads as they are) on CUDA; a number given is used on
+    either; restored after each. CUDA is faked: only the thread setting is looked at."""
+    sweep, seen = faked_sweep
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for device, threads in (("cuda", None), ("cuda", 2), ("cpu", None), ("cpu", 2)):
+            sweep(device, variants=("L",), budgets=(1.0,), out_dir=tmp_path / device, progress=False, threads=threads)
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3, 2, 1, 2]
+
+
+def test_sweep_refuses_budgets_that_read_as_the_same_value(faked_sweep, tmp_path):
+    """Budgets must be distinct as the sweep reads them: a numpy float32 0.7 is read as 0.7 (``resolve_budgets``), so
+    beside a Python 0.7 it is the same budget, and would measure and write every row of that budget twice."""
+    sweep, seen = faked_sweep
+    with pytest.raises(ValueError, match=r"^budgets must be distinct"):
+        sweep("cpu", variants=("L",), budgets=(0.7, np.float32(0.7)), out_dir=tmp_path, progress=False)
+    assert seen == [] and not any(tmp_path.iterdir())
+    sweep("cpu", variants=("L",), budgets=(np.float32(0.7), 0.5), out_dir=tmp_path, progress=False)  # distinct: runs
+    assert len(seen) == 1
+
+
+def test_sweep_makes_an_out_dir_whose_parents_do_not_exist(faked_sweep, tmp_path):
+    """out_dir is made with every missing parent, as the default benchmarks/results is in a fresh checkout."""
+    sweep, seen = faked_sweep
+    out = tmp_path / "fresh" / "benchmarks" / "results"
+    sweep("cpu", variants=("L",), budgets=(1.0,), out_dir=out, progress=False)
+    assert out.is_dir() and seen == [1]
+
+
 def test_sweep_records_and_plot_refuse_no_rows(tmp_path):
     from adaptive_kernels.sweep import plot_rows, write_records
 
@@ -1759,6 +1921,94 @@ def test_plots_draw_the_measured_latencies_and_the_ideal_at_full_latency_times_c
             plt.close(fig)
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """``plot_rows`` with the figures it closes kept, to be read back; closed at the end."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from adaptive_kernels import sweep as sweep_module
+
+    figures = []
+
+    class KeepFigures:
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def close(self, fig):
+            figures.append(fig)
+
+    monkeypatch.setattr(sweep_module, "pyplot", lambda skipped: KeepFigures())
+    yield figures
+    for fig in figures:
+        plt.close(fig)
+
+
+def cuda_rows():
+    """Rows as a CUDA sweep writes them, fresh random timings: stock and the plans' rows with kernel times and graph
+    replays, compiled stock with decode only, references at budgets given out of order (0.6, 1.0, 0.8)."""
+    from adaptive_kernels.sweep import Row
+
+    gen = torch.Generator().manual_seed(4242)
+
+    def ms() -> float:
+        return 1.0 + 9.0 * float(torch.rand((), generator=gen))
+
+    nan = float("nan")
+    timed = lambda: dict(prefill_ms=ms(), prefill_kernel_ms=ms(), prefill_graph_ms=ms())  # noqa: E731
+    costs = {0.6: 0.5625, 1.0: 1.0, 0.8: 0.75}
+    rows = [Row(system="stock", budget=1.0, cost=1.0, decode_ms_per_token=ms(), **timed(),
+                **{**SWEEP_ROW, "variant": "-", "backend": "transformers"}),
+            Row(system="stock-static-compiled", budget=1.0, cost=1.0, prefill_ms=nan, decode_ms_per_token=ms(),
+                **{**SWEEP_ROW, "variant": "-", "backend": "transformers"})]
+    for b, c in costs.items():
+        rows.append(Row(system="adaptive", budget=b, cost=c, decode_ms_per_token=ms(), **timed(), **SWEEP_ROW))
+        rows.append(Row(system="masked", budget=b, cost=c, prefill_ms=ms(), prefill_kernel_ms=ms(),
+                        decode_ms_per_token=ms(), **{**SWEEP_ROW, "backend": "transformers"}))
+        rows.append(Row(system="ideal", budget=b, cost=c, **timed(), **{**SWEEP_ROW, "backend": "transformers"}))
+    return rows
+
+
+def test_cuda_rows_get_a_panel_per_measured_phase(drawn, tmp_path):
+    """Where kernel times and graph replays were taken (some rows, not compiled stock's), each has its panel
+    beside prefill's and decode's wall time; each panel's measured line is its own field's."""
+    from adaptive_kernels.sweep import plot_rows
+
+    rows = cuda_rows()
+    plot_rows(rows, tmp_path / "sweep.png")
+    axes = drawn[-1].axes
+    fields = ["prefill_ms", "prefill_graph_ms", "prefill_kernel_ms", "decode_ms_per_token"]
+    assert [ax.get_title().splitlines()[0] for ax in axes] == [
+        "prefill, wall", "prefill, one CUDA graph replayed", "prefill, GPU kernel time",
+        "decode / token (steady state), wall"]
+    adaptive = sorted((r for r in rows if r.system == "adaptive"), key=lambda r: r.budget)
+    for ax, field in zip(axes, fields, strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert list(lines["L torch"].get_ydata()) == [getattr(r, field) for r in adaptive], field
+
+
+def test_reference_lines_run_over_the_budgets_in_order(drawn, tmp_path):
+    """The ideal and masked references are drawn as lines over the budgets in increasing order whatever order the
+    rows came in (--budgets 0.6 1.0 0.8), each point its row's value; a reference not measured in a phase (the
+    masked computation has no graph replay) draws no line there."""
+    from adaptive_kernels.sweep import plot_rows
+
+    rows = cuda_rows()
+    plot_rows(rows, tmp_path / "sweep.png")
+    what = {"ideal": "L: stock model cut to the plan", "masked": "L: masked computation (no skipping)"}
+    fields = ["prefill_ms", "prefill_graph_ms", "prefill_kernel_ms", "decode_ms_per_token"]
+    for ax, field in zip(drawn[-1].axes, fields, strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for system, label in what.items():
+            points = sorted((r for r in rows if r.system == system and not math.isnan(getattr(r, field))),
+                            key=lambda r: r.budget)
+            if not points:
+                assert label not in lines, (field, system)
+                continue
+            assert list(lines[label].get_xdata()) == [r.budget for r in points], (field, system)
+            assert list(lines[label].get_ydata()) == [getattr(r, field) for r in points], (field, system)
+
+
 def test_the_gpu_sweep_model_has_llava_1_5_7b_shapes_in_bfloat16():
     """DESIGN's speed setting, checked without a GPU: the CUDA sweep's model has LLaVA-1.5-7B's shapes (hidden 4096,
     32 layers of 32 heads of 128 with as many key/value heads, MLP 11008, 576 image tokens per image) and is timed in
@@ -1801,6 +2051,83 @@ def test_matmul_rate_counts_two_flops_per_multiply_add_at_the_median_time(monkey
     products.clear()
     times[:] = [t / 2 for t in times]  # measured again at each call (a sweep's own threads), not kept
     assert measuring.matmul_rate("cpu", torch.float32) == pytest.approx(2 * rate, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_matmul_rate_times_products_in_the_dtype_given(dtype, monkeypatch):
+    """matmul_rate(device, dtype) times square products in ``dtype`` (bf16 on CUDA runs at another rate than fp32):
+    every timed product is n x n in that dtype."""
+    from adaptive_kernels import measuring
+
+    products = []
+
+    def once_ms(fn, device):
+        products.append(fn())
+        return 1.0
+
+    monkeypatch.setattr(measuring, "_once_ms", once_ms)
+    rate = measuring.matmul_rate("cpu", dtype)
+    assert products and all(p.dtype == dtype and p.shape == (512, 512) for p in products)
+    assert rate == pytest.approx(2 * 512 ** 3 / 1e-3, rel=1e-12)
+
+
+def test_cpu_threads_are_restored_after_an_error_inside():
+    """cpu_threads sets torch's CPU threads within the block and restores them after, also where the block raises
+    (a failed sweep must not leave the caller's process on one thread)."""
+    from adaptive_kernels.measuring import cpu_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), cpu_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 3
+        with cpu_threads(None):  # None: left as they are
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_stamp_says_not_installed_for_a_missing_triton(monkeypatch):
+    """A machine without triton records "not installed" as its version (run_stamp's and package_version's docstrings),
+    not an empty cell that reads as a lost value; the other versions are still read."""
+    from adaptive_kernels.measuring import run_stamp
+
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name == "triton":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    stamp = run_stamp()
+    assert stamp["triton"] == "not installed"
+    assert stamp["transformers"] == real_version("transformers") and stamp["torch"] == torch.__version__
+
+
+def test_prefill_floor_is_row_0s_of_a_plan_with_rows_that_differ():
+    """prefill_floor_ms reads row 0 of the plan, whatever the other rows run: a 2-row plan whose row 1 runs every
+    layer, head and group has the floor of its row 0 alone (whose own floor test_cli counts by hand), below the full
+    model's. Random masks."""
+    from adaptive_kernels.sweep import prefill_floor_ms
+
+    model = tiny_llava(seed=2)
+    text = model.config.text_config
+    L, H = text.num_hidden_layers, text.num_attention_heads
+    gen = torch.Generator().manual_seed(17)
+    layers = torch.rand(1, L, generator=gen) < 0.6
+    heads = (torch.rand(1, L, H, generator=gen) < 0.5) & layers[..., None]
+    groups = (torch.rand(1, L, H, generator=gen) < 0.5) & layers[..., None]
+    row0 = ak.ExecutionPlan(layers, heads, groups)
+    full = ak.ExecutionPlan.full(1, L, H)
+    both = ak.ExecutionPlan(torch.cat([layers, full.layers]), torch.cat([heads, full.heads]),
+                            torch.cat([groups, full.groups]))
+    T, rate = 23, 2.5e11
+    alone = prefill_floor_ms(model, row0, T, rate)
+    assert prefill_floor_ms(model, both, T, rate) == pytest.approx(alone, rel=1e-12)
+    assert alone < prefill_floor_ms(model, full, T, rate)
 
 
 def test_run_stamp_records_the_installed_versions_and_the_utc_date_to_the_second():

@@ -312,3 +312,51 @@ def test_late_finish_flag_reports_the_step_before():
     flag = generation.LateFinishFlag(torch.device("cpu"))
     steps = [torch.tensor([1, 1]), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([0, 0])]
     assert [flag.push(unfinished) for unfinished in steps] == [False, False, False, True]
+
+
+def test_a_generate_call_that_raises_leaves_the_cache_counting_positions():
+    """``get_seq_length()`` outside an ``input_id_view`` counts every filled position, the latency token's
+    included (AdaptiveCache's docstring). generate counts a given cache in such a view; a generate call that
+    raises inside transformers' generate (an unknown keyword here) ends the view with it: the cache still counts
+    its positions after, and ``crop(n)`` keeps n positions, as a copy that never saw the failed call does."""
+    stock = tiny_llava(seed=140, num_layers=4)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    inputs = example_inputs(stock, batch_size=2, text_tokens=7, seed=141, pad=[0, 3])
+    with torch.no_grad():
+        first = model.generate(**inputs, latency_budget=[0.55, 0.9], max_new_tokens=3, do_sample=False,
+                               eos_token_id=None, return_dict_in_generate=True)
+    cache = cache_of(first)
+    # the prompt, the latency token and the new tokens but the last (which no step has fed yet)
+    positions = inputs["input_ids"].shape[1] + 1 + 3 - 1
+    assert cache.get_seq_length() == positions
+    untouched = copy.deepcopy(cache)
+    ids = first.sequences
+    with torch.no_grad(), pytest.raises(ValueError, match="not_a_model_kwarg"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), latency_budget=[0.55, 0.9],
+                       max_new_tokens=2, not_a_model_kwarg=1, **{CACHE_KWARG: cache})
+    assert cache.get_seq_length() == untouched.get_seq_length() == positions
+    keep = positions - 2  # past the latency token (column inputs["input_ids"].shape[1])
+    cache.crop(keep)
+    untouched.crop(keep)
+    assert cache.length == untouched.length == keep
+
+
+def test_synced_gpus_run_transformers_loop(stock, inputs, monkeypatch, tmp_path):
+    """synced_gpus=True (ZeRO-3 / FSDP: every rank steps until all have finished, for the collectives inside
+    forward): no step is queued ahead, since a rank that returned early would leave the others waiting; the
+    same ids and exactly the forward calls of transformers' loop, where the rows stop early (one process group
+    of one rank here)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+        request = REQUESTS["budget"]()
+        kw = {"do_sample": False, "eos_token_id": stopping_tokens(model, inputs, request, monkeypatch),
+              "pad_token_id": 0, "synced_gpus": True, **request}
+        theirs, their_calls = generate_counting(model, inputs, False, monkeypatch, **kw)
+        ours, our_calls = generate_counting(model, inputs, True, monkeypatch, **kw)
+    finally:
+        dist.destroy_process_group()
+    assert theirs.shape[1] < inputs["input_ids"].shape[1] + 8  # stopped early
+    assert torch.equal(ours, theirs) and our_calls == their_calls

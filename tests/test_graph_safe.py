@@ -549,3 +549,52 @@ def test_a_captured_prefill_continues_each_replays_prompt_on_the_gpu(backend):
         with torch.cuda.graph(graph):
             out = model(inputs_embeds=static, latency_budget=0.6)
         check_replays_continued(model, graph, static, out, prompts, 4, dict(rtol=2e-3, atol=2e-3))
+
+
+def test_a_reset_cache_made_in_a_capture_holds_no_position_and_starts_a_new_request(monkeypatch):
+    """``reset()`` forgets every position: also for a cache a captured prefill made (a replay of it had set where
+    it stands, not yet read). It then counts 0 positions, and a prefill given it starts a new request, whose
+    logits are those of a request given no cache."""
+    stock = tiny_llava(seed=142, num_layers=4)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch")
+    ids = example_inputs(stock, batch_size=1, text_tokens=5, seed=143)["input_ids"]
+    embeds = model.model.language_model.embed_tokens(ids).detach()
+    with torch.no_grad():
+        static = embeds.clone()
+        graph = CpuGraph(monkeypatch)
+        with graph.capture():
+            cache = cache_of(model(inputs_embeds=static, latency_budget=0.6))
+        graph.replay()  # its replays set where the cache stands, which the next count reads
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        again = model(inputs_embeds=embeds, latency_budget=0.7, **{CACHE_KWARG: cache})
+        fresh = model(inputs_embeds=embeds, latency_budget=0.7)
+    assert torch.equal(again.logits, fresh.logits)
+    assert cache_of(again).get_seq_length() == cache_of(fresh).get_seq_length() == ids.shape[1] + 1
+
+
+def test_hidden_states_of_replayed_decode_steps_keep_their_values_after_later_steps(monkeypatch):
+    """Greedy decode steps through the language model (decode graphs on the tests' CPU stand-in for a CUDA graph,
+    ``cpu_decode_graphs``): each step's ``last_hidden_state``, kept until every step has run, equals that step's
+    from the same steps run eagerly (graphs off), every element, for a padded batch under per-row budgets."""
+    cpu_decode_graphs(monkeypatch)
+    stock = tiny_llava(seed=150, num_layers=4)
+    inputs = example_inputs(stock, batch_size=2, text_tokens=6, seed=151, pad=[0, 3])
+    kept = {}
+    for graphs in (True, False):
+        model = replaying_decode_steps(ak.patch(copy.deepcopy(stock), "H", rank=2, backend="torch",
+                                                cuda_graphs=graphs))
+        lm = model.model.language_model
+        with torch.no_grad():
+            out = model(**inputs, latency_budget=[0.6, 0.85])
+            cache, mask = cache_of(out), inputs["attention_mask"]
+            token, hidden = out.logits[:, -1].argmax(-1, keepdim=True), []
+            for _ in range(6):
+                mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+                step = lm(inputs_embeds=lm.embed_tokens(token), attention_mask=mask, **{CACHE_KWARG: cache})
+                hidden.append(step.last_hidden_state)
+                token = model.lm_head(step.last_hidden_state[:, -1]).argmax(-1, keepdim=True)
+        kept[graphs] = hidden
+    assert len(kept[True]) == len(kept[False]) == 6
+    for k, (got, want) in enumerate(zip(kept[True], kept[False])):
+        torch.testing.assert_close(got, want, msg=lambda m: f"decode step {k}: {m}")
