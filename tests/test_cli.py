@@ -827,6 +827,20 @@ SWEEP_ROW = dict(model="m", variant="L", backend="torch", vision_ms=1.0, device=
                  new_tokens=1, repeats=1, torch="t", transformers="t", triton="t", date="d")
 
 
+class RandomTimings:
+    """Fresh random timings, in [1, 10) ms, from a generator seeded with ``seed``."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def ms(self) -> float:
+        return 1.0 + 9.0 * float(torch.rand((), generator=self.gen))
+
+    def prefill(self) -> dict:
+        """A prefill's wall, GPU kernel and graph-replay times, as Row fields."""
+        return dict(prefill_ms=self.ms(), prefill_kernel_ms=self.ms(), prefill_graph_ms=self.ms())
+
+
 def test_adherence_is_the_latency_share_minus_the_plans_cost():
     """Per variant, backend and phase: the largest of t(b) / t(1.0) - cost(b) over the budgets below 1.0, with the
     budget where it is, negative where every budget beat its cost. H plans cost less than their budget (whole
@@ -1441,20 +1455,14 @@ def test_prefill_is_compared_with_the_ideal_not_the_masked_row_of_its_budget():
     graph) divides by the ideal row's whatever order the rows come in (sorted by system, say, masked after ideal)."""
     from adaptive_kernels.sweep import Row, target_ratios
 
-    gen = torch.Generator().manual_seed(99)
-
-    def ms() -> float:
-        return 1.0 + 9.0 * float(torch.rand((), generator=gen))
-
-    def timed() -> dict:
-        return dict(prefill_ms=ms(), prefill_kernel_ms=ms(), prefill_graph_ms=ms())
-
+    timings = RandomTimings(99)
     ref = {**SWEEP_ROW, "backend": "transformers"}
     budgets = {1.0: 1.0, 0.7: 0.6875}
-    adaptive = {b: Row(system="adaptive", budget=b, cost=c, **timed(), **SWEEP_ROW) for b, c in budgets.items()}
-    ideal = {b: Row(system="ideal", budget=b, cost=c, **timed(), **ref) for b, c in budgets.items()}
-    masked = {b: Row(system="masked", budget=b, cost=c, **timed(), **ref) for b, c in budgets.items()}
-    stock = Row(system="stock", budget=1.0, cost=1.0, **timed(), **{**ref, "variant": "L"})
+    adaptive = {b: Row(system="adaptive", budget=b, cost=c, **timings.prefill(), **SWEEP_ROW)
+                for b, c in budgets.items()}
+    ideal = {b: Row(system="ideal", budget=b, cost=c, **timings.prefill(), **ref) for b, c in budgets.items()}
+    masked = {b: Row(system="masked", budget=b, cost=c, **timings.prefill(), **ref) for b, c in budgets.items()}
+    stock = Row(system="stock", budget=1.0, cost=1.0, **timings.prefill(), **{**ref, "variant": "L"})
     for rows in ([*adaptive.values(), *ideal.values(), *masked.values(), stock],
                  [stock, *masked.values(), *ideal.values(), *adaptive.values()]):
         found = {t["budget"]: t for t in target_ratios(rows)}
@@ -1949,23 +1957,16 @@ def cuda_rows():
     replays, compiled stock with decode only, references at budgets given out of order (0.6, 1.0, 0.8)."""
     from adaptive_kernels.sweep import Row
 
-    gen = torch.Generator().manual_seed(4242)
-
-    def ms() -> float:
-        return 1.0 + 9.0 * float(torch.rand((), generator=gen))
-
-    nan = float("nan")
-    timed = lambda: dict(prefill_ms=ms(), prefill_kernel_ms=ms(), prefill_graph_ms=ms())  # noqa: E731
-    costs = {0.6: 0.5625, 1.0: 1.0, 0.8: 0.75}
-    rows = [Row(system="stock", budget=1.0, cost=1.0, decode_ms_per_token=ms(), **timed(),
-                **{**SWEEP_ROW, "variant": "-", "backend": "transformers"}),
-            Row(system="stock-static-compiled", budget=1.0, cost=1.0, prefill_ms=nan, decode_ms_per_token=ms(),
-                **{**SWEEP_ROW, "variant": "-", "backend": "transformers"})]
-    for b, c in costs.items():
-        rows.append(Row(system="adaptive", budget=b, cost=c, decode_ms_per_token=ms(), **timed(), **SWEEP_ROW))
-        rows.append(Row(system="masked", budget=b, cost=c, prefill_ms=ms(), prefill_kernel_ms=ms(),
-                        decode_ms_per_token=ms(), **{**SWEEP_ROW, "backend": "transformers"}))
-        rows.append(Row(system="ideal", budget=b, cost=c, **timed(), **{**SWEEP_ROW, "backend": "transformers"}))
+    t = RandomTimings(4242)
+    stock = {**SWEEP_ROW, "variant": "-", "backend": "transformers"}
+    rows = [Row(system="stock", budget=1.0, cost=1.0, decode_ms_per_token=t.ms(), **t.prefill(), **stock),
+            Row(system="stock-static-compiled", budget=1.0, cost=1.0, prefill_ms=float("nan"),
+                decode_ms_per_token=t.ms(), **stock)]
+    for b, c in {0.6: 0.5625, 1.0: 1.0, 0.8: 0.75}.items():
+        rows.append(Row(system="adaptive", budget=b, cost=c, decode_ms_per_token=t.ms(), **t.prefill(), **SWEEP_ROW))
+        rows.append(Row(system="masked", budget=b, cost=c, prefill_ms=t.ms(), prefill_kernel_ms=t.ms(),
+                        decode_ms_per_token=t.ms(), **{**SWEEP_ROW, "backend": "transformers"}))
+        rows.append(Row(system="ideal", budget=b, cost=c, **t.prefill(), **{**SWEEP_ROW, "backend": "transformers"}))
     return rows
 
 
