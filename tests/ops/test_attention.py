@@ -75,11 +75,12 @@ def test_decode_split_keys(dtype, T, splits):
     _check(dtype, *inputs, splits=splits)
 
 
-@pytest.mark.parametrize("scale", [0.05, 0.7])
+@pytest.mark.parametrize("scale", [0.05, 0.7, -0.7, 0.0])
 @pytest.mark.parametrize("case", ["prefill-gqa-pad", "decode-3"])
 def test_scale_other_than_the_head_dims(case, scale):
-    """``scale`` multiplies the scores whatever it is (Llama's is d**-0.5, which every other case uses): the
-    kernel and the reference against softmax attention written out per row and head."""
+    """``scale`` multiplies the scores whatever it is (Llama's is d**-0.5, which every other case uses; a negative
+    one weighs the lowest scores most, 0 weighs the visible keys alike): the kernel and the reference against
+    softmax attention written out per row and head."""
     R, T, Tk, nkv, q_to_kv, pad = CASES[case]
     q, k, v, q_to_kv, valid = _inputs(generator(case, scale), torch.float32, R, T, Tk, nq=len(q_to_kv[0]),
                                       nkv=nkv, q_to_kv=q_to_kv, pad=pad)
@@ -109,6 +110,11 @@ def test_bad_arguments_are_refused_by_name():
     wrong_value, wrong_type = ValueError, ArgumentTypeError
     for args, error, message in [((q, k, v[:, :, :4], q_to_kv, valid), wrong_value, "k, v one shape"),
                                  ((q, k[..., :8], v[..., :8], q_to_kv, valid), wrong_value, "k and v must be"),
+                                 ((q, k[:1], v[:1], q_to_kv, valid), wrong_value, r"k and v must be \[2, nkv, Tk, 24\]"),
+                                 ((q, k.repeat(2, 1, 1, 1)[:3], v.repeat(2, 1, 1, 1)[:3], q_to_kv, valid), wrong_value,
+                                  r"k and v must be \[2, nkv, Tk, 24\]"),  # a row more was ignored, one fewer read past
+                                 ((q, k.half(), v, q_to_kv, valid), wrong_type, "q, k and v must share"),
+                                 ((q, k, v.half(), q_to_kv, valid), wrong_type, "q, k and v must share"),
                                  ((q, k[:, :, :2], v[:, :, :2], q_to_kv, valid[:, :2]), wrong_value,
                                   "k must hold at least 3"),
                                  ((q, k.half(), v.half(), q_to_kv, valid), wrong_type, "q, k and v must share"),

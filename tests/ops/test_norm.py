@@ -95,6 +95,8 @@ def test_mismatched_arguments_are_refused():
     with pytest.raises(ValueError, match="residual must match x") as refused:  # another shape
         rms_norm(x, randn(8, gen=gen), 1e-6, randn(2, 7, gen=gen))
     assert not isinstance(refused.value, TypeError)
+    with pytest.raises(ValueError, match=r"residual must match x \(\(2, 3, 8\), torch.float32\), got \(3, 2, 8\)"):
+        rms_norm(randn(2, 3, 8, gen=gen), randn(8, gen=gen), 1e-6, randn(3, 2, 8, gen=gen))  # x's width, not its shape
     with pytest.raises(ValueError, match=r"weight must be \[8\]"):
         rms_norm(x, randn(7, gen=gen), 1e-6)
     with pytest.raises(ValueError, match="x must be .* got a 0-d tensor"):
@@ -206,3 +208,31 @@ def test_eps_of_zero_is_accepted_and_computes_as_the_reference():
         torch.testing.assert_close(rms_norm(x, w, eps), rms_norm_reference(x, w, 0.0), rtol=1e-5, atol=1e-5)
         for got, want in zip(rms_norm(x, w, eps, r), rms_norm_reference(x, w, 0.0, r)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (2, 0), (3, 2, 0)], ids=str)
+def test_empty_inputs_give_empty_outputs(shape):
+    """No row, or rows of no element: the result (and with a residual the sum) is the reference's, of x's shape."""
+    gen = generator("empty norm", shape)
+    x, r, w = randn(*shape, gen=gen), randn(*shape, gen=gen), randn(shape[-1], gen=gen)
+    got = rms_norm(x, w, 1e-6)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, rms_norm_reference(x, w, 1e-6))
+    for got, want in zip(rms_norm(x, w, 1e-6, r), rms_norm_reference(x, w, 1e-6, r), strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.triton
+def test_rows_broadcast_along_their_last_dim_are_read_as_their_values():
+    """x and residual whose last dim has stride 0 (one value expanded over D): every element is the reference's
+    on the expanded values."""
+    gen = generator("norm stride 0")
+    x, r = randn(3, 4, 1, gen=gen).expand(3, 4, 24), randn(3, 4, 1, gen=gen).expand(3, 4, 24)
+    w = randn(24, gen=gen)
+    assert x.stride(-1) == 0
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x.contiguous(), w, 1e-6))
+    for got, want in zip(rms_norm(x, w, 1e-6, r), rms_norm_reference(x.contiguous(), w, 1e-6, r.contiguous()),
+                         strict=True):
+        torch.testing.assert_close(got, want)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels import cuda_ext
@@ -143,7 +146,10 @@ def test_bad_arguments_are_refused_by_name():
                           ((x, w, rows[:, 0]), r"x must be 3-D, weight and rows 2-D; got .* rows \(2,\)"),
                           ((x, w, rows.float()), "rows must be int64"),
                           ((x, w.half(), rows), "weight must have x's dtype"),
-                          ((x, w, rows, b[:-1]), "bias must be"), ((x, w, rows, b.half()), "bias must have x's dtype")]:
+                          ((x, w, rows, b[:-1]), "bias must be"), ((x, w, rows, b.half()), "bias must have x's dtype"),
+                          ((x, w, rows, b[:, None]), rf"bias must be \[N\] with N = {N} .*, got \({N}, 1\)"),
+                          ((x, w, rows, b[None]), rf"bias must be \[N\] .*, got \(1, {N}\)"),
+                          ((x, w, rows, randn(N, 3, gen=gen)), rf"bias must be \[N\] .*, got \({N}, 3\)")]:
         with pytest.raises(ValueError, match=message):
             gather_rows_linear(*args)
     a, w = randn(2, 3, 4, gen=gen), randn(D, N, gen=gen)
@@ -293,17 +299,19 @@ def test_cols_index_list_through_its_strides(T, layout):
     check(gather_cols_linear(a, w, cols_view), gather_cols_linear_reference(a, w, cols), torch.float32)
 
 
-def test_flop_count_on_meta_tensors_counts_every_listed_entry():
-    """On meta tensors (shapes only, as a FLOP estimate of a big model without its weights is made) the index
-    values cannot be read: every entry of each list counts, padding included, rather than none."""
-    gen = generator("flops on meta")
+@pytest.mark.parametrize("values", ["meta", "fake"])
+def test_flop_count_on_tensors_without_values_counts_every_listed_entry(values):
+    """On meta tensors (shapes only, as a FLOP estimate of a big model without its weights is made) and fake ones
+    (torch.compile's tracing) the index values cannot be read: every entry of each list counts, padding included,
+    rather than none."""
+    gen = generator("flops without values", values)
     R, T, width = 2, 5, 9
-    rows = index_lists([width, 4], N, gen, "scattered").to("meta")
-    x, w = randn(R, T, D, gen=gen).to("meta"), randn(N, D, gen=gen).to("meta")
-    a, wt = randn(R, T, width, gen=gen).to("meta"), randn(D, N, gen=gen).to("meta")
-    with FlopCounterMode(display=False) as counter:
-        gather_rows_linear(x, w, rows)
-    assert counter.get_total_flops() == 2 * T * (R * width) * D
-    with FlopCounterMode(display=False) as counter:
-        gather_cols_linear(a, wt, rows)
-    assert counter.get_total_flops() == 2 * T * (R * width) * D
+    tensors = [index_lists([width, 4], N, gen, "scattered"), randn(R, T, D, gen=gen), randn(N, D, gen=gen),
+               randn(R, T, width, gen=gen), randn(D, N, gen=gen)]
+    mode = contextlib.nullcontext() if values == "meta" else FakeTensorMode()
+    rows, x, w, a, wt = (t.to("meta") if values == "meta" else mode.from_tensor(t) for t in tensors)
+    with mode:
+        for op, args in ((gather_rows_linear, (x, w, rows)), (gather_cols_linear, (a, wt, rows))):
+            with FlopCounterMode(display=False) as counter:
+                op(*args)
+            assert counter.get_total_flops() == 2 * T * (R * width) * D, op.__name__

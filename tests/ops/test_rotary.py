@@ -55,6 +55,11 @@ def test_bad_arguments_are_refused():
                  (x.int(), cos.int(), sin.int())]:
         with pytest.raises(ArgumentTypeError, match="x, cos and sin must share one dtype of float32, float16 or bf"):
             rotary(*args)
+    for shape in [(2, 2, 4), (1, 1, 4), (1, 3, 4), (1, 2, 6)]:  # more or fewer rows or tokens, a wider last dim
+        other = randn(*shape, gen=gen)
+        for args in [(x, other, sin), (x, cos, other)]:  # read in part or past its end
+            with pytest.raises(ValueError, match=r"cos, sin \[R, T, d\]; got x"):
+                rotary(*args)
 
 
 def test_opcheck():
@@ -94,4 +99,34 @@ def test_rotary_reads_each_input_through_its_own_strides(dtype, layout):
     got = rotary(x, cos, sin)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(rotary_reference(x, cos, sin), want, rtol=0, atol=0)
+
+
+def test_gradients_reach_cos_and_sin():
+    """cos and sin are inputs like x: with them needing gradients (a learned rotation) the op's gradients for x,
+    cos and sin, each alone or together, are Llama's apply_rotary_pos_emb's."""
+    gen = generator("rotary grads")
+    leaves = [randn(2, 3, 5, 8, gen=gen), randn(2, 3, 8, gen=gen), randn(2, 3, 8, gen=gen)]
+    upstream = randn(2, 3, 5, 8, gen=gen)
+    for needing in ([1], [2], [0, 1, 2]):
+        got_in = [t.clone().requires_grad_(i in needing) for i, t in enumerate(leaves)]
+        want_in = [t.clone().requires_grad_(i in needing) for i, t in enumerate(leaves)]
+        got = rotary(*got_in)
+        want, _ = apply_rotary_pos_emb(want_in[0], want_in[0], want_in[1], want_in[2], unsqueeze_dim=2)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        grads = torch.autograd.grad(got, [got_in[i] for i in needing], upstream)
+        wanted = torch.autograd.grad(want, [want_in[i] for i in needing], upstream)
+        for i, g, w in zip(needing, grads, wanted):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"input {i} of {needing}")
+
+
+def test_x_broadcast_along_its_last_dim_is_read_as_its_values():
+    """x whose head dim has stride 0 (one value expanded over d, as a broadcast gives): every element is the
+    rotation of the expanded values."""
+    gen = generator("rotary stride 0")
+    x = randn(2, 3, 5, 1, gen=gen).expand(2, 3, 5, 8)
+    cos, sin = randn(2, 3, 8, gen=gen), randn(2, 3, 8, gen=gen)
+    assert x.stride(-1) == 0
+    want, _ = apply_rotary_pos_emb(x.contiguous(), x.contiguous(), cos, sin, unsqueeze_dim=2)
+    torch.testing.assert_close(rotary(x, cos, sin), want, rtol=0, atol=0)
     torch.testing.assert_close(rotary_reference(x, cos, sin), want, rtol=0, atol=0)
