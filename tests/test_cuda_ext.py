@@ -18,6 +18,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels import cuda_ext
@@ -351,6 +352,16 @@ def test_opcheck():
     torch.library.opcheck(ops.cuda_gather_rows_linear.default, trained)  # with the backward (the reference's)
 
 
+def test_host_limits_are_the_ones_csrc_enforces():
+    """The wrappers refuse past DECODE_MAX_TOKENS tokens and MAX_BATCH_ROWS rows; the kernels' own limits
+    (kMaxDecodeTokens in adaptive_kernels.h, the batch-row check of gemv_common.cuh) are the same numbers, so the
+    host check neither lets through what the kernels refuse nor refuses what they take."""
+    header = (cuda_ext.CSRC / "adaptive_kernels.h").read_text()
+    common = (cuda_ext.CSRC / "gemv_common.cuh").read_text()
+    assert cuda_ext.DECODE_MAX_TOKENS == int(re.search(r"constexpr int64_t kMaxDecodeTokens = (\d+);", header)[1])
+    assert cuda_ext.MAX_BATCH_ROWS == int(re.search(r"if \(R > (\d+)\) return", common)[1])
+
+
 BAD_GEMV_CALLS = {  # what is wrong -> (call, error type, message pattern); CPU tensors: refused before any launch
     "too many tokens": (lambda x, w, rows: cuda_ext.gather_rows_linear(x, w, rows), ValueError,
                         "at most 16 tokens per row \\(x.shape\\[1\\]\\), got 17"),
@@ -366,12 +377,14 @@ BAD_GEMV_CALLS = {  # what is wrong -> (call, error type, message pattern); CPU 
                      "gather_cols_linear: weight must be a tensor, got ndarray"),
     "float rows": (lambda x, w, rows: cuda_ext.gather_rows_linear(x[:, :1], w, rows.float()), TypeError,
                    "rows must be int64"),
+    "float cols": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2], w.t(), rows.float()), TypeError,
+                   "^gather_cols_linear: cols must be int64"),
     "int8 activations": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2].to(torch.int8), w.t(), rows),
                          TypeError, "a must be float32, float16 or bfloat16"),
     "cols width": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :3], w.t(), rows), ValueError,
                    "cols must be \\[R, n\\] with n = 3"),
     "lists per row": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2], w.t(), rows.expand(2, -1)),
-                      ValueError, "one list per row of a \\(1\\)"),
+                      ValueError, "^gather_cols_linear: cols must hold one list per row of a \\(1\\)"),
     "cpu tensors": (lambda x, w, rows: cuda_ext.gather_cols_linear(x[:, :1, :2], w.t(), rows), ValueError,
                     "the GEMV kernels take CUDA tensors, got a on cpu"),
     "too many rows": (lambda x, w, rows: cuda_ext.gather_rows_linear(x[:, :1].expand(65536, -1, -1), w,
@@ -543,11 +556,52 @@ def test_load_without_a_toolchain_says_what_is_missing():
         cuda_ext.cuda_backend()
 
 
+@pytest.fixture
+def fake_toolchain(monkeypatch):
+    """A machine whose toolchain is complete (faked) and whose extension is not loaded yet: the builds that
+    ``load()`` asks ``torch.utils.cpp_extension.load`` for are recorded; each call's outcome is taken from
+    ``outcomes`` (an exception to raise, or None for a good build)."""
+    builds, outcomes = [], []
+
+    def build(**kwargs):
+        builds.append(kwargs)
+        outcome = outcomes.pop(0) if outcomes else None
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(cuda_ext, "toolchain_problem", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", build)
+    monkeypatch.setattr(cuda_ext, "_loaded", False)
+    return builds, outcomes
+
+
+def test_load_builds_once_and_is_idempotent(fake_toolchain):
+    """``load()`` is idempotent: the first call builds csrc/ (every source, with csrc/ on the include path), later
+    calls return at once without asking for another build."""
+    builds, _ = fake_toolchain
+    for _ in range(3):
+        cuda_ext.load()
+    assert len(builds) == 1, builds
+    assert builds[0]["name"] == cuda_ext._extension_name()
+    assert sorted(builds[0]["sources"]) == sorted(str(cuda_ext.CSRC / n) for n in cuda_ext.SOURCES)
+
+
+def test_a_failed_build_is_reported_again_on_the_next_call(fake_toolchain):
+    """A build that fails raises, and the next ``load()`` tries again (and raises again while it fails) rather
+    than returning as if the kernels were registered; once a build succeeds, no further build runs."""
+    builds, outcomes = fake_toolchain
+    outcomes += [RuntimeError("nvcc: error 1"), RuntimeError("nvcc: error 2"), None]
+    for n in (1, 2):
+        with pytest.raises(RuntimeError, match=f"nvcc: error {n}"):
+            cuda_ext.load()
+    cuda_ext.load()
+    cuda_ext.load()
+    assert len(builds) == 3
+
+
 def test_toolchain_problem_names_the_first_missing_piece(tmp_path, monkeypatch):
     """Each piece the build needs, taken away in turn from a machine that has them all (faked), the headers of
     csrc/ first: the sentence names it, and with every piece present there is no problem."""
-    from torch.utils import cpp_extension
-
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").touch()
     sources_only = tmp_path / "csrc"
@@ -587,6 +641,24 @@ def test_an_edited_source_or_header_gets_a_fresh_build(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(original)
     assert len(names) == 1 + len(cuda_ext.SOURCES + cuda_ext.HEADERS)
     assert cuda_ext._extension_name() == built
+
+
+def test_build_name_tells_apart_text_moved_between_files(tmp_path, monkeypatch):
+    """The build is named after each file of csrc/ (its name and contents), not after their concatenation: a line
+    moved from the end of one source to the start of the next is a different build (a stale cached one would be
+    loaded otherwise)."""
+    for name in cuda_ext.SOURCES + cuda_ext.HEADERS:
+        (tmp_path / name).write_bytes((cuda_ext.CSRC / name).read_bytes())
+    monkeypatch.setattr(cuda_ext, "CSRC", tmp_path)
+    built = cuda_ext._extension_name()
+    first, second = (tmp_path / n for n in cuda_ext.SOURCES[:2])
+    moved = b"// a trailing comment\n"
+    first.write_bytes(first.read_bytes() + moved)
+    with_moved_line = cuda_ext._extension_name()
+    first.write_bytes(first.read_bytes()[:-len(moved)])
+    second.write_bytes(moved + second.read_bytes())
+    assert len({built, with_moved_line, cuda_ext._extension_name()}) == 3
+
 
 
 def test_the_package_imports_without_nvcc_on_path():

@@ -90,28 +90,67 @@ def test_a_stage_cut_off_releases_the_extension_builds_lock(tmp_path):
     assert not lock.exists()
 
 
-def test_a_stage_out_of_time_gets_sigint_first(tmp_path):
-    """A stage out of time gets SIGINT, on which pytest still logs its summary (which tests failed), where SIGTERM
-    ended it with nothing logged. pytest here is a stand-in that logs the signal; the script is started with SIGINT
-    at its default, as a shell in the foreground starts it."""
+def run_with_pytest_stand_in(tmp_path: Path, pytest_body: str, **env_vars) -> tuple[subprocess.CompletedProcess,
+                                                                                      Path]:
+    """The script's tests stage run with a python3 whose ``-m pytest`` runs ``pytest_body`` (bash; every other python3
+    call runs the real interpreter), started with SIGINT at its default, as a shell in the foreground starts it:
+    (the finished run, $OUT)."""
     stand_in = tmp_path / "bin" / "python3"
     stand_in.parent.mkdir()
     stand_in.write_text(f"""#!/usr/bin/env bash
 if [ "$1 $2" = "-m pytest" ]; then
-  trap 'echo "pytest stand-in: SIGINT"; exit 2' INT
-  while :; do sleep 0.1; done
+{pytest_body}
 fi
 exec {sys.executable} "$@"
 """)
     stand_in.chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "STAGES": "tests", "TEST_SECONDS": "5",
-           "PATH": f"{stand_in.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**{k: v for k, v in os.environ.items() if k != "ADAPTIVE_KERNELS_AUTOTUNE"}, "OUT": str(out),
+           "STAGES": "tests", "PATH": f"{stand_in.parent}{os.pathsep}{os.environ.get('PATH', '')}", **env_vars}
     done = subprocess.run(["bash", "benchmarks/gpu_end_to_end.sh"], cwd=checkout_copy(tmp_path), env=env,
                           capture_output=True, text=True, timeout=300,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return done, out
+
+
+def test_a_stage_out_of_time_gets_sigint_first(tmp_path):
+    """A stage out of time gets SIGINT, on which pytest still logs its summary (which tests failed), where SIGTERM
+    ended it with nothing logged."""
+    done, out = run_with_pytest_stand_in(tmp_path, """  trap 'echo "pytest stand-in: SIGINT"; exit 2' INT
+  while :; do sleep 0.1; done""", TEST_SECONDS="5")
     assert re.search(r"^tests: TIMED OUT after \d s$", done.stdout, re.M), done.stdout + done.stderr
     assert "pytest stand-in: SIGINT" in (out / "gpu.log").read_text()
+
+
+def test_a_stage_ignoring_sigint_is_killed_and_reported_out_of_time(tmp_path):
+    """A stage that ignores the SIGINT at its limit gets SIGKILL 10 s later (timeout's exit 137), and that too is
+    reported as out of time, not as a failure."""
+    done, _ = run_with_pytest_stand_in(tmp_path, "  trap '' INT\n  while :; do sleep 0.1; done", TEST_SECONDS="2")
+    assert re.search(r"^tests: TIMED OUT after \d s$", done.stdout, re.M), done.stdout + done.stderr
+    assert done.returncode == 1
+
+
+def test_a_failed_stage_makes_the_call_exit_non_zero(tmp_path):
+    """A stage that fails (at once, so that no stage times out) is reported as FAILED with its exit status, and the
+    call exits 1."""
+    done, _ = run_with_pytest_stand_in(tmp_path, "  exit 3")
+    assert "tests: FAILED (exit 3; see gpu.log)" in done.stdout.splitlines(), done.stdout + done.stderr
+    assert done.returncode == 1, done.stdout + done.stderr
+
+
+def test_the_tests_stage_runs_the_listed_files_with_autotuning_off(tmp_path):
+    """The test files the script's header lists (the CUDA cases the project owes) are what its tests stage hands
+    pytest, with ADAPTIVE_KERNELS_AUTOTUNE=0 (fixed tile configs)."""
+    listed = ["tests/test_cuda_ext.py", "tests/test_backends.py", "tests/test_generation.py",
+              "tests/test_graph_safe.py", "tests/test_plan.py", "tests/ops"]
+    header = (ROOT / "benchmarks" / "gpu_end_to_end.sh").read_text().split("set -uo")[0]
+    assert all(name in header for name in listed), header
+    seen = tmp_path / "pytest-args"
+    done, _ = run_with_pytest_stand_in(
+        tmp_path, f'  printf "%s\\n" "AUTOTUNE=${{ADAPTIVE_KERNELS_AUTOTUNE:-unset}}" "$@" > {seen}; exit 0')
+    assert done.returncode == 0, done.stdout + done.stderr
+    args = seen.read_text().splitlines()
+    assert args[0] == "AUTOTUNE=0" and set(listed) <= set(args), args
 
 
 def test_gpu_script_prints_its_help_and_refuses_arguments(tmp_path):

@@ -108,11 +108,12 @@ def test_bad_arguments_are_refused_by_name():
     gen = generator("bad")
     q, k, v, q_to_kv, valid = _inputs(gen, torch.float32, 2, 3, 5, nq=2, nkv=1, q_to_kv=[[0, 0], [0, -1]])
     wrong_value, wrong_type = ValueError, ArgumentTypeError
+    rows_of_q = r"k and v must be \[2, nkv, Tk, 24\]"
     for args, error, message in [((q, k, v[:, :, :4], q_to_kv, valid), wrong_value, "k, v one shape"),
                                  ((q, k[..., :8], v[..., :8], q_to_kv, valid), wrong_value, "k and v must be"),
-                                 ((q, k[:1], v[:1], q_to_kv, valid), wrong_value, r"k and v must be \[2, nkv, Tk, 24\]"),
+                                 ((q, k[:1], v[:1], q_to_kv, valid), wrong_value, rows_of_q),  # read past
                                  ((q, k.repeat(2, 1, 1, 1)[:3], v.repeat(2, 1, 1, 1)[:3], q_to_kv, valid), wrong_value,
-                                  r"k and v must be \[2, nkv, Tk, 24\]"),  # a row more was ignored, one fewer read past
+                                  rows_of_q),  # a row more, ignored
                                  ((q, k.half(), v, q_to_kv, valid), wrong_type, "q, k and v must share"),
                                  ((q, k, v.half(), q_to_kv, valid), wrong_type, "q, k and v must share"),
                                  ((q, k[:, :, :2], v[:, :, :2], q_to_kv, valid[:, :2]), wrong_value,
