@@ -1299,3 +1299,76 @@ def test_the_default_prefix_is_half_the_layers_rounded_down(num_layers):
     given = ak.patch(copy.deepcopy(stock), "L", num_prefix_layers=P)
     budgets = [0.01, 0.99]
     assert ak.plan(default, latency_budget=budgets, **inputs) == ak.plan(given, latency_budget=budgets, **inputs)
+
+
+@pytest.mark.parametrize("name", ["labels", "position_ids"])
+def test_labels_and_position_ids_off_the_model_device_are_refused_by_name(name):
+    """DESIGN invariant 5 (tensors on the wrong device named): labels and position_ids on another device (the meta
+    device stands for one) are refused naming them, in forward with or without a budget, as the other inputs are."""
+    model = ak.patch(tiny_llava(seed=50), "H", rank=2)
+    inputs = example_inputs(model, batch_size=2, seed=51)
+    values = {"labels": inputs["input_ids"], "position_ids": torch.arange(inputs["input_ids"].shape[1])[None]}
+    moved = inputs | {name: values[name].to("meta")}
+    for request in ({}, {"latency_budget": 0.6}):
+        with torch.no_grad(), pytest.raises(ValueError, match=f"{name} is on meta, but the model is on cpu"):
+            model(**moved, **request)
+
+
+def test_a_device_budget_within_graph_safe_is_refused_as_a_read_back():
+    """Within graph_safe() nothing may be read back to the host: a latency_budget tensor off the CPU (the meta
+    device stands for a GPU) is refused naming latency_budget and saying why, as host_budgets' docstring has it."""
+    model = ak.patch(tiny_llava(seed=60), "H", rank=2)
+    inputs = example_inputs(model, batch_size=2, seed=61)
+    read_back = "latency_budget: a tensor on meta is read back"
+    with torch.no_grad(), ak.graph_safe(), pytest.raises(ValueError, match=read_back):
+        model(**inputs, latency_budget=torch.tensor([0.5, 0.6], device="meta"))
+
+
+def test_an_unsupported_language_model_is_named_in_the_refusal():
+    """The refusal of a LLaVA whose language model is no Llama names that language model's type (mistral), not the
+    LLaVA wrapper's."""
+    config = tiny_llava_config()
+    mistral = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=4, vocab_size=512)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=config.vision_config, text_config=mistral,
+                                                      image_token_id=511))
+    with pytest.raises(ArgumentTypeError, match=r"one of \['llama'\]; got 'mistral'"):
+        ak.patch(model)
+
+
+def test_a_cache_filled_by_a_decoder_of_other_widths_but_as_many_layers_is_refused():
+    """A cache continues only the decoder that filled it: one of the same layers and heads but another MLP width
+    (its index lists count other neurons) is refused naming both shapes, either way round."""
+    model = ak.patch(tiny_llava(seed=62), "H", rank=2)
+    other = ak.patch(tiny_llava(seed=63, intermediate_size=90), "H", rank=2)
+    for filler, continuer in ((other, model), (model, other)):
+        inputs = example_inputs(filler, batch_size=1, seed=64)
+        with torch.no_grad():
+            cache = cache_of(filler(**inputs, latency_budget=0.6))
+        with torch.no_grad(), pytest.raises(ValueError,
+                                            match="filled by a decoder of another shape .*intermediate_size=172"):
+            continuer(input_ids=torch.full((1, 1), 5), attention_mask=torch.ones(1, cache.length + 1, dtype=torch.long),
+                      **{CACHE_KWARG: cache})
+
+
+def test_labels_of_another_shape_than_prompt_embeddings_are_refused_by_name_under_a_budget():
+    """A prompt given as inputs_embeds is counted as input_ids are: labels one token short of it under a budget
+    are refused naming labels and the prompt's [batch, tokens], not left to fail in the loss."""
+    model = ak.patch(tiny_llava(seed=65), "H", rank=2)
+    ids = example_inputs(model, batch_size=2, seed=66)["input_ids"]
+    embeds = model.model.language_model.embed_tokens(ids).detach()
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"labels must be a tensor of the prompt's \[batch, tokens\] "
+                                                          rf"\(2, {ids.shape[1]}\).*got \(2, {ids.shape[1] - 1}\)"):
+        model(inputs_embeds=embeds, labels=ids[:, 1:], latency_budget=0.6)
+
+
+@pytest.mark.parametrize("copies", [dict(num_return_sequences=2, do_sample=True), dict(num_beams=2)])
+def test_a_plan_of_the_wrong_row_count_is_refused_in_prompts_with_copies(copies):
+    """With beams or returned sequences, a plan's rows are counted per prompt, before generate repeats them: a plan
+    of 3 rows for 2 prompts is refused naming the 2 rows the prompts need, not the repeated counts."""
+    model = ak.patch(tiny_llava(seed=67), "H", rank=2)
+    inputs = example_inputs(model, batch_size=2, seed=68)
+    refused = r"execution_plan has layers \(3, 8\).*\(batch, layers\) = \(2, 8\)"
+    with torch.no_grad(), pytest.raises(ValueError, match=refused):
+        model.generate(**inputs, execution_plan=ExecutionPlan.full(3, 8, 8), max_new_tokens=2, **copies)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import pickle
 import re
@@ -30,7 +31,7 @@ from adaptive_kernels.models import llava as llava_module
 from adaptive_kernels.models.llava import SCHEDULER_FILE, prompt_embeddings
 from adaptive_kernels.sliced import masked_stock, sliced_stock
 from oracles import (CACHE_KWARG, WeightCopies, cache_of, cpu_decode_graphs, fed_latency_token, prompt_labels,
-                     replaying_decode_steps, stock_decode_logits)
+                     replaying_decode_steps, stock_decode_logits, stock_of_shape)
 
 L, H, KV = 8, 8, 4
 TOL = dict(rtol=1e-5, atol=2e-6)  # float32: sums in another order than stock's differ by about 1e-7
@@ -1645,3 +1646,78 @@ def test_qkv_weights_sharing_one_storage_out_of_order_give_the_masked_computatio
         assert stacked_qkv(attn) is None
         torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
                                    masked_stock(stock, plan)(**inputs).logits, **TOL)
+
+
+def test_every_positional_slot_of_stock_forward_can_be_filled_by_position():
+    """A call giving each of stock forward's positional parameters by position (its defaults where the inputs
+    have none) is taken, as stock takes it, and gives the loss of the same call by name."""
+    model = ak.patch(tiny_llava(seed=41), "H", rank=2)
+    inputs = example_inputs(model, batch_size=2, seed=42, pad=[0, 1])
+    values = inputs | {"labels": inputs["input_ids"]}
+    slots = [p for p in list(inspect.signature(LlavaForConditionalGeneration.forward).parameters.values())[1:]
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [values.get(p.name, p.default) for p in slots]
+    with torch.no_grad():
+        by_name = model(**values, latency_budget=[0.6, 0.8]).loss
+        assert torch.equal(model(*positional, latency_budget=[0.6, 0.8]).loss, by_name)
+
+
+def test_layers_past_the_configs_count_at_patch_time_run_nowhere_as_in_stock():
+    """Stock runs the config's num_hidden_layers layers and ignores more; a model that has more when patched is
+    taken, and every unit on gives stock's logits."""
+    stock = tiny_llava(seed=48)
+    stock.model.language_model.layers.append(copy.deepcopy(stock.model.language_model.layers[0]))
+    inputs = example_inputs(stock, batch_size=2, seed=49, pad=[0, 2])
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits[real], stock(**inputs).logits[real], rtol=1e-5, atol=2e-6)
+
+
+def test_an_executed_layer_without_heads_or_groups_adds_its_output_biases():
+    """Invariant 1: a skipped head's output is zeroed before o_proj, a skipped neuron's before down_proj, so a layer
+    that runs with no head (no group) on still adds o_proj's (down_proj's) bias: the masked computation, on a
+    model with random projection biases, every logit of both rows (one left-padded)."""
+    stock = stock_of_shape(52, num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12, attention_bias=True,
+                           mlp_bias=True)
+    inputs = example_inputs(stock, batch_size=2, seed=53, pad=[0, 2])
+    g = torch.Generator().manual_seed(54)
+    layers = torch.ones(2, 4, dtype=torch.bool)
+    heads, groups = torch.rand(2, 4, 4, generator=g) < 0.6, torch.rand(2, 4, 4, generator=g) < 0.6
+    heads[:, 1], groups[:, 2] = False, False  # layer 1 runs with no head on, layer 2 with no group
+    heads[0, 3], groups[1, 3] = True, False
+    plan = ExecutionPlan(layers, heads, groups)
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, rtol=1e-5, atol=2e-6)
+
+
+def test_an_mlp_activation_other_than_silu_runs_as_that_activation():
+    """Only SiLU runs as the fused SwiGLU: a decoder whose MLPs use GELU computes act(gate) * up with GELU, under a
+    full plan as stock and under a random plan as the masked computation."""
+    stock = tiny_llava(seed=55)
+    for layer in stock.model.language_model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    inputs = example_inputs(stock, batch_size=2, seed=56, pad=[1, 0])
+    g = torch.Generator().manual_seed(57)
+    layers = torch.rand(2, L, generator=g) < 0.8
+    plan = ExecutionPlan(layers, (torch.rand(2, L, H, generator=g) < 0.6) & layers[..., None],
+                         (torch.rand(2, L, H, generator=g) < 0.6) & layers[..., None])
+    model = ak.patch(copy.deepcopy(stock), "H", rank=2)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits[real], stock(**inputs).logits[real], rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(model(**inputs, execution_plan=plan).logits,
+                                   masked_stock(stock, plan)(**inputs).logits, rtol=1e-5, atol=2e-6)
+
+
+def test_a_head_dim_other_than_hidden_over_heads_is_the_configs():
+    """A text config's explicit head_dim (12 for 4 heads of a hidden size of 40) sizes the heads: the model is
+    patched, and every unit on gives stock's logits."""
+    stock = stock_of_shape(58, num_heads=4, num_kv_heads=2, hidden_size=40, head_dim=12)
+    inputs = example_inputs(stock, batch_size=2, seed=59, pad=[0, 3])
+    model = ak.patch(copy.deepcopy(stock), "H", rank=1)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits[real], stock(**inputs).logits[real], rtol=1e-5, atol=2e-6)
