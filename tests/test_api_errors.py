@@ -368,10 +368,14 @@ def test_a_scheduler_left_on_the_meta_device_is_refused_naming_what_to_do(tmp_pa
 def test_unpatch_refuses_a_projection_wrapped_after_patch_before_changing_any_layer():
     """The kernel backends lay weights out at patch; unpatch lays them back. With a projection wrapped after patch
     (as an adapter library does) it failed half-way on an AttributeError, o and down of the layers before put back,
-    q, k and v still stacked. Refused before any layer changes, naming the projection; unwrapped, unpatch gives
-    stock."""
+    q, k and v still stacked. Refused before any layer changes, naming the projection; unwrapped, the model serves
+    a budget as before (the refused unpatch was left counted as a change under way, refusing every request), and
+    unpatch gives stock."""
     stock = tiny_llava(seed=26)
     model = ak.patch(copy.deepcopy(stock), "H", rank=2, backend="triton")
+    inputs = example_inputs(stock, batch_size=1, seed=27)
+    with torch.no_grad():
+        served = model(**inputs, latency_budget=0.6).logits
     layers = model.model.language_model.layers
     before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
     down = layers[7].mlp.down_proj
@@ -381,8 +385,9 @@ def test_unpatch_refuses_a_projection_wrapped_after_patch_before_changing_any_la
     layers[7].mlp.down_proj = down
     after = model.state_dict()
     assert all(torch.equal(after[k], v) and after[k].stride() == stride for k, (v, stride) in before.items())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, latency_budget=0.6).logits, served)
     ak.unpatch(model)
-    inputs = example_inputs(stock, batch_size=1, seed=27)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, stock(**inputs).logits)
 

@@ -385,6 +385,11 @@ def test_returned_sequences_run_their_prompts_budget_or_plan(stock):
             alone = model.generate(**inputs, **given, **sample)
             copies = model.generate(**inputs, **given, num_return_sequences=2, **sample)
             assert torch.equal(copies[0::2], alone) and torch.equal(copies[1::2], alone), given
+        # no prompt tensor (generate starts from the BOS token): a 0-d tensor budget, which generate cannot repeat
+        # along a dim 0, runs each returned sequence as the float does
+        alone = model.generate(latency_budget=0.5, **sample)
+        copies = model.generate(latency_budget=torch.tensor(0.5), num_return_sequences=3, **sample)
+    assert alone.shape[0] == 1 and torch.equal(copies, alone.expand(3, -1))
 
 
 def test_a_request_serves_its_own_model_only(stock):
@@ -856,6 +861,28 @@ def test_threads_sharing_a_model_each_run_their_own_request(stock):
     for t in threads:
         t.join()
     assert not wrong, wrong
+
+
+def test_a_request_begun_while_an_unpatch_runs_is_refused(stock, monkeypatch):
+    """A request that starts while an unpatch is half done (here from within it, as a hook or another thread
+    would start one) is refused by name before it runs, and the unpatch completes to stock."""
+    model = patched(stock, "H")
+    inputs = example_inputs(stock, batch_size=1, seed=43)
+    raised = []
+    swap_out = ak.swap_out
+
+    def request_then_swap_out(m):
+        with torch.no_grad(), pytest.raises(ValueError) as refused:
+            m(**inputs, latency_budget=0.6)
+        raised.append(refused.value)
+        swap_out(m)
+
+    monkeypatch.setattr(ak, "swap_out", request_then_swap_out)
+    ak.unpatch(model)
+    (error,) = raised
+    assert str(error).startswith("model: patched or unpatched while this request ran"), error
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, stock(**inputs).logits)
 
 
 @pytest.mark.parametrize("where", ["another thread", "a hook"])
