@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_kernels.errors import ArgumentTypeError
 from adaptive_kernels.ops import _library
-from adaptive_kernels.ops._library import bucket, call_directly, cdiv
+from adaptive_kernels.ops._library import bucket, call_directly, cdiv, dot_precision
 from adaptive_kernels.ops.attention import head_sparse_attention, head_sparse_attention_reference
 from adaptive_kernels.ops.norm import rms_norm
 from adaptive_kernels.ops.projections import (gather_cols_linear, gather_cols_linear_reference, gather_rows_linear,
@@ -51,6 +51,15 @@ def test_cdiv_is_the_ceiling_of_the_quotient():
     for a in range(201):
         for b in range(1, 33):
             assert cdiv(a, b) == math.ceil(a / b) == -(-a // b), (a, b)
+
+
+def test_float32_dots_ask_for_ieee_products_and_half_ones_for_tensor_cores():
+    """dot_precision's contract: 'ieee' (full fp32 products, as the references compute) for float32 inputs, 'tf32'
+    (which tl.dot ignores for 16-bit inputs) otherwise. TF32 would keep 10 mantissa bits, about 1e-3 relative
+    error, which Triton's interpreter does not model: on the CPU only the precision asked for shows it (the GPU
+    check: test_swiglu's float32 product against float64)."""
+    assert dot_precision(torch.float32) == "ieee"
+    assert dot_precision(torch.float16) == dot_precision(torch.bfloat16) == "tf32"
 
 
 def _valid_calls() -> dict:
