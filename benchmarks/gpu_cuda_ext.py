@@ -53,7 +53,6 @@ def build(verbose: bool) -> tuple[bool, str]:
     return True, f"build ok in {time.time() - start:.0f} s ({cuda_ext._extension_name()})"
 
 
-
 def table(path: Path) -> str:
     data = json.loads(path.read_text())
     info, rows = data["info"], data["rows"]

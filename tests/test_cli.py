@@ -721,7 +721,6 @@ def test_sweep_subcommand_writes_rows_plot_and_adherence(tmp_path, capsys):
     assert "adherence L torch prefill" in printed and "decode/floor (1.3)" in printed
 
 
-
 def test_prefill_floor_is_the_plans_flops_at_the_rate_given():
     """``prefill_floor_ms``: per executed layer the q/k/v/o products of its heads (k and v of each key/value
     head any of its query heads uses), the gate/up/down products of its neurons and attention over the causal

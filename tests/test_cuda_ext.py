@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -623,13 +624,18 @@ def test_toolchain_problem_names_the_first_missing_piece(tmp_path, monkeypatch):
         assert re.search(says, cuda_ext.toolchain_problem()), says
 
 
+def copy_of_csrc(folder: Path) -> None:
+    """Every source and header of csrc/ copied into ``folder``."""
+    for name in cuda_ext.SOURCES + cuda_ext.HEADERS:
+        (folder / name).write_bytes((cuda_ext.CSRC / name).read_bytes())
+
+
 def test_an_edited_source_or_header_gets_a_fresh_build(tmp_path, monkeypatch):
     """The build folder is named after a hash of every file of csrc/ (sources and headers), so an edit to any
     of them builds afresh instead of loading a stale cached build."""
     assert {p.name for p in cuda_ext.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".h", ".cuh")} == \
         set(cuda_ext.SOURCES + cuda_ext.HEADERS)
-    for name in cuda_ext.SOURCES + cuda_ext.HEADERS:
-        (tmp_path / name).write_bytes((cuda_ext.CSRC / name).read_bytes())
+    copy_of_csrc(tmp_path)
     built = cuda_ext._extension_name()
     monkeypatch.setattr(cuda_ext, "CSRC", tmp_path)
     assert cuda_ext._extension_name() == built  # the same contents elsewhere: the same build
@@ -647,8 +653,7 @@ def test_build_name_tells_apart_text_moved_between_files(tmp_path, monkeypatch):
     """The build is named after each file of csrc/ (its name and contents), not after their concatenation: a line
     moved from the end of one source to the start of the next is a different build (a stale cached one would be
     loaded otherwise)."""
-    for name in cuda_ext.SOURCES + cuda_ext.HEADERS:
-        (tmp_path / name).write_bytes((cuda_ext.CSRC / name).read_bytes())
+    copy_of_csrc(tmp_path)
     monkeypatch.setattr(cuda_ext, "CSRC", tmp_path)
     built = cuda_ext._extension_name()
     first, second = (tmp_path / n for n in cuda_ext.SOURCES[:2])
@@ -658,7 +663,6 @@ def test_build_name_tells_apart_text_moved_between_files(tmp_path, monkeypatch):
     first.write_bytes(first.read_bytes()[:-len(moved)])
     second.write_bytes(moved + second.read_bytes())
     assert len({built, with_moved_line, cuda_ext._extension_name()}) == 3
-
 
 
 def test_the_package_imports_without_nvcc_on_path():

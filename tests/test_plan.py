@@ -198,7 +198,6 @@ def test_plan_rejects_inconsistent_masks():
 SHAPE = DecoderShape(num_layers=4, hidden_size=48, num_heads=6, num_kv_heads=3, head_dim=8, intermediate_size=100)
 
 
-
 def test_a_plan_edited_in_place_is_checked_again_when_compiled():
     layers, heads, groups = _masks()
     row, layer = layers.nonzero()[0].tolist()
